@@ -1,0 +1,19 @@
+"""hnswcache: a time-aware HNSW index in C++ and a semantic cache on any Redis or Valkey."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .index import NEVER, Index
+
+__version__ = "0.1.0"
+__all__ = ["Index", "NEVER", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # The cache layer pulls in optional dependencies (redis): import it only when asked.
+    if name in ("SemanticCache", "AsyncSemanticCache", "Hit"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'hnswcache' has no attribute {name!r}")

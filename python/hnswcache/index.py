@@ -1,0 +1,343 @@
+"""The native HNSW index as Python sees it: argument checking, time, and typed results.
+
+All graph work happens in :mod:`hnswcache._core` (C++). This module converts Python
+arguments (seconds, lists, float64 arrays) into what the core takes (C-contiguous
+float32 rows, int64 labels, absolute expiry times in integer nanoseconds) and back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+
+__all__ = ["Index", "NEVER"]
+
+#: Expiry value meaning "never expires" (also what ``expires_at=None`` means).
+NEVER: float = float("inf")
+
+_NEVER_NS = np.iinfo(np.int64).max
+_METRICS = ("cosine", "ip", "l2")
+
+ArrayLike = Union[npt.ArrayLike, Iterable[float]]
+Clock = Callable[[], float]
+
+
+def _as_labels(labels: Any, what: str = "labels") -> npt.NDArray[np.int64]:
+    arr = np.asarray(labels)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{what} must fit in a signed 64-bit integer")
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    if out.size and int(out.min()) < 0:
+        raise ValueError(f"{what} must be >= 0 (-1 is reserved for padding in search results)")
+    return out
+
+
+class Index:
+    """A layered HNSW graph whose entries can expire.
+
+    Args:
+        dim: vector dimension (>= 1).
+        metric: ``"cosine"`` (distance ``1 - cos``; vectors are normalised on insert),
+            ``"ip"`` (distance ``1 - dot``) or ``"l2"`` (squared Euclidean distance).
+        M: links per node on the upper layers (``2 * M`` on layer 0).
+        ef_construction: candidate list size while inserting.
+        ef_search: default candidate list size while searching (raised to ``k`` if smaller).
+        capacity: a hint of how many entries will be stored; the index grows past it.
+        seed: seed of the random level generator (builds with one thread are reproducible).
+        clock: returns the current time in seconds (default :func:`time.time`); every call
+            reads it once, so a test can control time exactly.
+        auto_consolidate: when the fraction of dead (expired or deleted) slots passes this
+            value, ``add`` removes them first; ``None`` turns it off.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        metric: str = "cosine",
+        M: int = 16,
+        ef_construction: int = 200,
+        ef_search: int = 64,
+        capacity: int = 0,
+        seed: int = 100,
+        clock: Clock | None = None,
+        auto_consolidate: float | None = 0.10,
+    ) -> None:
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        if auto_consolidate is not None and not 0.0 < auto_consolidate <= 1.0:
+            raise ValueError("auto_consolidate must be in (0, 1] or None")
+        self._clock: Clock = clock if clock is not None else time.time
+        self._native = _core.Index(
+            int(dim), metric, int(M), int(ef_construction), int(capacity), int(seed)
+        )
+        self._native.ef_search = int(ef_search)
+        self._native.auto_consolidate = float(auto_consolidate or 0.0)
+
+    # ------------------------------------------------------------------ time
+    def _now_ns(self, now: float | None = None) -> int:
+        t = self._clock() if now is None else now
+        return int(round(float(t) * 1e9))
+
+    def _expiry_ns(
+        self, n: int, ttl: Any, expires_at: Any, now_ns: int
+    ) -> npt.NDArray[np.int64]:
+        if ttl is not None and expires_at is not None:
+            raise ValueError("give ttl or expires_at, not both")
+        if ttl is None and expires_at is None:
+            return np.full(n, _NEVER_NS, dtype=np.int64)
+        value = np.asarray(ttl if ttl is not None else expires_at, dtype=np.float64)
+        if value.ndim == 0:
+            value = np.full(n, float(value))
+        if value.shape != (n,):
+            raise ValueError(f"ttl/expires_at must be a number or have shape ({n},)")
+        if np.isnan(value).any():
+            raise ValueError("ttl/expires_at must not be NaN")
+        if ttl is not None and (value < 0).any():
+            raise ValueError("ttl must be >= 0 seconds")
+        base = float(now_ns) if ttl is not None else 0.0
+        ns = base + value * 1e9
+        out = np.full(n, _NEVER_NS, dtype=np.int64)
+        finite = ns < float(_NEVER_NS)
+        out[finite] = ns[finite].astype(np.int64)
+        return out
+
+    def _as_vectors(self, vectors: ArrayLike, what: str) -> npt.NDArray[np.float32]:
+        arr = np.asarray(vectors)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"{what} must be numeric, got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            arr = arr.reshape(1, -1)
+        if arr.ndim != 2:
+            raise ValueError(f"{what} must be 1-D or 2-D, got {arr.ndim}-D")
+        if arr.shape[1] != self.dim:
+            raise ValueError(f"{what} have dimension {arr.shape[1]}, the index has {self.dim}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    # ------------------------------------------------------------------ writes
+    def add(
+        self,
+        vectors: ArrayLike,
+        labels: Any = None,
+        *,
+        ttl: float | npt.ArrayLike | None = None,
+        expires_at: float | npt.ArrayLike | None = None,
+        num_threads: int = 0,
+    ) -> npt.NDArray[np.int64]:
+        """Insert or replace (upsert) vectors; returns their labels.
+
+        ``labels`` default to a running counter. ``ttl`` (seconds from now) or ``expires_at``
+        (absolute, seconds on the index clock) set when each entry expires; a scalar applies
+        to all rows. ``num_threads=0`` uses all cores. The batch is validated whole before
+        anything is inserted.
+        """
+        x = self._as_vectors(vectors, "vectors")
+        n = x.shape[0]
+        if labels is None:
+            lab = self._native.next_labels(n)
+        else:
+            lab = _as_labels(labels)
+            if lab.shape[0] != n:
+                raise ValueError(f"got {n} vectors but {lab.shape[0]} labels")
+            if n > 1 and np.unique(lab).shape[0] != n:
+                raise ValueError("duplicate labels in one batch")
+        now_ns = self._now_ns()
+        exp = self._expiry_ns(n, ttl, expires_at, now_ns)
+        self._native.add(x, lab, exp, now_ns, int(num_threads))
+        return lab
+
+    def delete(self, labels: Any) -> int:
+        """Delete entries now; returns how many existed. Unknown labels are ignored."""
+        return int(self._native.delete(_as_labels(labels)))
+
+    def touch(
+        self,
+        labels: Any,
+        *,
+        ttl: float | npt.ArrayLike | None = None,
+        expires_at: float | npt.ArrayLike | None = None,
+    ) -> int:
+        """Set a new expiry (``ttl`` from now, ``expires_at`` absolute, or neither = never)
+        for live entries; returns how many were live and changed."""
+        lab = _as_labels(labels)
+        now_ns = self._now_ns()
+        exp = self._expiry_ns(lab.shape[0], ttl, expires_at, now_ns)
+        return int(self._native.touch(lab, exp, now_ns))
+
+    def consolidate(self, *, now: float | None = None, num_threads: int = 0) -> dict[str, Any]:
+        """Physically remove dead entries and repair the graph around them.
+
+        Returns ``removed``, ``repaired`` (nodes relinked), ``distances`` computed,
+        ``reconnected`` (orphans relinked) and ``seconds``.
+        """
+        return dict(self._native.consolidate(self._now_ns(now), int(num_threads)))
+
+    # ------------------------------------------------------------------ reads
+    def search(
+        self,
+        queries: ArrayLike,
+        k: int = 10,
+        *,
+        ef: int | None = None,
+        now: float | None = None,
+        num_threads: int = 0,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """The ``k`` nearest live entries of each query.
+
+        Returns ``(labels, distances)``, both shaped ``(n, k)``, best first. Rows are padded
+        with label ``-1`` and distance ``inf`` when fewer than ``k`` entries are live. An entry
+        expired at ``now`` (default: the clock) or deleted is never returned.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if ef is not None and (not isinstance(ef, (int, np.integer)) or ef <= 0):
+            raise ValueError(f"ef must be a positive integer, got {ef!r}")
+        q = self._as_vectors(queries, "queries")
+        return self._native.search(q, int(k), int(ef or 0), self._now_ns(now), int(num_threads))
+
+    def get(self, labels: Any) -> npt.NDArray[np.float32]:
+        """Stored vectors of live entries, shaped ``(n, dim)`` (normalised under cosine).
+
+        Raises ``KeyError`` for a label that is unknown, deleted or expired.
+        """
+        return self._native.get(_as_labels(labels), self._now_ns())
+
+    def expiry(self, labels: Any) -> npt.NDArray[np.float64]:
+        """Absolute expiry time (seconds) of live entries; ``inf`` for never."""
+        ns = self._native.expiry(_as_labels(labels), self._now_ns())
+        out = ns.astype(np.float64) / 1e9
+        out[ns == _NEVER_NS] = np.inf
+        return out
+
+    def labels(self) -> npt.NDArray[np.int64]:
+        """Labels of all live entries, in no particular order."""
+        return self._native.live_labels(self._now_ns())
+
+    def __len__(self) -> int:
+        return int(self._native.size(self._now_ns()))
+
+    def __contains__(self, label: object) -> bool:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            return False
+        return bool(self._native.contains(int(label), self._now_ns()))
+
+    def stats(self) -> dict[str, Any]:
+        """Counts (live, dead, free, allocated), levels, memory bytes and the kernel in use."""
+        return dict(self._native.stats(self._now_ns()))
+
+    def check_integrity(self) -> dict[str, Any]:
+        """Check every graph invariant; raises ``RuntimeError`` on a violation.
+
+        Returns counts including ``unreachable_live`` (live nodes not reachable from the
+        entry point at level 0) and the level-0 degree range.
+        """
+        return dict(self._native.check_integrity(self._now_ns()))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return int(self._native.dim)
+
+    @property
+    def metric(self) -> str:
+        return str(self._native.metric)
+
+    @property
+    def M(self) -> int:  # noqa: N802 - the name of the HNSW parameter
+        return int(self._native.M)
+
+    @property
+    def ef_construction(self) -> int:
+        return int(self._native.ef_construction)
+
+    @property
+    def ef_search(self) -> int:
+        return int(self._native.ef_search)
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if value <= 0:
+            raise ValueError("ef_search must be positive")
+        self._native.ef_search = int(value)
+
+    @property
+    def isa(self) -> str:
+        """The distance kernel in use: ``avx512``, ``avx2``, ``neon`` or ``scalar``."""
+        return str(self._native.isa)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index to ``path`` (written to a temporary file, then renamed)."""
+        target = os.fspath(path)
+        tmp = f"{target}.tmp{os.getpid()}"
+        try:
+            self._native.save(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock | None = None,
+        auto_consolidate: float | None = 0.10,
+    ) -> Index:
+        """Read an index written by :meth:`save`. Expiry times are absolute, so an entry that
+        expired while the index was on disk is dead after loading. Raises ``ValueError`` for a
+        truncated, corrupted or foreign file."""
+        return cls._wrap(_core.Index.load(os.fspath(path)), clock, auto_consolidate)
+
+    def to_bytes(self) -> bytes:
+        """The same format as :meth:`save`, in memory."""
+        return bytes(self._native.to_bytes())
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, clock: Clock | None = None, auto_consolidate: float | None = 0.10
+    ) -> Index:
+        return cls._wrap(_core.Index.from_bytes(bytes(data)), clock, auto_consolidate)
+
+    @classmethod
+    def _wrap(cls, native: Any, clock: Clock | None, auto_consolidate: float | None) -> Index:
+        self = cls.__new__(cls)
+        self._clock = clock if clock is not None else time.time
+        self._native = native
+        self._native.auto_consolidate = float(auto_consolidate or 0.0)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {"index": self.to_bytes(), "auto_consolidate": self._native.auto_consolidate}
+        if self._clock is not time.time:
+            state["clock"] = self._clock
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._clock = state.get("clock", time.time)
+        self._native = _core.Index.from_bytes(state["index"])
+        self._native.auto_consolidate = float(state["auto_consolidate"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Index(dim={self.dim}, metric={self.metric!r}, M={self.M}, "
+            f"ef_construction={self.ef_construction}, live={len(self)}, isa={self.isa!r})"
+        )
