@@ -1,0 +1,238 @@
+// A layered HNSW graph (Malkov & Yashunin, 2018) whose entries expire.
+//
+// Memory layout. Slots live in chunks of `chunk_size`; a chunk never moves once allocated, so
+// capacity grows without stopping readers. A slot's record is
+//     u32 count0 | u32 links0[M0] | pad to 16 B | float vector[dim_padded]
+// so expanding a node touches its links and then nearby vector lines. Upper-level links are
+// rare (1 node in M per level) and live apart: a per-slot block of level * (1 + M) u32.
+// Expiry, labels, levels and states are side arrays of the chunk: they are read only when a
+// node is admitted to the results, not on every distance.
+//
+// Invariants (checked by check_integrity()):
+//   I1. Every id in a published link list refers to a slot in state `ready` whose vector,
+//       label and expiry were written before the link was stored (release/acquire).
+//   I2. Search never returns a node whose expiry <= now (deleted nodes have expiry INT64_MIN).
+//   I3. After consolidate(): no link points to a freed slot, every live node is reachable
+//       from the entry point at level 0, and the entry point is live at the top level.
+//   I4. A freed slot is reused only by add(); consolidate() holds the index exclusively, so
+//       no search can still hold the id of a slot it frees.
+//   I5. The label map is a bijection between labels and non-deleted slots.
+//
+// Concurrency. add/search/delete/touch/get hold `graph_mu_` shared; consolidate, save and
+// growth of nothing else hold it exclusively. Link lists are written under a per-slot
+// spinlock; readers never lock: they load a count (acquire) and then the ids (acquire).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <shared_mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "hnswcache/kernels.hpp"
+
+namespace hnswcache {
+
+enum class metric_t : std::uint8_t { cosine = 0, ip = 1, l2 = 2 };
+metric_t parse_metric(const std::string& name);
+const char* metric_name(metric_t m);
+
+using slot_t = std::uint32_t;
+constexpr slot_t no_slot = std::numeric_limits<slot_t>::max();
+constexpr std::int64_t never_expires = std::numeric_limits<std::int64_t>::max();
+constexpr std::int64_t deleted_mark = std::numeric_limits<std::int64_t>::min();
+constexpr int max_levels = 32;
+
+// A label asked for is not in the index (mapped to KeyError in Python).
+struct key_error : std::out_of_range {
+    using std::out_of_range::out_of_range;
+};
+// A file or byte string is not a valid index (mapped to ValueError).
+struct format_error : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// A file could not be read or written (mapped to OSError).
+struct io_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct consolidate_report_t {
+    std::size_t removed = 0;      // dead slots freed
+    std::size_t repaired = 0;     // (node, level) link lists rewritten
+    std::size_t distances = 0;    // distance computations spent
+    std::size_t reconnected = 0;  // live nodes made reachable again
+    double seconds = 0;
+};
+
+struct integrity_report_t {
+    std::size_t allocated = 0, live = 0, dead = 0, free_slots = 0;
+    std::size_t unreachable_live = 0;
+    std::size_t min_degree0 = 0, max_degree0 = 0;
+    double mean_degree0 = 0;
+    int max_level = -1;
+};
+
+struct index_stats_t {
+    std::size_t live = 0, dead = 0, free_slots = 0, allocated = 0, capacity = 0;
+    int max_level = -1;
+    std::vector<std::size_t> nodes_per_level;
+    std::size_t memory_bytes = 0;
+};
+
+class index_t {
+   public:
+    index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
+            std::size_t capacity_hint, std::uint64_t seed);
+    ~index_t();
+    index_t(const index_t&) = delete;
+    index_t& operator=(const index_t&) = delete;
+
+    // Upsert n rows (row-major, dim floats each). Validates the whole batch first: finite
+    // values, non-zero rows under cosine, non-negative labels. Nothing is inserted on error.
+    void add(const float* rows, std::size_t n, const std::int64_t* labels,
+             const std::int64_t* expiry, std::int64_t now, std::size_t threads);
+
+    // k nearest live entries per query; pads with -1 / +inf.
+    void search(const float* queries, std::size_t n, std::size_t k, std::size_t ef,
+                std::int64_t now, std::size_t threads, std::int64_t* out_labels,
+                float* out_distances) const;
+
+    std::size_t remove(const std::int64_t* labels, std::size_t n);
+    std::size_t touch(const std::int64_t* labels, const std::int64_t* expiry, std::size_t n,
+                      std::int64_t now);
+    void get(const std::int64_t* labels, std::size_t n, std::int64_t now, float* out) const;
+    void expiry_of(const std::int64_t* labels, std::size_t n, std::int64_t now,
+                   std::int64_t* out) const;
+    bool contains(std::int64_t label, std::int64_t now) const;
+    std::size_t size(std::int64_t now) const;
+    std::vector<std::int64_t> live_labels(std::int64_t now) const;
+    std::int64_t reserve_labels(std::size_t n);
+
+    consolidate_report_t consolidate(std::int64_t now, std::size_t threads);
+    integrity_report_t check_integrity(std::int64_t now) const;
+    index_stats_t stats(std::int64_t now) const;
+
+    std::string serialize() const;
+    static std::unique_ptr<index_t> deserialize(const char* data, std::size_t size);
+    void save(const std::string& path) const;
+    static std::unique_ptr<index_t> load(const std::string& path);
+
+    std::size_t dim() const { return dim_; }
+    metric_t metric() const { return metric_; }
+    std::size_t M() const { return M_; }
+    std::size_t ef_construction() const { return ef_construction_; }
+    std::size_t ef_search() const { return ef_search_.load(std::memory_order_relaxed); }
+    void set_ef_search(std::size_t ef);
+    double auto_consolidate() const { return auto_consolidate_.load(std::memory_order_relaxed); }
+    void set_auto_consolidate(double fraction);
+    const char* isa() const { return kernels_->name; }
+
+   private:
+    static constexpr std::size_t chunk_bits = 12;
+    static constexpr std::size_t chunk_size = std::size_t{1} << chunk_bits;
+    static constexpr std::size_t max_chunks = std::size_t{1} << 16;
+    enum : std::uint8_t { state_free = 0, state_ready = 1 };
+
+    struct chunk_t;
+    struct scratch_t;
+    using neighbor_t = std::pair<float, slot_t>;  // (distance, slot)
+
+    // --- slot access (index.cpp)
+    chunk_t& chunk(slot_t id) const;
+    char* record(slot_t id) const;
+    std::uint32_t* links(slot_t id, int level) const;  // [count, ids...]
+    const float* vec(slot_t id) const;
+    std::int64_t expiry(slot_t id) const;
+    void set_expiry(slot_t id, std::int64_t t);
+    std::int64_t label(slot_t id) const;
+    int level(slot_t id) const;
+    std::uint8_t state(slot_t id) const;
+    bool live(slot_t id, std::int64_t now) const { return expiry(id) > now; }
+    std::size_t max_links(int level) const { return level == 0 ? M0_ : M_; }
+    void lock_node(slot_t id) const;
+    void unlock_node(slot_t id) const;
+    std::size_t n_slots() const { return n_slots_.load(std::memory_order_acquire); }
+
+    // --- distances
+    float dist(const float* a, const float* b) const;
+    void dist_batch(const float* q, const float* const* xs, std::size_t n, float* out) const;
+    void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)
+
+    // --- graph (index.cpp)
+    slot_t allocate_slot(int& level_out);
+    void ensure_chunk(std::size_t chunk_index);
+    void insert(const float* v, std::int64_t label, std::int64_t expiry, std::int64_t now,
+                scratch_t& s);
+    void greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
+                        int to_level) const;
+    // Best-first search of one level from `start`. With live_only, only nodes live at `now`
+    // enter the results (dead ones are walked through); otherwise all nodes do.
+    void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
+                      std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out) const;
+    void select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
+                          std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
+                          std::size_t* distances = nullptr) const;
+    void write_links(slot_t id, int level, const slot_t* ids, std::size_t count);
+    void link_back(slot_t from, slot_t to, int level, scratch_t& s);
+    void brute_force(const float* q, std::size_t k, std::int64_t now,
+                     std::vector<neighbor_t>& out) const;
+    void search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
+                    scratch_t& s, std::vector<neighbor_t>& out) const;
+    std::size_t dead_count(std::int64_t now) const;
+    void maybe_auto_consolidate(std::int64_t now, std::size_t incoming, std::size_t threads);
+    void publish_label(std::int64_t label, slot_t id);
+    slot_t find_label(std::int64_t label) const;
+    void free_slot(slot_t id);
+
+    // --- consolidation helpers (consolidate.cpp)
+    std::size_t reconnect_unreachable(std::int64_t now, std::size_t& distances);
+    std::vector<std::uint8_t> reachable_level0(std::int64_t now) const;
+
+    // --- parameters
+    std::size_t dim_, dim_padded_, M_, M0_, ef_construction_;
+    metric_t metric_;
+    std::uint64_t seed_;
+    double level_mult_;
+    std::size_t vec_offset_, stride_;
+    const kernels_t* kernels_;
+    std::atomic<std::size_t> ef_search_{64};
+    std::atomic<double> auto_consolidate_{0.10};
+
+    // --- storage
+    std::unique_ptr<std::atomic<chunk_t*>[]> chunks_;
+    std::atomic<std::size_t> n_chunks_{0};
+    std::atomic<slot_t> n_slots_{0};  // slots ever handed out (the high-water mark)
+    std::vector<slot_t> free_slots_;  // a min-heap: low ids are reused first
+    mutable std::mutex alloc_mu_;     // guards free_slots_, rng_, chunk growth
+    std::mt19937_64 rng_;
+
+    // --- entry point: (slot, level) packed, updated under entry_mu_
+    std::atomic<std::uint64_t> entry_{no_entry};
+    std::mutex entry_mu_;
+    static constexpr std::uint64_t no_entry = std::numeric_limits<std::uint64_t>::max();
+    static std::uint64_t pack_entry(slot_t id, int level) {
+        return (static_cast<std::uint64_t>(level) << 32) | id;
+    }
+
+    // --- labels
+    std::unordered_map<std::int64_t, slot_t> label_map_;
+    mutable std::mutex label_mu_;
+    std::atomic<std::int64_t> next_label_{0};
+
+    // --- dead-slot bookkeeping for auto consolidation
+    std::atomic<std::size_t> deleted_slots_{0};  // slots tombstoned by delete/upsert
+    std::atomic<std::size_t> inserts_since_check_{0};
+
+    mutable std::shared_mutex graph_mu_;
+};
+
+}  // namespace hnswcache

@@ -1,0 +1,302 @@
+// pybind11 only: numpy arrays in (no copy when already C-contiguous float32/int64), the GIL
+// released around every call into the core, C++ errors mapped to Python exceptions.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+
+#include "hnswcache/index.hpp"
+#include "hnswcache/kernels.hpp"
+
+namespace py = pybind11;
+using hnswcache::index_t;
+
+namespace {
+
+using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using i64_array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+const float* rows_of(const f32_array& a, std::size_t dim, const char* what) {
+    if (a.ndim() != 2)
+        throw std::invalid_argument(std::string(what) + " must be a 2-D array");
+    if (static_cast<std::size_t>(a.shape(1)) != dim)
+        throw std::invalid_argument(std::string(what) + " have dimension " +
+                                    std::to_string(a.shape(1)) + ", the index has " +
+                                    std::to_string(dim));
+    return a.data();
+}
+
+const std::int64_t* vec_of(const i64_array& a, std::size_t n, const char* what) {
+    if (a.ndim() != 1 || static_cast<std::size_t>(a.shape(0)) != n)
+        throw std::invalid_argument(std::string(what) + " must be a 1-D array of length " +
+                                    std::to_string(n));
+    return a.data();
+}
+
+py::dict consolidate_dict(const hnswcache::consolidate_report_t& r) {
+    py::dict d;
+    d["removed"] = r.removed;
+    d["repaired"] = r.repaired;
+    d["distances"] = r.distances;
+    d["reconnected"] = r.reconnected;
+    d["seconds"] = r.seconds;
+    return d;
+}
+
+const hnswcache::kernels_t& kernels_named(const std::string& isa) {
+    return hnswcache::kernels_for(hnswcache::parse_isa(isa));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "Native core of hnswcache: a time-aware HNSW index with SIMD kernels.";
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const hnswcache::key_error& e) {
+            PyErr_SetString(PyExc_KeyError, e.what());
+        } catch (const hnswcache::io_error& e) {
+            PyErr_SetString(PyExc_OSError, e.what());
+        }
+    });
+
+    m.def("supported_isas", &hnswcache::supported_isas,
+          "Instruction sets compiled in and supported by this CPU.");
+    m.def("default_isa", [] { return std::string(hnswcache::default_kernels().name); });
+    m.def(
+        "kernel_dot",
+        [](const std::string& isa, const f32_array& a, const f32_array& b) {
+            if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0))
+                throw std::invalid_argument("a and b must be 1-D arrays of one length");
+            return kernels_named(isa).dot(a.data(), b.data(), a.shape(0));
+        },
+        py::arg("isa"), py::arg("a"), py::arg("b"));
+    m.def(
+        "kernel_l2sq",
+        [](const std::string& isa, const f32_array& a, const f32_array& b) {
+            if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0))
+                throw std::invalid_argument("a and b must be 1-D arrays of one length");
+            return kernels_named(isa).l2sq(a.data(), b.data(), a.shape(0));
+        },
+        py::arg("isa"), py::arg("a"), py::arg("b"));
+    m.def(
+        "kernel_batch",
+        [](const std::string& isa, const std::string& op, const f32_array& q, const f32_array& xs) {
+            if (q.ndim() != 1 || xs.ndim() != 2 || xs.shape(1) != q.shape(0))
+                throw std::invalid_argument("q must be 1-D and xs 2-D with the same width");
+            const auto& k = kernels_named(isa);
+            const std::size_t n = xs.shape(0), dim = q.shape(0);
+            std::vector<const float*> ptrs(n);
+            for (std::size_t i = 0; i < n; ++i) ptrs[i] = xs.data() + i * dim;
+            py::array_t<float> out(n);
+            auto fn = op == "dot" ? k.dot_batch : op == "l2sq" ? k.l2sq_batch : nullptr;
+            if (fn == nullptr) throw std::invalid_argument("op must be 'dot' or 'l2sq'");
+            fn(q.data(), ptrs.data(), n, dim, out.mutable_data());
+            return out;
+        },
+        py::arg("isa"), py::arg("op"), py::arg("q"), py::arg("xs"));
+
+    py::class_<index_t>(m, "Index")
+        .def(py::init([](std::size_t dim, const std::string& metric, std::size_t M,
+                         std::size_t ef_construction, std::size_t capacity, std::uint64_t seed) {
+                 return std::make_unique<index_t>(dim, hnswcache::parse_metric(metric), M,
+                                                  ef_construction, capacity, seed);
+             }),
+             py::arg("dim"), py::arg("metric"), py::arg("M"), py::arg("ef_construction"),
+             py::arg("capacity"), py::arg("seed"))
+        .def(
+            "add",
+            [](index_t& self, const f32_array& x, const i64_array& labels, const i64_array& expiry,
+               std::int64_t now, std::size_t threads) {
+                const float* rows = rows_of(x, self.dim(), "vectors");
+                const std::size_t n = x.shape(0);
+                const std::int64_t* lab = vec_of(labels, n, "labels");
+                const std::int64_t* exp = vec_of(expiry, n, "expiry");
+                py::gil_scoped_release release;
+                self.add(rows, n, lab, exp, now, threads);
+            },
+            py::arg("vectors"), py::arg("labels"), py::arg("expiry"), py::arg("now"),
+            py::arg("num_threads"))
+        .def(
+            "search",
+            [](const index_t& self, const f32_array& q, std::size_t k, std::size_t ef,
+               std::int64_t now, std::size_t threads) {
+                const float* rows = rows_of(q, self.dim(), "queries");
+                const std::size_t n = q.shape(0);
+                if (k == 0) throw std::invalid_argument("k must be positive");
+                py::array_t<std::int64_t> labels({n, k});
+                py::array_t<float> dists({n, k});
+                std::int64_t* lp = labels.mutable_data();
+                float* dp = dists.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.search(rows, n, k, ef, now, threads, lp, dp);
+                }
+                return py::make_tuple(labels, dists);
+            },
+            py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("now"),
+            py::arg("num_threads"))
+        .def(
+            "delete",
+            [](index_t& self, const i64_array& labels) {
+                const std::int64_t* lab = vec_of(labels, labels.size(), "labels");
+                py::gil_scoped_release release;
+                return self.remove(lab, labels.size());
+            },
+            py::arg("labels"))
+        .def(
+            "touch",
+            [](index_t& self, const i64_array& labels, const i64_array& expiry, std::int64_t now) {
+                const std::size_t n = labels.size();
+                const std::int64_t* lab = vec_of(labels, n, "labels");
+                const std::int64_t* exp = vec_of(expiry, n, "expiry");
+                py::gil_scoped_release release;
+                return self.touch(lab, exp, n, now);
+            },
+            py::arg("labels"), py::arg("expiry"), py::arg("now"))
+        .def(
+            "get",
+            [](const index_t& self, const i64_array& labels, std::int64_t now) {
+                const std::size_t n = labels.size();
+                const std::int64_t* lab = vec_of(labels, n, "labels");
+                py::array_t<float> out({n, self.dim()});
+                float* op = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.get(lab, n, now, op);
+                }
+                return out;
+            },
+            py::arg("labels"), py::arg("now"))
+        .def(
+            "expiry",
+            [](const index_t& self, const i64_array& labels, std::int64_t now) {
+                const std::size_t n = labels.size();
+                const std::int64_t* lab = vec_of(labels, n, "labels");
+                py::array_t<std::int64_t> out(n);
+                std::int64_t* op = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.expiry_of(lab, n, now, op);
+                }
+                return out;
+            },
+            py::arg("labels"), py::arg("now"))
+        .def(
+            "live_labels",
+            [](const index_t& self, std::int64_t now) {
+                std::vector<std::int64_t> v;
+                {
+                    py::gil_scoped_release release;
+                    v = self.live_labels(now);
+                }
+                py::array_t<std::int64_t> out(v.size());
+                if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * 8);
+                return out;
+            },
+            py::arg("now"))
+        .def("contains", &index_t::contains, py::arg("label"), py::arg("now"),
+             py::call_guard<py::gil_scoped_release>())
+        .def("size", &index_t::size, py::arg("now"), py::call_guard<py::gil_scoped_release>())
+        .def(
+            "next_labels",
+            [](index_t& self, std::size_t n) {
+                const std::int64_t first = self.reserve_labels(n);
+                py::array_t<std::int64_t> out(n);
+                for (std::size_t i = 0; i < n; ++i) out.mutable_data()[i] = first + i;
+                return out;
+            },
+            py::arg("n"))
+        .def(
+            "consolidate",
+            [](index_t& self, std::int64_t now, std::size_t threads) {
+                hnswcache::consolidate_report_t r;
+                {
+                    py::gil_scoped_release release;
+                    r = self.consolidate(now, threads);
+                }
+                return consolidate_dict(r);
+            },
+            py::arg("now"), py::arg("num_threads"))
+        .def(
+            "check_integrity",
+            [](const index_t& self, std::int64_t now) {
+                hnswcache::integrity_report_t r;
+                {
+                    py::gil_scoped_release release;
+                    r = self.check_integrity(now);
+                }
+                py::dict d;
+                d["allocated"] = r.allocated;
+                d["live"] = r.live;
+                d["dead"] = r.dead;
+                d["free"] = r.free_slots;
+                d["unreachable_live"] = r.unreachable_live;
+                d["min_degree0"] = r.min_degree0;
+                d["max_degree0"] = r.max_degree0;
+                d["mean_degree0"] = r.mean_degree0;
+                d["max_level"] = r.max_level;
+                return d;
+            },
+            py::arg("now"))
+        .def(
+            "stats",
+            [](const index_t& self, std::int64_t now) {
+                hnswcache::index_stats_t s;
+                {
+                    py::gil_scoped_release release;
+                    s = self.stats(now);
+                }
+                py::dict d;
+                d["live"] = s.live;
+                d["dead"] = s.dead;
+                d["free"] = s.free_slots;
+                d["allocated"] = s.allocated;
+                d["capacity"] = s.capacity;
+                d["max_level"] = s.max_level;
+                d["nodes_per_level"] = s.nodes_per_level;
+                d["memory_bytes"] = s.memory_bytes;
+                d["isa"] = std::string(self.isa());
+                d["dim"] = self.dim();
+                d["metric"] = std::string(hnswcache::metric_name(self.metric()));
+                d["M"] = self.M();
+                d["ef_construction"] = self.ef_construction();
+                d["ef_search"] = self.ef_search();
+                return d;
+            },
+            py::arg("now"))
+        .def("save", &index_t::save, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def_static("load", &index_t::load, py::arg("path"),
+                    py::call_guard<py::gil_scoped_release>())
+        .def("to_bytes",
+             [](const index_t& self) {
+                 std::string s;
+                 {
+                     py::gil_scoped_release release;
+                     s = self.serialize();
+                 }
+                 return py::bytes(s);
+             })
+        .def_static(
+            "from_bytes",
+            [](const py::bytes& data) {
+                char* buf = nullptr;
+                Py_ssize_t len = 0;
+                if (PyBytes_AsStringAndSize(data.ptr(), &buf, &len) != 0) throw py::error_already_set();
+                py::gil_scoped_release release;
+                return index_t::deserialize(buf, static_cast<std::size_t>(len));
+            },
+            py::arg("data"))
+        .def_property_readonly("dim", &index_t::dim)
+        .def_property_readonly("metric",
+                               [](const index_t& s) { return std::string(hnswcache::metric_name(s.metric())); })
+        .def_property_readonly("M", &index_t::M)
+        .def_property_readonly("ef_construction", &index_t::ef_construction)
+        .def_property("ef_search", &index_t::ef_search, &index_t::set_ef_search)
+        .def_property("auto_consolidate", &index_t::auto_consolidate, &index_t::set_auto_consolidate)
+        .def_property_readonly("isa", [](const index_t& s) { return std::string(s.isa()); });
+}

@@ -1,0 +1,297 @@
+// Physical removal of dead entries, with the graph repaired around them.
+//
+// For every live node u that links to a dead node d at some level, the new link list is u's
+// surviving links, filled with the live neighbours of d (one more hop through dead clusters)
+// chosen by the HNSW heuristic, as in FreshDiskANN's delete consolidation (Singh et al.,
+// 2021) and IP-DiskANN. A node left with fewer than half its target degree gets fresh
+// candidates from a search of its level, so degrees cannot decay over many cycles (the decay
+// Lucene saw, apache/lucene#16552). Then the dead slots go to the free list, the entry point
+// moves to a live node of the top level, and a last pass links back any live node that
+// nothing reaches any more.
+//
+// All new lists are computed (in parallel) before any is written, so every computation reads
+// the graph as it was; the index is held exclusively throughout.
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <mutex>
+
+#include "graph_internal.hpp"
+#include "hnswcache/thread_pool.hpp"
+
+namespace hnswcache {
+
+namespace {
+struct repair_t {
+    slot_t node;
+    int level;
+    std::vector<slot_t> links;
+};
+}  // namespace
+
+void index_t::free_slot(slot_t id) {
+    chunk_t& ch = chunk(id);
+    const std::size_t off = id & (chunk_size - 1);
+    std::free(ch.upper[off]);
+    ch.upper[off] = nullptr;
+    ch.level[off] = 0;
+    ch.expiry[off].store(deleted_mark, std::memory_order_relaxed);
+    atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
+    ch.state[off].store(state_free, std::memory_order_release);
+    free_slots_.push_back(id);
+    std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<slot_t>());
+}
+
+std::vector<std::uint8_t> index_t::reachable_level0(std::int64_t now) const {
+    (void)now;
+    const slot_t n = n_slots();
+    std::vector<std::uint8_t> seen(n, 0);
+    const std::uint64_t ep = entry_.load();
+    if (ep == no_entry) return seen;
+    std::vector<slot_t> stack{static_cast<slot_t>(ep & 0xffffffffu)};
+    seen[stack.back()] = 1;
+    while (!stack.empty()) {
+        const slot_t u = stack.back();
+        stack.pop_back();
+        const std::uint32_t* l = links(u, 0);
+        const std::uint32_t cnt = atomic_load_u32(l);
+        for (std::uint32_t i = 0; i < cnt; ++i) {
+            const slot_t v = atomic_load_u32(l + 1 + i);
+            if (v < n && !seen[v]) {
+                seen[v] = 1;
+                stack.push_back(v);
+            }
+        }
+    }
+    return seen;
+}
+
+std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distances) {
+    std::size_t reconnected = 0;
+    scratch_t& s = scratch_t::local(M0_);
+    for (int round = 0; round < 4; ++round) {
+        const std::vector<std::uint8_t> seen = reachable_level0(now);
+        const slot_t n = n_slots();
+        std::vector<slot_t> orphans;
+        for (slot_t id = 0; id < n; ++id)
+            if (state(id) == state_ready && !seen[id]) orphans.push_back(id);
+        if (orphans.empty()) break;
+        const std::uint64_t ep = entry_.load();
+        const slot_t entry = static_cast<slot_t>(ep & 0xffffffffu);
+        for (slot_t v : orphans) {
+            std::vector<neighbor_t> found;
+            search_level(vec(v), entry, std::max<std::size_t>(M0_, 32), 0, true, now, s, found);
+            distances += found.size();
+            found.erase(std::remove_if(found.begin(), found.end(),
+                                       [v](const neighbor_t& x) { return x.second == v; }),
+                        found.end());
+            if (found.empty()) continue;
+            // Prefer a close node with a free link; otherwise make room in the nearest one.
+            slot_t target = found.front().second;
+            for (std::size_t i = 0; i < std::min<std::size_t>(found.size(), 8); ++i) {
+                if (atomic_load_u32(links(found[i].second, 0)) < M0_) {
+                    target = found[i].second;
+                    break;
+                }
+            }
+            std::uint32_t* l = links(target, 0);
+            const std::uint32_t cnt = atomic_load_u32(l);
+            if (cnt < M0_) {
+                atomic_store_u32(l + 1 + cnt, v);
+                atomic_store_u32(l, cnt + 1);
+            } else {
+                auto& cands = s.prune;
+                cands.clear();
+                const float* base = vec(target);
+                for (std::uint32_t i = 0; i < cnt; ++i) {
+                    const slot_t w = atomic_load_u32(l + 1 + i);
+                    cands.emplace_back(dist(base, vec(w)), w);
+                }
+                distances += cnt;
+                select_heuristic(base, cands, M0_ - 1, now, false, s.selected, &distances);
+                s.selected.push_back(v);
+                write_links(target, 0, s.selected.data(), s.selected.size());
+            }
+            // Give the orphan good out-links as well if it has few.
+            if (atomic_load_u32(links(v, 0)) < M_) {
+                s.prune.assign(found.begin(), found.end());
+                select_heuristic(vec(v), s.prune, M0_, now, true, s.selected, &distances);
+                write_links(v, 0, s.selected.data(), s.selected.size());
+            }
+            ++reconnected;
+        }
+    }
+    return reconnected;
+}
+
+consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads) {
+    const auto t0 = std::chrono::steady_clock::now();
+    consolidate_report_t rep;
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    std::lock_guard<std::mutex> alloc_lock(alloc_mu_);
+    const slot_t n = n_slots();
+
+    std::vector<std::uint8_t> dead(n, 0);
+    std::vector<slot_t> dead_ids;
+    for (slot_t id = 0; id < n; ++id)
+        if (state(id) == state_ready && !live(id, now)) {
+            dead[id] = 1;
+            dead_ids.push_back(id);
+        }
+
+    if (!dead_ids.empty()) {
+        // 1. Which (node, level) lists point at a dead node.
+        std::vector<repair_t> work;
+        for (slot_t u = 0; u < n; ++u) {
+            if (state(u) != state_ready || dead[u]) continue;
+            for (int l = 0; l <= level(u); ++l) {
+                const std::uint32_t* lk = links(u, l);
+                const std::uint32_t cnt = atomic_load_u32(lk);
+                for (std::uint32_t i = 0; i < cnt; ++i)
+                    if (dead[atomic_load_u32(lk + 1 + i)]) {
+                        work.push_back({u, l, {}});
+                        break;
+                    }
+            }
+        }
+
+        // 2. Compute every new list from the graph as it is.
+        const std::uint64_t ep = entry_.load();
+        const slot_t old_entry = static_cast<slot_t>(ep & 0xffffffffu);
+        const int old_top = static_cast<int>(ep >> 32);
+        std::atomic<std::size_t> distances{0};
+        parallel_for(work.size(), threads, [&](std::size_t w) {
+            repair_t& r = work[w];
+            scratch_t& s = scratch_t::local(M0_);
+            const float* base = vec(r.node);
+            const std::size_t cap = max_links(r.level);
+            std::size_t dcount = 0;
+            std::vector<slot_t> keep, extra;
+            const std::uint32_t* lk = links(r.node, r.level);
+            const std::uint32_t cnt = atomic_load_u32(lk);
+            for (std::uint32_t i = 0; i < cnt; ++i) {
+                const slot_t v = atomic_load_u32(lk + 1 + i);
+                if (!dead[v]) {
+                    keep.push_back(v);
+                    continue;
+                }
+                // Candidates through the dead node: its live neighbours, or theirs if none.
+                const std::uint32_t* dl = links(v, r.level);
+                const std::uint32_t dc = atomic_load_u32(dl);
+                bool any_live = false;
+                for (std::uint32_t j = 0; j < dc; ++j) {
+                    const slot_t x = atomic_load_u32(dl + 1 + j);
+                    if (!dead[x] && x != r.node) {
+                        extra.push_back(x);
+                        any_live = true;
+                    }
+                }
+                if (!any_live) {
+                    for (std::uint32_t j = 0; j < dc; ++j) {
+                        const slot_t x = atomic_load_u32(dl + 1 + j);
+                        if (level(x) < r.level) continue;
+                        const std::uint32_t* xl = links(x, r.level);
+                        const std::uint32_t xc = atomic_load_u32(xl);
+                        for (std::uint32_t t = 0; t < xc; ++t) {
+                            const slot_t y = atomic_load_u32(xl + 1 + t);
+                            if (!dead[y] && y != r.node) extra.push_back(y);
+                        }
+                    }
+                }
+            }
+            std::sort(extra.begin(), extra.end());
+            extra.erase(std::unique(extra.begin(), extra.end()), extra.end());
+            auto& cands = s.prune;
+            cands.clear();
+            for (slot_t x : extra)
+                if (std::find(keep.begin(), keep.end(), x) == keep.end())
+                    cands.emplace_back(dist(base, vec(x)), x);
+            dcount += cands.size();
+            std::sort(cands.begin(), cands.end());
+            // Fill: survivors stay, a candidate joins when no kept link is closer to it than
+            // the base node is (the heuristic of Malkov & Yashunin, Algorithm 4).
+            std::vector<slot_t> out = keep;
+            for (const auto& [d, c] : cands) {
+                if (out.size() >= cap) break;
+                bool ok = true;
+                for (slot_t k : out) {
+                    ++dcount;
+                    if (dist(vec(c), vec(k)) < d) {
+                        ok = false;
+                        break;
+                    }
+                }
+                if (ok) out.push_back(c);
+            }
+            const std::size_t floor_degree = std::max<std::size_t>(1, (r.level == 0 ? M0_ : M_) / 2);
+            if (out.size() < floor_degree && r.level <= old_top) {
+                // Too few: look for more around the node itself, at its own level.
+                slot_t cur = old_entry;
+                float dcur = dist(base, vec(cur));
+                greedy_descent(base, cur, dcur, old_top, r.level);
+                std::vector<neighbor_t> found;
+                search_level(base, cur, std::max<std::size_t>(cap, 32), r.level, true, now, s,
+                             found);
+                dcount += found.size() * 4;
+                for (const auto& [d, c] : found) {
+                    if (out.size() >= cap) break;
+                    if (c == r.node || std::find(out.begin(), out.end(), c) != out.end()) continue;
+                    bool ok = out.size() < floor_degree;  // below the floor, take the closest
+                    if (!ok) {
+                        ok = true;
+                        for (slot_t k : out) {
+                            ++dcount;
+                            if (dist(vec(c), vec(k)) < d) {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    if (ok) out.push_back(c);
+                }
+            }
+            r.links = std::move(out);
+            distances.fetch_add(dcount, std::memory_order_relaxed);
+        });
+        rep.distances = distances.load();
+
+        // 3. Publish the new lists.
+        for (const repair_t& r : work) write_links(r.node, r.level, r.links.data(), r.links.size());
+        rep.repaired = work.size();
+
+        // 4. Free the dead slots and forget their labels.
+        {
+            std::lock_guard<std::mutex> lk(label_mu_);
+            for (slot_t id : dead_ids) {
+                auto it = label_map_.find(label(id));
+                if (it != label_map_.end() && it->second == id) label_map_.erase(it);
+                free_slot(id);
+            }
+        }
+        deleted_slots_.store(0, std::memory_order_relaxed);
+        rep.removed = dead_ids.size();
+
+        // 5. The entry point: a live node of the highest level.
+        if (dead[old_entry]) {
+            slot_t best = no_slot;
+            int best_level = -1;
+            for (slot_t id = 0; id < n; ++id)
+                if (state(id) == state_ready && level(id) > best_level) {
+                    best = id;
+                    best_level = level(id);
+                }
+            entry_.store(best == no_slot ? no_entry : pack_entry(best, best_level));
+        }
+    }
+
+    // 6. Every live node reachable again from the entry point at level 0.
+    std::size_t extra_distances = 0;
+    rep.reconnected = reconnect_unreachable(now, extra_distances);
+    rep.distances += extra_distances;
+    rep.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return rep;
+}
+
+}  // namespace hnswcache

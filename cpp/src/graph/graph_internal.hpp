@@ -1,0 +1,105 @@
+// Pieces shared by the graph's translation units; not part of the public C++ API.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+#include "hnswcache/index.hpp"
+
+namespace hnswcache {
+
+// Vectors are padded to a multiple of 16 floats (one AVX-512 register), so kernels on stored
+// data never run a tail.
+constexpr std::size_t simd_floats = 16;
+
+inline std::size_t round_up(std::size_t x, std::size_t to) { return (x + to - 1) / to * to; }
+
+inline void* aligned_malloc(std::size_t bytes) {
+    void* p = std::aligned_alloc(64, round_up(bytes, 64));
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+}
+
+// Link ids and counts are read while other threads rewrite them. Acquire/release on every
+// access keeps this free of data races in the C++ memory model (plain moves on x86).
+inline std::uint32_t atomic_load_u32(const std::uint32_t* p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+inline void atomic_store_u32(std::uint32_t* p, std::uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+struct index_t::chunk_t {
+    char* slab = nullptr;  // chunk_size records of stride_ bytes
+    std::atomic<std::int64_t> expiry[chunk_size] = {};
+    std::int64_t label[chunk_size] = {};
+    std::uint32_t* upper[chunk_size] = {};
+    std::uint8_t level[chunk_size] = {};
+    std::atomic<std::uint8_t> state[chunk_size] = {};
+    std::atomic<std::uint8_t> lock[chunk_size] = {};
+    ~chunk_t() { std::free(slab); }
+};
+
+// Visited marks by epoch: a new search bumps the epoch instead of clearing the array.
+struct visited_t {
+    std::vector<std::uint16_t> marks;
+    std::uint16_t epoch = 0;
+
+    void reset(std::size_t n) {
+        if (marks.size() < n) marks.resize(n + n / 4 + 64, 0);
+        if (++epoch == 0) {
+            std::fill(marks.begin(), marks.end(), 0);
+            epoch = 1;
+        }
+    }
+    void mark(std::uint32_t id) {
+        if (id >= marks.size()) marks.resize(id + id / 4 + 64, 0);
+        marks[id] = epoch;
+    }
+    // Returns whether id was already visited, and marks it.
+    bool test_and_mark(std::uint32_t id) {
+        if (id >= marks.size()) marks.resize(id + id / 4 + 64, 0);
+        if (marks[id] == epoch) return true;
+        marks[id] = epoch;
+        return false;
+    }
+};
+
+// Per-thread scratch space reused across calls, so a search allocates nothing.
+struct index_t::scratch_t {
+    visited_t visited;
+    std::vector<neighbor_t> candidates, results, found, prune;
+    std::vector<slot_t> selected, batch;
+    std::vector<const float*> ptrs;
+    std::vector<float> dists;
+    float* qbuf = nullptr;
+    std::size_t qcap = 0;
+
+    ~scratch_t() { std::free(qbuf); }
+
+    static scratch_t& local(std::size_t max_degree) {
+        thread_local scratch_t s;
+        if (s.batch.size() < max_degree + 1) {
+            s.batch.resize(max_degree + 1);
+            s.ptrs.resize(max_degree + 1);
+            s.dists.resize(max_degree + 1);
+        }
+        return s;
+    }
+    float* query(std::size_t floats) {
+        if (qcap < floats) {
+            std::free(qbuf);
+            qbuf = static_cast<float*>(aligned_malloc(floats * sizeof(float)));
+            qcap = floats;
+        }
+        return qbuf;
+    }
+};
+
+}  // namespace hnswcache

@@ -1,0 +1,644 @@
+// Storage, insertion and search of the HNSW graph.
+#include "hnswcache/index.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include "graph_internal.hpp"
+#include "hnswcache/thread_pool.hpp"
+
+namespace hnswcache {
+
+metric_t parse_metric(const std::string& name) {
+    if (name == "cosine") return metric_t::cosine;
+    if (name == "ip") return metric_t::ip;
+    if (name == "l2") return metric_t::l2;
+    throw std::invalid_argument("metric must be 'cosine', 'ip' or 'l2', got '" + name + "'");
+}
+
+const char* metric_name(metric_t m) {
+    switch (m) {
+        case metric_t::cosine: return "cosine";
+        case metric_t::ip: return "ip";
+        case metric_t::l2: return "l2";
+    }
+    return "?";
+}
+
+// ------------------------------------------------------------------------------ construction
+
+index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
+                 std::size_t capacity_hint, std::uint64_t seed)
+    : dim_(dim), M_(M), M0_(2 * M), ef_construction_(ef_construction), metric_(metric),
+      seed_(seed), rng_(seed) {
+    if (dim == 0 || dim > 65536) throw std::invalid_argument("dim must be in [1, 65536]");
+    if (M < 2 || M > 2048) throw std::invalid_argument("M must be in [2, 2048]");
+    if (ef_construction == 0) throw std::invalid_argument("ef_construction must be positive");
+    dim_padded_ = round_up(dim, simd_floats);
+    level_mult_ = 1.0 / std::log(static_cast<double>(M));
+    vec_offset_ = round_up(sizeof(std::uint32_t) * (1 + M0_), 16);
+    stride_ = round_up(vec_offset_ + sizeof(float) * dim_padded_, 16);
+    kernels_ = &default_kernels();
+    chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
+    const std::size_t want = std::min(capacity_hint, max_chunks * chunk_size);
+    for (std::size_t c = 0; c * chunk_size < want; ++c) ensure_chunk(c);
+}
+
+index_t::~index_t() {
+    const std::size_t n = n_chunks_.load();
+    for (std::size_t c = 0; c < n; ++c) {
+        chunk_t* ch = chunks_[c].load();
+        for (std::size_t i = 0; i < chunk_size; ++i) std::free(ch->upper[i]);
+        delete ch;
+    }
+}
+
+void index_t::set_ef_search(std::size_t ef) {
+    if (ef == 0) throw std::invalid_argument("ef_search must be positive");
+    ef_search_.store(ef);
+}
+
+void index_t::set_auto_consolidate(double fraction) {
+    if (!(fraction >= 0.0 && fraction <= 1.0))
+        throw std::invalid_argument("auto_consolidate must be in [0, 1] (0 = off)");
+    auto_consolidate_.store(fraction);
+}
+
+// ------------------------------------------------------------------------------ slot access
+
+index_t::chunk_t& index_t::chunk(slot_t id) const {
+    return *chunks_[id >> chunk_bits].load(std::memory_order_acquire);
+}
+char* index_t::record(slot_t id) const {
+    return chunk(id).slab + (id & (chunk_size - 1)) * stride_;
+}
+std::uint32_t* index_t::links(slot_t id, int level) const {
+    if (level == 0) return reinterpret_cast<std::uint32_t*>(record(id));
+    return chunk(id).upper[id & (chunk_size - 1)] + static_cast<std::size_t>(level - 1) * (1 + M_);
+}
+const float* index_t::vec(slot_t id) const {
+    return reinterpret_cast<const float*>(record(id) + vec_offset_);
+}
+std::int64_t index_t::expiry(slot_t id) const {
+    return chunk(id).expiry[id & (chunk_size - 1)].load(std::memory_order_relaxed);
+}
+void index_t::set_expiry(slot_t id, std::int64_t t) {
+    chunk(id).expiry[id & (chunk_size - 1)].store(t, std::memory_order_relaxed);
+}
+std::int64_t index_t::label(slot_t id) const { return chunk(id).label[id & (chunk_size - 1)]; }
+int index_t::level(slot_t id) const { return chunk(id).level[id & (chunk_size - 1)]; }
+std::uint8_t index_t::state(slot_t id) const {
+    return chunk(id).state[id & (chunk_size - 1)].load(std::memory_order_acquire);
+}
+void index_t::lock_node(slot_t id) const {
+    auto& l = chunk(id).lock[id & (chunk_size - 1)];
+    while (l.exchange(1, std::memory_order_acquire) != 0)
+        while (l.load(std::memory_order_relaxed) != 0) std::this_thread::yield();
+}
+void index_t::unlock_node(slot_t id) const {
+    chunk(id).lock[id & (chunk_size - 1)].store(0, std::memory_order_release);
+}
+
+void index_t::ensure_chunk(std::size_t c) {
+    // Called with alloc_mu_ held (or from the constructor): chunks are appended in order.
+    while (n_chunks_.load(std::memory_order_relaxed) <= c) {
+        const std::size_t next = n_chunks_.load(std::memory_order_relaxed);
+        if (next >= max_chunks) throw std::length_error("index is full (2^28 slots)");
+        auto* ch = new chunk_t();
+        ch->slab = static_cast<char*>(aligned_malloc(chunk_size * stride_));
+        chunks_[next].store(ch, std::memory_order_release);
+        n_chunks_.store(next + 1, std::memory_order_release);
+    }
+}
+
+// ------------------------------------------------------------------------------ distances
+
+float index_t::dist(const float* a, const float* b) const {
+    if (metric_ == metric_t::l2) return kernels_->l2sq(a, b, dim_padded_);
+    return 1.0f - kernels_->dot(a, b, dim_padded_);
+}
+
+void index_t::dist_batch(const float* q, const float* const* xs, std::size_t n,
+                         float* out) const {
+    if (metric_ == metric_t::l2) {
+        kernels_->l2sq_batch(q, xs, n, dim_padded_, out);
+        return;
+    }
+    kernels_->dot_batch(q, xs, n, dim_padded_, out);
+    for (std::size_t i = 0; i < n; ++i) out[i] = 1.0f - out[i];
+}
+
+void index_t::prepare(const float* row, float* out) const {
+    std::memcpy(out, row, dim_ * sizeof(float));
+    std::fill(out + dim_, out + dim_padded_, 0.0f);
+    if (metric_ == metric_t::cosine) {
+        double norm = 0;
+        for (std::size_t i = 0; i < dim_; ++i) norm += static_cast<double>(out[i]) * out[i];
+        const float inv = static_cast<float>(1.0 / std::sqrt(norm));
+        for (std::size_t i = 0; i < dim_; ++i) out[i] *= inv;
+    }
+}
+
+// ------------------------------------------------------------------------------ labels
+
+void index_t::publish_label(std::int64_t lab, slot_t id) {
+    std::lock_guard<std::mutex> lock(label_mu_);
+    auto [it, inserted] = label_map_.emplace(lab, id);
+    if (!inserted) {
+        // Upsert: the older slot becomes a tombstone that consolidation removes.
+        set_expiry(it->second, deleted_mark);
+        deleted_slots_.fetch_add(1, std::memory_order_relaxed);
+        it->second = id;
+    }
+}
+
+slot_t index_t::find_label(std::int64_t lab) const {
+    std::lock_guard<std::mutex> lock(label_mu_);
+    auto it = label_map_.find(lab);
+    return it == label_map_.end() ? no_slot : it->second;
+}
+
+std::int64_t index_t::reserve_labels(std::size_t n) {
+    return next_label_.fetch_add(static_cast<std::int64_t>(n));
+}
+
+// ------------------------------------------------------------------------------ insertion
+
+slot_t index_t::allocate_slot(int& level_out) {
+    std::lock_guard<std::mutex> lock(alloc_mu_);
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    const double u = 1.0 - uniform(rng_);  // in (0, 1]
+    level_out = std::min(static_cast<int>(-std::log(u) * level_mult_), max_levels - 1);
+    if (!free_slots_.empty()) {
+        std::pop_heap(free_slots_.begin(), free_slots_.end(), std::greater<slot_t>());
+        const slot_t id = free_slots_.back();
+        free_slots_.pop_back();
+        return id;
+    }
+    const slot_t id = n_slots_.load(std::memory_order_relaxed);
+    if (id == no_slot) throw std::length_error("index is full");
+    ensure_chunk(id >> chunk_bits);
+    n_slots_.store(id + 1, std::memory_order_release);
+    return id;
+}
+
+void index_t::write_links(slot_t id, int lvl, const slot_t* ids, std::size_t count) {
+    std::uint32_t* l = links(id, lvl);
+    for (std::size_t i = 0; i < count; ++i) atomic_store_u32(l + 1 + i, ids[i]);
+    atomic_store_u32(l, static_cast<std::uint32_t>(count));
+}
+
+void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
+                             int to_level) const {
+    for (int lvl = from_level; lvl > to_level; --lvl) {
+        bool improved = true;
+        while (improved) {
+            improved = false;
+            const std::uint32_t* l = links(cur, lvl);
+            const std::uint32_t n = atomic_load_u32(l);
+            for (std::uint32_t i = 0; i < n; ++i) {
+                const slot_t v = atomic_load_u32(l + 1 + i);
+                const float d = dist(q, vec(v));
+                if (d < dcur) {
+                    dcur = d;
+                    cur = v;
+                    improved = true;
+                }
+            }
+        }
+    }
+}
+
+void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl, bool live_only,
+                           std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out) const {
+    s.visited.reset(n_slots());
+    auto& cand = s.candidates;  // min-heap by distance (std heap with greater)
+    auto& res = s.results;      // max-heap by distance
+    cand.clear();
+    res.clear();
+    const float d0 = dist(q, vec(start));
+    s.visited.mark(start);
+    cand.emplace_back(d0, start);
+    if (!live_only || live(start, now)) res.emplace_back(d0, start);
+    float worst = res.empty() ? std::numeric_limits<float>::infinity() : d0;
+
+    const slot_t* batch = s.batch.data();
+    while (!cand.empty()) {
+        std::pop_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
+        const neighbor_t c = cand.back();
+        cand.pop_back();
+        if (res.size() >= ef && c.first > worst) break;
+
+        const std::uint32_t* l = links(c.second, lvl);
+        const std::uint32_t n = atomic_load_u32(l);
+        std::size_t m = 0;
+        for (std::uint32_t i = 0; i < n; ++i) {
+            const slot_t v = atomic_load_u32(l + 1 + i);
+            if (s.visited.test_and_mark(v)) continue;
+            s.batch[m] = v;
+            s.ptrs[m] = vec(v);
+            prefetch(s.ptrs[m]);
+            ++m;
+        }
+        if (m == 0) continue;
+        dist_batch(q, s.ptrs.data(), m, s.dists.data());
+        for (std::size_t i = 0; i < m; ++i) {
+            const float d = s.dists[i];
+            if (res.size() < ef || d < worst) {
+                const slot_t v = batch[i];
+                cand.emplace_back(d, v);
+                std::push_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
+                if (!live_only || live(v, now)) {
+                    res.emplace_back(d, v);
+                    std::push_heap(res.begin(), res.end());
+                    if (res.size() > ef) {
+                        std::pop_heap(res.begin(), res.end());
+                        res.pop_back();
+                    }
+                    worst = res.front().first;
+                }
+            }
+        }
+    }
+    out.assign(res.begin(), res.end());
+    std::sort(out.begin(), out.end());
+}
+
+void index_t::select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
+                               std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
+                               std::size_t* distances) const {
+    // Malkov & Yashunin, Algorithm 4: keep a candidate only if it is closer to the base than
+    // to every neighbour kept so far, so the links spread in different directions.
+    (void)base;
+    std::sort(cands.begin(), cands.end());
+    out.clear();
+    std::size_t computed = 0;
+    for (const auto& [d, c] : cands) {
+        if (out.size() >= m) break;
+        if (skip_dead && !live(c, now)) continue;
+        bool keep = true;
+        for (slot_t r : out) {
+            ++computed;
+            if (dist(vec(c), vec(r)) < d) {
+                keep = false;
+                break;
+            }
+        }
+        if (keep) out.push_back(c);
+    }
+    if (out.empty() && !cands.empty()) out.push_back(cands.front().second);
+    if (distances != nullptr) *distances += computed;
+}
+
+void index_t::link_back(slot_t from, slot_t to, int lvl, scratch_t& s) {
+    const std::size_t cap = max_links(lvl);
+    lock_node(from);
+    std::uint32_t* l = links(from, lvl);
+    const std::uint32_t n = atomic_load_u32(l);
+    for (std::uint32_t i = 0; i < n; ++i)
+        if (atomic_load_u32(l + 1 + i) == to) {
+            unlock_node(from);
+            return;
+        }
+    if (n < cap) {
+        atomic_store_u32(l + 1 + n, to);
+        atomic_store_u32(l, n + 1);
+    } else {
+        // Full: re-select among the old links and the newcomer.
+        auto& cands = s.prune;
+        cands.clear();
+        const float* base = vec(from);
+        cands.emplace_back(dist(base, vec(to)), to);
+        for (std::uint32_t i = 0; i < n; ++i) {
+            const slot_t v = atomic_load_u32(l + 1 + i);
+            cands.emplace_back(dist(base, vec(v)), v);
+        }
+        select_heuristic(base, cands, cap, 0, false, s.selected);
+        write_links(from, lvl, s.selected.data(), s.selected.size());
+    }
+    unlock_node(from);
+}
+
+void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::int64_t now,
+                     scratch_t& s) {
+    int lvl = 0;
+    const slot_t id = allocate_slot(lvl);
+    chunk_t& ch = chunk(id);
+    const std::size_t off = id & (chunk_size - 1);
+    std::memcpy(record(id) + vec_offset_, v, dim_padded_ * sizeof(float));
+    atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
+    std::free(ch.upper[off]);
+    ch.upper[off] = nullptr;
+    if (lvl > 0) {
+        ch.upper[off] = static_cast<std::uint32_t*>(
+            std::calloc(static_cast<std::size_t>(lvl) * (1 + M_), sizeof(std::uint32_t)));
+        if (ch.upper[off] == nullptr) throw std::bad_alloc();
+    }
+    ch.level[off] = static_cast<std::uint8_t>(lvl);
+    ch.label[off] = lab;
+    ch.expiry[off].store(exp, std::memory_order_relaxed);
+    ch.state[off].store(state_ready, std::memory_order_release);
+
+    std::uint64_t ep = entry_.load(std::memory_order_acquire);
+    if (ep == no_entry) {
+        std::lock_guard<std::mutex> lock(entry_mu_);
+        ep = entry_.load(std::memory_order_acquire);
+        if (ep == no_entry) {
+            entry_.store(pack_entry(id, lvl), std::memory_order_release);
+            publish_label(lab, id);
+            return;
+        }
+    }
+    slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
+    const int top = static_cast<int>(ep >> 32);
+    float dcur = dist(v, vec(cur));
+    greedy_descent(v, cur, dcur, top, lvl);
+    for (int l = std::min(lvl, top); l >= 0; --l) {
+        search_level(v, cur, ef_construction_, l, false, now, s, s.found);
+        s.found.erase(std::remove_if(s.found.begin(), s.found.end(),
+                                     [id](const neighbor_t& x) { return x.second == id; }),
+                      s.found.end());
+        if (s.found.empty()) continue;
+        cur = s.found.front().second;
+        s.prune.assign(s.found.begin(), s.found.end());
+        select_heuristic(v, s.prune, M_, now, true, s.selected);
+        const std::vector<slot_t> chosen = s.selected;
+        lock_node(id);
+        write_links(id, l, chosen.data(), chosen.size());
+        unlock_node(id);
+        for (slot_t n : chosen) link_back(n, id, l, s);
+    }
+    if (lvl > top) {
+        std::lock_guard<std::mutex> lock(entry_mu_);
+        const std::uint64_t now_ep = entry_.load(std::memory_order_acquire);
+        if (now_ep == no_entry || static_cast<int>(now_ep >> 32) < lvl)
+            entry_.store(pack_entry(id, lvl), std::memory_order_release);
+    }
+    publish_label(lab, id);
+}
+
+void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
+                  const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
+    // Validate the whole batch before touching the graph: nothing is half-inserted on error.
+    for (std::size_t r = 0; r < n; ++r) {
+        const float* row = rows + r * dim_;
+        double norm = 0;
+        for (std::size_t i = 0; i < dim_; ++i) {
+            if (!std::isfinite(row[i]))
+                throw std::invalid_argument("row " + std::to_string(r) +
+                                            " contains NaN or infinity");
+            norm += static_cast<double>(row[i]) * row[i];
+        }
+        if (metric_ == metric_t::cosine && norm == 0.0)
+            throw std::invalid_argument("row " + std::to_string(r) +
+                                        " is a zero vector, which has no cosine direction");
+        if (labels[r] < 0) throw std::invalid_argument("labels must be >= 0");
+    }
+    if (n == 0) return;
+    maybe_auto_consolidate(now, n, threads);
+    {
+        std::shared_lock<std::shared_mutex> lock(graph_mu_);
+        // Keep the running counter ahead of explicit labels, as hnswlib does.
+        std::int64_t hi = -1;
+        for (std::size_t r = 0; r < n; ++r) hi = std::max(hi, labels[r]);
+        std::int64_t cur = next_label_.load();
+        while (cur <= hi && !next_label_.compare_exchange_weak(cur, hi + 1)) {
+        }
+        // The first rows go in one by one so that the top of the graph is built before the
+        // threads start competing for the entry point.
+        const std::size_t serial = std::min<std::size_t>(n, entry_.load() == no_entry ? 1 : 0);
+        auto work = [&](std::size_t r) {
+            scratch_t& s = scratch_t::local(M0_);
+            float* v = s.query(dim_padded_);
+            prepare(rows + r * dim_, v);
+            insert(v, labels[r], expiry_ns[r], now, s);
+        };
+        for (std::size_t r = 0; r < serial; ++r) work(r);
+        parallel_for(n - serial, threads, [&](std::size_t i) { work(i + serial); });
+    }
+    inserts_since_check_.fetch_add(n, std::memory_order_relaxed);
+}
+
+void index_t::maybe_auto_consolidate(std::int64_t now, std::size_t incoming,
+                                     std::size_t threads) {
+    const double tau = auto_consolidate();
+    if (tau <= 0) return;
+    std::size_t allocated, free_count;
+    {
+        std::lock_guard<std::mutex> lock(alloc_mu_);
+        allocated = n_slots_.load() - free_slots_.size();
+        free_count = free_slots_.size();
+    }
+    if (allocated == 0) return;
+    // Counting expired slots is a scan of the expiry array; do it only every ~1% of inserts,
+    // or when this batch would need fresh slots beyond the free list.
+    const bool must_grow = incoming > free_count;
+    const std::size_t since = inserts_since_check_.load(std::memory_order_relaxed);
+    if (!must_grow && since < std::max<std::size_t>(64, allocated / 100)) return;
+    inserts_since_check_.store(0, std::memory_order_relaxed);
+    std::size_t dead;
+    {
+        std::shared_lock<std::shared_mutex> lock(graph_mu_);
+        dead = dead_count(now);
+    }
+    if (static_cast<double>(dead) >= tau * static_cast<double>(allocated)) consolidate(now, threads);
+}
+
+std::size_t index_t::dead_count(std::int64_t now) const {
+    const slot_t n = n_slots();
+    std::size_t dead = 0;
+    for (slot_t id = 0; id < n; ++id)
+        if (state(id) == state_ready && !live(id, now)) ++dead;
+    return dead;
+}
+
+// ------------------------------------------------------------------------------ search
+
+void index_t::brute_force(const float* q, std::size_t k, std::int64_t now,
+                          std::vector<neighbor_t>& out) const {
+    out.clear();
+    const slot_t n = n_slots();
+    for (slot_t id = 0; id < n; ++id) {
+        if (state(id) != state_ready || !live(id, now)) continue;
+        const float d = dist(q, vec(id));
+        if (out.size() < k) {
+            out.emplace_back(d, id);
+            std::push_heap(out.begin(), out.end());
+        } else if (d < out.front().first) {
+            std::pop_heap(out.begin(), out.end());
+            out.back() = {d, id};
+            std::push_heap(out.begin(), out.end());
+        }
+    }
+    std::sort(out.begin(), out.end());
+}
+
+void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
+                         scratch_t& s, std::vector<neighbor_t>& out) const {
+    out.clear();
+    const std::uint64_t ep = entry_.load(std::memory_order_acquire);
+    if (ep == no_entry) return;
+    slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
+    float dcur = dist(q, vec(cur));
+    greedy_descent(q, cur, dcur, static_cast<int>(ep >> 32), 0);
+    search_level(q, cur, std::max(ef, k), 0, true, now, s, out);
+    if (out.size() < k) {
+        // Too few live entries were reachable (most of the neighbourhood is dead, or the live
+        // set is tiny): answer exactly from a scan rather than return too few.
+        std::size_t candidates;
+        {
+            std::lock_guard<std::mutex> lock(label_mu_);
+            candidates = label_map_.size();
+        }
+        if (candidates > out.size()) brute_force(q, k, now, out);
+    }
+    if (out.size() > k) out.resize(k);
+}
+
+void index_t::search(const float* queries, std::size_t n, std::size_t k, std::size_t ef,
+                     std::int64_t now, std::size_t threads, std::int64_t* out_labels,
+                     float* out_distances) const {
+    if (k == 0) throw std::invalid_argument("k must be positive");
+    if (ef == 0) ef = ef_search();
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    auto work = [&](std::size_t r) {
+        scratch_t& s = scratch_t::local(M0_);
+        float* q = s.query(dim_padded_);
+        prepare(queries + r * dim_, q);
+        search_one(q, k, ef, now, s, s.found);
+        std::int64_t* lab = out_labels + r * k;
+        float* dis = out_distances + r * k;
+        for (std::size_t i = 0; i < k; ++i) {
+            if (i < s.found.size()) {
+                lab[i] = label(s.found[i].second);
+                dis[i] = s.found[i].first;
+            } else {
+                lab[i] = -1;
+                dis[i] = std::numeric_limits<float>::infinity();
+            }
+        }
+    };
+    // A single query is not worth waking the pool for.
+    parallel_for(n, n == 1 ? 1 : threads, work);
+}
+
+// ------------------------------------------------------------------------------ point ops
+
+std::size_t index_t::remove(const std::int64_t* labels, std::size_t n) {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    std::lock_guard<std::mutex> lk(label_mu_);
+    std::size_t removed = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        auto it = label_map_.find(labels[i]);
+        if (it == label_map_.end()) continue;
+        set_expiry(it->second, deleted_mark);
+        label_map_.erase(it);
+        deleted_slots_.fetch_add(1, std::memory_order_relaxed);
+        ++removed;
+    }
+    return removed;
+}
+
+std::size_t index_t::touch(const std::int64_t* labels, const std::int64_t* exp, std::size_t n,
+                           std::int64_t now) {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    std::lock_guard<std::mutex> lk(label_mu_);
+    std::size_t changed = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        auto it = label_map_.find(labels[i]);
+        if (it == label_map_.end() || !live(it->second, now)) continue;
+        set_expiry(it->second, exp[i]);
+        ++changed;
+    }
+    return changed;
+}
+
+void index_t::get(const std::int64_t* labels, std::size_t n, std::int64_t now, float* out) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    for (std::size_t i = 0; i < n; ++i) {
+        const slot_t id = find_label(labels[i]);
+        if (id == no_slot || !live(id, now))
+            throw key_error("label " + std::to_string(labels[i]) + " is not in the index");
+        std::memcpy(out + i * dim_, vec(id), dim_ * sizeof(float));
+    }
+}
+
+void index_t::expiry_of(const std::int64_t* labels, std::size_t n, std::int64_t now,
+                        std::int64_t* out) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    for (std::size_t i = 0; i < n; ++i) {
+        const slot_t id = find_label(labels[i]);
+        if (id == no_slot || !live(id, now))
+            throw key_error("label " + std::to_string(labels[i]) + " is not in the index");
+        out[i] = expiry(id);
+    }
+}
+
+bool index_t::contains(std::int64_t lab, std::int64_t now) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    const slot_t id = find_label(lab);
+    return id != no_slot && live(id, now);
+}
+
+std::size_t index_t::size(std::int64_t now) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    std::lock_guard<std::mutex> lk(label_mu_);
+    std::size_t n = 0;
+    for (const auto& [lab, id] : label_map_)
+        if (live(id, now)) ++n;
+    return n;
+}
+
+std::vector<std::int64_t> index_t::live_labels(std::int64_t now) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    std::lock_guard<std::mutex> lk(label_mu_);
+    std::vector<std::int64_t> out;
+    out.reserve(label_map_.size());
+    for (const auto& [lab, id] : label_map_)
+        if (live(id, now)) out.push_back(lab);
+    return out;
+}
+
+index_stats_t index_t::stats(std::int64_t now) const {
+    std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    index_stats_t st;
+    const slot_t n = n_slots();
+    st.nodes_per_level.assign(max_levels, 0);
+    std::size_t upper_bytes = 0;
+    for (slot_t id = 0; id < n; ++id) {
+        if (state(id) != state_ready) {
+            ++st.free_slots;
+            continue;
+        }
+        ++st.allocated;
+        if (live(id, now))
+            ++st.live;
+        else
+            ++st.dead;
+        const int lv = level(id);
+        for (int l = 0; l <= lv; ++l) ++st.nodes_per_level[l];
+        upper_bytes += static_cast<std::size_t>(lv) * (1 + M_) * sizeof(std::uint32_t);
+    }
+    const std::uint64_t ep = entry_.load();
+    st.max_level = ep == no_entry ? -1 : static_cast<int>(ep >> 32);
+    st.nodes_per_level.resize(static_cast<std::size_t>(st.max_level + 1));
+    const std::size_t chunks = n_chunks_.load();
+    st.capacity = chunks * chunk_size;
+    std::size_t labels_bytes;
+    {
+        std::lock_guard<std::mutex> lk(label_mu_);
+        // An unordered_map node holds key, value and next pointer; plus one bucket pointer.
+        labels_bytes = label_map_.size() * (sizeof(void*) + 16 + 16) +
+                       label_map_.bucket_count() * sizeof(void*);
+    }
+    // Slab pages are committed by the OS only when touched, so count the used part of it.
+    st.memory_bytes = static_cast<std::size_t>(n) * stride_ + chunks * sizeof(chunk_t) +
+                      upper_bytes + labels_bytes + max_chunks * sizeof(void*);
+    return st;
+}
+
+}  // namespace hnswcache

@@ -1,0 +1,109 @@
+// check_integrity(): every invariant of index.hpp, checked from scratch.
+#include <algorithm>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "graph_internal.hpp"
+
+namespace hnswcache {
+
+namespace {
+[[noreturn]] void fail(const std::string& what) {
+    throw std::runtime_error("index integrity violated: " + what);
+}
+}  // namespace
+
+integrity_report_t index_t::check_integrity(std::int64_t now) const {
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    std::lock_guard<std::mutex> alloc_lock(alloc_mu_);
+    integrity_report_t rep;
+    const slot_t n = n_slots();
+    const std::uint64_t ep = entry_.load();
+    const int top = ep == no_entry ? -1 : static_cast<int>(ep >> 32);
+    rep.max_level = top;
+    std::size_t degree_sum = 0, not_deleted = 0;
+    rep.min_degree0 = SIZE_MAX;
+
+    for (slot_t id = 0; id < n; ++id) {
+        const std::string where = "slot " + std::to_string(id);
+        if (state(id) != state_ready) {
+            ++rep.free_slots;
+            if (chunk(id).upper[id & (chunk_size - 1)] != nullptr || level(id) != 0)
+                fail(where + " is free but keeps upper links");
+            continue;
+        }
+        ++rep.allocated;
+        const bool is_live = live(id, now);
+        if (is_live)
+            ++rep.live;
+        else
+            ++rep.dead;
+        if (expiry(id) != deleted_mark) ++not_deleted;
+        const int lv = level(id);
+        if (lv > top) fail(where + " has level " + std::to_string(lv) + " above the top " +
+                           std::to_string(top));
+        if ((lv > 0) != (chunk(id).upper[id & (chunk_size - 1)] != nullptr))
+            fail(where + " upper links do not match its level");
+        for (int l = 0; l <= lv; ++l) {
+            const std::uint32_t* lk = links(id, l);
+            const std::uint32_t cnt = atomic_load_u32(lk);
+            if (cnt > max_links(l)) fail(where + " has too many links at level " + std::to_string(l));
+            for (std::uint32_t i = 0; i < cnt; ++i) {
+                const slot_t v = atomic_load_u32(lk + 1 + i);
+                if (v >= n) fail(where + " links to slot " + std::to_string(v) + " out of range");
+                if (v == id) fail(where + " links to itself");
+                if (state(v) != state_ready)
+                    fail(where + " links to freed slot " + std::to_string(v));
+                if (level(v) < l) fail(where + " links at level " + std::to_string(l) +
+                                       " to a node of a lower level");
+                for (std::uint32_t j = 0; j < i; ++j)
+                    if (atomic_load_u32(lk + 1 + j) == v) fail(where + " has a duplicate link");
+            }
+            if (l == 0 && is_live) {
+                degree_sum += cnt;
+                rep.min_degree0 = std::min<std::size_t>(rep.min_degree0, cnt);
+                rep.max_degree0 = std::max<std::size_t>(rep.max_degree0, cnt);
+            }
+        }
+    }
+    if (rep.live == 0) rep.min_degree0 = 0;
+    rep.mean_degree0 = rep.live ? static_cast<double>(degree_sum) / rep.live : 0.0;
+
+    if (rep.allocated > 0) {
+        if (ep == no_entry) fail("nodes exist but there is no entry point");
+        const slot_t e = static_cast<slot_t>(ep & 0xffffffffu);
+        if (e >= n || state(e) != state_ready) fail("the entry point is not an allocated slot");
+        if (level(e) != top) fail("the entry point is not at the top level");
+    }
+
+    // The free list holds exactly the free slots, once each.
+    std::vector<slot_t> fl(free_slots_);
+    std::sort(fl.begin(), fl.end());
+    if (std::adjacent_find(fl.begin(), fl.end()) != fl.end()) fail("free list has duplicates");
+    for (slot_t id : fl)
+        if (id >= n || state(id) != state_free) fail("free list holds a used slot");
+    if (fl.size() != rep.free_slots) fail("a free slot is missing from the free list");
+
+    // Labels map one-to-one onto slots that were not deleted.
+    {
+        std::lock_guard<std::mutex> lk(label_mu_);
+        for (const auto& [lab, id] : label_map_) {
+            if (id >= n || state(id) != state_ready)
+                fail("label " + std::to_string(lab) + " maps to a free slot");
+            if (label(id) != lab) fail("label " + std::to_string(lab) + " maps to another's slot");
+            if (expiry(id) == deleted_mark)
+                fail("label " + std::to_string(lab) + " maps to a deleted slot");
+        }
+        if (label_map_.size() != not_deleted)
+            fail("label map has " + std::to_string(label_map_.size()) + " entries for " +
+                 std::to_string(not_deleted) + " undeleted slots");
+    }
+
+    const std::vector<std::uint8_t> seen = reachable_level0(now);
+    for (slot_t id = 0; id < n; ++id)
+        if (state(id) == state_ready && live(id, now) && !seen[id]) ++rep.unreachable_live;
+    return rep;
+}
+
+}  // namespace hnswcache

@@ -1,0 +1,290 @@
+// The on-disk format, version 1. Little-endian, every section a fixed function of the header:
+//
+//   "HNSWCACH" | u32 major | u32 minor | u64 header fields (see `header_t`)
+//   levels   u8  [n_slots]           0xff marks a free slot
+//   labels   i64 [n_slots]
+//   expiry   i64 [n_slots]           absolute, ns; INT64_MIN = deleted
+//   links0   u32 [n_slots][1 + M0]   count, then ids
+//   vectors  f32 [n_slots][dim]      as stored (normalised under cosine)
+//   upper    u32 [sum of levels][1 + M]   per slot in order, levels 1..level
+//   crc32    u32                     of everything before it
+//
+// A file is untrusted input: the size must match the header exactly, the checksum must match,
+// and then every count, level, link and label is checked before the index is used.
+#include <algorithm>
+#include <cmath>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <unordered_set>
+
+#include "graph_internal.hpp"
+
+namespace hnswcache {
+
+namespace {
+
+constexpr char magic[8] = {'H', 'N', 'S', 'W', 'C', 'A', 'C', 'H'};
+constexpr std::uint32_t format_major = 1, format_minor = 0;
+constexpr std::uint8_t free_level = 0xff;
+
+struct header_t {
+    std::uint64_t dim, metric, M, ef_construction, ef_search, seed, n_slots, entry, top_level,
+        next_label, upper_words;
+};
+constexpr std::size_t header_words = sizeof(header_t) / sizeof(std::uint64_t);
+constexpr std::size_t prefix_bytes = sizeof(magic) + 2 * sizeof(std::uint32_t) + sizeof(header_t);
+
+std::uint32_t crc32(const char* data, std::size_t n) {
+    // IEEE CRC-32, slicing-by-4 tables built once.
+    static const auto tables = [] {
+        std::vector<std::uint32_t> t(4 * 256);
+        for (std::uint32_t i = 0; i < 256; ++i) {
+            std::uint32_t c = i;
+            for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            t[i] = c;
+        }
+        for (std::uint32_t i = 0; i < 256; ++i)
+            for (int s = 1; s < 4; ++s) t[s * 256 + i] = (t[(s - 1) * 256 + i] >> 8) ^ t[t[(s - 1) * 256 + i] & 0xff];
+        return t;
+    }();
+    std::uint32_t c = 0xFFFFFFFFu;
+    const auto* p = reinterpret_cast<const unsigned char*>(data);
+    while (n >= 4) {
+        c ^= static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+             (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+        c = tables[3 * 256 + (c & 0xff)] ^ tables[2 * 256 + ((c >> 8) & 0xff)] ^
+            tables[256 + ((c >> 16) & 0xff)] ^ tables[c >> 24];
+        p += 4;
+        n -= 4;
+    }
+    while (n--) c = tables[(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+class writer_t {
+   public:
+    explicit writer_t(std::size_t reserve) { buf_.reserve(reserve); }
+    template <class T>
+    void put(const T& v) { append(&v, sizeof(T)); }
+    void append(const void* p, std::size_t n) {
+        buf_.append(static_cast<const char*>(p), n);
+    }
+    std::string& str() { return buf_; }
+
+   private:
+    std::string buf_;
+};
+
+class reader_t {
+   public:
+    reader_t(const char* p, std::size_t n) : p_(p), n_(n) {}
+    template <class T>
+    T get() {
+        T v;
+        take(&v, sizeof(T));
+        return v;
+    }
+    void take(void* out, std::size_t bytes) {
+        if (bytes > n_ - off_) throw format_error("index data is truncated");
+        std::memcpy(out, p_ + off_, bytes);
+        off_ += bytes;
+    }
+
+   private:
+    const char* p_;
+    std::size_t n_, off_ = 0;
+};
+
+// a * b + c, refusing anything that would overflow 64 bits.
+std::uint64_t checked_mul_add(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
+    if (b != 0 && a > (UINT64_MAX - c) / b) throw format_error("index header sizes overflow");
+    return a * b + c;
+}
+
+}  // namespace
+
+std::string index_t::serialize() const {
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    const slot_t n = n_slots();
+    header_t h{};
+    h.dim = dim_;
+    h.metric = static_cast<std::uint64_t>(metric_);
+    h.M = M_;
+    h.ef_construction = ef_construction_;
+    h.ef_search = ef_search();
+    h.seed = seed_;
+    h.n_slots = n;
+    const std::uint64_t ep = entry_.load();
+    h.entry = ep == no_entry ? UINT64_MAX : (ep & 0xffffffffu);
+    h.top_level = ep == no_entry ? 0 : (ep >> 32);
+    h.next_label = static_cast<std::uint64_t>(next_label_.load());
+    for (slot_t id = 0; id < n; ++id)
+        if (state(id) == state_ready) h.upper_words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
+
+    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + 4 * dim_) + h.upper_words * 4 + 4);
+    w.append(magic, sizeof(magic));
+    w.put(format_major);
+    w.put(format_minor);
+    w.put(h);
+    for (slot_t id = 0; id < n; ++id)
+        w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
+    for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);
+    for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(expiry(id));
+    for (slot_t id = 0; id < n; ++id) {
+        const std::uint32_t* l = links(id, 0);
+        const std::uint32_t cnt = atomic_load_u32(l);
+        w.put(cnt);
+        for (std::size_t i = 0; i < M0_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(l + 1 + i) : 0);
+    }
+    for (slot_t id = 0; id < n; ++id) w.append(vec(id), dim_ * sizeof(float));
+    for (slot_t id = 0; id < n; ++id) {
+        if (state(id) != state_ready) continue;
+        for (int l = 1; l <= level(id); ++l) {
+            const std::uint32_t* lk = links(id, l);
+            const std::uint32_t cnt = atomic_load_u32(lk);
+            w.put(cnt);
+            for (std::size_t i = 0; i < M_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(lk + 1 + i) : 0);
+        }
+    }
+    const std::uint32_t crc = crc32(w.str().data(), w.str().size());
+    w.put(crc);
+    return std::move(w.str());
+}
+
+std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size) {
+    if (size < prefix_bytes + 4 || std::memcmp(data, magic, sizeof(magic)) != 0)
+        throw format_error("not an hnswcache index (bad magic or too short)");
+    reader_t r(data + sizeof(magic), size - sizeof(magic));
+    const auto major = r.get<std::uint32_t>();
+    const auto minor = r.get<std::uint32_t>();
+    if (major != format_major)
+        throw format_error("index format version " + std::to_string(major) + "." +
+                           std::to_string(minor) + " is not supported (this build reads " +
+                           std::to_string(format_major) + ".x)");
+    const auto h = r.get<header_t>();
+    static_assert(header_words == 11, "header layout changed: bump the format version");
+
+    if (h.dim == 0 || h.dim > 65536 || h.M < 2 || h.M > 2048 || h.metric > 2 ||
+        h.ef_construction == 0 || h.ef_search == 0 || h.n_slots >= no_slot ||
+        h.top_level >= max_levels)
+        throw format_error("index header holds out-of-range parameters");
+    const std::uint64_t M0 = 2 * h.M;
+    const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + 4 * h.dim;
+    const std::uint64_t expected =
+        checked_mul_add(h.upper_words, 4, checked_mul_add(h.n_slots, per_slot, prefix_bytes + 4));
+    if (expected != size)
+        throw format_error("index data has " + std::to_string(size) + " bytes, its header says " +
+                           std::to_string(expected) + " (truncated or corrupted)");
+    std::uint32_t stored_crc;
+    std::memcpy(&stored_crc, data + size - 4, 4);
+    if (crc32(data, size - 4) != stored_crc) throw format_error("index checksum mismatch (corrupted data)");
+
+    auto idx = std::make_unique<index_t>(h.dim, static_cast<metric_t>(h.metric), h.M,
+                                         h.ef_construction, h.n_slots, h.seed);
+    idx->ef_search_.store(h.ef_search);
+    const slot_t n = static_cast<slot_t>(h.n_slots);
+    std::vector<std::uint8_t> levels(n);
+    r.take(levels.data(), n);
+    std::vector<std::int64_t> labels(n), expiries(n);
+    r.take(labels.data(), n * 8ull);
+    r.take(expiries.data(), n * 8ull);
+
+    std::uint64_t upper_needed = 0;
+    for (slot_t id = 0; id < n; ++id) {
+        if (levels[id] == free_level) continue;
+        if (levels[id] > h.top_level) throw format_error("a node's level is above the top level");
+        upper_needed += static_cast<std::uint64_t>(levels[id]) * (1 + h.M);
+    }
+    if (upper_needed != h.upper_words) throw format_error("upper link section size does not match the levels");
+    if (n > 0) idx->ensure_chunk((n - 1) >> chunk_bits);
+    idx->n_slots_.store(n);
+
+    auto check_links = [&](slot_t id, int lvl, const std::uint32_t* lk, std::size_t cap) {
+        if (lk[0] > cap) throw format_error("slot " + std::to_string(id) + " has too many links");
+        for (std::uint32_t i = 0; i < lk[0]; ++i) {
+            const std::uint32_t v = lk[1 + i];
+            if (v >= n || levels[v] == free_level || v == id || levels[v] < lvl)
+                throw format_error("slot " + std::to_string(id) + " has an invalid link");
+        }
+    };
+
+    std::vector<std::uint32_t> buf(1 + M0);
+    for (slot_t id = 0; id < n; ++id) {
+        r.take(buf.data(), buf.size() * 4);
+        if (levels[id] == free_level) {
+            if (buf[0] != 0) throw format_error("a free slot has links");
+            continue;
+        }
+        check_links(id, 0, buf.data(), M0);
+        std::memcpy(idx->record(id), buf.data(), buf.size() * 4);
+    }
+    std::vector<float> row(idx->dim_padded_, 0.0f);
+    for (slot_t id = 0; id < n; ++id) {
+        r.take(row.data(), h.dim * 4);
+        if (levels[id] == free_level) continue;
+        for (std::size_t i = 0; i < h.dim; ++i)
+            if (!std::isfinite(row[i])) throw format_error("a stored vector is not finite");
+        std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size() * 4);
+    }
+    std::unordered_set<std::int64_t> seen;
+    for (slot_t id = 0; id < n; ++id) {
+        chunk_t& ch = idx->chunk(id);
+        const std::size_t off = id & (chunk_size - 1);
+        if (levels[id] == free_level) {
+            ch.expiry[off].store(deleted_mark);
+            idx->free_slots_.push_back(id);
+            continue;
+        }
+        ch.level[off] = levels[id];
+        ch.label[off] = labels[id];
+        ch.expiry[off].store(expiries[id]);
+        if (levels[id] > 0) {
+            const std::size_t words = static_cast<std::size_t>(levels[id]) * (1 + h.M);
+            ch.upper[off] = static_cast<std::uint32_t*>(std::calloc(words, 4));
+            if (ch.upper[off] == nullptr) throw std::bad_alloc();
+            r.take(ch.upper[off], words * 4);
+            for (int l = 1; l <= levels[id]; ++l)
+                check_links(id, l, ch.upper[off] + (l - 1) * (1 + h.M), h.M);
+        }
+        ch.state[off].store(state_ready);
+        if (expiries[id] == deleted_mark) {
+            idx->deleted_slots_.fetch_add(1);
+            continue;
+        }
+        if (labels[id] < 0 || !seen.insert(labels[id]).second)
+            throw format_error("a label is negative or appears twice");
+        idx->label_map_.emplace(labels[id], id);
+    }
+    std::make_heap(idx->free_slots_.begin(), idx->free_slots_.end(), std::greater<slot_t>());
+    if (h.entry == UINT64_MAX) {
+        if (n != idx->free_slots_.size()) throw format_error("nodes exist but there is no entry point");
+    } else {
+        if (h.entry >= n || levels[h.entry] == free_level || levels[h.entry] != h.top_level)
+            throw format_error("the entry point is invalid");
+        idx->entry_.store(pack_entry(static_cast<slot_t>(h.entry), static_cast<int>(h.top_level)));
+    }
+    if (h.next_label > static_cast<std::uint64_t>(INT64_MAX)) throw format_error("label counter out of range");
+    idx->next_label_.store(static_cast<std::int64_t>(h.next_label));
+    return idx;
+}
+
+void index_t::save(const std::string& path) const {
+    const std::string data = serialize();
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out) throw io_error("cannot open '" + path + "' for writing: " + std::strerror(errno));
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    out.flush();
+    if (!out) throw io_error("cannot write '" + path + "': " + std::strerror(errno));
+}
+
+std::unique_ptr<index_t> index_t::load(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw io_error("cannot open '" + path + "': " + std::strerror(errno));
+    std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (in.bad()) throw io_error("cannot read '" + path + "'");
+    return deserialize(data.data(), data.size());
+}
+
+}  // namespace hnswcache

@@ -1,0 +1,103 @@
+// AVX2 + FMA kernels (this file alone is compiled with -mavx2 -mfma). Everything here sits in
+// an anonymous namespace so no inline function compiled with these flags can be picked by the
+// linker for code that runs on CPUs without AVX2.
+#include <immintrin.h>
+
+#include "hnswcache/kernels.hpp"
+
+namespace hnswcache {
+namespace {
+
+inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    lo = _mm_add_ss(lo, sh);
+    return _mm_cvtss_f32(lo);
+}
+
+float dot_avx2(const float* a, const float* b, std::size_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    std::size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+float l2sq_avx2(const float* a, const float* b, std::size_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+        const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8));
+        s0 = _mm256_fmadd_ps(d0, d0, s0);
+        s1 = _mm256_fmadd_ps(d1, d1, s1);
+    }
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+        s0 = _mm256_fmadd_ps(d, d, s0);
+    }
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; ++i) {
+        const float d = a[i] - b[i];
+        s += d * d;
+    }
+    return s;
+}
+
+// Four vectors at once keep q in registers and overlap four independent memory streams.
+void dot_batch_avx2(const float* q, const float* const* xs, std::size_t count, std::size_t n,
+                    float* out) {
+    std::size_t j = 0;
+    for (; j + 4 <= count; j += 4) {
+        const float *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+        std::size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            s0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x0 + i), s0);
+            s1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x1 + i), s1);
+            s2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x2 + i), s2);
+            s3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(x3 + i), s3);
+        }
+        float r0 = hsum256(s0), r1 = hsum256(s1), r2 = hsum256(s2), r3 = hsum256(s3);
+        for (; i < n; ++i) {
+            r0 += q[i] * x0[i];
+            r1 += q[i] * x1[i];
+            r2 += q[i] * x2[i];
+            r3 += q[i] * x3[i];
+        }
+        out[j] = r0;
+        out[j + 1] = r1;
+        out[j + 2] = r2;
+        out[j + 3] = r3;
+    }
+    for (; j < count; ++j) out[j] = dot_avx2(q, xs[j], n);
+}
+
+void l2sq_batch_avx2(const float* q, const float* const* xs, std::size_t count, std::size_t n,
+                     float* out) {
+    for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_avx2(q, xs[j], n);
+}
+
+const kernels_t table{isa_t::avx2, "avx2", dot_avx2, l2sq_avx2, dot_batch_avx2,
+                      l2sq_batch_avx2};
+
+}  // namespace
+
+const kernels_t* avx2_kernels() { return &table; }
+
+}  // namespace hnswcache

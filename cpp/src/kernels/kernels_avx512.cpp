@@ -1,0 +1,108 @@
+// AVX-512F kernels (this file alone is compiled with -mavx512f/dq/bw/vl -mfma). Tails use masked
+// loads, so any dimension runs without a scalar loop. Kept in an anonymous namespace so none of
+// this code can leak into paths that run on CPUs without AVX-512.
+#include <immintrin.h>
+
+#include "hnswcache/kernels.hpp"
+
+namespace hnswcache {
+namespace {
+
+// Horizontal sum. (GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its own header.)
+inline float hsum512(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+inline __mmask16 tail_mask(std::size_t rem) {
+    return static_cast<__mmask16>((1u << rem) - 1u);
+}
+
+float dot_avx512(const float* a, const float* b, std::size_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    std::size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16)
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+    }
+    return hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+float l2sq_avx512(const float* a, const float* b, std::size_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    std::size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+        const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16));
+        s0 = _mm512_fmadd_ps(d0, d0, s0);
+        s1 = _mm512_fmadd_ps(d1, d1, s1);
+    }
+    for (; i + 16 <= n; i += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+        s0 = _mm512_fmadd_ps(d, d, s0);
+    }
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i));
+        s1 = _mm512_fmadd_ps(d, d, s1);
+    }
+    return hsum512(_mm512_add_ps(s0, s1));
+}
+
+// Four vectors per pass: q is loaded once per 16 lanes and four memory streams overlap.
+void dot_batch_avx512(const float* q, const float* const* xs, std::size_t count, std::size_t n,
+                      float* out) {
+    std::size_t j = 0;
+    for (; j + 4 <= count; j += 4) {
+        const float *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        std::size_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const __m512 qv = _mm512_loadu_ps(q + i);
+            s0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(x0 + i), s0);
+            s1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(x1 + i), s1);
+            s2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(x2 + i), s2);
+            s3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(x3 + i), s3);
+        }
+        if (i < n) {
+            const __mmask16 m = tail_mask(n - i);
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+            s0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, x0 + i), s0);
+            s1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, x1 + i), s1);
+            s2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, x2 + i), s2);
+            s3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, x3 + i), s3);
+        }
+        out[j] = hsum512(s0);
+        out[j + 1] = hsum512(s1);
+        out[j + 2] = hsum512(s2);
+        out[j + 3] = hsum512(s3);
+    }
+    for (; j < count; ++j) out[j] = dot_avx512(q, xs[j], n);
+}
+
+void l2sq_batch_avx512(const float* q, const float* const* xs, std::size_t count,
+                       std::size_t n, float* out) {
+    for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_avx512(q, xs[j], n);
+}
+
+const kernels_t table{isa_t::avx512, "avx512", dot_avx512, l2sq_avx512, dot_batch_avx512,
+                      l2sq_batch_avx512};
+
+}  // namespace
+
+const kernels_t* avx512_kernels() { return &table; }
+
+}  // namespace hnswcache

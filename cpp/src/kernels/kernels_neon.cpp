@@ -1,0 +1,62 @@
+// NEON kernels for arm64 (NEON is baseline there, so no extra flags).
+#include <arm_neon.h>
+
+#include "hnswcache/kernels.hpp"
+
+namespace hnswcache {
+namespace {
+
+float dot_neon(const float* a, const float* b, std::size_t n) {
+    float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0), s2 = vdupq_n_f32(0), s3 = vdupq_n_f32(0);
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+float l2sq_neon(const float* a, const float* b, std::size_t n) {
+    float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float32x4_t d0 = vsubq_f32(vld1q_f32(a + i), vld1q_f32(b + i));
+        const float32x4_t d1 = vsubq_f32(vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        s0 = vfmaq_f32(s0, d0, d0);
+        s1 = vfmaq_f32(s1, d1, d1);
+    }
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t d = vsubq_f32(vld1q_f32(a + i), vld1q_f32(b + i));
+        s0 = vfmaq_f32(s0, d, d);
+    }
+    float s = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; ++i) {
+        const float d = a[i] - b[i];
+        s += d * d;
+    }
+    return s;
+}
+
+void dot_batch_neon(const float* q, const float* const* xs, std::size_t count, std::size_t n,
+                    float* out) {
+    for (std::size_t j = 0; j < count; ++j) out[j] = dot_neon(q, xs[j], n);
+}
+
+void l2sq_batch_neon(const float* q, const float* const* xs, std::size_t count, std::size_t n,
+                     float* out) {
+    for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_neon(q, xs[j], n);
+}
+
+const kernels_t table{isa_t::neon, "neon", dot_neon, l2sq_neon, dot_batch_neon,
+                      l2sq_batch_neon};
+
+}  // namespace
+
+const kernels_t* neon_kernels() { return &table; }
+
+}  // namespace hnswcache
