@@ -68,17 +68,34 @@ std::vector<std::uint8_t> index_t::reachable_level0(std::int64_t now) const {
 }
 
 std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distances) {
+    // Each orphan gets an in-link from a close reachable node: one with a free link slot if
+    // there is one, else one whose list holds a node that has another in-link (so replacing
+    // it orphans nobody). Rounds repeat until a traversal finds every live node.
     std::size_t reconnected = 0;
     scratch_t& s = scratch_t::local(M0_);
-    for (int round = 0; round < 4; ++round) {
+    auto contains = [](const std::uint32_t* l, slot_t v) {
+        const std::uint32_t cnt = atomic_load_u32(l);
+        for (std::uint32_t i = 0; i < cnt; ++i)
+            if (atomic_load_u32(l + 1 + i) == v) return true;
+        return false;
+    };
+    for (int round = 0; round < 8; ++round) {
         const std::vector<std::uint8_t> seen = reachable_level0(now);
         const slot_t n = n_slots();
         std::vector<slot_t> orphans;
-        for (slot_t id = 0; id < n; ++id)
-            if (state(id) == state_ready && !seen[id]) orphans.push_back(id);
+        std::vector<std::uint32_t> indeg(n, 0);
+        for (slot_t id = 0; id < n; ++id) {
+            if (state(id) != state_ready) continue;
+            if (!seen[id]) {
+                orphans.push_back(id);
+                continue;  // in-links that count are those from reachable nodes
+            }
+            const std::uint32_t* l = links(id, 0);
+            const std::uint32_t cnt = atomic_load_u32(l);
+            for (std::uint32_t i = 0; i < cnt; ++i) ++indeg[atomic_load_u32(l + 1 + i)];
+        }
         if (orphans.empty()) break;
-        const std::uint64_t ep = entry_.load();
-        const slot_t entry = static_cast<slot_t>(ep & 0xffffffffu);
+        const slot_t entry = static_cast<slot_t>(entry_.load() & 0xffffffffu);
         for (slot_t v : orphans) {
             std::vector<neighbor_t> found;
             search_level(vec(v), entry, std::max<std::size_t>(M0_, 32), 0, true, now, s, found);
@@ -87,39 +104,60 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
                                        [v](const neighbor_t& x) { return x.second == v; }),
                         found.end());
             if (found.empty()) continue;
-            // Prefer a close node with a free link; otherwise make room in the nearest one.
-            slot_t target = found.front().second;
-            for (std::size_t i = 0; i < std::min<std::size_t>(found.size(), 8); ++i) {
-                if (atomic_load_u32(links(found[i].second, 0)) < M0_) {
-                    target = found[i].second;
-                    break;
+            const std::size_t tries = found.size();
+            bool linked = false;
+            for (std::size_t i = 0; i < tries && !linked; ++i) {
+                std::uint32_t* l = links(found[i].second, 0);
+                if (contains(l, v)) {
+                    linked = true;
+                } else if (atomic_load_u32(l) < M0_) {
+                    const std::uint32_t cnt = atomic_load_u32(l);
+                    atomic_store_u32(l + 1 + cnt, v);
+                    atomic_store_u32(l, cnt + 1);
+                    ++indeg[v];
+                    linked = true;
                 }
             }
-            std::uint32_t* l = links(target, 0);
-            const std::uint32_t cnt = atomic_load_u32(l);
-            if (cnt < M0_) {
-                atomic_store_u32(l + 1 + cnt, v);
-                atomic_store_u32(l, cnt + 1);
-            } else {
-                auto& cands = s.prune;
-                cands.clear();
-                const float* base = vec(target);
-                for (std::uint32_t i = 0; i < cnt; ++i) {
-                    const slot_t w = atomic_load_u32(l + 1 + i);
-                    cands.emplace_back(dist(base, vec(w)), w);
+            for (std::size_t i = 0; i < tries && !linked; ++i) {
+                std::uint32_t* l = links(found[i].second, 0);
+                const std::uint32_t cnt = atomic_load_u32(l);
+                std::uint32_t best = cnt;
+                for (std::uint32_t j = 0; j < cnt; ++j) {
+                    const slot_t w = atomic_load_u32(l + 1 + j);
+                    if (indeg[w] >= 2 && (best == cnt || indeg[w] > indeg[atomic_load_u32(l + 1 + best)]))
+                        best = j;
                 }
-                distances += cnt;
-                select_heuristic(base, cands, M0_ - 1, now, false, s.selected, &distances);
-                s.selected.push_back(v);
-                write_links(target, 0, s.selected.data(), s.selected.size());
+                if (best == cnt) continue;
+                --indeg[atomic_load_u32(l + 1 + best)];
+                atomic_store_u32(l + 1 + best, v);
+                ++indeg[v];
+                linked = true;
             }
-            // Give the orphan good out-links as well if it has few.
-            if (atomic_load_u32(links(v, 0)) < M_) {
-                s.prune.assign(found.begin(), found.end());
-                select_heuristic(vec(v), s.prune, M0_, now, true, s.selected, &distances);
-                write_links(v, 0, s.selected.data(), s.selected.size());
+            if (!linked) {
+                // Every close list is full of sole in-links: take the nearest one's farthest
+                // link; the node that loses it is an orphan for the next round.
+                std::uint32_t* l = links(found.front().second, 0);
+                const std::uint32_t cnt = atomic_load_u32(l);
+                --indeg[atomic_load_u32(l + cnt)];
+                atomic_store_u32(l + cnt, v);
+                ++indeg[v];
+                linked = true;
             }
-            ++reconnected;
+            // Its own out-links: keep those it has, add the closest found up to M.
+            std::uint32_t* vl = links(v, 0);
+            if (linked) {
+                const std::uint32_t cnt = atomic_load_u32(vl);
+                for (std::uint32_t j = 0; j < cnt; ++j) ++indeg[atomic_load_u32(vl + 1 + j)];
+            }
+            for (const auto& [d, c] : found) {
+                const std::uint32_t cnt = atomic_load_u32(vl);
+                if (cnt >= M_) break;
+                if (contains(vl, c)) continue;
+                atomic_store_u32(vl + 1 + cnt, c);
+                atomic_store_u32(vl, cnt + 1);
+                if (linked) ++indeg[c];
+            }
+            if (linked) ++reconnected;
         }
     }
     return reconnected;

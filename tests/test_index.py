@@ -1,0 +1,283 @@
+"""The index as a user sees it: recall, exactness, upserts, padding, errors, persistence."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+from conftest import brute_force, clustered, recall
+
+import hnswcache
+from hnswcache import Index
+
+
+def test_recall_at_10_on_generated_clusters():
+    x = clustered(20_000, 96, seed=1)
+    q = clustered(300, 96, seed=2)
+    idx = Index(96)
+    idx.add(x)
+    found, _ = idx.search(q, k=10, ef=64)
+    truth, _ = brute_force(x, q, 10)
+    assert recall(found, truth) >= 0.95
+
+
+def test_recall_at_10_on_real_embeddings(sgd):
+    if sgd is None:  # a user's fresh clone: the generated-data test above covers recall
+        x, q = clustered(30_000, 384, seed=3), clustered(200, 384, seed=4)
+        truth, _ = brute_force(x, q, 10)
+    else:
+        base, queries, gt = sgd
+        x, q = base[:30_000], queries[:300]
+        truth, _ = brute_force(x, q, 10)
+    idx = Index(384)
+    idx.add(x)
+    found, dist = idx.search(q, k=10, ef=64)
+    assert recall(found, truth) >= 0.95
+    assert np.all(np.diff(dist, axis=1) >= -1e-6), "results come best first"
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("dim", [1, 3, 17, 64])
+def test_exact_when_ef_covers_everything(metric, dim):
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((400, dim)).astype(np.float32)
+    q = rng.standard_normal((25, dim)).astype(np.float32)
+    idx = Index(dim, metric=metric, M=8)
+    idx.add(x)
+    # HNSW pruning can leave a few nodes with no in-link; consolidation links them back.
+    idx.consolidate()
+    assert idx.check_integrity()["unreachable_live"] == 0
+    labels, dists = idx.search(q, k=10, ef=400)
+    truth, tdist = brute_force(x, q, 10, metric)
+    np.testing.assert_allclose(dists, tdist, rtol=1e-4, atol=1e-4)
+    # Equal distances may swap places; compare labels where distances are distinct.
+    assert recall(labels, truth) >= 0.99 if dim == 1 else np.array_equal(labels, truth)
+
+
+def test_fewer_entries_than_k_pads_with_minus_one_and_inf():
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32)[:3], [10, 11, 12])
+    labels, dists = idx.search(np.ones(4, np.float32), k=5)
+    assert labels.shape == (1, 5) and dists.shape == (1, 5)
+    assert sorted(labels[0, :3]) == [10, 11, 12]
+    assert list(labels[0, 3:]) == [-1, -1]
+    assert np.all(np.isinf(dists[0, 3:]))
+    empty = Index(4)
+    labels, dists = empty.search(np.ones((2, 4), np.float32), k=3)
+    assert (labels == -1).all() and np.isinf(dists).all()
+
+
+def test_upsert_replaces_the_vector_of_a_label():
+    idx = Index(3, metric="l2")
+    idx.add([[0, 0, 0], [5, 5, 5]], [1, 2])
+    idx.add([[9, 9, 9]], [1])
+    assert len(idx) == 2
+    np.testing.assert_allclose(idx.get([1]), [[9, 9, 9]])
+    labels, dists = idx.search([[9, 9, 9]], k=2)
+    assert list(labels[0]) == [1, 2] and dists[0, 0] == 0
+    assert idx.check_integrity()["live"] == 2
+
+
+def test_default_labels_follow_a_running_counter():
+    idx = Index(2, metric="l2")
+    assert list(idx.add(np.zeros((3, 2)))) == [0, 1, 2]
+    idx.add([[1, 1]], [10])
+    assert list(idx.add([[2, 2]])) == [11]
+    assert 10 in idx and 11 in idx and 5 not in idx and -1 not in idx and "x" not in idx
+
+
+def test_float64_and_lists_are_converted_and_vectors_read_back():
+    idx = Index(3, metric="l2")
+    idx.add(np.array([[1.0, 2.0, 3.0]], dtype=np.float64), [7])
+    idx.add([4, 5, 6], [8])
+    np.testing.assert_array_equal(idx.get([7, 8]), np.array([[1, 2, 3], [4, 5, 6]], np.float32))
+    cos = Index(2)
+    cos.add([[3.0, 4.0]], [1])
+    np.testing.assert_allclose(cos.get(1), [[0.6, 0.8]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (np.zeros((2, 5), np.float32), ValueError, "dimension 5"),
+        (np.zeros((2, 4, 1), np.float32), ValueError, "1-D or 2-D"),
+        (np.array([["a", "b", "c", "d"]]), TypeError, "numeric"),
+        (np.array([[1, np.nan, 0, 0]], np.float32), ValueError, "NaN"),
+        (np.array([[1, np.inf, 0, 0]], np.float32), ValueError, "NaN or infinity"),
+        (np.zeros((1, 4), np.float32), ValueError, "zero vector"),
+    ],
+)
+def test_bad_vectors_are_rejected_and_nothing_is_inserted(bad, err, match):
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    good_then_bad = bad
+    with pytest.raises(err, match=match):
+        idx.add(good_then_bad)
+    assert len(idx) == 4
+    assert idx.check_integrity()["allocated"] == 4
+
+
+def test_a_bad_row_in_a_batch_leaves_the_index_unchanged():
+    idx = Index(4)
+    batch = np.ones((5, 4), np.float32)
+    batch[3, 2] = np.nan
+    with pytest.raises(ValueError, match="row 3"):
+        idx.add(batch)
+    assert len(idx) == 0
+
+
+def test_bad_arguments_give_clear_errors():
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    q = np.ones(4, np.float32)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="k must be"):
+            idx.search(q, k=k)
+    with pytest.raises(ValueError, match="ef must be"):
+        idx.search(q, ef=0)
+    with pytest.raises(ValueError, match="duplicate labels"):
+        idx.add(np.eye(4, dtype=np.float32)[:2], [5, 5])
+    with pytest.raises(ValueError, match=">= 0"):
+        idx.add(np.eye(4, dtype=np.float32)[:1], [-3])
+    with pytest.raises(ValueError, match="2 labels"):
+        idx.add(np.eye(4, dtype=np.float32)[:1], [1, 2])
+    with pytest.raises(TypeError, match="integers"):
+        idx.add(np.eye(4, dtype=np.float32)[:1], [1.5])
+    with pytest.raises(KeyError, match="123"):
+        idx.get([0, 123])
+    with pytest.raises(ValueError, match="metric"):
+        Index(4, metric="hamming")
+    with pytest.raises(ValueError, match="dim"):
+        Index(0)
+    with pytest.raises(ValueError, match="M must"):
+        Index(4, M=1)
+    with pytest.raises(ValueError, match="ttl or expires_at"):
+        idx.add(q, ttl=1, expires_at=2)
+    with pytest.raises(ValueError, match="ttl must be >= 0"):
+        idx.add(q, ttl=-1)
+
+
+def _same_results(a: Index, b: Index, q: np.ndarray) -> None:
+    la, da = a.search(q, k=10)
+    lb, db = b.search(q, k=10)
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(da, db)
+
+
+def test_save_load_and_pickle_round_trips_give_identical_results(tmp_path):
+    x = clustered(3000, 32, seed=5)
+    idx = Index(32, M=8, ef_search=40)
+    idx.add(x[:2900])
+    idx.delete(np.arange(0, 100))
+    idx.consolidate()
+    idx.add(x[2900:], np.arange(5000, 5100), ttl=3600)
+    q = clustered(50, 32, seed=6)
+    path = tmp_path / "i.hnsw"
+    idx.save(path)
+    loaded = Index.load(path)
+    _same_results(idx, loaded, q)
+    assert loaded.ef_search == 40 and loaded.M == 8 and loaded.metric == "cosine"
+    assert len(loaded) == len(idx)
+    np.testing.assert_allclose(loaded.expiry([5000]), idx.expiry([5000]))
+    assert list(loaded.add(x[:1])) == [5100], "the label counter survives a round trip"
+    _same_results(idx, pickle.loads(pickle.dumps(idx)), q)
+    _same_results(idx, Index.from_bytes(idx.to_bytes()), q)
+    loaded.check_integrity()
+    empty = pickle.loads(pickle.dumps(Index(5)))
+    assert len(empty) == 0 and empty.dim == 5
+
+
+def test_corrupt_truncated_or_foreign_files_raise_value_error(tmp_path):
+    idx = Index(8)
+    idx.add(clustered(500, 8))
+    data = idx.to_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "foreign": b"PK\x03\x04" + b"\0" * 200,
+        "trailing": data + b"\0",
+    }
+    for i in (20, len(data) // 3, len(data) - 10):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x40
+        cases[f"flip{i}"] = bytes(flipped)
+    for name, blob in cases.items():
+        with pytest.raises(ValueError):
+            Index.from_bytes(blob)
+        p = tmp_path / name
+        p.write_bytes(blob)
+        with pytest.raises(ValueError):
+            Index.load(p)
+    with pytest.raises(OSError):
+        Index.load(tmp_path / "missing.hnsw")
+
+
+def test_a_crafted_file_with_a_valid_checksum_is_still_checked():
+    import struct
+    import zlib
+
+    idx = Index(4, M=2)
+    idx.add(np.eye(4, dtype=np.float32))
+    data = bytearray(idx.to_bytes())
+    n = 4
+    header = 8 + 8 + 11 * 8
+    links0 = header + n * (1 + 8 + 8)
+    struct.pack_into("<I", data, links0 + 4, 999)  # a link past the last slot
+    data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+    with pytest.raises(ValueError, match="invalid link"):
+        Index.from_bytes(bytes(data))
+
+
+def test_concurrent_adds_and_searches_from_python_threads():
+    x = clustered(12_000, 48, seed=9)
+    idx = Index(48)
+    idx.add(x[:2000])
+    errors: list[BaseException] = []
+
+    def writer(lo: int) -> None:
+        try:
+            for s in range(lo, lo + 5000, 250):
+                idx.add(x[s : s + 250], np.arange(s, s + 250), num_threads=2)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    hits: list[bool] = []
+
+    def reader() -> None:
+        try:
+            for i in range(300):
+                labels, dists = idx.search(x[i % 2000], k=5)
+                assert ((labels >= 0) & (labels < 12_000)).all()
+                assert np.all(np.diff(dists) >= 0)
+                hits.append(bool(labels[0, 0] == i % 2000))
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(lo,)) for lo in (2000, 7000)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # A point that thousands of newcomers crowd out can lose its in-links for a while: an
+    # approximate index, not a wrong one.
+    assert np.mean(hits) >= 0.95
+    assert len(idx) == 12_000
+    report = idx.check_integrity()
+    assert report["allocated"] == 12_000
+    found, _ = idx.search(x[::40], k=1, ef=64)
+    assert (found[:, 0] == np.arange(0, 12_000, 40)).mean() >= 0.99
+
+
+def test_stats_report_counts_levels_memory_and_kernel():
+    idx = Index(16)
+    idx.add(clustered(2000, 16))
+    s = idx.stats()
+    assert s["live"] == 2000 and s["allocated"] == 2000 and s["dead"] == 0
+    assert s["nodes_per_level"][0] == 2000 and s["max_level"] == len(s["nodes_per_level"]) - 1
+    assert s["memory_bytes"] > 2000 * 16 * 4
+    assert s["isa"] == idx.isa in hnswcache._core.supported_isas()
+    assert "Index(dim=16" in repr(idx)
