@@ -1,0 +1,234 @@
+"""Time inside the index: expiry, deletion, consolidation with repair, and persistence of time."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import FakeClock, brute_force, clustered, recall
+
+from hnswcache import Index
+
+
+def live_oracle(x: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int):
+    """Exact k nearest labels among the given live rows."""
+    idx, _ = brute_force(x, q, min(k, len(x)))
+    return labels[idx]
+
+
+def test_an_entry_is_returned_until_it_expires_and_never_after(clock):
+    idx = Index(8, clock=clock, auto_consolidate=None)
+    x = clustered(200, 8)
+    idx.add(x[:100], np.arange(100))
+    idx.add(x[100:], np.arange(100, 200), ttl=10)
+    clock.advance(9.999)
+    assert 150 in idx and len(idx) == 200
+    labels, _ = idx.search(x[150], k=1)
+    assert labels[0, 0] == 150
+    clock.advance(0.001)  # expiry is exclusive: dead at exactly t = expires_at
+    assert 150 not in idx and len(idx) == 100
+    labels, _ = idx.search(x[100:], k=5)
+    assert (labels < 100).all(), "no expired entry in any result, before any cleanup"
+    with pytest.raises(KeyError):
+        idx.get([150])
+    # An explicit `now` wins over the clock: the past still sees the entry.
+    labels, _ = idx.search(x[150], k=1, now=clock.t - 5)
+    assert labels[0, 0] == 150
+
+
+def test_expires_at_touch_and_delete(clock):
+    idx = Index(4, metric="l2", clock=clock)
+    idx.add(np.eye(4, dtype=np.float32), [1, 2, 3, 4], expires_at=clock.t + 5)
+    np.testing.assert_allclose(idx.expiry([1]), [clock.t + 5])
+    assert idx.touch([1, 99], ttl=100) == 1, "unknown labels are skipped"
+    assert idx.touch([2], expires_at=clock.t + 1) == 1
+    assert idx.touch([3]) == 1 and idx.expiry([3])[0] == np.inf, "no ttl means never"
+    assert idx.delete([4, 4, 77]) == 1
+    clock.advance(2)
+    assert sorted(idx.labels()) == [1, 3]
+    clock.advance(10)
+    assert sorted(idx.labels()) == [1, 3]
+    assert idx.touch([2], ttl=100) == 0, "an expired entry cannot be revived by touch"
+    clock.advance(100)
+    assert sorted(idx.labels()) == [3]
+
+
+def test_search_returns_the_k_best_live_entries_among_many_dead(clock):
+    x = clustered(3000, 32, seed=3)
+    idx = Index(32, clock=clock, auto_consolidate=None)
+    ttl = np.where(np.arange(3000) % 3 == 0, 1e9, 5.0)  # two thirds expire
+    idx.add(x, np.arange(3000), ttl=ttl)
+    clock.advance(6)
+    live = np.arange(0, 3000, 3)
+    q = clustered(100, 32, seed=4)
+    found, _ = idx.search(q, k=10, ef=100)
+    assert np.isin(found, live).all()
+    assert recall(found, live_oracle(x[live], live, q, 10)) >= 0.95
+
+
+def test_too_few_live_entries_fall_back_to_an_exact_scan(clock):
+    x = clustered(2000, 16, seed=5)
+    idx = Index(16, clock=clock, auto_consolidate=None)
+    ttl = np.full(2000, 1.0)
+    survivors = np.array([7, 500, 1999])
+    ttl[survivors] = 1e6
+    idx.add(x, np.arange(2000), ttl=ttl)
+    clock.advance(2)
+    labels, dists = idx.search(x[:5], k=10, ef=10)
+    for row, d in zip(labels, dists):
+        assert sorted(row[:3]) == sorted(survivors)
+        assert (row[3:] == -1).all() and np.isinf(d[3:]).all()
+
+
+def test_consolidate_removes_dead_slots_repairs_links_and_reuses_memory(clock):
+    x = clustered(6000, 48, seed=6)
+    idx = Index(48, clock=clock, auto_consolidate=None)
+    idx.add(x[:4000], np.arange(4000), ttl=np.where(np.arange(4000) < 1000, 10.0, 1e9))
+    idx.delete(np.arange(1000, 1200))
+    clock.advance(11)
+    report = idx.consolidate()
+    assert report["removed"] == 1200 and report["repaired"] > 0 and report["distances"] > 0
+    assert report["seconds"] >= 0
+    check = idx.check_integrity()
+    assert check["free"] == 1200 and check["allocated"] == 2800 and check["dead"] == 0
+    assert check["unreachable_live"] == 0 and check["min_degree0"] >= 1
+    high_water = check["allocated"] + check["free"]
+    idx.add(x[4000:5200], np.arange(4000, 5200))
+    check = idx.check_integrity()
+    assert check["allocated"] + check["free"] == high_water, "freed slots were reused"
+    live = np.r_[np.arange(1200, 4000), np.arange(4000, 5200)]
+    q = clustered(100, 48, seed=7)
+    found, _ = idx.search(q, k=10, ef=64)
+    assert recall(found, live_oracle(x[live], live, q, 10)) >= 0.95
+
+
+def test_auto_consolidation_keeps_slots_bounded(clock):
+    x = clustered(5000, 16, seed=8)
+    idx = Index(16, clock=clock, auto_consolidate=0.2)
+    idx.add(x[:1000], np.arange(1000), ttl=1.0)
+    for step in range(1, 5):
+        clock.advance(2)  # the previous batch has expired
+        idx.add(x[1000 * step : 1000 * (step + 1)], np.arange(1000 * step, 1000 * (step + 1)), ttl=1.0)
+        s = idx.stats()
+        assert s["live"] == 1000
+        assert s["allocated"] + s["free"] <= 2 * 1000 + 64, "dead slots were recycled"
+    idx.consolidate()
+    assert idx.check_integrity()["unreachable_live"] == 0
+
+
+def test_persistence_keeps_absolute_expiry(tmp_path, clock):
+    idx = Index(8, clock=clock)
+    x = clustered(300, 8, seed=9)
+    idx.add(x[:200], np.arange(200), ttl=10)
+    idx.add(x[200:], np.arange(200, 300))
+    idx.save(tmp_path / "ttl.hnsw")
+    later = FakeClock(clock.t + 20)
+    loaded = Index.load(tmp_path / "ttl.hnsw", clock=later)
+    assert len(loaded) == 100
+    labels, _ = loaded.search(x[:50], k=5)
+    assert (labels >= 200).all(), "an entry that expired while on disk is dead after load"
+    earlier = Index.load(tmp_path / "ttl.hnsw", clock=FakeClock(clock.t + 5))
+    assert len(earlier) == 300
+
+
+def test_churn_keeps_recall_reachability_and_memory(sgd, clock):
+    """Cycles of 10% expiry + 10% insertion: recall stays within 0.01 of a fresh build on the
+    same live set, no live node is unreachable, and slots stay bounded."""
+    if sgd is not None:
+        pool = sgd[0][:16_000]
+        q = sgd[1][:200]
+    else:
+        pool = clustered(16_000, 64, seed=10)
+        q = clustered(200, 64, seed=11)
+    n, cycles, step, tau = 8_000, 8, 800, 0.10
+    dim = pool.shape[1]
+    idx = Index(dim, clock=clock, auto_consolidate=tau, seed=1)
+    rng = np.random.default_rng(0)
+    live = np.arange(n)
+    idx.add(pool[live], live)
+    nxt = n
+    for _ in range(cycles):
+        gone = rng.choice(live, step, replace=False)
+        idx.touch(gone, ttl=0.5)  # they expire in half a second
+        clock.advance(1)
+        live = np.setdiff1d(live, gone)
+        new = np.arange(nxt, nxt + step)
+        nxt += step
+        idx.add(pool[new], new)
+        live = np.r_[live, new]
+        s = idx.stats()
+        assert s["allocated"] + s["free"] <= n * (1 + tau) + step + 64
+        found, _ = idx.search(q, k=10, ef=48)
+        assert not np.isin(found, np.setdiff1d(np.arange(nxt), live)).any()
+    idx.consolidate()
+    check = idx.check_integrity()
+    assert check["unreachable_live"] == 0 and check["live"] == n
+    truth = live_oracle(pool[live], live, q, 10)
+    found, _ = idx.search(q, k=10, ef=48)
+    fresh = Index(dim, seed=1)
+    fresh.add(pool[live], live)
+    fresh_found, _ = fresh.search(q, k=10, ef=48)
+    assert recall(found, truth) >= recall(fresh_found, truth) - 0.01
+
+
+def test_searches_inserts_deletes_and_consolidation_at_once_never_return_the_dead():
+    clock = FakeClock()
+    x = clustered(12_000, 32, seed=12)
+    idx = Index(32, clock=clock, auto_consolidate=None)
+    idx.add(x[:6000], np.arange(6000))
+    dead: set[int] = set()
+    dead_lock = threading.Lock()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def deleter() -> None:
+        try:
+            for lab in range(0, 3000, 30):
+                batch = np.arange(lab, lab + 30)
+                idx.delete(batch)
+                with dead_lock:
+                    dead.update(batch.tolist())
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    def inserter() -> None:
+        try:
+            for s in range(6000, 12_000, 300):
+                idx.add(x[s : s + 300], np.arange(s, s + 300))
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    def consolidator() -> None:
+        try:
+            while not stop.is_set():
+                idx.consolidate()
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    def searcher(seed: int) -> None:
+        try:
+            r = np.random.default_rng(seed)
+            while not stop.is_set():
+                with dead_lock:
+                    dead_before = np.fromiter(dead, dtype=np.int64)
+                labels, _ = idx.search(x[r.integers(0, 6000, 8)], k=10)
+                assert not np.isin(labels, dead_before).any(), "a deleted label was returned"
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    workers = [threading.Thread(target=deleter), threading.Thread(target=inserter)]
+    background = [threading.Thread(target=consolidator)]
+    background += [threading.Thread(target=searcher, args=(i,)) for i in range(2)]
+    for t in workers + background:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    for t in background:
+        t.join()
+    assert not errors, errors
+    idx.consolidate()
+    check = idx.check_integrity()
+    assert check["live"] == 9000 and check["unreachable_live"] == 0
+    assert not np.isin(idx.search(x[:3000:10], k=10)[0], np.arange(3000)).any()
