@@ -52,8 +52,8 @@ def test_exact_when_ef_covers_everything(metric, dim):
     labels, dists = idx.search(q, k=10, ef=400)
     truth, tdist = brute_force(x, q, 10, metric)
     np.testing.assert_allclose(dists, tdist, rtol=1e-4, atol=1e-4)
-    # Equal distances may swap places; compare labels where distances are distinct.
-    assert recall(labels, truth) >= 0.99 if dim == 1 else np.array_equal(labels, truth)
+    if dim > 1:  # in one dimension nearly every distance is tied, so only distances can agree
+        np.testing.assert_array_equal(labels, truth)
 
 
 def test_fewer_entries_than_k_pads_with_minus_one_and_inf():
