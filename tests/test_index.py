@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import brute_force, clustered, recall
 
 import hnswcache
+from conftest import brute_force, clustered, recall
 from hnswcache import Index
 
 

@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from conftest import FakeClock
 
+from conftest import FakeClock
 from hnswcache import Index
 
 DIM = 6

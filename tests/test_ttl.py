@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import FakeClock, brute_force, clustered, recall
 
+from conftest import FakeClock, brute_force, clustered, recall
 from hnswcache import Index
 
 
@@ -109,7 +109,8 @@ def test_auto_consolidation_keeps_slots_bounded(clock):
     idx.add(x[:1000], np.arange(1000), ttl=1.0)
     for step in range(1, 5):
         clock.advance(2)  # the previous batch has expired
-        idx.add(x[1000 * step : 1000 * (step + 1)], np.arange(1000 * step, 1000 * (step + 1)), ttl=1.0)
+        batch = np.arange(1000 * step, 1000 * (step + 1))
+        idx.add(x[batch], batch, ttl=1.0)
         s = idx.stats()
         assert s["live"] == 1000
         assert s["allocated"] + s["free"] <= 2 * 1000 + 64, "dead slots were recycled"
