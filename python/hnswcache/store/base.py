@@ -1,0 +1,405 @@
+"""What a cache store is: the record format, its validation, and the store protocols.
+
+A store is the durable, shared source of truth of a :class:`~hnswcache.cache.SemanticCache`.
+It keeps one *record* per cache entry and a *change log* (set / delete / clear events) that
+other processes read to keep their in-process index replicas in step.
+
+Everything read back from a store is untrusted: :func:`decode_record` checks every field
+(types, sizes, the vector's length and finiteness, that the entry id matches its content)
+and returns an :class:`Invalid` marker instead of raising, so garbage in a store costs a miss,
+never a crash. Nothing is ever unpickled: fields are UTF-8 text, JSON and raw float32 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "FORMAT",
+    "Invalid",
+    "LogBatch",
+    "LogEvent",
+    "Record",
+    "Store",
+    "AsyncStore",
+    "StoreError",
+    "WriteResult",
+    "decode_record",
+    "encode_record",
+    "entry_id",
+    "format_id",
+    "normalize_prompt",
+    "parse_id",
+    "scope_key",
+    "validate_namespace",
+]
+
+#: Version of the record layout written in every entry's ``format`` field.
+FORMAT = "1"
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
+#: Fields every stored entry must have.
+REQUIRED_FIELDS = (
+    "format",
+    "prompt",
+    "response",
+    "vector",
+    "scope",
+    "scope_json",
+    "metadata",
+    "created",
+    "expires",
+    "version",
+)
+#: Upper bounds on what a store may hand back (garbage protection).
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+MAX_DIM = 65536
+
+
+class StoreError(Exception):
+    """A store operation failed (server unreachable, timed out, or refused a command)."""
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, else raise."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"namespace must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            f"got {namespace!r}"
+        )
+    return namespace
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", prompt).casefold().split())
+
+
+def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
+    """``(scope_id, canonical_json)`` of a scope mapping; ``None`` and ``{}`` are one scope.
+
+    The id is 16 hex digits of a BLAKE2b hash of the canonical JSON (sorted keys, no
+    spaces), so ``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` are the same scope.
+    """
+    if scope is None:
+        scope = {}
+    if not isinstance(scope, Mapping):
+        raise TypeError(f"scope must be a mapping or None, got {type(scope).__name__}")
+    for k in scope:
+        if not isinstance(k, str):
+            raise TypeError(f"scope keys must be strings, got {k!r}")
+    try:
+        canon = json.dumps(dict(scope), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"scope values must be JSON-serialisable: {exc}") from None
+    digest = hashlib.blake2b(canon.encode(), digest_size=8, person=b"hc-scope").hexdigest()
+    return digest, canon
+
+
+def entry_id(scope_id: str, normalized_prompt: str) -> int:
+    """The 63-bit id (and index label) of the entry for a scope and a normalised prompt."""
+    h = hashlib.blake2b(
+        scope_id.encode() + b"\0" + normalized_prompt.encode(), digest_size=8, person=b"hc-entry"
+    ).digest()
+    return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def format_id(eid: int) -> str:
+    """An entry id as the 16 hex digits used in keys and in :class:`~hnswcache.cache.Hit`."""
+    return f"{eid:016x}"
+
+
+def parse_id(text: str | bytes) -> int | None:
+    """The inverse of :func:`format_id`; ``None`` if ``text`` is not 16 lowercase hex digits."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not _HEX16_RE.match(text):
+        return None
+    value = int(text, 16)
+    return value if value <= 0x7FFF_FFFF_FFFF_FFFF else None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One cache entry as stored.
+
+    ``vector`` is the unit-normalised float32 embedding of ``prompt``. Times are seconds on
+    the cache clock; ``expires`` is ``inf`` for an entry that never expires. ``version`` is a
+    random token that changes on every write of the entry (replicas compare it to skip
+    re-inserting what they already have).
+    """
+
+    id: int
+    prompt: str
+    response: str
+    vector: npt.NDArray[np.float32]
+    scope_id: str
+    scope_json: str
+    metadata_json: str
+    created: float
+    expires: float
+    version: str
+
+    def expired(self, now: float) -> bool:
+        return self.expires <= now
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        value = json.loads(self.metadata_json)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        value = json.loads(self.scope_json)
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A stored entry that failed validation (garbage, wrong dimension, foreign format)."""
+
+    id: int
+    reason: str
+
+
+Fetched = Union[Record, Invalid, None]
+
+
+def encode_record(rec: Record) -> dict[str, bytes]:
+    """The hash fields of a record (all values bytes; the vector as float32 little-endian)."""
+    return {
+        "format": FORMAT.encode(),
+        "prompt": rec.prompt.encode("utf-8"),
+        "response": rec.response.encode("utf-8"),
+        "vector": np.ascontiguousarray(rec.vector, dtype="<f4").tobytes(),
+        "scope": rec.scope_id.encode(),
+        "scope_json": rec.scope_json.encode("utf-8"),
+        "metadata": rec.metadata_json.encode("utf-8"),
+        "created": repr(float(rec.created)).encode(),
+        "expires": repr(float(rec.expires)).encode(),
+        "version": rec.version.encode(),
+    }
+
+
+def _text(raw: Mapping[Any, Any], name: str) -> str:
+    value = raw.get(name.encode(), raw.get(name))
+    if value is None:
+        raise ValueError(f"missing field {name!r}")
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"field {name!r} is not bytes")
+    if len(value) > MAX_TEXT_BYTES:
+        raise ValueError(f"field {name!r} is too large ({len(value)} bytes)")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"field {name!r} is not UTF-8") from None
+
+
+def _float(raw: Mapping[Any, Any], name: str) -> float:
+    text = _text(raw, name)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"field {name!r} is not a number: {text[:40]!r}") from None
+    if math.isnan(value):
+        raise ValueError(f"field {name!r} is NaN")
+    return value
+
+
+def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invalid:
+    """Validate the stored fields of entry ``eid``; a :class:`Record`, or :class:`Invalid`.
+
+    Checks: a mapping with every required field, the format version, UTF-8 text, the
+    vector's byte length (a multiple of 4, ``dim`` floats when ``dim`` is given), finite unit
+    vector, JSON objects for scope and metadata, numeric times, and that ``eid`` is the id of
+    (scope, normalised prompt): a record copied under a foreign key is rejected.
+    """
+    try:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"not a hash ({type(raw).__name__})")
+        fmt = _text(raw, "format")
+        if fmt != FORMAT:
+            raise ValueError(f"unknown format {fmt[:20]!r}")
+        prompt = _text(raw, "prompt")
+        response = _text(raw, "response")
+        vec_bytes = raw.get(b"vector", raw.get("vector"))
+        if not isinstance(vec_bytes, (bytes, bytearray)):
+            raise ValueError("missing or non-bytes field 'vector'")
+        if len(vec_bytes) == 0 or len(vec_bytes) % 4 or len(vec_bytes) > 4 * MAX_DIM:
+            raise ValueError(f"vector has {len(vec_bytes)} bytes")
+        vector = np.frombuffer(bytes(vec_bytes), dtype="<f4").astype(np.float32)
+        if dim is not None and vector.shape[0] != dim:
+            raise ValueError(f"vector has dimension {vector.shape[0]}, the cache has {dim}")
+        if not np.isfinite(vector).all():
+            raise ValueError("vector has non-finite values")
+        norm = float(np.linalg.norm(vector))
+        if not 0.99 < norm < 1.01:
+            raise ValueError(f"vector is not unit length (norm {norm:.3f})")
+        scope_id = _text(raw, "scope")
+        if not _HEX16_RE.match(scope_id):
+            raise ValueError("bad scope id")
+        scope_json = _text(raw, "scope_json")
+        metadata_json = _text(raw, "metadata")
+        for name, text in (("scope_json", scope_json), ("metadata", metadata_json)):
+            if not isinstance(json.loads(text), dict):
+                raise ValueError(f"field {name!r} is not a JSON object")
+        if scope_key(json.loads(scope_json))[0] != scope_id:
+            raise ValueError("scope id does not match scope_json")
+        created = _float(raw, "created")
+        expires = _float(raw, "expires")
+        version = _text(raw, "version")
+        if not 0 < len(version) <= 64:
+            raise ValueError("bad version")
+        if entry_id(scope_id, normalize_prompt(prompt)) != eid:
+            raise ValueError("entry id does not match its scope and prompt")
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        return Invalid(eid, str(exc))
+    return Record(
+        id=eid,
+        prompt=prompt,
+        response=response,
+        vector=vector,
+        scope_id=scope_id,
+        scope_json=scope_json,
+        metadata_json=metadata_json,
+        created=created,
+        expires=expires,
+        version=version,
+    )
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One change: ``op`` is ``"set"`` or ``"del"`` (with ``id``) or ``"clear"`` (with
+    ``scope``: a scope id, or ``"*"`` for the whole cache)."""
+
+    op: str
+    id: int | None = None
+    scope: str = ""
+    pos: str = ""  # the event's position in the log
+
+
+@dataclass
+class LogBatch:
+    """Changes read from a store's log after a position.
+
+    ``position`` is where the next read starts. ``reset`` means the reader's position is no
+    longer in the log (trimmed past it, or the server lost its data): the reader must rebuild
+    from a full :meth:`Store.scan`.
+    """
+
+    events: list[LogEvent] = field(default_factory=list)
+    position: str = "0-0"
+    reset: bool = False
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write reported: entries in the cache now (including expired ones not yet
+    cleaned up), expired entries waiting for :meth:`Store.evict`, and expired entries the
+    write itself cleaned up."""
+
+    count: int
+    expired_pending: int = 0
+    expired_removed: int = 0
+    log_positions: tuple[str, ...] = ()  # positions of the log events this write appended
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A synchronous store. Every method may raise :class:`StoreError`."""
+
+    namespace: str
+
+    def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        """Fetch entries ``ids`` and, if ``log_after`` is given, the log after it, in one
+        round trip; also mark ``touch`` as used now (LRU)."""
+        ...
+
+    def fetch(self, ids: Sequence[int]) -> list[Fetched]:
+        """The entries ``ids`` (``None`` where absent)."""
+        ...
+
+    def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult:
+        """Store records atomically with their expiry (``ttl`` seconds, ``None`` = never)
+        and their log events."""
+        ...
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Delete entries (and log it); how many existed."""
+        ...
+
+    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+        """Drop expired bookkeeping, then least-recently-used entries beyond
+        ``max_entries``; ``(evicted ids, expired entries removed)``."""
+        ...
+
+    def clear(self, scope_id: str | None) -> int:
+        """Delete every entry (of one scope); log a clear event; how many were deleted."""
+        ...
+
+    def scan(self) -> Iterator[list[Fetched]]:
+        """Every entry, in batches (warm start)."""
+        ...
+
+    def log_head(self) -> str:
+        """The position of the newest log event (``"0-0"`` when the log is empty)."""
+        ...
+
+    def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+        """Record ``dim``/``embedder`` if the cache has none yet; return what is stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncStore(Protocol):
+    """The asynchronous twin of :class:`Store` (same methods, awaitable)."""
+
+    namespace: str
+
+    async def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]: ...
+
+    async def fetch(self, ids: Sequence[int]) -> list[Fetched]: ...
+
+    async def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult: ...
+
+    async def delete(self, ids: Sequence[int]) -> int: ...
+
+    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]: ...
+
+    async def clear(self, scope_id: str | None) -> int: ...
+
+    def scan(self) -> AsyncIterator[list[Fetched]]: ...
+
+    async def log_head(self) -> str: ...
+
+    async def check_meta(self, dim: int, embedder: str) -> tuple[int, str]: ...
+
+    async def close(self) -> None: ...

