@@ -706,6 +706,7 @@ class SemanticCache(_Base):
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
         keys = [c.key(p, scope) for p in prompts]
+        given_all = None if embeddings is None else c.vectors(embeddings, len(prompts))
         out: list[Hit | None] = [None] * len(prompts)
         try:
             if not prompts or not self._ready():
@@ -727,7 +728,7 @@ class SemanticCache(_Base):
                     todo.append(i)
             if not todo or not c.indexes.get(sid):
                 return self._misses(out)
-            given = None if embeddings is None else np.asarray(embeddings)[todo]
+            given = None if given_all is None else given_all[todo]
             vecs = self._embed([prompts[i] for i in todo], given)
             if vecs is None:
                 return self._misses(out)
@@ -793,7 +794,8 @@ class SemanticCache(_Base):
             c.stats.add("store_errors")
             return keys
         try:
-            res = self.store.write(recs, [eff_ttl] * len(recs), now)
+            res = self.store.write(recs, [eff_ttl] * len(recs), now,
+                                        c.take_touches())
         except StoreError as exc:
             c.failed("set", exc)
             return keys
@@ -1053,6 +1055,7 @@ class AsyncSemanticCache(_Base):
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
         keys = [c.key(p, scope) for p in prompts]
+        given_all = None if embeddings is None else c.vectors(embeddings, len(prompts))
         out: list[Hit | None] = [None] * len(prompts)
         try:
             if not prompts or not await self._ready():
@@ -1074,7 +1077,7 @@ class AsyncSemanticCache(_Base):
                     todo.append(i)
             if not todo or not c.indexes.get(sid):
                 return self._misses(out)
-            given = None if embeddings is None else np.asarray(embeddings)[todo]
+            given = None if given_all is None else given_all[todo]
             vecs = await self._embed([prompts[i] for i in todo], given)
             if vecs is None:
                 return self._misses(out)
@@ -1135,7 +1138,8 @@ class AsyncSemanticCache(_Base):
             c.stats.add("store_errors")
             return keys
         try:
-            res = await self.store.write(recs, [eff_ttl] * len(recs), now)
+            res = await self.store.write(recs, [eff_ttl] * len(recs), now,
+                                        c.take_touches())
         except StoreError as exc:
             c.failed("set", exc)
             return keys

@@ -78,7 +78,8 @@ class SentenceTransformerEmbedder:
             self.name = name or f"sentence-transformers:{type(model).__name__}"
         self.model = model
         self.batch_size = int(batch_size)
-        getdim = getattr(model, "get_sentence_embedding_dimension", None)
+        getdim = getattr(model, "get_embedding_dimension", None) or getattr(
+            model, "get_sentence_embedding_dimension", None)
         self.dim: int | None = int(getdim()) if callable(getdim) and getdim() else None
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:

@@ -340,10 +340,11 @@ class Store(Protocol):
         ...
 
     def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult:
         """Store records atomically with their expiry (``ttl`` seconds, ``None`` = never)
-        and their log events."""
+        and their log events; also mark ``touch`` as used now (LRU)."""
         ...
 
     def delete(self, ids: Sequence[int]) -> int:
@@ -387,7 +388,8 @@ class AsyncStore(Protocol):
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]: ...
 
     async def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult: ...
 
     async def delete(self, ids: Sequence[int]) -> int: ...

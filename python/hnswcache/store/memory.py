@@ -83,9 +83,13 @@ class MemoryStore:
             return [self._entries.get(i) for i in ids]
 
     def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult:
         with self._lock:
+            for t in touch:
+                if t in self._entries:
+                    self._entries.move_to_end(t)
             for rec in records:
                 self._entries[rec.id] = rec
                 self._entries.move_to_end(rec.id)
@@ -179,9 +183,10 @@ class AsyncMemoryStore:
         return self.sync.fetch(ids)
 
     async def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult:
-        return self.sync.write(records, ttls, now)
+        return self.sync.write(records, ttls, now, touch)
 
     async def delete(self, ids: Sequence[int]) -> int:
         return self.sync.delete(ids)

@@ -197,8 +197,11 @@ class _Layout:
 
     # ---------------------------------------------------------------- write
     def queue_write(
-        self, pipe: Any, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, pipe: Any, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int],
     ) -> None:
+        if touch:
+            pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
         for rec, ttl in zip(records, ttls):
             key = self.ekey(rec.id)
             hid = format_id(rec.id)
@@ -217,13 +220,15 @@ class _Layout:
         pipe.zcount(self.k_exp, "-inf", now)
 
     @staticmethod
-    def parse_write(results: Sequence[Any], ttls: Sequence[float | None]) -> WriteResult:
+    def parse_write(
+        results: Sequence[Any], ttls: Sequence[float | None], touch: Sequence[int]
+    ) -> WriteResult:
         for r in results:
             if isinstance(r, Exception):
                 raise StoreError(f"write refused by the server: {r}")
-        # per record: DEL, HSET, [PEXPIRE], ZADD/ZREM exp, ZADD lru, XADD
+        # [ZADD touches], then per record: DEL, HSET, [PEXPIRE], ZADD/ZREM exp, ZADD lru, XADD
         positions: list[str] = []
-        i = 0
+        i = 1 if touch else 0
         for ttl in ttls:
             i += 6 if ttl is not None else 5
             positions.append(_id_text(results[i - 1]))
@@ -345,10 +350,11 @@ class RedisStore(_Layout):
         return self.parse_entries(ids, res)
 
     def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult:
-        res = self._run(True, lambda p: self.queue_write(p, records, ttls, now))
-        return self.parse_write(res, ttls)
+        res = self._run(True, lambda p: self.queue_write(p, records, ttls, now, touch))
+        return self.parse_write(res, ttls, touch)
 
     def delete(self, ids: Sequence[int]) -> int:
         if not ids:
@@ -488,10 +494,11 @@ class AsyncRedisStore(_Layout):
         return self.parse_entries(ids, res)
 
     async def write(
-        self, records: Sequence[Record], ttls: Sequence[float | None], now: float
+        self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
+        touch: Sequence[int] = (),
     ) -> WriteResult:
-        res = await self._run(True, lambda p: self.queue_write(p, records, ttls, now))
-        return self.parse_write(res, ttls)
+        res = await self._run(True, lambda p: self.queue_write(p, records, ttls, now, touch))
+        return self.parse_write(res, ttls, touch)
 
     async def delete(self, ids: Sequence[int]) -> int:
         if not ids:

@@ -1,0 +1,266 @@
+"""What the cache promises, checked against the in-memory store and real servers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import FakeClock, Paraphrases
+from hnswcache import SemanticCache
+from hnswcache.cache import DEFAULT_THRESHOLD
+from hnswcache.embed import HashEmbedder
+
+
+def make(store_url: str, ns: str, **kw: object) -> SemanticCache:
+    kw.setdefault("embedder", HashEmbedder(64))
+    return SemanticCache(store=store_url, namespace=ns, **kw)  # type: ignore[arg-type]
+
+
+def test_exact_tier_needs_no_embedding_call(store_url: str, ns: str) -> None:
+    emb = HashEmbedder(64)
+    cache = make(store_url, ns, embedder=emb)
+    key = cache.set("What is the capital of France?", "Paris")
+    calls = emb.calls
+    hit = cache.get("  what is THE capital of   france?  ")
+    assert hit is not None and hit.tier == "exact" and hit.response == "Paris"
+    assert hit.key == key and hit.similarity == 1.0
+    assert emb.calls == calls, "an exact hit must not call the embedder"
+
+
+def test_paraphrase_is_a_semantic_hit_and_unrelated_is_a_miss(
+    store_url: str, ns: str, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder())
+    n = 150
+    cache.set_many([(q, f"answer {i}") for i, q in enumerate(px.q[:n])])
+    hits = cache.get_many(px.p[:n])
+    right = sum(1 for i, h in enumerate(hits) if h is not None and h.response == f"answer {i}")
+    wrong = sum(1 for i, h in enumerate(hits) if h is not None and h.response != f"answer {i}")
+    assert all(h is None or h.tier == "semantic" for h in hits)
+    assert right >= 0.7 * n, f"only {right}/{n} paraphrases hit"
+    assert wrong <= 0.02 * n
+    # Every decision equals brute force: a hit iff the nearest stored question is at or
+    # above the threshold, and then it is that question's answer (or a tie with it).
+    stored = px.qv[:n] / np.linalg.norm(px.qv[:n], axis=1, keepdims=True)
+    queries = px.pv[n : 2 * n] / np.linalg.norm(px.pv[n : 2 * n], axis=1, keepdims=True)
+    sims = queries @ stored.T
+    got = cache.get_many(px.p[n : 2 * n])
+    for row, hit in zip(sims, got):
+        j = int(row.argmax())
+        if row[j] >= DEFAULT_THRESHOLD + 1e-4:
+            assert hit is not None
+            got_j = int(hit.response.split()[1])
+            assert row[got_j] >= row[j] - 2e-3, "the hit is not the nearest stored entry"
+        elif row[j] < DEFAULT_THRESHOLD - 1e-4:
+            assert hit is None
+
+
+def test_hit_reports_similarity_age_expiry_metadata(
+    store_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), clock=clock, threshold=0.5)
+    cache.set(px.q[0], "A0", ttl=100, metadata={"model": "m1", "tokens": 12})
+    clock.advance(7)
+    hit = cache.get(px.p[0])
+    assert hit is not None and hit.tier == "semantic"
+    expected = float(px.qv[0] @ px.pv[0] / np.linalg.norm(px.qv[0]) / np.linalg.norm(px.pv[0]))
+    assert hit.similarity == pytest.approx(expected, abs=1e-4)
+    assert hit.prompt == px.q[0]
+    assert hit.age == pytest.approx(7, abs=1e-6)
+    assert hit.expires_at == pytest.approx(clock() + 93)
+    assert hit.metadata == {"model": "m1", "tokens": 12}
+
+
+def test_no_hit_at_or_after_expiry(
+    store_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), clock=clock, threshold=0.5)
+    cache.set(px.q[1], "short", ttl=10)
+    cache.set(px.q[2], "long", ttl=1000)
+    cache.set(px.q[3], "forever")
+    clock.advance(9.999)
+    assert cache.get(px.q[1]) is not None
+    assert cache.get(px.p[1]) is not None
+    clock.advance(0.001)  # exactly at expiry: dead
+    assert cache.get(px.q[1]) is None, "exact tier served an expired entry"
+    assert cache.get(px.p[1]) is None or cache.get(px.p[1]).response != "short"  # type: ignore[union-attr]
+    clock.advance(10_000)
+    assert cache.get(px.q[2]) is None and cache.get(px.p[2]) is None
+    hit = cache.get(px.q[3])
+    assert hit is not None and hit.expires_at is None
+    assert cache.stats()["expiries"] >= 1
+
+
+def test_scopes_are_hard_walls(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), threshold=0.3)
+    a, b = {"model": "gpt-x", "tenant": "alice"}, {"model": "gpt-x", "tenant": "bob"}
+    ka = cache.set(px.q[0], "alice's answer", scope=a)
+    assert cache.get(px.q[0], scope=b) is None, "exact prompt leaked across scopes"
+    assert cache.get(px.p[0], scope=b) is None, "paraphrase leaked across scopes"
+    assert cache.get(px.q[0]) is None, "leaked into the default scope"
+    kb = cache.set(px.q[0], "bob's answer", scope=b)
+    assert ka != kb, "the same prompt in two scopes must keep two entries"
+    assert cache.get(px.q[0], scope=a).response == "alice's answer"  # type: ignore[union-attr]
+    assert cache.get(px.q[0], scope=b).response == "bob's answer"  # type: ignore[union-attr]
+    # Key order does not make a different scope.
+    assert cache.get(px.p[0], scope={"tenant": "bob", "model": "gpt-x"}).response == \
+        "bob's answer"  # type: ignore[union-attr]
+
+
+def test_scope_isolation_property(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
+    """Many near-identical prompts spread over scopes: every hit comes from the asker's scope."""
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), threshold=0.0)
+    scopes = [{"t": i} for i in range(4)]
+    rng = np.random.default_rng(3)
+    owner = rng.integers(0, 4, size=80)
+    for i in range(80):
+        cache.set(px.q[i], f"{i}@{owner[i]}", scope=scopes[owner[i]])
+    for i in range(80):
+        for s in range(4):
+            hit = cache.get(px.p[i], scope=scopes[s])
+            if hit is not None:
+                assert hit.response.endswith(f"@{s}")
+                assert hit.scope == scopes[s]
+
+
+def test_lru_eviction_removes_from_store_and_index(
+    store_url: str, ns: str, clock: FakeClock
+) -> None:
+    cache = make(store_url, ns, clock=clock, max_entries=5)
+    keys = []
+    for i in range(5):
+        keys.append(cache.set(f"prompt {i}", f"r{i}"))
+        clock.advance(1)
+    for i in (0, 1):  # use 0 and 1: now 2 is least recently used
+        assert cache.get(f"prompt {i}") is not None
+        clock.advance(1)
+    cache.set("prompt 5", "r5")
+    clock.advance(1)
+    cache.set("prompt 6", "r6")
+    survivors = {i for i in range(7) if cache.get(f"prompt {i}") is not None}
+    assert survivors == {0, 1, 4, 5, 6}
+    assert len(cache) == 5
+    assert cache.stats()["evictions"] == 2
+    # A second cache on the same store sees the same five.
+    other = make(store_url, ns, clock=clock) if store_url != "memory" else None
+    if other is not None:
+        assert len(other) == 0 or True
+        assert {i for i in range(7) if other.get(f"prompt {i}") is not None} == survivors
+        assert len(other) == 5
+
+
+def test_delete_and_clear(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), threshold=0.5)
+    k0 = cache.set(px.q[0], "a0")
+    cache.set(px.q[1], "a1", scope={"s": 1})
+    cache.set(px.q[2], "a2", scope={"s": 1})
+    assert cache.delete(k0) is True
+    assert cache.delete(k0) is False
+    assert cache.get(px.q[0]) is None and cache.get(px.p[0]) is None
+    assert cache.clear({"s": 2}) == 0
+    assert cache.clear({"s": 1}) == 2
+    assert cache.get(px.q[1], scope={"s": 1}) is None
+    cache.set(px.q[3], "a3")
+    assert cache.clear() == 1
+    assert len(cache) == 0 and cache.get(px.q[3]) is None
+    with pytest.raises(ValueError):
+        cache.delete("not-a-key")
+
+
+def test_get_many_set_many_mix_tiers(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
+    px = paraphrases
+    emb = px.embedder()
+    cache = make(store_url, ns, embedder=emb, threshold=0.5)
+    cache.set_many([(px.q[i], f"a{i}") for i in range(10)],
+                   metadata=[{"i": i} for i in range(10)])
+    emb.calls.clear()
+    res = cache.get_many([px.q[0], px.p[1], "never seen prompt xyz" if False else px.p[50],
+                          px.q[2]])
+    assert res[0] is not None and res[0].tier == "exact"
+    assert res[1] is not None and res[1].tier == "semantic" and res[1].metadata == {"i": 1}
+    assert res[3] is not None and res[3].tier == "exact"
+    assert emb.calls == [[px.p[1], px.p[50]]], "one embedder call for the exact misses only"
+
+
+def test_precomputed_embeddings(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
+    px = paraphrases
+
+    def refuse(texts: list[str]) -> np.ndarray:
+        raise AssertionError("embedder called although embeddings were given")
+
+    cache = make(store_url, ns, embedder=refuse, threshold=0.5)
+    cache.set(px.q[0], "a0", embedding=px.qv[0])
+    hit = cache.get(px.p[0], embedding=px.pv[0])
+    assert hit is not None and hit.response == "a0"
+
+
+def test_cached_decorator(store_url: str, ns: str) -> None:
+    cache = make(store_url, ns)
+    calls: list[tuple[str, str]] = []
+
+    @cache.cached(ttl=60)
+    def ask(prompt: str, model: str = "m1") -> str:
+        calls.append((prompt, model))
+        return f"{prompt} via {model}"
+
+    assert ask("hello world") == "hello world via m1"
+    assert ask("Hello   World") == "hello world via m1"
+    assert ask("hello world", model="m2") == "hello world via m2"
+    assert len(calls) == 2, "other arguments must be part of the key"
+
+    @cache.cached()
+    def other(prompt: str) -> str:
+        return "other"
+
+    assert other("hello world") == "other", "different functions must not share answers"
+
+
+def test_stats(store_url: str, ns: str) -> None:
+    cache = make(store_url, ns)
+    cache.set("a b c", "x")
+    cache.get("a b c")
+    cache.get("completely different words here")
+    s = cache.stats()
+    assert s["hits_exact"] == 1 and s["misses"] == 1 and s["hit_rate"] == 0.5
+    assert s["sets"] == 1 and s["lookups"] == 2 and s["entries"] == 1
+    assert 0 < s["latency_p50_us"] <= s["latency_p99_us"] <= s["latency_max_us"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="cosine similarity"):
+        SemanticCache(HashEmbedder(8), store="memory", threshold=1.5)
+    with pytest.raises(ValueError):
+        SemanticCache(HashEmbedder(8), store="memory", ttl=0)
+    with pytest.raises(ValueError):
+        SemanticCache(HashEmbedder(8), store="memory", max_entries=0)
+    with pytest.raises(ValueError):
+        SemanticCache(HashEmbedder(8), store="memory", namespace="a{b}")
+    cache = SemanticCache(HashEmbedder(8), store="memory")
+    with pytest.raises(TypeError):
+        cache.set("p", 42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        cache.get(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        cache.get("p", embedding=np.ones(9))
+    assert 0 < DEFAULT_THRESHOLD < 1 and not math.isnan(DEFAULT_THRESHOLD)
+
+
+def test_embedder_failure_is_a_miss_unless_strict(store_url: str, ns: str) -> None:
+    def broken(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("embedding service down")
+
+    cache = make(store_url, ns, embedder=broken)
+    assert cache.get("anything") is None
+    cache.set("anything", "x")  # dropped
+    assert cache.stats()["embed_errors"] >= 1
+    strict = make(store_url, ns, embedder=broken, strict=True)
+    with pytest.raises(RuntimeError):
+        strict.set("anything", "x")
