@@ -18,14 +18,16 @@ namespace {
 using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i64_array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-const float* rows_of(const f32_array& a, std::size_t dim, const char* what) {
-    if (a.ndim() != 2)
-        throw std::invalid_argument(std::string(what) + " must be a 2-D array");
-    if (static_cast<std::size_t>(a.shape(1)) != dim)
+// Rows of a 2-D array, or one row of a 1-D array; returns the row count.
+std::size_t rows_of(const f32_array& a, std::size_t dim, const char* what) {
+    if (a.ndim() != 1 && a.ndim() != 2)
+        throw std::invalid_argument(std::string(what) + " must be a 1-D or 2-D array");
+    const std::size_t width = a.shape(a.ndim() - 1);
+    if (width != dim)
         throw std::invalid_argument(std::string(what) + " have dimension " +
-                                    std::to_string(a.shape(1)) + ", the index has " +
+                                    std::to_string(width) + ", the index has " +
                                     std::to_string(dim));
-    return a.data();
+    return a.ndim() == 1 ? 1 : a.shape(0);
 }
 
 const std::int64_t* vec_of(const i64_array& a, std::size_t n, const char* what) {
@@ -112,8 +114,8 @@ PYBIND11_MODULE(_core, m) {
             "add",
             [](index_t& self, const f32_array& x, const i64_array& labels, const i64_array& expiry,
                std::int64_t now, std::size_t threads) {
-                const float* rows = rows_of(x, self.dim(), "vectors");
-                const std::size_t n = x.shape(0);
+                const std::size_t n = rows_of(x, self.dim(), "vectors");
+                const float* rows = x.data();
                 const std::int64_t* lab = vec_of(labels, n, "labels");
                 const std::int64_t* exp = vec_of(expiry, n, "expiry");
                 py::gil_scoped_release release;
@@ -125,8 +127,8 @@ PYBIND11_MODULE(_core, m) {
             "search",
             [](const index_t& self, const f32_array& q, std::size_t k, std::size_t ef,
                std::int64_t now, std::size_t threads) {
-                const float* rows = rows_of(q, self.dim(), "queries");
-                const std::size_t n = q.shape(0);
+                const std::size_t n = rows_of(q, self.dim(), "queries");
+                const float* rows = q.data();
                 if (k == 0) throw std::invalid_argument("k must be positive");
                 py::array_t<std::int64_t> labels({n, k});
                 py::array_t<float> dists({n, k});

@@ -205,12 +205,24 @@ class Index:
         with label ``-1`` and distance ``inf`` when fewer than ``k`` entries are live. An entry
         expired at ``now`` (default: the clock) or deleted is never returned.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if type(k) is not int or k <= 0:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+                raise ValueError(f"k must be a positive integer, got {k!r}")
         if ef is not None and (not isinstance(ef, (int, np.integer)) or ef <= 0):
             raise ValueError(f"ef must be a positive integer, got {ef!r}")
-        q = self._as_vectors(queries, "queries")
-        return self._native.search(q, int(k), int(ef or 0), self._now_ns(now), int(num_threads))
+        q = queries
+        # Fast path: a float32 C-contiguous array goes to the core as it is (no copy).
+        if not (
+            type(q) is np.ndarray
+            and q.dtype == np.float32
+            and q.flags.c_contiguous
+            and 1 <= q.ndim <= 2
+        ):
+            q = self._as_vectors(queries, "queries")
+        t = self._clock() if now is None else now
+        return self._native.search(  # type: ignore[no-any-return]
+            q, int(k), int(ef or 0), int(round(float(t) * 1e9)), num_threads
+        )
 
     def get(self, labels: Any) -> npt.NDArray[np.float32]:
         """Stored vectors of live entries, shaped ``(n, dim)`` (normalised under cosine).

@@ -2,11 +2,11 @@
 //
 // Memory layout. Slots live in chunks of `chunk_size`; a chunk never moves once allocated, so
 // capacity grows without stopping readers. A slot's record is
-//     u32 count0 | u32 links0[M0] | pad to 16 B | float vector[dim_padded]
+//     u32 count0 | u32 links0[M0] | pad | i64 expiry | float vector[dim_padded]
 // so expanding a node touches its links and then nearby vector lines. Upper-level links are
 // rare (1 node in M per level) and live apart: a per-slot block of level * (1 + M) u32.
-// Expiry, labels, levels and states are side arrays of the chunk: they are read only when a
-// node is admitted to the results, not on every distance.
+// Labels, levels and states are side arrays of the chunk: they are read only for results
+// and bookkeeping, not on every distance.
 //
 // Invariants (checked by check_integrity()):
 //   I1. Every id in a published link list refers to a slot in state `ready` whose vector,

@@ -36,7 +36,7 @@ void index_t::free_slot(slot_t id) {
     std::free(ch.upper[off]);
     ch.upper[off] = nullptr;
     ch.level[off] = 0;
-    ch.expiry[off].store(deleted_mark, std::memory_order_relaxed);
+    set_expiry(id, deleted_mark);
     atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
     ch.state[off].store(state_free, std::memory_order_release);
     free_slots_.push_back(id);

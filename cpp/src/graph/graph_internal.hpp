@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <vector>
 
 #include "hnswcache/index.hpp"
@@ -24,6 +27,19 @@ inline void* aligned_malloc(std::size_t bytes) {
     return p;
 }
 
+// The vector slab is read at random places: with 4 KiB pages nearly every vector costs a TLB
+// miss. Large slabs ask Linux for transparent huge pages (a hint; ignored where unsupported).
+inline void* slab_malloc(std::size_t bytes) {
+    constexpr std::size_t huge = std::size_t{2} << 20;
+    if (bytes < huge) return aligned_malloc(bytes);
+    void* p = std::aligned_alloc(huge, round_up(bytes, huge));
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, round_up(bytes, huge), MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 // Link ids and counts are read while other threads rewrite them. Acquire/release on every
 // access keeps this free of data races in the C++ memory model (plain moves on x86).
 inline std::uint32_t atomic_load_u32(const std::uint32_t* p) {
@@ -37,7 +53,6 @@ inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 struct index_t::chunk_t {
     char* slab = nullptr;  // chunk_size records of stride_ bytes
-    std::atomic<std::int64_t> expiry[chunk_size] = {};
     std::int64_t label[chunk_size] = {};
     std::uint32_t* upper[chunk_size] = {};
     std::uint8_t level[chunk_size] = {};
@@ -70,6 +85,34 @@ struct visited_t {
         return false;
     }
 };
+
+// Slot accessors: inline, since every distance computation goes through them.
+inline index_t::chunk_t& index_t::chunk(slot_t id) const {
+    return *chunks_[id >> chunk_bits].load(std::memory_order_acquire);
+}
+inline char* index_t::record(slot_t id) const {
+    return chunk(id).slab + (id & (chunk_size - 1)) * stride_;
+}
+inline std::uint32_t* index_t::links(slot_t id, int level) const {
+    if (level == 0) return reinterpret_cast<std::uint32_t*>(record(id));
+    return chunk(id).upper[id & (chunk_size - 1)] + static_cast<std::size_t>(level - 1) * (1 + M_);
+}
+inline const float* index_t::vec(slot_t id) const {
+    return reinterpret_cast<const float*>(record(id) + vec_offset_);
+}
+inline std::int64_t index_t::expiry(slot_t id) const {
+    return __atomic_load_n(reinterpret_cast<const std::int64_t*>(record(id) + vec_offset_) - 1,
+                           __ATOMIC_RELAXED);
+}
+inline void index_t::set_expiry(slot_t id, std::int64_t t) {
+    __atomic_store_n(reinterpret_cast<std::int64_t*>(record(id) + vec_offset_) - 1, t,
+                     __ATOMIC_RELAXED);
+}
+inline std::int64_t index_t::label(slot_t id) const { return chunk(id).label[id & (chunk_size - 1)]; }
+inline int index_t::level(slot_t id) const { return chunk(id).level[id & (chunk_size - 1)]; }
+inline std::uint8_t index_t::state(slot_t id) const {
+    return chunk(id).state[id & (chunk_size - 1)].load(std::memory_order_acquire);
+}
 
 // Per-thread scratch space reused across calls, so a search allocates nothing.
 struct index_t::scratch_t {

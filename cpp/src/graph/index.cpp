@@ -40,7 +40,9 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     if (ef_construction == 0) throw std::invalid_argument("ef_construction must be positive");
     dim_padded_ = round_up(dim, simd_floats);
     level_mult_ = 1.0 / std::log(static_cast<double>(M));
-    vec_offset_ = round_up(sizeof(std::uint32_t) * (1 + M0_), 16);
+    // The expiry sits in the 8 bytes just before the vector: the admission check of a node
+    // then reads a line its distance computation has just pulled in.
+    vec_offset_ = round_up(sizeof(std::uint32_t) * (1 + M0_) + sizeof(std::int64_t), 16);
     stride_ = round_up(vec_offset_ + sizeof(float) * dim_padded_, 16);
     kernels_ = &default_kernels();
     chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
@@ -70,30 +72,6 @@ void index_t::set_auto_consolidate(double fraction) {
 
 // ------------------------------------------------------------------------------ slot access
 
-index_t::chunk_t& index_t::chunk(slot_t id) const {
-    return *chunks_[id >> chunk_bits].load(std::memory_order_acquire);
-}
-char* index_t::record(slot_t id) const {
-    return chunk(id).slab + (id & (chunk_size - 1)) * stride_;
-}
-std::uint32_t* index_t::links(slot_t id, int level) const {
-    if (level == 0) return reinterpret_cast<std::uint32_t*>(record(id));
-    return chunk(id).upper[id & (chunk_size - 1)] + static_cast<std::size_t>(level - 1) * (1 + M_);
-}
-const float* index_t::vec(slot_t id) const {
-    return reinterpret_cast<const float*>(record(id) + vec_offset_);
-}
-std::int64_t index_t::expiry(slot_t id) const {
-    return chunk(id).expiry[id & (chunk_size - 1)].load(std::memory_order_relaxed);
-}
-void index_t::set_expiry(slot_t id, std::int64_t t) {
-    chunk(id).expiry[id & (chunk_size - 1)].store(t, std::memory_order_relaxed);
-}
-std::int64_t index_t::label(slot_t id) const { return chunk(id).label[id & (chunk_size - 1)]; }
-int index_t::level(slot_t id) const { return chunk(id).level[id & (chunk_size - 1)]; }
-std::uint8_t index_t::state(slot_t id) const {
-    return chunk(id).state[id & (chunk_size - 1)].load(std::memory_order_acquire);
-}
 void index_t::lock_node(slot_t id) const {
     auto& l = chunk(id).lock[id & (chunk_size - 1)];
     while (l.exchange(1, std::memory_order_acquire) != 0)
@@ -109,7 +87,7 @@ void index_t::ensure_chunk(std::size_t c) {
         const std::size_t next = n_chunks_.load(std::memory_order_relaxed);
         if (next >= max_chunks) throw std::length_error("index is full (2^28 slots)");
         auto* ch = new chunk_t();
-        ch->slab = static_cast<char*>(aligned_malloc(chunk_size * stride_));
+        ch->slab = static_cast<char*>(slab_malloc(chunk_size * stride_));
         chunks_[next].store(ch, std::memory_order_release);
         n_chunks_.store(next + 1, std::memory_order_release);
     }
@@ -194,18 +172,25 @@ void index_t::write_links(slot_t id, int lvl, const slot_t* ids, std::size_t cou
 
 void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
                              int to_level) const {
+    // One batched distance call per hop: the kernel overlaps the neighbours' memory loads.
+    const float* ptrs[2048];
+    slot_t ids[2048];
+    float dists[2048];
     for (int lvl = from_level; lvl > to_level; --lvl) {
         bool improved = true;
         while (improved) {
             improved = false;
             const std::uint32_t* l = links(cur, lvl);
-            const std::uint32_t n = atomic_load_u32(l);
+            const std::uint32_t n = std::min<std::uint32_t>(atomic_load_u32(l), 2048);
             for (std::uint32_t i = 0; i < n; ++i) {
-                const slot_t v = atomic_load_u32(l + 1 + i);
-                const float d = dist(q, vec(v));
-                if (d < dcur) {
-                    dcur = d;
-                    cur = v;
+                ids[i] = atomic_load_u32(l + 1 + i);
+                ptrs[i] = vec(ids[i]);
+            }
+            dist_batch(q, ptrs, n, dists);
+            for (std::uint32_t i = 0; i < n; ++i) {
+                if (dists[i] < dcur) {
+                    dcur = dists[i];
+                    cur = ids[i];
                     improved = true;
                 }
             }
@@ -232,6 +217,7 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
         const neighbor_t c = cand.back();
         cand.pop_back();
         if (res.size() >= ef && c.first > worst) break;
+        if (!cand.empty()) prefetch(links(cand.front().second, lvl));  // the next expansion
 
         const std::uint32_t* l = links(c.second, lvl);
         const std::uint32_t n = atomic_load_u32(l);
@@ -241,7 +227,7 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
             if (s.visited.test_and_mark(v)) continue;
             s.batch[m] = v;
             s.ptrs[m] = vec(v);
-            prefetch(s.ptrs[m]);
+            prefetch(s.ptrs[m] - 2);  // the expiry and the first floats
             ++m;
         }
         if (m == 0) continue;
@@ -340,7 +326,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     }
     ch.level[off] = static_cast<std::uint8_t>(lvl);
     ch.label[off] = lab;
-    ch.expiry[off].store(exp, std::memory_order_relaxed);
+    set_expiry(id, exp);
     ch.state[off].store(state_ready, std::memory_order_release);
 
     std::uint64_t ep = entry_.load(std::memory_order_acquire);

@@ -233,13 +233,13 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         chunk_t& ch = idx->chunk(id);
         const std::size_t off = id & (chunk_size - 1);
         if (levels[id] == free_level) {
-            ch.expiry[off].store(deleted_mark);
+            idx->set_expiry(id, deleted_mark);
             idx->free_slots_.push_back(id);
             continue;
         }
         ch.level[off] = levels[id];
         ch.label[off] = labels[id];
-        ch.expiry[off].store(expiries[id]);
+        idx->set_expiry(id, expiries[id]);
         if (levels[id] > 0) {
             const std::size_t words = static_cast<std::size_t>(levels[id]) * (1 + h.M);
             ch.upper[off] = static_cast<std::uint32_t*>(std::calloc(words, 4));
