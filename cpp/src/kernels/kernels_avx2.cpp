@@ -8,15 +8,6 @@
 namespace hnswcache {
 namespace {
 
-// Graph search reads vectors at random places in memory, so a distance is a string of cache
-// misses. While one group of four is computed, the next group's lines are already requested.
-inline void prefetch_rows(const float* const* xs, std::size_t from, std::size_t to,
-                          std::size_t n) {
-    for (std::size_t j = from; j < to; ++j)
-        for (std::size_t off = 0; off < n; off += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(xs[j] + off), _MM_HINT_T0);
-}
-
 inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
     __m128 hi = _mm256_extractf128_ps(v, 1);
@@ -70,9 +61,7 @@ float l2sq_avx2(const float* a, const float* b, std::size_t n) {
 void dot_batch_avx2(const float* q, const float* const* xs, std::size_t count, std::size_t n,
                     float* out) {
     std::size_t j = 0;
-    prefetch_rows(xs, 0, count < 4 ? count : 4, n);
     for (; j + 4 <= count; j += 4) {
-        prefetch_rows(xs, j + 4, j + 8 < count ? j + 8 : count, n);
         const float *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
         __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
         __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();

@@ -8,15 +8,6 @@
 namespace hnswcache {
 namespace {
 
-// Graph search reads vectors at random places in memory, so a distance is a string of cache
-// misses. While one group of four is computed, the next group's lines are already requested.
-[[maybe_unused]] inline void prefetch_rows(const float* const* xs, std::size_t from, std::size_t to,
-                          std::size_t n) {
-    for (std::size_t j = from; j < to; ++j)
-        for (std::size_t off = 0; off < n; off += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(xs[j] + off), _MM_HINT_T0);
-}
-
 // Horizontal sum. (GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its own header.)
 inline float hsum512(__m512 v) {
     const __m256 h = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
@@ -74,10 +65,8 @@ float l2sq_avx512(const float* a, const float* b, std::size_t n) {
 void dot_batch_avx512(const float* q, const float* const* xs, std::size_t count, std::size_t n,
                       float* out) {
     std::size_t j = 0;
-    (void)0;
     for (; j + 4 <= count; j += 4) {
-        (void)0;
-        const float *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
+            const float *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
         std::size_t i = 0;
