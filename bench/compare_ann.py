@@ -425,6 +425,9 @@ def timed_pass(adapter: Adapter, queries: list[Any], k: int, warmup: int = 50,
 def worker_main(lib: str, spec_json: str, M: int, efc: int, seed: int, k: int) -> None:
     """A worker process: builds one library's index, then answers commands, one JSON per
     line, on the stdout it was started with (library chatter is sent to stderr)."""
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code leaves a Python traceback on stderr
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     spec = DatasetSpec(**json.loads(spec_json))
@@ -444,6 +447,13 @@ def worker_main(lib: str, spec_json: str, M: int, efc: int, seed: int, k: int) -
         cmd = json.loads(line)
         try:
             if cmd["cmd"] == "build":
+                # A repeated build (for its time only) first drops the previous index.
+                rebuild = adapter is not None
+                adapter = None
+                if rebuild:
+                    import gc
+
+                    gc.collect()
                 # Import, construct and touch the library before the baseline, so only
                 # what the index holds counts.
                 adapter = adapter_cls(spec.dim, M, efc, seed, spec.n)
@@ -522,6 +532,7 @@ def run_comparison(
     M: int = 16,
     ef_construction: int = 200,
     build_threads: int = 2,
+    build_repeats: int = 1,
     repeats: int = 3,
     min_seconds: float = 0.3,
     k: int = 10,
@@ -537,21 +548,42 @@ def run_comparison(
 
     env = dict(os.environ)
     workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}
     results: dict[str, Any] = {"libraries": {}}
     try:
-        for lib in libraries:
-            say(f"[{lib}] loading data")
-            w = Worker(lib, spec, M, ef_construction, seed, k, env=env)
-            workers[lib] = w
-            say(f"[{lib}] building {spec.n} x {spec.dim} with {build_threads} threads")
-            b = w.call(cmd="build", threads=build_threads)
-            say(f"[{lib}] built in {b['build_s']:.1f} s, {b['bytes_per_vector']:.0f} B/vector")
-            results["libraries"][lib] = {**b, "sweep": {}}
+        order = list(libraries)
+        for _ in range(build_repeats):
+            # Builds run one at a time (each has the two cores to itself) and are repeated
+            # in rotation: the best time is kept, the memory of the first build (in a fresh
+            # process) is the one reported.
+            for lib in order:
+                if lib not in workers:
+                    say(f"[{lib}] loading data")
+                    workers[lib] = Worker(lib, spec, M, ef_construction, seed, k, env=env)
+                say(f"[{lib}] building {spec.n} x {spec.dim} with {build_threads} threads")
+                b = workers[lib].call(cmd="build", threads=build_threads)
+                say(f"[{lib}] built in {b['build_s']:.1f} s, "
+                    f"{b['bytes_per_vector']:.0f} B/vector")
+                if lib not in results["libraries"]:
+                    results["libraries"][lib] = {**b, "build_runs": [], "sweep": {}}
+                entry = results["libraries"][lib]
+                entry["build_runs"].append(b["build_s"])
+                entry["build_s"] = min(entry["build_runs"])
+            order = order[1:] + order[:1]
         order = list(libraries)
         for r in range(repeats):
             for ef in efs:
                 for lib in order:
-                    out = workers[lib].call(cmd="search", ef=ef, min_seconds=min_seconds)
+                    if lib in failed:
+                        continue
+                    try:
+                        out = workers[lib].call(cmd="search", ef=ef, min_seconds=min_seconds)
+                    except RuntimeError as e:
+                        # A crashed library is a result too: keep what it measured so far.
+                        failed[lib] = f"repeat {r + 1}, ef {ef}: {e}"
+                        results["libraries"][lib]["error"] = failed[lib]
+                        say(f"[{lib}] FAILED at {failed[lib]}")
+                        continue
                     sweep = results["libraries"][lib]["sweep"].setdefault(
                         str(ef), {"ef": ef, "recall": out["recall"], "qps_runs": []}
                     )
@@ -560,12 +592,17 @@ def run_comparison(
                 order = order[1:] + order[:1]  # rotate who goes first
             say(f"repeat {r + 1}/{repeats} done")
     finally:
-        for w in workers.values():
-            w.close()
+        for lib, w in workers.items():
+            if lib in failed:
+                w.proc.kill()
+                w.proc.wait()
+            else:
+                w.close()
     results["meta"] = {
         "dataset": spec.name, "n": spec.n, "dim": spec.dim, "queries": spec.n_queries,
         "k": k, "M": M, "ef_construction": ef_construction, "build_threads": build_threads,
-        "repeats": repeats, "min_seconds": min_seconds, "efs": list(efs),
+        "build_repeats": build_repeats, "repeats": repeats, "min_seconds": min_seconds,
+        "efs": list(efs),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_name(), "python": platform.python_version(),
     }
@@ -603,14 +640,47 @@ def summarize(results: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLD
             hit = next((p for p in points if p["recall"] >= t), None)
             row[f"qps@{t:.2f}"] = hit["qps"] if hit else None
             row[f"ef@{t:.2f}"] = hit["ef"] if hit else None
+            row[f"qps~{t:.2f}"] = interpolated_qps(points, t)
         row["max_recall"] = max((p["recall"] for p in points), default=0.0)
         rows.append(row)
     ref = next((row for row in rows if row["library"] == reference), None)
     for row in rows:
-        for key in ["build_s", "bytes_per_vector"] + [f"qps@{t:.2f}" for t in thresholds]:
+        keys = ["build_s", "bytes_per_vector"] + [f"qps@{t:.2f}" for t in thresholds]
+        for key in keys + [f"qps~{t:.2f}" for t in thresholds]:
             a, b = row.get(key), ref.get(key) if ref else None
             row[f"{key}/ref"] = a / b if a and b else None
     return rows
+
+
+def interpolated_qps(points: list[dict[str, Any]], target: float) -> float | None:
+    """QPS where the curve crosses ``target`` recall: log(QPS) interpolated linearly between
+    the last ef below and the first ef at or above it. The ef grid is coarse at the low end
+    (one step of ef moves recall by ~0.005 on sgd), so this compares libraries at the same
+    recall rather than at whichever grid point each happened to land on."""
+    prev = None
+    for p in points:
+        if p["recall"] >= target:
+            if prev is None or p["recall"] == prev["recall"]:
+                return float(p["qps"]) if prev is None else None
+            w = (target - prev["recall"]) / (p["recall"] - prev["recall"])
+            return float(np.exp((1 - w) * np.log(prev["qps"]) + w * np.log(p["qps"])))
+        prev = p
+    return None
+
+
+def interpolated_table(rows: list[dict[str, Any]],
+                       thresholds: tuple[float, ...] = THRESHOLDS) -> str:
+    """QPS at exactly each recall (interpolated on the curve), ratios against the reference."""
+    head = ["library"] + [f"QPS @ R@10={t:.2f} (interpolated)" for t in thresholds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["library"]]
+        for t in thresholds:
+            q, ratio = row[f"qps~{t:.2f}"], row[f"qps~{t:.2f}/ref"]
+            cells.append("—" if q is None else
+                         f"{q:,.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]], thresholds: tuple[float, ...] = THRESHOLDS,
@@ -700,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-construction", type=int, default=200)
     p.add_argument("--threads", type=int, default=2, help="build threads")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per (library, ef)")
+    p.add_argument("--build-repeats", type=int, default=2, help="builds per library")
     p.add_argument("--min-seconds", type=float, default=0.3,
                    help="each timed pass loops over the queries for at least this long")
     p.add_argument("--k", type=int, default=10)
@@ -728,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_comparison(
             spec, libs, efs=tuple(int(e) for e in args.efs.split(",")), M=args.M,
             ef_construction=args.ef_construction, build_threads=args.threads,
-            repeats=args.repeats, min_seconds=args.min_seconds, k=args.k, seed=args.seed,
+            build_repeats=args.build_repeats, repeats=args.repeats,
+            min_seconds=args.min_seconds, k=args.k, seed=args.seed,
             log=sys.stderr,
         )
     finally:
@@ -753,9 +825,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['cpu']}\n")
     print(markdown_table(rows))
     print()
+    print(interpolated_table(rows))
+    print()
     for lib, r in results["libraries"].items():
         i = r["info"]
         print(f"- {lib} {i.get('version', '')}: isa {i.get('isa', '')}; {i.get('flags', '')}")
+        if "error" in r:
+            print(f"  FAILED during the sweep ({r['error']}); its figures cover the passes "
+                  "before the failure")
     if args.json:
         print(f"\nsweep: {args.json}" + (f", plot: {args.plot}" if plotted else ""))
     return 0
