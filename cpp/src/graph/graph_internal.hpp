@@ -28,14 +28,15 @@ inline void* aligned_malloc(std::size_t bytes) {
 }
 
 // The vector slab is read at random places: with 4 KiB pages nearly every vector costs a TLB
-// miss. Large slabs ask Linux for transparent huge pages (a hint; ignored where unsupported).
+// miss. The 2 MiB-aligned interior of a slab asks Linux for transparent huge pages (a hint;
+// ignored where unsupported). Head and tail keep small pages, so no memory is wasted.
 inline void* slab_malloc(std::size_t bytes) {
-    constexpr std::size_t huge = std::size_t{2} << 20;
-    if (bytes < huge) return aligned_malloc(bytes);
-    void* p = std::aligned_alloc(huge, round_up(bytes, huge));
-    if (p == nullptr) throw std::bad_alloc();
+    void* p = aligned_malloc(bytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, round_up(bytes, huge), MADV_HUGEPAGE);
+    constexpr std::uintptr_t huge = std::uintptr_t{2} << 20;
+    const std::uintptr_t lo = (reinterpret_cast<std::uintptr_t>(p) + huge - 1) & ~(huge - 1);
+    const std::uintptr_t hi = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(huge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 #endif
     return p;
 }
