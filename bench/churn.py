@@ -154,7 +154,7 @@ class Variant:
         raise NotImplementedError
 
     def cycle(self, c: int, gone: np.ndarray, x: np.ndarray, labels: np.ndarray,
-              expiry: np.ndarray, live_x: np.ndarray, live_labels: np.ndarray
+              expiry: np.ndarray, live_x: np.ndarray | None, live_labels: np.ndarray
               ) -> dict[str, float]:
         raise NotImplementedError
 
@@ -383,8 +383,11 @@ def worker(name: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]
         if name == "rebuild" and c % args.rebuild_every and c != args.cycles:
             continue  # only rebuilt (and measured) every few cycles: it is the slow one
         live_lab = np.array(sorted(live), dtype=np.int64)
-        timing = v.cycle(c, gone, base[rows[new]], new, expiry[new],
-                         base[rows[live_lab]], live_lab)
+        # Only the rebuild needs the whole live set: a copy made for every variant would
+        # sit in this process's memory figure.
+        live_x = base[rows[live_lab]] if name == "rebuild" else None
+        timing = v.cycle(c, gone, base[rows[new]], new, expiry[new], live_x, live_lab)
+        del live_x
         snapshot(c, timing)
     return {"variant": name, "build_s": build_s, "cycles": per_cycle}
 
@@ -454,7 +457,8 @@ def summary_table(results: dict[str, Any]) -> str:
     rebuild = results["variants"].get("rebuild")
     ref = {r["cycle"]: r["recall"] for r in rebuild["cycles"]} if rebuild else {}
     head = ["index", "recall@10 c1 → last", "Δ vs fresh build (last)", "QPS c1 → last",
-            "memory c1 → last (RSS MiB)", "last/c1 memory", "update s/cycle (mean)"]
+            "memory c1 → last (RSS MiB)", "last/c1 memory", "reported MiB c1 → last",
+            "update s/cycle (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results["variants"].items():
         cyc = [c for c in r["cycles"] if c["cycle"] > 0]
@@ -471,6 +475,8 @@ def summary_table(results: dict[str, Any]) -> str:
             f"{first['qps']:,.0f} → {last['qps']:,.0f}",
             f"{mem1:.0f} → {memn:.0f}",
             f"{memn / mem1:.2f}" if mem1 > 0 else "—",
+            "—" if not first.get("reported_bytes") else
+            f"{first['reported_bytes'] / 2**20:.0f} → {last['reported_bytes'] / 2**20:.0f}",
             f"{upd:.2f}",
         ]) + " |")
     return "\n".join(lines)
