@@ -238,9 +238,11 @@ class _CacheCore:
             raise ValueError("an embedding is the zero vector")
         return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
-    def check_meta(self, stored: tuple[int, str]) -> None:
+    def check_meta(self, stored: tuple[int | None, str]) -> None:
         dim, name = stored
         self.meta_checked = True
+        if dim is None:
+            return
         if self.dim is not None and dim != self.dim:
             raise ValueError(
                 f"this cache namespace holds {dim}-d vectors (embedder {name!r}) but the "
@@ -292,6 +294,7 @@ class _CacheCore:
                 np.stack([r.vector for r in recs]),
                 np.array([r.id for r in recs], dtype=np.int64),
                 expires_at=np.array([r.expires for r in recs], dtype=np.float64),
+                num_threads=1 if len(recs) < 256 else 0,
             )
             for r in recs:
                 self.where[r.id] = (sid, r.version)
@@ -329,6 +332,10 @@ class _CacheCore:
     def load(self, batch: Sequence[Fetched]) -> None:
         """Warm start: add one scanned batch to the replica."""
         now = self.now()
+        if self.dim is None:  # nothing says the dimension: the batch's most common one
+            dims = [f.vector.shape[0] for f in batch if isinstance(f, Record)]
+            if dims:
+                self.dim = max(set(dims), key=dims.count)
         recs = [r for r in (self.usable(f, now) for f in batch) if r is not None]
         if recs:
             self.add_records(recs)
@@ -401,7 +408,7 @@ class _CacheCore:
         idx = self.indexes.get(sid)
         if idx is None or len(idx) == 0:
             return [[] for _ in range(vecs.shape[0])]
-        labels, dists = idx.search(vecs, k=self.k)
+        labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
         out: list[list[tuple[int, float]]] = []
         for lab_row, dist_row in zip(labels, dists):
             row = [(int(lab), 1.0 - float(d)) for lab, d in zip(lab_row, dist_row)
@@ -625,6 +632,8 @@ class SemanticCache(_Base):
     def _rebuild(self) -> None:
         c = self._core
         head = self.store.log_head()
+        if c.dim is None:
+            c.dim = self.store.check_meta(None, "")[0]
         c.clear_local(None)
         for batch in self.store.scan():
             c.load(batch)
@@ -970,6 +979,8 @@ class AsyncSemanticCache(_Base):
     async def _rebuild(self) -> None:
         c = self._core
         head = await self.store.log_head()
+        if c.dim is None:
+            c.dim = (await self.store.check_meta(None, ""))[0]
         c.clear_local(None)
         async for batch in self.store.scan():
             c.load(batch)

