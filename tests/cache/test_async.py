@@ -1,0 +1,120 @@
+"""The asyncio twin keeps the same promises (memory store and a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import FakeClock, Paraphrases
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.server import EmbeddedServer
+
+
+@pytest.fixture(params=["memory", "valkey"])
+def async_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory"
+    return str(request.getfixturevalue("valkey_server").url)
+
+
+def test_async_tiers_ttl_scopes(
+    async_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(px.embedder(), store=async_url, namespace=ns, clock=clock)
+        await cache.set(px.q[0], "a0", ttl=10, scope={"m": 1})
+        await cache.aset_many([(px.q[i], f"a{i}") for i in range(1, 20)])
+        hit = await cache.get(px.q[0], scope={"m": 1})
+        assert hit is not None and hit.tier == "exact"
+        hit = await cache.aget(px.p[0], scope={"m": 1})
+        assert hit is not None and hit.tier == "semantic" and hit.response == "a0"
+        assert await cache.get(px.p[0], scope={"m": 2}) is None
+        hits = await cache.get_many([px.p[i] for i in range(1, 20)])
+        assert sum(h is not None for h in hits) >= 14
+        clock.advance(10)
+        assert await cache.get(px.q[0], scope={"m": 1}) is None
+        key = hits[0].key if hits[0] else (await cache.get(px.q[1])).key  # type: ignore[union-attr]
+        assert await cache.delete(key)
+        assert await cache.get(px.q[1]) is None or (await cache.get(px.q[1])).key != key  # type: ignore[union-attr]
+        assert await cache.clear() in (18, 19)  # the expired one may not be purged yet
+        s = cache.stats()
+        assert s["hits_exact"] >= 1 and s["hits_semantic"] >= 1
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_async_decorator_and_concurrency(async_url: str, ns: str) -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(32), store=async_url, namespace=ns)
+        calls = []
+
+        @cache.cached(ttl=60)
+        async def llm(prompt: str) -> str:
+            calls.append(prompt)
+            await asyncio.sleep(0)
+            return prompt.upper()
+
+        assert await llm("hello there") == "HELLO THERE"
+        results = await asyncio.gather(*(llm("hello there") for _ in range(20)))
+        assert results == ["HELLO THERE"] * 20 and calls == ["hello there"]
+        await asyncio.gather(*(cache.set(f"p{i}", f"r{i}") for i in range(30)))
+        got = await asyncio.gather(*(cache.get(f"p{i}") for i in range(30)))
+        assert [h.response for h in got] == [f"r{i}" for i in range(30)]  # type: ignore[union-attr]
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_async_and_sync_share_one_server(valkey_server: EmbeddedServer, ns: str) -> None:
+    url = valkey_server.url
+    sync_cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns, threshold=0.5)
+    sync_cache.set("written by the sync cache one two", "sync")
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns, threshold=0.5)
+        hit = await cache.get("written by the sync cache one two three")
+        assert hit is not None and hit.response == "sync"
+        await cache.set("written by the async cache", "async")
+        await cache.close()
+
+    asyncio.run(run())
+    assert sync_cache.get("written by the async cache").response == "async"  # type: ignore[union-attr]
+
+
+def test_async_server_down_is_a_miss(fresh_server: EmbeddedServer, ns: str) -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(16), store=fresh_server.url, namespace=ns,
+                                   timeout=0.3)
+        await cache.set("p", "r")
+        fresh_server.kill()
+        assert await cache.get("p") is None
+        await cache.set("q", "dropped")
+        assert cache.stats()["store_errors"] >= 2
+        fresh_server.start()
+        assert (await cache.get("p")).response == "r"  # type: ignore[union-attr]
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_async_embedder_is_awaited(ns: str) -> None:
+    class AsyncEmb:
+        dim = 8
+
+        async def __call__(self, texts: list[str]) -> np.ndarray:
+            await asyncio.sleep(0)
+            return np.ones((len(texts), 8), dtype=np.float32)
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(AsyncEmb(), store="memory", namespace=ns)
+        await cache.set("a", "b")
+        hit = await cache.get("something else")
+        assert hit is not None and hit.response == "b"
+
+    asyncio.run(run())
