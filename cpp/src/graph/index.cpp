@@ -354,7 +354,29 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
         select_heuristic(v, s.prune, M_, now, true, s.selected);
         const std::vector<slot_t> chosen = s.selected;
         lock_node(id);
-        write_links(id, l, chosen.data(), chosen.size());
+        // Another thread that reached this node through its upper levels may already have
+        // linked itself here: merge with those links instead of overwriting them.
+        const std::uint32_t* mine = links(id, l);
+        const std::uint32_t already = atomic_load_u32(mine);
+        if (already == 0) {
+            write_links(id, l, chosen.data(), chosen.size());
+        } else {
+            s.prune.clear();
+            for (slot_t c : chosen) s.prune.emplace_back(dist(v, vec(c)), c);
+            for (std::uint32_t i = 0; i < already; ++i) {
+                const slot_t c = atomic_load_u32(mine + 1 + i);
+                if (std::find(chosen.begin(), chosen.end(), c) == chosen.end())
+                    s.prune.emplace_back(dist(v, vec(c)), c);
+            }
+            if (s.prune.size() <= max_links(l)) {
+                std::sort(s.prune.begin(), s.prune.end());
+                s.selected.clear();
+                for (const auto& nb : s.prune) s.selected.push_back(nb.second);
+            } else {
+                select_heuristic(v, s.prune, max_links(l), now, false, s.selected);
+            }
+            write_links(id, l, s.selected.data(), s.selected.size());
+        }
         unlock_node(id);
         for (slot_t n : chosen) link_back(n, id, l, s);
     }

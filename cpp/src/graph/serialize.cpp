@@ -69,6 +69,7 @@ class writer_t {
     template <class T>
     void put(const T& v) { append(&v, sizeof(T)); }
     void append(const void* p, std::size_t n) {
+        if (n == 0) return;
         buf_.append(static_cast<const char*>(p), n);
     }
     std::string& str() { return buf_; }
@@ -87,6 +88,7 @@ class reader_t {
         return v;
     }
     void take(void* out, std::size_t bytes) {
+        if (bytes == 0) return;  // out may be the null data() of an empty vector
         if (bytes > n_ - off_) throw format_error("index data is truncated");
         std::memcpy(out, p_ + off_, bytes);
         off_ += bytes;
