@@ -281,3 +281,19 @@ def test_stats_report_counts_levels_memory_and_kernel():
     assert s["memory_bytes"] > 2000 * 16 * 4
     assert s["isa"] == idx.isa in hnswcache._core.supported_isas()
     assert "Index(dim=16" in repr(idx)
+
+
+def test_threaded_small_batches_build_the_same_quality_graph_as_one_thread():
+    """Regression: concurrent inserts once overwrote links that other threads had just added
+    to a new node, leaving nodes unreachable."""
+    orphans = {1: 0, 2: 0}
+    for threads in orphans:
+        for trial in range(30):
+            x = clustered(200, 384, seed=100 + trial)
+            idx = Index(384)
+            for s in range(0, 200, 37):
+                idx.add(x[s : s + 37], np.arange(s, min(s + 37, 200)), num_threads=threads)
+            orphans[threads] += idx.check_integrity()["unreachable_live"]
+            found, _ = idx.search(x, k=1, ef=200, num_threads=1)
+            assert (found[:, 0] == np.arange(200)).mean() >= 0.99
+    assert orphans[2] <= orphans[1]
