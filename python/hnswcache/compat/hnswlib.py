@@ -639,7 +639,10 @@ class Index:
             [native.to_bytes(), deleted_labels.tobytes(), deleted_vectors.tobytes()],
         )
 
-    def _from_bytes(self, data: bytes, max_elements: int, allow_replace_deleted: bool) -> None:
+    def _from_bytes(
+        self, data: bytes, max_elements: int | None, allow_replace_deleted: bool
+    ) -> None:
+        """Load our own format; ``max_elements=None`` keeps the stored limit (unpickling)."""
         header, (core, dl, dv) = _unpack(_MAGIC_HNSW, data, 3)
         if header.get("space") != self._space or header.get("dim") != self._dim:
             raise RuntimeError(
@@ -659,7 +662,10 @@ class Index:
         self._seed = int(header["seed"])
         self._ghosts = int(header["ghosts"])
         self._deleted = {int(lab): vectors[i].copy() for i, lab in enumerate(labels)}
-        self._finish_load(int(header["max_elements"]), max_elements, allow_replace_deleted)
+        saved_max = int(header["max_elements"])
+        self._finish_load(
+            saved_max, saved_max if max_elements is None else max_elements, allow_replace_deleted
+        )
 
     def _from_hnswlib(self, data: bytes, max_elements: int, allow_replace_deleted: bool) -> None:
         header, labels, vectors, deleted = _read_hnswlib_file(data, self._dim)
@@ -731,7 +737,7 @@ class Index:
         self._lock = threading.RLock()
         self._reset()
         if state["index"] is not None:
-            self._from_bytes(state["index"], 0, bool(state["allow_replace_deleted"]))
+            self._from_bytes(state["index"], None, bool(state["allow_replace_deleted"]))
         self._ef = int(state["ef"])
 
     def __repr__(self) -> str:
