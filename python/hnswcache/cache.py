@@ -231,10 +231,10 @@ class _CacheCore:
             self.dim = int(arr.shape[1])
         elif arr.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {arr.shape[1]}, the cache has {self.dim}")
-        if not np.isfinite(arr).all():
+        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
+        if not np.isfinite(norms).all():
             raise ValueError("embeddings contain NaN or infinity")
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        if (norms == 0).any():
+        if not norms.all():
             raise ValueError("an embedding is the zero vector")
         return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
@@ -406,7 +406,7 @@ class _CacheCore:
         self, vecs: npt.NDArray[np.float32], sid: str, threshold: float
     ) -> list[list[tuple[int, float]]]:
         idx = self.indexes.get(sid)
-        if idx is None or len(idx) == 0:
+        if idx is None:  # (len(idx) is O(n) in the core: not on this path)
             return [[] for _ in range(vecs.shape[0])]
         labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
         out: list[list[tuple[int, float]]] = []
@@ -584,7 +584,7 @@ class SemanticCache(_Base):
         timeout: float = 0.5,
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
-        ef_construction: int = 200,
+        ef_construction: int = 100,
         ef_search: int = 64,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
@@ -666,19 +666,17 @@ class SemanticCache(_Base):
                                                 if c.embedder is not None else "unknown"))
 
     def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
+        """Vectors for ``texts``: ``given`` (already checked by ``c.vectors``) or the
+        embedder's; ``None`` (counted) if the embedder failed and the cache is not strict."""
         c = self._core
-        try:
-            raw = given if given is not None else self._embedder()(texts)
-            vecs = c.vectors(raw, len(texts))
-        except StoreError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, ValueError) and given is not None:
-                raise
-            c.failed("embedding", exc, "embed_errors")
-            return None
+        if given is None:
+            try:
+                given = c.vectors(self._embedder()(texts), len(texts))
+            except Exception as exc:
+                c.failed("embedding", exc, "embed_errors")
+                return None
         self._check_meta()
-        return vecs
+        return cast(npt.NDArray[np.float32], given)
 
     def sync(self) -> None:
         """Apply every change other processes made (normally done before each operation)."""
@@ -735,7 +733,7 @@ class SemanticCache(_Base):
                 out[i] = c.exact(f, sid, k[3], now)
                 if out[i] is None:
                     todo.append(i)
-            if not todo or not c.indexes.get(sid):
+            if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
             vecs = self._embed([prompts[i] for i in todo], given)
@@ -794,7 +792,8 @@ class SemanticCache(_Base):
         metas = list(metadata) if metadata is not None else [None] * len(pairs)
         if len(metas) != len(pairs):
             raise ValueError("metadata must have one item per pair")
-        vecs = self._embed(prompts, embeddings)
+        given = None if embeddings is None else c.vectors(embeddings, len(pairs))
+        vecs = self._embed(prompts, given)
         if vecs is None:
             return keys
         now = c.now()
@@ -921,7 +920,7 @@ class AsyncSemanticCache(_Base):
         timeout: float = 0.5,
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
-        ef_construction: int = 200,
+        ef_construction: int = 100,
         ef_search: int = 64,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
@@ -1015,26 +1014,21 @@ class AsyncSemanticCache(_Base):
 
     async def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
         c = self._core
-        try:
-            if given is not None:
-                raw = given
-            else:
-                emb = await asyncio.to_thread(self._embedder) if c.embedder is None \
-                    else c.embedder
+        if given is None:
+            try:
+                emb = c.embedder
+                if emb is None:
+                    emb = await asyncio.to_thread(self._embedder)
                 if _is_async_callable(emb):
                     raw = await cast(Callable[[list[str]], Awaitable[Any]], emb)(texts)
                 else:
                     raw = await asyncio.to_thread(emb, texts)
-            vecs = c.vectors(raw, len(texts))
-        except StoreError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, ValueError) and given is not None:
-                raise
-            c.failed("embedding", exc, "embed_errors")
-            return None
+                given = c.vectors(raw, len(texts))
+            except Exception as exc:
+                c.failed("embedding", exc, "embed_errors")
+                return None
         await self._check_meta()
-        return vecs
+        return cast(npt.NDArray[np.float32], given)
 
     async def sync(self) -> None:
         """Apply every change other processes made (normally done before each operation)."""
@@ -1086,7 +1080,7 @@ class AsyncSemanticCache(_Base):
                 out[i] = c.exact(f, sid, k[3], now)
                 if out[i] is None:
                     todo.append(i)
-            if not todo or not c.indexes.get(sid):
+            if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
             vecs = await self._embed([prompts[i] for i in todo], given)
@@ -1140,7 +1134,8 @@ class AsyncSemanticCache(_Base):
         metas = list(metadata) if metadata is not None else [None] * len(pairs)
         if len(metas) != len(pairs):
             raise ValueError("metadata must have one item per pair")
-        vecs = await self._embed(prompts, embeddings)
+        given = None if embeddings is None else c.vectors(embeddings, len(pairs))
+        vecs = await self._embed(prompts, given)
         if vecs is None:
             return keys
         now = c.now()

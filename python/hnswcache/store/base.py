@@ -92,8 +92,9 @@ def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
     The id is 16 hex digits of a BLAKE2b hash of the canonical JSON (sorted keys, no
     spaces), so ``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` are the same scope.
     """
-    if scope is None:
-        scope = {}
+    if not scope:
+        if scope is None or isinstance(scope, Mapping):
+            return _DEFAULT_SCOPE
     if not isinstance(scope, Mapping):
         raise TypeError(f"scope must be a mapping or None, got {type(scope).__name__}")
     for k in scope:
@@ -105,6 +106,11 @@ def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
         raise TypeError(f"scope values must be JSON-serialisable: {exc}") from None
     digest = hashlib.blake2b(canon.encode(), digest_size=8, person=b"hc-scope").hexdigest()
     return digest, canon
+
+
+_DEFAULT_SCOPE = (
+    hashlib.blake2b(b"{}", digest_size=8, person=b"hc-scope").hexdigest(), "{}"
+)
 
 
 def entry_id(scope_id: str, normalized_prompt: str) -> int:

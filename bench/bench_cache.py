@@ -1,0 +1,141 @@
+"""SemanticCache at 100k entries: get latency and throughput, set throughput, warm start.
+
+    python bench/bench_cache.py [--n 100000] [--queries 5000] [--stores memory,valkey]
+
+Embeddings are precomputed (the embedder is excluded from every figure): the SGD user
+requests of ``../shared/data/sgd`` (all-MiniLM-L6-v2, 384-d) when present, else random
+unit vectors. ``get`` is measured one call at a time, as an application calls it, for
+three kinds of lookup:
+
+- ``exact``: a stored prompt (exact tier: one store round trip, no index search);
+- ``semantic``: another request of the same source (exact miss, index search, candidate
+  fetch; hit or miss by the default threshold);
+- ``miss``: a random vector (exact miss, index search, nothing above the threshold).
+
+``set`` is measured with ``set_many`` batches of 1,000 (one pipelined transaction each).
+The valkey store is a private valkey-server on loopback (the ``server`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnswcache import SemanticCache
+from hnswcache.store.server import EmbeddedServer
+
+log = logging.getLogger("bench_cache")
+SGD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sgd"
+
+
+def no_embedder(texts: list[str]) -> np.ndarray:
+    raise RuntimeError("the benchmark passes precomputed embeddings")
+
+
+def load(n: int, nq: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray, str]:
+    if (SGD / "base_f16.npy").exists():
+        base = np.load(SGD / "base_f16.npy", mmap_mode="r")[:n].astype(np.float32)
+        texts = (SGD / "texts_base.txt").read_text().splitlines()[:n]
+        q = np.load(SGD / "queries.npy").astype(np.float32)
+        qt = (SGD / "texts_queries.txt").read_text().splitlines()
+        reps = -(-nq // len(q))
+        qv = np.tile(q, (reps, 1))[:nq]
+        qtexts = [f"{t} #{i // len(q)}" for i, t in enumerate(qt * reps)][:nq]
+        # Repeated texts would be exact hits after the first call: keep each text unique.
+        if len(base) < n:
+            extra = n - len(base)
+            rng = np.random.default_rng(1)
+            noise = rng.standard_normal((extra, base.shape[1])).astype(np.float32) * 0.3
+            base = np.concatenate([base, base[:extra] + noise])
+            texts += [f"{t} (variant)" for t in texts[:extra]]
+        seen: dict[str, int] = {}
+        uniq = []
+        for t in texts:
+            seen[t] = seen.get(t, 0) + 1
+            uniq.append(t if seen[t] == 1 else f"{t} [{seen[t]}]")
+        return uniq, base, qtexts, qv, "sgd (all-MiniLM-L6-v2, 384-d)"
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((n, 384)).astype(np.float32)
+    qv = base[rng.integers(0, n, nq)] + 0.3 * rng.standard_normal((nq, 384)).astype(np.float32)
+    return ([f"prompt {i}" for i in range(n)], base, [f"query {i}" for i in range(nq)],
+            qv.astype(np.float32), "random 384-d (../shared/data/sgd absent)")
+
+
+def pct(lat: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(lat) * 1e6
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99)), len(a) / (a.sum() / 1e6)
+
+
+def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Namespace,
+                rows: list[tuple[Any, ...]]) -> None:
+    texts, base, qtexts, qv, _ = data
+    cache = SemanticCache(no_embedder, store=store, namespace=f"bench{int(time.time())}")
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), 1000):
+        cache.set_many([(t, f"response {s + i}") for i, t in enumerate(texts[s:s + 1000])],
+                       embeddings=base[s:s + 1000])
+    dt = time.perf_counter() - t0
+    rows.append((name, "set (set_many x1000)", "-", "-", len(texts) / dt))
+    log.info("%s: %d sets in %.1f s", name, len(texts), dt)
+    rng = np.random.default_rng(2)
+    nq = args.queries
+    kinds: dict[str, list[tuple[str, np.ndarray]]] = {
+        "exact": [(texts[i], base[i]) for i in rng.integers(0, len(texts), nq)],
+        "semantic": list(zip(qtexts, qv)),
+        "miss": [(f"random {i}", v) for i, v in
+                 enumerate(rng.standard_normal((nq, base.shape[1])).astype(np.float32))],
+    }
+    for kind, items in kinds.items():
+        for p, v in items[:200]:  # warm-up
+            cache.get(p + " warmup", embedding=v)
+        lat = []
+        hits = 0
+        for p, v in items:
+            t = time.perf_counter()
+            h = cache.get(p, embedding=v)
+            lat.append(time.perf_counter() - t)
+            hits += h is not None
+        p50, p99, qps = pct(lat)
+        rows.append((name, f"get {kind} (hit rate {hits / len(items):.2f})", p50, p99, qps))
+    if name != "memory":
+        t0 = time.perf_counter()
+        warm = SemanticCache(no_embedder, store=store, namespace=cache.namespace)
+        warm.sync()
+        rows.append((name, f"warm start ({len(warm)} entries)", "-", "-",
+                     len(warm) / (time.perf_counter() - t0)))
+        warm.close()
+    cache.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--stores", default="memory,valkey")
+    args = ap.parse_args()
+    data = load(args.n, args.queries)
+    log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)
+    rows: list[tuple[Any, ...]] = []
+    for name in args.stores.split(","):
+        if name == "memory":
+            bench_store("memory", "memory", data, args, rows)
+        else:
+            with tempfile.TemporaryDirectory() as d, EmbeddedServer(d) as srv:
+                bench_store(name, srv.url, data, args, rows)
+    log.info("")
+    log.info("| store | operation | p50 µs | p99 µs | per second |")
+    log.info("|---|---|---:|---:|---:|")
+    for store, op, p50, p99, rate in rows:
+        f = (lambda x: f"{x:.0f}" if isinstance(x, float) else x)
+        log.info("| %s | %s | %s | %s | %.0f |", store, op, f(p50), f(p99), rate)
+
+
+if __name__ == "__main__":
+    main()
