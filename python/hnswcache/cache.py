@@ -353,15 +353,17 @@ class _CacheCore:
     def apply_log(self, batch: LogBatch) -> list[int]:
         """Apply clear events; return the ids whose state must be fetched and reconciled."""
         ids: dict[int, None] = {}
+        own: set[str] = set()
         for ev in batch.events:
             if ev.pos and ev.pos in self.own_positions:
-                self.own_positions.discard(ev.pos)
+                own.add(ev.pos)  # one log entry may carry many events
                 continue
             self.stats.add("sync_events")
             if ev.op == "clear":
                 self.clear_local(ev.scope)
             elif ev.id is not None:
                 ids[ev.id] = None
+        self.own_positions -= own
         return list(ids)
 
     def remember_own(self, positions: Iterable[str]) -> None:

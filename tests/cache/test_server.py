@@ -229,9 +229,9 @@ def test_garbage_in_the_cache_keys_is_ignored(valkey_server: EmbeddedServer, ns:
     r.set(k["entry"] + "0000000000000002", "a string, not a hash")
     r.hset(k["entry"] + "not-an-id", mapping={"x": "y"})
     r.hset(k["entry"] + "0000000000000003", mapping={"format": "1"})
-    r.xadd(k["log"], {"op": "set", "id": "zzzz"})
+    r.xadd(k["log"], {"op": "set", "ids": "zzzz"})
     r.xadd(k["log"], {"op": "explode"})
-    r.xadd(k["log"], {"op": "set", "id": "0000000000000002"})
+    r.xadd(k["log"], {"op": "set", "ids": "0000000000000002,bad"})
 
     def emb(texts: list[str]) -> np.ndarray:
         return np.stack([good.vector if t == "a good entry" else
@@ -244,7 +244,7 @@ def test_garbage_in_the_cache_keys_is_ignored(valkey_server: EmbeddedServer, ns:
     assert cache.stats()["invalid_entries"] >= 8
     assert cache.get("garbage pickle") is None
     # More garbage arriving through the change log while running.
-    r.xadd(k["log"], {"op": "set", "id": "0000000000000002"})
+    r.xadd(k["log"], {"op": "set", "ids": "0000000000000002,bad"})
     cache.set("another good one", "fine too")
     assert cache.get("another good one") is not None
     # A foreign type at the LRU key makes writes fail: counted, or raised when strict.
@@ -326,3 +326,22 @@ def test_embedded_default_server(tmp_path: Path, ns: str, clock: FakeClock) -> N
     again.close()
     info = data / "server.json"
     assert not info.exists() or json.loads(info.read_text())
+
+
+def test_a_reader_left_behind_by_log_trimming_rebuilds(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    url = valkey_server.url
+    a = SemanticCache(HashEmbedder(32), namespace=ns,
+                      store=RedisStore.from_url(url, namespace=ns, log_maxlen=10))
+    b = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    a.set("first", "1")
+    assert b.get("first") is not None  # b is warm, at the head of the log
+    for i in range(30):
+        a.set_many([(f"bulk {i} {j}", "x") for j in range(2)])  # one log entry each
+    for i in range(300):
+        a.set(f"single {i}", "y")  # the log is trimmed far past b's position
+    assert raw_client(url).xlen(keys_for(ns)["log"]) < 300
+    b.sync()
+    assert b.stats()["resyncs"] == 1
+    assert len(b) == 1 + 60 + 300

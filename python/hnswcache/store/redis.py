@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ __all__ = ["RedisStore", "AsyncRedisStore", "keys_for"]
 log = logging.getLogger("hnswcache.store.redis")
 
 _LOG_BATCH = 1000
+_IDS_PER_EVENT = 500
+#: Seconds between checks that a reader's log position still exists (trim / data loss).
+CHECK_INTERVAL = 1.0
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
 
@@ -104,14 +108,27 @@ class _Layout:
         self.k_log = k["log"]
         self.k_meta = k["meta"]
         self.log_maxlen = int(log_maxlen)
+        self._next_check = 0.0
 
     def ekey(self, eid: int) -> str:
         return self.k_entry + format_id(eid)
 
     # ---------------------------------------------------------------- read
+    def check_due(self, log_after: str | None) -> bool:
+        """Whether this log read also checks that the log did not go back past our
+        position (at most once every ``CHECK_INTERVAL`` seconds). Every read checks that
+        the first entry is not past our position (trimmed, or replaced after data loss)."""
+        if log_after is None:
+            return False
+        t = time.monotonic()
+        if t < self._next_check:
+            return False
+        self._next_check = t + CHECK_INTERVAL
+        return True
+
     def queue_read(
         self, pipe: Any, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
-        now: float,
+        now: float, check: bool = False,
     ) -> None:
         for i in ids:
             pipe.hgetall(self.ekey(i))
@@ -119,8 +136,9 @@ class _Layout:
             pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
         if log_after is not None:
             pipe.xread({self.k_log: log_after}, count=_LOG_BATCH)
-            pipe.xrange(self.k_log, "-", "+", count=1)
-            pipe.xrevrange(self.k_log, "+", "-", count=1)
+            pipe.xrange(self.k_log, "-", "+", count=1)  # first entry: trimmed past us?
+            if check:  # last entry: did the log go back (server lost its data)?
+                pipe.xrevrange(self.k_log, "+", "-", count=1)
 
     def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
         out: list[Fetched] = []
@@ -142,21 +160,23 @@ class _Layout:
         rest = list(results[n + (1 if touch else 0):])
         if log_after is None:
             return entries, None
-        xread, first, last = rest
-        for r in (xread, first, last):
+        for r in rest:
             if isinstance(r, Exception):
                 raise StoreError(f"reading the change log failed: {r}")
-        return entries, self.parse_log(log_after, xread, first, last)
+        if len(rest) == 3:
+            return entries, self.parse_log(log_after, rest[0], rest[1], rest[2], True)
+        return entries, self.parse_log(log_after, rest[0], rest[1], None, False)
 
-    def parse_log(self, after: str, xread: Any, first: Any, last: Any) -> LogBatch:
+    def parse_log(self, after: str, xread: Any, first: Any, last: Any, check: bool) -> LogBatch:
         pos = _stream_id(after) or (0, 0)
         first_id = _stream_id(first[0][0]) if first else None
         last_id = _stream_id(last[0][0]) if last else None
         if pos != (0, 0) and (
-            last_id is None or last_id < pos or (first_id is not None and first_id > pos)
+            (first_id is not None and first_id > pos)
+            or (check and (last_id is None or last_id < pos))
         ):
             # Our position is gone: trimmed past, or the server lost its data.
-            head = _id_text(last[0][0]) if last else "0-0"
+            head = _id_text(last[0][0]) if last else "0-0"  # the rebuild re-reads the head
             return LogBatch([], head, reset=True)
         events: list[LogEvent] = []
         position = after
@@ -169,31 +189,32 @@ class _Layout:
                 messages.extend(msgs)
         for msg_id, fields in messages:
             position = _id_text(msg_id)
-            ev = self.parse_event(fields, position)
-            if ev is not None:
-                events.append(ev)
+            events.extend(self.parse_event(fields, position))
         return LogBatch(events, position, more=len(messages) >= _LOG_BATCH)
 
     @staticmethod
-    def parse_event(fields: Any, pos: str) -> LogEvent | None:
+    def parse_event(fields: Any, pos: str) -> list[LogEvent]:
+        """The events of one stream entry: ``op=set|del ids=<id>,<id>...`` or
+        ``op=clear scope=<scope id>|*``; garbage is logged and skipped."""
         if not isinstance(fields, dict):
-            return None
+            return []
         op = fields.get(b"op")
         if op in (b"set", b"del"):
-            eid = parse_id(fields.get(b"id", b""))
-            if eid is None:
+            raw = fields.get(b"ids", b"")
+            parts = raw.split(b",") if isinstance(raw, bytes) else []
+            ids = [parse_id(x) for x in parts]
+            if not parts or any(i is None for i in ids):
                 log.warning("ignoring a change-log event with a bad id: %r", fields)
-                return None
-            return LogEvent(op.decode(), eid, "", pos)
+            return [LogEvent(op.decode(), i, "", pos) for i in ids if i is not None]
         if op == b"clear":
             scope = fields.get(b"scope", b"")
             text = scope.decode("ascii", "replace") if isinstance(scope, bytes) else ""
             if text != "*" and not _SCOPE_RE.match(text):
                 log.warning("ignoring a clear event with a bad scope: %r", fields)
-                return None
-            return LogEvent("clear", None, text, pos)
+                return []
+            return [LogEvent("clear", None, text, pos)]
         log.warning("ignoring an unknown change-log event: %r", fields)
-        return None
+        return []
 
     # ---------------------------------------------------------------- write
     def queue_write(
@@ -202,6 +223,8 @@ class _Layout:
     ) -> None:
         if touch:
             pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
+        exp: dict[str, float] = {}
+        no_exp: list[str] = []
         for rec, ttl in zip(records, ttls):
             key = self.ekey(rec.id)
             hid = format_id(rec.id)
@@ -209,30 +232,32 @@ class _Layout:
             pipe.hset(key, mapping=encode_record(rec))  # type: ignore[arg-type]
             if ttl is not None:
                 pipe.pexpire(key, max(1, int(round(ttl * 1000))))
-                pipe.zadd(self.k_exp, {hid: rec.expires})
+                exp[hid] = rec.expires
             else:
-                pipe.zrem(self.k_exp, hid)
-            pipe.zadd(self.k_lru, {hid: now})
-            pipe.xadd(
-                self.k_log, {"op": "set", "id": hid}, maxlen=self.log_maxlen, approximate=True
-            )
+                no_exp.append(hid)
+        hids = [format_id(r.id) for r in records]
+        pipe.zadd(self.k_lru, dict.fromkeys(hids, now))
+        if exp:
+            pipe.zadd(self.k_exp, exp)
+        if no_exp:
+            pipe.zrem(self.k_exp, *no_exp)
+        self.queue_log(pipe, "set", hids)
         pipe.zcard(self.k_lru)
         pipe.zcount(self.k_exp, "-inf", now)
 
+    def queue_log(self, pipe: Any, op: str, hids: Sequence[str]) -> None:
+        for s in range(0, len(hids), _IDS_PER_EVENT):
+            pipe.xadd(self.k_log, {"op": op, "ids": ",".join(hids[s:s + _IDS_PER_EVENT])},
+                      maxlen=self.log_maxlen, approximate=True)
+
     @staticmethod
-    def parse_write(
-        results: Sequence[Any], ttls: Sequence[float | None], touch: Sequence[int]
-    ) -> WriteResult:
+    def parse_write(results: Sequence[Any], n_records: int) -> WriteResult:
         for r in results:
             if isinstance(r, Exception):
                 raise StoreError(f"write refused by the server: {r}")
-        # [ZADD touches], then per record: DEL, HSET, [PEXPIRE], ZADD/ZREM exp, ZADD lru, XADD
-        positions: list[str] = []
-        i = 1 if touch else 0
-        for ttl in ttls:
-            i += 6 if ttl is not None else 5
-            positions.append(_id_text(results[i - 1]))
-        return WriteResult(int(results[-2]), int(results[-1]), 0, tuple(positions))
+        n_events = -(-n_records // _IDS_PER_EVENT)
+        positions = tuple(_id_text(x) for x in results[-2 - n_events:-2])
+        return WriteResult(int(results[-2]), int(results[-1]), 0, positions)
 
     def queue_delete(self, pipe: Any, ids: Sequence[int]) -> None:
         for i in ids:
@@ -241,9 +266,7 @@ class _Layout:
             hids = [format_id(i) for i in ids]
             pipe.zrem(self.k_lru, *hids)
             pipe.zrem(self.k_exp, *hids)
-            for h in hids:
-                pipe.xadd(self.k_log, {"op": "del", "id": h}, maxlen=self.log_maxlen,
-                          approximate=True)
+            self.queue_log(pipe, "del", hids)
 
     @staticmethod
     def parse_delete(n: int, results: Sequence[Any]) -> list[bool]:
@@ -343,7 +366,8 @@ class RedisStore(_Layout):
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        check = self.check_due(log_after)
+        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now, check))
         return self.parse_read(ids, log_after, touch, res)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -357,7 +381,7 @@ class RedisStore(_Layout):
         touch: Sequence[int] = (),
     ) -> WriteResult:
         res = self._run(True, lambda p: self.queue_write(p, records, ttls, now, touch))
-        return self.parse_write(res, ttls, touch)
+        return self.parse_write(res, len(records))
 
     def delete(self, ids: Sequence[int]) -> int:
         if not ids:
@@ -488,7 +512,10 @@ class AsyncRedisStore(_Layout):
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        check = self.check_due(log_after)
+        res = await self._run(
+            False, lambda p: self.queue_read(p, ids, log_after, touch, now, check)
+        )
         return self.parse_read(ids, log_after, touch, res)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -502,7 +529,7 @@ class AsyncRedisStore(_Layout):
         touch: Sequence[int] = (),
     ) -> WriteResult:
         res = await self._run(True, lambda p: self.queue_write(p, records, ttls, now, touch))
-        return self.parse_write(res, ttls, touch)
+        return self.parse_write(res, len(records))
 
     async def delete(self, ids: Sequence[int]) -> int:
         if not ids:
