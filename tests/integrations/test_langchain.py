@@ -1,0 +1,191 @@
+"""HnswSemanticLLMCache: langchain-tests' standard cache suites (sync and async), then what
+the suites do not cover: scoping by llm_string, semantic hits, chat models through
+set_llm_cache, native async, TTL, damaged entries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_tests")
+pytest.importorskip("pytest_asyncio")
+
+from langchain_core.caches import BaseCache  # noqa: E402
+from langchain_core.globals import get_llm_cache, set_llm_cache  # noqa: E402
+from langchain_core.language_models import FakeListChatModel, FakeListLLM  # noqa: E402
+from langchain_core.load import dumps  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.outputs import ChatGeneration, Generation  # noqa: E402
+from langchain_tests.integration_tests import (  # noqa: E402
+    AsyncCacheTestSuite,
+    SyncCacheTestSuite,
+)
+
+from hnswcache import AsyncSemanticCache, SemanticCache  # noqa: E402
+from hnswcache.embed import HashEmbedder  # noqa: E402
+from hnswcache.integrations.langchain import HnswSemanticLLMCache, prompt_text  # noqa: E402
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(threshold: float = 0.8, **kw: object) -> HnswSemanticLLMCache:
+    return HnswSemanticLLMCache(
+        SemanticCache(HashEmbedder(128), store="memory", threshold=threshold, **kw)  # type: ignore[arg-type]
+    )
+
+
+# ---------------------------------------------------------------------- standard suites
+# The async suite's tests are coroutines without a marker; its one sync test is then told
+# apart by pytest-asyncio with a warning, which is expected here.
+def async_suite(cls: type) -> type:
+    """Run a class's coroutine tests with pytest-asyncio."""
+    cls = pytest.mark.asyncio(cls)
+    return pytest.mark.filterwarnings("ignore:The test <Function test_no_overrides")(cls)
+
+class TestStandardSync(SyncCacheTestSuite):
+    @pytest.fixture
+    def cache(self) -> BaseCache:
+        return make()
+
+
+@async_suite
+class TestStandardAsyncThreaded(AsyncCacheTestSuite):
+    """Async twins over a sync SemanticCache (worker thread)."""
+
+    @pytest.fixture
+    def cache(self) -> BaseCache:
+        return make()
+
+
+@async_suite
+class TestStandardAsyncNative(AsyncCacheTestSuite):
+    """Async twins over an AsyncSemanticCache."""
+
+    @pytest.fixture
+    def cache(self) -> BaseCache:
+        return HnswSemanticLLMCache(
+            async_cache=AsyncSemanticCache(HashEmbedder(128), store="memory", threshold=0.8)
+        )
+
+
+# ---------------------------------------------------------------------- behaviour
+def test_scoped_by_llm_string() -> None:
+    c = make()
+    c.update("what is the capital of france", "model=a temperature=0", [Generation(text="Paris")])
+    assert c.lookup("what is the capital of france", "model=a temperature=0") == [
+        Generation(text="Paris")
+    ]
+    assert c.lookup("what is the capital of france", "model=a temperature=1") is None
+    assert c.lookup("what is the capital of france", "model=b temperature=0") is None
+    c.update("what is the capital of france", "model=b temperature=0", [Generation(text="P")])
+    c.clear(llm_string="model=a temperature=0")  # one model's answers only
+    assert c.lookup("what is the capital of france", "model=a temperature=0") is None
+    assert c.lookup("what is the capital of france", "model=b temperature=0") == [
+        Generation(text="P")
+    ]
+
+
+def test_semantic_hit_on_a_near_duplicate_prompt() -> None:
+    c = make(threshold=0.7)
+    c.update("how do I reverse a list in python", "llm", [Generation(text="lst[::-1]")])
+    assert c.lookup("how do i reverse a list in python?", "llm") == [Generation(text="lst[::-1]")]
+    assert c.lookup("best pizza in naples", "llm") is None
+
+
+def test_chat_model_answers_from_the_cache() -> None:
+    previous = get_llm_cache()
+    cache = make()
+    set_llm_cache(cache)
+    try:
+        model = FakeListChatModel(responses=["first answer", "second answer"])
+        msg = [SystemMessage(content="be brief"), HumanMessage(content="tell me a joke")]
+        assert model.invoke(msg).content == "first answer"
+        again = model.invoke(msg)  # served by the cache: the fake model is not called
+        assert isinstance(again, AIMessage) and again.content == "first answer"
+        other = FakeListChatModel(responses=["other model"], sleep=0.0)
+        other_msg = [HumanMessage(content="tell me a joke")]
+        assert other.invoke(other_msg).content == "other model"
+        hit = cache.lookup(dumps(msg), model._get_llm_string())
+        assert hit is not None and isinstance(hit[0], ChatGeneration)
+        assert hit[0].message.content == "first answer"
+    finally:
+        set_llm_cache(previous)
+
+
+def test_llm_answers_from_the_cache() -> None:
+    model = FakeListLLM(responses=["a", "b"], cache=make())
+    assert model.invoke("say something") == "a"
+    assert model.invoke("say something") == "a"
+    assert model.invoke("say something else entirely now") == "b"
+
+
+async def _native_async_roundtrip(clock: Clock) -> None:
+    cache = HnswSemanticLLMCache(
+        async_cache=AsyncSemanticCache(HashEmbedder(64), store="memory", clock=clock),
+        ttl=30,
+    )
+    gens = [ChatGeneration(message=AIMessage(content="hi")), Generation(text="t")]
+    await cache.aupdate("hello", "llm", gens)
+    assert await cache.alookup("hello", "llm") == gens
+    clock.t += 31
+    assert await cache.alookup("hello", "llm") is None  # expired
+    await cache.aupdate("hello", "llm", gens)
+    await cache.aclear()
+    assert await cache.alookup("hello", "llm") is None
+    with pytest.raises(TypeError, match="AsyncSemanticCache"):
+        cache.lookup("hello", "llm")
+
+
+@pytest.mark.asyncio
+async def test_native_async_with_ttl() -> None:
+    await _native_async_roundtrip(Clock())
+
+
+def test_ttl_expires_answers() -> None:
+    clock = Clock()
+    c = HnswSemanticLLMCache(
+        SemanticCache(HashEmbedder(64), store="memory", clock=clock), ttl=10
+    )
+    c.update("p", "llm", [Generation(text="x")])
+    clock.t += 9
+    assert c.lookup("p", "llm") == [Generation(text="x")]
+    clock.t += 2
+    assert c.lookup("p", "llm") is None
+
+
+def test_damaged_entry_is_a_miss() -> None:
+    c = make()
+    assert c.cache is not None
+    c.cache.set("p", "not json", scope={"llm_string": "llm"})
+    assert c.lookup("p", "llm") is None
+
+
+def test_prompt_text_reads_plain_chat_messages() -> None:
+    msgs = [SystemMessage(content="be brief"), HumanMessage(content="hello")]
+    assert prompt_text(dumps(msgs)) == "system: be brief\nhuman: hello"
+    assert prompt_text("plain prompt") == "plain prompt"
+    assert prompt_text("[{not json") == "[{not json"
+    tool = [AIMessage(content="", tool_calls=[{"name": "f", "args": {}, "id": "1"}])]
+    assert prompt_text(dumps(tool)) == dumps(tool)  # kept exact
+
+
+def test_constructor_arguments() -> None:
+    c = HnswSemanticLLMCache(embedder=HashEmbedder(32), store="memory")
+    assert isinstance(c.cache, SemanticCache)
+    with pytest.raises(TypeError):
+        HnswSemanticLLMCache(SemanticCache(HashEmbedder(32), store="memory"), store="memory")
+
+
+@pytest.fixture(autouse=True)
+def _no_global_cache() -> Iterator[None]:
+    previous = get_llm_cache()
+    yield
+    set_llm_cache(previous)
