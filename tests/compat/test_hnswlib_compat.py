@@ -258,6 +258,7 @@ def test_get_items(hl: ModuleType) -> None:
     np.testing.assert_array_equal(got, [[3, 4], [1, 2]])
     assert p.get_items(np.array([5]), return_type="list") == [[1.0, 2.0]]
     np.testing.assert_array_equal(p.get_items([5, 5]), [[1, 2], [1, 2]])
+    np.testing.assert_array_equal(p.get_items(np.array([[6], [5]])), [[3, 4], [1, 2]])
     empty = p.get_items()
     assert isinstance(empty, np.ndarray) and empty.size == 0
     assert p.get_items(return_type="list") == []
