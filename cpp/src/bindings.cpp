@@ -44,6 +44,7 @@ py::dict consolidate_dict(const hnswcache::consolidate_report_t& r) {
     d["distances"] = r.distances;
     d["reconnected"] = r.reconnected;
     d["seconds"] = r.seconds;
+    d["blocked_seconds"] = r.blocked_seconds;
     return d;
 }
 

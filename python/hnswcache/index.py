@@ -184,8 +184,10 @@ class Index:
     def consolidate(self, *, now: float | None = None, num_threads: int = 0) -> dict[str, Any]:
         """Physically remove dead entries and repair the graph around them.
 
-        Returns ``removed``, ``repaired`` (nodes relinked), ``distances`` computed,
-        ``reconnected`` (orphans relinked) and ``seconds``.
+        Returns ``removed``, ``repaired`` (link lists rewritten), ``distances`` computed,
+        ``reconnected`` (orphans relinked), ``seconds``, and ``blocked_seconds``: the part of
+        it during which searches had to wait. Searches go on while repairs are computed;
+        inserts wait for the whole pass.
         """
         return dict(self._native.consolidate(self._now_ns(now), int(num_threads)))
 

@@ -18,8 +18,10 @@
 //       no search can still hold the id of a slot it frees.
 //   I5. The label map is a bijection between labels and non-deleted slots.
 //
-// Concurrency. add/search/delete/touch/get hold `graph_mu_` shared; consolidate, save and
-// growth of nothing else hold it exclusively. Link lists are written under a per-slot
+// Concurrency. add/search/delete/touch/get hold `graph_mu_` shared. consolidate() computes
+// its repairs holding it shared too (searches go on; inserts wait on `writers_mu_`), then
+// holds it exclusively only to publish the new lists and free the slots. save and
+// check_integrity hold it exclusively. Link lists are written under a per-slot
 // spinlock; readers never lock: they load a count (acquire) and then the ids (acquire).
 #pragma once
 
@@ -71,6 +73,7 @@ struct consolidate_report_t {
     std::size_t distances = 0;    // distance computations spent
     std::size_t reconnected = 0;  // live nodes made reachable again
     double seconds = 0;
+    double blocked_seconds = 0;  // of which searches had to wait (the publish phases)
 };
 
 struct integrity_report_t {
@@ -233,6 +236,9 @@ class index_t {
     std::atomic<std::size_t> inserts_since_check_{0};
 
     mutable std::shared_mutex graph_mu_;
+    // Held shared by add() and exclusively by consolidate(), so that consolidation can compute
+    // its repairs while searches go on (graph_mu_ shared) but no insert changes a link list.
+    std::shared_mutex writers_mu_;
 };
 
 }  // namespace hnswcache

@@ -166,8 +166,8 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
 consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads) {
     const auto t0 = std::chrono::steady_clock::now();
     consolidate_report_t rep;
-    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
-    std::lock_guard<std::mutex> alloc_lock(alloc_mu_);
+    std::unique_lock<std::shared_mutex> no_inserts(writers_mu_);
+    std::shared_lock<std::shared_mutex> shared(graph_mu_);
     const slot_t n = n_slots();
 
     std::vector<std::uint8_t> dead(n, 0);
@@ -262,7 +262,14 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 }
                 if (ok) out.push_back(c);
             }
-            const std::size_t floor_degree = std::max<std::size_t>(1, (r.level == 0 ? M0_ : M_) / 2);
+            // Keep the degree the node had: the closest remaining candidates fill the holes
+            // the heuristic left (as hnswlib's keepPrunedConnections does), so degrees do not
+            // decay over many cycles.
+            for (const auto& [d, c] : cands) {
+                if (out.size() >= cnt || out.size() >= cap) break;
+                if (std::find(out.begin(), out.end(), c) == out.end()) out.push_back(c);
+            }
+            const std::size_t floor_degree = std::max<std::size_t>(1, M_ / 2);
             if (out.size() < floor_degree && r.level <= old_top) {
                 // Too few: look for more around the node itself, at its own level.
                 slot_t cur = old_entry;
@@ -294,7 +301,11 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
         });
         rep.distances = distances.load();
 
-        // 3. Publish the new lists.
+        // 3. Publish the new lists: now searches wait, for as long as it takes to write.
+        shared.unlock();
+        std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+        const auto blocked_from = std::chrono::steady_clock::now();
+        std::lock_guard<std::mutex> alloc_lock(alloc_mu_);
         for (const repair_t& r : work) write_links(r.node, r.level, r.links.data(), r.links.size());
         rep.repaired = work.size();
 
@@ -321,12 +332,19 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 }
             entry_.store(best == no_slot ? no_entry : pack_entry(best, best_level));
         }
+        rep.blocked_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                             blocked_from).count();
     }
 
     // 6. Every live node reachable again from the entry point at level 0.
+    if (shared.owns_lock()) shared.unlock();
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    const auto reconnect_from = std::chrono::steady_clock::now();
     std::size_t extra_distances = 0;
     rep.reconnected = reconnect_unreachable(now, extra_distances);
     rep.distances += extra_distances;
+    rep.blocked_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                         reconnect_from).count();
     rep.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return rep;

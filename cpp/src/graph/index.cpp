@@ -409,6 +409,7 @@ void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
     if (n == 0) return;
     maybe_auto_consolidate(now, n, threads);
     {
+        std::shared_lock<std::shared_mutex> writer(writers_mu_);
         std::shared_lock<std::shared_mutex> lock(graph_mu_);
         // Keep the running counter ahead of explicit labels, as hnswlib does.
         std::int64_t hi = -1;
