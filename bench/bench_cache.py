@@ -13,7 +13,8 @@ three kinds of lookup:
 - ``miss``: a random vector (exact miss, index search, nothing above the threshold).
 
 ``set`` is measured with ``set_many`` batches of 1,000 (one pipelined transaction each).
-The valkey store is a private valkey-server on loopback (the ``server`` extra).
+The valkey stores are a private valkey-server (the ``server`` extra) reached over TCP
+loopback (``valkey``) or its unix socket (``valkey-unix``, what the embedded default uses).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=5000)
-    ap.add_argument("--stores", default="memory,valkey")
+    ap.add_argument("--stores", default="memory,valkey,valkey-unix",
+                    help="memory, valkey (TCP loopback), valkey-unix (unix socket)")
     args = ap.parse_args()
     data = load(args.n, args.queries)
     log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)
@@ -128,7 +130,8 @@ def main() -> None:
             bench_store("memory", "memory", data, args, rows)
         else:
             with tempfile.TemporaryDirectory() as d, EmbeddedServer(d) as srv:
-                bench_store(name, srv.url, data, args, rows)
+                bench_store(name, srv.unix_url if name.endswith("unix") else srv.url,
+                            data, args, rows)
     log.info("")
     log.info("| store | operation | p50 µs | p99 µs | per second |")
     log.info("|---|---|---:|---:|---:|")

@@ -7,10 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import FakeClock, Paraphrases
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.server import EmbeddedServer
+
+from .cache_helpers import FakeClock, Paraphrases
 
 
 @pytest.fixture(params=["memory", "valkey"])

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from conftest import FakeClock, Paraphrases
 from hnswcache import SemanticCache
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
+
+from .cache_helpers import FakeClock, Paraphrases
 
 
 def make(store_url: str, ns: str, **kw: object) -> SemanticCache:

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import FakeClock, Paraphrases, child_env
 from hnswcache import SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
 from hnswcache.store.redis import RedisStore, keys_for
 from hnswcache.store.server import EmbeddedServer
+
+from .cache_helpers import FakeClock, Paraphrases, child_env
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 

@@ -114,6 +114,9 @@ class EmbeddedServer:
         self.config = dict(config or {})
         self.process: subprocess.Popen[bytes] | None = None
         self._atexit = False
+        sock = self.data_dir / "server.sock"
+        # AF_UNIX paths are limited to ~107 bytes; without a socket, TCP only.
+        self.socket_path: str | None = str(sock) if len(str(sock)) < 100 and not tls else None
 
     # ------------------------------------------------------------------ lifecycle
     def _args(self, port: int) -> list[str]:
@@ -128,6 +131,8 @@ class EmbeddedServer:
             "--logfile", str(self.data_dir / "server.log"),
             "--protected-mode", "yes",
         ]
+        if self.socket_path is not None:
+            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         if self.tls:
             cert, key, ca = self.tls
             args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
@@ -249,6 +254,15 @@ class EmbeddedServer:
         return self.process.pid if self.process is not None else None
 
     @property
+    def unix_url(self) -> str:
+        """``unix://`` URL of the server's socket (lower latency than TCP on one host);
+        the TCP :attr:`url` when there is no socket."""
+        if self.socket_path is None:
+            return self.url
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket_path}?db=0"
+
+    @property
     def url(self) -> str:
         """``redis://`` (or ``rediss://`` with TLS) URL, with the password if any."""
         if self.port is None:
@@ -285,8 +299,10 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
             info = json.loads((path / "server.json").read_text())
             port = int(info["port"])
             if not info.get("tls") and _ping(port, None):
-                return f"redis://127.0.0.1:{port}/0", None
+                sock = path / "server.sock"
+                url = f"unix://{sock}?db=0" if sock.exists() else f"redis://127.0.0.1:{port}/0"
+                return url, None
         except (OSError, ValueError, KeyError, TypeError):
             pass
         server = EmbeddedServer(path).start(timeout)
-        return server.url, server
+        return server.unix_url, server
