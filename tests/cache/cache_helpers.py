@@ -9,6 +9,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAPHRASES = ROOT.parent / "shared" / "data" / "paraphrases"
+if os.environ.get("HNSWCACHE_TEST_GENERATED_DATA"):  # run as a fresh clone would
+    PARAPHRASES = ROOT / "no-shared-data"
 
 
 class FakeClock:
