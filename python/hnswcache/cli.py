@@ -626,8 +626,9 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
             L.append("  last writes (entry created, cache clock)")
             for w in r["last_writes"]:
                 age = now - w["created"]
-                ago = _human_seconds(age) + " ago" if age >= 0 else "in the future (clock)"
-                L.append(f"    {ago:>14s}  {w['id']}  {w['prompt'][:60]!r}")
+                at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w["created"]))
+                ago = f" ({_human_seconds(age)} ago)" if age >= 0 else ""
+                L.append(f"    {at}{ago}  {w['id']}  {w['prompt'][:60]!r}")
         if r["last_log_events"]:
             ops = Counter(e["op"] for e in r["last_log_events"])
             L.append(f"  last {len(r['last_log_events'])} log events: "
