@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import hnswcache
-from conftest import brute_force, clustered, recall
 from hnswcache import Index
+from index_helpers import brute_force, clustered, recall
 
 
 def test_recall_at_10_on_generated_clusters():

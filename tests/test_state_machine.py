@@ -8,8 +8,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import FakeClock
 from hnswcache import Index
+from index_helpers import FakeClock
 
 DIM = 6
 LABELS = st.integers(min_value=0, max_value=60)

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import FakeClock, brute_force, clustered, recall
 from hnswcache import Index
+from index_helpers import FakeClock, brute_force, clustered, recall
 
 
 def live_oracle(x: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int):

@@ -1,0 +1,60 @@
+"""Helpers of the index tests: a controllable clock, generated data, a brute-force oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class FakeClock:
+    """A clock the test moves by hand: Index(clock=FakeClock()) reads time only from it."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+
+def clustered(n: int, dim: int, *, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    """Gaussian clusters in a low-dimensional subspace, on the unit sphere: like real
+    embeddings, whose intrinsic dimension is far below their width."""
+    rng = np.random.default_rng(seed)
+    latent = min(dim, 12)
+    basis = np.random.default_rng(12345).standard_normal((latent, dim)).astype(np.float32)
+    centers = np.random.default_rng(54321).standard_normal((clusters, latent)).astype(np.float32)
+    z = centers[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, latent)).astype(
+        np.float32
+    )
+    x = z @ basis + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine"):
+    """Exact k nearest rows of base (indices, distances) under the index's distance."""
+    if metric == "l2":
+        d = (
+            (queries**2).sum(1)[:, None]
+            - 2 * queries.astype(np.float64) @ base.T.astype(np.float64)
+            + (base**2).sum(1)[None, :]
+        )
+    elif metric == "cosine":
+        bn = base / np.linalg.norm(base, axis=1, keepdims=True)
+        qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        d = 1.0 - qn.astype(np.float64) @ bn.T.astype(np.float64)
+    else:
+        d = 1.0 - queries.astype(np.float64) @ base.T.astype(np.float64)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(d, idx, axis=1)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
