@@ -230,7 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- calibrate
-DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.60, 0.991, 0.01))
+DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.50, 0.991, 0.01))
 
 
 def bank_pairs(path: str | os.PathLike[str] | None = None) -> tuple[list[str], list[str],
@@ -450,6 +450,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              f"{rec['hit_rate']:.3f}, false-hit rate "
              + ("-" if math.isnan(rec["false_hit_rate"]) else f"{rec['false_hit_rate']:.3f}")
              + f". Use it as SemanticCache(threshold={rec['threshold']:.2f}).")
+        if rec["threshold"] == min(thresholds):
+            _say("(That is the lowest threshold tried: the negatives here are easy. Add "
+                 "look-alike pairs of your own, or lower the range with --thresholds.)")
         _say("Precision depends on the mix of pairs: a mix with more look-alike questions "
              "than your traffic has makes it pessimistic, and the reverse optimistic.")
     if args.json:
@@ -758,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--embedder", choices=("minilm", "hash"), default="minilm")
     c.add_argument("--target-precision", type=float, default=0.95,
                    help="recommend the lowest threshold with this precision (0.95)")
-    c.add_argument("--thresholds", default="", help="comma-separated (default 0.60..0.99)")
+    c.add_argument("--thresholds", default="", help="comma-separated (default 0.50..0.99)")
     c.add_argument("--all-rows", action="store_true", help="print every threshold")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", help="write the table as JSON")
