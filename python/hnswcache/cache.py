@@ -18,7 +18,7 @@ the local index. Each entry's TTL is enforced twice: by the index clock (no hit 
 ``expires``) and by the server's key expiry.
 
 :class:`SemanticCache` (sync) and :class:`AsyncSemanticCache` (asyncio) are thin I/O shells
-around :class:`_CacheCore`, which holds every decision and all local state.
+around :class:`CacheCore`, which holds every decision and all local state.
 """
 
 from __future__ import annotations
@@ -28,32 +28,24 @@ import functools
 import inspect
 import json
 import logging
-import math
 import os
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from .embed import default_embedder, embedder_dim, embedder_name
-from .index import Index
+from ._cache_core import CacheCore, Hit
+from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
-    Fetched,
-    Invalid,
     LogBatch,
-    Record,
     Store,
     StoreError,
-    entry_id,
     format_id,
-    normalize_prompt,
     parse_id,
     scope_key,
     validate_namespace,
@@ -68,397 +60,9 @@ log = logging.getLogger("hnswcache.cache")
 DEFAULT_THRESHOLD = 0.85
 
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
-_LATENCY_WINDOW = 10_000
-_OWN_POSITIONS_MAX = 200_000
 
 Clock = Callable[[], float]
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Hit:
-    """A cached answer.
-
-    Attributes:
-        response: the cached response text.
-        tier: ``"exact"`` (same normalised prompt) or ``"semantic"`` (nearest neighbour).
-        similarity: cosine similarity of the query and the stored prompt (1.0 for exact).
-        prompt: the stored prompt that matched.
-        key: the entry's key (16 hex digits), for :meth:`SemanticCache.delete`.
-        age: seconds since the entry was written.
-        expires_at: when it expires (cache clock), or ``None`` for never.
-        metadata: what was stored with it.
-        scope: the scope it belongs to.
-    """
-
-    response: str
-    tier: Literal["exact", "semantic"]
-    similarity: float
-    prompt: str
-    key: str
-    age: float
-    expires_at: float | None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    scope: dict[str, Any] = field(default_factory=dict)
-
-
-class _Stats:
-    """Counters and a window of lookup latencies."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = dict.fromkeys(
-            ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
-             "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
-             "sync_events", "resyncs"), 0)
-        self._lat = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
-        self._n = 0
-
-    def add(self, name: str, n: int = 1) -> None:
-        self.counts[name] += n
-
-    def latency(self, seconds: float) -> None:
-        self._lat[self._n % _LATENCY_WINDOW] = seconds
-        self._n += 1
-
-    def snapshot(self, entries: int) -> dict[str, Any]:
-        c: dict[str, Any] = dict(self.counts)
-        hits = c["hits_exact"] + c["hits_semantic"]
-        c["hits"] = hits
-        c["hit_rate"] = hits / (hits + c["misses"]) if hits + c["misses"] else 0.0
-        c["entries"] = entries
-        window = self._lat[: min(self._n, _LATENCY_WINDOW)]
-        for p in (50, 90, 99):
-            c[f"latency_p{p}_us"] = float(np.percentile(window, p) * 1e6) if window.size else 0.0
-        c["latency_max_us"] = float(window.max() * 1e6) if window.size else 0.0
-        return c
-
-
-class _CacheCore:
-    """Everything a cache decides, with no I/O: keys, validation, the local index replica,
-    log application, hit/miss decisions and stats. Shared by the sync and async shells."""
-
-    def __init__(
-        self, *, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
-        strict: bool, clock: Clock | None, sync_interval: float, candidates: int,
-        M: int, ef_construction: int, ef_search: int,
-    ) -> None:
-        self.embedder = embedder
-        self.threshold = self.check_threshold(threshold)
-        self.ttl = self.check_ttl(ttl)
-        if max_entries is not None and (not isinstance(max_entries, int) or max_entries < 1):
-            raise ValueError(f"max_entries must be a positive integer or None, got {max_entries!r}")
-        self.max_entries = max_entries
-        self.strict = bool(strict)
-        self.clock: Clock = clock if clock is not None else time.time
-        if sync_interval < 0:
-            raise ValueError("sync_interval must be >= 0")
-        self.sync_interval = float(sync_interval)
-        if candidates < 1:
-            raise ValueError("candidates must be >= 1")
-        self.k = int(candidates)
-        self.index_params = {"M": int(M), "ef_construction": int(ef_construction),
-                             "ef_search": int(ef_search)}
-        self.dim: int | None = embedder_dim(embedder) if embedder is not None else None
-        self.meta_checked = False
-        self.indexes: dict[str, Index] = {}
-        self.where: dict[int, tuple[str, str]] = {}  # id -> (scope id, version)
-        self.position: str | None = None  # change-log position; None until warmed
-        self.next_sync = 0.0
-        self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
-        self.touches: set[int] = set()
-        self.own_positions: set[str] = set()
-        self.stats = _Stats()
-        self._last_error_log = 0.0
-        self._suppressed = 0
-
-    # ------------------------------------------------------------------ arguments
-    @staticmethod
-    def check_threshold(threshold: float) -> float:
-        t = float(threshold)
-        if not -1.0 <= t <= 1.0 or math.isnan(t):
-            raise ValueError(
-                f"threshold is a cosine similarity in [-1, 1] (hit when similarity >= "
-                f"threshold), got {threshold!r}"
-            )
-        return t
-
-    @staticmethod
-    def check_ttl(ttl: float | None) -> float | None:
-        if ttl is None:
-            return None
-        t = float(ttl)
-        if not t > 0 or math.isnan(t):
-            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        return None if math.isinf(t) else t
-
-    def now(self) -> float:
-        return float(self.clock())
-
-    @staticmethod
-    def key(prompt: str, scope: Mapping[str, Any] | None) -> tuple[int, str, str, str]:
-        """``(entry id, scope id, scope json, normalised prompt)``."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        sid, sjson = scope_key(scope)
-        norm = normalize_prompt(prompt)
-        return entry_id(sid, norm), sid, sjson, norm
-
-    # ------------------------------------------------------------------ failures
-    def failed(self, what: str, exc: BaseException, counter: str = "store_errors") -> None:
-        """Count and log (rate-limited) a store or embedder failure; raise if strict."""
-        self.stats.add(counter)
-        if self.strict:
-            raise exc
-        now = time.monotonic()
-        if now - self._last_error_log >= 10.0:
-            extra = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-            log.warning("hnswcache %s failed, degrading to a miss/dropped write: %s%s",
-                        what, exc, extra)
-            self._last_error_log = now
-            self._suppressed = 0
-        else:
-            self._suppressed += 1
-
-    # ------------------------------------------------------------------ vectors
-    def vectors(self, raw: Any, n: int) -> npt.NDArray[np.float32]:
-        """Validate and unit-normalise embedder output (or given embeddings) to ``(n, dim)``."""
-        arr = np.asarray(raw, dtype=np.float32)
-        if arr.ndim == 1:
-            arr = arr.reshape(1, -1)
-        if arr.ndim != 2 or arr.shape[0] != n:
-            raise ValueError(f"embeddings must have shape ({n}, dim), got {arr.shape}")
-        if self.dim is None:
-            self.dim = int(arr.shape[1])
-        elif arr.shape[1] != self.dim:
-            raise ValueError(f"embeddings have dimension {arr.shape[1]}, the cache has {self.dim}")
-        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
-        if not np.isfinite(norms).all():
-            raise ValueError("embeddings contain NaN or infinity")
-        if not norms.all():
-            raise ValueError("an embedding is the zero vector")
-        return np.ascontiguousarray(arr / norms, dtype=np.float32)
-
-    def check_meta(self, stored: tuple[int | None, str]) -> None:
-        dim, name = stored
-        self.meta_checked = True
-        if dim is None:
-            return
-        if self.dim is not None and dim != self.dim:
-            raise ValueError(
-                f"this cache namespace holds {dim}-d vectors (embedder {name!r}) but the "
-                f"embedder gives {self.dim}-d: use another namespace, or clear() it"
-            )
-        mine = embedder_name(self.embedder) if self.embedder is not None else name
-        if name != mine:
-            log.warning("cache namespace was written with embedder %r, now read with %r: "
-                        "similarities are only meaningful within one model", name, mine)
-
-    # ------------------------------------------------------------------ replica
-    def _index(self, sid: str) -> Index:
-        idx = self.indexes.get(sid)
-        if idx is None:
-            assert self.dim is not None
-            idx = Index(self.dim, metric="cosine", clock=self.clock, **self.index_params)
-            self.indexes[sid] = idx
-        return idx
-
-    def usable(self, f: Fetched, now: float) -> Record | None:
-        """``f`` if it is a valid, live record of the right dimension; counts the rest."""
-        if f is None:
-            return None
-        if isinstance(f, Invalid):
-            self.stats.add("invalid_entries")
-            log.warning("ignoring invalid cache entry %s: %s",
-                        format_id(f.id) if f.id >= 0 else "?", f.reason)
-            return None
-        if self.dim is None:
-            self.dim = int(f.vector.shape[0])
-        if f.vector.shape[0] != self.dim:
-            self.stats.add("invalid_entries")
-            log.warning("ignoring cache entry %s: dimension %d, the cache has %d",
-                        format_id(f.id), f.vector.shape[0], self.dim)
-            return None
-        if f.expired(now):
-            return None
-        return f
-
-    def add_records(self, records: Sequence[Record]) -> None:
-        by_scope: dict[str, list[Record]] = {}
-        for r in records:
-            by_scope.setdefault(r.scope_id, []).append(r)
-        for sid, recs in by_scope.items():
-            if len(recs) > 1:  # keep the last write of an id within one batch
-                recs = list({r.id: r for r in recs}.values())
-            idx = self._index(sid)
-            idx.add(
-                np.stack([r.vector for r in recs]),
-                np.array([r.id for r in recs], dtype=np.int64),
-                expires_at=np.array([r.expires for r in recs], dtype=np.float64),
-                num_threads=1 if len(recs) < 256 else 0,
-            )
-            for r in recs:
-                self.where[r.id] = (sid, r.version)
-
-    def remove(self, ids: Iterable[int]) -> None:
-        for eid in ids:
-            w = self.where.pop(eid, None)
-            if w is not None and w[0] in self.indexes:
-                self.indexes[w[0]].delete([eid])
-
-    def clear_local(self, sid: str | None) -> None:
-        if sid is None or sid == "*":
-            self.indexes.clear()
-            self.where.clear()
-            return
-        self.indexes.pop(sid, None)
-        for eid in [e for e, w in self.where.items() if w[0] == sid]:
-            del self.where[eid]
-
-    def reconcile(self, ids: Sequence[int], fetched: Sequence[Fetched]) -> None:
-        """Make the replica match the store for ``ids`` (their current stored state)."""
-        now = self.now()
-        add: list[Record] = []
-        gone: list[int] = []
-        for eid, f in zip(ids, fetched):
-            rec = self.usable(f, now)
-            if rec is None:
-                gone.append(eid)
-            elif self.where.get(eid) != (rec.scope_id, rec.version):
-                add.append(rec)
-        self.remove(gone)
-        if add:
-            self.add_records(add)
-
-    def load(self, batch: Sequence[Fetched]) -> None:
-        """Warm start: add one scanned batch to the replica."""
-        now = self.now()
-        if self.dim is None:  # nothing says the dimension: the batch's most common one
-            dims = [f.vector.shape[0] for f in batch if isinstance(f, Record)]
-            if dims:
-                self.dim = max(set(dims), key=dims.count)
-        recs = [r for r in (self.usable(f, now) for f in batch) if r is not None]
-        if recs:
-            self.add_records(recs)
-
-    def sync_due(self) -> str | None:
-        """The log position to read from if a log read is due now, else ``None``."""
-        if self.position is None:
-            return None
-        t = time.monotonic()
-        if t < self.next_sync:
-            return None
-        self.next_sync = t + self.sync_interval
-        return self.position
-
-    def apply_log(self, batch: LogBatch) -> list[int]:
-        """Apply clear events; return the ids whose state must be fetched and reconciled."""
-        ids: dict[int, None] = {}
-        own: set[str] = set()
-        for ev in batch.events:
-            if ev.pos and ev.pos in self.own_positions:
-                own.add(ev.pos)  # one log entry may carry many events
-                continue
-            self.stats.add("sync_events")
-            if ev.op == "clear":
-                self.clear_local(ev.scope)
-            elif ev.id is not None:
-                ids[ev.id] = None
-        self.own_positions -= own
-        return list(ids)
-
-    def remember_own(self, positions: Iterable[str]) -> None:
-        if len(self.own_positions) > _OWN_POSITIONS_MAX:
-            self.own_positions.clear()  # only costs re-fetching our own writes
-        self.own_positions.update(positions)
-
-    def take_touches(self) -> list[int]:
-        if not self.touches:
-            return []
-        out = list(self.touches)
-        self.touches.clear()
-        return out
-
-    def size(self) -> int:
-        return sum(len(i) for i in self.indexes.values())
-
-    # ------------------------------------------------------------------ decisions
-    def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float) -> Hit:
-        self.stats.add("hits_exact" if tier == "exact" else "hits_semantic")
-        self.touches.add(rec.id)
-        return Hit(
-            response=rec.response, tier=tier, similarity=sim, prompt=rec.prompt,
-            key=format_id(rec.id), age=max(0.0, now - rec.created),
-            expires_at=None if math.isinf(rec.expires) else rec.expires,
-            metadata=rec.metadata, scope=rec.scope,
-        )
-
-    def exact(self, f: Fetched, sid: str, norm: str, now: float) -> Hit | None:
-        if f is None:
-            return None
-        if not isinstance(f, Invalid) and f.expired(now):
-            self.stats.add("expiries")
-        rec = self.usable(f, now)
-        if rec is None or rec.scope_id != sid or normalize_prompt(rec.prompt) != norm:
-            return None
-        if self.where.get(rec.id) != (rec.scope_id, rec.version):
-            self.add_records([rec])  # written elsewhere, not yet seen in the log
-        return self.hit(rec, "exact", 1.0, now)
-
-    def candidates(
-        self, vecs: npt.NDArray[np.float32], sid: str, threshold: float
-    ) -> list[list[tuple[int, float]]]:
-        idx = self.indexes.get(sid)
-        if idx is None:  # (len(idx) is O(n) in the core: not on this path)
-            return [[] for _ in range(vecs.shape[0])]
-        labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
-        out: list[list[tuple[int, float]]] = []
-        for lab_row, dist_row in zip(labels, dists):
-            row = [(int(lab), 1.0 - float(d)) for lab, d in zip(lab_row, dist_row)
-                   if lab >= 0 and 1.0 - float(d) >= threshold - 1e-4]
-            out.append(row)
-        return out
-
-    def semantic(
-        self, vec: npt.NDArray[np.float32], cands: Sequence[tuple[int, float]],
-        fetched: Mapping[int, Fetched], sid: str, threshold: float, now: float,
-    ) -> Hit | None:
-        best: tuple[float, Record] | None = None
-        stale: list[int] = []
-        for eid, _ in cands:
-            rec = self.usable(fetched.get(eid), now)
-            if rec is None or rec.scope_id != sid:
-                stale.append(eid)
-                continue
-            if self.where.get(eid) != (rec.scope_id, rec.version):
-                self.add_records([rec])
-            sim = float(np.dot(rec.vector, vec))  # authoritative: the stored vector
-            if sim >= threshold and (best is None or sim > best[0]):
-                best = (sim, rec)
-        self.remove(stale)
-        if best is None:
-            return None
-        return self.hit(best[1], "semantic", min(1.0, best[0]), now)
-
-    def records(
-        self, prompts: Sequence[str], responses: Sequence[str], vecs: npt.NDArray[np.float32],
-        scope: Mapping[str, Any] | None, ttl: float | None, metadata: Sequence[Any], now: float,
-    ) -> list[Record]:
-        out = []
-        for p, r, v, m in zip(prompts, responses, vecs, metadata):
-            if not isinstance(r, str):
-                raise TypeError(f"response must be a str, got {type(r).__name__}")
-            eid, sid, sjson, _ = self.key(p, scope)
-            try:
-                mjson = json.dumps(dict(m or {}), sort_keys=True, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"metadata must be a JSON-serialisable mapping: {exc}") from None
-            out.append(Record(
-                id=eid, prompt=p, response=r, vector=v, scope_id=sid, scope_json=sjson,
-                metadata_json=mjson, created=now,
-                expires=now + ttl if ttl is not None else math.inf,
-                version=secrets.token_hex(8),
-            ))
-        return out
 
 
 # ---------------------------------------------------------------------- store resolution
@@ -514,7 +118,7 @@ class _Base:
         candidates: int, M: int, ef_construction: int, ef_search: int,
     ) -> None:
         self.namespace = validate_namespace(namespace)
-        self._core = _CacheCore(
+        self._core = CacheCore(
             embedder=embedder, threshold=threshold, ttl=ttl, max_entries=max_entries,
             strict=strict, clock=clock, sync_interval=sync_interval, candidates=candidates,
             M=M, ef_construction=ef_construction, ef_search=ef_search,
@@ -787,19 +391,19 @@ class SemanticCache(_Base):
         c = self._core
         pairs = list(items)
         prompts = [p for p, _ in pairs]
-        keys = [format_id(c.key(p, scope)[0]) for p in prompts]
+        kk = [c.key(p, scope) for p in prompts]
+        keys = [format_id(k[0]) for k in kk]
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
-        metas = list(metadata) if metadata is not None else [None] * len(pairs)
-        if len(metas) != len(pairs):
-            raise ValueError("metadata must have one item per pair")
+        metas = c.check_pairs(pairs, list(metadata) if metadata is not None
+                              else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
         vecs = self._embed(prompts, given)
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(prompts, [r for _, r in pairs], vecs, scope, eff_ttl, metas, now)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now)
         if not self._ready():
             c.stats.add("store_errors")
             return keys
@@ -1129,19 +733,19 @@ class AsyncSemanticCache(_Base):
         c = self._core
         pairs = list(items)
         prompts = [p for p, _ in pairs]
-        keys = [format_id(c.key(p, scope)[0]) for p in prompts]
+        kk = [c.key(p, scope) for p in prompts]
+        keys = [format_id(k[0]) for k in kk]
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
-        metas = list(metadata) if metadata is not None else [None] * len(pairs)
-        if len(metas) != len(pairs):
-            raise ValueError("metadata must have one item per pair")
+        metas = c.check_pairs(pairs, list(metadata) if metadata is not None
+                              else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
         vecs = await self._embed(prompts, given)
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(prompts, [r for _, r in pairs], vecs, scope, eff_ttl, metas, now)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now)
         if not await self._ready():
             c.stats.add("store_errors")
             return keys
