@@ -297,3 +297,32 @@ def test_threaded_small_batches_build_the_same_quality_graph_as_one_thread():
             found, _ = idx.search(x, k=1, ef=200, num_threads=1)
             assert (found[:, 0] == np.arange(200)).mean() >= 0.99
     assert orphans[2] <= orphans[1]
+
+
+@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.5])
+def test_filter_restricts_results_to_the_allowed_labels(fraction):
+    x = clustered(5000, 32, seed=21)
+    q = clustered(50, 32, seed=22)
+    idx = Index(32)
+    idx.add(x, np.arange(5000))
+    rng = np.random.default_rng(3)
+    allowed = np.sort(rng.choice(5000, int(5000 * fraction), replace=False))
+    idx.delete(allowed[:2])  # deleted labels stay out even when allowed
+    live_allowed = allowed[2:]
+    labels, _ = idx.search(q, k=10, ef=64, filter=allowed.tolist())
+    assert np.isin(labels[labels >= 0], live_allowed).all()
+    truth, _ = brute_force(x[live_allowed], q, min(10, len(live_allowed)))
+    assert recall(labels, live_allowed[truth]) >= 0.95
+    if len(live_allowed) < 10:
+        assert (labels[:, len(live_allowed) :] == -1).all()
+
+
+def test_filter_of_unknown_or_no_labels_returns_nothing():
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    labels, dists = idx.search(np.ones(4, np.float32), k=2, filter=[77])
+    assert (labels == -1).all() and np.isinf(dists).all()
+    labels, _ = idx.search(np.ones(4, np.float32), k=2, filter=[])
+    assert (labels == -1).all()
+    labels, _ = idx.search(np.ones(4, np.float32), k=2, filter=[3, 3])
+    assert labels.tolist() == [[3, -1]]

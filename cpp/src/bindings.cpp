@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
 #include <memory>
 
 #include "hnswcache/index.hpp"
@@ -127,8 +128,14 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "search",
             [](const index_t& self, const f32_array& q, std::size_t k, std::size_t ef,
-               std::int64_t now, std::size_t threads) {
+               std::int64_t now, std::size_t threads, const std::optional<i64_array>& allowed) {
                 const std::size_t n = rows_of(q, self.dim(), "queries");
+                const std::int64_t* al = nullptr;
+                std::size_t n_al = 0;
+                if (allowed) {
+                    n_al = allowed->size();
+                    al = vec_of(*allowed, n_al, "filter");
+                }
                 const float* rows = q.data();
                 if (k == 0) throw std::invalid_argument("k must be positive");
                 py::array_t<std::int64_t> labels({n, k});
@@ -137,12 +144,12 @@ PYBIND11_MODULE(_core, m) {
                 float* dp = dists.mutable_data();
                 {
                     py::gil_scoped_release release;
-                    self.search(rows, n, k, ef, now, threads, lp, dp);
+                    self.search(rows, n, k, ef, now, threads, lp, dp, al, n_al);
                 }
                 return py::make_tuple(labels, dists);
             },
             py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("now"),
-            py::arg("num_threads"))
+            py::arg("num_threads"), py::arg("allowed") = py::none())
         .def(
             "delete",
             [](index_t& self, const i64_array& labels) {

@@ -26,7 +26,13 @@ class Index:
         num_threads: int,
     ) -> None: ...
     def search(
-        self, queries: npt.NDArray[np.float32], k: int, ef: int, now: int, num_threads: int
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        ef: int,
+        now: int,
+        num_threads: int,
+        allowed: npt.NDArray[np.int64] | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
     def delete(self, labels: npt.NDArray[np.int64]) -> int: ...
     def touch(

@@ -200,12 +200,17 @@ class Index:
         ef: int | None = None,
         now: float | None = None,
         num_threads: int = 0,
+        filter: Any = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """The ``k`` nearest live entries of each query.
 
         Returns ``(labels, distances)``, both shaped ``(n, k)``, best first. Rows are padded
         with label ``-1`` and distance ``inf`` when fewer than ``k`` entries are live. An entry
         expired at ``now`` (default: the clock) or deleted is never returned.
+
+        ``filter``, a sequence of labels, restricts the results to those labels: the search
+        walks through the others as it does through expired entries, and answers exactly from
+        the allowed entries when they are few.
         """
         if type(k) is not int or k <= 0:
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -222,8 +227,9 @@ class Index:
         ):
             q = self._as_vectors(queries, "queries")
         t = self._clock() if now is None else now
+        allowed = None if filter is None else _as_labels(filter, "filter")
         return self._native.search(  # type: ignore[no-any-return]
-            q, int(k), int(ef or 0), int(round(float(t) * 1e9)), num_threads
+            q, int(k), int(ef or 0), int(round(float(t) * 1e9)), num_threads, allowed
         )
 
     def get(self, labels: Any) -> npt.NDArray[np.float32]:

@@ -104,10 +104,12 @@ class index_t {
     void add(const float* rows, std::size_t n, const std::int64_t* labels,
              const std::int64_t* expiry, std::int64_t now, std::size_t threads);
 
-    // k nearest live entries per query; pads with -1 / +inf.
+    // k nearest live entries per query; pads with -1 / +inf. With `allowed` (n_allowed labels),
+    // only those labels can be returned (the filter walks the graph like expiry does).
     void search(const float* queries, std::size_t n, std::size_t k, std::size_t ef,
                 std::int64_t now, std::size_t threads, std::int64_t* out_labels,
-                float* out_distances) const;
+                float* out_distances, const std::int64_t* allowed = nullptr,
+                std::size_t n_allowed = 0) const;
 
     std::size_t remove(const std::int64_t* labels, std::size_t n);
     std::size_t touch(const std::int64_t* labels, const std::int64_t* expiry, std::size_t n,
@@ -178,18 +180,24 @@ class index_t {
     void greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
                         int to_level) const;
     // Best-first search of one level from `start`. With live_only, only nodes live at `now`
-    // enter the results (dead ones are walked through); otherwise all nodes do.
+    // (and, given a mask, allowed by it) enter the results; the others are walked through.
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
-                      std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out) const;
+                      std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
+                      const std::vector<std::uint8_t>* mask = nullptr) const;
     void select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
                           std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
                           std::size_t* distances = nullptr) const;
     void write_links(slot_t id, int level, const slot_t* ids, std::size_t count);
     void link_back(slot_t from, slot_t to, int level, scratch_t& s);
+    // Exact k nearest live entries among `slots` (all slots when null).
     void brute_force(const float* q, std::size_t k, std::int64_t now,
-                     std::vector<neighbor_t>& out) const;
+                     std::vector<neighbor_t>& out, const std::vector<slot_t>* slots = nullptr) const;
+    struct filter_t {
+        std::vector<std::uint8_t> mask;  // by slot
+        std::vector<slot_t> slots;       // the allowed slots
+    };
     void search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
-                    scratch_t& s, std::vector<neighbor_t>& out) const;
+                    scratch_t& s, std::vector<neighbor_t>& out, const filter_t* filter) const;
     std::size_t dead_count(std::int64_t now) const;
     void maybe_auto_consolidate(std::int64_t now, std::size_t incoming, std::size_t threads);
     void publish_label(std::int64_t label, slot_t id);

@@ -199,7 +199,12 @@ void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_
 }
 
 void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl, bool live_only,
-                           std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out) const {
+                           std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
+                           const std::vector<std::uint8_t>* mask) const {
+    auto admit = [&](slot_t v) {
+        return !live_only ||
+               (live(v, now) && (mask == nullptr || (v < mask->size() && (*mask)[v])));
+    };
     s.visited.reset(n_slots());
     auto& cand = s.candidates;  // min-heap by distance (std heap with greater)
     auto& res = s.results;      // max-heap by distance
@@ -208,7 +213,7 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
     const float d0 = dist(q, vec(start));
     s.visited.mark(start);
     cand.emplace_back(d0, start);
-    if (!live_only || live(start, now)) res.emplace_back(d0, start);
+    if (admit(start)) res.emplace_back(d0, start);
     float worst = res.empty() ? std::numeric_limits<float>::infinity() : d0;
 
     const slot_t* batch = s.batch.data();
@@ -238,7 +243,7 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
                 const slot_t v = batch[i];
                 cand.emplace_back(d, v);
                 std::push_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
-                if (!live_only || live(v, now)) {
+                if (admit(v)) {
                     res.emplace_back(d, v);
                     std::push_heap(res.begin(), res.end());
                     if (res.size() > ef) {
@@ -468,10 +473,11 @@ std::size_t index_t::dead_count(std::int64_t now) const {
 // ------------------------------------------------------------------------------ search
 
 void index_t::brute_force(const float* q, std::size_t k, std::int64_t now,
-                          std::vector<neighbor_t>& out) const {
+                          std::vector<neighbor_t>& out, const std::vector<slot_t>* slots) const {
     out.clear();
-    const slot_t n = n_slots();
-    for (slot_t id = 0; id < n; ++id) {
+    const slot_t n = slots ? static_cast<slot_t>(slots->size()) : n_slots();
+    for (slot_t i = 0; i < n; ++i) {
+        const slot_t id = slots ? (*slots)[i] : i;
         if (state(id) != state_ready || !live(id, now)) continue;
         const float d = dist(q, vec(id));
         if (out.size() < k) {
@@ -487,15 +493,23 @@ void index_t::brute_force(const float* q, std::size_t k, std::int64_t now,
 }
 
 void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
-                         scratch_t& s, std::vector<neighbor_t>& out) const {
+                         scratch_t& s, std::vector<neighbor_t>& out, const filter_t* filter) const {
     out.clear();
     const std::uint64_t ep = entry_.load(std::memory_order_acquire);
     if (ep == no_entry) return;
+    // A filter that admits few entries is answered exactly from them: cheaper than a walk
+    // that would have to pass most of the graph to find them (Lucene's rule for filters).
+    if (filter != nullptr && filter->slots.size() <= 4 * std::max(ef, k)) {
+        brute_force(q, k, now, out, &filter->slots);
+        return;
+    }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
     float dcur = dist(q, vec(cur));
     greedy_descent(q, cur, dcur, static_cast<int>(ep >> 32), 0);
-    search_level(q, cur, std::max(ef, k), 0, true, now, s, out);
-    if (out.size() < k) {
+    search_level(q, cur, std::max(ef, k), 0, true, now, s, out, filter ? &filter->mask : nullptr);
+    if (out.size() < k && filter != nullptr) {
+        brute_force(q, k, now, out, &filter->slots);
+    } else if (out.size() < k) {
         // Too few live entries were reachable (most of the neighbourhood is dead, or the live
         // set is tiny): answer exactly from a scan rather than return too few.
         std::size_t candidates;
@@ -510,15 +524,30 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
 
 void index_t::search(const float* queries, std::size_t n, std::size_t k, std::size_t ef,
                      std::int64_t now, std::size_t threads, std::int64_t* out_labels,
-                     float* out_distances) const {
+                     float* out_distances, const std::int64_t* allowed,
+                     std::size_t n_allowed) const {
     if (k == 0) throw std::invalid_argument("k must be positive");
     if (ef == 0) ef = ef_search();
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
+    std::unique_ptr<filter_t> filter;
+    if (allowed != nullptr) {
+        filter = std::make_unique<filter_t>();
+        filter->mask.assign(n_slots(), 0);
+        std::lock_guard<std::mutex> lk(label_mu_);
+        for (std::size_t i = 0; i < n_allowed; ++i) {
+            auto it = label_map_.find(allowed[i]);
+            if (it == label_map_.end() || it->second >= filter->mask.size() ||
+                filter->mask[it->second])
+                continue;
+            filter->mask[it->second] = 1;
+            filter->slots.push_back(it->second);
+        }
+    }
     auto work = [&](std::size_t r) {
         scratch_t& s = scratch_t::local(M0_);
         float* q = s.query(dim_padded_);
         prepare(queries + r * dim_, q);
-        search_one(q, k, ef, now, s, s.found);
+        search_one(q, k, ef, now, s, s.found, filter.get());
         std::int64_t* lab = out_labels + r * k;
         float* dis = out_distances + r * k;
         for (std::size_t i = 0; i < k; ++i) {
