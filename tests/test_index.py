@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -326,3 +329,23 @@ def test_filter_of_unknown_or_no_labels_returns_nothing():
     assert (labels == -1).all()
     labels, _ = idx.search(np.ones(4, np.float32), k=2, filter=[3, 3])
     assert labels.tolist() == [[3, -1]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_forked_child_can_use_threads_on_an_inherited_index():
+    """The child of a fork has none of the parent's pool threads: batch calls must still
+    finish (a pre-fork server that imports and warms the cache, then forks workers)."""
+    code = (
+        "import os, numpy as np, hnswcache\n"
+        "x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)\n"
+        "i = hnswcache.Index(16); i.add(x[:1000], num_threads=2)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    i.add(x[1000:], num_threads=2)\n"
+        "    l, _ = i.search(x[:100], k=1, num_threads=2)\n"
+        "    os._exit(0 if (l[:, 0] == np.arange(100)).mean() > 0.95 else 3)\n"
+        "_, st = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(st))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr

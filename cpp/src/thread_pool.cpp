@@ -7,6 +7,9 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #include <thread>
 #include <vector>
 
@@ -92,10 +95,30 @@ class pool_t {
     bool stop_ = false;
 };
 
+// Leaked on purpose: joining threads from a static destructor at interpreter exit can
+// deadlock, and the OS reclaims them anyway.
+std::atomic<pool_t*> the_pool{nullptr};
+std::mutex pool_create_mu;
+
+#if defined(__unix__) || defined(__APPLE__)
+// A forked child has the pool object but none of its threads (and maybe a held lock): it
+// forgets the parent's pool and starts its own on first use.
+void forget_pool_in_child() { the_pool.store(nullptr); }
+#endif
+
 pool_t& pool() {
-    // Leaked on purpose: joining threads from a static destructor at interpreter exit can
-    // deadlock, and the OS reclaims them anyway.
-    static pool_t* p = new pool_t(hardware_threads() > 1 ? hardware_threads() - 1 : 0);
+    pool_t* p = the_pool.load(std::memory_order_acquire);
+    if (p != nullptr) return *p;
+    std::lock_guard<std::mutex> lock(pool_create_mu);
+    p = the_pool.load(std::memory_order_acquire);
+    if (p == nullptr) {
+#if defined(__unix__) || defined(__APPLE__)
+        static const int registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child);
+        (void)registered;
+#endif
+        p = new pool_t(hardware_threads() > 1 ? hardware_threads() - 1 : 0);
+        the_pool.store(p, std::memory_order_release);
+    }
     return *p;
 }
 
