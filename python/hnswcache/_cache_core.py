@@ -200,6 +200,13 @@ class CacheCore:
             self.dim = int(arr.shape[1])
         elif arr.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {arr.shape[1]}, the cache has {self.dim}")
+        if arr.shape[0] == 1:  # the common single-lookup case, without array temporaries
+            n2 = float(np.dot(arr[0], arr[0]))
+            if not math.isfinite(n2):
+                raise ValueError("embeddings contain NaN or infinity")
+            if n2 == 0.0:
+                raise ValueError("an embedding is the zero vector")
+            return np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
         norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
         if not np.isfinite(norms).all():
             raise ValueError("embeddings contain NaN or infinity")

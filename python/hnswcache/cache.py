@@ -363,7 +363,7 @@ class SemanticCache(_Base):
             c.stats.latency(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
-        self._core.stats.add("misses", sum(1 for h in out if h is None))
+        self._core.stats.add("misses", out.count(None))
         return out
 
     # ------------------------------------------------------------------ writes
@@ -710,7 +710,7 @@ class AsyncSemanticCache(_Base):
             c.stats.latency(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
-        self._core.stats.add("misses", sum(1 for h in out if h is None))
+        self._core.stats.add("misses", out.count(None))
         return out
 
     async def set(

@@ -202,19 +202,43 @@ def encode_record(rec: Record) -> dict[str, bytes]:
 
 
 def _text(raw: Mapping[Any, Any], name: str) -> str:
-    value = raw.get(name.encode(), raw.get(name))
+    value = raw.get(_BKEYS[name])
     if value is None:
-        raise ValueError(f"missing field {name!r}")
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if not isinstance(value, (bytes, bytearray)):
-        raise ValueError(f"field {name!r} is not bytes")
+        value = raw.get(name)
+        if value is None:
+            raise ValueError(f"missing field {name!r}")
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+    if type(value) is not bytes:
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"field {name!r} is not bytes")
+        value = bytes(value)
     if len(value) > MAX_TEXT_BYTES:
         raise ValueError(f"field {name!r} is too large ({len(value)} bytes)")
     try:
-        return bytes(value).decode("utf-8")
+        return value.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"field {name!r} is not UTF-8") from None
+
+
+_BKEYS = {n: n.encode() for n in REQUIRED_FIELDS}
+#: (scope id, scope json) pairs already checked to match (scopes repeat across entries).
+_VERIFIED_SCOPES: dict[tuple[str, str], bool] = {}
+
+
+def _check_scope(scope_id: str, scope_json: str) -> None:
+    if (scope_id, scope_json) in _VERIFIED_SCOPES:
+        return
+    if not _HEX16_RE.match(scope_id):
+        raise ValueError("bad scope id")
+    value = json.loads(scope_json)
+    if not isinstance(value, dict):
+        raise ValueError("field 'scope_json' is not a JSON object")
+    if scope_key(value)[0] != scope_id:
+        raise ValueError("scope id does not match scope_json")
+    if len(_VERIFIED_SCOPES) >= 4096:
+        _VERIFIED_SCOPES.clear()
+    _VERIFIED_SCOPES[(scope_id, scope_json)] = True
 
 
 def _float(raw: Mapping[Any, Any], name: str) -> float:
@@ -252,21 +276,15 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         vector = np.frombuffer(bytes(vec_bytes), dtype="<f4").astype(np.float32)
         if dim is not None and vector.shape[0] != dim:
             raise ValueError(f"vector has dimension {vector.shape[0]}, the cache has {dim}")
-        if not np.isfinite(vector).all():
-            raise ValueError("vector has non-finite values")
-        norm = float(np.linalg.norm(vector))
-        if not 0.99 < norm < 1.01:
-            raise ValueError(f"vector is not unit length (norm {norm:.3f})")
+        n2 = float(np.dot(vector, vector))  # NaN or inf if any value is
+        if not 0.98 < n2 < 1.02:
+            raise ValueError(f"vector is not a finite unit vector (squared norm {n2:.3f})")
         scope_id = _text(raw, "scope")
-        if not _HEX16_RE.match(scope_id):
-            raise ValueError("bad scope id")
         scope_json = _text(raw, "scope_json")
+        _check_scope(scope_id, scope_json)
         metadata_json = _text(raw, "metadata")
-        for name, text in (("scope_json", scope_json), ("metadata", metadata_json)):
-            if not isinstance(json.loads(text), dict):
-                raise ValueError(f"field {name!r} is not a JSON object")
-        if scope_key(json.loads(scope_json))[0] != scope_id:
-            raise ValueError("scope id does not match scope_json")
+        if metadata_json != "{}" and not isinstance(json.loads(metadata_json), dict):
+            raise ValueError("field 'metadata' is not a JSON object")
         created = _float(raw, "created")
         expires = _float(raw, "expires")
         version = _text(raw, "version")
