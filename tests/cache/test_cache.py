@@ -265,3 +265,30 @@ def test_embedder_failure_is_a_miss_unless_strict(store_url: str, ns: str) -> No
     strict = make(store_url, ns, embedder=broken, strict=True)
     with pytest.raises(RuntimeError):
         strict.set("anything", "x")
+
+
+def test_threads_share_one_cache(store_url: str, ns: str) -> None:
+    """Concurrent gets and sets from several threads: no error, nothing lost."""
+    import threading
+
+    cache = make(store_url, ns, threshold=0.9)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(60):
+                cache.set(f"thread {t} item {i}", f"{t}:{i}")
+                hit = cache.get(f"thread {t} item {i}")
+                assert hit is not None and hit.response == f"{t}:{i}"
+                cache.get(f"thread {(t + 1) % 4} item {i}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    assert len(cache) == 240
+    assert all(cache.get(f"thread {t} item {i}") is not None for t in range(4) for i in (0, 59))
