@@ -108,4 +108,4 @@ class IndexVersusOracle(RuleBasedStateMachine):
 
 
 TestIndexVersusOracle = IndexVersusOracle.TestCase
-TestIndexVersusOracle.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestIndexVersusOracle.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)

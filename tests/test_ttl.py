@@ -137,12 +137,12 @@ def test_churn_keeps_recall_reachability_and_memory(sgd, clock):
     """Cycles of 10% expiry + 10% insertion: recall stays within 0.01 of a fresh build on the
     same live set, no live node is unreachable, and slots stay bounded."""
     if sgd is not None:
-        pool = sgd[0][:16_000]
+        pool = sgd[0][:32_000]
         q = sgd[1][:200]
     else:
-        pool = clustered(16_000, 64, seed=10)
+        pool = clustered(32_000, 64, seed=10)
         q = clustered(200, 64, seed=11)
-    n, cycles, step, tau = 8_000, 8, 800, 0.10
+    n, cycles, step, tau = 8_000, 30, 800, 0.10
     dim = pool.shape[1]
     idx = Index(dim, clock=clock, auto_consolidate=tau, seed=1)
     rng = np.random.default_rng(0)
