@@ -326,10 +326,19 @@ class SemanticCache(_Base):
                 return self._misses(out)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
+            # With embeddings given, search first and fetch the candidates in the same round
+            # trip as the exact tier; valid unless the log brought changes (then redo).
+            ahead = c.candidates(given_all, sid, thr) if given_all is not None else None
+            want_ahead = [] if ahead is None else list(
+                dict.fromkeys(e for row in ahead for e, _ in row))
             try:
-                fetched, batch = self.store.read(ids, log_after=c.sync_due(),
-                                                 touch=c.take_touches(), now=c.now())
+                fetched, batch = self.store.read(
+                    ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
+                    now=c.now())
+                before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 self._apply(batch)
+                if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
+                    ahead = None  # the replica changed: search again below
             except StoreError as exc:
                 c.failed("get", exc)
                 return self._misses(out)
@@ -339,6 +348,12 @@ class SemanticCache(_Base):
                 out[i] = c.exact(f, sid, k[3], now)
                 if out[i] is None:
                     todo.append(i)
+            if ahead is not None and given_all is not None:
+                got_ahead = dict(zip(want_ahead, fetched[len(ids):]))
+                for i in todo:
+                    if ahead[i]:
+                        out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
+                return self._misses(out)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
@@ -673,10 +688,19 @@ class AsyncSemanticCache(_Base):
                 return self._misses(out)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
+            # With embeddings given, search first and fetch the candidates in the same round
+            # trip as the exact tier; valid unless the log brought changes (then redo).
+            ahead = c.candidates(given_all, sid, thr) if given_all is not None else None
+            want_ahead = [] if ahead is None else list(
+                dict.fromkeys(e for row in ahead for e, _ in row))
             try:
-                fetched, batch = await self.store.read(ids, log_after=c.sync_due(),
-                                                       touch=c.take_touches(), now=c.now())
+                fetched, batch = await self.store.read(
+                    ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
+                    now=c.now())
+                before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 await self._apply(batch)
+                if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
+                    ahead = None  # the replica changed: search again below
             except StoreError as exc:
                 c.failed("get", exc)
                 return self._misses(out)
@@ -686,6 +710,12 @@ class AsyncSemanticCache(_Base):
                 out[i] = c.exact(f, sid, k[3], now)
                 if out[i] is None:
                     todo.append(i)
+            if ahead is not None and given_all is not None:
+                got_ahead = dict(zip(want_ahead, fetched[len(ids):]))
+                for i in todo:
+                    if ahead[i]:
+                        out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
+                return self._misses(out)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]

@@ -292,3 +292,31 @@ def test_threads_share_one_cache(store_url: str, ns: str) -> None:
     assert not errors, errors[:3]
     assert len(cache) == 240
     assert all(cache.get(f"thread {t} item {i}") is not None for t in range(4) for i in (0, 59))
+
+
+def test_lookup_with_embedding_sees_another_writers_entry_at_once(
+    store_url: str, ns: str, paraphrases: Paraphrases
+) -> None:
+    """With ``embedding=`` the index is searched before the store round trip; an entry that
+    round trip reveals (another writer's) must still answer this very lookup."""
+    if store_url == "memory":
+        from hnswcache.store.memory import MemoryStore
+
+        shared = MemoryStore(ns)
+        a = SemanticCache(refuse_embedder, store=shared, namespace=ns)
+        b = SemanticCache(refuse_embedder, store=shared, namespace=ns)
+    else:
+        a = SemanticCache(refuse_embedder, store=store_url, namespace=ns)
+        b = SemanticCache(refuse_embedder, store=store_url, namespace=ns)
+    px = paraphrases
+    a.set(px.q[0], "first", embedding=px.qv[0])
+    assert b.get(px.p[0], embedding=px.pv[0]) is not None  # b is warm now
+    a.set(px.q[1], "second", embedding=px.qv[1])
+    hit = b.get(px.p[1], embedding=px.pv[1])
+    assert hit is not None and hit.response == "second"
+    a.delete(hit.key)
+    assert b.get(px.p[1], embedding=px.pv[1]) is None
+
+
+def refuse_embedder(texts: list[str]) -> np.ndarray:
+    raise AssertionError("embedder called although embeddings were given")
