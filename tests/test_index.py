@@ -160,6 +160,11 @@ def test_bad_arguments_give_clear_errors():
         idx.add(q, ttl=1, expires_at=2)
     with pytest.raises(ValueError, match="ttl must be >= 0"):
         idx.add(q, ttl=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_threads"):
+            idx.search(q, num_threads=bad)
+        with pytest.raises(ValueError, match="num_threads"):
+            idx.add(q, num_threads=bad)
 
 
 def _same_results(a: Index, b: Index, q: np.ndarray) -> None:

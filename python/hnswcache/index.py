@@ -29,6 +29,12 @@ ArrayLike = Union[npt.ArrayLike, Iterable[float]]
 Clock = Callable[[], float]
 
 
+def _threads(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"num_threads must be an integer >= 0 (0 = all cores), got {n!r}")
+    return int(n)
+
+
 def _as_labels(labels: Any, what: str = "labels") -> npt.NDArray[np.int64]:
     arr = np.asarray(labels)
     if arr.ndim == 0:
@@ -160,7 +166,7 @@ class Index:
                 raise ValueError("duplicate labels in one batch")
         now_ns = self._now_ns()
         exp = self._expiry_ns(n, ttl, expires_at, now_ns)
-        self._native.add(x, lab, exp, now_ns, int(num_threads))
+        self._native.add(x, lab, exp, now_ns, _threads(num_threads))
         return lab
 
     def delete(self, labels: Any) -> int:
@@ -189,7 +195,7 @@ class Index:
         it during which searches had to wait. Searches go on while repairs are computed;
         inserts wait for the whole pass.
         """
-        return dict(self._native.consolidate(self._now_ns(now), int(num_threads)))
+        return dict(self._native.consolidate(self._now_ns(now), _threads(num_threads)))
 
     # ------------------------------------------------------------------ reads
     def search(
@@ -229,7 +235,7 @@ class Index:
         t = self._clock() if now is None else now
         allowed = None if filter is None else _as_labels(filter, "filter")
         return self._native.search(  # type: ignore[no-any-return]
-            q, int(k), int(ef or 0), int(round(float(t) * 1e9)), num_threads, allowed
+            q, int(k), int(ef or 0), int(round(float(t) * 1e9)), _threads(num_threads), allowed
         )
 
     def get(self, labels: Any) -> npt.NDArray[np.float32]:
