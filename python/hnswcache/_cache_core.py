@@ -398,6 +398,23 @@ class CacheCore:
             out.append(row)
         return out
 
+    def search_ahead(
+        self, ids: Sequence[int], vecs: npt.NDArray[np.float32] | None, sid: str,
+        threshold: float,
+    ) -> tuple[dict[int, list[tuple[int, float]]] | None, list[int]]:
+        """With embeddings given, search before the store round trip (so candidates ride
+        along with the exact tier) for the prompts the replica predicts to be exact misses;
+        ``(row index -> candidates, ids to fetch)`` or ``(None, [])``."""
+        if vecs is None or sid not in self.indexes:
+            return None, []
+        rows = [i for i, eid in enumerate(ids) if eid not in self.where]
+        if not rows:
+            return None, []
+        found = self.candidates(vecs[rows], sid, threshold)
+        have = set(ids)
+        want = list(dict.fromkeys(e for r in found for e, _ in r if e not in have))
+        return dict(zip(rows, found)), want
+
     def semantic(
         self, vec: npt.NDArray[np.float32], cands: Sequence[tuple[int, float]],
         fetched: Mapping[int, Fetched], sid: str, threshold: float, now: float,

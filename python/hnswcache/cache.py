@@ -328,9 +328,7 @@ class SemanticCache(_Base):
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
-            ahead = c.candidates(given_all, sid, thr) if given_all is not None else None
-            want_ahead = [] if ahead is None else list(
-                dict.fromkeys(e for row in ahead for e, _ in row))
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr)
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
@@ -349,11 +347,14 @@ class SemanticCache(_Base):
                 if out[i] is None:
                     todo.append(i)
             if ahead is not None and given_all is not None:
-                got_ahead = dict(zip(want_ahead, fetched[len(ids):]))
+                got_ahead = dict(zip(ids + want_ahead, fetched))
+                rest = []
                 for i in todo:
-                    if ahead[i]:
+                    if i not in ahead:
+                        rest.append(i)  # predicted an exact hit, but it missed
+                    elif ahead[i]:
                         out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
-                return self._misses(out)
+                todo = rest
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
@@ -690,9 +691,7 @@ class AsyncSemanticCache(_Base):
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
-            ahead = c.candidates(given_all, sid, thr) if given_all is not None else None
-            want_ahead = [] if ahead is None else list(
-                dict.fromkeys(e for row in ahead for e, _ in row))
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr)
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
@@ -711,11 +710,14 @@ class AsyncSemanticCache(_Base):
                 if out[i] is None:
                     todo.append(i)
             if ahead is not None and given_all is not None:
-                got_ahead = dict(zip(want_ahead, fetched[len(ids):]))
+                got_ahead = dict(zip(ids + want_ahead, fetched))
+                rest = []
                 for i in todo:
-                    if ahead[i]:
+                    if i not in ahead:
+                        rest.append(i)  # predicted an exact hit, but it missed
+                    elif ahead[i]:
                         out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
-                return self._misses(out)
+                todo = rest
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
