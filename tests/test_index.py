@@ -230,7 +230,7 @@ def test_a_crafted_file_with_a_valid_checksum_is_still_checked():
     idx.add(np.eye(4, dtype=np.float32))
     data = bytearray(idx.to_bytes())
     n = 4
-    header = 8 + 8 + 11 * 8
+    header = 8 + 8 + 12 * 8
     links0 = header + n * (1 + 8 + 8)
     struct.pack_into("<I", data, links0 + 4, 999)  # a link past the last slot
     data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
@@ -354,3 +354,39 @@ def test_a_forked_child_can_use_threads_on_an_inherited_index():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_float16_storage_keeps_recall_and_halves_the_vectors(sgd, tmp_path):
+    if sgd is None:
+        x, q = clustered(20_000, 384, seed=30), clustered(200, 384, seed=31)
+    else:
+        x, q = sgd[0][:20_000], sgd[1][:200]
+    truth, _ = brute_force(x, q, 10)
+    half = Index(384, dtype="float16")
+    full = Index(384)
+    half.add(x)
+    full.add(x)
+    assert half.dtype == "float16" and full.dtype == "float32"
+    found, dist = half.search(q, k=10, ef=64)
+    assert recall(found, truth) >= 0.95
+    # Distances are computed against the rounded rows: within float16's precision of exact.
+    exact, _ = full.search(q, k=10, ef=64)
+    assert np.abs(dist[:, 0] - full.search(q, k=1, ef=64)[1][:, 0]).max() < 2e-3
+    assert half.stats()["memory_bytes"] < 0.7 * full.stats()["memory_bytes"]
+    stored = half.get([0, 1])
+    xn = x[:2] / np.linalg.norm(x[:2], axis=1, keepdims=True)
+    np.testing.assert_array_equal(stored, xn.astype(np.float16).astype(np.float32))
+    half.save(tmp_path / "h.hnsw")
+    again = Index.load(tmp_path / "h.hnsw")
+    assert again.dtype == "float16"
+    np.testing.assert_array_equal(again.search(q, k=10)[0], half.search(q, k=10)[0])
+    assert exact.shape == found.shape
+
+
+def test_float16_rejects_values_it_cannot_hold():
+    idx = Index(3, metric="l2", dtype="float16")
+    with pytest.raises(ValueError, match="float16"):
+        idx.add([[1.0, 70000.0, 0.0]])
+    assert len(idx) == 0
+    with pytest.raises(ValueError, match="dtype"):
+        Index(3, dtype="int8")

@@ -98,3 +98,36 @@ def test_env_var_naming_a_missing_kernel_fails_loudly():
     )
     assert out.returncode != 0
     assert "ValueError" in out.stderr
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float16_conversion_rounds_like_ieee(isa):
+    rng = np.random.default_rng(5)
+    x = np.concatenate(
+        [
+            rng.standard_normal(4001).astype(np.float32),
+            (rng.standard_normal(500) * 1e-6).astype(np.float32),  # float16 subnormals
+            np.float32([0.0, -0.0, 65504.0, -65504.0, 65519.0, 65520.0, 1e9, 6e-8, 2e-8]),
+            # exact ties between two halves: round to even
+            (np.arange(1, 200, dtype=np.float32) * 2.0**-10 + 2.0**-11).astype(np.float32),
+        ]
+    )
+    with np.errstate(over="ignore"):  # 65520 and 1e9 overflow to inf, as they should
+        want = x.astype(np.float16).astype(np.float32)
+    got = _core.half_round_trip(isa, x)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dim", [1, 3, 15, 16, 17, 97, 384, 1025])
+def test_float16_batch_kernels_match_reference(isa, dim):
+    rng = np.random.default_rng(dim + 1)
+    q = rng.standard_normal(dim).astype(np.float32)
+    xs = rng.standard_normal((9, dim)).astype(np.float32)
+    rounded = xs.astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(
+        _core.kernel_batch(isa, "dot_h", q, xs), rounded @ q, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        _core.kernel_batch(isa, "l2sq_h", q, xs), ((rounded - q) ** 2).sum(1), rtol=1e-5
+    )

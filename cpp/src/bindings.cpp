@@ -97,21 +97,48 @@ PYBIND11_MODULE(_core, m) {
             std::vector<const float*> ptrs(n);
             for (std::size_t i = 0; i < n; ++i) ptrs[i] = xs.data() + i * dim;
             py::array_t<float> out(n);
+            if (op == "dot_h" || op == "l2sq_h") {
+                // Rows are rounded to float16 first, as the index stores them.
+                std::vector<hnswcache::half_t> halves(n * dim);
+                k.encode_h(xs.data(), halves.data(), n * dim);
+                std::vector<const hnswcache::half_t*> hp(n);
+                for (std::size_t i = 0; i < n; ++i) hp[i] = halves.data() + i * dim;
+                (op == "dot_h" ? k.dot_batch_h : k.l2sq_batch_h)(q.data(), hp.data(), n, dim,
+                                                                 out.mutable_data());
+                return out;
+            }
             auto fn = op == "dot" ? k.dot_batch : op == "l2sq" ? k.l2sq_batch : nullptr;
-            if (fn == nullptr) throw std::invalid_argument("op must be 'dot' or 'l2sq'");
+            if (fn == nullptr)
+                throw std::invalid_argument("op must be 'dot', 'l2sq', 'dot_h' or 'l2sq_h'");
             fn(q.data(), ptrs.data(), n, dim, out.mutable_data());
             return out;
         },
         py::arg("isa"), py::arg("op"), py::arg("q"), py::arg("xs"));
 
+    m.def(
+        "half_round_trip",
+        [](const std::string& isa, const f32_array& x) {
+            // float32 -> float16 -> float32 through one kernel set (for the tests).
+            const auto& k = kernels_named(isa);
+            const std::size_t n = x.size();
+            std::vector<hnswcache::half_t> h(n);
+            k.encode_h(x.data(), h.data(), n);
+            py::array_t<float> out(n);
+            k.decode_h(h.data(), out.mutable_data(), n);
+            return out;
+        },
+        py::arg("isa"), py::arg("x"));
+
     py::class_<index_t>(m, "Index")
         .def(py::init([](std::size_t dim, const std::string& metric, std::size_t M,
-                         std::size_t ef_construction, std::size_t capacity, std::uint64_t seed) {
+                         std::size_t ef_construction, std::size_t capacity, std::uint64_t seed,
+                         const std::string& dtype) {
                  return std::make_unique<index_t>(dim, hnswcache::parse_metric(metric), M,
-                                                  ef_construction, capacity, seed);
+                                                  ef_construction, capacity, seed,
+                                                  hnswcache::parse_dtype(dtype));
              }),
              py::arg("dim"), py::arg("metric"), py::arg("M"), py::arg("ef_construction"),
-             py::arg("capacity"), py::arg("seed"))
+             py::arg("capacity"), py::arg("seed"), py::arg("dtype") = "float32")
         .def(
             "add",
             [](index_t& self, const f32_array& x, const i64_array& labels, const i64_array& expiry,
@@ -273,6 +300,7 @@ PYBIND11_MODULE(_core, m) {
                 d["isa"] = std::string(self.isa());
                 d["dim"] = self.dim();
                 d["metric"] = std::string(hnswcache::metric_name(self.metric()));
+                d["dtype"] = std::string(hnswcache::dtype_name(self.dtype()));
                 d["M"] = self.M();
                 d["ef_construction"] = self.ef_construction();
                 d["ef_search"] = self.ef_search();
@@ -304,6 +332,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("dim", &index_t::dim)
         .def_property_readonly("metric",
                                [](const index_t& s) { return std::string(hnswcache::metric_name(s.metric())); })
+        .def_property_readonly("dtype",
+                               [](const index_t& s) { return std::string(hnswcache::dtype_name(s.dtype())); })
         .def_property_readonly("M", &index_t::M)
         .def_property_readonly("ef_construction", &index_t::ef_construction)
         .def_property("ef_search", &index_t::ef_search, &index_t::set_ef_search)

@@ -13,9 +13,18 @@ def kernel_batch(
     isa: str, op: str, q: npt.ArrayLike, xs: npt.ArrayLike
 ) -> npt.NDArray[np.float32]: ...
 
+def half_round_trip(isa: str, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+
 class Index:
     def __init__(
-        self, dim: int, metric: str, M: int, ef_construction: int, capacity: int, seed: int
+        self,
+        dim: int,
+        metric: str,
+        M: int,
+        ef_construction: int,
+        capacity: int,
+        seed: int,
+        dtype: str = "float32",
     ) -> None: ...
     def add(
         self,
@@ -57,6 +66,8 @@ class Index:
     def dim(self) -> int: ...
     @property
     def metric(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
     @property
     def M(self) -> int: ...
     @property

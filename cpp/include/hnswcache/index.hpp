@@ -47,6 +47,11 @@ enum class metric_t : std::uint8_t { cosine = 0, ip = 1, l2 = 2 };
 metric_t parse_metric(const std::string& name);
 const char* metric_name(metric_t m);
 
+// How vectors are stored. Queries and all arithmetic stay float32.
+enum class dtype_t : std::uint8_t { float32 = 0, float16 = 1 };
+dtype_t parse_dtype(const std::string& name);
+const char* dtype_name(dtype_t d);
+
 using slot_t = std::uint32_t;
 constexpr slot_t no_slot = std::numeric_limits<slot_t>::max();
 constexpr std::int64_t never_expires = std::numeric_limits<std::int64_t>::max();
@@ -94,7 +99,7 @@ struct index_stats_t {
 class index_t {
    public:
     index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
-            std::size_t capacity_hint, std::uint64_t seed);
+            std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype = dtype_t::float32);
     ~index_t();
     index_t(const index_t&) = delete;
     index_t& operator=(const index_t&) = delete;
@@ -133,6 +138,7 @@ class index_t {
 
     std::size_t dim() const { return dim_; }
     metric_t metric() const { return metric_; }
+    dtype_t dtype() const { return dtype_; }
     std::size_t M() const { return M_; }
     std::size_t ef_construction() const { return ef_construction_; }
     std::size_t ef_search() const { return ef_search_.load(std::memory_order_relaxed); }
@@ -155,7 +161,10 @@ class index_t {
     chunk_t& chunk(slot_t id) const;
     char* record(slot_t id) const;
     std::uint32_t* links(slot_t id, int level) const;  // [count, ids...]
-    const float* vec(slot_t id) const;
+    const char* raw(slot_t id) const;  // the stored vector, float32 or float16
+    // The stored vector as float32: in place for float32 storage, else decoded into buf.
+    const float* decoded(slot_t id, float* buf) const;
+    void store_vector(slot_t id, const float* v);
     std::int64_t expiry(slot_t id) const;
     void set_expiry(slot_t id, std::int64_t t);
     std::int64_t label(slot_t id) const;
@@ -167,9 +176,10 @@ class index_t {
     void unlock_node(slot_t id) const;
     std::size_t n_slots() const { return n_slots_.load(std::memory_order_acquire); }
 
-    // --- distances
-    float dist(const float* a, const float* b) const;
-    void dist_batch(const float* q, const float* const* xs, std::size_t n, float* out) const;
+    // --- distances: q is a float32 vector (padded), the other side a stored slot
+    float dist(const float* q, slot_t id) const;
+    void dist_batch(const float* q, const slot_t* ids, std::size_t n, scratch_t& s,
+                    float* out) const;
     void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)
 
     // --- graph (index.cpp)
@@ -211,6 +221,7 @@ class index_t {
     // --- parameters
     std::size_t dim_, dim_padded_, M_, M0_, ef_construction_;
     metric_t metric_;
+    dtype_t dtype_;
     std::uint64_t seed_;
     double level_mult_;
     std::size_t vec_offset_, stride_;

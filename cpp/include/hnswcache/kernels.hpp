@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,12 @@ enum class isa_t { scalar, avx2, avx512, neon };
 using dot_batch_fn = void (*)(const float* q, const float* const* xs, std::size_t count,
                               std::size_t dim, float* out);
 
+// IEEE binary16 storage: half the memory and memory traffic of float32, exact enough for
+// normalised embeddings (11 significant bits). Queries stay float32.
+using half_t = std::uint16_t;
+using half_batch_fn = void (*)(const float* q, const half_t* const* xs, std::size_t count,
+                               std::size_t dim, float* out);
+
 struct kernels_t {
     isa_t isa;
     const char* name;
@@ -21,7 +28,15 @@ struct kernels_t {
     float (*l2sq)(const float* a, const float* b, std::size_t dim);
     dot_batch_fn dot_batch;
     dot_batch_fn l2sq_batch;  // out[i] = |q - xs[i]|^2
+    half_batch_fn dot_batch_h;
+    half_batch_fn l2sq_batch_h;
+    void (*encode_h)(const float* in, half_t* out, std::size_t n);  // round to nearest even
+    void (*decode_h)(const half_t* in, float* out, std::size_t n);
 };
+
+// Portable conversions, the reference for every kernel.
+half_t float_to_half(float f);
+float half_to_float(half_t h);
 
 // The kernels of one instruction set; throws std::invalid_argument if this build or this CPU
 // lacks it.

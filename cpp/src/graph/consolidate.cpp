@@ -72,7 +72,7 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
     // there is one, else one whose list holds a node that has another in-link (so replacing
     // it orphans nobody). Rounds repeat until a traversal finds every live node.
     std::size_t reconnected = 0;
-    scratch_t& s = scratch_t::local(M0_);
+    scratch_t& s = scratch_t::local(M0_, dim_padded_);
     auto contains = [](const std::uint32_t* l, slot_t v) {
         const std::uint32_t cnt = atomic_load_u32(l);
         for (std::uint32_t i = 0; i < cnt; ++i)
@@ -98,7 +98,8 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
         const slot_t entry = static_cast<slot_t>(entry_.load() & 0xffffffffu);
         for (slot_t v : orphans) {
             std::vector<neighbor_t> found;
-            search_level(vec(v), entry, std::max<std::size_t>(M0_, 32), 0, true, now, s, found);
+            search_level(decoded(v, s.dec_a.data()), entry, std::max<std::size_t>(M0_, 32), 0, true,
+                         now, s, found);
             distances += found.size();
             found.erase(std::remove_if(found.begin(), found.end(),
                                        [v](const neighbor_t& x) { return x.second == v; }),
@@ -201,8 +202,8 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
         std::atomic<std::size_t> distances{0};
         parallel_for(work.size(), threads, [&](std::size_t w) {
             repair_t& r = work[w];
-            scratch_t& s = scratch_t::local(M0_);
-            const float* base = vec(r.node);
+            scratch_t& s = scratch_t::local(M0_, dim_padded_);
+            const float* base = decoded(r.node, s.dec_a.data());
             const std::size_t cap = max_links(r.level);
             std::size_t dcount = 0;
             std::vector<slot_t> keep, extra;
@@ -244,7 +245,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             cands.clear();
             for (slot_t x : extra)
                 if (std::find(keep.begin(), keep.end(), x) == keep.end())
-                    cands.emplace_back(dist(base, vec(x)), x);
+                    cands.emplace_back(dist(base, x), x);
             dcount += cands.size();
             std::sort(cands.begin(), cands.end());
             // Fill: survivors stay, a candidate joins when no kept link is closer to it than
@@ -253,9 +254,10 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             for (const auto& [d, c] : cands) {
                 if (out.size() >= cap) break;
                 bool ok = true;
+                const float* cv = decoded(c, s.dec_b.data());
                 for (slot_t k : out) {
                     ++dcount;
-                    if (dist(vec(c), vec(k)) < d) {
+                    if (dist(cv, k) < d) {
                         ok = false;
                         break;
                     }
@@ -273,7 +275,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             if (out.size() < floor_degree && r.level <= old_top) {
                 // Too few: look for more around the node itself, at its own level.
                 slot_t cur = old_entry;
-                float dcur = dist(base, vec(cur));
+                float dcur = dist(base, cur);
                 greedy_descent(base, cur, dcur, old_top, r.level);
                 std::vector<neighbor_t> found;
                 search_level(base, cur, std::max<std::size_t>(cap, 32), r.level, true, now, s,
@@ -285,9 +287,10 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                     bool ok = out.size() < floor_degree;  // below the floor, take the closest
                     if (!ok) {
                         ok = true;
+                        const float* cv = decoded(c, s.dec_b.data());
                         for (slot_t k : out) {
                             ++dcount;
-                            if (dist(vec(c), vec(k)) < d) {
+                            if (dist(cv, k) < d) {
                                 ok = false;
                                 break;
                             }

@@ -98,8 +98,11 @@ inline std::uint32_t* index_t::links(slot_t id, int level) const {
     if (level == 0) return reinterpret_cast<std::uint32_t*>(record(id));
     return chunk(id).upper[id & (chunk_size - 1)] + static_cast<std::size_t>(level - 1) * (1 + M_);
 }
-inline const float* index_t::vec(slot_t id) const {
-    return reinterpret_cast<const float*>(record(id) + vec_offset_);
+inline const char* index_t::raw(slot_t id) const { return record(id) + vec_offset_; }
+inline const float* index_t::decoded(slot_t id, float* buf) const {
+    if (dtype_ == dtype_t::float32) return reinterpret_cast<const float*>(raw(id));
+    kernels_->decode_h(reinterpret_cast<const half_t*>(raw(id)), buf, dim_padded_);
+    return buf;
 }
 inline std::int64_t index_t::expiry(slot_t id) const {
     return __atomic_load_n(reinterpret_cast<const std::int64_t*>(record(id) + vec_offset_) - 1,
@@ -121,18 +124,26 @@ struct index_t::scratch_t {
     std::vector<neighbor_t> candidates, results, found, prune;
     std::vector<slot_t> selected, batch;
     std::vector<const float*> ptrs;
+    std::vector<const half_t*> hptrs;
     std::vector<float> dists;
+    // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
+    std::vector<float> dec_a, dec_b;
     float* qbuf = nullptr;
     std::size_t qcap = 0;
 
     ~scratch_t() { std::free(qbuf); }
 
-    static scratch_t& local(std::size_t max_degree) {
+    static scratch_t& local(std::size_t max_degree, std::size_t dim_padded = 0) {
         thread_local scratch_t s;
         if (s.batch.size() < max_degree + 1) {
             s.batch.resize(max_degree + 1);
             s.ptrs.resize(max_degree + 1);
+            s.hptrs.resize(max_degree + 1);
             s.dists.resize(max_degree + 1);
+        }
+        if (s.dec_a.size() < dim_padded) {
+            s.dec_a.resize(dim_padded);
+            s.dec_b.resize(dim_padded);
         }
         return s;
     }

@@ -20,6 +20,14 @@ metric_t parse_metric(const std::string& name) {
     throw std::invalid_argument("metric must be 'cosine', 'ip' or 'l2', got '" + name + "'");
 }
 
+dtype_t parse_dtype(const std::string& name) {
+    if (name == "float32") return dtype_t::float32;
+    if (name == "float16") return dtype_t::float16;
+    throw std::invalid_argument("dtype must be 'float32' or 'float16', got '" + name + "'");
+}
+
+const char* dtype_name(dtype_t d) { return d == dtype_t::float16 ? "float16" : "float32"; }
+
 const char* metric_name(metric_t m) {
     switch (m) {
         case metric_t::cosine: return "cosine";
@@ -32,9 +40,9 @@ const char* metric_name(metric_t m) {
 // ------------------------------------------------------------------------------ construction
 
 index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
-                 std::size_t capacity_hint, std::uint64_t seed)
+                 std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype)
     : dim_(dim), M_(M), M0_(2 * M), ef_construction_(ef_construction), metric_(metric),
-      seed_(seed), rng_(seed) {
+      dtype_(dtype), seed_(seed), rng_(seed) {
     if (dim == 0 || dim > 65536) throw std::invalid_argument("dim must be in [1, 65536]");
     if (M < 2 || M > 2048) throw std::invalid_argument("M must be in [2, 2048]");
     if (ef_construction == 0) throw std::invalid_argument("ef_construction must be positive");
@@ -43,7 +51,8 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     // The expiry sits in the 8 bytes just before the vector: the admission check of a node
     // then reads a line its distance computation has just pulled in.
     vec_offset_ = round_up(sizeof(std::uint32_t) * (1 + M0_) + sizeof(std::int64_t), 16);
-    stride_ = round_up(vec_offset_ + sizeof(float) * dim_padded_, 16);
+    const std::size_t elem = dtype == dtype_t::float16 ? sizeof(half_t) : sizeof(float);
+    stride_ = round_up(vec_offset_ + elem * dim_padded_, 16);
     kernels_ = &default_kernels();
     chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
     const std::size_t want = std::min(capacity_hint, max_chunks * chunk_size);
@@ -95,19 +104,44 @@ void index_t::ensure_chunk(std::size_t c) {
 
 // ------------------------------------------------------------------------------ distances
 
-float index_t::dist(const float* a, const float* b) const {
-    if (metric_ == metric_t::l2) return kernels_->l2sq(a, b, dim_padded_);
-    return 1.0f - kernels_->dot(a, b, dim_padded_);
+float index_t::dist(const float* q, slot_t id) const {
+    float d;
+    if (dtype_ == dtype_t::float32) {
+        const float* x = reinterpret_cast<const float*>(raw(id));
+        if (metric_ == metric_t::l2) return kernels_->l2sq(q, x, dim_padded_);
+        d = kernels_->dot(q, x, dim_padded_);
+    } else {
+        const half_t* x = reinterpret_cast<const half_t*>(raw(id));
+        if (metric_ == metric_t::l2) {
+            kernels_->l2sq_batch_h(q, &x, 1, dim_padded_, &d);
+            return d;
+        }
+        kernels_->dot_batch_h(q, &x, 1, dim_padded_, &d);
+    }
+    return 1.0f - d;
 }
 
-void index_t::dist_batch(const float* q, const float* const* xs, std::size_t n,
+void index_t::dist_batch(const float* q, const slot_t* ids, std::size_t n, scratch_t& s,
                          float* out) const {
-    if (metric_ == metric_t::l2) {
-        kernels_->l2sq_batch(q, xs, n, dim_padded_, out);
-        return;
+    // One indirect call for a whole neighbour list.
+    if (dtype_ == dtype_t::float32) {
+        for (std::size_t i = 0; i < n; ++i) s.ptrs[i] = reinterpret_cast<const float*>(raw(ids[i]));
+        if (metric_ == metric_t::l2) return kernels_->l2sq_batch(q, s.ptrs.data(), n, dim_padded_, out);
+        kernels_->dot_batch(q, s.ptrs.data(), n, dim_padded_, out);
+    } else {
+        for (std::size_t i = 0; i < n; ++i) s.hptrs[i] = reinterpret_cast<const half_t*>(raw(ids[i]));
+        if (metric_ == metric_t::l2) return kernels_->l2sq_batch_h(q, s.hptrs.data(), n, dim_padded_, out);
+        kernels_->dot_batch_h(q, s.hptrs.data(), n, dim_padded_, out);
     }
-    kernels_->dot_batch(q, xs, n, dim_padded_, out);
     for (std::size_t i = 0; i < n; ++i) out[i] = 1.0f - out[i];
+}
+
+void index_t::store_vector(slot_t id, const float* v) {
+    char* dst = record(id) + vec_offset_;
+    if (dtype_ == dtype_t::float32)
+        std::memcpy(dst, v, dim_padded_ * sizeof(float));
+    else
+        kernels_->encode_h(v, reinterpret_cast<half_t*>(dst), dim_padded_);
 }
 
 void index_t::prepare(const float* row, float* out) const {
@@ -173,7 +207,7 @@ void index_t::write_links(slot_t id, int lvl, const slot_t* ids, std::size_t cou
 void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
                              int to_level) const {
     // One batched distance call per hop: the kernel overlaps the neighbours' memory loads.
-    const float* ptrs[2048];
+    scratch_t& s = scratch_t::local(M0_);
     slot_t ids[2048];
     float dists[2048];
     for (int lvl = from_level; lvl > to_level; --lvl) {
@@ -182,11 +216,8 @@ void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_
             improved = false;
             const std::uint32_t* l = links(cur, lvl);
             const std::uint32_t n = std::min<std::uint32_t>(atomic_load_u32(l), 2048);
-            for (std::uint32_t i = 0; i < n; ++i) {
-                ids[i] = atomic_load_u32(l + 1 + i);
-                ptrs[i] = vec(ids[i]);
-            }
-            dist_batch(q, ptrs, n, dists);
+            for (std::uint32_t i = 0; i < n; ++i) ids[i] = atomic_load_u32(l + 1 + i);
+            dist_batch(q, ids, n, s, dists);
             for (std::uint32_t i = 0; i < n; ++i) {
                 if (dists[i] < dcur) {
                     dcur = dists[i];
@@ -210,7 +241,7 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
     auto& res = s.results;      // max-heap by distance
     cand.clear();
     res.clear();
-    const float d0 = dist(q, vec(start));
+    const float d0 = dist(q, start);
     s.visited.mark(start);
     cand.emplace_back(d0, start);
     if (admit(start)) res.emplace_back(d0, start);
@@ -231,12 +262,11 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
             const slot_t v = atomic_load_u32(l + 1 + i);
             if (s.visited.test_and_mark(v)) continue;
             s.batch[m] = v;
-            s.ptrs[m] = vec(v);
-            prefetch(s.ptrs[m] - 2);  // the expiry and the first floats
+            prefetch(raw(v) - 8);  // the expiry and the first values
             ++m;
         }
         if (m == 0) continue;
-        dist_batch(q, s.ptrs.data(), m, s.dists.data());
+        dist_batch(q, s.batch.data(), m, s, s.dists.data());
         for (std::size_t i = 0; i < m; ++i) {
             const float d = s.dists[i];
             if (res.size() < ef || d < worst) {
@@ -268,13 +298,15 @@ void index_t::select_heuristic(const float* base, std::vector<neighbor_t>& cands
     std::sort(cands.begin(), cands.end());
     out.clear();
     std::size_t computed = 0;
+    float* buf = scratch_t::local(M0_, dim_padded_).dec_b.data();
     for (const auto& [d, c] : cands) {
         if (out.size() >= m) break;
         if (skip_dead && !live(c, now)) continue;
         bool keep = true;
+        const float* cv = decoded(c, buf);
         for (slot_t r : out) {
             ++computed;
-            if (dist(vec(c), vec(r)) < d) {
+            if (dist(cv, r) < d) {
                 keep = false;
                 break;
             }
@@ -302,11 +334,11 @@ void index_t::link_back(slot_t from, slot_t to, int lvl, scratch_t& s) {
         // Full: re-select among the old links and the newcomer.
         auto& cands = s.prune;
         cands.clear();
-        const float* base = vec(from);
-        cands.emplace_back(dist(base, vec(to)), to);
+        const float* base = decoded(from, scratch_t::local(M0_, dim_padded_).dec_a.data());
+        cands.emplace_back(dist(base, to), to);
         for (std::uint32_t i = 0; i < n; ++i) {
             const slot_t v = atomic_load_u32(l + 1 + i);
-            cands.emplace_back(dist(base, vec(v)), v);
+            cands.emplace_back(dist(base, v), v);
         }
         select_heuristic(base, cands, cap, 0, false, s.selected);
         write_links(from, lvl, s.selected.data(), s.selected.size());
@@ -320,7 +352,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     const slot_t id = allocate_slot(lvl);
     chunk_t& ch = chunk(id);
     const std::size_t off = id & (chunk_size - 1);
-    std::memcpy(record(id) + vec_offset_, v, dim_padded_ * sizeof(float));
+    store_vector(id, v);
     atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
     std::free(ch.upper[off]);
     ch.upper[off] = nullptr;
@@ -346,7 +378,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
     const int top = static_cast<int>(ep >> 32);
-    float dcur = dist(v, vec(cur));
+    float dcur = dist(v, cur);
     greedy_descent(v, cur, dcur, top, lvl);
     for (int l = std::min(lvl, top); l >= 0; --l) {
         search_level(v, cur, ef_construction_, l, false, now, s, s.found);
@@ -367,11 +399,11 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
             write_links(id, l, chosen.data(), chosen.size());
         } else {
             s.prune.clear();
-            for (slot_t c : chosen) s.prune.emplace_back(dist(v, vec(c)), c);
+            for (slot_t c : chosen) s.prune.emplace_back(dist(v, c), c);
             for (std::uint32_t i = 0; i < already; ++i) {
                 const slot_t c = atomic_load_u32(mine + 1 + i);
                 if (std::find(chosen.begin(), chosen.end(), c) == chosen.end())
-                    s.prune.emplace_back(dist(v, vec(c)), c);
+                    s.prune.emplace_back(dist(v, c), c);
             }
             if (s.prune.size() <= max_links(l)) {
                 std::sort(s.prune.begin(), s.prune.end());
@@ -406,6 +438,11 @@ void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
                                             " contains NaN or infinity");
             norm += static_cast<double>(row[i]) * row[i];
         }
+        if (dtype_ == dtype_t::float16 && metric_ != metric_t::cosine)
+            for (std::size_t i = 0; i < dim_; ++i)
+                if (std::fabs(row[i]) > 65504.0f)
+                    throw std::invalid_argument("row " + std::to_string(r) +
+                                                " has a value beyond float16's range (65504)");
         if (metric_ == metric_t::cosine && norm == 0.0)
             throw std::invalid_argument("row " + std::to_string(r) +
                                         " is a zero vector, which has no cosine direction");
@@ -479,7 +516,7 @@ void index_t::brute_force(const float* q, std::size_t k, std::int64_t now,
     for (slot_t i = 0; i < n; ++i) {
         const slot_t id = slots ? (*slots)[i] : i;
         if (state(id) != state_ready || !live(id, now)) continue;
-        const float d = dist(q, vec(id));
+        const float d = dist(q, id);
         if (out.size() < k) {
             out.emplace_back(d, id);
             std::push_heap(out.begin(), out.end());
@@ -504,7 +541,7 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
         return;
     }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
-    float dcur = dist(q, vec(cur));
+    float dcur = dist(q, cur);
     greedy_descent(q, cur, dcur, static_cast<int>(ep >> 32), 0);
     search_level(q, cur, std::max(ef, k), 0, true, now, s, out, filter ? &filter->mask : nullptr);
     if (out.size() < k && filter != nullptr) {
@@ -601,7 +638,8 @@ void index_t::get(const std::int64_t* labels, std::size_t n, std::int64_t now, f
         const slot_t id = find_label(labels[i]);
         if (id == no_slot || !live(id, now))
             throw key_error("label " + std::to_string(labels[i]) + " is not in the index");
-        std::memcpy(out + i * dim_, vec(id), dim_ * sizeof(float));
+        std::memcpy(out + i * dim_, decoded(id, scratch_t::local(M0_, dim_padded_).dec_a.data()),
+                    dim_ * sizeof(float));
     }
 }
 

@@ -5,7 +5,7 @@
 //   labels   i64 [n_slots]
 //   expiry   i64 [n_slots]           absolute, ns; INT64_MIN = deleted
 //   links0   u32 [n_slots][1 + M0]   count, then ids
-//   vectors  f32 [n_slots][dim]      as stored (normalised under cosine)
+//   vectors  f32|f16 [n_slots][dim] as stored (normalised under cosine; dtype in the header)
 //   upper    u32 [sum of levels][1 + M]   per slot in order, levels 1..level
 //   crc32    u32                     of everything before it
 //
@@ -31,7 +31,7 @@ constexpr std::uint8_t free_level = 0xff;
 
 struct header_t {
     std::uint64_t dim, metric, M, ef_construction, ef_search, seed, n_slots, entry, top_level,
-        next_label, upper_words;
+        next_label, upper_words, dtype;
 };
 constexpr std::size_t header_words = sizeof(header_t) / sizeof(std::uint64_t);
 constexpr std::size_t prefix_bytes = sizeof(magic) + 2 * sizeof(std::uint32_t) + sizeof(header_t);
@@ -122,10 +122,12 @@ std::string index_t::serialize() const {
     h.entry = ep == no_entry ? UINT64_MAX : (ep & 0xffffffffu);
     h.top_level = ep == no_entry ? 0 : (ep >> 32);
     h.next_label = static_cast<std::uint64_t>(next_label_.load());
+    h.dtype = static_cast<std::uint64_t>(dtype_);
+    const std::size_t elem = dtype_ == dtype_t::float16 ? 2 : 4;
     for (slot_t id = 0; id < n; ++id)
         if (state(id) == state_ready) h.upper_words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
 
-    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + 4 * dim_) + h.upper_words * 4 + 4);
+    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + elem * dim_) + h.upper_words * 4 + 4);
     w.append(magic, sizeof(magic));
     w.put(format_major);
     w.put(format_minor);
@@ -140,7 +142,7 @@ std::string index_t::serialize() const {
         w.put(cnt);
         for (std::size_t i = 0; i < M0_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(l + 1 + i) : 0);
     }
-    for (slot_t id = 0; id < n; ++id) w.append(vec(id), dim_ * sizeof(float));
+    for (slot_t id = 0; id < n; ++id) w.append(raw(id), dim_ * elem);
     for (slot_t id = 0; id < n; ++id) {
         if (state(id) != state_ready) continue;
         for (int l = 1; l <= level(id); ++l) {
@@ -166,14 +168,15 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
                            std::to_string(minor) + " is not supported (this build reads " +
                            std::to_string(format_major) + ".x)");
     const auto h = r.get<header_t>();
-    static_assert(header_words == 11, "header layout changed: bump the format version");
+    static_assert(header_words == 12, "header layout changed: bump the format version");
 
     if (h.dim == 0 || h.dim > 65536 || h.M < 2 || h.M > 2048 || h.metric > 2 ||
         h.ef_construction == 0 || h.ef_search == 0 || h.n_slots >= no_slot ||
-        h.top_level >= max_levels)
+        h.top_level >= max_levels || h.dtype > 1)
         throw format_error("index header holds out-of-range parameters");
     const std::uint64_t M0 = 2 * h.M;
-    const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + 4 * h.dim;
+    const std::uint64_t elem = h.dtype == 1 ? 2 : 4;
+    const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + elem * h.dim;
     const std::uint64_t expected =
         checked_mul_add(h.upper_words, 4, checked_mul_add(h.n_slots, per_slot, prefix_bytes + 4));
     if (expected != size)
@@ -184,7 +187,8 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
     if (crc32(data, size - 4) != stored_crc) throw format_error("index checksum mismatch (corrupted data)");
 
     auto idx = std::make_unique<index_t>(h.dim, static_cast<metric_t>(h.metric), h.M,
-                                         h.ef_construction, h.n_slots, h.seed);
+                                         h.ef_construction, h.n_slots, h.seed,
+                                         static_cast<dtype_t>(h.dtype));
     idx->ef_search_.store(h.ef_search);
     const slot_t n = static_cast<slot_t>(h.n_slots);
     std::vector<std::uint8_t> levels(n);
@@ -222,13 +226,21 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         check_links(id, 0, buf.data(), M0);
         std::memcpy(idx->record(id), buf.data(), buf.size() * 4);
     }
-    std::vector<float> row(idx->dim_padded_, 0.0f);
+    std::vector<char> row(idx->dim_padded_ * elem, 0);
+    std::vector<float> values(idx->dim_padded_);
     for (slot_t id = 0; id < n; ++id) {
-        r.take(row.data(), h.dim * 4);
+        r.take(row.data(), h.dim * elem);
         if (levels[id] == free_level) continue;
+        if (elem == 4) {
+            std::memcpy(values.data(), row.data(), row.size());
+        } else {
+            std::vector<half_t> halves(idx->dim_padded_);
+            std::memcpy(halves.data(), row.data(), row.size());
+            idx->kernels_->decode_h(halves.data(), values.data(), idx->dim_padded_);
+        }
         for (std::size_t i = 0; i < h.dim; ++i)
-            if (!std::isfinite(row[i])) throw format_error("a stored vector is not finite");
-        std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size() * 4);
+            if (!std::isfinite(values[i])) throw format_error("a stored vector is not finite");
+        std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size());
     }
     std::unordered_set<std::int64_t> seen;
     for (slot_t id = 0; id < n; ++id) {

@@ -34,13 +34,13 @@ struct x86_features {
     x86_features() {
         unsigned a, b, c, d;
         if (!__get_cpuid(1, &a, &b, &c, &d)) return;
-        const bool osxsave = c & (1u << 27), fma = c & (1u << 12);
+        const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
         if (!osxsave) return;
         const unsigned long long xcr0 = xgetbv0();
         const bool ymm_os = (xcr0 & 0x6) == 0x6;           // SSE + AVX state saved by the OS
         const bool zmm_os = (xcr0 & 0xe6) == 0xe6;         // + opmask and ZMM state
         if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
-        avx2 = ymm_os && fma && (b & (1u << 5));
+        avx2 = ymm_os && fma && f16c && (b & (1u << 5));
         const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30),
                    vl = b & (1u << 31);
         avx512 = avx2 && zmm_os && f && dq && bw && vl;

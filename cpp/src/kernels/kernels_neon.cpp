@@ -52,8 +52,60 @@ void l2sq_batch_neon(const float* q, const float* const* xs, std::size_t count, 
     for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_neon(q, xs[j], n);
 }
 
-const kernels_t table{isa_t::neon, "neon", dot_neon, l2sq_neon, dot_batch_neon,
-                      l2sq_batch_neon};
+inline float32x4_t load_h(const half_t* p) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+
+void dot_batch_h_neon(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
+                      float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
+        std::size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_h(xs[j] + i));
+            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), load_h(xs[j] + i + 4));
+        }
+        for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_h(xs[j] + i));
+        float r = vaddvq_f32(vaddq_f32(s0, s1));
+        for (; i < n; ++i) r += q[i] * half_to_float(xs[j][i]);
+        out[j] = r;
+    }
+}
+
+void l2sq_batch_h_neon(const float* q, const half_t* const* xs, std::size_t count,
+                       std::size_t n, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float32x4_t s0 = vdupq_n_f32(0);
+        std::size_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const float32x4_t d = vsubq_f32(vld1q_f32(q + i), load_h(xs[j] + i));
+            s0 = vfmaq_f32(s0, d, d);
+        }
+        float r = vaddvq_f32(s0);
+        for (; i < n; ++i) {
+            const float d = q[i] - half_to_float(xs[j][i]);
+            r += d * d;
+        }
+        out[j] = r;
+    }
+}
+
+void encode_h_neon(const float* in, half_t* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(in + i))));
+    for (; i < n; ++i) out[i] = float_to_half(in[i]);
+}
+
+void decode_h_neon(const half_t* in, float* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, load_h(in + i));
+    for (; i < n; ++i) out[i] = half_to_float(in[i]);
+}
+
+const kernels_t table{isa_t::neon,       "neon",           dot_neon,
+                      l2sq_neon,         dot_batch_neon,   l2sq_batch_neon,
+                      dot_batch_h_neon,  l2sq_batch_h_neon, encode_h_neon,
+                      decode_h_neon};
 
 }  // namespace
 

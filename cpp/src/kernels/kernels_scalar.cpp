@@ -1,6 +1,9 @@
 // The reference kernels: plain C++, compiled with the baseline flags. Every SIMD kernel is
 // tested against these. Four accumulators let the compiler pipeline the adds even without
 // reassociating floating-point math.
+#include <cmath>
+#include <cstring>
+
 #include "hnswcache/kernels.hpp"
 
 namespace hnswcache {
@@ -47,10 +50,82 @@ void l2sq_batch_scalar(const float* q, const float* const* xs, std::size_t count
     for (std::size_t i = 0; i < count; ++i) out[i] = l2sq_scalar(q, xs[i], dim);
 }
 
-const kernels_t table{isa_t::scalar, "scalar", dot_scalar, l2sq_scalar, dot_batch_scalar,
-                      l2sq_batch_scalar};
+void dot_batch_h_scalar(const float* q, const half_t* const* xs, std::size_t count,
+                        std::size_t dim, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float s0 = 0, s1 = 0;
+        std::size_t i = 0;
+        for (; i + 2 <= dim; i += 2) {
+            s0 += q[i] * half_to_float(xs[j][i]);
+            s1 += q[i + 1] * half_to_float(xs[j][i + 1]);
+        }
+        for (; i < dim; ++i) s0 += q[i] * half_to_float(xs[j][i]);
+        out[j] = s0 + s1;
+    }
+}
+
+void l2sq_batch_h_scalar(const float* q, const half_t* const* xs, std::size_t count,
+                         std::size_t dim, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float s = 0;
+        for (std::size_t i = 0; i < dim; ++i) {
+            const float d = q[i] - half_to_float(xs[j][i]);
+            s += d * d;
+        }
+        out[j] = s;
+    }
+}
+
+void encode_h_scalar(const float* in, half_t* out, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = float_to_half(in[i]);
+}
+
+void decode_h_scalar(const half_t* in, float* out, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = half_to_float(in[i]);
+}
+
+const kernels_t table{isa_t::scalar,       "scalar",           dot_scalar,
+                      l2sq_scalar,         dot_batch_scalar,   l2sq_batch_scalar,
+                      dot_batch_h_scalar,  l2sq_batch_h_scalar, encode_h_scalar,
+                      decode_h_scalar};
 
 }  // namespace
+
+half_t float_to_half(float x) {
+    std::uint32_t f;
+    std::memcpy(&f, &x, 4);
+    const std::uint32_t sign = (f >> 16) & 0x8000u;
+    f &= 0x7fffffffu;
+    if (f > 0x7f800000u) return static_cast<half_t>(sign | 0x7e00u);   // NaN
+    if (f >= 0x477ff000u) return static_cast<half_t>(sign | 0x7c00u);  // >= 65520: inf
+    if (f < 0x38800000u) {                                              // below 2^-14
+        float a;
+        std::memcpy(&a, &f, 4);
+        // Subnormal halves are multiples of 2^-24: scaling is exact, rounding to even.
+        return static_cast<half_t>(sign | static_cast<std::uint32_t>(std::nearbyint(a * 16777216.0f)));
+    }
+    // Rebias the exponent and round the dropped 13 bits to nearest, ties to even.
+    f += 0xc8000fffu + ((f >> 13) & 1u);
+    return static_cast<half_t>(sign | (f >> 13));
+}
+
+float half_to_float(half_t h) {
+    const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+    const std::uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    std::uint32_t f;
+    if (exp == 0) {
+        float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
+        std::memcpy(&f, &v, 4);
+        f |= sign;
+    } else if (exp == 31) {
+        f = sign | 0x7f800000u | (mant << 13);
+    } else {
+        f = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    float out;
+    std::memcpy(&out, &f, 4);
+    return out;
+}
 
 const kernels_t* scalar_kernels() { return &table; }
 
