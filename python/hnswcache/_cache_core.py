@@ -124,7 +124,7 @@ class CacheCore:
         if candidates < 1:
             raise ValueError("candidates must be >= 1")
         self.k = int(candidates)
-        self.index_params = {"M": int(M), "ef_construction": int(ef_construction),
+        self.index_params: dict[str, Any] = {"M": int(M), "ef_construction": int(ef_construction),
                              "ef_search": int(ef_search)}
         self.dim: int | None = embedder_dim(embedder) if embedder is not None else None
         self.meta_checked = False
@@ -237,8 +237,10 @@ class CacheCore:
                 idx = self.indexes.get(sid)
                 if idx is None:
                     assert self.dim is not None
-                    idx = Index(self.dim, metric="cosine", clock=self.clock,
-                                **self.index_params)
+                    p = self.index_params
+                    idx = Index(self.dim, metric="cosine", clock=self.clock, M=p["M"],
+                                ef_construction=p["ef_construction"],
+                                ef_search=p["ef_search"])
                     self.indexes[sid] = idx
         return idx
 
