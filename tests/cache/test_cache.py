@@ -28,6 +28,8 @@ def test_exact_tier_needs_no_embedding_call(store_url: str, ns: str) -> None:
     assert hit is not None and hit.tier == "exact" and hit.response == "Paris"
     assert hit.key == key and hit.similarity == 1.0
     assert emb.calls == calls, "an exact hit must not call the embedder"
+    assert cache.get("what is the capital of france").tier == "exact"  # type: ignore[union-attr]
+    assert cache.get("what is the capital of france!?").key == key  # type: ignore[union-attr]
 
 
 def test_paraphrase_is_a_semantic_hit_and_unrelated_is_a_miss(

@@ -82,8 +82,9 @@ def validate_namespace(namespace: str) -> str:
 
 
 def normalize_prompt(prompt: str) -> str:
-    """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", prompt).casefold().split())
+    """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed, and
+    trailing ``.``, ``?`` and ``!`` dropped ("How do I X?" == "how do i x")."""
+    return " ".join(unicodedata.normalize("NFKC", prompt).casefold().split()).rstrip(".?! ")
 
 
 def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
