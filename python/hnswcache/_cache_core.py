@@ -108,7 +108,7 @@ class CacheCore:
     def __init__(
         self, *, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         strict: bool, clock: Clock | None, sync_interval: float, candidates: int,
-        M: int, ef_construction: int, ef_search: int,
+        M: int, ef_construction: int, ef_search: int, dtype: str = "float32",
     ) -> None:
         self.embedder = embedder
         self.threshold = self.check_threshold(threshold)
@@ -124,8 +124,11 @@ class CacheCore:
         if candidates < 1:
             raise ValueError("candidates must be >= 1")
         self.k = int(candidates)
-        self.index_params: dict[str, Any] = {"M": int(M), "ef_construction": int(ef_construction),
-                             "ef_search": int(ef_search)}
+        self.index_params: dict[str, Any] = {
+            "M": int(M), "ef_construction": int(ef_construction), "ef_search": int(ef_search)}
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        self.dtype = dtype
         self.dim: int | None = embedder_dim(embedder) if embedder is not None else None
         self.meta_checked = False
         self.indexes: dict[str, Index] = {}
@@ -240,7 +243,7 @@ class CacheCore:
                     p = self.index_params
                     idx = Index(self.dim, metric="cosine", clock=self.clock, M=p["M"],
                                 ef_construction=p["ef_construction"],
-                                ef_search=p["ef_search"])
+                                ef_search=p["ef_search"], dtype=self.dtype)
                     self.indexes[sid] = idx
         return idx
 

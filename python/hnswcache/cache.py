@@ -115,13 +115,13 @@ class _Base:
     def _setup(
         self, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         namespace: str, strict: bool, clock: Clock | None, sync_interval: float,
-        candidates: int, M: int, ef_construction: int, ef_search: int,
+        candidates: int, M: int, ef_construction: int, ef_search: int, dtype: str,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         self._core = CacheCore(
             embedder=embedder, threshold=threshold, ttl=ttl, max_entries=max_entries,
             strict=strict, clock=clock, sync_interval=sync_interval, candidates=candidates,
-            M=M, ef_construction=ef_construction, ef_search=ef_search,
+            M=M, ef_construction=ef_construction, ef_search=ef_search, dtype=dtype,
         )
         self._server: Any = None
 
@@ -172,6 +172,9 @@ class SemanticCache(_Base):
             them before every operation.
         candidates: neighbours fetched per semantic lookup.
         timeout: seconds to wait for the server (URL stores).
+        dtype: how the in-process index stores vectors: ``"float32"`` or ``"float16"``
+            (half the memory; the store always keeps float32, and hits are re-scored on
+            the stored float32 vector).
     """
 
     def __init__(
@@ -192,9 +195,10 @@ class SemanticCache(_Base):
         M: int = 16,
         ef_construction: int = 100,
         ef_search: int = 64,
+        dtype: str = "float32",
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
-                    sync_interval, candidates, M, ef_construction, ef_search)
+                    sync_interval, candidates, M, ef_construction, ef_search, dtype)
         self._lock = threading.RLock()
         self._owns_store = not _is_store(store)
         if store is None:
@@ -544,9 +548,10 @@ class AsyncSemanticCache(_Base):
         M: int = 16,
         ef_construction: int = 100,
         ef_search: int = 64,
+        dtype: str = "float32",
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
-                    sync_interval, candidates, M, ef_construction, ef_search)
+                    sync_interval, candidates, M, ef_construction, ef_search, dtype)
         self._alock: asyncio.Lock | None = None
         self._owns_store = not _is_store(store)
         if store is None:

@@ -322,3 +322,16 @@ def test_lookup_with_embedding_sees_another_writers_entry_at_once(
 
 def refuse_embedder(texts: list[str]) -> np.ndarray:
     raise AssertionError("embedder called although embeddings were given")
+
+
+def test_float16_index_keeps_the_decisions(
+    store_url: str, ns: str, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), dtype="float16")
+    cache.set_many([(q, f"a{i}") for i, q in enumerate(px.q[:50])])
+    hits = cache.get_many(px.p[:50])
+    assert sum(h is not None and h.response == f"a{i}" for i, h in enumerate(hits)) >= 35
+    # similarities are re-scored on the stored float32 vectors
+    h = next(h for h in hits if h is not None)
+    assert h.similarity <= 1.0
