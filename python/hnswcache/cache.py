@@ -59,6 +59,9 @@ log = logging.getLogger("hnswcache.cache")
 #: (``bench/calibrate_threshold.py``; numbers in ``docs/cache.md``).
 DEFAULT_THRESHOLD = 0.85
 
+#: Seconds a URL store waits for the server (connect and each reply) unless ``timeout=``.
+DEFAULT_TIMEOUT = 0.5
+
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
 
 Clock = Callable[[], float]
@@ -171,7 +174,8 @@ class SemanticCache(_Base):
         sync_interval: read other processes' changes at most this often (seconds); 0 reads
             them before every operation.
         candidates: neighbours fetched per semantic lookup.
-        timeout: seconds to wait for the server (URL stores).
+        timeout: seconds to wait for the server (URL stores; default ``DEFAULT_TIMEOUT``,
+            0.5): past it a lookup is a miss and a write is dropped.
         dtype: how the in-process index stores vectors: ``"float32"`` or ``"float16"``
             (half the memory; the store always keeps float32, and hits are re-scored on
             the stored float32 vector).
@@ -190,7 +194,7 @@ class SemanticCache(_Base):
         clock: Clock | None = None,
         sync_interval: float = 0.0,
         candidates: int = 4,
-        timeout: float = 0.5,
+        timeout: float | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
         ef_construction: int = 100,
@@ -210,7 +214,8 @@ class SemanticCache(_Base):
         elif isinstance(store, str):
             from .store.redis import RedisStore
 
-            store = RedisStore.from_url(store, namespace=self.namespace, timeout=timeout)
+            store = RedisStore.from_url(store, namespace=self.namespace,
+                                        timeout=timeout or DEFAULT_TIMEOUT)
         elif not _is_store(store):
             from .store.redis import RedisStore
 
@@ -543,7 +548,7 @@ class AsyncSemanticCache(_Base):
         clock: Clock | None = None,
         sync_interval: float = 0.0,
         candidates: int = 4,
-        timeout: float = 0.5,
+        timeout: float | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
         ef_construction: int = 100,
@@ -563,7 +568,8 @@ class AsyncSemanticCache(_Base):
         elif isinstance(store, str):
             from .store.redis import AsyncRedisStore
 
-            store = AsyncRedisStore.from_url(store, namespace=self.namespace, timeout=timeout)
+            store = AsyncRedisStore.from_url(store, namespace=self.namespace,
+                                             timeout=timeout or DEFAULT_TIMEOUT)
         elif _is_store(store) and not inspect.iscoroutinefunction(store.read):
             from .store.memory import AsyncMemoryStore, MemoryStore
 

@@ -38,6 +38,15 @@ def paraphrases() -> Paraphrases:
     return _generated()
 
 
+@pytest.fixture(autouse=True)
+def patient_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy 2-core CI machine can stall a loopback reply past the 0.5 s default: the tests
+    wait longer, except those that test timeouts (they pass ``timeout=`` themselves)."""
+    import hnswcache.cache
+
+    monkeypatch.setattr(hnswcache.cache, "DEFAULT_TIMEOUT", 5.0)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

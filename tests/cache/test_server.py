@@ -304,7 +304,7 @@ def test_tls(tmp_path: Path, ns: str) -> None:
         assert cache.get("over tls").response == "yes"  # type: ignore[union-attr]
         # Plain TCP to the TLS port is refused: a miss, never a crash.
         plain = SemanticCache(HashEmbedder(16), store=srv.url.replace("rediss", "redis"),
-                              namespace=ns)
+                              namespace=ns, timeout=0.5)
         assert plain.get("over tls") is None
 
 
