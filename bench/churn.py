@@ -200,7 +200,7 @@ class HnswcacheVariant(Variant):
         return self.index.search(q, k, num_threads=1)[0][0]
 
     def reported_bytes(self):
-        from compare_ann import _memory_from_stats
+        from hnswcache.benchmark import _memory_from_stats
 
         return _memory_from_stats(self.index.stats())
 
@@ -311,7 +311,7 @@ class RebuildVariant(Variant):
         return self.index.search(q, k, num_threads=1)[0][0]
 
     def reported_bytes(self):
-        from compare_ann import _memory_from_stats
+        from hnswcache.benchmark import _memory_from_stats
 
         return _memory_from_stats(self.index.stats())
 
@@ -576,16 +576,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         results: dict[str, Any] = {"variants": {}}
         passthrough = argv if argv is not None else sys.argv[1:]
+        failed = {}
         for name in names:
             # One process per index: memory is the process's own, and nothing one library
             # left behind (allocator state, threads) weighs on the next.
-            subprocess.run(
+            proc = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), *passthrough, "--worker", name,
                  "--workdir", str(workdir)],
-                check=True,
+                check=False,
             )
-            results["variants"][name] = json.loads(
-                (workdir / f"result-{name}.json").read_text())
+            out = workdir / f"result-{name}.json"
+            if proc.returncode != 0 or not out.exists():
+                # One broken variant must not throw away the others' twenty minutes.
+                failed[name] = f"worker exited {proc.returncode}"
+                continue
+            results["variants"][name] = json.loads(out.read_text())
+        results["failed"] = failed
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["meta"] = {
@@ -601,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     plotted = bool(args.plot) and plot(results, args.plot)
     print(summary_table(results))
+    for name, why in results["failed"].items():
+        print(f"- {name}: FAILED ({why})")
     if plotted:
         print(f"\nplot: {args.plot}")
     return 0
