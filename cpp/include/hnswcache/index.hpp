@@ -197,6 +197,10 @@ class index_t {
     void select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
                           std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
                           std::size_t* distances = nullptr) const;
+    // The HNSW heuristic's test (Malkov & Yashunin, Algorithm 4): candidate c, at distance d
+    // from the base, is kept when no already kept node is closer to c than the base is.
+    bool diverse(slot_t c, float d, const std::vector<slot_t>& kept, float* buf,
+                 std::size_t& computed) const;
     void write_links(slot_t id, int level, const slot_t* ids, std::size_t count);
     void link_back(slot_t from, slot_t to, int level, scratch_t& s);
     // Exact k nearest live entries among `slots` (all slots when null).

@@ -253,16 +253,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             std::vector<slot_t> out = keep;
             for (const auto& [d, c] : cands) {
                 if (out.size() >= cap) break;
-                bool ok = true;
-                const float* cv = decoded(c, s.dec_b.data());
-                for (slot_t k : out) {
-                    ++dcount;
-                    if (dist(cv, k) < d) {
-                        ok = false;
-                        break;
-                    }
-                }
-                if (ok) out.push_back(c);
+                if (diverse(c, d, out, s.dec_b.data(), dcount)) out.push_back(c);
             }
             // Keep the degree the node had: the closest remaining candidates fill the holes
             // the heuristic left (as hnswlib's keepPrunedConnections does), so degrees do not
@@ -284,19 +275,9 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 for (const auto& [d, c] : found) {
                     if (out.size() >= cap) break;
                     if (c == r.node || std::find(out.begin(), out.end(), c) != out.end()) continue;
-                    bool ok = out.size() < floor_degree;  // below the floor, take the closest
-                    if (!ok) {
-                        ok = true;
-                        const float* cv = decoded(c, s.dec_b.data());
-                        for (slot_t k : out) {
-                            ++dcount;
-                            if (dist(cv, k) < d) {
-                                ok = false;
-                                break;
-                            }
-                        }
-                    }
-                    if (ok) out.push_back(c);
+                    // Below the floor take the closest; above it, only diverse ones.
+                    if (out.size() < floor_degree || diverse(c, d, out, s.dec_b.data(), dcount))
+                        out.push_back(c);
                 }
             }
             r.links = std::move(out);

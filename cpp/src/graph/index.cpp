@@ -292,8 +292,8 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
 void index_t::select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
                                std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
                                std::size_t* distances) const {
-    // Malkov & Yashunin, Algorithm 4: keep a candidate only if it is closer to the base than
-    // to every neighbour kept so far, so the links spread in different directions.
+    // Keep a candidate only if it is closer to the base than to every neighbour kept so far,
+    // so the links spread in different directions.
     (void)base;
     std::sort(cands.begin(), cands.end());
     out.clear();
@@ -302,19 +302,20 @@ void index_t::select_heuristic(const float* base, std::vector<neighbor_t>& cands
     for (const auto& [d, c] : cands) {
         if (out.size() >= m) break;
         if (skip_dead && !live(c, now)) continue;
-        bool keep = true;
-        const float* cv = decoded(c, buf);
-        for (slot_t r : out) {
-            ++computed;
-            if (dist(cv, r) < d) {
-                keep = false;
-                break;
-            }
-        }
-        if (keep) out.push_back(c);
+        if (diverse(c, d, out, buf, computed)) out.push_back(c);
     }
     if (out.empty() && !cands.empty()) out.push_back(cands.front().second);
     if (distances != nullptr) *distances += computed;
+}
+
+bool index_t::diverse(slot_t c, float d, const std::vector<slot_t>& kept, float* buf,
+                      std::size_t& computed) const {
+    const float* cv = decoded(c, buf);
+    for (slot_t k : kept) {
+        ++computed;
+        if (dist(cv, k) < d) return false;
+    }
+    return true;
 }
 
 void index_t::link_back(slot_t from, slot_t to, int lvl, scratch_t& s) {
