@@ -20,6 +20,10 @@
 #include "graph_internal.hpp"
 #include "hnswcache/thread_pool.hpp"
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace hnswcache {
 
 namespace {
@@ -329,6 +333,11 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
     rep.distances += extra_distances;
     rep.blocked_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                          reconnect_from).count();
+#if defined(__GLIBC__)
+    // The repair lists were many small allocations, freed now: hand the pages back so the
+    // process's memory stays flat over many cycles, not only the index's own accounting.
+    if (rep.removed > 0) malloc_trim(0);
+#endif
     rep.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return rep;
