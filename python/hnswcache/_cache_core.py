@@ -420,6 +420,32 @@ class CacheCore:
         want = list(dict.fromkeys(e for r in found for e, _ in r if e not in have))
         return dict(zip(rows, found)), want
 
+    def answer_read(
+        self, fetched: Sequence[Fetched], norms: Sequence[str], fetched_ids: Sequence[int],
+        ahead: dict[int, list[tuple[int, float]]] | None,
+        vecs: npt.NDArray[np.float32] | None, sid: str, threshold: float,
+        out: list[Hit | None],
+    ) -> list[int]:
+        """Fill ``out`` from one store read: exact hits first, then the semantic hits whose
+        candidates were searched ahead; returns the rows still unanswered. The sync and async
+        caches share this between their I/O."""
+        now = self.now()
+        todo = []
+        for i, norm in enumerate(norms):
+            out[i] = self.exact(fetched[i], sid, norm, now)
+            if out[i] is None:
+                todo.append(i)
+        if ahead is None or vecs is None:
+            return todo
+        got_ahead = dict(zip(fetched_ids, fetched))
+        rest = []
+        for i in todo:
+            if i not in ahead:
+                rest.append(i)  # predicted an exact hit, but it missed
+            elif ahead[i]:
+                out[i] = self.semantic(vecs[i], ahead[i], got_ahead, sid, threshold, now)
+        return rest
+
     def semantic(
         self, vec: npt.NDArray[np.float32], cands: Sequence[tuple[int, float]],
         fetched: Mapping[int, Fetched], sid: str, threshold: float, now: float,

@@ -349,21 +349,8 @@ class SemanticCache(_Base):
             except StoreError as exc:
                 c.failed("get", exc)
                 return self._misses(out)
-            now = c.now()
-            todo = []
-            for i, (f, k) in enumerate(zip(fetched, keys)):
-                out[i] = c.exact(f, sid, k[3], now)
-                if out[i] is None:
-                    todo.append(i)
-            if ahead is not None and given_all is not None:
-                got_ahead = dict(zip(ids + want_ahead, fetched))
-                rest = []
-                for i in todo:
-                    if i not in ahead:
-                        rest.append(i)  # predicted an exact hit, but it missed
-                    elif ahead[i]:
-                        out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
-                todo = rest
+            todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
+                                 given_all, sid, thr, out)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
@@ -714,21 +701,8 @@ class AsyncSemanticCache(_Base):
             except StoreError as exc:
                 c.failed("get", exc)
                 return self._misses(out)
-            now = c.now()
-            todo = []
-            for i, (f, k) in enumerate(zip(fetched, keys)):
-                out[i] = c.exact(f, sid, k[3], now)
-                if out[i] is None:
-                    todo.append(i)
-            if ahead is not None and given_all is not None:
-                got_ahead = dict(zip(ids + want_ahead, fetched))
-                rest = []
-                for i in todo:
-                    if i not in ahead:
-                        rest.append(i)  # predicted an exact hit, but it missed
-                    elif ahead[i]:
-                        out[i] = c.semantic(given_all[i], ahead[i], got_ahead, sid, thr, now)
-                todo = rest
+            todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
+                                 given_all, sid, thr, out)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]

@@ -238,7 +238,7 @@ class Index:
             and 1 <= q.ndim <= 2
         ):
             q = self._as_vectors(queries, "queries")
-        t = self._clock() if now is None else now
+        t = self._clock() if now is None else now  # _now_ns inlined: this is the hot path
         allowed = None if filter is None else _as_labels(filter, "filter")
         return self._native.search(  # type: ignore[no-any-return]
             q, int(k), int(ef or 0), int(round(float(t) * 1e9)), _threads(num_threads), allowed

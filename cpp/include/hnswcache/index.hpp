@@ -194,8 +194,9 @@ class index_t {
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
                       std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr) const;
-    void select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
-                          std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
+    // Up to m of cands (distances to the base node), diverse by the heuristic below.
+    void select_heuristic(std::vector<neighbor_t>& cands, std::size_t m, std::int64_t now,
+                          bool skip_dead, std::vector<slot_t>& out,
                           std::size_t* distances = nullptr) const;
     // The HNSW heuristic's test (Malkov & Yashunin, Algorithm 4): candidate c, at distance d
     // from the base, is kept when no already kept node is closer to c than the base is.
@@ -220,7 +221,7 @@ class index_t {
 
     // --- consolidation helpers (consolidate.cpp)
     std::size_t reconnect_unreachable(std::int64_t now, std::size_t& distances);
-    std::vector<std::uint8_t> reachable_level0(std::int64_t now) const;
+    std::vector<std::uint8_t> reachable_level0() const;
 
     // --- parameters
     std::size_t dim_, dim_padded_, M_, M0_, ef_construction_;

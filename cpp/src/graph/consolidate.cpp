@@ -47,8 +47,7 @@ void index_t::free_slot(slot_t id) {
     std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<slot_t>());
 }
 
-std::vector<std::uint8_t> index_t::reachable_level0(std::int64_t now) const {
-    (void)now;
+std::vector<std::uint8_t> index_t::reachable_level0() const {
     const slot_t n = n_slots();
     std::vector<std::uint8_t> seen(n, 0);
     const std::uint64_t ep = entry_.load();
@@ -84,7 +83,7 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
         return false;
     };
     for (int round = 0; round < 8; ++round) {
-        const std::vector<std::uint8_t> seen = reachable_level0(now);
+        const std::vector<std::uint8_t> seen = reachable_level0();
         const slot_t n = n_slots();
         std::vector<slot_t> orphans;
         std::vector<std::uint32_t> indeg(n, 0);

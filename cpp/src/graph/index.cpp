@@ -289,12 +289,11 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
     std::sort(out.begin(), out.end());
 }
 
-void index_t::select_heuristic(const float* base, std::vector<neighbor_t>& cands, std::size_t m,
-                               std::int64_t now, bool skip_dead, std::vector<slot_t>& out,
+void index_t::select_heuristic(std::vector<neighbor_t>& cands, std::size_t m, std::int64_t now,
+                               bool skip_dead, std::vector<slot_t>& out,
                                std::size_t* distances) const {
     // Keep a candidate only if it is closer to the base than to every neighbour kept so far,
     // so the links spread in different directions.
-    (void)base;
     std::sort(cands.begin(), cands.end());
     out.clear();
     std::size_t computed = 0;
@@ -341,7 +340,7 @@ void index_t::link_back(slot_t from, slot_t to, int lvl, scratch_t& s) {
             const slot_t v = atomic_load_u32(l + 1 + i);
             cands.emplace_back(dist(base, v), v);
         }
-        select_heuristic(base, cands, cap, 0, false, s.selected);
+        select_heuristic(cands, cap, 0, false, s.selected);
         write_links(from, lvl, s.selected.data(), s.selected.size());
     }
     unlock_node(from);
@@ -355,8 +354,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     const std::size_t off = id & (chunk_size - 1);
     store_vector(id, v);
     atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
-    std::free(ch.upper[off]);
-    ch.upper[off] = nullptr;
+    // A fresh or freed slot has no upper links (consolidate() released them).
     if (lvl > 0) {
         ch.upper[off] = static_cast<std::uint32_t*>(
             std::calloc(static_cast<std::size_t>(lvl) * (1 + M_), sizeof(std::uint32_t)));
@@ -389,7 +387,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
         if (s.found.empty()) continue;
         cur = s.found.front().second;
         s.prune.assign(s.found.begin(), s.found.end());
-        select_heuristic(v, s.prune, M_, now, true, s.selected);
+        select_heuristic(s.prune, M_, now, true, s.selected);
         const std::vector<slot_t> chosen = s.selected;
         lock_node(id);
         // Another thread that reached this node through its upper levels may already have
@@ -411,7 +409,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
                 s.selected.clear();
                 for (const auto& nb : s.prune) s.selected.push_back(nb.second);
             } else {
-                select_heuristic(v, s.prune, max_links(l), now, false, s.selected);
+                select_heuristic(s.prune, max_links(l), now, false, s.selected);
             }
             write_links(id, l, s.selected.data(), s.selected.size());
         }

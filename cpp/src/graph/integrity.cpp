@@ -100,7 +100,7 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
                  std::to_string(not_deleted) + " undeleted slots");
     }
 
-    const std::vector<std::uint8_t> seen = reachable_level0(now);
+    const std::vector<std::uint8_t> seen = reachable_level0();
     for (slot_t id = 0; id < n; ++id)
         if (state(id) == state_ready && live(id, now) && !seen[id]) ++rep.unreachable_live;
     return rep;

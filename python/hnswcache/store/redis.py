@@ -99,7 +99,12 @@ def _check_client(client: Any) -> None:
 class _Layout:
     """Keys, command lists and response parsers shared by the sync and async stores."""
 
-    def __init__(self, namespace: str, log_maxlen: int) -> None:
+    def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
+                 owns_client: bool = False) -> None:
+        _check_client(client)
+        self.client = client
+        self._owns = owns_client
+        self._errors = _errors()
         self.namespace = validate_namespace(namespace)
         k = keys_for(namespace)
         self.k_entry = k["entry"]
@@ -336,14 +341,6 @@ class RedisStore(_Layout):
     ``user:password@`` for AUTH).
     """
 
-    def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
-                 owns_client: bool = False) -> None:
-        super().__init__(namespace, log_maxlen)
-        _check_client(client)
-        self.client = client
-        self._owns = owns_client
-        self._errors = _errors()
-
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
                  log_maxlen: int = 100_000, **kwargs: Any) -> RedisStore:
@@ -480,14 +477,6 @@ class RedisStore(_Layout):
 
 class AsyncRedisStore(_Layout):
     """The asyncio twin of :class:`RedisStore`, on ``redis.asyncio``."""
-
-    def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
-                 owns_client: bool = False) -> None:
-        super().__init__(namespace, log_maxlen)
-        _check_client(client)
-        self.client = client
-        self._owns = owns_client
-        self._errors = _errors()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
