@@ -50,6 +50,21 @@ def test_batch_kernels_match_single(isa, dim):
     np.testing.assert_allclose(l2s, ((xs.astype(np.float64) - q) ** 2).sum(1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_kernel_matches_reference_for_every_dimension(isa):
+    # The greedy descent through the upper levels reads 8-bit copies of the vectors.
+    rng = np.random.default_rng(11)
+    for dim in DIMS:
+        q = rng.standard_normal(dim + 1).astype(np.float32)[1:]  # unaligned start
+        codes = rng.integers(-127, 128, size=(3, dim + 1)).astype(np.int8)[:, 1:]
+        exact = codes.astype(np.float64) @ q.astype(np.float64)
+        scale = np.abs(codes.astype(np.float64)) @ np.abs(q.astype(np.float64)) + 1e-30
+        got = _core.kernel_dot_i8(isa, q, codes)
+        assert np.all(np.abs(got - exact) <= 1e-5 * scale), (isa, dim)
+        ref = _core.kernel_dot_i8("scalar", q, codes)
+        assert np.all(np.abs(got - ref) <= 1e-5 * scale), (isa, dim)
+
+
 def test_unknown_or_unsupported_isa_is_a_clear_error():
     a = np.ones(4, np.float32)
     with pytest.raises(ValueError, match="unknown instruction set"):

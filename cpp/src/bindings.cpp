@@ -116,6 +116,22 @@ PYBIND11_MODULE(_core, m) {
         py::arg("isa"), py::arg("op"), py::arg("q"), py::arg("xs"));
 
     m.def(
+        "kernel_dot_i8",
+        [](const std::string& isa, const f32_array& q,
+           const py::array_t<std::int8_t, py::array::c_style | py::array::forcecast>& codes) {
+            // <q, codes[i]> for each row of int8 codes (the upper levels' 8-bit copies).
+            if (q.ndim() != 1 || codes.ndim() != 2 || codes.shape(1) != q.shape(0))
+                throw std::invalid_argument("q must be 1-D and codes 2-D with the same width");
+            const std::size_t n = codes.shape(0), dim = q.shape(0);
+            std::vector<const std::int8_t*> ptrs(n);
+            for (std::size_t i = 0; i < n; ++i) ptrs[i] = codes.data() + i * dim;
+            py::array_t<float> out(n);
+            kernels_named(isa).dot_batch_i8(q.data(), ptrs.data(), n, dim, out.mutable_data());
+            return out;
+        },
+        py::arg("isa"), py::arg("q"), py::arg("codes"));
+
+    m.def(
         "half_round_trip",
         [](const std::string& isa, const f32_array& x) {
             // float32 -> float16 -> float32 through one kernel set (for the tests).

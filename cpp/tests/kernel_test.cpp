@@ -48,7 +48,20 @@ int main() {
             float hd, hl;
             k.dot_batch_h(a, hx, 1, dim, &hd);
             k.l2sq_batch_h(a, hx, 1, dim, &hl);
+            // int8 codes (the upper-level copy read by the greedy descent).
+            std::vector<std::int8_t> codes(dim + 1);
+            std::uniform_int_distribution<int> code(-127, 127);
+            for (auto& c : codes) c = static_cast<std::int8_t>(code(rng));
+            double idot = 0, iscale = 0;
+            for (std::size_t i = 0; i < dim; ++i) {
+                idot += static_cast<double>(a[i]) * codes[i + 1];
+                iscale += std::fabs(static_cast<double>(a[i]) * codes[i + 1]);
+            }
+            const std::int8_t* ix[2] = {codes.data() + 1, codes.data() + 1};
+            float id[2];
+            k.dot_batch_i8(a, ix, 2, dim, id);
             const bool ok = std::fabs(k.dot(a, b, dim) - dot) <= 1e-5 * scale + 1e-30 &&
+                            std::fabs(id[0] - idot) <= 1e-5 * iscale + 1e-30 && id[1] == id[0] &&
                             std::fabs(k.l2sq(a, b, dim) - l2) <= 1e-5 * l2 + 1e-30 &&
                             std::fabs(batch[1] - dot) <= 1e-5 * scale + 1e-30 && halves_ok &&
                             std::fabs(hd - hdot) <= 1e-5 * hscale + 1e-30 &&
@@ -58,7 +71,7 @@ int main() {
                 ++failures;
             }
         }
-        std::printf("%s: dims 1..1025 checked (float32 and float16)\n", name.c_str());
+        std::printf("%s: dims 1..1025 checked (float32, float16, int8)\n", name.c_str());
     }
     if (failures) return 1;
     std::puts("kernel test passed");

@@ -13,6 +13,10 @@ def kernel_batch(
     isa: str, op: str, q: npt.ArrayLike, xs: npt.ArrayLike
 ) -> npt.NDArray[np.float32]: ...
 
+def kernel_dot_i8(
+    isa: str, q: npt.ArrayLike, codes: npt.ArrayLike
+) -> npt.NDArray[np.float32]: ...
+
 def half_round_trip(isa: str, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
 class Index:

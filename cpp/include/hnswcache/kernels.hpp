@@ -21,6 +21,11 @@ using half_t = std::uint16_t;
 using half_batch_fn = void (*)(const float* q, const half_t* const* xs, std::size_t count,
                                std::size_t dim, float* out);
 
+// Signed 8-bit codes (a per-vector scale is applied by the caller): the compact copy of the
+// upper-level vectors that the greedy descent reads. out[i] = sum_j q[j] * xs[i][j].
+using i8_batch_fn = void (*)(const float* q, const std::int8_t* const* xs, std::size_t count,
+                             std::size_t dim, float* out);
+
 struct kernels_t {
     isa_t isa;
     const char* name;
@@ -32,6 +37,7 @@ struct kernels_t {
     half_batch_fn l2sq_batch_h;
     void (*encode_h)(const float* in, half_t* out, std::size_t n);  // round to nearest even
     void (*decode_h)(const half_t* in, float* out, std::size_t n);
+    i8_batch_fn dot_batch_i8;
 };
 
 // Portable conversions, the reference for every kernel.

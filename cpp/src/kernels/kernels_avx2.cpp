@@ -167,10 +167,32 @@ void decode_h_avx2(const half_t* in, float* out, std::size_t n) {
     for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
+// 8 codes widened to 8 floats (vpmovsxbd + vcvtdq2ps).
+inline __m256 load_i8(const std::int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+void dot_batch_i8_avx2(const float* q, const std::int8_t* const* xs, std::size_t count,
+                       std::size_t n, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        const std::int8_t* x = xs[j];
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        std::size_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_i8(x + i), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load_i8(x + i + 8), s1);
+        }
+        for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_i8(x + i), s0);
+        float r = 0;
+        for (; i < n; ++i) r += q[i] * static_cast<float>(x[i]);
+        out[j] = hsum256(_mm256_add_ps(s0, s1)) + r;
+    }
+}
+
 const kernels_t table{isa_t::avx2,       "avx2",           dot_avx2,
                       l2sq_avx2,         dot_batch_avx2,   l2sq_batch_avx2,
                       dot_batch_h_avx2,  l2sq_batch_h_avx2, encode_h_avx2,
-                      decode_h_avx2};
+                      decode_h_avx2,     dot_batch_i8_avx2};
 
 }  // namespace
 

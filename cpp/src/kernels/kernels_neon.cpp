@@ -102,10 +102,27 @@ void decode_h_neon(const half_t* in, float* out, std::size_t n) {
     for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
+void dot_batch_i8_neon(const float* q, const std::int8_t* const* xs, std::size_t count,
+                       std::size_t n, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        const std::int8_t* x = xs[j];
+        float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
+        std::size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const int16x8_t w = vmovl_s8(vld1_s8(x + i));  // 8 codes widened to 16 bits
+            s0 = vfmaq_f32(s0, vld1q_f32(q + i), vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))));
+            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))));
+        }
+        float r = vaddvq_f32(vaddq_f32(s0, s1));
+        for (; i < n; ++i) r += q[i] * static_cast<float>(x[i]);
+        out[j] = r;
+    }
+}
+
 const kernels_t table{isa_t::neon,       "neon",           dot_neon,
                       l2sq_neon,         dot_batch_neon,   l2sq_batch_neon,
                       dot_batch_h_neon,  l2sq_batch_h_neon, encode_h_neon,
-                      decode_h_neon};
+                      decode_h_neon,     dot_batch_i8_neon};
 
 }  // namespace
 

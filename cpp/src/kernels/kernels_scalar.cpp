@@ -84,10 +84,24 @@ void decode_h_scalar(const half_t* in, float* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
+void dot_batch_i8_scalar(const float* q, const std::int8_t* const* xs, std::size_t count,
+                         std::size_t dim, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float s0 = 0, s1 = 0;
+        std::size_t i = 0;
+        for (; i + 2 <= dim; i += 2) {
+            s0 += q[i] * static_cast<float>(xs[j][i]);
+            s1 += q[i + 1] * static_cast<float>(xs[j][i + 1]);
+        }
+        for (; i < dim; ++i) s0 += q[i] * static_cast<float>(xs[j][i]);
+        out[j] = s0 + s1;
+    }
+}
+
 const kernels_t table{isa_t::scalar,       "scalar",           dot_scalar,
                       l2sq_scalar,         dot_batch_scalar,   l2sq_batch_scalar,
                       dot_batch_h_scalar,  l2sq_batch_h_scalar, encode_h_scalar,
-                      decode_h_scalar};
+                      decode_h_scalar,     dot_batch_i8_scalar};
 
 }  // namespace
 
