@@ -3,8 +3,10 @@
 // Memory layout. Slots live in chunks of `chunk_size`; a chunk never moves once allocated, so
 // capacity grows without stopping readers. A slot's record is
 //     u32 count0 | u32 links0[M0] | pad | i64 expiry | float vector[dim_padded]
-// so expanding a node touches its links and then nearby vector lines. Upper-level links are
-// rare (1 node in M per level) and live apart: a per-slot block of level * (1 + M) u32.
+// so expanding a node touches its links and then nearby vector lines. Upper-level nodes are
+// rare (1 node in M per level) and keep apart, in a per-slot block, an 8-bit copy of their
+// vector followed by level * (1 + M) u32 of links: the greedy descent through the upper
+// levels reads only these small blocks, which stay in cache (layout in graph_internal.hpp).
 // Labels, levels and states are side arrays of the chunk: they are read only for results
 // and bookkeeping, not on every distance.
 //
@@ -17,6 +19,8 @@
 //   I4. A freed slot is reused only by add(); consolidate() holds the index exclusively, so
 //       no search can still hold the id of a slot it frees.
 //   I5. The label map is a bijection between labels and non-deleted slots.
+//   I6. A node of level >= 1 has an upper block whose 8-bit copy encodes its stored vector;
+//       it is written before the node is published, like its vector.
 //
 // Concurrency. add/search/delete/touch/get hold `graph_mu_` shared. consolidate() computes
 // its repairs holding it shared too (searches go on; inserts wait on `writers_mu_`), then
@@ -187,8 +191,14 @@ class index_t {
     void ensure_chunk(std::size_t chunk_index);
     void insert(const float* v, std::int64_t label, std::int64_t expiry, std::int64_t now,
                 scratch_t& s);
-    void greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
-                        int to_level) const;
+    // Greedy walk from `cur` at from_level down to to_level (exclusive) on the 8-bit copies:
+    // it only chooses where the exact search starts, so approximate distances do.
+    void greedy_descent(const float* q, slot_t& cur, int from_level, int to_level) const;
+    // Allocates the upper block of a node of level >= 1 whose vector is already stored.
+    void alloc_upper(slot_t id, int level);
+    void encode_upper(slot_t id, std::uint32_t* block) const;
+    void approx_batch(const float* q, float qnorm2, const slot_t* ids, std::size_t n,
+                      scratch_t& s, float* out) const;
     // Best-first search of one level from `start`. With live_only, only nodes live at `now`
     // (and, given a mask, allowed by it) enter the results; the others are walked through.
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
@@ -230,6 +240,7 @@ class index_t {
     std::uint64_t seed_;
     double level_mult_;
     std::size_t vec_offset_, stride_;
+    std::size_t code_words_;  // u32 words of an upper block before its links
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};

@@ -269,8 +269,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             if (out.size() < floor_degree && r.level <= old_top) {
                 // Too few: look for more around the node itself, at its own level.
                 slot_t cur = old_entry;
-                float dcur = dist(base, cur);
-                greedy_descent(base, cur, dcur, old_top, r.level);
+                greedy_descent(base, cur, old_top, r.level);
                 std::vector<neighbor_t> found;
                 search_level(base, cur, std::max<std::size_t>(cap, 32), r.level, true, now, s,
                              found);

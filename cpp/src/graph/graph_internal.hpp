@@ -94,9 +94,15 @@ inline index_t::chunk_t& index_t::chunk(slot_t id) const {
 inline char* index_t::record(slot_t id) const {
     return chunk(id).slab + (id & (chunk_size - 1)) * stride_;
 }
+// An upper block: u32 words
+//     f32 scale | f32 norm2 | 2 pad | int8 code[dim_padded] | levels 1..L of [count, ids[M]]
+// where vector ~= scale * code (symmetric 8-bit quantisation, one scale per vector) and norm2
+// is |scale * code|^2 (for L2). code_words_ = 4 + dim_padded / 4.
+constexpr std::size_t upper_header_words = 4;
 inline std::uint32_t* index_t::links(slot_t id, int level) const {
     if (level == 0) return reinterpret_cast<std::uint32_t*>(record(id));
-    return chunk(id).upper[id & (chunk_size - 1)] + static_cast<std::size_t>(level - 1) * (1 + M_);
+    return chunk(id).upper[id & (chunk_size - 1)] + code_words_ +
+           static_cast<std::size_t>(level - 1) * (1 + M_);
 }
 inline const char* index_t::raw(slot_t id) const { return record(id) + vec_offset_; }
 inline const float* index_t::decoded(slot_t id, float* buf) const {
@@ -125,6 +131,7 @@ struct index_t::scratch_t {
     std::vector<slot_t> selected, batch;
     std::vector<const float*> ptrs;
     std::vector<const half_t*> hptrs;
+    std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
     std::vector<float> dec_a, dec_b;
@@ -139,6 +146,7 @@ struct index_t::scratch_t {
             s.batch.resize(max_degree + 1);
             s.ptrs.resize(max_degree + 1);
             s.hptrs.resize(max_degree + 1);
+            s.blocks.resize(max_degree + 1);
             s.dists.resize(max_degree + 1);
         }
         if (s.dec_a.size() < dim_padded) {

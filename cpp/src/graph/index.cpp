@@ -53,6 +53,7 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     vec_offset_ = round_up(sizeof(std::uint32_t) * (1 + M0_) + sizeof(std::int64_t), 16);
     const std::size_t elem = dtype == dtype_t::float16 ? sizeof(half_t) : sizeof(float);
     stride_ = round_up(vec_offset_ + elem * dim_padded_, 16);
+    code_words_ = upper_header_words + dim_padded_ / 4;
     kernels_ = &default_kernels();
     chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
     const std::size_t want = std::min(capacity_hint, max_chunks * chunk_size);
@@ -136,6 +137,54 @@ void index_t::dist_batch(const float* q, const slot_t* ids, std::size_t n, scrat
     for (std::size_t i = 0; i < n; ++i) out[i] = 1.0f - out[i];
 }
 
+void index_t::approx_batch(const float* q, float qnorm2, const slot_t* ids, std::size_t n,
+                           scratch_t& s, float* out) const {
+    // The blocks are few (1 node in M) and small, so they mostly stay in cache; ask for all
+    // of them before computing.
+    const std::size_t code_lines = (upper_header_words * 4 + dim_padded_ + 63) / 64;
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::uint32_t* b = chunk(ids[i]).upper[ids[i] & (chunk_size - 1)];
+        s.blocks[i] = b;
+        for (std::size_t l = 0; l < code_lines; ++l) prefetch(reinterpret_cast<const char*>(b) + 64 * l);
+    }
+    const std::int8_t** codes = reinterpret_cast<const std::int8_t**>(s.ptrs.data());
+    for (std::size_t i = 0; i < n; ++i)
+        codes[i] = reinterpret_cast<const std::int8_t*>(s.blocks[i] + upper_header_words);
+    kernels_->dot_batch_i8(q, codes, n, dim_padded_, out);
+    for (std::size_t i = 0; i < n; ++i) {
+        float scale, norm2;
+        std::memcpy(&scale, s.blocks[i], sizeof(float));
+        std::memcpy(&norm2, s.blocks[i] + 1, sizeof(float));
+        out[i] = metric_ == metric_t::l2 ? qnorm2 + norm2 - 2.0f * scale * out[i]
+                                         : 1.0f - scale * out[i];
+    }
+}
+
+void index_t::encode_upper(slot_t id, std::uint32_t* block) const {
+    const float* x = decoded(id, scratch_t::local(M0_, dim_padded_).dec_a.data());
+    float mx = 0;
+    for (std::size_t i = 0; i < dim_padded_; ++i) mx = std::max(mx, std::fabs(x[i]));
+    const float scale = mx / 127.0f;
+    auto* code = reinterpret_cast<std::int8_t*>(block + upper_header_words);
+    float norm2 = 0;
+    for (std::size_t i = 0; i < dim_padded_; ++i) {
+        const long c = scale > 0 ? std::lrint(x[i] / scale) : 0;
+        code[i] = static_cast<std::int8_t>(std::clamp(c, -127L, 127L));
+        const float v = scale * code[i];
+        norm2 += v * v;
+    }
+    std::memcpy(block, &scale, sizeof(float));
+    std::memcpy(block + 1, &norm2, sizeof(float));
+}
+
+void index_t::alloc_upper(slot_t id, int lvl) {
+    const std::size_t words = code_words_ + static_cast<std::size_t>(lvl) * (1 + M_);
+    auto* block = static_cast<std::uint32_t*>(std::calloc(words, sizeof(std::uint32_t)));
+    if (block == nullptr) throw std::bad_alloc();
+    encode_upper(id, block);
+    chunk(id).upper[id & (chunk_size - 1)] = block;
+}
+
 void index_t::store_vector(slot_t id, const float* v) {
     char* dst = record(id) + vec_offset_;
     if (dtype_ == dtype_t::float32)
@@ -204,12 +253,15 @@ void index_t::write_links(slot_t id, int lvl, const slot_t* ids, std::size_t cou
     atomic_store_u32(l, static_cast<std::uint32_t>(count));
 }
 
-void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_level,
-                             int to_level) const {
+void index_t::greedy_descent(const float* q, slot_t& cur, int from_level, int to_level) const {
+    if (from_level <= to_level) return;
     // One batched distance call per hop: the kernel overlaps the neighbours' memory loads.
     scratch_t& s = scratch_t::local(M0_);
     slot_t ids[2048];
     float dists[2048];
+    const float qnorm2 = metric_ == metric_t::l2 ? kernels_->dot(q, q, dim_padded_) : 0.0f;
+    float dcur;
+    approx_batch(q, qnorm2, &cur, 1, s, &dcur);
     for (int lvl = from_level; lvl > to_level; --lvl) {
         bool improved = true;
         while (improved) {
@@ -217,7 +269,7 @@ void index_t::greedy_descent(const float* q, slot_t& cur, float& dcur, int from_
             const std::uint32_t* l = links(cur, lvl);
             const std::uint32_t n = std::min<std::uint32_t>(atomic_load_u32(l), 2048);
             for (std::uint32_t i = 0; i < n; ++i) ids[i] = atomic_load_u32(l + 1 + i);
-            dist_batch(q, ids, n, s, dists);
+            approx_batch(q, qnorm2, ids, n, s, dists);
             for (std::uint32_t i = 0; i < n; ++i) {
                 if (dists[i] < dcur) {
                     dcur = dists[i];
@@ -355,11 +407,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     store_vector(id, v);
     atomic_store_u32(reinterpret_cast<std::uint32_t*>(record(id)), 0);
     // A fresh or freed slot has no upper links (consolidate() released them).
-    if (lvl > 0) {
-        ch.upper[off] = static_cast<std::uint32_t*>(
-            std::calloc(static_cast<std::size_t>(lvl) * (1 + M_), sizeof(std::uint32_t)));
-        if (ch.upper[off] == nullptr) throw std::bad_alloc();
-    }
+    if (lvl > 0) alloc_upper(id, lvl);
     ch.level[off] = static_cast<std::uint8_t>(lvl);
     ch.label[off] = lab;
     set_expiry(id, exp);
@@ -377,8 +425,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
     const int top = static_cast<int>(ep >> 32);
-    float dcur = dist(v, cur);
-    greedy_descent(v, cur, dcur, top, lvl);
+    greedy_descent(v, cur, top, lvl);
     for (int l = std::min(lvl, top); l >= 0; --l) {
         search_level(v, cur, ef_construction_, l, false, now, s, s.found);
         s.found.erase(std::remove_if(s.found.begin(), s.found.end(),
@@ -540,8 +587,7 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
         return;
     }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
-    float dcur = dist(q, cur);
-    greedy_descent(q, cur, dcur, static_cast<int>(ep >> 32), 0);
+    greedy_descent(q, cur, static_cast<int>(ep >> 32), 0);
     search_level(q, cur, std::max(ef, k), 0, true, now, s, out, filter ? &filter->mask : nullptr);
     if (out.size() < k && filter != nullptr) {
         brute_force(q, k, now, out, &filter->slots);
@@ -564,6 +610,22 @@ void index_t::search(const float* queries, std::size_t n, std::size_t k, std::si
                      std::size_t n_allowed) const {
     if (k == 0) throw std::invalid_argument("k must be positive");
     if (ef == 0) ef = ef_search();
+    // A NaN or a zero query under cosine would rank every entry by NaN: refuse it instead.
+    for (std::size_t r = 0; r < n; ++r) {
+        const float* row = queries + r * dim_;
+        float sum = 0;
+        double norm = 0;  // as prepare() computes it
+        for (std::size_t i = 0; i < dim_; ++i) {
+            sum += row[i] * 0.0f;  // NaN for NaN or infinity, else 0
+            norm += static_cast<double>(row[i]) * row[i];
+        }
+        if (sum != 0.0f)
+            throw std::invalid_argument("query row " + std::to_string(r) +
+                                        " contains NaN or infinity");
+        if (metric_ == metric_t::cosine && norm == 0.0)
+            throw std::invalid_argument("query row " + std::to_string(r) +
+                                        " is a zero vector, which has no cosine direction");
+    }
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
     std::unique_ptr<filter_t> filter;
     if (allowed != nullptr) {
@@ -696,7 +758,8 @@ index_stats_t index_t::stats(std::int64_t now) const {
             ++st.dead;
         const int lv = level(id);
         for (int l = 0; l <= lv; ++l) ++st.nodes_per_level[l];
-        upper_bytes += static_cast<std::size_t>(lv) * (1 + M_) * sizeof(std::uint32_t);
+        if (lv > 0)
+            upper_bytes += (code_words_ + static_cast<std::size_t>(lv) * (1 + M_)) * sizeof(std::uint32_t);
     }
     const std::uint64_t ep = entry_.load();
     st.max_level = ep == no_entry ? -1 : static_cast<int>(ep >> 32);

@@ -1,5 +1,6 @@
 // check_integrity(): every invariant of index.hpp, checked from scratch.
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -25,6 +26,7 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
     std::size_t degree_sum = 0, not_deleted = 0;
     rep.min_degree0 = SIZE_MAX;
 
+    std::vector<std::uint32_t> code;
     for (slot_t id = 0; id < n; ++id) {
         const std::string where = "slot " + std::to_string(id);
         if (state(id) != state_ready) {
@@ -45,6 +47,14 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
                            std::to_string(top));
         if ((lv > 0) != (chunk(id).upper[id & (chunk_size - 1)] != nullptr))
             fail(where + " upper links do not match its level");
+        if (lv > 0) {
+            // The 8-bit copy the descent reads must be the encoding of the stored vector.
+            code.assign(code_words_, 0);
+            encode_upper(id, code.data());
+            if (std::memcmp(code.data(), chunk(id).upper[id & (chunk_size - 1)],
+                            code_words_ * sizeof(std::uint32_t)) != 0)
+                fail(where + " has an 8-bit copy that does not match its vector");
+        }
         for (int l = 0; l <= lv; ++l) {
             const std::uint32_t* lk = links(id, l);
             const std::uint32_t cnt = atomic_load_u32(lk);

@@ -255,12 +255,11 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         ch.label[off] = labels[id];
         idx->set_expiry(id, expiries[id]);
         if (levels[id] > 0) {
+            // The 8-bit copy is not stored: it is derived from the vector, read above.
             const std::size_t words = static_cast<std::size_t>(levels[id]) * (1 + h.M);
-            ch.upper[off] = static_cast<std::uint32_t*>(std::calloc(words, 4));
-            if (ch.upper[off] == nullptr) throw std::bad_alloc();
-            r.take(ch.upper[off], words * 4);
-            for (int l = 1; l <= levels[id]; ++l)
-                check_links(id, l, ch.upper[off] + (l - 1) * (1 + h.M), h.M);
+            idx->alloc_upper(id, levels[id]);
+            r.take(idx->links(id, 1), words * 4);
+            for (int l = 1; l <= levels[id]; ++l) check_links(id, l, idx->links(id, l), h.M);
         }
         ch.state[off].store(state_ready);
         if (expiries[id] == deleted_mark) {
