@@ -122,6 +122,40 @@ def test_bad_vectors_are_rejected_and_nothing_is_inserted(bad, err, match):
     assert idx.check_integrity()["allocated"] == 4
 
 
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (np.zeros((2, 5), np.float32), ValueError, "dimension 5"),
+        (np.zeros((2, 4, 1), np.float32), ValueError, "1-D or 2-D"),
+        (np.zeros((2, 4, 1), np.float64), ValueError, "1-D or 2-D"),
+        (np.array([["a", "b", "c", "d"]]), TypeError, "numeric"),
+        (np.array([1, np.nan, 0, 0], np.float32), ValueError, "NaN"),
+        (np.array([[1, 0, 0, 0], [1, np.inf, 0, 0]], np.float32), ValueError, "row 1 .*infinity"),
+        (np.array([1, np.nan, 0, 0], np.float64), ValueError, "NaN"),
+        (np.zeros(4, np.float32), ValueError, "zero vector"),
+    ],
+)
+def test_bad_queries_are_rejected_not_answered_with_nan(bad, err, match):
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(err, match=match):
+        idx.search(bad, 2)
+
+
+def test_queries_of_any_layout_and_float_dtype_give_the_same_answer():
+    rng = np.random.default_rng(3)
+    idx = Index(8, metric="l2")
+    data = rng.standard_normal((50, 8)).astype(np.float32)
+    idx.add(data)
+    q = rng.standard_normal((6, 8)).astype(np.float32)
+    want = idx.search(q, 5)
+    for variant in (np.asfortranarray(q), q.astype(np.float64), q.astype(">f4"), q.tolist(),
+                    np.repeat(q, 2, axis=1)[:, ::2]):
+        got = idx.search(variant, 5)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_a_bad_row_in_a_batch_leaves_the_index_unchanged():
     idx = Index(4)
     batch = np.ones((5, 4), np.float32)
