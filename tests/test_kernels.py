@@ -51,6 +51,24 @@ def test_batch_kernels_match_single(isa, dim):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dim", [1, 3, 7, 8, 15, 16, 17, 31, 97, 384, 1025])
+def test_bfloat16_kernels_match_float64_on_the_high_halves(isa, dim):
+    # float32 vectors are stored as two 16-bit halves; the graph walk reads the high ones.
+    rng = np.random.default_rng(dim + 5)
+    q = rng.standard_normal(dim).astype(np.float32)
+    xs = rng.standard_normal((9, dim)).astype(np.float32)
+    highs = (xs.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32).astype(np.float64)
+    np.testing.assert_allclose(
+        _core.kernel_batch(isa, "dot_b", q, xs), highs @ q, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        _core.kernel_batch(isa, "l2sq_b", q, xs), ((highs - q) ** 2).sum(1), rtol=1e-5
+    )
+    ref = _core.kernel_batch("scalar", "dot_b", q, xs)
+    np.testing.assert_allclose(_core.kernel_batch(isa, "dot_b", q, xs), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_kernel_matches_reference_for_every_dimension(isa):
     # The greedy descent through the upper levels reads 8-bit copies of the vectors.
     rng = np.random.default_rng(11)

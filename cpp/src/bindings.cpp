@@ -107,9 +107,24 @@ PYBIND11_MODULE(_core, m) {
                                                                  out.mutable_data());
                 return out;
             }
+            if (op == "dot_b" || op == "l2sq_b") {
+                // Rows cut to their bfloat16 high halves first, as the graph walk reads them.
+                std::vector<hnswcache::half_t> highs(n * dim);
+                for (std::size_t i = 0; i < n * dim; ++i) {
+                    std::uint32_t u;
+                    std::memcpy(&u, xs.data() + i, 4);
+                    highs[i] = static_cast<hnswcache::half_t>(u >> 16);
+                }
+                std::vector<const hnswcache::half_t*> hp(n);
+                for (std::size_t i = 0; i < n; ++i) hp[i] = highs.data() + i * dim;
+                (op == "dot_b" ? k.dot_batch_b : k.l2sq_batch_b)(q.data(), hp.data(), n, dim,
+                                                                 out.mutable_data());
+                return out;
+            }
             auto fn = op == "dot" ? k.dot_batch : op == "l2sq" ? k.l2sq_batch : nullptr;
             if (fn == nullptr)
-                throw std::invalid_argument("op must be 'dot', 'l2sq', 'dot_h' or 'l2sq_h'");
+                throw std::invalid_argument(
+                    "op must be 'dot', 'l2sq', 'dot_h', 'l2sq_h', 'dot_b' or 'l2sq_b'");
             fn(q.data(), ptrs.data(), n, dim, out.mutable_data());
             return out;
         },

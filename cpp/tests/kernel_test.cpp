@@ -2,6 +2,7 @@
 // every dimension 1..1025 and unaligned starts. The Python suite does the same through the
 // bindings; this binary also runs where Python does not, e.g. an arm64 build under qemu.
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -60,7 +61,25 @@ int main() {
             const std::int8_t* ix[2] = {codes.data() + 1, codes.data() + 1};
             float id[2];
             k.dot_batch_i8(a, ix, 2, dim, id);
+            // bfloat16 rows (the high halves the graph walk reads).
+            std::vector<half_t> bb(dim);
+            double bdot = 0, bl2 = 0, bscale = 0;
+            for (std::size_t i = 0; i < dim; ++i) {
+                std::uint32_t u;
+                std::memcpy(&u, &b[i], 4);
+                bb[i] = static_cast<half_t>(u >> 16);
+                const double bv = bf16_to_float(bb[i]);
+                bdot += a[i] * bv;
+                bscale += std::fabs(a[i] * bv);
+                bl2 += (a[i] - bv) * (a[i] - bv);
+            }
+            const half_t* bx[1] = {bb.data()};
+            float bd, bl;
+            k.dot_batch_b(a, bx, 1, dim, &bd);
+            k.l2sq_batch_b(a, bx, 1, dim, &bl);
             const bool ok = std::fabs(k.dot(a, b, dim) - dot) <= 1e-5 * scale + 1e-30 &&
+                            std::fabs(bd - bdot) <= 1e-5 * bscale + 1e-30 &&
+                            std::fabs(bl - bl2) <= 1e-5 * bl2 + 1e-30 &&
                             std::fabs(id[0] - idot) <= 1e-5 * iscale + 1e-30 && id[1] == id[0] &&
                             std::fabs(k.l2sq(a, b, dim) - l2) <= 1e-5 * l2 + 1e-30 &&
                             std::fabs(batch[1] - dot) <= 1e-5 * scale + 1e-30 && halves_ok &&
@@ -71,7 +90,7 @@ int main() {
                 ++failures;
             }
         }
-        std::printf("%s: dims 1..1025 checked (float32, float16, int8)\n", name.c_str());
+        std::printf("%s: dims 1..1025 checked (float32, float16, bfloat16, int8)\n", name.c_str());
     }
     if (failures) return 1;
     std::puts("kernel test passed");

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -38,11 +39,22 @@ struct kernels_t {
     void (*encode_h)(const float* in, half_t* out, std::size_t n);  // round to nearest even
     void (*decode_h)(const half_t* in, float* out, std::size_t n);
     i8_batch_fn dot_batch_i8;
+    half_batch_fn dot_batch_b;   // rows of bfloat16 (half_t holds the bits)
+    half_batch_fn l2sq_batch_b;
 };
 
 // Portable conversions, the reference for every kernel.
 half_t float_to_half(float f);
 float half_to_float(half_t h);
+
+// bfloat16 is the high half of a float32: widening is exact, a 16-bit shift. The index keeps
+// float32 vectors as two 16-bit halves and walks the graph on the high ones.
+inline float bf16_to_float(std::uint16_t h) {
+    const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 // The kernels of one instruction set; throws std::invalid_argument if this build or this CPU
 // lacks it.

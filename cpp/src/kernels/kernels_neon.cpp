@@ -90,6 +90,45 @@ void l2sq_batch_h_neon(const float* q, const half_t* const* xs, std::size_t coun
     }
 }
 
+// bfloat16 widened by a shift (ushll #16).
+inline float32x4_t load_b(const half_t* p) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+}
+
+void dot_batch_b_neon(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
+                      float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
+        std::size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_b(xs[j] + i));
+            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), load_b(xs[j] + i + 4));
+        }
+        for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_b(xs[j] + i));
+        float r = vaddvq_f32(vaddq_f32(s0, s1));
+        for (; i < n; ++i) r += q[i] * bf16_to_float(xs[j][i]);
+        out[j] = r;
+    }
+}
+
+void l2sq_batch_b_neon(const float* q, const half_t* const* xs, std::size_t count,
+                       std::size_t n, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float32x4_t s0 = vdupq_n_f32(0);
+        std::size_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const float32x4_t d = vsubq_f32(vld1q_f32(q + i), load_b(xs[j] + i));
+            s0 = vfmaq_f32(s0, d, d);
+        }
+        float r = vaddvq_f32(s0);
+        for (; i < n; ++i) {
+            const float d = q[i] - bf16_to_float(xs[j][i]);
+            r += d * d;
+        }
+        out[j] = r;
+    }
+}
+
 void encode_h_neon(const float* in, half_t* out, std::size_t n) {
     std::size_t i = 0;
     for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(in + i))));
@@ -122,7 +161,8 @@ void dot_batch_i8_neon(const float* q, const std::int8_t* const* xs, std::size_t
 const kernels_t table{isa_t::neon,       "neon",           dot_neon,
                       l2sq_neon,         dot_batch_neon,   l2sq_batch_neon,
                       dot_batch_h_neon,  l2sq_batch_h_neon, encode_h_neon,
-                      decode_h_neon,     dot_batch_i8_neon};
+                      decode_h_neon,     dot_batch_i8_neon, dot_batch_b_neon,
+                      l2sq_batch_b_neon};
 
 }  // namespace
 

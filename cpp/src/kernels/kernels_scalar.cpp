@@ -76,6 +76,32 @@ void l2sq_batch_h_scalar(const float* q, const half_t* const* xs, std::size_t co
     }
 }
 
+void dot_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t count,
+                        std::size_t dim, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float s0 = 0, s1 = 0;
+        std::size_t i = 0;
+        for (; i + 2 <= dim; i += 2) {
+            s0 += q[i] * bf16_to_float(xs[j][i]);
+            s1 += q[i + 1] * bf16_to_float(xs[j][i + 1]);
+        }
+        for (; i < dim; ++i) s0 += q[i] * bf16_to_float(xs[j][i]);
+        out[j] = s0 + s1;
+    }
+}
+
+void l2sq_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t count,
+                         std::size_t dim, float* out) {
+    for (std::size_t j = 0; j < count; ++j) {
+        float s = 0;
+        for (std::size_t i = 0; i < dim; ++i) {
+            const float d = q[i] - bf16_to_float(xs[j][i]);
+            s += d * d;
+        }
+        out[j] = s;
+    }
+}
+
 void encode_h_scalar(const float* in, half_t* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = float_to_half(in[i]);
 }
@@ -101,7 +127,8 @@ void dot_batch_i8_scalar(const float* q, const std::int8_t* const* xs, std::size
 const kernels_t table{isa_t::scalar,       "scalar",           dot_scalar,
                       l2sq_scalar,         dot_batch_scalar,   l2sq_batch_scalar,
                       dot_batch_h_scalar,  l2sq_batch_h_scalar, encode_h_scalar,
-                      decode_h_scalar,     dot_batch_i8_scalar};
+                      decode_h_scalar,     dot_batch_i8_scalar, dot_batch_b_scalar,
+                      l2sq_batch_b_scalar};
 
 }  // namespace
 
