@@ -4,6 +4,8 @@
                                       "ack i" after each acknowledged write; COUNT < 0: forever
     worker.py reader URL NS PROMPT T  get PROMPT until it hits (or T seconds pass); print
                                       "hit RESPONSE SECONDS" or "timeout", and "entries N"
+
+A URL ``cluster+redis://host:port/0`` connects with redis-py's ``RedisCluster``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from hnswcache.embed import HashEmbedder
 
 def main() -> None:
     mode, url, ns = sys.argv[1:4]
-    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5,
+    store: object = url
+    if url.startswith("cluster+"):
+        from redis.cluster import RedisCluster
+
+        store = RedisCluster.from_url(url[len("cluster+"):], socket_timeout=5.0)
+    cache = SemanticCache(HashEmbedder(64), store=store, namespace=ns, threshold=0.5,
                           strict=(mode == "writer"), timeout=2.0)
     if mode == "writer":
         count = int(sys.argv[4])

@@ -78,6 +78,13 @@ def _stream_id(value: Any) -> tuple[int, int] | None:
         return None
 
 
+def _next_id(position: str) -> str:
+    """The smallest stream id after ``position`` (an inclusive XRANGE start that works on
+    every server version, unlike the exclusive ``(id`` of Redis 6.2+)."""
+    ms, seq = _stream_id(position) or (0, 0)
+    return f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
+
+
 def _id_text(value: Any) -> str:
     return bytes(value).decode("ascii") if isinstance(value, (bytes, bytearray)) else str(value)
 
@@ -114,9 +121,24 @@ class _Layout:
         self.k_meta = k["meta"]
         self.log_maxlen = int(log_maxlen)
         self._next_check = 0.0
+        self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
 
     def ekey(self, eid: int) -> str:
         return self.k_entry + format_id(eid)
+
+    def scan_kwargs(self) -> dict[str, Any]:
+        """SCAN's target: on a cluster client (``RedisCluster``), the node that holds the
+        cache's hash slot (every key of the cache is there); nothing on a plain client."""
+        if not self._cluster:
+            return {}
+        return {"target_nodes": self.client.get_node_from_key(self.k_log)}
+
+    @staticmethod
+    def scan_cursor(cursor: Any) -> int:
+        """SCAN's next cursor; a cluster client reports ``{node name: cursor}``."""
+        if isinstance(cursor, dict):
+            return int(next(iter(cursor.values()), 0))
+        return int(cursor)
 
     # ---------------------------------------------------------------- read
     def check_due(self, log_after: str | None) -> bool:
@@ -140,7 +162,9 @@ class _Layout:
         if touch:
             pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
         if log_after is not None:
-            pipe.xread({self.k_log: log_after}, count=_LOG_BATCH)
+            # XRANGE from the next id, not XREAD: XREAD's keys are "movable", so a cluster
+            # client would ask the server for them (COMMAND GETKEYS) before every read.
+            pipe.xrange(self.k_log, _next_id(log_after), "+", count=_LOG_BATCH)
             pipe.xrange(self.k_log, "-", "+", count=1)  # first entry: trimmed past us?
             if check:  # last entry: did the log go back (server lost its data)?
                 pipe.xrevrange(self.k_log, "+", "-", count=1)
@@ -172,7 +196,7 @@ class _Layout:
             return entries, self.parse_log(log_after, rest[0], rest[1], rest[2], True)
         return entries, self.parse_log(log_after, rest[0], rest[1], None, False)
 
-    def parse_log(self, after: str, xread: Any, first: Any, last: Any, check: bool) -> LogBatch:
+    def parse_log(self, after: str, entries: Any, first: Any, last: Any, check: bool) -> LogBatch:
         pos = _stream_id(after) or (0, 0)
         first_id = _stream_id(first[0][0]) if first else None
         last_id = _stream_id(last[0][0]) if last else None
@@ -185,13 +209,7 @@ class _Layout:
             return LogBatch([], head, reset=True)
         events: list[LogEvent] = []
         position = after
-        messages: list[Any] = []
-        if isinstance(xread, dict):  # RESP3
-            for v in xread.values():
-                messages.extend(v[0] if v and isinstance(v[0], list) else v)
-        elif xread:
-            for _stream, msgs in xread:
-                messages.extend(msgs)
+        messages: list[Any] = list(entries or ())
         for msg_id, fields in messages:
             position = _id_text(msg_id)
             events.extend(self.parse_event(fields, position))
@@ -410,17 +428,18 @@ class RedisStore(_Layout):
         return evicted, len(gone)
 
     def _scan_keys(self) -> Iterator[list[Any]]:
-        cursor: Any = 0
+        cursor = 0
         while True:
             try:
-                cursor, keys = self.client.scan(
-                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT
+                raw, keys = self.client.scan(
+                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **self.scan_kwargs()
                 )
             except self._errors as exc:
                 raise StoreError(f"{type(exc).__name__}: {exc}") from exc
             if keys:
                 yield list(keys)
-            if int(cursor) == 0:
+            cursor = self.scan_cursor(raw)
+            if cursor == 0:
                 break
 
     def scan(self) -> Iterator[list[Fetched]]:
@@ -492,6 +511,11 @@ class AsyncRedisStore(_Layout):
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
                    ) -> list[Any]:
         try:
+            if transaction and self._cluster:
+                # redis-py 8.1's async cluster transaction, if it finds the client not yet
+                # initialised, initialises it on a private event loop in another thread,
+                # leaving connections that fail on ours ("attached to a different loop").
+                await self.client.initialize()  # a no-op once initialised
             pipe = self.client.pipeline(transaction=transaction)
             queue(pipe)
             return list(await pipe.execute(raise_on_error=raise_on_error))
@@ -550,17 +574,18 @@ class AsyncRedisStore(_Layout):
         return evicted, len(gone)
 
     async def _scan_keys(self) -> AsyncIterator[list[Any]]:
-        cursor: Any = 0
+        cursor = 0
         while True:
             try:
-                cursor, keys = await self.client.scan(
-                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT
+                raw, keys = await self.client.scan(
+                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **self.scan_kwargs()
                 )
             except self._errors as exc:
                 raise StoreError(f"{type(exc).__name__}: {exc}") from exc
             if keys:
                 yield list(keys)
-            if int(cursor) == 0:
+            cursor = self.scan_cursor(raw)
+            if cursor == 0:
                 break
 
     async def scan(self) -> AsyncIterator[list[Fetched]]:

