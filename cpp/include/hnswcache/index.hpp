@@ -2,8 +2,12 @@
 //
 // Memory layout. Slots live in chunks of `chunk_size`; a chunk never moves once allocated, so
 // capacity grows without stopping readers. A slot's record is
-//     u32 count0 | u32 links0[M0] | pad | i64 expiry | float vector[dim_padded]
-// so expanding a node touches its links and then nearby vector lines. Upper-level nodes are
+//     u32 count0 | u32 links0[M0] | pad | i64 expiry | u16 vector[dim_padded]
+// so expanding a node touches its links and then nearby vector lines. The u16 are float16
+// values (dtype float16) or, for float32, the high halves of the float32 bits (bfloat16):
+// the graph walk reads only those, half the bytes, and the final candidates are re-ranked
+// with the exact float32, whose low halves live in a cold per-chunk array. Memory is the
+// same as plain float32 storage, results and stored values are exact. Upper-level nodes are
 // rare (1 node in M per level) and keep apart, in a per-slot block, an 8-bit copy of their
 // vector followed by level * (1 + M) u32 of links: the greedy descent through the upper
 // levels reads only these small blocks, which stay in cache (layout in graph_internal.hpp).
@@ -51,7 +55,8 @@ enum class metric_t : std::uint8_t { cosine = 0, ip = 1, l2 = 2 };
 metric_t parse_metric(const std::string& name);
 const char* metric_name(metric_t m);
 
-// How vectors are stored. Queries and all arithmetic stay float32.
+// How vectors are stored. Queries and all arithmetic stay float32. float32 is exact (kept as
+// two 16-bit halves, see the record layout); float16 rounds the stored values.
 enum class dtype_t : std::uint8_t { float32 = 0, float16 = 1 };
 dtype_t parse_dtype(const std::string& name);
 const char* dtype_name(dtype_t d);
@@ -166,8 +171,9 @@ class index_t {
     char* record(slot_t id) const;
     std::uint32_t* links(slot_t id, int level) const;  // [count, ids...]
     const char* raw(slot_t id) const;  // the stored vector, float32 or float16
-    // The stored vector as float32: in place for float32 storage, else decoded into buf.
+    // The stored vector as float32 (exact for float32 storage), decoded into buf.
     const float* decoded(slot_t id, float* buf) const;
+    const half_t* low_halves(slot_t id) const;  // float32 storage only
     void store_vector(slot_t id, const float* v);
     std::int64_t expiry(slot_t id) const;
     void set_expiry(slot_t id, std::int64_t t);
@@ -180,8 +186,12 @@ class index_t {
     void unlock_node(slot_t id) const;
     std::size_t n_slots() const { return n_slots_.load(std::memory_order_acquire); }
 
-    // --- distances: q is a float32 vector (padded), the other side a stored slot
+    // --- distances: q is a float32 vector (padded), the other side a stored slot. dist and
+    //     dist_batch read the 16-bit values the graph walk uses; exact_dist the stored vector.
     float dist(const float* q, slot_t id) const;
+    float exact_dist(const float* q, slot_t id) const;
+    // Replaces the distances of `found` by exact ones and sorts it (float32 storage).
+    void rerank(const float* q, std::vector<neighbor_t>& found) const;
     void dist_batch(const float* q, const slot_t* ids, std::size_t n, scratch_t& s,
                     float* out) const;
     void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)

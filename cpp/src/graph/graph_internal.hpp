@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -54,12 +55,16 @@ inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 struct index_t::chunk_t {
     char* slab = nullptr;  // chunk_size records of stride_ bytes
+    half_t* low = nullptr;  // float32 storage: low halves, chunk_size x dim_padded
     std::int64_t label[chunk_size] = {};
     std::uint32_t* upper[chunk_size] = {};
     std::uint8_t level[chunk_size] = {};
     std::atomic<std::uint8_t> state[chunk_size] = {};
     std::atomic<std::uint8_t> lock[chunk_size] = {};
-    ~chunk_t() { std::free(slab); }
+    ~chunk_t() {
+        std::free(slab);
+        std::free(low);
+    }
 };
 
 // Visited marks by epoch: a new search bumps the epoch instead of clearing the array.
@@ -105,9 +110,20 @@ inline std::uint32_t* index_t::links(slot_t id, int level) const {
            static_cast<std::size_t>(level - 1) * (1 + M_);
 }
 inline const char* index_t::raw(slot_t id) const { return record(id) + vec_offset_; }
+inline const half_t* index_t::low_halves(slot_t id) const {
+    return chunk(id).low + (id & (chunk_size - 1)) * dim_padded_;
+}
 inline const float* index_t::decoded(slot_t id, float* buf) const {
-    if (dtype_ == dtype_t::float32) return reinterpret_cast<const float*>(raw(id));
-    kernels_->decode_h(reinterpret_cast<const half_t*>(raw(id)), buf, dim_padded_);
+    const half_t* high = reinterpret_cast<const half_t*>(raw(id));
+    if (dtype_ == dtype_t::float16) {
+        kernels_->decode_h(high, buf, dim_padded_);
+        return buf;
+    }
+    const half_t* low = low_halves(id);
+    for (std::size_t i = 0; i < dim_padded_; ++i) {
+        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
+        std::memcpy(buf + i, &u, sizeof(float));
+    }
     return buf;
 }
 inline std::int64_t index_t::expiry(slot_t id) const {
@@ -134,7 +150,7 @@ struct index_t::scratch_t {
     std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
-    std::vector<float> dec_a, dec_b;
+    std::vector<float> dec_a, dec_b, dec_c;  // dec_c: exact distances
     float* qbuf = nullptr;
     std::size_t qcap = 0;
 
@@ -152,6 +168,7 @@ struct index_t::scratch_t {
         if (s.dec_a.size() < dim_padded) {
             s.dec_a.resize(dim_padded);
             s.dec_b.resize(dim_padded);
+            s.dec_c.resize(dim_padded);
         }
         return s;
     }

@@ -142,7 +142,11 @@ std::string index_t::serialize() const {
         w.put(cnt);
         for (std::size_t i = 0; i < M0_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(l + 1 + i) : 0);
     }
-    for (slot_t id = 0; id < n; ++id) w.append(raw(id), dim_ * elem);
+    // float32 is written whole (the same format as ever): the two halves joined.
+    std::vector<float> buf(dim_padded_);
+    for (slot_t id = 0; id < n; ++id)
+        w.append(dtype_ == dtype_t::float16 ? raw(id) : reinterpret_cast<const char*>(decoded(id, buf.data())),
+                 dim_ * elem);
     for (slot_t id = 0; id < n; ++id) {
         if (state(id) != state_ready) continue;
         for (int l = 1; l <= level(id); ++l) {
@@ -240,7 +244,10 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         }
         for (std::size_t i = 0; i < h.dim; ++i)
             if (!std::isfinite(values[i])) throw format_error("a stored vector is not finite");
-        std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size());
+        if (elem == 4)
+            idx->store_vector(id, values.data());
+        else
+            std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size());
     }
     std::unordered_set<std::int64_t> seen;
     for (slot_t id = 0; id < n; ++id) {
