@@ -23,11 +23,20 @@ class IndexVersusOracle(RuleBasedStateMachine):
                          auto_consolidate=None)
         self.metric = metric
         self.vectors: dict[int, np.ndarray] = {}
-        self.expiry: dict[int, float] = {}
+        self.expiry: dict[int, float] = {}  # ns, or inf for never
         self.rng = np.random.default_rng(0)
 
+    # Expiry is kept at nanosecond resolution, as the index documents it: an entry is live
+    # while its expiry (ns) is after now (ns); a positive ttl lasts at least 1 ns.
+    def now_ns(self) -> int:
+        return int(round(self.clock.t * 1e9))
+
+    def expiry_ns(self, ttl: float) -> int:
+        delta = int(np.rint(ttl * 1e9))
+        return self.now_ns() + (max(delta, 1) if ttl > 0 else delta)
+
     def live(self) -> list[int]:
-        return sorted(k for k, e in self.expiry.items() if e > self.clock.t)
+        return sorted(k for k, e in self.expiry.items() if e > self.now_ns())
 
     def distance(self, q: np.ndarray, v: np.ndarray) -> float:
         if self.metric == "l2":
@@ -44,7 +53,7 @@ class IndexVersusOracle(RuleBasedStateMachine):
         self.idx.add(x, labels, ttl=ttl)
         for lab, v in zip(labels, x):
             self.vectors[lab] = v
-            self.expiry[lab] = np.inf if ttl is None else self.clock.t + ttl
+            self.expiry[lab] = np.inf if ttl is None else self.expiry_ns(ttl)
 
     @rule(labels=st.lists(LABELS, min_size=1, max_size=5))
     def delete(self, labels: list[int]) -> None:
@@ -57,10 +66,10 @@ class IndexVersusOracle(RuleBasedStateMachine):
     @rule(labels=st.lists(LABELS, min_size=1, max_size=5, unique=True), ttl=st.floats(0, 20))
     def touch(self, labels: list[int], ttl: float) -> None:
         changed = self.idx.touch(labels, ttl=ttl)
-        live = [lab for lab in labels if self.expiry.get(lab, -np.inf) > self.clock.t]
+        live = [lab for lab in labels if self.expiry.get(lab, -np.inf) > self.now_ns()]
         assert changed == len(live)
         for lab in live:
-            self.expiry[lab] = self.clock.t + ttl
+            self.expiry[lab] = self.expiry_ns(ttl)
 
     @rule(seconds=st.floats(0, 10))
     def advance(self, seconds: float) -> None:
@@ -70,7 +79,7 @@ class IndexVersusOracle(RuleBasedStateMachine):
     def consolidate(self) -> None:
         self.idx.consolidate()
         # Dead entries are gone for good: a later touch cannot see them.
-        for lab in [k for k, e in self.expiry.items() if e <= self.clock.t]:
+        for lab in [k for k, e in self.expiry.items() if e <= self.now_ns()]:
             del self.expiry[lab]
         check = self.idx.check_integrity()
         assert check["dead"] == 0 and check["unreachable_live"] == 0

@@ -233,3 +233,17 @@ def test_searches_inserts_deletes_and_consolidation_at_once_never_return_the_dea
     check = idx.check_integrity()
     assert check["live"] == 9000 and check["unreachable_live"] == 0
     assert not np.isin(idx.search(x[:3000:10], k=10)[0], np.arange(3000)).any()
+
+
+def test_expiry_is_exact_to_the_nanosecond_on_a_wall_clock():
+    # now is about 1.8e18 ns: the expiry must be added in integers, not in float64 (whose
+    # spacing there is 256 ns).
+    wall = 1_763_800_000.123456789
+    idx = Index(3, clock=lambda: wall)
+    idx.add(np.eye(3, dtype=np.float32), [1, 2, 3], ttl=[1e-6, 2.5e-7, 0.0])
+    now_ns = int(round(wall * 1e9))
+    exp = idx._native.expiry(np.array([1, 2], np.int64), now_ns - 1)
+    assert list(exp - now_ns) == [1000, 250]
+    # A positive ttl, however small, lasts at least 1 ns; ttl=0 expires on the spot.
+    idx.touch([1], ttl=1e-12)
+    assert 1 in idx and 3 not in idx

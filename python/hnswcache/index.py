@@ -127,11 +127,18 @@ class Index:
             raise ValueError("ttl/expires_at must not be NaN")
         if ttl is not None and (value < 0).any():
             raise ValueError("ttl must be >= 0 seconds")
-        base = float(now_ns) if ttl is not None else 0.0
-        ns = base + value * 1e9
+        # Whole nanoseconds, added in integers: a float64 sum with a wall-clock now_ns
+        # (about 1.8e18) would be off by up to 128 ns.
+        delta = np.rint(value * 1e9)
+        if ttl is not None:
+            delta[(value > 0) & (delta < 1)] = 1  # a positive ttl never expires on the spot
+            limit = float(_NEVER_NS - now_ns)
+        else:
+            limit = float(_NEVER_NS)
+        delta = np.maximum(delta, -float(2**62))  # far past, never the deletion mark
         out = np.full(n, _NEVER_NS, dtype=np.int64)
-        finite = ns < float(_NEVER_NS)
-        out[finite] = ns[finite].astype(np.int64)
+        finite = delta < limit
+        out[finite] = delta[finite].astype(np.int64) + (now_ns if ttl is not None else 0)
         return out
 
     def _as_vectors(self, vectors: ArrayLike, what: str) -> npt.NDArray[np.float32]:
