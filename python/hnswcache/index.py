@@ -74,8 +74,10 @@ class Index:
             reads it once, so a test can control time exactly.
         auto_consolidate: when the fraction of dead (expired or deleted) slots passes this
             value, ``add`` removes them first; ``None`` turns it off.
-        dtype: how vectors are stored: ``"float32"``, or ``"float16"`` for half the memory and
-            faster searches (11 significant bits: ample for normalised embeddings; queries and
+        dtype: how vectors are stored. ``"float32"`` is exact: the graph walk reads the high
+            16 bits of each value (bfloat16) and the final candidates are re-ranked with the
+            full float32, so results, distances and ``get()`` are exact. ``"float16"`` halves
+            the memory (11 significant bits: ample for normalised embeddings; queries and
             arithmetic stay float32; values beyond 65504 are rejected under ip/l2).
     """
 
