@@ -129,6 +129,9 @@ class CacheCore:
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
         self.dtype = dtype
+        # How far an index similarity may be from the one recomputed on the stored float32
+        # vector: float32 rounding, or float16 rows (|error| <= 2**-12 for unit vectors).
+        self.slack = 1e-4 if dtype == "float32" else 1e-3
         self.dim: int | None = embedder_dim(embedder) if embedder is not None else None
         self.meta_checked = False
         self.indexes: dict[str, Index] = {}
@@ -192,8 +195,11 @@ class CacheCore:
             self._suppressed += 1
 
     # ------------------------------------------------------------------ vectors
-    def vectors(self, raw: Any, n: int) -> npt.NDArray[np.float32]:
-        """Validate and unit-normalise embedder output (or given embeddings) to ``(n, dim)``."""
+    def vectors(self, raw: Any, n: int, *, copy: bool = True) -> npt.NDArray[np.float32]:
+        """Validate and unit-normalise embedder output (or given embeddings) to ``(n, dim)``.
+
+        ``copy=False`` (lookups, which keep nothing) returns a single float32 row that is
+        already of unit length (within float32 rounding) as it is, without a copy."""
         arr = np.asarray(raw, dtype=np.float32)
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
@@ -209,6 +215,8 @@ class CacheCore:
                 raise ValueError("embeddings contain NaN or infinity")
             if n2 == 0.0:
                 raise ValueError("an embedding is the zero vector")
+            if not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
+                return arr  # similarity error <= 5e-7: not worth a copy on the lookup path
             return np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
         norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
         if not np.isfinite(norms).all():
@@ -368,14 +376,13 @@ class CacheCore:
 
     # ------------------------------------------------------------------ decisions
     def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float) -> Hit:
-        self.stats.add("hits_exact" if tier == "exact" else "hits_semantic")
+        self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
         self.touches.add(rec.id)
-        return Hit(
-            response=rec.response, tier=tier, similarity=sim, prompt=rec.prompt,
-            key=format_id(rec.id), age=max(0.0, now - rec.created),
-            expires_at=None if math.isinf(rec.expires) else rec.expires,
-            metadata=rec.metadata, scope=rec.scope,
-        )
+        exp = rec.expires
+        # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
+        return Hit(rec.response, tier, sim, rec.prompt, format_id(rec.id),
+                   max(0.0, now - rec.created), None if exp == math.inf else exp,
+                   rec.metadata, rec.scope)
 
     def exact(self, f: Fetched, sid: str, norm: str, now: float) -> Hit | None:
         if f is None:
@@ -396,12 +403,11 @@ class CacheCore:
         if idx is None:  # (len(idx) is O(n) in the core: not on this path)
             return [[] for _ in range(vecs.shape[0])]
         labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
-        out: list[list[tuple[int, float]]] = []
-        for lab_row, dist_row in zip(labels, dists):
-            row = [(int(lab), 1.0 - float(d)) for lab, d in zip(lab_row, dist_row)
-                   if lab >= 0 and 1.0 - float(d) >= threshold - 1e-4]
-            out.append(row)
-        return out
+        # Best first; distance is 1 - similarity, so keep distances <= 1 - threshold + slack.
+        # (Padding has label -1 and distance inf.)
+        top = 1.0 - threshold + self.slack
+        return [[(lab, 1.0 - d) for lab, d in zip(lab_row, dist_row) if d <= top]
+                for lab_row, dist_row in zip(labels.tolist(), dists.tolist())]
 
     def search_ahead(
         self, ids: Sequence[int], vecs: npt.NDArray[np.float32] | None, sid: str,
@@ -412,6 +418,11 @@ class CacheCore:
         ``(row index -> candidates, ids to fetch)`` or ``(None, [])``."""
         if vecs is None or sid not in self.indexes:
             return None, []
+        if len(ids) == 1:  # get(): no list juggling
+            if ids[0] in self.where:
+                return None, []
+            found = self.candidates(vecs, sid, threshold)
+            return {0: found[0]}, [e for e, _ in found[0] if e != ids[0]]
         rows = [i for i, eid in enumerate(ids) if eid not in self.where]
         if not rows:
             return None, []
@@ -452,17 +463,21 @@ class CacheCore:
     ) -> Hit | None:
         best: tuple[float, Record] | None = None
         stale: list[int] = []
-        for eid, _ in cands:
+        for eid, index_sim in cands:  # best first
+            if best is not None and index_sim < best[0] - self.slack:
+                break  # no later candidate can beat the best one
             rec = self.usable(fetched.get(eid), now)
             if rec is None or rec.scope_id != sid:
                 stale.append(eid)
                 continue
-            if self.where.get(eid) != (rec.scope_id, rec.version):
+            w = self.where.get(eid)
+            if w is None or w[1] != rec.version or w[0] != sid:
                 self.add_records([rec])
-            sim = float(np.dot(rec.vector, vec))  # authoritative: the stored vector
+            sim = float(rec.vector @ vec)  # authoritative: the stored vector
             if sim >= threshold and (best is None or sim > best[0]):
                 best = (sim, rec)
-        self.remove(stale)
+        if stale:
+            self.remove(stale)
         if best is None:
             return None
         return self.hit(best[1], "semantic", min(1.0, best[0]), now)

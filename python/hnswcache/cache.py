@@ -257,6 +257,9 @@ class SemanticCache(_Base):
 
     def _apply(self, batch: LogBatch | None) -> None:
         c = self._core
+        if batch is None or (not batch.events and not batch.reset and not batch.more
+                             and batch.position == c.position):
+            return  # nothing new (most lookups): no lock
         with self._lock:
             while batch is not None:
                 if batch.reset:
@@ -328,7 +331,8 @@ class SemanticCache(_Base):
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
         keys = [c.key(p, scope) for p in prompts]
-        given_all = None if embeddings is None else c.vectors(embeddings, len(prompts))
+        given_all = (None if embeddings is None
+                     else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
         try:
             if not prompts or not self._ready():
@@ -608,6 +612,9 @@ class AsyncSemanticCache(_Base):
 
     async def _apply(self, batch: LogBatch | None) -> None:
         c = self._core
+        if batch is None or (not batch.events and not batch.reset and not batch.more
+                             and batch.position == c.position):
+            return  # nothing new (most lookups): no lock
         async with self._lock:
             while batch is not None:
                 if batch.reset:
@@ -680,7 +687,8 @@ class AsyncSemanticCache(_Base):
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
         keys = [c.key(p, scope) for p in prompts]
-        given_all = None if embeddings is None else c.vectors(embeddings, len(prompts))
+        given_all = (None if embeddings is None
+                     else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
         try:
             if not prompts or not await self._ready():

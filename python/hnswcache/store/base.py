@@ -166,11 +166,15 @@ class Record:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        if self.metadata_json == "{}":  # the common case, without the JSON parser
+            return {}
         value = json.loads(self.metadata_json)
         return value if isinstance(value, dict) else {}
 
     @property
     def scope(self) -> dict[str, Any]:
+        if self.scope_json == "{}":
+            return {}
         value = json.loads(self.scope_json)
         return value if isinstance(value, dict) else {}
 

@@ -36,6 +36,7 @@ class MemoryStore:
         self._log_base = 0  # sequence number of self._log[0] is _log_base + 1
         self._log_maxlen = int(log_maxlen)
         self._meta: tuple[int, str] | None = None
+        self._head_pos = "0-0"  # position of the newest log event, as a reader holds it
 
     # ------------------------------------------------------------------ log
     def _append(self, events: Sequence[LogEvent]) -> tuple[str, ...]:
@@ -48,12 +49,15 @@ class MemoryStore:
         if over > 0:
             del self._log[:over]
             self._log_base += over
+        self._head_pos = f"{self._head()}-0"
         return tuple(e.pos for e in events)
 
     def _head(self) -> int:
         return self._log_base + len(self._log)
 
     def _read_log(self, after: str) -> LogBatch:
+        if after == self._head_pos:  # nothing new: the common case of a lookup
+            return LogBatch([], after)
         try:
             pos = int(after.split("-", 1)[0])
         except ValueError:
@@ -74,7 +78,8 @@ class MemoryStore:
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
-            out: list[Fetched] = [self._entries.get(i) for i in ids]
+            get = self._entries.get
+            out: list[Fetched] = [get(i) for i in ids]
             batch = self._read_log(log_after) if log_after is not None else None
         return out, batch
 
