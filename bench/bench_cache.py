@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hnswcache import SemanticCache
+from hnswcache.store.base import normalize_prompt
 from hnswcache.store.server import EmbeddedServer
 
 log = logging.getLogger("bench_cache")
@@ -55,11 +56,14 @@ def load(n: int, nq: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray,
             noise = rng.standard_normal((extra, base.shape[1])).astype(np.float32) * 0.3
             base = np.concatenate([base, base[:extra] + noise])
             texts += [f"{t} (variant)" for t in texts[:extra]]
+        # One entry per text: the cache keys entries by the normalised prompt ("Yes." and
+        # "yes" are one entry), so number the texts that normalise alike.
         seen: dict[str, int] = {}
         uniq = []
         for t in texts:
-            seen[t] = seen.get(t, 0) + 1
-            uniq.append(t if seen[t] == 1 else f"{t} [{seen[t]}]")
+            norm = normalize_prompt(t)
+            seen[norm] = seen.get(norm, 0) + 1
+            uniq.append(t if seen[norm] == 1 else f"{t} [{seen[norm]}]")
         return uniq, base, qtexts, qv, "sgd (all-MiniLM-L6-v2, 384-d)"
     rng = np.random.default_rng(0)
     base = rng.standard_normal((n, 384)).astype(np.float32)
@@ -82,7 +86,8 @@ def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Nam
         cache.set_many([(t, f"response {s + i}") for i, t in enumerate(texts[s:s + 1000])],
                        embeddings=base[s:s + 1000])
     dt = time.perf_counter() - t0
-    rows.append((name, "set (set_many x1000)", "-", "-", len(texts) / dt))
+    rows.append((name, f"set (set_many x1000, {len(cache)} entries)", "-", "-",
+                 len(texts) / dt))
     log.info("%s: %d sets in %.1f s", name, len(texts), dt)
     rng = np.random.default_rng(2)
     nq = args.queries

@@ -179,6 +179,10 @@ class SemanticCache(_Base):
         dtype: how the in-process index stores vectors: ``"float32"`` or ``"float16"``
             (half the memory; the store always keeps float32, and hits are re-scored on
             the stored float32 vector).
+        M, ef_construction, ef_search: the HNSW parameters of each scope's index.
+            ``ef_search=64`` loses almost no hits against an exact search at 100k entries;
+            16 halves the search time but loses some (``bench/cache_ef.py``, numbers in
+            ``docs/cache.md``).
     """
 
     def __init__(
