@@ -211,6 +211,13 @@ class index_t {
                       scratch_t& s, float* out) const;
     // Best-first search of one level from `start`. With live_only, only nodes live at `now`
     // (and, given a mask, allowed by it) enter the results; the others are walked through.
+    // Best-first search of an upper level on the 8-bit copies; out sorted, approx distances.
+    void upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int level,
+                    scratch_t& s, std::vector<neighbor_t>& out) const;
+    void search_level(const float* q, const slot_t* starts, std::size_t n_starts,
+                      std::size_t ef, int level, bool live_only, std::int64_t now,
+                      scratch_t& s, std::vector<neighbor_t>& out,
+                      const std::vector<std::uint8_t>* mask = nullptr) const;
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
                       std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr) const;

