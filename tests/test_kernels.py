@@ -69,6 +69,18 @@ def test_bfloat16_kernels_match_float64_on_the_high_halves(isa, dim):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_float32_split_into_halves_joins_back_bit_for_bit(isa):
+    rng = np.random.default_rng(2)
+    x = np.concatenate([
+        rng.standard_normal(1025).astype(np.float32),
+        np.array([0.0, -0.0, 1e-45, -3.4e38, np.inf, -np.inf, 65504.0], np.float32),
+    ])
+    for n in (1, 7, 8, 15, 16, 17, 31, 33, len(x)):
+        got = _core.split_round_trip(isa, x[:n])
+        np.testing.assert_array_equal(got.view(np.uint32), x[:n].view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_kernel_matches_reference_for_every_dimension(isa):
     # The greedy descent through the upper levels reads 8-bit copies of the vectors.
     rng = np.random.default_rng(11)

@@ -147,6 +147,24 @@ PYBIND11_MODULE(_core, m) {
         py::arg("isa"), py::arg("q"), py::arg("codes"));
 
     m.def(
+        "split_round_trip",
+        [](const std::string& isa, const f32_array& x) {
+            // float32 -> high and low 16-bit halves -> joined by one kernel set (for the tests).
+            const std::size_t n = x.size();
+            std::vector<hnswcache::half_t> high(n), low(n);
+            for (std::size_t i = 0; i < n; ++i) {
+                std::uint32_t u;
+                std::memcpy(&u, x.data() + i, 4);
+                high[i] = static_cast<hnswcache::half_t>(u >> 16);
+                low[i] = static_cast<hnswcache::half_t>(u & 0xffffu);
+            }
+            py::array_t<float> out(n);
+            kernels_named(isa).join_b(high.data(), low.data(), out.mutable_data(), n);
+            return out;
+        },
+        py::arg("isa"), py::arg("x"));
+
+    m.def(
         "half_round_trip",
         [](const std::string& isa, const f32_array& x) {
             // float32 -> float16 -> float32 through one kernel set (for the tests).

@@ -73,12 +73,22 @@ int main() {
                 bscale += std::fabs(a[i] * bv);
                 bl2 += (a[i] - bv) * (a[i] - bv);
             }
+            // Joining the high and low halves gives back the float32 bit for bit.
+            std::vector<half_t> lb(dim);
+            for (std::size_t i = 0; i < dim; ++i) {
+                std::uint32_t u;
+                std::memcpy(&u, &b[i], 4);
+                lb[i] = static_cast<half_t>(u & 0xffffu);
+            }
+            std::vector<float> joined(dim);
+            k.join_b(bb.data(), lb.data(), joined.data(), dim);
+            const bool joins_ok = std::memcmp(joined.data(), b, dim * sizeof(float)) == 0;
             const half_t* bx[1] = {bb.data()};
             float bd, bl;
             k.dot_batch_b(a, bx, 1, dim, &bd);
             k.l2sq_batch_b(a, bx, 1, dim, &bl);
             const bool ok = std::fabs(k.dot(a, b, dim) - dot) <= 1e-5 * scale + 1e-30 &&
-                            std::fabs(bd - bdot) <= 1e-5 * bscale + 1e-30 &&
+                            std::fabs(bd - bdot) <= 1e-5 * bscale + 1e-30 && joins_ok &&
                             std::fabs(bl - bl2) <= 1e-5 * bl2 + 1e-30 &&
                             std::fabs(id[0] - idot) <= 1e-5 * iscale + 1e-30 && id[1] == id[0] &&
                             std::fabs(k.l2sq(a, b, dim) - l2) <= 1e-5 * l2 + 1e-30 &&

@@ -41,6 +41,8 @@ struct kernels_t {
     i8_batch_fn dot_batch_i8;
     half_batch_fn dot_batch_b;   // rows of bfloat16 (half_t holds the bits)
     half_batch_fn l2sq_batch_b;
+    // out[i] = the float32 whose high and low 16 bits are high[i] and low[i] (exact).
+    void (*join_b)(const half_t* high, const half_t* low, float* out, std::size_t n);
 };
 
 // Portable conversions, the reference for every kernel.

@@ -119,11 +119,7 @@ inline const float* index_t::decoded(slot_t id, float* buf) const {
         kernels_->decode_h(high, buf, dim_padded_);
         return buf;
     }
-    const half_t* low = low_halves(id);
-    for (std::size_t i = 0; i < dim_padded_; ++i) {
-        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
-        std::memcpy(buf + i, &u, sizeof(float));
-    }
+    kernels_->join_b(high, low_halves(id), buf, dim_padded_);
     return buf;
 }
 inline std::int64_t index_t::expiry(slot_t id) const {

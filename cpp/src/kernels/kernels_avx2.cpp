@@ -214,6 +214,19 @@ void l2sq_batch_b_avx2(const float* q, const half_t* const* xs, std::size_t coun
     }
 }
 
+void join_b_avx2(const half_t* high, const half_t* low, float* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(high + i)));
+        const __m256i l = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low + i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(h, 16), l)));
+    }
+    for (; i < n; ++i) {
+        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
+        std::memcpy(out + i, &u, sizeof u);
+    }
+}
+
 void encode_h_avx2(const float* in, half_t* out, std::size_t n) {
     std::size_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -254,7 +267,7 @@ const kernels_t table{isa_t::avx2,       "avx2",           dot_avx2,
                       l2sq_avx2,         dot_batch_avx2,   l2sq_batch_avx2,
                       dot_batch_h_avx2,  l2sq_batch_h_avx2, encode_h_avx2,
                       decode_h_avx2,     dot_batch_i8_avx2, dot_batch_b_avx2,
-                      l2sq_batch_b_avx2};
+                      l2sq_batch_b_avx2, join_b_avx2};
 
 }  // namespace
 

@@ -237,6 +237,19 @@ void l2sq_batch_b_avx512(const float* q, const half_t* const* xs, std::size_t co
     }
 }
 
+void join_b_avx512(const half_t* high, const half_t* low, float* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i h = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + i)));
+        const __m512i l = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + i)));
+        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_maskz_slli_epi32(0xffff, h, 16), l)));
+    }
+    for (; i < n; ++i) {
+        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
+        std::memcpy(out + i, &u, sizeof u);
+    }
+}
+
 void encode_h_avx512(const float* in, half_t* out, std::size_t n) {
     std::size_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -286,7 +299,7 @@ const kernels_t table{isa_t::avx512,       "avx512",           dot_avx512,
                       l2sq_avx512,         dot_batch_avx512,   l2sq_batch_avx512,
                       dot_batch_h_avx512,  l2sq_batch_h_avx512, encode_h_avx512,
                       decode_h_avx512,     dot_batch_i8_avx512, dot_batch_b_avx512,
-                      l2sq_batch_b_avx512};
+                      l2sq_batch_b_avx512, join_b_avx512};
 
 }  // namespace
 

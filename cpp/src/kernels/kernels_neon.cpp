@@ -129,6 +129,18 @@ void l2sq_batch_b_neon(const float* q, const half_t* const* xs, std::size_t coun
     }
 }
 
+void join_b_neon(const half_t* high, const half_t* low, float* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint32x4_t u = vorrq_u32(vshll_n_u16(vld1_u16(high + i), 16), vmovl_u16(vld1_u16(low + i)));
+        vst1q_f32(out + i, vreinterpretq_f32_u32(u));
+    }
+    for (; i < n; ++i) {
+        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
+        std::memcpy(out + i, &u, sizeof u);
+    }
+}
+
 void encode_h_neon(const float* in, half_t* out, std::size_t n) {
     std::size_t i = 0;
     for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(in + i))));
@@ -162,7 +174,7 @@ const kernels_t table{isa_t::neon,       "neon",           dot_neon,
                       l2sq_neon,         dot_batch_neon,   l2sq_batch_neon,
                       dot_batch_h_neon,  l2sq_batch_h_neon, encode_h_neon,
                       decode_h_neon,     dot_batch_i8_neon, dot_batch_b_neon,
-                      l2sq_batch_b_neon};
+                      l2sq_batch_b_neon, join_b_neon};
 
 }  // namespace
 

@@ -102,6 +102,13 @@ void l2sq_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t co
     }
 }
 
+void join_b_scalar(const half_t* high, const half_t* low, float* out, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
+        std::memcpy(out + i, &u, sizeof u);
+    }
+}
+
 void encode_h_scalar(const float* in, half_t* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = float_to_half(in[i]);
 }
@@ -128,7 +135,7 @@ const kernels_t table{isa_t::scalar,       "scalar",           dot_scalar,
                       l2sq_scalar,         dot_batch_scalar,   l2sq_batch_scalar,
                       dot_batch_h_scalar,  l2sq_batch_h_scalar, encode_h_scalar,
                       decode_h_scalar,     dot_batch_i8_scalar, dot_batch_b_scalar,
-                      l2sq_batch_b_scalar};
+                      l2sq_batch_b_scalar, join_b_scalar};
 
 }  // namespace
 
