@@ -424,3 +424,25 @@ def test_float16_rejects_values_it_cannot_hold():
     assert len(idx) == 0
     with pytest.raises(ValueError, match="dtype"):
         Index(3, dtype="int8")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_float32_values_come_back_bit_for_bit(metric, tmp_path):
+    # float32 is stored as two 16-bit halves (the walk reads the high ones); get(), save/load
+    # and pickle must give back exactly the float32 that went in.
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((300, 19)) * rng.choice([1e-30, 1e-3, 1.0, 1e20], (300, 1)))
+    x = x.astype(np.float32)
+    x[0, :3] = [np.float32(1.4e-45), np.float32(-0.0), np.float32(3.4e38)]
+    idx = Index(19, metric=metric)
+    idx.add(x)
+    labels = np.arange(300)
+    np.testing.assert_array_equal(idx.get(labels).view(np.uint32), x.view(np.uint32))
+    path = tmp_path / "bits.hnsw"
+    idx.save(path)
+    for other in (Index.load(path), pickle.loads(pickle.dumps(idx))):
+        np.testing.assert_array_equal(other.get(labels).view(np.uint32), x.view(np.uint32))
+        q = x[5:9]
+        a, b = idx.search(q, 7, ef=300), other.search(q, 7, ef=300)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
