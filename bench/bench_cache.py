@@ -77,10 +77,17 @@ def pct(lat: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), len(a) / (a.sum() / 1e6)
 
 
+def index_params(args: argparse.Namespace) -> dict[str, int]:
+    """The HNSW parameters given on the command line (the cache's defaults otherwise)."""
+    return {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
+                              ("ef_search", args.ef_search)) if v is not None}
+
+
 def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Namespace,
                 rows: list[tuple[Any, ...]]) -> None:
     texts, base, qtexts, qv, _ = data
-    cache = SemanticCache(no_embedder, store=store, namespace=f"bench{int(time.time())}")
+    cache = SemanticCache(no_embedder, store=store, namespace=f"bench{int(time.time())}",
+                          **index_params(args))
     t0 = time.perf_counter()
     for s in range(0, len(texts), 1000):
         cache.set_many([(t, f"response {s + i}") for i, t in enumerate(texts[s:s + 1000])],
@@ -111,7 +118,8 @@ def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Nam
         rows.append((name, f"get {kind} (hit rate {hits / len(items):.2f})", p50, p99, qps))
     if name != "memory":
         t0 = time.perf_counter()
-        warm = SemanticCache(no_embedder, store=store, namespace=cache.namespace)
+        warm = SemanticCache(no_embedder, store=store, namespace=cache.namespace,
+                             **index_params(args))
         warm.sync()
         rows.append((name, f"warm start ({len(warm)} entries)", "-", "-",
                      len(warm) / (time.perf_counter() - t0)))
@@ -200,6 +208,9 @@ def main() -> None:
     ap.add_argument("--stores", default="memory,valkey,valkey-unix,gptcache",
                     help="memory, valkey (TCP loopback), valkey-unix (unix socket), gptcache "
                          "(GPTCache with sqlite + hnswlib on the same data, for comparison)")
+    ap.add_argument("--M", type=int, help="HNSW M of the cache's index (default: the cache's)")
+    ap.add_argument("--ef-construction", type=int, help="(default: the cache's)")
+    ap.add_argument("--ef-search", type=int, help="(default: the cache's)")
     args = ap.parse_args()
     data = load(args.n, args.queries)
     log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)

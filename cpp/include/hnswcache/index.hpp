@@ -190,8 +190,9 @@ class index_t {
     //     dist_batch read the 16-bit values the graph walk uses; exact_dist the stored vector.
     float dist(const float* q, slot_t id) const;
     float exact_dist(const float* q, slot_t id) const;
-    // Replaces the distances of `found` by exact ones and sorts it (float32 storage).
-    void rerank(const float* q, std::vector<neighbor_t>& found) const;
+    // Replaces the distances of `found` (sorted by walk distance) by exact ones and sorts it
+    // (float32 storage), dropping candidates that provably cannot be among the k best.
+    void rerank(const float* q, std::vector<neighbor_t>& found, std::size_t k) const;
     void dist_batch(const float* q, const slot_t* ids, std::size_t n, scratch_t& s,
                     float* out) const;
     void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)

@@ -137,8 +137,19 @@ float index_t::exact_dist(const float* q, slot_t id) const {
     return 1.0f - kernels_->dot(q, x, dim_padded_);
 }
 
-void index_t::rerank(const float* q, std::vector<neighbor_t>& found) const {
+void index_t::rerank(const float* q, std::vector<neighbor_t>& found, std::size_t k) const {
     if (dtype_ != dtype_t::float32) return;
+    if (metric_ == metric_t::cosine && found.size() > k) {
+        // found is sorted by walk distance. A bfloat16 value is its float32 cut to 8
+        // significant bits, off by less than 2^-7 of it, so for unit vectors the walk's
+        // distance is within eps = 2^-7 * sum|q_i x_i| <= 2^-7 of the exact one. A candidate
+        // more than 2 eps behind the k-th cannot enter the exact top k: skip it.
+        constexpr float eps = 1.01f / 128.0f;
+        const float bound = found[k - 1].first + 2.0f * eps;
+        std::size_t keep = k;
+        while (keep < found.size() && found[keep].first <= bound) ++keep;
+        found.resize(keep);
+    }
     // The low halves are cold: ask for all of them before joining any.
     const std::size_t bytes = dim_padded_ * sizeof(half_t);
     for (const auto& nb : found) {
@@ -686,7 +697,7 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
     }
     search_level(q, starts, n_starts, std::max(ef, k), 0, true, now, s, out,
                  filter ? &filter->mask : nullptr);
-    rerank(q, out);
+    rerank(q, out, k);
     if (out.size() < k && filter != nullptr) {
         brute_force(q, k, now, out, &filter->slots);
     } else if (out.size() < k) {
