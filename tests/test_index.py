@@ -26,6 +26,23 @@ def test_recall_at_10_on_generated_clusters():
     assert recall(found, truth) >= 0.95
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_recall_at_10_for_l2_and_ip_on_unnormalised_clusters(metric):
+    # Unit-norm clusters scaled by 0.5..4: the walk (bfloat16), the 8-bit upper levels (with
+    # their own scale and norm) and the exact re-rank all see vectors of varied length.
+    rng = np.random.default_rng(5)
+    x = clustered(20_000, 96, seed=5) * rng.uniform(0.5, 4.0, (20_000, 1)).astype(np.float32)
+    q = clustered(300, 96, seed=6) * rng.uniform(0.5, 4.0, (300, 1)).astype(np.float32)
+    idx = Index(96, metric=metric)
+    idx.add(x)
+    found, dist = idx.search(q, k=10, ef=64)
+    truth, tdist = brute_force(x, q, 10, metric)
+    assert recall(found, truth) >= 0.95
+    # Exact distances (not the walk's): the best result's distance matches float64.
+    hit = found[:, 0] == truth[:, 0]
+    np.testing.assert_allclose(dist[hit, 0], tdist[hit, 0], rtol=1e-4, atol=1e-4)
+
+
 def test_recall_at_10_on_real_embeddings(sgd):
     if sgd is None:  # a user's fresh clone: the generated-data test above covers recall
         x, q = clustered(30_000, 384, seed=3), clustered(200, 384, seed=4)
