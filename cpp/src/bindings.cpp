@@ -110,11 +110,9 @@ PYBIND11_MODULE(_core, m) {
             if (op == "dot_b" || op == "l2sq_b") {
                 // Rows cut to their bfloat16 high halves first, as the graph walk reads them.
                 std::vector<hnswcache::half_t> highs(n * dim);
-                for (std::size_t i = 0; i < n * dim; ++i) {
-                    std::uint32_t u;
-                    std::memcpy(&u, xs.data() + i, 4);
-                    highs[i] = static_cast<hnswcache::half_t>(u >> 16);
-                }
+                hnswcache::half_t low;
+                for (std::size_t i = 0; i < n * dim; ++i)
+                    hnswcache::split_halves(xs.data()[i], highs[i], low);
                 std::vector<const hnswcache::half_t*> hp(n);
                 for (std::size_t i = 0; i < n; ++i) hp[i] = highs.data() + i * dim;
                 (op == "dot_b" ? k.dot_batch_b : k.l2sq_batch_b)(q.data(), hp.data(), n, dim,
@@ -152,12 +150,7 @@ PYBIND11_MODULE(_core, m) {
             // float32 -> high and low 16-bit halves -> joined by one kernel set (for the tests).
             const std::size_t n = x.size();
             std::vector<hnswcache::half_t> high(n), low(n);
-            for (std::size_t i = 0; i < n; ++i) {
-                std::uint32_t u;
-                std::memcpy(&u, x.data() + i, 4);
-                high[i] = static_cast<hnswcache::half_t>(u >> 16);
-                low[i] = static_cast<hnswcache::half_t>(u & 0xffffu);
-            }
+            for (std::size_t i = 0; i < n; ++i) hnswcache::split_halves(x.data()[i], high[i], low[i]);
             py::array_t<float> out(n);
             kernels_named(isa).join_b(high.data(), low.data(), out.mutable_data(), n);
             return out;

@@ -333,6 +333,11 @@ class CacheCore:
         if recs:
             self.add_records(recs)
 
+    def brings_nothing(self, batch: LogBatch | None) -> bool:
+        """Whether a change-log read changes nothing here (most lookups): no lock needed."""
+        return batch is None or (not batch.events and not batch.reset and not batch.more
+                                 and batch.position == self.position)
+
     def sync_due(self) -> str | None:
         """The log position to read from if a log read is due now, else ``None``."""
         if self.position is None:

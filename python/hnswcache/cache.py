@@ -261,9 +261,8 @@ class SemanticCache(_Base):
 
     def _apply(self, batch: LogBatch | None) -> None:
         c = self._core
-        if batch is None or (not batch.events and not batch.reset and not batch.more
-                             and batch.position == c.position):
-            return  # nothing new (most lookups): no lock
+        if c.brings_nothing(batch):
+            return
         with self._lock:
             while batch is not None:
                 if batch.reset:
@@ -616,9 +615,8 @@ class AsyncSemanticCache(_Base):
 
     async def _apply(self, batch: LogBatch | None) -> None:
         c = self._core
-        if batch is None or (not batch.events and not batch.reset and not batch.more
-                             and batch.position == c.position):
-            return  # nothing new (most lookups): no lock
+        if c.brings_nothing(batch):
+            return
         async with self._lock:
             while batch is not None:
                 if batch.reset:

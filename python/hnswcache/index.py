@@ -253,6 +253,7 @@ class Index:
         if type(q) is not np.ndarray or q.dtype is not _F32:
             q = self._as_vectors(queries, "queries")
         t = self._clock() if now is None else now
+        # _now_ns, inlined (hot path); round() of a float is already an int.
         ns = round(t * 1e9) if type(t) is float else int(round(float(t) * 1e9))
         if type(num_threads) is not int or num_threads < 0:
             num_threads = _threads(num_threads)

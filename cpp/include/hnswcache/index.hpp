@@ -196,6 +196,9 @@ class index_t {
     void dist_batch(const float* q, const slot_t* ids, std::size_t n, scratch_t& s,
                     float* out) const;
     void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)
+    // Throws for a row with NaN or infinity, or a zero row under cosine ("<what> <r> ...").
+    void check_row(const float* row, std::size_t r, const char* what) const;
+    float query_norm2(const float* q) const;  // |q|^2 under L2 (the 8-bit copies need it)
 
     // --- graph (index.cpp)
     slot_t allocate_slot(int& level_out);
@@ -210,11 +213,11 @@ class index_t {
     void encode_upper(slot_t id, std::uint32_t* block) const;
     void approx_batch(const float* q, float qnorm2, const slot_t* ids, std::size_t n,
                       scratch_t& s, float* out) const;
-    // Best-first search of one level from `start`. With live_only, only nodes live at `now`
-    // (and, given a mask, allowed by it) enter the results; the others are walked through.
     // Best-first search of an upper level on the 8-bit copies; out sorted, approx distances.
     void upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int level,
                     scratch_t& s, std::vector<neighbor_t>& out) const;
+    // Best-first search of one level from `starts`. With live_only, only nodes live at `now`
+    // (and, given a mask, allowed by it) enter the results; the others are walked through.
     void search_level(const float* q, const slot_t* starts, std::size_t n_starts,
                       std::size_t ef, int level, bool live_only, std::int64_t now,
                       scratch_t& s, std::vector<neighbor_t>& out,

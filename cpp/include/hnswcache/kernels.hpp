@@ -57,6 +57,19 @@ inline float bf16_to_float(std::uint16_t h) {
     std::memcpy(&f, &u, sizeof f);
     return f;
 }
+// The float32 whose high and low 16 bits are given, and its two halves.
+inline float join_halves(std::uint16_t high, std::uint16_t low) {
+    const std::uint32_t u = (static_cast<std::uint32_t>(high) << 16) | low;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline void split_halves(float x, std::uint16_t& high, std::uint16_t& low) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    high = static_cast<std::uint16_t>(u >> 16);
+    low = static_cast<std::uint16_t>(u & 0xffffu);
+}
 
 // The kernels of one instruction set; throws std::invalid_argument if this build or this CPU
 // lacks it.

@@ -212,12 +212,24 @@ void index_t::store_vector(slot_t id, const float* v) {
     auto* high = reinterpret_cast<half_t*>(record(id) + vec_offset_);
     if (dtype_ == dtype_t::float16) return kernels_->encode_h(v, high, dim_padded_);
     half_t* low = const_cast<half_t*>(low_halves(id));
-    for (std::size_t i = 0; i < dim_padded_; ++i) {
-        std::uint32_t u;
-        std::memcpy(&u, v + i, sizeof u);
-        high[i] = static_cast<half_t>(u >> 16);
-        low[i] = static_cast<half_t>(u & 0xffffu);
+    for (std::size_t i = 0; i < dim_padded_; ++i) split_halves(v[i], high[i], low[i]);
+}
+
+void index_t::check_row(const float* row, std::size_t r, const char* what) const {
+    double norm = 0;  // as prepare() computes it
+    for (std::size_t i = 0; i < dim_; ++i) {
+        if (!std::isfinite(row[i]))
+            throw std::invalid_argument(what + (" " + std::to_string(r)) +
+                                        " contains NaN or infinity");
+        norm += static_cast<double>(row[i]) * row[i];
     }
+    if (metric_ == metric_t::cosine && norm == 0.0)
+        throw std::invalid_argument(what + (" " + std::to_string(r)) +
+                                    " is a zero vector, which has no cosine direction");
+}
+
+float index_t::query_norm2(const float* q) const {
+    return metric_ == metric_t::l2 ? kernels_->dot(q, q, dim_padded_) : 0.0f;
 }
 
 void index_t::prepare(const float* row, float* out) const {
@@ -286,7 +298,7 @@ void index_t::greedy_descent(const float* q, slot_t& cur, int from_level, int to
     scratch_t& s = scratch_t::local(M0_);
     slot_t ids[2048];
     float dists[2048];
-    const float qnorm2 = metric_ == metric_t::l2 ? kernels_->dot(q, q, dim_padded_) : 0.0f;
+    const float qnorm2 = query_norm2(q);
     float dcur;
     approx_batch(q, qnorm2, &cur, 1, s, &dcur);
     for (int lvl = from_level; lvl > to_level; --lvl) {
@@ -571,21 +583,12 @@ void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
     // Validate the whole batch before touching the graph: nothing is half-inserted on error.
     for (std::size_t r = 0; r < n; ++r) {
         const float* row = rows + r * dim_;
-        double norm = 0;
-        for (std::size_t i = 0; i < dim_; ++i) {
-            if (!std::isfinite(row[i]))
-                throw std::invalid_argument("row " + std::to_string(r) +
-                                            " contains NaN or infinity");
-            norm += static_cast<double>(row[i]) * row[i];
-        }
+        check_row(row, r, "row");
         if (dtype_ == dtype_t::float16 && metric_ != metric_t::cosine)
             for (std::size_t i = 0; i < dim_; ++i)
                 if (std::fabs(row[i]) > 65504.0f)
                     throw std::invalid_argument("row " + std::to_string(r) +
                                                 " has a value beyond float16's range (65504)");
-        if (metric_ == metric_t::cosine && norm == 0.0)
-            throw std::invalid_argument("row " + std::to_string(r) +
-                                        " is a zero vector, which has no cosine direction");
         if (labels[r] < 0) throw std::invalid_argument("labels must be >= 0");
     }
     if (n == 0) return;
@@ -689,7 +692,7 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
     std::size_t n_starts = 1;
     if (top >= 1) {
         greedy_descent(q, cur, top, 1);
-        const float qnorm2 = metric_ == metric_t::l2 ? kernels_->dot(q, q, dim_padded_) : 0.0f;
+        const float qnorm2 = query_norm2(q);
         upper_beam(q, qnorm2, cur, level0_starts, 1, s, s.prune);
         n_starts = 0;
         for (const auto& nb : s.prune)
@@ -720,21 +723,7 @@ void index_t::search(const float* queries, std::size_t n, std::size_t k, std::si
     if (k == 0) throw std::invalid_argument("k must be positive");
     if (ef == 0) ef = ef_search();
     // A NaN or a zero query under cosine would rank every entry by NaN: refuse it instead.
-    for (std::size_t r = 0; r < n; ++r) {
-        const float* row = queries + r * dim_;
-        float sum = 0;
-        double norm = 0;  // as prepare() computes it
-        for (std::size_t i = 0; i < dim_; ++i) {
-            sum += row[i] * 0.0f;  // NaN for NaN or infinity, else 0
-            norm += static_cast<double>(row[i]) * row[i];
-        }
-        if (sum != 0.0f)
-            throw std::invalid_argument("query row " + std::to_string(r) +
-                                        " contains NaN or infinity");
-        if (metric_ == metric_t::cosine && norm == 0.0)
-            throw std::invalid_argument("query row " + std::to_string(r) +
-                                        " is a zero vector, which has no cosine direction");
-    }
+    for (std::size_t r = 0; r < n; ++r) check_row(queries + r * dim_, r, "query row");
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
     std::unique_ptr<filter_t> filter;
     if (allowed != nullptr) {

@@ -93,12 +93,25 @@ void l2sq_batch_avx2(const float* q, const float* const* xs, std::size_t count, 
     for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_avx2(q, xs[j], n);
 }
 
-inline __m256 load_h(const half_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+// The two 16-bit row formats: float16 (F16C widens 8 halves per load) and bfloat16 (the high
+// half of a float32, widened by a shift: vpmovzxwd then vpslld 16). One kernel body each.
+struct half_fmt {
+    static __m256 load(const half_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static float one(half_t h) { return half_to_float(h); }
+};
+struct bf16_fmt {
+    static __m256 load(const half_t* p) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+    }
+    static float one(half_t h) { return bf16_to_float(h); }
+};
 
-// float32 query against float16 rows (F16C widens 8 halves per load).
-void dot_batch_h_avx2(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
+// float32 query against 16-bit rows, four rows per pass.
+template <class F>
+void dot_batch16_avx2(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
                       float* out) {
     std::size_t j = 0;
     for (; j + 4 <= count; j += 4) {
@@ -108,17 +121,17 @@ void dot_batch_h_avx2(const float* q, const half_t* const* xs, std::size_t count
         std::size_t i = 0;
         for (; i + 8 <= n; i += 8) {
             const __m256 qv = _mm256_loadu_ps(q + i);
-            s0 = _mm256_fmadd_ps(qv, load_h(x0 + i), s0);
-            s1 = _mm256_fmadd_ps(qv, load_h(x1 + i), s1);
-            s2 = _mm256_fmadd_ps(qv, load_h(x2 + i), s2);
-            s3 = _mm256_fmadd_ps(qv, load_h(x3 + i), s3);
+            s0 = _mm256_fmadd_ps(qv, F::load(x0 + i), s0);
+            s1 = _mm256_fmadd_ps(qv, F::load(x1 + i), s1);
+            s2 = _mm256_fmadd_ps(qv, F::load(x2 + i), s2);
+            s3 = _mm256_fmadd_ps(qv, F::load(x3 + i), s3);
         }
         float r0 = hsum256(s0), r1 = hsum256(s1), r2 = hsum256(s2), r3 = hsum256(s3);
         for (; i < n; ++i) {
-            r0 += q[i] * half_to_float(x0[i]);
-            r1 += q[i] * half_to_float(x1[i]);
-            r2 += q[i] * half_to_float(x2[i]);
-            r3 += q[i] * half_to_float(x3[i]);
+            r0 += q[i] * F::one(x0[i]);
+            r1 += q[i] * F::one(x1[i]);
+            r2 += q[i] * F::one(x2[i]);
+            r3 += q[i] * F::one(x3[i]);
         }
         out[j] = r0;
         out[j + 1] = r1;
@@ -128,86 +141,26 @@ void dot_batch_h_avx2(const float* q, const half_t* const* xs, std::size_t count
     for (; j < count; ++j) {
         __m256 s0 = _mm256_setzero_ps();
         std::size_t i = 0;
-        for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_h(xs[j] + i), s0);
+        for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), F::load(xs[j] + i), s0);
         float r = hsum256(s0);
-        for (; i < n; ++i) r += q[i] * half_to_float(xs[j][i]);
+        for (; i < n; ++i) r += q[i] * F::one(xs[j][i]);
         out[j] = r;
     }
 }
 
-void l2sq_batch_h_avx2(const float* q, const half_t* const* xs, std::size_t count,
+template <class F>
+void l2sq_batch16_avx2(const float* q, const half_t* const* xs, std::size_t count,
                        std::size_t n, float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         __m256 s0 = _mm256_setzero_ps();
         std::size_t i = 0;
         for (; i + 8 <= n; i += 8) {
-            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(q + i), load_h(xs[j] + i));
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(q + i), F::load(xs[j] + i));
             s0 = _mm256_fmadd_ps(d, d, s0);
         }
         float r = hsum256(s0);
         for (; i < n; ++i) {
-            const float d = q[i] - half_to_float(xs[j][i]);
-            r += d * d;
-        }
-        out[j] = r;
-    }
-}
-
-// bfloat16 widened by a shift: vpmovzxwd then vpslld 16.
-inline __m256 load_b(const half_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-void dot_batch_b_avx2(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
-                      float* out) {
-    std::size_t j = 0;
-    for (; j + 4 <= count; j += 4) {
-        const half_t *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            s0 = _mm256_fmadd_ps(qv, load_b(x0 + i), s0);
-            s1 = _mm256_fmadd_ps(qv, load_b(x1 + i), s1);
-            s2 = _mm256_fmadd_ps(qv, load_b(x2 + i), s2);
-            s3 = _mm256_fmadd_ps(qv, load_b(x3 + i), s3);
-        }
-        float r0 = hsum256(s0), r1 = hsum256(s1), r2 = hsum256(s2), r3 = hsum256(s3);
-        for (; i < n; ++i) {
-            r0 += q[i] * bf16_to_float(x0[i]);
-            r1 += q[i] * bf16_to_float(x1[i]);
-            r2 += q[i] * bf16_to_float(x2[i]);
-            r3 += q[i] * bf16_to_float(x3[i]);
-        }
-        out[j] = r0;
-        out[j + 1] = r1;
-        out[j + 2] = r2;
-        out[j + 3] = r3;
-    }
-    for (; j < count; ++j) {
-        __m256 s0 = _mm256_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_b(xs[j] + i), s0);
-        float r = hsum256(s0);
-        for (; i < n; ++i) r += q[i] * bf16_to_float(xs[j][i]);
-        out[j] = r;
-    }
-}
-
-void l2sq_batch_b_avx2(const float* q, const half_t* const* xs, std::size_t count,
-                       std::size_t n, float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        __m256 s0 = _mm256_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(q + i), load_b(xs[j] + i));
-            s0 = _mm256_fmadd_ps(d, d, s0);
-        }
-        float r = hsum256(s0);
-        for (; i < n; ++i) {
-            const float d = q[i] - bf16_to_float(xs[j][i]);
+            const float d = q[i] - F::one(xs[j][i]);
             r += d * d;
         }
         out[j] = r;
@@ -221,10 +174,7 @@ void join_b_avx2(const half_t* high, const half_t* low, float* out, std::size_t 
         const __m256i l = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low + i)));
         _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(h, 16), l)));
     }
-    for (; i < n; ++i) {
-        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
-        std::memcpy(out + i, &u, sizeof u);
-    }
+    for (; i < n; ++i) out[i] = join_halves(high[i], low[i]);
 }
 
 void encode_h_avx2(const float* in, half_t* out, std::size_t n) {
@@ -237,7 +187,7 @@ void encode_h_avx2(const float* in, half_t* out, std::size_t n) {
 
 void decode_h_avx2(const half_t* in, float* out, std::size_t n) {
     std::size_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load_h(in + i));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, half_fmt::load(in + i));
     for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
@@ -263,11 +213,20 @@ void dot_batch_i8_avx2(const float* q, const std::int8_t* const* xs, std::size_t
     }
 }
 
-const kernels_t table{isa_t::avx2,       "avx2",           dot_avx2,
-                      l2sq_avx2,         dot_batch_avx2,   l2sq_batch_avx2,
-                      dot_batch_h_avx2,  l2sq_batch_h_avx2, encode_h_avx2,
-                      decode_h_avx2,     dot_batch_i8_avx2, dot_batch_b_avx2,
-                      l2sq_batch_b_avx2, join_b_avx2};
+const kernels_t table{isa_t::avx2,
+                      "avx2",
+                      dot_avx2,
+                      l2sq_avx2,
+                      dot_batch_avx2,
+                      l2sq_batch_avx2,
+                      dot_batch16_avx2<half_fmt>,
+                      l2sq_batch16_avx2<half_fmt>,
+                      encode_h_avx2,
+                      decode_h_avx2,
+                      dot_batch_i8_avx2,
+                      dot_batch16_avx2<bf16_fmt>,
+                      l2sq_batch16_avx2<bf16_fmt>,
+                      join_b_avx2};
 
 }  // namespace
 

@@ -98,17 +98,33 @@ void l2sq_batch_avx512(const float* q, const float* const* xs, std::size_t count
     for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_avx512(q, xs[j], n);
 }
 
-// (maskz forms: GCC 12 warns on the unmasked ones' own headers.)
-inline __m512 load_h(const half_t* p) {
-    return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// (maskz forms: GCC 12 warns on the unmasked ones' own headers.)
-inline __m512 load_h_masked(const half_t* p, __mmask16 m) {
-    return _mm512_maskz_cvtph_ps(0xffff, _mm256_maskz_loadu_epi16(m, p));
-}
+// The two 16-bit row formats: float16 (vcvtph2ps widens 16 halves per load) and bfloat16
+// (the high half of a float32, widened by a shift). Tails use masked loads. (maskz forms:
+// GCC 12 warns on the unmasked ones' own headers.) One kernel body serves both.
+struct half_fmt {
+    static __m512 load(const half_t* p) {
+        return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static __m512 load_masked(const half_t* p, __mmask16 m) {
+        return _mm512_maskz_cvtph_ps(0xffff, _mm256_maskz_loadu_epi16(m, p));
+    }
+};
+struct bf16_fmt {
+    static __m512 widen(__m256i v) {
+        return _mm512_castsi512_ps(
+            _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, v), 16));
+    }
+    static __m512 load(const half_t* p) {
+        return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static __m512 load_masked(const half_t* p, __mmask16 m) {
+        return widen(_mm256_maskz_loadu_epi16(m, p));
+    }
+};
 
-// float32 query against float16 rows: vcvtph2ps widens 16 halves per load.
-void dot_batch_h_avx512(const float* q, const half_t* const* xs, std::size_t count,
+// float32 query against 16-bit rows, four rows per pass.
+template <class F>
+void dot_batch16_avx512(const float* q, const half_t* const* xs, std::size_t count,
                         std::size_t n, float* out) {
     std::size_t j = 0;
     for (; j + 4 <= count; j += 4) {
@@ -118,18 +134,18 @@ void dot_batch_h_avx512(const float* q, const half_t* const* xs, std::size_t cou
         std::size_t i = 0;
         for (; i + 16 <= n; i += 16) {
             const __m512 qv = _mm512_loadu_ps(q + i);
-            s0 = _mm512_fmadd_ps(qv, load_h(x0 + i), s0);
-            s1 = _mm512_fmadd_ps(qv, load_h(x1 + i), s1);
-            s2 = _mm512_fmadd_ps(qv, load_h(x2 + i), s2);
-            s3 = _mm512_fmadd_ps(qv, load_h(x3 + i), s3);
+            s0 = _mm512_fmadd_ps(qv, F::load(x0 + i), s0);
+            s1 = _mm512_fmadd_ps(qv, F::load(x1 + i), s1);
+            s2 = _mm512_fmadd_ps(qv, F::load(x2 + i), s2);
+            s3 = _mm512_fmadd_ps(qv, F::load(x3 + i), s3);
         }
         if (i < n) {
             const __mmask16 m = tail_mask(n - i);
             const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            s0 = _mm512_fmadd_ps(qv, load_h_masked(x0 + i, m), s0);
-            s1 = _mm512_fmadd_ps(qv, load_h_masked(x1 + i, m), s1);
-            s2 = _mm512_fmadd_ps(qv, load_h_masked(x2 + i, m), s2);
-            s3 = _mm512_fmadd_ps(qv, load_h_masked(x3 + i, m), s3);
+            s0 = _mm512_fmadd_ps(qv, F::load_masked(x0 + i, m), s0);
+            s1 = _mm512_fmadd_ps(qv, F::load_masked(x1 + i, m), s1);
+            s2 = _mm512_fmadd_ps(qv, F::load_masked(x2 + i, m), s2);
+            s3 = _mm512_fmadd_ps(qv, F::load_masked(x3 + i, m), s3);
         }
         out[j] = hsum512(s0);
         out[j + 1] = hsum512(s1);
@@ -140,97 +156,28 @@ void dot_batch_h_avx512(const float* q, const half_t* const* xs, std::size_t cou
         __m512 s0 = _mm512_setzero_ps();
         std::size_t i = 0;
         for (; i + 16 <= n; i += 16)
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_h(xs[j] + i), s0);
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), F::load(xs[j] + i), s0);
         if (i < n) {
             const __mmask16 m = tail_mask(n - i);
-            s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load_h_masked(xs[j] + i, m), s0);
+            s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), F::load_masked(xs[j] + i, m), s0);
         }
         out[j] = hsum512(s0);
     }
 }
 
-void l2sq_batch_h_avx512(const float* q, const half_t* const* xs, std::size_t count,
+template <class F>
+void l2sq_batch16_avx512(const float* q, const half_t* const* xs, std::size_t count,
                          std::size_t n, float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         __m512 s0 = _mm512_setzero_ps();
         std::size_t i = 0;
         for (; i + 16 <= n; i += 16) {
-            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(q + i), load_h(xs[j] + i));
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(q + i), F::load(xs[j] + i));
             s0 = _mm512_fmadd_ps(d, d, s0);
         }
         if (i < n) {
             const __mmask16 m = tail_mask(n - i);
-            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, q + i), load_h_masked(xs[j] + i, m));
-            s0 = _mm512_fmadd_ps(d, d, s0);
-        }
-        out[j] = hsum512(s0);
-    }
-}
-
-// bfloat16 widened by a shift (maskz forms: GCC 12 warns on the unmasked ones' headers).
-inline __m512 widen_b(__m256i v) {
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, v), 16));
-}
-inline __m512 load_b(const half_t* p) {
-    return widen_b(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load_b_masked(const half_t* p, __mmask16 m) {
-    return widen_b(_mm256_maskz_loadu_epi16(m, p));
-}
-
-void dot_batch_b_avx512(const float* q, const half_t* const* xs, std::size_t count,
-                        std::size_t n, float* out) {
-    std::size_t j = 0;
-    for (; j + 4 <= count; j += 4) {
-        const half_t *x0 = xs[j], *x1 = xs[j + 1], *x2 = xs[j + 2], *x3 = xs[j + 3];
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-        __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            const __m512 qv = _mm512_loadu_ps(q + i);
-            s0 = _mm512_fmadd_ps(qv, load_b(x0 + i), s0);
-            s1 = _mm512_fmadd_ps(qv, load_b(x1 + i), s1);
-            s2 = _mm512_fmadd_ps(qv, load_b(x2 + i), s2);
-            s3 = _mm512_fmadd_ps(qv, load_b(x3 + i), s3);
-        }
-        if (i < n) {
-            const __mmask16 m = tail_mask(n - i);
-            const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            s0 = _mm512_fmadd_ps(qv, load_b_masked(x0 + i, m), s0);
-            s1 = _mm512_fmadd_ps(qv, load_b_masked(x1 + i, m), s1);
-            s2 = _mm512_fmadd_ps(qv, load_b_masked(x2 + i, m), s2);
-            s3 = _mm512_fmadd_ps(qv, load_b_masked(x3 + i, m), s3);
-        }
-        out[j] = hsum512(s0);
-        out[j + 1] = hsum512(s1);
-        out[j + 2] = hsum512(s2);
-        out[j + 3] = hsum512(s3);
-    }
-    for (; j < count; ++j) {
-        __m512 s0 = _mm512_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 16 <= n; i += 16)
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_b(xs[j] + i), s0);
-        if (i < n) {
-            const __mmask16 m = tail_mask(n - i);
-            s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load_b_masked(xs[j] + i, m), s0);
-        }
-        out[j] = hsum512(s0);
-    }
-}
-
-void l2sq_batch_b_avx512(const float* q, const half_t* const* xs, std::size_t count,
-                         std::size_t n, float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        __m512 s0 = _mm512_setzero_ps();
-        std::size_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(q + i), load_b(xs[j] + i));
-            s0 = _mm512_fmadd_ps(d, d, s0);
-        }
-        if (i < n) {
-            const __mmask16 m = tail_mask(n - i);
-            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, q + i), load_b_masked(xs[j] + i, m));
+            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, q + i), F::load_masked(xs[j] + i, m));
             s0 = _mm512_fmadd_ps(d, d, s0);
         }
         out[j] = hsum512(s0);
@@ -244,10 +191,7 @@ void join_b_avx512(const half_t* high, const half_t* low, float* out, std::size_
         const __m512i l = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + i)));
         _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_maskz_slli_epi32(0xffff, h, 16), l)));
     }
-    for (; i < n; ++i) {
-        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
-        std::memcpy(out + i, &u, sizeof u);
-    }
+    for (; i < n; ++i) out[i] = join_halves(high[i], low[i]);
 }
 
 void encode_h_avx512(const float* in, half_t* out, std::size_t n) {
@@ -260,7 +204,7 @@ void encode_h_avx512(const float* in, half_t* out, std::size_t n) {
 
 void decode_h_avx512(const half_t* in, float* out, std::size_t n) {
     std::size_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, load_h(in + i));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, half_fmt::load(in + i));
     for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
@@ -295,11 +239,20 @@ void dot_batch_i8_avx512(const float* q, const std::int8_t* const* xs, std::size
     }
 }
 
-const kernels_t table{isa_t::avx512,       "avx512",           dot_avx512,
-                      l2sq_avx512,         dot_batch_avx512,   l2sq_batch_avx512,
-                      dot_batch_h_avx512,  l2sq_batch_h_avx512, encode_h_avx512,
-                      decode_h_avx512,     dot_batch_i8_avx512, dot_batch_b_avx512,
-                      l2sq_batch_b_avx512, join_b_avx512};
+const kernels_t table{isa_t::avx512,
+                      "avx512",
+                      dot_avx512,
+                      l2sq_avx512,
+                      dot_batch_avx512,
+                      l2sq_batch_avx512,
+                      dot_batch16_avx512<half_fmt>,
+                      l2sq_batch16_avx512<half_fmt>,
+                      encode_h_avx512,
+                      decode_h_avx512,
+                      dot_batch_i8_avx512,
+                      dot_batch16_avx512<bf16_fmt>,
+                      l2sq_batch16_avx512<bf16_fmt>,
+                      join_b_avx512};
 
 }  // namespace
 

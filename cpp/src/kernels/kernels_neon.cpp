@@ -52,77 +52,51 @@ void l2sq_batch_neon(const float* q, const float* const* xs, std::size_t count, 
     for (std::size_t j = 0; j < count; ++j) out[j] = l2sq_neon(q, xs[j], n);
 }
 
-inline float32x4_t load_h(const half_t* p) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
-}
+// The two 16-bit row formats: float16 (fcvtl widens 4 halves per load) and bfloat16 (the
+// high half of a float32, widened by a shift: ushll #16). One kernel body serves both.
+struct half_fmt {
+    static float32x4_t load(const half_t* p) {
+        return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+    }
+    static float one(half_t h) { return half_to_float(h); }
+};
+struct bf16_fmt {
+    static float32x4_t load(const half_t* p) {
+        return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+    }
+    static float one(half_t h) { return bf16_to_float(h); }
+};
 
-void dot_batch_h_neon(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
+template <class F>
+void dot_batch16_neon(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
                       float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
         std::size_t i = 0;
         for (; i + 8 <= n; i += 8) {
-            s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_h(xs[j] + i));
-            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), load_h(xs[j] + i + 4));
+            s0 = vfmaq_f32(s0, vld1q_f32(q + i), F::load(xs[j] + i));
+            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), F::load(xs[j] + i + 4));
         }
-        for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_h(xs[j] + i));
+        for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(q + i), F::load(xs[j] + i));
         float r = vaddvq_f32(vaddq_f32(s0, s1));
-        for (; i < n; ++i) r += q[i] * half_to_float(xs[j][i]);
+        for (; i < n; ++i) r += q[i] * F::one(xs[j][i]);
         out[j] = r;
     }
 }
 
-void l2sq_batch_h_neon(const float* q, const half_t* const* xs, std::size_t count,
+template <class F>
+void l2sq_batch16_neon(const float* q, const half_t* const* xs, std::size_t count,
                        std::size_t n, float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         float32x4_t s0 = vdupq_n_f32(0);
         std::size_t i = 0;
         for (; i + 4 <= n; i += 4) {
-            const float32x4_t d = vsubq_f32(vld1q_f32(q + i), load_h(xs[j] + i));
+            const float32x4_t d = vsubq_f32(vld1q_f32(q + i), F::load(xs[j] + i));
             s0 = vfmaq_f32(s0, d, d);
         }
         float r = vaddvq_f32(s0);
         for (; i < n; ++i) {
-            const float d = q[i] - half_to_float(xs[j][i]);
-            r += d * d;
-        }
-        out[j] = r;
-    }
-}
-
-// bfloat16 widened by a shift (ushll #16).
-inline float32x4_t load_b(const half_t* p) {
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
-}
-
-void dot_batch_b_neon(const float* q, const half_t* const* xs, std::size_t count, std::size_t n,
-                      float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        float32x4_t s0 = vdupq_n_f32(0), s1 = vdupq_n_f32(0);
-        std::size_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_b(xs[j] + i));
-            s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), load_b(xs[j] + i + 4));
-        }
-        for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(q + i), load_b(xs[j] + i));
-        float r = vaddvq_f32(vaddq_f32(s0, s1));
-        for (; i < n; ++i) r += q[i] * bf16_to_float(xs[j][i]);
-        out[j] = r;
-    }
-}
-
-void l2sq_batch_b_neon(const float* q, const half_t* const* xs, std::size_t count,
-                       std::size_t n, float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        float32x4_t s0 = vdupq_n_f32(0);
-        std::size_t i = 0;
-        for (; i + 4 <= n; i += 4) {
-            const float32x4_t d = vsubq_f32(vld1q_f32(q + i), load_b(xs[j] + i));
-            s0 = vfmaq_f32(s0, d, d);
-        }
-        float r = vaddvq_f32(s0);
-        for (; i < n; ++i) {
-            const float d = q[i] - bf16_to_float(xs[j][i]);
+            const float d = q[i] - F::one(xs[j][i]);
             r += d * d;
         }
         out[j] = r;
@@ -135,10 +109,7 @@ void join_b_neon(const half_t* high, const half_t* low, float* out, std::size_t 
         const uint32x4_t u = vorrq_u32(vshll_n_u16(vld1_u16(high + i), 16), vmovl_u16(vld1_u16(low + i)));
         vst1q_f32(out + i, vreinterpretq_f32_u32(u));
     }
-    for (; i < n; ++i) {
-        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
-        std::memcpy(out + i, &u, sizeof u);
-    }
+    for (; i < n; ++i) out[i] = join_halves(high[i], low[i]);
 }
 
 void encode_h_neon(const float* in, half_t* out, std::size_t n) {
@@ -149,7 +120,7 @@ void encode_h_neon(const float* in, half_t* out, std::size_t n) {
 
 void decode_h_neon(const half_t* in, float* out, std::size_t n) {
     std::size_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, load_h(in + i));
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, half_fmt::load(in + i));
     for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
@@ -170,11 +141,20 @@ void dot_batch_i8_neon(const float* q, const std::int8_t* const* xs, std::size_t
     }
 }
 
-const kernels_t table{isa_t::neon,       "neon",           dot_neon,
-                      l2sq_neon,         dot_batch_neon,   l2sq_batch_neon,
-                      dot_batch_h_neon,  l2sq_batch_h_neon, encode_h_neon,
-                      decode_h_neon,     dot_batch_i8_neon, dot_batch_b_neon,
-                      l2sq_batch_b_neon, join_b_neon};
+const kernels_t table{isa_t::neon,
+                      "neon",
+                      dot_neon,
+                      l2sq_neon,
+                      dot_batch_neon,
+                      l2sq_batch_neon,
+                      dot_batch16_neon<half_fmt>,
+                      l2sq_batch16_neon<half_fmt>,
+                      encode_h_neon,
+                      decode_h_neon,
+                      dot_batch_i8_neon,
+                      dot_batch16_neon<bf16_fmt>,
+                      l2sq_batch16_neon<bf16_fmt>,
+                      join_b_neon};
 
 }  // namespace
 

@@ -50,52 +50,29 @@ void l2sq_batch_scalar(const float* q, const float* const* xs, std::size_t count
     for (std::size_t i = 0; i < count; ++i) out[i] = l2sq_scalar(q, xs[i], dim);
 }
 
-void dot_batch_h_scalar(const float* q, const half_t* const* xs, std::size_t count,
+// float32 query against 16-bit rows; One widens a value (float16 or bfloat16).
+template <float (*One)(half_t)>
+void dot_batch16_scalar(const float* q, const half_t* const* xs, std::size_t count,
                         std::size_t dim, float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         float s0 = 0, s1 = 0;
         std::size_t i = 0;
         for (; i + 2 <= dim; i += 2) {
-            s0 += q[i] * half_to_float(xs[j][i]);
-            s1 += q[i + 1] * half_to_float(xs[j][i + 1]);
+            s0 += q[i] * One(xs[j][i]);
+            s1 += q[i + 1] * One(xs[j][i + 1]);
         }
-        for (; i < dim; ++i) s0 += q[i] * half_to_float(xs[j][i]);
+        for (; i < dim; ++i) s0 += q[i] * One(xs[j][i]);
         out[j] = s0 + s1;
     }
 }
 
-void l2sq_batch_h_scalar(const float* q, const half_t* const* xs, std::size_t count,
+template <float (*One)(half_t)>
+void l2sq_batch16_scalar(const float* q, const half_t* const* xs, std::size_t count,
                          std::size_t dim, float* out) {
     for (std::size_t j = 0; j < count; ++j) {
         float s = 0;
         for (std::size_t i = 0; i < dim; ++i) {
-            const float d = q[i] - half_to_float(xs[j][i]);
-            s += d * d;
-        }
-        out[j] = s;
-    }
-}
-
-void dot_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t count,
-                        std::size_t dim, float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        float s0 = 0, s1 = 0;
-        std::size_t i = 0;
-        for (; i + 2 <= dim; i += 2) {
-            s0 += q[i] * bf16_to_float(xs[j][i]);
-            s1 += q[i + 1] * bf16_to_float(xs[j][i + 1]);
-        }
-        for (; i < dim; ++i) s0 += q[i] * bf16_to_float(xs[j][i]);
-        out[j] = s0 + s1;
-    }
-}
-
-void l2sq_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t count,
-                         std::size_t dim, float* out) {
-    for (std::size_t j = 0; j < count; ++j) {
-        float s = 0;
-        for (std::size_t i = 0; i < dim; ++i) {
-            const float d = q[i] - bf16_to_float(xs[j][i]);
+            const float d = q[i] - One(xs[j][i]);
             s += d * d;
         }
         out[j] = s;
@@ -103,10 +80,7 @@ void l2sq_batch_b_scalar(const float* q, const half_t* const* xs, std::size_t co
 }
 
 void join_b_scalar(const half_t* high, const half_t* low, float* out, std::size_t n) {
-    for (std::size_t i = 0; i < n; ++i) {
-        const std::uint32_t u = (static_cast<std::uint32_t>(high[i]) << 16) | low[i];
-        std::memcpy(out + i, &u, sizeof u);
-    }
+    for (std::size_t i = 0; i < n; ++i) out[i] = join_halves(high[i], low[i]);
 }
 
 void encode_h_scalar(const float* in, half_t* out, std::size_t n) {
@@ -131,11 +105,20 @@ void dot_batch_i8_scalar(const float* q, const std::int8_t* const* xs, std::size
     }
 }
 
-const kernels_t table{isa_t::scalar,       "scalar",           dot_scalar,
-                      l2sq_scalar,         dot_batch_scalar,   l2sq_batch_scalar,
-                      dot_batch_h_scalar,  l2sq_batch_h_scalar, encode_h_scalar,
-                      decode_h_scalar,     dot_batch_i8_scalar, dot_batch_b_scalar,
-                      l2sq_batch_b_scalar, join_b_scalar};
+const kernels_t table{isa_t::scalar,
+                      "scalar",
+                      dot_scalar,
+                      l2sq_scalar,
+                      dot_batch_scalar,
+                      l2sq_batch_scalar,
+                      dot_batch16_scalar<half_to_float>,
+                      l2sq_batch16_scalar<half_to_float>,
+                      encode_h_scalar,
+                      decode_h_scalar,
+                      dot_batch_i8_scalar,
+                      dot_batch16_scalar<bf16_to_float>,
+                      l2sq_batch16_scalar<bf16_to_float>,
+                      join_b_scalar};
 
 }  // namespace
 
