@@ -440,7 +440,92 @@ def test_float16_rejects_values_it_cannot_hold():
         idx.add([[1.0, 70000.0, 0.0]])
     assert len(idx) == 0
     with pytest.raises(ValueError, match="dtype"):
-        Index(3, dtype="int8")
+        Index(3, dtype="int4")
+
+
+def test_int8_storage_keeps_recall_with_a_quarter_of_the_vector_bytes(sgd, tmp_path):
+    if sgd is None:
+        x, q = clustered(20_000, 384, seed=40), clustered(200, 384, seed=41)
+    else:
+        x, q = sgd[0][:20_000], sgd[1][:200]
+    truth, tdist = brute_force(x, q, 10)
+    small, full = Index(384, dtype="int8"), Index(384)
+    small.add(x)
+    full.add(x)
+    assert small.dtype == "int8"
+    found, dist = small.search(q, k=10, ef=64)
+    assert recall(found, truth) >= 0.95
+    assert np.all(np.diff(dist, axis=1) >= -1e-6), "results come best first"
+    # Every stored value is scale * code with |code| <= 127 and scale = max|x| / 127: within
+    # half a step of the normalised input, and the extreme value is kept exactly.
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    stored = small.get(np.arange(500))
+    step = np.abs(xn[:500]).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(stored - xn[:500]) <= step * 0.5 + 1e-7)
+    codes = stored / step
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+    # Distances are those of the quantised vectors (what get() returns), and close to exact.
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    mine = 1.0 - np.einsum("ij,ikj->ik", qn, small.get(found.ravel()).reshape(*found.shape, -1))
+    np.testing.assert_allclose(dist, mine, atol=2e-5)
+    hit = found[:, 0] == truth[:, 0]
+    assert np.abs(dist[hit, 0] - tdist[hit, 0]).max() < 5e-3
+    # Memory: the record holds 16 + dim bytes of vector instead of 2 * dim (plus float32's
+    # cold low halves), so the whole index is well under half of float32's.
+    assert small.stats()["memory_bytes"] < 0.45 * full.stats()["memory_bytes"]
+    path = tmp_path / "i8.hnsw"
+    small.save(path)
+    for again in (Index.load(path), pickle.loads(pickle.dumps(small))):
+        assert again.dtype == "int8"
+        np.testing.assert_array_equal(again.get(np.arange(500)), stored)
+        a, b = again.search(q, k=10), small.search(q, k=10)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert again.check_integrity()["unreachable_live"] == 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_int8_recall_for_l2_and_ip_on_unnormalised_clusters(metric):
+    rng = np.random.default_rng(15)
+    x = clustered(20_000, 96, seed=15) * rng.uniform(0.5, 4.0, (20_000, 1)).astype(np.float32)
+    q = clustered(300, 96, seed=16) * rng.uniform(0.5, 4.0, (300, 1)).astype(np.float32)
+    idx = Index(96, metric=metric, dtype="int8")
+    idx.add(x)
+    found, dist = idx.search(q, k=10, ef=64)
+    truth, _ = brute_force(x, q, 10, metric)
+    assert recall(found, truth) >= 0.93
+    # The reported distance is the exact one to the quantised vector.
+    g = idx.get(found[:, 0])
+    want = ((q - g) ** 2).sum(1) if metric == "l2" else 1.0 - (q * g).sum(1)
+    np.testing.assert_allclose(dist[:, 0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_int8_files_with_bad_scales_or_codes_are_refused():
+    import struct
+    import zlib
+
+    dim, n, M = 4, 3, 2
+    idx = Index(dim, metric="l2", M=M, dtype="int8")
+    idx.add(np.array([[1, 2, 3, 4], [-4, 0, 1, 2], [0.5, 0.5, 0.5, 0]], dtype=np.float32))
+    data = idx.to_bytes()
+    header = 8 + 8 + 12 * 8
+    rows = header + n * (1 + 8 + 8) + n * 4 * (1 + 2 * M)
+    assert Index.from_bytes(data).get([0]).tolist() == idx.get([0]).tolist()
+
+    def crafted(offset: int, raw: bytes) -> bytes:
+        b = bytearray(data)
+        b[offset:offset + len(raw)] = raw
+        b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])))
+        return bytes(b)
+
+    with pytest.raises(ValueError, match="scale"):
+        Index.from_bytes(crafted(rows, struct.pack("<f", float("nan"))))
+    with pytest.raises(ValueError, match="scale"):
+        Index.from_bytes(crafted(rows + (4 + dim), struct.pack("<f", -1.0)))
+    with pytest.raises(ValueError, match="8-bit code"):
+        Index.from_bytes(crafted(rows + 4 + 2, b"\x80"))
+    with pytest.raises(ValueError, match="not finite"):
+        Index.from_bytes(crafted(rows, struct.pack("<f", 3e38)))
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

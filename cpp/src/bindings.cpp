@@ -380,5 +380,6 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("ef_construction", &index_t::ef_construction)
         .def_property("ef_search", &index_t::ef_search, &index_t::set_ef_search)
         .def_property("auto_consolidate", &index_t::auto_consolidate, &index_t::set_auto_consolidate)
+        .def_property("search_starts", &index_t::search_starts, &index_t::set_search_starts)
         .def_property_readonly("isa", [](const index_t& s) { return std::string(s.isa()); });
 }

@@ -80,5 +80,6 @@ class Index:
     def ef_construction(self) -> int: ...
     ef_search: int
     auto_consolidate: float
+    search_starts: int
     @property
     def isa(self) -> str: ...

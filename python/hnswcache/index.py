@@ -24,6 +24,7 @@ NEVER: float = float("inf")
 
 _NEVER_NS = np.iinfo(np.int64).max
 _METRICS = ("cosine", "ip", "l2")
+_DTYPES = ("float32", "float16", "int8")
 
 ArrayLike = Union[npt.ArrayLike, Iterable[float]]
 Clock = Callable[[], float]
@@ -79,6 +80,11 @@ class Index:
             full float32, so results, distances and ``get()`` are exact. ``"float16"`` halves
             the memory (11 significant bits: ample for normalised embeddings; queries and
             arithmetic stay float32; values beyond 65504 are rejected under ip/l2).
+            ``"int8"`` keeps a quarter of float32's bytes: each vector as one float32 scale
+            and 8-bit codes (``x ~= scale * code``, ``|code| <= 127``). The graph walk then
+            gathers half the bytes of float32's walk, but distances and ``get()`` are those
+            of the quantised vector (for unit vectors the cosine is typically off by ~1e-3):
+            for users that re-score their hits on the exact vectors, as the cache does.
     """
 
     def __init__(
@@ -100,8 +106,8 @@ class Index:
         if auto_consolidate is not None and not 0.0 < auto_consolidate <= 1.0:
             raise ValueError("auto_consolidate must be in (0, 1] or None")
         self._clock: Clock = clock if clock is not None else time.time
-        if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self._native = _core.Index(
             int(dim), metric, int(M), int(ef_construction), int(capacity), int(seed), dtype
         )
@@ -309,7 +315,7 @@ class Index:
 
     @property
     def dtype(self) -> str:
-        """How vectors are stored: ``"float32"`` or ``"float16"``."""
+        """How vectors are stored: ``"float32"``, ``"float16"`` or ``"int8"``."""
         return str(self._native.dtype)
 
     @property
@@ -329,6 +335,23 @@ class Index:
         if value <= 0:
             raise ValueError("ef_search must be positive")
         self._native.ef_search = int(value)
+
+    @property
+    def search_starts(self) -> int:
+        """How many nodes of the level-1 beam start each level-0 search (1..64, default 2).
+
+        More starts reach a small, isolated cluster (say, a few hundred entries of another
+        domain among 100k) at a lower ``ef``, for a few distances on cached 8-bit copies.
+        A runtime setting: not saved with the index.
+        """
+        return int(self._native.search_starts)
+
+    @search_starts.setter
+    def search_starts(self, value: int) -> None:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not ok or not 1 <= value <= 64:
+            raise ValueError(f"search_starts must be an integer in [1, 64], got {value!r}")
+        self._native.search_starts = int(value)
 
     @property
     def isa(self) -> str:
@@ -379,7 +402,8 @@ class Index:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {"index": self.to_bytes(), "auto_consolidate": self._native.auto_consolidate}
+        state = {"index": self.to_bytes(), "auto_consolidate": self._native.auto_consolidate,
+                 "search_starts": self._native.search_starts}
         if self._clock is not time.time:
             state["clock"] = self._clock
         return state
@@ -388,6 +412,7 @@ class Index:
         self._clock = state.get("clock", time.time)
         self._native = _core.Index.from_bytes(state["index"])
         self._native.auto_consolidate = float(state["auto_consolidate"])
+        self._native.search_starts = int(state.get("search_starts", 2))
 
     def __repr__(self) -> str:
         return (

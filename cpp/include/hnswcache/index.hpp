@@ -3,6 +3,7 @@
 // Memory layout. Slots live in chunks of `chunk_size`; a chunk never moves once allocated, so
 // capacity grows without stopping readers. A slot's record is
 //     u32 count0 | u32 links0[M0] | pad | i64 expiry | u16 vector[dim_padded]
+// (dtype int8: ... | i64 expiry | f32 scale | f32 norm2 | 8 pad | i8 code[dim_padded])
 // so expanding a node touches its links and then nearby vector lines. The u16 are float16
 // values (dtype float16) or, for float32, the high halves of the float32 bits (bfloat16):
 // the graph walk reads only those, half the bytes, and the final candidates are re-ranked
@@ -56,8 +57,10 @@ metric_t parse_metric(const std::string& name);
 const char* metric_name(metric_t m);
 
 // How vectors are stored. Queries and all arithmetic stay float32. float32 is exact (kept as
-// two 16-bit halves, see the record layout); float16 rounds the stored values.
-enum class dtype_t : std::uint8_t { float32 = 0, float16 = 1 };
+// two 16-bit halves, see the record layout); float16 rounds the stored values; int8 keeps
+// each vector as a float32 scale and 8-bit codes (symmetric, one scale per vector): a
+// quarter of float32's bytes, for users that re-score their hits elsewhere (the cache).
+enum class dtype_t : std::uint8_t { float32 = 0, float16 = 1, int8 = 2 };
 dtype_t parse_dtype(const std::string& name);
 const char* dtype_name(dtype_t d);
 
@@ -152,6 +155,11 @@ class index_t {
     std::size_t ef_construction() const { return ef_construction_; }
     std::size_t ef_search() const { return ef_search_.load(std::memory_order_relaxed); }
     void set_ef_search(std::size_t ef);
+    // How many nodes of the level-1 beam start the level-0 search (1..max_search_starts).
+    // More starts find isolated clusters at a lower ef, for a few cached 8-bit distances.
+    static constexpr std::size_t max_search_starts = 64;
+    std::size_t search_starts() const { return search_starts_.load(std::memory_order_relaxed); }
+    void set_search_starts(std::size_t n);
     double auto_consolidate() const { return auto_consolidate_.load(std::memory_order_relaxed); }
     void set_auto_consolidate(double fraction);
     const char* isa() const { return kernels_->name; }
@@ -260,11 +268,12 @@ class index_t {
     dtype_t dtype_;
     std::uint64_t seed_;
     double level_mult_;
-    std::size_t vec_offset_, stride_;
+    std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};
+    std::atomic<std::size_t> search_starts_{2};
 
     // --- storage
     std::unique_ptr<std::atomic<chunk_t*>[]> chunks_;

@@ -1,7 +1,9 @@
 // Pieces shared by the graph's translation units; not part of the public C++ API.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -113,7 +115,46 @@ inline const char* index_t::raw(slot_t id) const { return record(id) + vec_offse
 inline const half_t* index_t::low_halves(slot_t id) const {
     return chunk(id).low + (id & (chunk_size - 1)) * dim_padded_;
 }
+// Symmetric 8-bit quantisation with one scale per vector (x ~= scale * code, |code| <= 127):
+// the level-0 rows of dtype int8 and the upper levels' copies. Returns |scale * code|^2.
+inline float quantize_i8(const float* x, std::size_t n, std::int8_t* code, float& scale) {
+    float mx = 0;
+    for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
+    scale = mx / 127.0f;
+    float norm2 = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const long c = scale > 0 ? std::lrint(x[i] / scale) : 0;
+        code[i] = static_cast<std::int8_t>(std::clamp(c, -127L, 127L));
+        const float v = scale * code[i];
+        norm2 += v * v;
+    }
+    return norm2;
+}
+
+// An int8 row: f32 scale | f32 norm2 | 8 pad | i8 code[dim_padded] (16-byte aligned codes).
+constexpr std::size_t i8_row_header = 16;
+inline float i8_scale(const char* row) {
+    float s;
+    std::memcpy(&s, row, sizeof s);
+    return s;
+}
+inline float i8_norm2(const char* row) {
+    float s;
+    std::memcpy(&s, row + sizeof(float), sizeof s);
+    return s;
+}
+inline const std::int8_t* i8_codes(const char* row) {
+    return reinterpret_cast<const std::int8_t*>(row + i8_row_header);
+}
+
 inline const float* index_t::decoded(slot_t id, float* buf) const {
+    if (dtype_ == dtype_t::int8) {
+        const char* row = raw(id);
+        const float scale = i8_scale(row);
+        const std::int8_t* code = i8_codes(row);
+        for (std::size_t i = 0; i < dim_padded_; ++i) buf[i] = scale * static_cast<float>(code[i]);
+        return buf;
+    }
     const half_t* high = reinterpret_cast<const half_t*>(raw(id));
     if (dtype_ == dtype_t::float16) {
         kernels_->decode_h(high, buf, dim_padded_);
@@ -143,6 +184,7 @@ struct index_t::scratch_t {
     std::vector<slot_t> selected, batch;
     std::vector<const float*> ptrs;
     std::vector<const half_t*> hptrs;
+    std::vector<const std::int8_t*> cptrs;  // 8-bit rows (upper copies, dtype int8)
     std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
@@ -154,10 +196,13 @@ struct index_t::scratch_t {
 
     static scratch_t& local(std::size_t max_degree, std::size_t dim_padded = 0) {
         thread_local scratch_t s;
+        // A batch is a neighbour list or the level-0 starting points.
+        max_degree = std::max(max_degree, max_search_starts);
         if (s.batch.size() < max_degree + 1) {
             s.batch.resize(max_degree + 1);
             s.ptrs.resize(max_degree + 1);
             s.hptrs.resize(max_degree + 1);
+            s.cptrs.resize(max_degree + 1);
             s.blocks.resize(max_degree + 1);
             s.dists.resize(max_degree + 1);
         }

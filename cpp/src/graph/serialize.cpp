@@ -5,7 +5,8 @@
 //   labels   i64 [n_slots]
 //   expiry   i64 [n_slots]           absolute, ns; INT64_MIN = deleted
 //   links0   u32 [n_slots][1 + M0]   count, then ids
-//   vectors  f32|f16 [n_slots][dim] as stored (normalised under cosine; dtype in the header)
+//   vectors  [n_slots] rows as stored (normalised under cosine; dtype in the header):
+//            f32[dim] | f16[dim] | int8: f32 scale, i8 code[dim] (|code| <= 127)
 //   upper    u32 [sum of levels][1 + M]   per slot in order, levels 1..level
 //   crc32    u32                     of everything before it
 //
@@ -35,6 +36,16 @@ struct header_t {
 };
 constexpr std::size_t header_words = sizeof(header_t) / sizeof(std::uint64_t);
 constexpr std::size_t prefix_bytes = sizeof(magic) + 2 * sizeof(std::uint32_t) + sizeof(header_t);
+
+// Bytes of one stored row in the file.
+std::uint64_t row_bytes(std::uint64_t dtype, std::uint64_t dim) {
+    switch (static_cast<dtype_t>(dtype)) {
+        case dtype_t::float16: return 2 * dim;
+        case dtype_t::int8: return sizeof(float) + dim;
+        case dtype_t::float32: break;
+    }
+    return 4 * dim;
+}
 
 std::uint32_t crc32(const char* data, std::size_t n) {
     // IEEE CRC-32, slicing-by-4 tables built once.
@@ -123,11 +134,11 @@ std::string index_t::serialize() const {
     h.top_level = ep == no_entry ? 0 : (ep >> 32);
     h.next_label = static_cast<std::uint64_t>(next_label_.load());
     h.dtype = static_cast<std::uint64_t>(dtype_);
-    const std::size_t elem = dtype_ == dtype_t::float16 ? 2 : 4;
+    const std::size_t row = row_bytes(h.dtype, dim_);
     for (slot_t id = 0; id < n; ++id)
         if (state(id) == state_ready) h.upper_words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
 
-    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + elem * dim_) + h.upper_words * 4 + 4);
+    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + row) + h.upper_words * 4 + 4);
     w.append(magic, sizeof(magic));
     w.put(format_major);
     w.put(format_minor);
@@ -144,9 +155,16 @@ std::string index_t::serialize() const {
     }
     // float32 is written whole (the same format as ever): the two halves joined.
     std::vector<float> buf(dim_padded_);
-    for (slot_t id = 0; id < n; ++id)
-        w.append(dtype_ == dtype_t::float16 ? raw(id) : reinterpret_cast<const char*>(decoded(id, buf.data())),
-                 dim_ * elem);
+    for (slot_t id = 0; id < n; ++id) {
+        if (dtype_ == dtype_t::float32)
+            w.append(reinterpret_cast<const char*>(decoded(id, buf.data())), dim_ * 4);
+        else if (dtype_ == dtype_t::float16)
+            w.append(raw(id), dim_ * 2);
+        else {  // int8: the scale, then the codes (norm2 is derived from them on load)
+            w.append(raw(id), sizeof(float));
+            w.append(raw(id) + i8_row_header, dim_);
+        }
+    }
     for (slot_t id = 0; id < n; ++id) {
         if (state(id) != state_ready) continue;
         for (int l = 1; l <= level(id); ++l) {
@@ -176,11 +194,11 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
 
     if (h.dim == 0 || h.dim > 65536 || h.M < 2 || h.M > 2048 || h.metric > 2 ||
         h.ef_construction == 0 || h.ef_search == 0 || h.n_slots >= no_slot ||
-        h.top_level >= max_levels || h.dtype > 1)
+        h.top_level >= max_levels || h.dtype > 2)
         throw format_error("index header holds out-of-range parameters");
     const std::uint64_t M0 = 2 * h.M;
-    const std::uint64_t elem = h.dtype == 1 ? 2 : 4;
-    const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + elem * h.dim;
+    const std::uint64_t per_row = row_bytes(h.dtype, h.dim);
+    const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + per_row;
     const std::uint64_t expected =
         checked_mul_add(h.upper_words, 4, checked_mul_add(h.n_slots, per_slot, prefix_bytes + 4));
     if (expected != size)
@@ -230,16 +248,39 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         check_links(id, 0, buf.data(), M0);
         std::memcpy(idx->record(id), buf.data(), buf.size() * 4);
     }
-    std::vector<char> row(idx->dim_padded_ * elem, 0);
+    const dtype_t dt = static_cast<dtype_t>(h.dtype);
+    std::vector<char> row(std::max<std::size_t>(idx->dim_padded_ * 4, per_row), 0);
     std::vector<float> values(idx->dim_padded_);
     for (slot_t id = 0; id < n; ++id) {
-        r.take(row.data(), h.dim * elem);
+        r.take(row.data(), per_row);
         if (levels[id] == free_level) continue;
+        if (dt == dtype_t::int8) {
+            // Rebuilt through the decoder so that norm2 is what the codes say; a scale that
+            // is not finite or negative, or a code of -128 (never written), is corruption.
+            float scale;
+            std::memcpy(&scale, row.data(), sizeof scale);
+            if (!std::isfinite(scale) || scale < 0) throw format_error("a stored vector's scale is invalid");
+            const auto* code = reinterpret_cast<const std::int8_t*>(row.data() + sizeof(float));
+            char* dst = idx->record(id) + idx->vec_offset_;
+            float norm2 = 0;
+            for (std::size_t i = 0; i < h.dim; ++i) {
+                if (code[i] == -128) throw format_error("a stored vector has an invalid 8-bit code");
+                const float v = scale * static_cast<float>(code[i]);
+                norm2 += v * v;
+            }
+            if (!std::isfinite(norm2)) throw format_error("a stored vector is not finite");
+            std::memcpy(dst, &scale, sizeof scale);
+            std::memcpy(dst + sizeof scale, &norm2, sizeof norm2);
+            std::memcpy(dst + i8_row_header, code, h.dim);
+            std::memset(dst + i8_row_header + h.dim, 0, idx->dim_padded_ - h.dim);
+            continue;
+        }
+        const std::uint64_t elem = dt == dtype_t::float16 ? 2 : 4;
         if (elem == 4) {
-            std::memcpy(values.data(), row.data(), row.size());
+            std::memcpy(values.data(), row.data(), idx->dim_padded_ * 4);
         } else {
             std::vector<half_t> halves(idx->dim_padded_);
-            std::memcpy(halves.data(), row.data(), row.size());
+            std::memcpy(halves.data(), row.data(), idx->dim_padded_ * 2);
             idx->kernels_->decode_h(halves.data(), values.data(), idx->dim_padded_);
         }
         for (std::size_t i = 0; i < h.dim; ++i)
@@ -247,7 +288,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         if (elem == 4)
             idx->store_vector(id, values.data());
         else
-            std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), row.size());
+            std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), idx->dim_padded_ * elem);
     }
     std::unordered_set<std::int64_t> seen;
     for (slot_t id = 0; id < n; ++id) {
