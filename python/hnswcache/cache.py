@@ -62,6 +62,12 @@ DEFAULT_THRESHOLD = 0.85
 #: Seconds a URL store waits for the server (connect and each reply) unless ``timeout=``.
 DEFAULT_TIMEOUT = 0.5
 
+#: The replica index's search settings and storage, chosen from ``bench/cache_ef.py`` (hits
+#: lost against an exact search) and ``bench/bench_cache.py`` (numbers in ``docs/cache.md``).
+DEFAULT_EF_SEARCH = 64
+DEFAULT_SEARCH_STARTS = 2
+DEFAULT_DTYPE = "float32"
+
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
 
 Clock = Callable[[], float]
@@ -119,12 +125,14 @@ class _Base:
         self, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         namespace: str, strict: bool, clock: Clock | None, sync_interval: float,
         candidates: int, M: int, ef_construction: int, ef_search: int, dtype: str,
+        search_starts: int,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         self._core = CacheCore(
             embedder=embedder, threshold=threshold, ttl=ttl, max_entries=max_entries,
             strict=strict, clock=clock, sync_interval=sync_interval, candidates=candidates,
             M=M, ef_construction=ef_construction, ef_search=ef_search, dtype=dtype,
+            search_starts=search_starts,
         )
         self._server: Any = None
 
@@ -202,11 +210,13 @@ class SemanticCache(_Base):
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
         ef_construction: int = 100,
-        ef_search: int = 64,
-        dtype: str = "float32",
+        ef_search: int = DEFAULT_EF_SEARCH,
+        dtype: str = DEFAULT_DTYPE,
+        search_starts: int = DEFAULT_SEARCH_STARTS,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
-                    sync_interval, candidates, M, ef_construction, ef_search, dtype)
+                    sync_interval, candidates, M, ef_construction, ef_search, dtype,
+                    search_starts)
         self._lock = threading.RLock()
         self._owns_store = not _is_store(store)
         if store is None:
@@ -546,11 +556,13 @@ class AsyncSemanticCache(_Base):
         data_dir: str | os.PathLike[str] | None = None,
         M: int = 16,
         ef_construction: int = 100,
-        ef_search: int = 64,
-        dtype: str = "float32",
+        ef_search: int = DEFAULT_EF_SEARCH,
+        dtype: str = DEFAULT_DTYPE,
+        search_starts: int = DEFAULT_SEARCH_STARTS,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
-                    sync_interval, candidates, M, ef_construction, ef_search, dtype)
+                    sync_interval, candidates, M, ef_construction, ef_search, dtype,
+                    search_starts)
         self._alock: asyncio.Lock | None = None
         self._owns_store = not _is_store(store)
         if store is None:

@@ -112,7 +112,7 @@ void index_t::ensure_chunk(std::size_t c) {
         const std::size_t next = n_chunks_.load(std::memory_order_relaxed);
         if (next >= max_chunks) throw std::length_error("index is full (2^28 slots)");
         auto* ch = new chunk_t();
-        ch->slab = static_cast<char*>(slab_malloc(chunk_size * stride_));
+        ch->slab = static_cast<char*>(slab_malloc(chunk_size * stride_, next > 0));
         if (dtype_ == dtype_t::float32)
             ch->low = static_cast<half_t*>(aligned_malloc(chunk_size * dim_padded_ * sizeof(half_t)));
         chunks_[next].store(ch, std::memory_order_release);
