@@ -77,10 +77,11 @@ def pct(lat: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), len(a) / (a.sum() / 1e6)
 
 
-def index_params(args: argparse.Namespace) -> dict[str, int]:
+def index_params(args: argparse.Namespace) -> dict[str, Any]:
     """The HNSW parameters given on the command line (the cache's defaults otherwise)."""
     return {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
-                              ("ef_search", args.ef_search)) if v is not None}
+                              ("ef_search", args.ef_search), ("dtype", args.dtype),
+                              ("search_starts", args.search_starts)) if v is not None}
 
 
 def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Namespace,
@@ -211,6 +212,9 @@ def main() -> None:
     ap.add_argument("--M", type=int, help="HNSW M of the cache's index (default: the cache's)")
     ap.add_argument("--ef-construction", type=int, help="(default: the cache's)")
     ap.add_argument("--ef-search", type=int, help="(default: the cache's)")
+    ap.add_argument("--dtype", choices=("float32", "float16", "int8"),
+                    help="the replica index's storage (default: the cache's)")
+    ap.add_argument("--search-starts", type=int, help="(default: the cache's)")
     args = ap.parse_args()
     data = load(args.n, args.queries)
     log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)

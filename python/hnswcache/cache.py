@@ -64,9 +64,9 @@ DEFAULT_TIMEOUT = 0.5
 
 #: The replica index's search settings and storage, chosen from ``bench/cache_ef.py`` (hits
 #: lost against an exact search) and ``bench/bench_cache.py`` (numbers in ``docs/cache.md``).
-DEFAULT_EF_SEARCH = 64
-DEFAULT_SEARCH_STARTS = 2
-DEFAULT_DTYPE = "float32"
+DEFAULT_EF_SEARCH = 32
+DEFAULT_SEARCH_STARTS = 8
+DEFAULT_DTYPE = "int8"
 
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
 

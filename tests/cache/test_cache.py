@@ -335,3 +335,29 @@ def test_float16_index_keeps_the_decisions(
     # similarities are re-scored on the stored float32 vectors
     h = next(h for h in hits if h is not None)
     assert h.similarity <= 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_compact_index_gives_the_decisions_of_a_float32_one(
+    ns: str, paraphrases: Paraphrases, dtype: str
+) -> None:
+    """The replica's rows are rounded (float16) or quantised (int8), but every candidate
+    within the dtype's error of the threshold is re-scored on the stored float32 vector: the
+    same hits, answered by the same entries, with bit-identical similarities."""
+    px = paraphrases
+    n = min(200, len(px.q))
+    caches = {dt: make("memory", f"{ns}-{dt}", embedder=px.embedder(), dtype=dt)
+              for dt in ("float32", dtype)}
+    for c in caches.values():
+        c.set_many([(q, f"a{i}") for i, q in enumerate(px.q[:n])])
+    asked = px.p[: 2 * n]  # paraphrases of stored questions, then of questions not stored
+    got = {dt: c.get_many(asked) for dt, c in caches.items()}
+    ref, mine = got["float32"], got[dtype]
+    assert sum(h is not None for h in ref) >= n // 2  # the comparison is not vacuous
+    assert [h and (h.response, h.similarity, h.tier) for h in mine] == \
+        [h and (h.response, h.similarity, h.tier) for h in ref]
+    with pytest.raises(ValueError, match="dtype"):
+        make("memory", ns, embedder=px.embedder(), dtype="int4")
+    with pytest.raises(ValueError, match="search_starts"):
+        make("memory", ns, embedder=px.embedder(), search_starts=0)
+
