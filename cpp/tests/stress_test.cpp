@@ -12,13 +12,14 @@
 
 using namespace hnswcache;
 
-int main() {
+// One run per storage type (the int8 rows are read through another path of the walk).
+static int run(dtype_t dtype) {
     const std::size_t dim = 24, n0 = 3000, n1 = 3000, k = 10;
     std::mt19937 rng(1);
     std::normal_distribution<float> gauss;
     std::vector<float> data((n0 + n1) * dim);
     for (float& v : data) v = gauss(rng);
-    index_t idx(dim, metric_t::cosine, 8, 64, 0, 7);
+    index_t idx(dim, metric_t::cosine, 8, 64, 0, 7, dtype);
     const std::int64_t now = 1000;
     std::vector<std::int64_t> labels(n0 + n1), never(n0 + n1, never_expires);
     for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>(i);
@@ -68,8 +69,8 @@ int main() {
 
     idx.consolidate(now, 2);
     const integrity_report_t rep = idx.check_integrity(now);
-    std::printf("live %zu allocated %zu free %zu unreachable %zu\n", rep.live, rep.allocated,
-                rep.free_slots, rep.unreachable_live);
+    std::printf("%s: live %zu allocated %zu free %zu unreachable %zu\n", dtype_name(dtype),
+                rep.live, rep.allocated, rep.free_slots, rep.unreachable_live);
     if (failed.load()) {
         std::puts("FAIL: a deleted entry was returned");
         return 1;
@@ -78,6 +79,12 @@ int main() {
         std::puts("FAIL: wrong live count or unreachable nodes");
         return 1;
     }
+    return 0;
+}
+
+int main() {
+    for (dtype_t d : {dtype_t::float32, dtype_t::int8})
+        if (run(d) != 0) return 1;
     std::puts("stress test passed");
     return 0;
 }
