@@ -41,8 +41,9 @@ inline void* aligned_malloc(std::size_t bytes) {
 inline void* slab_malloc(std::size_t bytes, bool huge) {
     constexpr std::size_t extent = std::size_t{2} << 20;
     if (!huge || bytes < extent) return aligned_malloc(bytes);
-    void* p = std::aligned_alloc(extent, round_up(bytes, 64));
-    if (p == nullptr) throw std::bad_alloc();
+    // posix_memalign: aligned_alloc requires the size to be a multiple of the alignment.
+    void* p = nullptr;
+    if (posix_memalign(&p, extent, round_up(bytes, 64)) != 0) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, bytes / extent * extent, MADV_HUGEPAGE);
 #endif
