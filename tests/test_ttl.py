@@ -81,9 +81,10 @@ def test_too_few_live_entries_fall_back_to_an_exact_scan(clock):
         assert (row[3:] == -1).all() and np.isinf(d[3:]).all()
 
 
-def test_consolidate_removes_dead_slots_repairs_links_and_reuses_memory(clock):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_consolidate_removes_dead_slots_repairs_links_and_reuses_memory(clock, dtype):
     x = clustered(6000, 48, seed=6)
-    idx = Index(48, clock=clock, auto_consolidate=None)
+    idx = Index(48, clock=clock, auto_consolidate=None, dtype=dtype)
     idx.add(x[:4000], np.arange(4000), ttl=np.where(np.arange(4000) < 1000, 10.0, 1e9))
     idx.delete(np.arange(1000, 1200))
     clock.advance(11)
@@ -133,7 +134,8 @@ def test_persistence_keeps_absolute_expiry(tmp_path, clock):
     assert len(earlier) == 300
 
 
-def test_churn_keeps_recall_reachability_and_memory(sgd, clock):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_churn_keeps_recall_reachability_and_memory(sgd, clock, dtype):
     """Cycles of 10% expiry + 10% insertion: recall stays within 0.01 of a fresh build on the
     same live set, no live node is unreachable, and slots stay bounded."""
     if sgd is not None:
@@ -144,7 +146,7 @@ def test_churn_keeps_recall_reachability_and_memory(sgd, clock):
         q = clustered(200, 64, seed=11)
     n, cycles, step, tau = 8_000, 30, 800, 0.10
     dim = pool.shape[1]
-    idx = Index(dim, clock=clock, auto_consolidate=tau, seed=1)
+    idx = Index(dim, clock=clock, auto_consolidate=tau, seed=1, dtype=dtype)
     rng = np.random.default_rng(0)
     live = np.arange(n)
     idx.add(pool[live], live)
@@ -167,7 +169,7 @@ def test_churn_keeps_recall_reachability_and_memory(sgd, clock):
     assert check["unreachable_live"] == 0 and check["live"] == n
     truth = live_oracle(pool[live], live, q, 10)
     found, _ = idx.search(q, k=10, ef=48)
-    fresh = Index(dim, seed=1)
+    fresh = Index(dim, seed=1, dtype=dtype)
     fresh.add(pool[live], live)
     fresh_found, _ = fresh.search(q, k=10, ef=48)
     assert recall(found, truth) >= recall(fresh_found, truth) - 0.01
