@@ -184,13 +184,16 @@ class SemanticCache(_Base):
         candidates: neighbours fetched per semantic lookup.
         timeout: seconds to wait for the server (URL stores; default ``DEFAULT_TIMEOUT``,
             0.5): past it a lookup is a miss and a write is dropped.
-        dtype: how the in-process index stores vectors: ``"float32"`` or ``"float16"``
-            (half the memory; the store always keeps float32, and hits are re-scored on
-            the stored float32 vector).
+        dtype: how the in-process index stores vectors: ``"int8"`` (default: a third of
+            float32's memory), ``"float16"`` or ``"float32"``. The store always keeps
+            float32 and every candidate near the threshold is re-scored on the stored
+            vector, so the decisions are those of a float32 replica.
         M, ef_construction, ef_search: the HNSW parameters of each scope's index.
-            ``ef_search=64`` loses almost no hits against an exact search at 100k entries;
-            16 halves the search time but loses some (``bench/cache_ef.py``, numbers in
-            ``docs/cache.md``).
+            ``ef_search=32`` with 8 starts loses 4 of 697 hits against an exact search at
+            100k entries and finds rare-domain paraphrases as often as ``ef_search=64``
+            with 2; 48 loses none for ~30% more search time (``bench/cache_ef.py``,
+            numbers in ``docs/cache.md``).
+        search_starts: level-0 starting points of each search (``Index.search_starts``).
     """
 
     def __init__(
