@@ -174,7 +174,8 @@ class SemanticCache(_Base):
         ttl: default seconds an entry lives (``None``: until evicted or deleted).
         max_entries: cap on entries in the namespace; least recently used go first.
         store: ``None`` (a private valkey-server with data in ``data_dir``), ``"memory"``,
-            a ``redis://`` / ``rediss://`` URL, a ``redis.Redis`` client, or a
+            a ``redis://`` / ``rediss://`` URL, ``redis+cluster://host:port`` (Redis
+            Cluster, seeded by any node), a ``redis.Redis`` or ``RedisCluster`` client, or a
             :class:`~hnswcache.store.base.Store`.
         namespace: the cache's name in the store (its keys carry the hash tag ``{namespace}``).
         strict: raise store and embedder errors instead of degrading to misses.

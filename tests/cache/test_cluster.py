@@ -212,3 +212,43 @@ def test_async_cache_on_a_cluster(cluster: list[EmbeddedServer]) -> None:
         await rc.aclose()
 
     asyncio.run(run())
+
+
+def test_a_cluster_url_makes_a_cluster_client(cluster: list[EmbeddedServer]) -> None:
+    """``store="redis+cluster://host:port"``: a RedisCluster seeded by that node, whichever
+    node holds the cache's slot; a plain ``redis://`` URL to a node that does not hold it
+    fails with MOVED (a store error), which is why the scheme exists."""
+    import asyncio
+
+    vecs = np.eye(32, dtype=np.float32)[:8]
+    for node in cluster:  # seed from every node: the client finds the slot's owner
+        ns = f"clurl{node.port}"
+        cache = SemanticCache(HashEmbedder(32), store=f"redis+cluster://127.0.0.1:{node.port}",
+                              namespace=ns, strict=True)
+        assert cache.store.client.__class__.__name__ == "RedisCluster"
+        cache.set_many([(f"p{i}", f"r{i}") for i in range(8)], embeddings=vecs)
+        hit = cache.get("other", embedding=vecs[5])
+        assert hit is not None and hit.response == "r5" and hit.tier == "semantic"
+        cache.close()
+    plain = [SemanticCache(HashEmbedder(32), store=f"redis://127.0.0.1:{n.port}/0",
+                           namespace="clurl-plain", strict=True) for n in cluster]
+    outcomes = []
+    for c in plain:
+        try:
+            c.set("p", "r")
+            outcomes.append("ok")
+        except Exception as exc:  # noqa: BLE001 - the point is which nodes refuse
+            outcomes.append(type(exc).__name__)
+        c.close()
+    assert outcomes.count("ok") == 1 and len(set(outcomes)) == 2, outcomes
+
+    async def run() -> None:
+        seed = cluster[1].port
+        cache = AsyncSemanticCache(HashEmbedder(32), store=f"redis+cluster://127.0.0.1:{seed}",
+                                   namespace="clurl-async", strict=True)
+        await cache.set_many([(f"p{i}", f"r{i}") for i in range(8)], embeddings=vecs)
+        hit = await cache.get("p2")
+        assert hit is not None and hit.response == "r2" and hit.tier == "exact"
+        await cache.close()
+
+    asyncio.run(run())

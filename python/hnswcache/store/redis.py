@@ -346,6 +346,15 @@ def _url_kwargs(timeout: float, asyncio: bool) -> dict[str, Any]:
     }
 
 
+def _cluster_url(url: str) -> str | None:
+    """``redis+cluster://...`` / ``rediss+cluster://...`` as the URL of a seed node of a
+    Redis Cluster (``redis://...`` / ``rediss://...``), or ``None`` for any other URL."""
+    for scheme in ("redis+cluster://", "rediss+cluster://"):
+        if url.startswith(scheme):
+            return scheme.replace("+cluster", "") + url[len(scheme):]
+    return None
+
+
 class RedisStore(_Layout):
     """A synchronous store on a Redis or Valkey server.
 
@@ -362,12 +371,17 @@ class RedisStore(_Layout):
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
                  log_maxlen: int = 100_000, **kwargs: Any) -> RedisStore:
-        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply."""
+        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply.
+        ``redis+cluster://host:port`` (or ``rediss+cluster://``) makes a Redis Cluster client
+        seeded by that node."""
         import redis
+        import redis.cluster
 
         opts = _url_kwargs(timeout, asyncio=False)
         opts.update(kwargs)
-        client = redis.Redis.from_url(url, **opts)
+        seed = _cluster_url(url)
+        client: Any = (redis.cluster.RedisCluster.from_url(seed, **opts) if seed is not None
+                       else redis.Redis.from_url(url, **opts))
         return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
 
     def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False) -> list[Any]:
@@ -500,12 +514,17 @@ class AsyncRedisStore(_Layout):
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
                  log_maxlen: int = 100_000, **kwargs: Any) -> AsyncRedisStore:
-        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply."""
+        """Connect to ``url``; ``timeout`` (seconds) bounds connecting and every reply.
+        ``redis+cluster://host:port`` (or ``rediss+cluster://``) makes a Redis Cluster client
+        seeded by that node."""
         import redis.asyncio
+        import redis.asyncio.cluster
 
         opts = _url_kwargs(timeout, asyncio=True)
         opts.update(kwargs)
-        client = redis.asyncio.Redis.from_url(url, **opts)
+        seed = _cluster_url(url)
+        client: Any = (redis.asyncio.cluster.RedisCluster.from_url(seed, **opts)
+                       if seed is not None else redis.asyncio.Redis.from_url(url, **opts))
         return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
 
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
