@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .embed import embedder_dim, embedder_name
-from .index import Index
+from .index import Index, check_search_starts
 from .store.base import (
     Fetched,
     Invalid,
@@ -136,9 +136,7 @@ class CacheCore:
             "M": int(M), "ef_construction": int(ef_construction), "ef_search": int(ef_search)}
         if dtype not in SLACK:
             raise ValueError(f"dtype must be one of {tuple(SLACK)}, got {dtype!r}")
-        if not isinstance(search_starts, int) or not 1 <= search_starts <= 64:
-            raise ValueError(f"search_starts must be an integer in [1, 64], got {search_starts!r}")
-        self.search_starts = search_starts
+        self.search_starts = check_search_starts(search_starts)
         self.dtype = dtype
         self.slack = SLACK[dtype]
         self.dim: int | None = embedder_dim(embedder) if embedder is not None else None

@@ -27,7 +27,16 @@ _METRICS = ("cosine", "ip", "l2")
 _DTYPES = ("float32", "float16", "int8")
 
 ArrayLike = Union[npt.ArrayLike, Iterable[float]]
+
 Clock = Callable[[], float]
+
+
+def check_search_starts(value: Any) -> int:
+    """``value`` as a valid :attr:`Index.search_starts` (an integer in [1, 64])."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or not 1 <= value <= 64:
+        raise ValueError(f"search_starts must be an integer in [1, 64], got {value!r}")
+    return int(value)
 
 
 _F32 = np.dtype(np.float32)
@@ -348,10 +357,7 @@ class Index:
 
     @search_starts.setter
     def search_starts(self, value: int) -> None:
-        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        if not ok or not 1 <= value <= 64:
-            raise ValueError(f"search_starts must be an integer in [1, 64], got {value!r}")
-        self._native.search_starts = int(value)
+        self._native.search_starts = check_search_starts(value)
 
     @property
     def isa(self) -> str:

@@ -207,6 +207,11 @@ class index_t {
     // Throws for a row with NaN or infinity, or a zero row under cosine ("<what> <r> ...").
     void check_row(const float* row, std::size_t r, const char* what) const;
     float query_norm2(const float* q) const;  // |q|^2 under L2 (the 8-bit copies need it)
+    // The distance to an 8-bit vector (scale * code, |scale * code|^2 = norm2) from
+    // dot = sum q_i code_i: 1 - scale * dot, or |q|^2 + norm2 - 2 scale dot under L2.
+    float from_i8_dot(float dot, float scale, float norm2, float qnorm2) const {
+        return metric_ == metric_t::l2 ? qnorm2 + norm2 - 2.0f * scale * dot : 1.0f - scale * dot;
+    }
 
     // --- graph (index.cpp)
     slot_t allocate_slot(int& level_out);

@@ -128,8 +128,7 @@ float index_t::dist(const float* q, slot_t id) const {
         const char* row = raw(id);
         const std::int8_t* code = i8_codes(row);
         kernels_->dot_batch_i8(q, &code, 1, dim_padded_, &d);
-        if (metric_ == metric_t::l2) return query_norm2(q) + i8_norm2(row) - 2.0f * i8_scale(row) * d;
-        return 1.0f - i8_scale(row) * d;
+        return from_i8_dot(d, i8_scale(row), i8_norm2(row), query_norm2(q));
     }
     const half_t* x = reinterpret_cast<const half_t*>(raw(id));
     const bool bf = dtype_ == dtype_t::float32;
@@ -148,14 +147,10 @@ void index_t::dist_batch(const float* q, const slot_t* ids, std::size_t n, scrat
         const std::int8_t** codes = s.cptrs.data();
         for (std::size_t i = 0; i < n; ++i) codes[i] = i8_codes(raw(ids[i]));
         kernels_->dot_batch_i8(q, codes, n, dim_padded_, out);
-        if (metric_ == metric_t::l2) {
-            const float qn = query_norm2(q);
-            for (std::size_t i = 0; i < n; ++i) {
-                const char* row = raw(ids[i]);
-                out[i] = qn + i8_norm2(row) - 2.0f * i8_scale(row) * out[i];
-            }
-        } else {
-            for (std::size_t i = 0; i < n; ++i) out[i] = 1.0f - i8_scale(raw(ids[i])) * out[i];
+        const float qnorm2 = query_norm2(q);
+        for (std::size_t i = 0; i < n; ++i) {
+            const char* row = reinterpret_cast<const char*>(codes[i]) - i8_row_header;
+            out[i] = from_i8_dot(out[i], i8_scale(row), i8_norm2(row), qnorm2);
         }
         return;
     }
@@ -216,8 +211,7 @@ void index_t::approx_batch(const float* q, float qnorm2, const slot_t* ids, std:
         float scale, norm2;
         std::memcpy(&scale, s.blocks[i], sizeof(float));
         std::memcpy(&norm2, s.blocks[i] + 1, sizeof(float));
-        out[i] = metric_ == metric_t::l2 ? qnorm2 + norm2 - 2.0f * scale * out[i]
-                                         : 1.0f - scale * out[i];
+        out[i] = from_i8_dot(out[i], scale, norm2, qnorm2);
     }
 }
 
