@@ -15,6 +15,9 @@ three kinds of lookup:
 ``set`` is measured with ``set_many`` batches of 1,000 (one pipelined transaction each).
 The valkey stores are a private valkey-server (the ``server`` extra) reached over TCP
 loopback (``valkey``) or its unix socket (``valkey-unix``, what the embedded default uses).
+For them a ``floor`` row gives what one plain round trip costs on this host: a redis-py
+HGETALL of one stored entry, timed between the semantic lookups. A lookup makes one round
+trip, so its latency is that floor plus the cache's own work.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Nam
         "miss": [(f"random {i}", v) for i, v in
                  enumerate(rng.standard_normal((nq, base.shape[1])).astype(np.float32))],
     }
+    # The floor of a server store: one plain HGETALL of a stored entry by redis-py over the
+    # same kind of connection, timed between the semantic lookups (so both see the same host).
+    raw: Any = None
+    floor: list[float] = []
+    if name != "memory":
+        import redis
+
+        raw = redis.Redis.from_url(store)
+        floor_key = cache.store.ekey(cache._core.key(texts[0], None)[0])  # type: ignore[attr-defined]
     for kind, items in kinds.items():
         for p, v in items[:200]:  # warm-up
             cache.get(p + " warmup", embedding=v)
@@ -115,8 +127,16 @@ def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Nam
             h = cache.get(p, embedding=v)
             lat.append(time.perf_counter() - t)
             hits += h is not None
+            if raw is not None and kind == "semantic":
+                t = time.perf_counter()
+                raw.hgetall(floor_key)
+                floor.append(time.perf_counter() - t)
         p50, p99, qps = pct(lat)
         rows.append((name, f"get {kind} (hit rate {hits / len(items):.2f})", p50, p99, qps))
+    if raw is not None and floor:
+        p50, p99, qps = pct(floor)
+        rows.append((name, "floor: one HGETALL of an entry (plain redis-py)", p50, p99, qps))
+        raw.close()
     if name != "memory":
         t0 = time.perf_counter()
         warm = SemanticCache(no_embedder, store=store, namespace=cache.namespace,

@@ -195,6 +195,28 @@ def test_a_server_that_lost_its_data_is_detected(fresh_server: EmbeddedServer, n
     assert b.stats()["resyncs"] >= 1
 
 
+def test_a_server_that_lost_its_data_and_got_no_writes_is_detected(
+    fresh_server: EmbeddedServer, ns: str
+) -> None:
+    # Nothing new in the log after the loss: the reader's position is simply not there.
+    url = fresh_server.url
+    a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
+    a.set("old entry one two three", "old")
+    assert b.get("old entry one two three four") is not None
+    assert b.stats()["resyncs"] == 0
+    fresh_server.kill()
+    for f in fresh_server.data_dir.iterdir():
+        if f.is_dir():
+            shutil.rmtree(f)
+        elif f.suffix in (".aof", ".rdb") or f.name.startswith("appendonly"):
+            f.unlink()
+    fresh_server.start()
+    assert b.get("old entry one two three four") is None  # not served from the replica
+    assert b.stats()["resyncs"] == 1
+    assert len(b) == 0
+
+
 def _good_record(prompt: str, dim: int, seed: int) -> Record:
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     v /= np.linalg.norm(v)

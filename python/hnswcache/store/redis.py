@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -47,8 +46,6 @@ log = logging.getLogger("hnswcache.store.redis")
 
 _LOG_BATCH = 1000
 _IDS_PER_EVENT = 500
-#: Seconds between checks that a reader's log position still exists (trim / data loss).
-CHECK_INTERVAL = 1.0
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
 
@@ -76,13 +73,6 @@ def _stream_id(value: Any) -> tuple[int, int] | None:
         return int(ms), int(seq or 0)
     except ValueError:
         return None
-
-
-def _next_id(position: str) -> str:
-    """The smallest stream id after ``position`` (an inclusive XRANGE start that works on
-    every server version, unlike the exclusive ``(id`` of Redis 6.2+)."""
-    ms, seq = _stream_id(position) or (0, 0)
-    return f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
 
 
 def _id_text(value: Any) -> str:
@@ -120,7 +110,6 @@ class _Layout:
         self.k_log = k["log"]
         self.k_meta = k["meta"]
         self.log_maxlen = int(log_maxlen)
-        self._next_check = 0.0
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
 
     def ekey(self, eid: int) -> str:
@@ -141,33 +130,22 @@ class _Layout:
         return int(cursor)
 
     # ---------------------------------------------------------------- read
-    def check_due(self, log_after: str | None) -> bool:
-        """Whether this log read also checks that the log did not go back past our
-        position (at most once every ``CHECK_INTERVAL`` seconds). Every read checks that
-        the first entry is not past our position (trimmed, or replaced after data loss)."""
-        if log_after is None:
-            return False
-        t = time.monotonic()
-        if t < self._next_check:
-            return False
-        self._next_check = t + CHECK_INTERVAL
-        return True
-
     def queue_read(
         self, pipe: Any, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
-        now: float, check: bool = False,
+        now: float,
     ) -> None:
         for i in ids:
             pipe.hgetall(self.ekey(i))
         if touch:
             pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
         if log_after is not None:
-            # XRANGE from the next id, not XREAD: XREAD's keys are "movable", so a cluster
+            # XRANGE from our position itself (its start is inclusive): the entry there
+            # comes back first, then the new ones. If it does not, the log no longer holds
+            # our position (MAXLEN trimmed past it, which removes the oldest entries first,
+            # or the server lost its data): parse_log asks for a rebuild. One command per
+            # read checks both. XRANGE, not XREAD: XREAD's keys are "movable", so a cluster
             # client would ask the server for them (COMMAND GETKEYS) before every read.
-            pipe.xrange(self.k_log, _next_id(log_after), "+", count=_LOG_BATCH)
-            pipe.xrange(self.k_log, "-", "+", count=1)  # first entry: trimmed past us?
-            if check:  # last entry: did the log go back (server lost its data)?
-                pipe.xrevrange(self.k_log, "+", "-", count=1)
+            pipe.xrange(self.k_log, log_after, "+", count=_LOG_BATCH + 1)
 
     def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
         out: list[Fetched] = []
@@ -192,24 +170,19 @@ class _Layout:
         for r in rest:
             if isinstance(r, Exception):
                 raise StoreError(f"reading the change log failed: {r}")
-        if len(rest) == 3:
-            return entries, self.parse_log(log_after, rest[0], rest[1], rest[2], True)
-        return entries, self.parse_log(log_after, rest[0], rest[1], None, False)
+        return entries, self.parse_log(log_after, rest[0])
 
-    def parse_log(self, after: str, entries: Any, first: Any, last: Any, check: bool) -> LogBatch:
+    def parse_log(self, after: str, entries: Any) -> LogBatch:
+        """The events after ``after`` from an XRANGE that starts at ``after`` itself."""
         pos = _stream_id(after) or (0, 0)
-        first_id = _stream_id(first[0][0]) if first else None
-        last_id = _stream_id(last[0][0]) if last else None
-        if pos != (0, 0) and (
-            (first_id is not None and first_id > pos)
-            or (check and (last_id is None or last_id < pos))
-        ):
-            # Our position is gone: trimmed past, or the server lost its data.
-            head = _id_text(last[0][0]) if last else "0-0"  # the rebuild re-reads the head
-            return LogBatch([], head, reset=True)
+        messages: list[Any] = list(entries or ())
+        if pos != (0, 0):  # ("0-0": we started from an empty log, there is no entry to find)
+            if not messages or _stream_id(messages[0][0]) != pos:
+                # Our position is gone: trimmed past, or the server lost its data.
+                return LogBatch([], after, reset=True)
+            messages = messages[1:]
         events: list[LogEvent] = []
         position = after
-        messages: list[Any] = list(entries or ())
         for msg_id, fields in messages:
             position = _id_text(msg_id)
             events.extend(self.parse_event(fields, position))
@@ -395,8 +368,7 @@ class RedisStore(_Layout):
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
     ) -> tuple[list[Fetched], LogBatch | None]:
-        check = self.check_due(log_after)
-        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now, check))
+        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
         return self.parse_read(ids, log_after, touch, res)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -544,10 +516,7 @@ class AsyncRedisStore(_Layout):
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
     ) -> tuple[list[Fetched], LogBatch | None]:
-        check = self.check_due(log_after)
-        res = await self._run(
-            False, lambda p: self.queue_read(p, ids, log_after, touch, now, check)
-        )
+        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
         return self.parse_read(ids, log_after, touch, res)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
