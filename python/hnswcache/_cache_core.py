@@ -84,7 +84,7 @@ class Stats:
         self.counts: dict[str, int] = dict.fromkeys(
             ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
-             "sync_events", "resyncs"), 0)
+             "sync_events", "resyncs", "coalesced"), 0)
         self._lat = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
         self._n = 0
 

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._cache_core import CacheCore, Hit
+from ._flight import Flights
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -118,6 +119,13 @@ def _call_key(
     return args[0], sc
 
 
+def _check_wait(wait: float) -> float | None:
+    """``@cached(wait=...)`` as a timeout: seconds, or ``None`` for ``inf`` (no limit)."""
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+        raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
+    return None if wait == float("inf") else float(wait)
+
+
 class _Base:
     """Constructor arguments shared by both shells."""
 
@@ -135,6 +143,7 @@ class _Base:
             search_starts=search_starts,
         )
         self._server: Any = None
+        self._flights = Flights()
 
     @property
     def threshold(self) -> float:
@@ -148,8 +157,8 @@ class _Base:
 
     def stats(self) -> dict[str, Any]:
         """Counters (hits per tier, misses, hit rate, sets, expiries, evictions, store and
-        embedder errors, invalid entries seen) and lookup latency percentiles (µs, over the
-        last 10,000 lookups)."""
+        embedder errors, invalid entries seen, ``@cached`` calls saved by coalescing) and
+        lookup latency percentiles (µs, over the last 10,000 lookups)."""
         return self._core.stats.snapshot(self._core.size())
 
     def __len__(self) -> int:
@@ -344,6 +353,13 @@ class SemanticCache(_Base):
     ) -> list[Hit | None]:
         """:meth:`get` for several prompts of one scope: one store round trip for the exact
         tier, one embedder call and one index search for the rest."""
+        return self._get_many(prompts, scope, threshold, embeddings, None)
+
+    def _get_many(
+        self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
+        embeddings: npt.ArrayLike | None, used: list[Any] | None,
+    ) -> list[Hit | None]:
+        """get_many; fills ``used[i]`` with the embedding prompt ``i`` was searched with."""
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
@@ -378,6 +394,9 @@ class SemanticCache(_Base):
             vecs = self._embed([prompts[i] for i in todo], given)
             if vecs is None:
                 return self._misses(out)
+            if used is not None:
+                for j, i in enumerate(todo):
+                    used[i] = vecs[j]
             cands = c.candidates(vecs, sid, thr)
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
@@ -500,22 +519,52 @@ class SemanticCache(_Base):
     # ------------------------------------------------------------------ decorator
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
-        key: Callable[..., str] | None = None,
+        key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
-        Other arguments and the function's name become part of the scope.
+        Other arguments and the function's name become part of the scope. A miss embeds the
+        prompt once, for the lookup and for storing the answer.
+
+        With ``coalesce`` (default), a miss while another thread is already calling ``fn``
+        for the same prompt, or for a prompt at or above the threshold from it, waits for
+        that call (at most ``wait`` seconds) and returns its answer instead of calling ``fn``
+        again: a burst of paraphrases costs one LLM call (``stats()["coalesced"]`` counts
+        the calls saved). If that call fails, does not return a ``str``, or takes longer
+        than ``wait``, the waiting callers call ``fn`` themselves. In-process only.
         """
+        limit = _check_wait(wait)
+
         def deco(fn: F) -> F:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 prompt, sc = _call_key(fn, args, kwargs, key, scope)
-                hit = self.get(prompt, scope=sc)
+                used: list[Any] = [None]
+                hit = self._get_many([prompt], sc, None, None, used)[0]
                 if hit is not None:
                     return hit.response
-                result = fn(*args, **kwargs)
-                if isinstance(result, str):
-                    self.set(prompt, result, ttl=ttl, scope=sc)
+
+                def call() -> Any:
+                    result = fn(*args, **kwargs)
+                    if isinstance(result, str):
+                        self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0])
+                    return result
+
+                if not coalesce:
+                    return call()
+                c = self._core
+                eid, sid = c.key(prompt, sc)[:2]
+                flight, leads = self._flights.join(eid, sid, used[0], c.threshold)
+                if not leads:
+                    if flight.done.wait(limit) and flight.result is not None:
+                        c.stats.add("coalesced")
+                        return flight.result
+                    return call()
+                result = None
+                try:
+                    result = call()
+                finally:
+                    self._flights.finish(flight, result if isinstance(result, str) else None)
                 return result
 
             return cast(F, wrapper)
@@ -701,6 +750,13 @@ class AsyncSemanticCache(_Base):
         threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
     ) -> list[Hit | None]:
         """See :meth:`SemanticCache.get_many`."""
+        return await self._get_many(prompts, scope, threshold, embeddings, None)
+
+    async def _get_many(
+        self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
+        embeddings: npt.ArrayLike | None, used: list[Any] | None,
+    ) -> list[Hit | None]:
+        """See :meth:`SemanticCache._get_many`."""
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
@@ -735,6 +791,9 @@ class AsyncSemanticCache(_Base):
             vecs = await self._embed([prompts[i] for i in todo], given)
             if vecs is None:
                 return self._misses(out)
+            if used is not None:
+                for j, i in enumerate(todo):
+                    used[i] = vecs[j]
             cands = c.candidates(vecs, sid, thr)
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
@@ -845,9 +904,12 @@ class AsyncSemanticCache(_Base):
 
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
-        key: Callable[..., str] | None = None,
+        key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
     ) -> Callable[[F], F]:
-        """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`."""
+        """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
+        (coalescing joins the calls of other tasks on the same event loop)."""
+        limit = _check_wait(wait)
+
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
                 raise TypeError("AsyncSemanticCache.cached decorates async functions")
@@ -855,12 +917,37 @@ class AsyncSemanticCache(_Base):
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 prompt, sc = _call_key(fn, args, kwargs, key, scope)
-                hit = await self.get(prompt, scope=sc)
+                used: list[Any] = [None]
+                hit = (await self._get_many([prompt], sc, None, None, used))[0]
                 if hit is not None:
                     return hit.response
-                result = await fn(*args, **kwargs)
-                if isinstance(result, str):
-                    await self.set(prompt, result, ttl=ttl, scope=sc)
+
+                async def call() -> Any:
+                    result = await fn(*args, **kwargs)
+                    if isinstance(result, str):
+                        await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0])
+                    return result
+
+                if not coalesce:
+                    return await call()
+                c = self._core
+                eid, sid = c.key(prompt, sc)[:2]
+                flight, leads = self._flights.ajoin(eid, sid, used[0], c.threshold)
+                if not leads:
+                    assert flight.future is not None
+                    try:
+                        answer = await asyncio.wait_for(asyncio.shield(flight.future), limit)
+                    except asyncio.TimeoutError:
+                        answer = None
+                    if answer is not None:
+                        c.stats.add("coalesced")
+                        return answer
+                    return await call()
+                result = None
+                try:
+                    result = await call()
+                finally:
+                    self._flights.finish(flight, result if isinstance(result, str) else None)
                 return result
 
             return cast(F, wrapper)

@@ -1,0 +1,101 @@
+"""Coalescing of concurrent misses (single-flight) for the ``@cached`` decorators.
+
+A burst of identical or paraphrased questions that all miss would each call the LLM. Here
+the first miss of a scope leads: it calls the function, stores the answer and hands it to
+every caller that missed meanwhile with the same prompt (the same entry id) or a prompt
+whose embedding is at or above the cache's threshold from the leader's (what would have
+been a semantic hit had the answer already been stored). Such followers wait for the
+leader instead of calling. If the leader fails, returns something that is not a ``str``
+(not cached), or takes longer than the wait limit, each follower calls the function itself.
+
+In-process only: processes sharing a store each lead their own flights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(eq=False)
+class Flight:
+    """One call in progress: who leads it, what it answers, and how followers wait."""
+
+    eid: int
+    sid: str
+    vec: npt.NDArray[np.float32] | None
+    leader: Any  # the leading thread's ident, or its asyncio task
+    loop: asyncio.AbstractEventLoop | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future[str | None] | None = None
+    result: str | None = None
+
+
+class Flights:
+    """The calls in progress of one cache, by scope."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_scope: dict[str, list[Flight]] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._by_scope.values())
+
+    def _find(
+        self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
+        leader: Any, loop: asyncio.AbstractEventLoop | None,
+    ) -> Flight | None:
+        for f in self._by_scope.get(sid, ()):
+            if f.leader == leader or f.loop is not loop:
+                continue  # never wait on oneself (a recursive call), nor on another loop
+            if f.eid == eid or (vec is not None and f.vec is not None
+                                and float(f.vec @ vec) >= threshold):
+                return f
+        return None
+
+    def join(
+        self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
+    ) -> tuple[Flight, bool]:
+        """The flight this miss follows, or a new one it leads: ``(flight, leads)``.
+        ``vec`` is the prompt's unit embedding (``None`` if it was not computed)."""
+        me = threading.get_ident()
+        with self._lock:
+            f = self._find(eid, sid, vec, threshold, me, None)
+            if f is not None:
+                return f, False
+            f = Flight(eid, sid, vec, me)
+            self._by_scope.setdefault(sid, []).append(f)
+            return f, True
+
+    def ajoin(
+        self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
+    ) -> tuple[Flight, bool]:
+        """:meth:`join` for a coroutine: followers await the leader's future."""
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        with self._lock:
+            f = self._find(eid, sid, vec, threshold, me, loop)
+            if f is not None:
+                return f, False
+            f = Flight(eid, sid, vec, me, loop, future=loop.create_future())
+            self._by_scope.setdefault(sid, []).append(f)
+            return f, True
+
+    def finish(self, f: Flight, result: str | None) -> None:
+        """End a flight; ``result`` is handed to its followers (``None``: they call)."""
+        with self._lock:
+            flights = self._by_scope.get(f.sid, [])
+            if f in flights:
+                flights.remove(f)
+            if not flights:
+                self._by_scope.pop(f.sid, None)
+        f.result = result
+        f.done.set()
+        if f.future is not None and not f.future.done():
+            f.future.set_result(result)

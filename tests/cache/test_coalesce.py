@@ -1,0 +1,235 @@
+"""@cached coalesces concurrent misses: one call per question, whatever the burst."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+
+SAME = ["what is the capital of france", "What is the capital   of France?"]  # one exact key
+PARAPHRASE = "what is the capital of france please"  # cosine 0.92 with SAME (HashEmbedder)
+OTHER = "how do i bake sourdough bread at home"  # cosine 0.17
+
+
+class CountingEmbedder:
+    def __init__(self) -> None:
+        self.inner = HashEmbedder(64)
+        self.texts: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        with self.lock:
+            self.texts.extend(texts)
+        return self.inner(texts)
+
+
+def burst(fn: Callable[[str], Any], prompts: list[str]) -> list[Any]:
+    """Call fn once per prompt, all threads released together; results in order."""
+    out: list[Any] = [None] * len(prompts)
+    gate = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        gate.wait()
+        try:
+            out[i] = fn(prompts[i])
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def scope_of(fn: Callable[..., Any]) -> dict[str, str]:
+    """The scope @cached gives calls of ``fn`` with no other arguments."""
+    return {"_fn": f"{fn.__module__}.{fn.__qualname__}"}
+
+
+def cache_with_index(**kw: Any) -> SemanticCache:
+    # One stored entry, so the scope has an index and lookups embed (the semantic tier).
+    cache = SemanticCache(kw.pop("embedder", HashEmbedder(64)), store="memory", threshold=0.8,
+                          **kw)
+    return cache
+
+
+def test_a_burst_of_one_question_and_its_paraphrase_makes_one_call() -> None:
+    cache = cache_with_index()
+    calls: list[str] = []
+
+    @cache.cached()
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        time.sleep(0.5)  # the burst's lookups all happen while this call runs
+        return f"answer to {prompt}"
+
+    llm("warm up the scope index with one entry")
+    calls.clear()
+    prompts = [SAME[i % 2] for i in range(6)] + [PARAPHRASE, PARAPHRASE]
+    results = burst(llm, prompts)
+    assert len(calls) == 1, calls
+    assert len(set(results)) == 1 and results[0] == f"answer to {calls[0]}"
+    assert cache.stats()["coalesced"] == 7
+    # The answer was stored once, under the leader's prompt (whichever thread led).
+    hit = cache.get(calls[0], scope=scope_of(llm))
+    assert hit is not None and hit.response == results[0] and hit.tier == "exact"
+    assert llm(SAME[1]) == results[0] and len(calls) == 1
+
+
+def test_different_questions_and_scopes_are_not_coalesced() -> None:
+    cache = cache_with_index()
+    calls: list[tuple[str, str]] = []
+
+    @cache.cached()
+    def llm(prompt: str, model: str = "a") -> str:
+        calls.append((prompt, model))
+        time.sleep(0.3)
+        return f"{prompt} by {model}"
+
+    llm("warm up the scope index with one entry")
+    llm("warm up the scope index with one entry", model="b")
+    calls.clear()
+    results = burst(lambda p: llm(p.split("|")[0], model=p.split("|")[1]),
+                    [SAME[0] + "|a", OTHER + "|a", SAME[0] + "|b", OTHER + "|b"])
+    assert sorted(calls) == sorted([(SAME[0], "a"), (OTHER, "a"), (SAME[0], "b"), (OTHER, "b")])
+    assert results == [f"{SAME[0]} by a", f"{OTHER} by a", f"{SAME[0]} by b", f"{OTHER} by b"]
+    assert cache.stats()["coalesced"] == 0
+
+
+def test_when_the_leading_call_fails_the_waiting_callers_call_themselves() -> None:
+    cache = cache_with_index()
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    @cache.cached()
+    def llm(prompt: str) -> str:
+        with lock:
+            calls.append(prompt)
+            first = len(calls) == 1
+        time.sleep(0.4)
+        if first:
+            raise RuntimeError("the LLM timed out")
+        return "fine"
+
+    results = burst(llm, [SAME[0]] * 4)
+    failed = [r for r in results if isinstance(r, RuntimeError)]
+    assert len(failed) == 1, "only the leader's caller sees the leader's error"
+    assert [r for r in results if not isinstance(r, Exception)] == ["fine"] * 3
+    assert len(calls) == 4 and cache.stats()["coalesced"] == 0
+
+
+def test_waiting_is_bounded_and_results_that_are_not_cached_are_not_shared() -> None:
+    cache = cache_with_index()
+    calls: list[str] = []
+
+    @cache.cached(wait=0.05)
+    def slow(prompt: str) -> str:
+        calls.append(prompt)
+        time.sleep(0.5)
+        return "slow"
+
+    assert burst(slow, [SAME[0]] * 3) == ["slow"] * 3
+    assert len(calls) == 3, "callers stop waiting after 0.05 s and call themselves"
+
+    objs: list[str] = []
+
+    @cache.cached()
+    def structured(prompt: str) -> dict[str, str]:
+        objs.append(prompt)
+        time.sleep(0.3)
+        return {"text": prompt}  # not a str: neither cached nor handed to others
+
+    results = burst(structured, [OTHER] * 3)
+    assert [r["text"] for r in results] == [OTHER] * 3
+    assert len({id(r) for r in results}) == 3 and len(objs) == 3
+    assert cache.stats()["coalesced"] == 0
+
+
+def test_coalescing_can_be_turned_off_and_a_recursive_call_does_not_wait_on_itself() -> None:
+    cache = cache_with_index()
+    calls: list[str] = []
+
+    @cache.cached(coalesce=False)
+    def independent(prompt: str) -> str:
+        calls.append(prompt)
+        time.sleep(0.3)
+        return "x"
+
+    assert burst(independent, [SAME[0]] * 3) == ["x"] * 3
+    assert len(calls) == 3
+
+    @cache.cached(wait=30)
+    def recursive(prompt: str, depth: int = 0) -> str:
+        # The inner call has other arguments (another scope) unless key= says otherwise.
+        return "done" if depth else recursive(prompt, depth=1) + "!"
+
+    @cache.cached(wait=30, key=lambda prompt, depth=0: prompt)
+    def same_key(prompt: str, depth: int = 0) -> str:
+        return "inner" if depth else same_key(prompt, depth=1) + " outer"
+
+    t0 = time.monotonic()
+    assert recursive(OTHER) == "done!"
+    assert same_key(PARAPHRASE) == "inner outer"
+    assert time.monotonic() - t0 < 5, "a call must not wait for its own flight"
+    with pytest.raises(ValueError, match="wait"):
+        cache.cached(wait=-1)
+    cache.cached(wait=float("inf"))
+
+
+def test_a_miss_embeds_the_prompt_once() -> None:
+    emb = CountingEmbedder()
+    cache = SemanticCache(emb, store="memory", threshold=0.8)
+
+    @cache.cached()
+    def llm(prompt: str) -> str:
+        return "a:" + prompt
+
+    llm(SAME[0])  # empty scope: the lookup embeds nothing, the write embeds once
+    assert emb.texts == [SAME[0]]
+    llm(OTHER)  # a semantic miss: embedded for the search, the vector reused for the write
+    assert emb.texts == [SAME[0], OTHER]
+    assert llm(SAME[1]) == "a:" + SAME[0]  # exact hit: no embedding
+    assert llm(PARAPHRASE) == "a:" + SAME[0]  # semantic hit: one embedding
+    assert emb.texts == [SAME[0], OTHER, PARAPHRASE]
+    # The vector written with the answer is the prompt's own: a paraphrase-free lookup by
+    # vector finds it at similarity 1.
+    hit = cache.get("not the same words", scope=scope_of(llm), embedding=emb.inner([OTHER])[0])
+    assert hit is not None and hit.prompt == OTHER
+    assert hit.similarity == pytest.approx(1.0, abs=1e-6)
+
+
+def test_async_burst_makes_one_call_and_failures_fall_back() -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(64), store="memory", threshold=0.8)
+        calls: list[str] = []
+
+        @cache.cached()
+        async def llm(prompt: str) -> str:
+            calls.append(prompt)
+            await asyncio.sleep(0.3)
+            if prompt == OTHER and calls.count(OTHER) == 1:
+                raise RuntimeError("first try fails")
+            return f"answer to {prompt}"
+
+        await llm("warm up the scope index with one entry")
+        calls.clear()
+        results = await asyncio.gather(*(llm(p) for p in [*SAME, *SAME, PARAPHRASE]))
+        assert calls == [SAME[0]] and results == [f"answer to {SAME[0]}"] * 5
+        assert cache.stats()["coalesced"] == 4
+        got = await asyncio.gather(*(llm(OTHER) for _ in range(3)), return_exceptions=True)
+        assert sum(isinstance(g, RuntimeError) for g in got) == 1
+        assert [g for g in got if isinstance(g, str)] == [f"answer to {OTHER}"] * 2
+        assert calls.count(OTHER) == 3
+        await cache.close()
+
+    asyncio.run(run())
