@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -47,6 +48,7 @@ from .store.base import (
     Store,
     StoreError,
     format_id,
+    normalize_prompt,
     parse_id,
     scope_key,
     validate_namespace,
@@ -70,6 +72,8 @@ DEFAULT_SEARCH_STARTS = 8
 DEFAULT_DTYPE = "int8"
 
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
+#: Life of a cross-process @cached lease when the wait is unbounded (seconds).
+_LEASE_UNBOUNDED = 600.0
 
 Clock = Callable[[], float]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -418,6 +422,34 @@ class SemanticCache(_Base):
         self._core.stats.add("misses", out.count(None))
         return out
 
+    def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
+        """The stored answer of key ``k`` (a live, valid entry of that scope and normalised
+        prompt), or ``None`` (also when the store fails)."""
+        c = self._core
+        try:
+            f = self.store.fetch([k[0]])[0]
+        except StoreError:
+            return None
+        rec = c.usable(f, c.now())
+        if rec is None or rec.scope_id != k[1] or normalize_prompt(rec.prompt) != k[3]:
+            return None
+        return rec.response
+
+    def _wait_elsewhere(self, k: tuple[int, str, str, str], seconds: float) -> str | None:
+        """The answer another process is computing under its lease for ``k``: polled until
+        it is written, the lease goes (that process finished or died) or ``seconds`` pass."""
+        held = self.store.lease_held  # type: ignore[attr-defined]
+        deadline = time.monotonic() + seconds
+        delay = 0.005
+        while True:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            answer = self._answer_of(k)
+            if answer is not None:
+                return answer
+            if time.monotonic() >= deadline or not held(k[0]):
+                return self._answer_of(k)  # (written just before the lease went)
+            delay = min(delay * 2, 0.1)
+
     # ------------------------------------------------------------------ writes
     def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
@@ -553,17 +585,32 @@ class SemanticCache(_Base):
                 if not coalesce:
                     return call()
                 c = self._core
-                eid, sid = c.key(prompt, sc)[:2]
-                flight, leads = self._flights.join(eid, sid, used[0], c.threshold)
+                k = c.key(prompt, sc)
+                flight, leads = self._flights.join(k[0], k[1], used[0], c.threshold)
                 if not leads:
                     if flight.done.wait(limit) and flight.result is not None:
                         c.stats.add("coalesced")
                         return flight.result
                     return call()
+                # This process leads; across processes, the one holding the store's lease
+                # does (stores without leases, like "memory", are one process).
+                seconds = _LEASE_UNBOUNDED if limit is None else limit
+                token = secrets.token_hex(16)
                 result = None
+                mine = False
                 try:
+                    lease = getattr(self.store, "lease", None)
+                    mine = lease is None or lease(k[0], token, seconds)
+                    if not mine:
+                        answer = self._wait_elsewhere(k, seconds)
+                        if answer is not None:
+                            c.stats.add("coalesced")
+                            result = answer
+                            return answer
                     result = call()
                 finally:
+                    if mine and lease is not None:
+                        self.store.release(k[0], token)  # type: ignore[attr-defined]
                     self._flights.finish(flight, result if isinstance(result, str) else None)
                 return result
 
@@ -815,6 +862,33 @@ class AsyncSemanticCache(_Base):
         self._core.stats.add("misses", out.count(None))
         return out
 
+    async def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
+        """See :meth:`SemanticCache._answer_of`."""
+        c = self._core
+        try:
+            f = (await self.store.fetch([k[0]]))[0]
+        except StoreError:
+            return None
+        rec = c.usable(f, c.now())
+        if rec is None or rec.scope_id != k[1] or normalize_prompt(rec.prompt) != k[3]:
+            return None
+        return rec.response
+
+    async def _wait_elsewhere(self, k: tuple[int, str, str, str], seconds: float
+                              ) -> str | None:
+        """See :meth:`SemanticCache._wait_elsewhere`."""
+        held = self.store.lease_held  # type: ignore[attr-defined]
+        deadline = time.monotonic() + seconds
+        delay = 0.005
+        while True:
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            answer = await self._answer_of(k)
+            if answer is not None:
+                return answer
+            if time.monotonic() >= deadline or not await held(k[0]):
+                return await self._answer_of(k)
+            delay = min(delay * 2, 0.1)
+
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
@@ -931,8 +1005,8 @@ class AsyncSemanticCache(_Base):
                 if not coalesce:
                     return await call()
                 c = self._core
-                eid, sid = c.key(prompt, sc)[:2]
-                flight, leads = self._flights.ajoin(eid, sid, used[0], c.threshold)
+                k = c.key(prompt, sc)
+                flight, leads = self._flights.ajoin(k[0], k[1], used[0], c.threshold)
                 if not leads:
                     assert flight.future is not None
                     try:
@@ -943,10 +1017,23 @@ class AsyncSemanticCache(_Base):
                         c.stats.add("coalesced")
                         return answer
                     return await call()
+                seconds = _LEASE_UNBOUNDED if limit is None else limit
+                token = secrets.token_hex(16)
                 result = None
+                mine = False
                 try:
+                    lease = getattr(self.store, "lease", None)
+                    mine = lease is None or await lease(k[0], token, seconds)
+                    if not mine:
+                        answer = await self._wait_elsewhere(k, seconds)
+                        if answer is not None:
+                            c.stats.add("coalesced")
+                            result = answer
+                            return answer
                     result = await call()
                 finally:
+                    if mine and lease is not None:
+                        await self.store.release(k[0], token)  # type: ignore[attr-defined]
                     self._flights.finish(flight, result if isinstance(result, str) else None)
                 return result
 

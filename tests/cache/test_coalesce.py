@@ -233,3 +233,43 @@ def test_async_burst_makes_one_call_and_failures_fall_back() -> None:
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_async_waits_for_another_process_lease_on_a_real_server(valkey_server: Any,
+                                                                 ns: str) -> None:
+    import redis
+
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+
+    async def run() -> None:
+        mine = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        other = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        calls: list[str] = []
+
+        @mine.cached(wait=20)
+        async def llm(prompt: str) -> str:
+            calls.append(prompt)
+            return "mine"
+
+        def lease_key(prompt: str) -> str:
+            return mine.store.lkey(mine._core.key(prompt, scope_of(llm))[0])  # type: ignore[attr-defined]
+
+        r.set(lease_key(SAME[0]), "d" * 32, px=10_000)
+
+        async def answer_later() -> None:
+            await asyncio.sleep(0.3)
+            await other.set(SAME[0], "theirs", scope=scope_of(llm))
+
+        t0 = time.monotonic()
+        got, _ = await asyncio.gather(llm(SAME[1]), answer_later())
+        assert got == "theirs" and calls == [] and mine.stats()["coalesced"] == 1
+        assert time.monotonic() - t0 < 5
+        r.set(lease_key(OTHER), "garbage", px=60_000)  # no token: no lease
+        assert await llm(OTHER) == "mine" and calls == [OTHER]
+        assert r.exists(lease_key(OTHER)) == 1  # not ours: left alone
+        assert await llm(PARAPHRASE) == "theirs"  # a semantic hit on the stored answer
+        await mine.close()
+        await other.close()
+
+    asyncio.run(run())

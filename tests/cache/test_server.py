@@ -7,8 +7,10 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -413,3 +415,110 @@ def test_the_embedded_server_dies_with_a_killed_owner(
         assert len(cache) == 100
     finally:
         cache.close()
+
+
+# ------------------------------------------------------------------ @cached across processes
+def _scope_of(fn: Any) -> dict[str, str]:
+    return {"_fn": f"{fn.__module__}.{fn.__qualname__}"}
+
+
+def test_cached_misses_coalesce_across_processes(
+    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls"
+    procs = [subprocess.Popen(
+        [sys.executable, WORKER, "llm", valkey_server.url, ns, "what is the boiling point",
+         "2", "30", str(log)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
+    ) for _ in range(3)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:  # all three miss within milliseconds of each other
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    callers = log.read_text().split()
+    assert len(callers) == 1, (callers, outs)
+    answers = {line for o in outs for line in o.splitlines() if line.startswith("answer")}
+    assert answers == {f"answer answer from {callers[0]}"}, outs
+    coalesced = [int(line.split()[1]) for o in outs for line in o.splitlines()
+                 if line.startswith("coalesced")]
+    assert sorted(coalesced) == [0, 1, 1], outs
+
+
+def test_a_process_that_dies_while_calling_holds_the_others_only_until_its_lease_ends(
+    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls"
+
+    def worker(seconds: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [sys.executable, WORKER, "llm", valkey_server.url, ns, "a question", seconds, "3",
+             str(log)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=child_env())
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    a, b = worker("60"), worker("0")
+    assert a.stdin is not None and b.stdin is not None
+    a.stdin.write("go\n")
+    a.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until a is calling (and holds the lease)
+    b.stdin.write("go\n")
+    b.stdin.flush()
+    time.sleep(0.3)
+    a.kill()  # SIGKILL: its lease is left behind, with its 3 s expiry
+    a.wait()
+    t0 = time.monotonic()
+    out, _ = b.communicate(timeout=30)
+    callers = log.read_text().split()
+    assert callers == [str(a.pid), str(b.pid)], (callers, out)
+    assert f"answer answer from {b.pid}" in out and "coalesced 0" in out
+    assert time.monotonic() - t0 < 4.0  # waited for the lease (<= 3 s), not for ever
+
+
+def test_leases_of_other_processes_and_garbage_at_lease_keys(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    mine = SemanticCache(HashEmbedder(64), store=url, namespace=ns)
+    other = SemanticCache(HashEmbedder(64), store=url, namespace=ns)  # "another process"
+    calls: list[str] = []
+
+    @mine.cached(wait=20)
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        return "mine"
+
+    def lease_key(prompt: str) -> str:
+        return mine.store.lkey(mine._core.key(prompt, _scope_of(llm))[0])  # type: ignore[attr-defined]
+
+    # Another process holds the lease and writes its answer 0.5 s later: no call here.
+    r.set(lease_key("first question"), "a" * 32, px=10_000)
+    threading.Timer(0.5, lambda: other.set("first question", "theirs",
+                                           scope=_scope_of(llm))).start()
+    t0 = time.monotonic()
+    assert llm("first question") == "theirs" and calls == []
+    assert 0.4 < time.monotonic() - t0 < 5 and mine.stats()["coalesced"] == 1
+    # Its lease ends without an answer (it failed): we call after the lease, not the wait.
+    r.set(lease_key("second question"), "b" * 32, px=400)
+    t0 = time.monotonic()
+    assert llm("second question") == "mine" and calls == ["second question"]
+    assert time.monotonic() - t0 < 5
+    # Garbage there (a hash, a token without expiry, a string that is no token) is no
+    # lease: the call goes ahead at once.
+    r.hset(lease_key("third question"), "x", "y")
+    r.set(lease_key("fourth question"), "c" * 32)
+    r.set(lease_key("fifth question"), "not a token", px=60_000)
+    t0 = time.monotonic()
+    for q in ("third question", "fourth question", "fifth question"):
+        assert llm(q) == "mine"
+    assert time.monotonic() - t0 < 2 and len(calls) == 4
+    # Our own lease is released once the answer is written.
+    assert r.exists(lease_key("second question")) == 0
+    llm("sixth question")
+    assert r.exists(lease_key("sixth question")) == 0

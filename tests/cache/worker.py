@@ -5,6 +5,11 @@
     worker.py reader URL NS PROMPT T  get PROMPT until it hits (or T seconds pass); print
                                       "hit RESPONSE SECONDS" or "timeout", and "entries N"
 
+    worker.py llm URL NS PROMPT SECONDS WAIT LOG
+                                      print "ready", read a line, then call a @cached(wait=WAIT)
+                                      "LLM" that appends this pid to LOG and takes SECONDS;
+                                      print "answer A" and "coalesced N"
+
     worker.py owner DIR NS COUNT MODE   start the embedded server (data in DIR) from the
                                       main thread (MODE "main") or from a thread that then
                                       exits (MODE "thread"), set COUNT entries (strict), print
@@ -45,9 +50,31 @@ def owner(data_dir: str, ns: str, count: int, mode: str) -> None:
         time.sleep(60)
 
 
+def llm(url: str, ns: str, prompt: str, seconds: float, wait: float, log: str) -> None:
+    import os
+
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=5.0)
+
+    @cache.cached(wait=wait)
+    def ask(p: str) -> str:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        return f"answer from {os.getpid()}"
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    answer = ask(prompt)
+    print(f"answer {answer}")
+    print(f"coalesced {cache.stats()['coalesced']}", flush=True)
+
+
 def main() -> None:
     if sys.argv[1] == "owner":
         owner(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        return
+    if sys.argv[1] == "llm":
+        llm(*sys.argv[2:5], float(sys.argv[5]), float(sys.argv[6]), sys.argv[7])
         return
     mode, url, ns = sys.argv[1:4]
     store: object = url

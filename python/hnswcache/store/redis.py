@@ -48,13 +48,22 @@ _LOG_BATCH = 1000
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
+_TOKEN_RE = re.compile(rb"[0-9a-f]{32}")
+
+
+def _live_lease(value: Any, pttl: Any) -> bool:
+    """Whether a lease key holds a lease another process may still be working under: a
+    token of ours (32 hex digits) with a time to live. Garbage, or a key without expiry,
+    is not one (waiting on it would wait for nothing)."""
+    return (isinstance(value, bytes) and _TOKEN_RE.fullmatch(value) is not None
+            and type(pttl) is int and pttl > 0)
 
 
 def keys_for(namespace: str) -> dict[str, str]:
     """The keys (and entry-key prefix) of the cache ``namespace``."""
     p = f"hc:{{{validate_namespace(namespace)}}}:"
     return {"prefix": p, "entry": p + "e:", "lru": p + "lru", "exp": p + "exp",
-            "log": p + "log", "meta": p + "meta"}
+            "log": p + "log", "meta": p + "meta", "lease": p + "lease:"}
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -109,11 +118,34 @@ class _Layout:
         self.k_exp = k["exp"]
         self.k_log = k["log"]
         self.k_meta = k["meta"]
+        self.k_lease = k["lease"]
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
 
     def ekey(self, eid: int) -> str:
         return self.k_entry + format_id(eid)
+
+    # ---------------------------------------------------------------- leases
+    # A lease says "a process is calling the LLM for entry eid": @cached misses of other
+    # processes wait for that entry instead of calling too (see cache.py). SET NX PX, so a
+    # lease of a process that died expires on its own.
+    def lkey(self, eid: int) -> str:
+        return self.k_lease + format_id(eid)
+
+    def queue_lease(self, pipe: Any, eid: int, token: str, seconds: float) -> None:
+        key = self.lkey(eid)
+        pipe.set(key, token, nx=True, px=max(1, int(seconds * 1000)))
+        pipe.get(key)
+        pipe.pttl(key)
+
+    @staticmethod
+    def parse_lease(res: Sequence[Any]) -> bool:
+        """Whether the caller leads: it took the lease, or the key holds no live lease."""
+        return res[0] is True or not _live_lease(res[1], res[2])
+
+    def queue_held(self, pipe: Any, eid: int) -> None:
+        pipe.get(self.lkey(eid))
+        pipe.pttl(self.lkey(eid))
 
     def scan_kwargs(self) -> dict[str, Any]:
         """SCAN's target: on a cluster client (``RedisCluster``), the node that holds the
@@ -472,6 +504,32 @@ class RedisStore(_Layout):
         res = self._run(True, q, raise_on_error=True)
         return self.parse_meta(res[-1], dim, embedder)
 
+    def lease(self, eid: int, token: str, seconds: float) -> bool:
+        """Take the lease of entry ``eid`` for ``seconds``; whether this process leads
+        (also when the server fails: a caller is never held up by the store)."""
+        try:
+            return self.parse_lease(
+                self._run(False, lambda p: self.queue_lease(p, eid, token, seconds)))
+        except StoreError:
+            return True
+
+    def lease_held(self, eid: int) -> bool:
+        """Whether some process holds a live lease on ``eid``."""
+        try:
+            res = self._run(False, lambda p: self.queue_held(p, eid))
+        except StoreError:
+            return False
+        return _live_lease(res[0], res[1])
+
+    def release(self, eid: int, token: str) -> None:
+        """Drop our lease on ``eid`` (not another's: it may have expired and been taken)."""
+        key = self.lkey(eid)
+        try:
+            if self._run(False, lambda p: p.get(key))[0] == token.encode():
+                self._run(False, lambda p: p.delete(key))
+        except StoreError:
+            pass  # it expires on its own
+
     def close(self) -> None:
         if self._owns:
             try:
@@ -621,6 +679,31 @@ class AsyncRedisStore(_Layout):
 
         res = await self._run(True, q, raise_on_error=True)
         return self.parse_meta(res[-1], dim, embedder)
+
+    async def lease(self, eid: int, token: str, seconds: float) -> bool:
+        """See :meth:`RedisStore.lease`."""
+        try:
+            return self.parse_lease(
+                await self._run(False, lambda p: self.queue_lease(p, eid, token, seconds)))
+        except StoreError:
+            return True
+
+    async def lease_held(self, eid: int) -> bool:
+        """See :meth:`RedisStore.lease_held`."""
+        try:
+            res = await self._run(False, lambda p: self.queue_held(p, eid))
+        except StoreError:
+            return False
+        return _live_lease(res[0], res[1])
+
+    async def release(self, eid: int, token: str) -> None:
+        """See :meth:`RedisStore.release`."""
+        key = self.lkey(eid)
+        try:
+            if (await self._run(False, lambda p: p.get(key)))[0] == token.encode():
+                await self._run(False, lambda p: p.delete(key))
+        except StoreError:
+            pass
 
     async def close(self) -> None:
         if self._owns:
