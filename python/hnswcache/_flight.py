@@ -8,15 +8,17 @@ been a semantic hit had the answer already been stored). Such followers wait for
 leader instead of calling. If the leader fails, returns something that is not a ``str``
 (not cached), or takes longer than the wait limit, each follower calls the function itself.
 
-In-process only: processes sharing a store each lead their own flights.
+This registry is one process's; across processes the leaders also take a lease in the
+store (cache.py). ``LEADING`` holds the flights the current thread or task (and the tasks
+it starts) is leading: a call made from inside the call it would wait for never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,16 +26,25 @@ import numpy.typing as npt
 
 @dataclass(eq=False)
 class Flight:
-    """One call in progress: who leads it, what it answers, and how followers wait."""
+    """One call in progress: what it answers, and how followers wait."""
 
     eid: int
     sid: str
     vec: npt.NDArray[np.float32] | None
-    leader: Any  # the leading thread's ident, or its asyncio task
     loop: asyncio.AbstractEventLoop | None = None
     done: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future[str | None] | None = None
     result: str | None = None
+
+
+#: The flights the current context leads (inherited by the tasks it creates).
+LEADING: contextvars.ContextVar[frozenset[Flight]] = contextvars.ContextVar(
+    "hnswcache_leading", default=frozenset())
+
+
+def inside_call(eid: int) -> bool:
+    """Whether the current context is inside the call it leads for entry ``eid``."""
+    return any(f.eid == eid for f in LEADING.get())
 
 
 class Flights:
@@ -49,11 +60,12 @@ class Flights:
 
     def _find(
         self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
-        leader: Any, loop: asyncio.AbstractEventLoop | None,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> Flight | None:
+        mine = LEADING.get()
         for f in self._by_scope.get(sid, ()):
-            if f.leader == leader or f.loop is not loop:
-                continue  # never wait on oneself (a recursive call), nor on another loop
+            if f in mine or f.loop is not loop:
+                continue  # never wait on one's own call (recursion), nor on another loop
             if f.eid == eid or (vec is not None and f.vec is not None
                                 and float(f.vec @ vec) >= threshold):
                 return f
@@ -64,12 +76,11 @@ class Flights:
     ) -> tuple[Flight, bool]:
         """The flight this miss follows, or a new one it leads: ``(flight, leads)``.
         ``vec`` is the prompt's unit embedding (``None`` if it was not computed)."""
-        me = threading.get_ident()
         with self._lock:
-            f = self._find(eid, sid, vec, threshold, me, None)
+            f = self._find(eid, sid, vec, threshold, None)
             if f is not None:
                 return f, False
-            f = Flight(eid, sid, vec, me)
+            f = Flight(eid, sid, vec)
             self._by_scope.setdefault(sid, []).append(f)
             return f, True
 
@@ -78,12 +89,11 @@ class Flights:
     ) -> tuple[Flight, bool]:
         """:meth:`join` for a coroutine: followers await the leader's future."""
         loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
         with self._lock:
-            f = self._find(eid, sid, vec, threshold, me, loop)
+            f = self._find(eid, sid, vec, threshold, loop)
             if f is not None:
                 return f, False
-            f = Flight(eid, sid, vec, me, loop, future=loop.create_future())
+            f = Flight(eid, sid, vec, loop, future=loop.create_future())
             self._by_scope.setdefault(sid, []).append(f)
             return f, True
 

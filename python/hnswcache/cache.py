@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._cache_core import CacheCore, Hit
-from ._flight import Flights
+from ._flight import LEADING, Flights, inside_call
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -124,10 +124,11 @@ def _call_key(
 
 
 def _check_wait(wait: float) -> float | None:
-    """``@cached(wait=...)`` as a timeout: seconds, or ``None`` for ``inf`` (no limit)."""
+    """``@cached(wait=...)`` as a timeout: seconds, or ``None`` for no limit (``inf``, or
+    more than the OS can wait for)."""
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
         raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
-    return None if wait == float("inf") else float(wait)
+    return None if wait >= threading.TIMEOUT_MAX else float(wait)
 
 
 class _Base:
@@ -435,20 +436,36 @@ class SemanticCache(_Base):
             return None
         return rec.response
 
-    def _wait_elsewhere(self, k: tuple[int, str, str, str], seconds: float) -> str | None:
-        """The answer another process is computing under its lease for ``k``: polled until
-        it is written, the lease goes (that process finished or died) or ``seconds`` pass."""
-        held = self.store.lease_held  # type: ignore[attr-defined]
+    def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
+              ) -> str | None:
+        """Lead the call for entry ``k`` across processes: take the store's lease on it
+        (``token``). While another process holds it, wait for that process's answer and
+        return it; if its lease ends without one, try to take it again. ``None``: call (the
+        lease is ours, the store has none, or ``limit`` passed)."""
+        lease = getattr(self.store, "lease", None)
+        if lease is None:
+            return self._answer_of(k)  # (answered between our lookup and now?)
+        seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
-        delay = 0.005
         while True:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            answer = self._answer_of(k)
-            if answer is not None:
-                return answer
-            if time.monotonic() >= deadline or not held(k[0]):
-                return self._answer_of(k)  # (written just before the lease went)
-            delay = min(delay * 2, 0.1)
+            if lease(k[0], token, max(seconds, 0.001)):
+                return self._answer_of(k)
+            delay = 0.005
+            while True:  # poll the entry while the other lease lives
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                answer = self._answer_of(k)
+                if answer is not None:
+                    return answer
+                if time.monotonic() >= deadline:
+                    return None
+                if not self.store.lease_held(k[0]):  # type: ignore[attr-defined]
+                    break  # that call failed or its process died: lead, unless answered
+                delay = min(delay * 2, 0.1)
+
+    def _release(self, eid: int, token: str) -> None:
+        release = getattr(self.store, "release", None)
+        if release is not None:
+            release(eid, token)
 
     # ------------------------------------------------------------------ writes
     def set(
@@ -563,7 +580,10 @@ class SemanticCache(_Base):
         that call (at most ``wait`` seconds) and returns its answer instead of calling ``fn``
         again: a burst of paraphrases costs one LLM call (``stats()["coalesced"]`` counts
         the calls saved). If that call fails, does not return a ``str``, or takes longer
-        than ``wait``, the waiting callers call ``fn`` themselves. In-process only.
+        than ``wait``, the waiting callers call ``fn`` themselves. Across processes sharing a
+        Redis/Valkey store, misses of the same prompt wait likewise for the process holding
+        the store's lease on it. A call made from inside the call it would wait for (the
+        same thread, or a task it starts) never waits (``docs/cache.md``).
         """
         limit = _check_wait(wait)
 
@@ -586,32 +606,33 @@ class SemanticCache(_Base):
                     return call()
                 c = self._core
                 k = c.key(prompt, sc)
+                if inside_call(k[0]):
+                    return call()  # made by the call for this entry: waiting would be on itself
+                if used[0] is None:  # (the scope had no index: nothing was embedded)
+                    vecs = self._embed([prompt], None)
+                    used[0] = None if vecs is None else vecs[0]
                 flight, leads = self._flights.join(k[0], k[1], used[0], c.threshold)
                 if not leads:
                     if flight.done.wait(limit) and flight.result is not None:
                         c.stats.add("coalesced")
                         return flight.result
                     return call()
-                # This process leads; across processes, the one holding the store's lease
-                # does (stores without leases, like "memory", are one process).
-                seconds = _LEASE_UNBOUNDED if limit is None else limit
                 token = secrets.token_hex(16)
+                ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
-                mine = False
                 try:
-                    lease = getattr(self.store, "lease", None)
-                    mine = lease is None or lease(k[0], token, seconds)
-                    if not mine:
-                        answer = self._wait_elsewhere(k, seconds)
-                        if answer is not None:
-                            c.stats.add("coalesced")
-                            result = answer
-                            return answer
+                    answer = self._lead(k, token, limit)
+                    if answer is not None:
+                        c.stats.add("coalesced")
+                        result = answer
+                        return answer
                     result = call()
                 finally:
-                    if mine and lease is not None:
-                        self.store.release(k[0], token)  # type: ignore[attr-defined]
-                    self._flights.finish(flight, result if isinstance(result, str) else None)
+                    LEADING.reset(ctx)
+                    try:
+                        self._flights.finish(flight, result if isinstance(result, str) else None)
+                    finally:
+                        self._release(k[0], token)
                 return result
 
             return cast(F, wrapper)
@@ -874,20 +895,33 @@ class AsyncSemanticCache(_Base):
             return None
         return rec.response
 
-    async def _wait_elsewhere(self, k: tuple[int, str, str, str], seconds: float
-                              ) -> str | None:
-        """See :meth:`SemanticCache._wait_elsewhere`."""
-        held = self.store.lease_held  # type: ignore[attr-defined]
+    async def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
+                    ) -> str | None:
+        """See :meth:`SemanticCache._lead`."""
+        lease = getattr(self.store, "lease", None)
+        if lease is None:
+            return await self._answer_of(k)
+        seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
-        delay = 0.005
         while True:
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            answer = await self._answer_of(k)
-            if answer is not None:
-                return answer
-            if time.monotonic() >= deadline or not await held(k[0]):
+            if await lease(k[0], token, max(seconds, 0.001)):
                 return await self._answer_of(k)
-            delay = min(delay * 2, 0.1)
+            delay = 0.005
+            while True:
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                answer = await self._answer_of(k)
+                if answer is not None:
+                    return answer
+                if time.monotonic() >= deadline:
+                    return None
+                if not await self.store.lease_held(k[0]):  # type: ignore[attr-defined]
+                    break
+                delay = min(delay * 2, 0.1)
+
+    async def _release(self, eid: int, token: str) -> None:
+        release = getattr(self.store, "release", None)
+        if release is not None:
+            await release(eid, token)
 
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
@@ -1006,6 +1040,11 @@ class AsyncSemanticCache(_Base):
                     return await call()
                 c = self._core
                 k = c.key(prompt, sc)
+                if inside_call(k[0]):
+                    return await call()
+                if used[0] is None:
+                    vecs = await self._embed([prompt], None)
+                    used[0] = None if vecs is None else vecs[0]
                 flight, leads = self._flights.ajoin(k[0], k[1], used[0], c.threshold)
                 if not leads:
                     assert flight.future is not None
@@ -1017,24 +1056,22 @@ class AsyncSemanticCache(_Base):
                         c.stats.add("coalesced")
                         return answer
                     return await call()
-                seconds = _LEASE_UNBOUNDED if limit is None else limit
                 token = secrets.token_hex(16)
+                ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
-                mine = False
                 try:
-                    lease = getattr(self.store, "lease", None)
-                    mine = lease is None or await lease(k[0], token, seconds)
-                    if not mine:
-                        answer = await self._wait_elsewhere(k, seconds)
-                        if answer is not None:
-                            c.stats.add("coalesced")
-                            result = answer
-                            return answer
+                    answer = await self._lead(k, token, limit)
+                    if answer is not None:
+                        c.stats.add("coalesced")
+                        result = answer
+                        return answer
                     result = await call()
                 finally:
-                    if mine and lease is not None:
-                        await self.store.release(k[0], token)  # type: ignore[attr-defined]
-                    self._flights.finish(flight, result if isinstance(result, str) else None)
+                    LEADING.reset(ctx)
+                    try:
+                        self._flights.finish(flight, result if isinstance(result, str) else None)
+                    finally:
+                        await self._release(k[0], token)
                 return result
 
             return cast(F, wrapper)

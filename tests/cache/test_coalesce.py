@@ -273,3 +273,67 @@ def test_async_waits_for_another_process_lease_on_a_real_server(valkey_server: A
         await other.close()
 
     asyncio.run(run())
+
+
+def test_paraphrases_coalesce_on_a_scope_that_has_no_index_yet() -> None:
+    # The first burst of a new scope: the lookup had nothing to search (no embedding), so
+    # the miss embeds the prompt before joining; that vector is the one written.
+    emb = CountingEmbedder()
+    cache = SemanticCache(emb, store="memory", threshold=0.8)
+    calls: list[str] = []
+
+    @cache.cached()
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        time.sleep(0.5)
+        return "first burst"
+
+    results = burst(llm, [SAME[0], SAME[1], PARAPHRASE, PARAPHRASE])
+    assert results == ["first burst"] * 4 and len(calls) == 1
+    assert cache.stats()["coalesced"] == 3
+    assert len(emb.texts) == 4, "one embedding per miss, none again for the write"
+
+
+def test_async_calls_started_from_inside_the_call_do_not_wait_on_it() -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(64), store="memory", threshold=0.8)
+
+        @cache.cached(wait=30, key=lambda prompt, depth=0: prompt)
+        async def llm(prompt: str, depth: int = 0) -> str:
+            if depth:
+                return "inner"
+            # Child tasks (same entry, and a paraphrase of it) inherit "inside the call".
+            a, b = await asyncio.gather(llm(prompt, depth=1), llm(PARAPHRASE, depth=1))
+            return f"{a}+{b}"
+
+        t0 = time.monotonic()
+        assert await llm(SAME[0]) == "inner+inner"
+        assert time.monotonic() - t0 < 5
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_recursion_on_a_real_server_does_not_wait_on_its_own_lease(valkey_server: Any,
+                                                                   ns: str) -> None:
+    cache = SemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+
+    @cache.cached(wait=30, key=lambda prompt, depth=0: prompt)
+    def llm(prompt: str, depth: int = 0) -> str:
+        return "inner" if depth else llm(prompt, depth=1) + " outer"
+
+    t0 = time.monotonic()
+    assert llm(OTHER) == "inner outer"
+    assert time.monotonic() - t0 < 5
+
+
+def test_an_answer_written_between_the_lookup_and_the_lease_is_used(valkey_server: Any,
+                                                                    ns: str) -> None:
+    mine = SemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+    other = SemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+    sc = {"_fn": "x"}
+    k = mine._core.key(SAME[0], sc)
+    assert mine._lead(k, "e" * 32, 5.0) is None  # nothing there: lead (the lease is ours)
+    mine._release(k[0], "e" * 32)
+    other.set(SAME[0], "written meanwhile", scope=sc)
+    assert mine._lead(k, "f" * 32, 5.0) == "written meanwhile"
