@@ -397,13 +397,20 @@ class CacheCore:
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
                    rec.metadata, rec.scope)
 
+    def exact_record(self, f: Fetched, sid: str, norm: str, now: float) -> Record | None:
+        """``f`` if it is a usable entry of scope ``sid`` for the normalised prompt ``norm``."""
+        rec = self.usable(f, now)
+        if rec is None or rec.scope_id != sid or normalize_prompt(rec.prompt) != norm:
+            return None
+        return rec
+
     def exact(self, f: Fetched, sid: str, norm: str, now: float) -> Hit | None:
         if f is None:
             return None
         if not isinstance(f, Invalid) and f.expired(now):
             self.stats.add("expiries")
-        rec = self.usable(f, now)
-        if rec is None or rec.scope_id != sid or normalize_prompt(rec.prompt) != norm:
+        rec = self.exact_record(f, sid, norm, now)
+        if rec is None:
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
             self.add_records([rec])  # written elsewhere, not yet seen in the log

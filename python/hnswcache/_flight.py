@@ -54,10 +54,6 @@ class Flights:
         self._lock = threading.Lock()
         self._by_scope: dict[str, list[Flight]] = {}
 
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._by_scope.values())
-
     def _find(
         self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
         loop: asyncio.AbstractEventLoop | None,

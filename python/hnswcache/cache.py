@@ -48,7 +48,6 @@ from .store.base import (
     Store,
     StoreError,
     format_id,
-    normalize_prompt,
     parse_id,
     scope_key,
     validate_namespace,
@@ -426,15 +425,12 @@ class SemanticCache(_Base):
     def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
         """The stored answer of key ``k`` (a live, valid entry of that scope and normalised
         prompt), or ``None`` (also when the store fails)."""
-        c = self._core
         try:
             f = self.store.fetch([k[0]])[0]
         except StoreError:
             return None
-        rec = c.usable(f, c.now())
-        if rec is None or rec.scope_id != k[1] or normalize_prompt(rec.prompt) != k[3]:
-            return None
-        return rec.response
+        rec = self._core.exact_record(f, k[1], k[3], self._core.now())
+        return None if rec is None else rec.response
 
     def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
               ) -> str | None:
@@ -885,15 +881,12 @@ class AsyncSemanticCache(_Base):
 
     async def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
         """See :meth:`SemanticCache._answer_of`."""
-        c = self._core
         try:
             f = (await self.store.fetch([k[0]]))[0]
         except StoreError:
             return None
-        rec = c.usable(f, c.now())
-        if rec is None or rec.scope_id != k[1] or normalize_prompt(rec.prompt) != k[3]:
-            return None
-        return rec.response
+        rec = self._core.exact_record(f, k[1], k[3], self._core.now())
+        return None if rec is None else rec.response
 
     async def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
                     ) -> str | None:

@@ -177,19 +177,24 @@ def test_a_server_that_stops_answering_costs_a_bounded_miss(
     assert cache.get("q") is not None
 
 
+def _restart_without_data(server: EmbeddedServer) -> None:
+    """Kill the server, delete its data files, start it again: a server that lost its data."""
+    server.kill()
+    for f in server.data_dir.iterdir():
+        if f.is_dir():
+            shutil.rmtree(f)
+        elif f.suffix in (".aof", ".rdb") or f.name.startswith("appendonly"):
+            f.unlink()
+    server.start()
+
+
 def test_a_server_that_lost_its_data_is_detected(fresh_server: EmbeddedServer, ns: str) -> None:
     url = fresh_server.url
     a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
     b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.5)
     a.set("old entry one two three", "old")
     assert b.get("old entry one two three four") is not None  # b is warm, has a position
-    fresh_server.kill()
-    for f in fresh_server.data_dir.iterdir():
-        if f.is_dir():
-            shutil.rmtree(f)
-        elif f.suffix in (".aof", ".rdb") or f.name.startswith("appendonly"):
-            f.unlink()
-    fresh_server.start()
+    _restart_without_data(fresh_server)
     a.set("new entry five six seven", "new")
     hit = b.get("new entry five six seven eight")
     assert hit is not None and hit.response == "new"
@@ -207,13 +212,7 @@ def test_a_server_that_lost_its_data_and_got_no_writes_is_detected(
     a.set("old entry one two three", "old")
     assert b.get("old entry one two three four") is not None
     assert b.stats()["resyncs"] == 0
-    fresh_server.kill()
-    for f in fresh_server.data_dir.iterdir():
-        if f.is_dir():
-            shutil.rmtree(f)
-        elif f.suffix in (".aof", ".rdb") or f.name.startswith("appendonly"):
-            f.unlink()
-    fresh_server.start()
+    _restart_without_data(fresh_server)
     assert b.get("old entry one two three four") is None  # not served from the replica
     assert b.stats()["resyncs"] == 1
     assert len(b) == 0
