@@ -84,7 +84,7 @@ class Stats:
         self.counts: dict[str, int] = dict.fromkeys(
             ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
-             "sync_events", "resyncs", "coalesced"), 0)
+             "sync_events", "resyncs", "coalesced", "too_old"), 0)
         self._lat = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
         self._n = 0
 
@@ -163,6 +163,17 @@ class CacheCore:
                 f"threshold), got {threshold!r}"
             )
         return t
+
+    @staticmethod
+    def check_max_age(max_age: float | None) -> float:
+        """A read's ``max_age`` in seconds (``None``: any age, as ``inf``)."""
+        if max_age is None:
+            return math.inf
+        if isinstance(max_age, bool) or not isinstance(max_age, (int, float)):
+            raise TypeError(f"max_age must be a number of seconds or None, got {max_age!r}")
+        if math.isnan(max_age) or max_age < 0:
+            raise ValueError(f"max_age must be >= 0 seconds or None, got {max_age!r}")
+        return float(max_age)
 
     @staticmethod
     def check_ttl(ttl: float | None) -> float | None:
@@ -397,20 +408,26 @@ class CacheCore:
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
                    rec.metadata, rec.scope)
 
-    def exact_record(self, f: Fetched, sid: str, norm: str, now: float) -> Record | None:
-        """``f`` if it is a usable entry of scope ``sid`` for the normalised prompt ``norm``."""
+    def exact_record(self, f: Fetched, sid: str, norm: str, now: float,
+                     max_age: float = math.inf) -> Record | None:
+        """``f`` if it is a usable entry of scope ``sid`` for the normalised prompt ``norm``,
+        written at most ``max_age`` seconds ago."""
         rec = self.usable(f, now)
         if rec is None or rec.scope_id != sid or normalize_prompt(rec.prompt) != norm:
             return None
-        return rec
+        return None if now - rec.created > max_age else rec
 
-    def exact(self, f: Fetched, sid: str, norm: str, now: float) -> Hit | None:
+    def exact(self, f: Fetched, sid: str, norm: str, now: float,
+              max_age: float = math.inf) -> Hit | None:
         if f is None:
             return None
         if not isinstance(f, Invalid) and f.expired(now):
             self.stats.add("expiries")
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
+            return None
+        if now - rec.created > max_age:
+            self.stats.add("too_old")  # kept: a later read without max_age may use it
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
             self.add_records([rec])  # written elsewhere, not yet seen in the log
@@ -455,7 +472,7 @@ class CacheCore:
         self, fetched: Sequence[Fetched], norms: Sequence[str], fetched_ids: Sequence[int],
         ahead: dict[int, list[tuple[int, float]]] | None,
         vecs: npt.NDArray[np.float32] | None, sid: str, threshold: float,
-        out: list[Hit | None],
+        out: list[Hit | None], max_age: float = math.inf,
     ) -> list[int]:
         """Fill ``out`` from one store read: exact hits first, then the semantic hits whose
         candidates were searched ahead; returns the rows still unanswered. The sync and async
@@ -463,7 +480,7 @@ class CacheCore:
         now = self.now()
         todo = []
         for i, norm in enumerate(norms):
-            out[i] = self.exact(fetched[i], sid, norm, now)
+            out[i] = self.exact(fetched[i], sid, norm, now, max_age)
             if out[i] is None:
                 todo.append(i)
         if ahead is None or vecs is None:
@@ -474,15 +491,18 @@ class CacheCore:
             if i not in ahead:
                 rest.append(i)  # predicted an exact hit, but it missed
             elif ahead[i]:
-                out[i] = self.semantic(vecs[i], ahead[i], got_ahead, sid, threshold, now)
+                out[i] = self.semantic(vecs[i], ahead[i], got_ahead, sid, threshold, now,
+                                       max_age)
         return rest
 
     def semantic(
         self, vec: npt.NDArray[np.float32], cands: Sequence[tuple[int, float]],
         fetched: Mapping[int, Fetched], sid: str, threshold: float, now: float,
+        max_age: float = math.inf,
     ) -> Hit | None:
         best: tuple[float, Record] | None = None
         stale: list[int] = []
+        old = False
         for eid, index_sim in cands:  # best first
             if best is not None and index_sim < best[0] - self.slack:
                 break  # no later candidate can beat the best one
@@ -495,10 +515,15 @@ class CacheCore:
                 self.add_records([rec])
             sim = float(rec.vector @ vec)  # authoritative: the stored vector
             if sim >= threshold and (best is None or sim > best[0]):
+                if now - rec.created > max_age:
+                    old = True  # a match, but too old for this read: not a hit, not stale
+                    continue
                 best = (sim, rec)
         if stale:
             self.remove(stale)
         if best is None:
+            if old:
+                self.stats.add("too_old")
             return None
         return self.hit(best[1], "semantic", min(1.0, best[0]), now)
 

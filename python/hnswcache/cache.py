@@ -28,6 +28,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -161,8 +162,9 @@ class _Base:
 
     def stats(self) -> dict[str, Any]:
         """Counters (hits per tier, misses, hit rate, sets, expiries, evictions, store and
-        embedder errors, invalid entries seen, ``@cached`` calls saved by coalescing) and
-        lookup latency percentiles (µs, over the last 10,000 lookups)."""
+        embedder errors, invalid entries seen, ``@cached`` calls saved by coalescing, matches
+        refused by a read's ``max_age``) and lookup latency percentiles (µs, over the last
+        10,000 lookups)."""
         return self._core.stats.snapshot(self._core.size())
 
     def __len__(self) -> int:
@@ -342,31 +344,38 @@ class SemanticCache(_Base):
     def get(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
+        max_age: float | None = None,
     ) -> Hit | None:
         """The cached answer for ``prompt`` in ``scope``, or ``None``.
 
         ``embedding`` skips the embedder (a precomputed vector for ``prompt``); ``threshold``
-        overrides the cache's for this call.
+        overrides the cache's for this call. ``max_age`` (seconds) refuses entries written
+        longer ago than that, for this call only: they stay cached, and an exact entry that
+        is too old lets a younger paraphrase answer (``stats()["too_old"]`` counts refusals).
         """
         emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
-        return self.get_many([prompt], scope=scope, threshold=threshold, embeddings=emb)[0]
+        return self.get_many([prompt], scope=scope, threshold=threshold, embeddings=emb,
+                             max_age=max_age)[0]
 
     def get_many(
         self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
+        max_age: float | None = None,
     ) -> list[Hit | None]:
         """:meth:`get` for several prompts of one scope: one store round trip for the exact
         tier, one embedder call and one index search for the rest."""
-        return self._get_many(prompts, scope, threshold, embeddings, None)
+        return self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
     def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
+        max_age: float | None = None,
     ) -> list[Hit | None]:
         """get_many; fills ``used[i]`` with the embedding prompt ``i`` was searched with."""
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
+        age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
@@ -391,7 +400,7 @@ class SemanticCache(_Base):
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
-                                 given_all, sid, thr, out)
+                                 given_all, sid, thr, out, age)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
@@ -412,7 +421,7 @@ class SemanticCache(_Base):
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
-                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now)
+                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))
@@ -422,34 +431,35 @@ class SemanticCache(_Base):
         self._core.stats.add("misses", out.count(None))
         return out
 
-    def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
+    def _answer_of(self, k: tuple[int, str, str, str], max_age: float = math.inf
+                   ) -> str | None:
         """The stored answer of key ``k`` (a live, valid entry of that scope and normalised
-        prompt), or ``None`` (also when the store fails)."""
+        prompt, at most ``max_age`` old), or ``None`` (also when the store fails)."""
         try:
             f = self.store.fetch([k[0]])[0]
         except StoreError:
             return None
-        rec = self._core.exact_record(f, k[1], k[3], self._core.now())
+        rec = self._core.exact_record(f, k[1], k[3], self._core.now(), max_age)
         return None if rec is None else rec.response
 
-    def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
-              ) -> str | None:
+    def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None,
+              max_age: float = math.inf) -> str | None:
         """Lead the call for entry ``k`` across processes: take the store's lease on it
         (``token``). While another process holds it, wait for that process's answer and
         return it; if its lease ends without one, try to take it again. ``None``: call (the
         lease is ours, the store has none, or ``limit`` passed)."""
         lease = getattr(self.store, "lease", None)
         if lease is None:
-            return self._answer_of(k)  # (answered between our lookup and now?)
+            return self._answer_of(k, max_age)  # (answered between our lookup and now?)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
         while True:
             if lease(k[0], token, max(seconds, 0.001)):
-                return self._answer_of(k)
+                return self._answer_of(k, max_age)
             delay = 0.005
             while True:  # poll the entry while the other lease lives
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                answer = self._answer_of(k)
+                answer = self._answer_of(k, max_age)
                 if answer is not None:
                     return answer
                 if time.monotonic() >= deadline:
@@ -565,6 +575,7 @@ class SemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
+        max_age: float | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
@@ -580,15 +591,19 @@ class SemanticCache(_Base):
         Redis/Valkey store, misses of the same prompt wait likewise for the process holding
         the store's lease on it. A call made from inside the call it would wait for (the
         same thread, or a task it starts) never waits (``docs/cache.md``).
+
+        ``max_age`` (seconds) makes a cached answer older than that a miss: ``fn`` is called
+        and its answer replaces the old one (see :meth:`get`).
         """
         limit = _check_wait(wait)
+        age = self._core.check_max_age(max_age)
 
         def deco(fn: F) -> F:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 prompt, sc = _call_key(fn, args, kwargs, key, scope)
                 used: list[Any] = [None]
-                hit = self._get_many([prompt], sc, None, None, used)[0]
+                hit = self._get_many([prompt], sc, None, None, used, max_age)[0]
                 if hit is not None:
                     return hit.response
 
@@ -617,7 +632,7 @@ class SemanticCache(_Base):
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 try:
-                    answer = self._lead(k, token, limit)
+                    answer = self._lead(k, token, limit, age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -803,27 +818,31 @@ class AsyncSemanticCache(_Base):
     async def get(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
+        max_age: float | None = None,
     ) -> Hit | None:
         """See :meth:`SemanticCache.get`."""
         emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
         return (await self.get_many([prompt], scope=scope, threshold=threshold,
-                                    embeddings=emb))[0]
+                                    embeddings=emb, max_age=max_age))[0]
 
     async def get_many(
         self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
+        max_age: float | None = None,
     ) -> list[Hit | None]:
         """See :meth:`SemanticCache.get_many`."""
-        return await self._get_many(prompts, scope, threshold, embeddings, None)
+        return await self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
     async def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
+        max_age: float | None = None,
     ) -> list[Hit | None]:
         """See :meth:`SemanticCache._get_many`."""
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
+        age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
@@ -848,7 +867,7 @@ class AsyncSemanticCache(_Base):
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
-                                 given_all, sid, thr, out)
+                                 given_all, sid, thr, out, age)
             if not todo or sid not in c.indexes:
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
@@ -869,7 +888,7 @@ class AsyncSemanticCache(_Base):
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
-                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now)
+                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))
@@ -879,30 +898,31 @@ class AsyncSemanticCache(_Base):
         self._core.stats.add("misses", out.count(None))
         return out
 
-    async def _answer_of(self, k: tuple[int, str, str, str]) -> str | None:
+    async def _answer_of(self, k: tuple[int, str, str, str], max_age: float = math.inf
+                         ) -> str | None:
         """See :meth:`SemanticCache._answer_of`."""
         try:
             f = (await self.store.fetch([k[0]]))[0]
         except StoreError:
             return None
-        rec = self._core.exact_record(f, k[1], k[3], self._core.now())
+        rec = self._core.exact_record(f, k[1], k[3], self._core.now(), max_age)
         return None if rec is None else rec.response
 
-    async def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None
-                    ) -> str | None:
+    async def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None,
+                    max_age: float = math.inf) -> str | None:
         """See :meth:`SemanticCache._lead`."""
         lease = getattr(self.store, "lease", None)
         if lease is None:
-            return await self._answer_of(k)
+            return await self._answer_of(k, max_age)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
         while True:
             if await lease(k[0], token, max(seconds, 0.001)):
-                return await self._answer_of(k)
+                return await self._answer_of(k, max_age)
             delay = 0.005
             while True:
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                answer = await self._answer_of(k)
+                answer = await self._answer_of(k, max_age)
                 if answer is not None:
                     return answer
                 if time.monotonic() >= deadline:
@@ -1006,10 +1026,12 @@ class AsyncSemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
+        max_age: float | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
         (coalescing joins the calls of other tasks on the same event loop)."""
         limit = _check_wait(wait)
+        age = self._core.check_max_age(max_age)
 
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
@@ -1019,7 +1041,7 @@ class AsyncSemanticCache(_Base):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 prompt, sc = _call_key(fn, args, kwargs, key, scope)
                 used: list[Any] = [None]
-                hit = (await self._get_many([prompt], sc, None, None, used))[0]
+                hit = (await self._get_many([prompt], sc, None, None, used, max_age))[0]
                 if hit is not None:
                     return hit.response
 
@@ -1053,7 +1075,7 @@ class AsyncSemanticCache(_Base):
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 try:
-                    answer = await self._lead(k, token, limit)
+                    answer = await self._lead(k, token, limit, age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer

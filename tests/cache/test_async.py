@@ -119,3 +119,36 @@ def test_async_embedder_is_awaited(ns: str) -> None:
         assert hit is not None and hit.response == "b"
 
     asyncio.run(run())
+
+
+def test_async_max_age(async_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+                       ) -> None:
+    px = paraphrases
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(px.embedder(), store=async_url, namespace=ns, clock=clock,
+                                   threshold=0.5)
+        await cache.set(px.q[0], "old")
+        clock.advance(100)
+        await cache.set(px.p[0], "new")
+        hit = await cache.get(px.q[0], max_age=50)
+        assert hit is not None and hit.tier == "semantic" and hit.response == "new"
+        assert (await cache.get(px.q[0])).response == "old"  # type: ignore[union-attr]
+        clock.advance(20)  # old: 120 s, new: 20 s
+        assert (await cache.get_many([px.q[0]], max_age=10)) == [None]
+        assert (await cache.get_many([px.q[0]], max_age=30))[0].response == "new"  # type: ignore[union-attr]
+        calls: list[str] = []
+
+        @cache.cached(max_age=5)
+        async def answer(prompt: str) -> str:
+            calls.append(prompt)
+            return f"v{len(calls)}"
+
+        assert await answer(px.q[5]) == "v1" and await answer(px.q[5]) == "v1"
+        clock.advance(6)
+        assert await answer(px.q[5]) == "v2" and len(calls) == 2
+        with pytest.raises(ValueError):
+            await cache.get(px.q[0], max_age=-1)
+        await cache.close()
+
+    asyncio.run(run())

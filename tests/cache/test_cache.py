@@ -99,6 +99,53 @@ def test_no_hit_at_or_after_expiry(
     assert cache.stats()["expiries"] >= 1
 
 
+def test_max_age_refuses_old_entries_for_that_read_only(
+    store_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder(), clock=clock, threshold=0.5)
+    cache.set(px.q[0], "old")
+    clock.advance(100)
+    cache.set(px.p[0], "new")  # a paraphrase, written later: another entry
+    # The exact entry is too old for this read: the younger paraphrase answers instead.
+    hit = cache.get(px.q[0], max_age=50)
+    assert hit is not None and hit.tier == "semantic" and hit.response == "new"
+    assert cache.stats()["too_old"] >= 1
+    # Without max_age, or with a looser one, the old entry is still there and answers.
+    assert cache.get(px.q[0]).response == "old"  # type: ignore[union-attr]
+    assert cache.get(px.q[0], max_age=100).response == "old"  # type: ignore[union-attr]
+    assert cache.get(px.p[0], max_age=0).response == "new"  # type: ignore[union-attr]
+    clock.advance(100)  # old: 200 s, new: 100 s
+    assert cache.get(px.q[0], max_age=50) is None
+    assert cache.get(px.p[0], max_age=99.9) is None
+    assert cache.get_many([px.q[0], px.p[0]], max_age=150)[0].response == "new"  # type: ignore[union-attr]
+    assert len(cache) == 2, "max_age must not delete anything"
+    for bad, err in ((-1, ValueError), (math.nan, ValueError), ("10", TypeError),
+                     (True, TypeError)):
+        with pytest.raises(err):
+            cache.get(px.q[0], max_age=bad)  # type: ignore[arg-type]
+
+
+def test_cached_with_max_age_calls_again_and_replaces_the_old_answer(
+    store_url: str, ns: str, clock: FakeClock
+) -> None:
+    cache = make(store_url, ns, clock=clock)
+    calls: list[str] = []
+
+    @cache.cached(max_age=50)
+    def answer(prompt: str) -> str:
+        calls.append(prompt)
+        return f"v{len(calls)}"
+
+    assert answer("what is a semantic cache") == "v1"
+    clock.advance(49)
+    assert answer("what is a semantic cache") == "v1"
+    clock.advance(2)
+    assert answer("what is a semantic cache") == "v2", "an answer older than max_age was served"
+    assert answer("what is a semantic cache") == "v2" and len(calls) == 2
+    assert len(cache) == 1, "the new answer replaces the old entry"
+
+
 def test_scopes_are_hard_walls(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
     px = paraphrases
     cache = make(store_url, ns, embedder=px.embedder(), threshold=0.3)
