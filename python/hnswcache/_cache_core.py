@@ -77,6 +77,12 @@ class Hit:
     scope: dict[str, Any] = field(default_factory=dict)
 
 
+#: A miss whose nearest entry is this close below the threshold counts as a near miss.
+NEAR_MISS_BAND = 0.05
+_MISS_BUCKET = 0.05
+_MISS_BUCKETS = 20
+
+
 class Stats:
     """Counters and a window of lookup latencies."""
 
@@ -84,12 +90,22 @@ class Stats:
         self.counts: dict[str, int] = dict.fromkeys(
             ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
-             "sync_events", "resyncs", "coalesced", "too_old"), 0)
+             "sync_events", "resyncs", "coalesced", "too_old", "near_misses"), 0)
+        # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
+        # counts in the first).
+        self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
         self._lat = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
         self._n = 0
 
     def add(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
+
+    def miss(self, nearest: float, threshold: float) -> None:
+        """A semantic miss whose nearest entry had similarity ``nearest``."""
+        b = min(_MISS_BUCKETS - 1, max(0, int(nearest / _MISS_BUCKET)))
+        self.miss_sims[b] += 1
+        if threshold - NEAR_MISS_BAND <= nearest < threshold:
+            self.counts["near_misses"] += 1
 
     def latency(self, seconds: float) -> None:
         self._lat[self._n % _LATENCY_WINDOW] = seconds
@@ -101,6 +117,8 @@ class Stats:
         c["hits"] = hits
         c["hit_rate"] = hits / (hits + c["misses"]) if hits + c["misses"] else 0.0
         c["entries"] = entries
+        c["miss_similarity"] = {f"{b * _MISS_BUCKET:.2f}": int(n)
+                                for b, n in enumerate(self.miss_sims) if n}
         window = self._lat[: min(self._n, _LATENCY_WINDOW)]
         for p in (50, 90, 99):
             c[f"latency_p{p}_us"] = float(np.percentile(window, p) * 1e6) if window.size else 0.0
@@ -434,36 +452,56 @@ class CacheCore:
         return self.hit(rec, "exact", 1.0, now)
 
     def candidates(
-        self, vecs: npt.NDArray[np.float32], sid: str, threshold: float
+        self, vecs: npt.NDArray[np.float32], sid: str, threshold: float,
+        nearest: list[float] | None = None,
     ) -> list[list[tuple[int, float]]]:
+        """Each row's entries near enough to be a hit, best first; appends each row's
+        nearest similarity (the index's, NaN for none) to ``nearest``."""
         idx = self.indexes.get(sid)
         if idx is None:  # (len(idx) is O(n) in the core: not on this path)
+            if nearest is not None:
+                nearest.extend([math.nan] * vecs.shape[0])
             return [[] for _ in range(vecs.shape[0])]
         labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
+        lab_rows, dist_rows = labels.tolist(), dists.tolist()
+        if nearest is not None:
+            nearest.extend(1.0 - d[0] if lab[0] >= 0 else math.nan
+                           for lab, d in zip(lab_rows, dist_rows))
         # Best first; distance is 1 - similarity, so keep distances <= 1 - threshold + slack.
         # (Padding has label -1 and distance inf.)
         top = 1.0 - threshold + self.slack
         return [[(lab, 1.0 - d) for lab, d in zip(lab_row, dist_row) if d <= top]
-                for lab_row, dist_row in zip(labels.tolist(), dists.tolist())]
+                for lab_row, dist_row in zip(lab_rows, dist_rows)]
+
+    def record_misses(self, out: Sequence[Hit | None], nearest: Mapping[int, float],
+                      threshold: float) -> None:
+        """Count the semantic misses among ``out`` by their nearest similarity."""
+        for i, sim in nearest.items():
+            if out[i] is None and sim == sim:  # (NaN: the scope's index was empty)
+                self.stats.miss(sim, threshold)
 
     def search_ahead(
         self, ids: Sequence[int], vecs: npt.NDArray[np.float32] | None, sid: str,
-        threshold: float,
+        threshold: float, near: dict[int, float],
     ) -> tuple[dict[int, list[tuple[int, float]]] | None, list[int]]:
         """With embeddings given, search before the store round trip (so candidates ride
         along with the exact tier) for the prompts the replica predicts to be exact misses;
-        ``(row index -> candidates, ids to fetch)`` or ``(None, [])``."""
+        ``(row index -> candidates, ids to fetch)`` or ``(None, [])``. Fills ``near`` with
+        the rows' nearest similarities."""
         if vecs is None or sid not in self.indexes:
             return None, []
+        nearest: list[float] = []
         if len(ids) == 1:  # get(): no list juggling
             if ids[0] in self.where:
                 return None, []
-            found = self.candidates(vecs, sid, threshold)
+            found = self.candidates(vecs, sid, threshold, nearest)
+            near[0] = nearest[0]
             return {0: found[0]}, [e for e, _ in found[0] if e != ids[0]]
         rows = [i for i, eid in enumerate(ids) if eid not in self.where]
         if not rows:
             return None, []
-        found = self.candidates(vecs[rows], sid, threshold)
+        found = self.candidates(vecs[rows], sid, threshold, nearest)
+        near.update(zip(rows, nearest))
         have = set(ids)
         want = list(dict.fromkeys(e for r in found for e, _ in r if e not in have))
         return dict(zip(rows, found)), want

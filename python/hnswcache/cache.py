@@ -380,6 +380,7 @@ class SemanticCache(_Base):
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
+        near: dict[int, float] = {}  # row -> nearest similarity, for the miss statistics
         try:
             if not prompts or not self._ready():
                 return self._misses(out)
@@ -387,7 +388,7 @@ class SemanticCache(_Base):
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr)
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
@@ -402,6 +403,7 @@ class SemanticCache(_Base):
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age)
             if not todo or sid not in c.indexes:
+                c.record_misses(out, near, thr)
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
             vecs = self._embed([prompts[i] for i in todo], given)
@@ -410,7 +412,9 @@ class SemanticCache(_Base):
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
-            cands = c.candidates(vecs, sid, thr)
+            nearest: list[float] = []
+            cands = c.candidates(vecs, sid, thr, nearest)
+            near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
                 try:
@@ -422,6 +426,7 @@ class SemanticCache(_Base):
                 for j, i in enumerate(todo):
                     if cands[j]:
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
+            c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))
@@ -847,6 +852,7 @@ class AsyncSemanticCache(_Base):
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
+        near: dict[int, float] = {}  # row -> nearest similarity, for the miss statistics
         try:
             if not prompts or not await self._ready():
                 return self._misses(out)
@@ -854,7 +860,7 @@ class AsyncSemanticCache(_Base):
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr)
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
@@ -869,6 +875,7 @@ class AsyncSemanticCache(_Base):
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age)
             if not todo or sid not in c.indexes:
+                c.record_misses(out, near, thr)
                 return self._misses(out)
             given = None if given_all is None else given_all[todo]
             vecs = await self._embed([prompts[i] for i in todo], given)
@@ -877,7 +884,9 @@ class AsyncSemanticCache(_Base):
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
-            cands = c.candidates(vecs, sid, thr)
+            nearest: list[float] = []
+            cands = c.candidates(vecs, sid, thr, nearest)
+            near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
                 try:
@@ -889,6 +898,7 @@ class AsyncSemanticCache(_Base):
                 for j, i in enumerate(todo):
                     if cands[j]:
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
+            c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))

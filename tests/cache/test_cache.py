@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hnswcache import SemanticCache
+from hnswcache._cache_core import NEAR_MISS_BAND
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
 
@@ -282,6 +283,49 @@ def test_stats(store_url: str, ns: str) -> None:
     assert s["hits_exact"] == 1 and s["misses"] == 1 and s["hit_rate"] == 0.5
     assert s["sets"] == 1 and s["lookups"] == 2 and s["entries"] == 1
     assert 0 < s["latency_p50_us"] <= s["latency_p99_us"] <= s["latency_max_us"]
+
+
+def test_miss_statistics_match_brute_force(
+    store_url: str, ns: str, paraphrases: Paraphrases
+) -> None:
+    """stats() histograms the nearest similarity of every semantic miss and counts the near
+    misses (within NEAR_MISS_BAND below the threshold): checked against brute force."""
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder())
+    n = 150
+    cache.set_many([(q, f"answer {i}") for i, q in enumerate(px.q[:n])])
+    queries = px.p[: 2 * n]  # paraphrases of stored questions, then of unstored ones
+    qv = px.pv[: 2 * n] / np.linalg.norm(px.pv[: 2 * n], axis=1, keepdims=True)
+    stored = px.qv[:n] / np.linalg.norm(px.qv[:n], axis=1, keepdims=True)
+    # And ten vectors made to sit just below the threshold from a stored question.
+    rng = np.random.default_rng(5)
+    made = []
+    for i in range(10):
+        u = rng.standard_normal(stored.shape[1]).astype(np.float32)
+        u -= (u @ stored[i]) * stored[i]
+        u /= np.linalg.norm(u)
+        c = DEFAULT_THRESHOLD - 0.01 - 0.003 * i
+        made.append(c * stored[i] + np.sqrt(1 - c * c) * u)
+    qv = np.concatenate([qv, np.stack(made)]).astype(np.float32)
+    hits = cache.get_many(queries[:n])  # the embedder path
+    hits += [cache.get(t, embedding=v) for t, v in zip(queries[n:], px.pv[n : 2 * n])]
+    hits += [cache.get(f"made {i}", embedding=v) for i, v in enumerate(made)]
+    nearest = (qv @ stored.T).max(axis=1)
+    missed = nearest[[h is None for h in hits]]
+    assert len(missed) > 20, "the data should give misses of every kind"
+    s = cache.stats()
+    got = s["miss_similarity"]
+    assert sum(got.values()) == len(missed) == s["misses"]
+    want: dict[str, int] = {}
+    for sim in missed:
+        b = f"{min(19, max(0, int(sim / 0.05))) * 0.05:.2f}"
+        want[b] = want.get(b, 0) + 1
+    # The index's similarities are int8 approximations: one may fall across a boundary.
+    off = sum(abs(got.get(b, 0) - want.get(b, 0)) for b in set(got) | set(want))
+    assert off <= 4, (got, want)
+    near = int(((missed >= DEFAULT_THRESHOLD - NEAR_MISS_BAND)
+                & (missed < DEFAULT_THRESHOLD)).sum())
+    assert near > 0 and abs(s["near_misses"] - near) <= 2, (s["near_misses"], near)
 
 
 def test_bad_arguments() -> None:
