@@ -99,18 +99,27 @@ def _is_store(obj: Any) -> bool:
 
 def _call_key(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-    key: Callable[..., str] | None, scope: Mapping[str, Any] | None,
+    key: Callable[..., Any] | None, scope: Mapping[str, Any] | None,
 ) -> tuple[str, dict[str, Any]]:
     """The prompt and scope of a call of a ``@cached`` function.
 
     The prompt is ``key(*args, **kwargs)`` or the first positional argument; any other
     arguments become part of the scope (with the function's name), so calls with different
-    arguments -- or of different functions -- never answer each other.
+    arguments -- or of different functions -- never answer each other. A ``key`` that
+    returns ``(prompt, scope)`` (as :func:`hnswcache.chat.chat_key` does) chooses the scope
+    itself; one that returns a prompt alone leaves the other arguments out of it.
     """
     sc: dict[str, Any] = dict(scope or {})
     sc["_fn"] = f"{fn.__module__}.{fn.__qualname__}"
     if key is not None:
-        return key(*args, **kwargs), sc
+        got = key(*args, **kwargs)
+        if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], Mapping):
+            sc.update(got[1])
+            got = got[0]
+        if not isinstance(got, str):
+            raise TypeError("a @cached key= must return the prompt (a str) or (prompt, scope), "
+                            f"got {type(got).__name__}")
+        return got, sc
     if not args or not isinstance(args[0], str):
         raise TypeError("a @cached function takes the prompt (a str) as its first argument, "
                         "or give key=lambda *args, **kwargs: prompt")
@@ -579,7 +588,7 @@ class SemanticCache(_Base):
     # ------------------------------------------------------------------ decorator
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
-        key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
+        key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
@@ -1035,7 +1044,7 @@ class AsyncSemanticCache(_Base):
 
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
-        key: Callable[..., str] | None = None, coalesce: bool = True, wait: float = 60.0,
+        key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
