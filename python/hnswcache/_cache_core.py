@@ -7,6 +7,7 @@ Similarity scale: cosine similarity, a hit when ``similarity >= threshold``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from .store.base import (
     Invalid,
     LogBatch,
     Record,
+    Refresh,
     entry_id,
     format_id,
     normalize_prompt,
@@ -76,6 +78,9 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
     scope: dict[str, Any] = field(default_factory=dict)
 
+
+#: A hit on a sliding entry is written back once it moves the expiry by this part of the TTL.
+_SLIDE_STEP = 1.0 / 16
 
 #: A miss whose nearest entry is this close below the threshold counts as a near miss.
 NEAR_MISS_BAND = 0.05
@@ -165,6 +170,7 @@ class CacheCore:
         self.next_sync = 0.0
         self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
         self.touches: set[int] = set()
+        self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, for the next read
         self.own_positions: set[str] = set()
         self.stats = Stats()
         self._create = threading.Lock()
@@ -349,13 +355,17 @@ class CacheCore:
         now = self.now()
         add: list[Record] = []
         gone: list[int] = []
+        slid: list[Record] = []
         for eid, f in zip(ids, fetched):
             rec = self.usable(f, now)
             if rec is None:
                 gone.append(eid)
             elif self.where.get(eid) != (rec.scope_id, rec.version):
                 add.append(rec)
+            elif rec.slide > 0:
+                slid.append(rec)  # the same write, refreshed: a later expiry
         self.remove(gone)
+        self._slide_local(slid)
         if add:
             self.add_records(add)
 
@@ -406,6 +416,25 @@ class CacheCore:
             self.own_positions.clear()  # only costs re-fetching our own writes
         self.own_positions.update(positions)
 
+    def take_refreshes(self) -> list[Refresh]:
+        if not self.refreshes:
+            return []
+        out = list(self.refreshes.values())
+        self.refreshes.clear()
+        return out
+
+    def _slide_local(self, recs: Sequence[Record]) -> None:
+        """Give this replica's index the (later) expiry of sliding records."""
+        again = []
+        for r in recs:
+            idx = self.indexes.get(r.scope_id)
+            # touch() changes live entries only: one that expired here before the news of
+            # its refresh arrived is inserted again.
+            if idx is None or idx.touch([r.id], expires_at=r.expires) == 0:
+                again.append(r)
+        if again:
+            self.add_records(again)
+
     def take_touches(self) -> list[int]:
         if not self.touches:
             return []
@@ -421,6 +450,14 @@ class CacheCore:
         self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
         self.touches.add(rec.id)
         exp = rec.expires
+        if rec.slide > 0:
+            until = now + rec.slide
+            # Refresh once the hit moves the expiry by 1/16 of the TTL: an entry expires at
+            # least 15/16 of its TTL after its last hit, for at most 16 writes per TTL.
+            if until - exp >= rec.slide * _SLIDE_STEP:
+                self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
+                self._slide_local([dataclasses.replace(rec, expires=until)])
+                exp = until
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
         return Hit(rec.response, tier, sim, rec.prompt, format_id(rec.id),
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
@@ -449,6 +486,8 @@ class CacheCore:
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
             self.add_records([rec])  # written elsewhere, not yet seen in the log
+        elif rec.slide > 0:
+            self._slide_local([rec])  # refreshed elsewhere, maybe not yet seen in the log
         return self.hit(rec, "exact", 1.0, now)
 
     def candidates(
@@ -551,6 +590,8 @@ class CacheCore:
             w = self.where.get(eid)
             if w is None or w[1] != rec.version or w[0] != sid:
                 self.add_records([rec])
+            elif rec.slide > 0:
+                self._slide_local([rec])
             sim = float(rec.vector @ vec)  # authoritative: the stored vector
             if sim >= threshold and (best is None or sim > best[0]):
                 if now - rec.created > max_age:
@@ -590,11 +631,15 @@ class CacheCore:
     def records(
         keys: Sequence[tuple[int, str, str, str]], pairs: Sequence[tuple[str, str]],
         vecs: npt.NDArray[np.float32], ttl: float | None, metadata_json: Sequence[str],
-        now: float,
+        now: float, sliding: bool = False,
     ) -> list[Record]:
+        if sliding and ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
         expires = now + ttl if ttl is not None else math.inf
+        slide = float(ttl) if sliding and ttl is not None else 0.0
         return [
             Record(id=k[0], prompt=p, response=r, vector=v, scope_id=k[1], scope_json=k[2],
-                   metadata_json=m, created=now, expires=expires, version=secrets.token_hex(8))
+                   metadata_json=m, created=now, expires=expires, version=secrets.token_hex(8),
+                   slide=slide)
             for k, (p, r), v, m in zip(keys, pairs, vecs, metadata_json)
         ]

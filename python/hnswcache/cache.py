@@ -344,7 +344,7 @@ class SemanticCache(_Base):
             return
         try:
             _, batch = self.store.read([], log_after=c.position, touch=c.take_touches(),
-                                       now=c.now())
+                                       now=c.now(), refresh=c.take_refreshes())
             self._apply(batch)
         except StoreError as exc:
             c.failed("sync", exc)
@@ -401,7 +401,7 @@ class SemanticCache(_Base):
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now())
+                    now=c.now(), refresh=c.take_refreshes())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
@@ -491,22 +491,25 @@ class SemanticCache(_Base):
     def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-        embedding: npt.ArrayLike | None = None,
+        embedding: npt.ArrayLike | None = None, sliding: bool = False,
     ) -> str:
         """Store ``response`` for ``prompt`` in ``scope``; returns the entry's key.
 
-        ``ttl`` (seconds) overrides the cache default. If the store is unreachable the write
-        is dropped (counted, logged) unless the cache is strict.
+        ``ttl`` (seconds) overrides the cache default. ``sliding=True`` makes it a sliding
+        TTL: every hit extends the entry's life to ``ttl`` from then (see
+        ``docs/cache.md``; bound the total age with ``get(..., max_age=)``). If the store is
+        unreachable the write is dropped (counted, logged) unless the cache is strict.
         """
         emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
         return self.set_many([(prompt, response)], ttl=ttl, scope=scope,
-                             metadata=[metadata], embeddings=emb)[0]
+                             metadata=[metadata], embeddings=emb,
+                             sliding=sliding)[0]
 
     def set_many(
         self, items: Iterable[tuple[str, str]], *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
-        embeddings: npt.ArrayLike | None = None,
+        embeddings: npt.ArrayLike | None = None, sliding: bool = False,
     ) -> list[str]:
         """Store several ``(prompt, response)`` pairs of one scope in one transaction."""
         c = self._core
@@ -517,6 +520,8 @@ class SemanticCache(_Base):
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
+        if sliding and eff_ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
         metas = c.check_pairs(pairs, list(metadata) if metadata is not None
                               else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
@@ -524,7 +529,7 @@ class SemanticCache(_Base):
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
         if not self._ready():
             c.stats.add("store_errors")
             return keys
@@ -589,7 +594,7 @@ class SemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
-        max_age: float | None = None,
+        max_age: float | None = None, sliding: bool = False,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
@@ -607,10 +612,13 @@ class SemanticCache(_Base):
         same thread, or a task it starts) never waits (``docs/cache.md``).
 
         ``max_age`` (seconds) makes a cached answer older than that a miss: ``fn`` is called
-        and its answer replaces the old one (see :meth:`get`).
+        and its answer replaces the old one (see :meth:`get`). ``sliding`` stores answers
+        with a sliding ``ttl`` (see :meth:`set`).
         """
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
+        if sliding and ttl is None and self._core.ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
 
         def deco(fn: F) -> F:
             @functools.wraps(fn)
@@ -624,7 +632,8 @@ class SemanticCache(_Base):
                 def call() -> Any:
                     result = fn(*args, **kwargs)
                     if isinstance(result, str):
-                        self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0])
+                        self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
+                                 sliding=sliding)
                     return result
 
                 if not coalesce:
@@ -667,6 +676,13 @@ class SemanticCache(_Base):
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Close the store connection (if the cache opened it) and stop its own server."""
+        c = self._core
+        if c.refreshes:  # hits on sliding entries not written back yet
+            try:
+                self.store.read([], log_after=None, touch=c.take_touches(), now=c.now(),
+                                refresh=c.take_refreshes())
+            except StoreError as exc:
+                log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
         if self._owns_store:
             self.store.close()
         if self._server is not None:
@@ -824,7 +840,8 @@ class AsyncSemanticCache(_Base):
             return
         try:
             _, batch = await self.store.read([], log_after=c.position,
-                                             touch=c.take_touches(), now=c.now())
+                                             touch=c.take_touches(), now=c.now(),
+                                             refresh=c.take_refreshes())
             await self._apply(batch)
         except StoreError as exc:
             c.failed("sync", exc)
@@ -873,7 +890,7 @@ class AsyncSemanticCache(_Base):
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now())
+                    now=c.now(), refresh=c.take_refreshes())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 await self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
@@ -958,18 +975,19 @@ class AsyncSemanticCache(_Base):
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-        embedding: npt.ArrayLike | None = None,
+        embedding: npt.ArrayLike | None = None, sliding: bool = False,
     ) -> str:
         """See :meth:`SemanticCache.set`."""
         emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
         return (await self.set_many([(prompt, response)], ttl=ttl, scope=scope,
-                                    metadata=[metadata], embeddings=emb))[0]
+                                    metadata=[metadata], embeddings=emb,
+                                    sliding=sliding))[0]
 
     async def set_many(
         self, items: Iterable[tuple[str, str]], *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
-        embeddings: npt.ArrayLike | None = None,
+        embeddings: npt.ArrayLike | None = None, sliding: bool = False,
     ) -> list[str]:
         """See :meth:`SemanticCache.set_many`."""
         c = self._core
@@ -980,6 +998,8 @@ class AsyncSemanticCache(_Base):
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
+        if sliding and eff_ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
         metas = c.check_pairs(pairs, list(metadata) if metadata is not None
                               else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
@@ -987,7 +1007,7 @@ class AsyncSemanticCache(_Base):
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
         if not await self._ready():
             c.stats.add("store_errors")
             return keys
@@ -1045,12 +1065,14 @@ class AsyncSemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
-        max_age: float | None = None,
+        max_age: float | None = None, sliding: bool = False,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
         (coalescing joins the calls of other tasks on the same event loop)."""
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
+        if sliding and ttl is None and self._core.ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
 
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
@@ -1067,7 +1089,8 @@ class AsyncSemanticCache(_Base):
                 async def call() -> Any:
                     result = await fn(*args, **kwargs)
                     if isinstance(result, str):
-                        await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0])
+                        await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
+                                       sliding=sliding)
                     return result
 
                 if not coalesce:
@@ -1114,6 +1137,13 @@ class AsyncSemanticCache(_Base):
 
     async def close(self) -> None:
         """Close the store connection (if the cache opened it) and stop its own server."""
+        c = self._core
+        if c.refreshes:  # hits on sliding entries not written back yet
+            try:
+                await self.store.read([], log_after=None, touch=c.take_touches(),
+                                      now=c.now(), refresh=c.take_refreshes())
+            except StoreError as exc:
+                log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
         if self._owns_store:
             await self.store.close()
         if self._server is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "LogBatch",
     "LogEvent",
     "Record",
+    "Refresh",
     "Store",
     "AsyncStore",
     "StoreError",
@@ -147,7 +148,8 @@ class Record:
     ``vector`` is the unit-normalised float32 embedding of ``prompt``. Times are seconds on
     the cache clock; ``expires`` is ``inf`` for an entry that never expires. ``version`` is a
     random token that changes on every write of the entry (replicas compare it to skip
-    re-inserting what they already have).
+    re-inserting what they already have). ``slide`` > 0 makes the TTL sliding: a hit
+    extends ``expires`` to ``now + slide`` (see :class:`Refresh`).
     """
 
     id: int
@@ -160,6 +162,7 @@ class Record:
     created: float
     expires: float
     version: str
+    slide: float = 0.0
 
     def expired(self, now: float) -> bool:
         return self.expires <= now
@@ -203,7 +206,29 @@ def encode_record(rec: Record) -> dict[str, bytes]:
         "created": repr(float(rec.created)).encode(),
         "expires": repr(float(rec.expires)).encode(),
         "version": rec.version.encode(),
+        **({"slide": repr(float(rec.slide)).encode()} if rec.slide > 0 else {}),
     }
+
+
+#: A sliding entry's later expiry is written beside it as the field ``until:<version>``:
+#: a refresh that loses a race with a new write of the entry lands on a field the new
+#: version never reads, so it cannot extend an answer it was not given for.
+UNTIL_PREFIX = b"until:"
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """A hit on a sliding entry: extend entry ``id`` of ``version`` to ``until``."""
+
+    id: int
+    version: str
+    until: float
+
+
+def is_residue(raw: Mapping[Any, Any]) -> bool:
+    """A hash holding only refresh fields: what a refresh leaves where the entry was
+    deleted meanwhile (it expires by itself). Not an entry, and not garbage either."""
+    return bool(raw) and all(isinstance(k, bytes) and k.startswith(UNTIL_PREFIX) for k in raw)
 
 
 def _text(raw: Mapping[Any, Any], name: str) -> str:
@@ -226,7 +251,7 @@ def _text(raw: Mapping[Any, Any], name: str) -> str:
         raise ValueError(f"field {name!r} is not UTF-8") from None
 
 
-_BKEYS = {n: n.encode() for n in REQUIRED_FIELDS}
+_BKEYS = {n: n.encode() for n in (*REQUIRED_FIELDS, "slide", "until")}
 #: (scope id, scope json) pairs already checked to match (scopes repeat across entries).
 _VERIFIED_SCOPES: dict[tuple[str, str], bool] = {}
 
@@ -295,6 +320,18 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         version = _text(raw, "version")
         if not 0 < len(version) <= 64:
             raise ValueError("bad version")
+        slide = 0.0
+        if b"slide" in raw or "slide" in raw:
+            slide = _float(raw, "slide")
+            if not (0 < slide < math.inf and expires < math.inf):
+                raise ValueError("field 'slide' must be a positive number of seconds, "
+                                 "with a finite 'expires'")
+            until_raw = raw.get(UNTIL_PREFIX + version.encode())
+            if until_raw is not None:
+                until = _float({b"until": until_raw}, "until")
+                if not until < math.inf:
+                    raise ValueError("field 'until' is not finite")
+                expires = max(expires, until)
         if entry_id(scope_id, normalize_prompt(prompt)) != eid:
             raise ValueError("entry id does not match its scope and prompt")
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
@@ -310,6 +347,7 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         created=created,
         expires=expires,
         version=version,
+        slide=slide,
     )
 
 
@@ -358,10 +396,12 @@ class Store(Protocol):
     namespace: str
 
     def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
         """Fetch entries ``ids`` and, if ``log_after`` is given, the log after it, in one
-        round trip; also mark ``touch`` as used now (LRU)."""
+        round trip; also mark ``touch`` as used now (LRU) and apply ``refresh`` (sliding
+        expiries: each only to the version it names; logged as ``set``)."""
         ...
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -412,7 +452,8 @@ class AsyncStore(Protocol):
     namespace: str
 
     async def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]: ...
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]: ...

@@ -7,12 +7,13 @@ a server do.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from .base import Fetched, LogBatch, LogEvent, Record, WriteResult, validate_namespace
+from .base import Fetched, LogBatch, LogEvent, Record, Refresh, WriteResult, validate_namespace
 
 __all__ = ["MemoryStore", "AsyncMemoryStore"]
 
@@ -72,16 +73,30 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ protocol
     def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
         with self._lock:
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
+            if refresh:
+                self._refresh(refresh)
             get = self._entries.get
             out: list[Fetched] = [get(i) for i in ids]
             batch = self._read_log(log_after) if log_after is not None else None
         return out, batch
+
+    def _refresh(self, refresh: Sequence[Refresh]) -> None:
+        done = []
+        for r in refresh:
+            cur = self._entries.get(r.id)
+            if cur is not None and cur.version == r.version and r.until > cur.expires:
+                self._entries[r.id] = dataclasses.replace(cur, expires=r.until)
+                heapq.heappush(self._expiry, (r.until, r.id, r.version))
+                done.append(LogEvent("set", r.id))
+        if done:
+            self._append(done)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         with self._lock:
@@ -109,7 +124,8 @@ class MemoryStore:
         while self._expiry and self._expiry[0][0] <= now:
             _, eid, version = heapq.heappop(self._expiry)
             cur = self._entries.get(eid)
-            if cur is not None and cur.version == version:
+            # (A refreshed entry leaves its earlier expiry in the heap: not due yet.)
+            if cur is not None and cur.version == version and cur.expires <= now:
                 del self._entries[eid]
                 removed += 1
         return removed
@@ -182,9 +198,10 @@ class AsyncMemoryStore:
         self.namespace = self.sync.namespace
 
     async def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        return self.sync.read(ids, log_after=log_after, touch=touch, now=now)
+        return self.sync.read(ids, log_after=log_after, touch=touch, now=now, refresh=refresh)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         return self.sync.fetch(ids)

@@ -31,11 +31,13 @@ from .base import (
     LogBatch,
     LogEvent,
     Record,
+    Refresh,
     StoreError,
     WriteResult,
     decode_record,
     encode_record,
     format_id,
+    is_residue,
     parse_id,
     validate_namespace,
 )
@@ -164,7 +166,7 @@ class _Layout:
     # ---------------------------------------------------------------- read
     def queue_read(
         self, pipe: Any, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
-        now: float,
+        now: float, refresh: Sequence[Refresh] = (),
     ) -> None:
         for i in ids:
             pipe.hgetall(self.ekey(i))
@@ -178,13 +180,28 @@ class _Layout:
             # read checks both. XRANGE, not XREAD: XREAD's keys are "movable", so a cluster
             # client would ask the server for them (COMMAND GETKEYS) before every read.
             pipe.xrange(self.k_log, log_after, "+", count=_LOG_BATCH + 1)
+        if refresh:  # last: parse_read does not look at their replies
+            self.queue_refresh(pipe, refresh, now)
+
+    def queue_refresh(self, pipe: Any, refresh: Sequence[Refresh], now: float) -> None:
+        """Extend sliding entries: the later expiry goes into the field of the version that
+        was hit (so it never extends a newer write), the key's own expiry only grows
+        (``PEXPIRE ... GT``: it never shortens a newer write's, nor gives one that never
+        expires an expiry; Redis >= 7.0, any Valkey), and the ``set`` event tells the other
+        processes to re-read the entry."""
+        for r in refresh:
+            key = self.ekey(r.id)
+            pipe.hset(key, "until:" + r.version, repr(float(r.until)))
+            pipe.pexpire(key, max(1, int(round((r.until - now) * 1000))), gt=True)
+            pipe.zadd(self.k_exp, {format_id(r.id): r.until}, xx=True)
+        self.queue_log(pipe, "set", [format_id(r.id) for r in refresh])
 
     def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
         out: list[Fetched] = []
         for eid, raw in zip(ids, results):
             if isinstance(raw, Exception):
                 out.append(Invalid(eid, f"server error: {raw}"))
-            elif not raw:
+            elif not raw or is_residue(raw):
                 out.append(None)
             else:
                 out.append(decode_record(eid, raw))
@@ -197,11 +214,16 @@ class _Layout:
         n = len(ids)
         entries = self.parse_entries(ids, results[:n])
         rest = list(results[n + (1 if touch else 0):])
+        tail = rest[1:] if log_after is not None else rest
+        for r in tail:  # the refreshes' replies
+            if isinstance(r, Exception):
+                log.warning("a sliding-TTL refresh was refused (it needs PEXPIRE GT: Redis "
+                            ">= 7.0 or Valkey); the entry keeps its earlier expiry: %s", r)
+                break
         if log_after is None:
             return entries, None
-        for r in rest:
-            if isinstance(r, Exception):
-                raise StoreError(f"reading the change log failed: {r}")
+        if isinstance(rest[0], Exception):
+            raise StoreError(f"reading the change log failed: {rest[0]}")
         return entries, self.parse_log(log_after, rest[0])
 
     def parse_log(self, after: str, entries: Any) -> LogBatch:
@@ -398,9 +420,11 @@ class RedisStore(_Layout):
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now,
+                                                         refresh))
         return self.parse_read(ids, log_after, touch, res)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -572,9 +596,11 @@ class AsyncRedisStore(_Layout):
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     async def read(
-        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float
+        self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
+        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
+        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now,
+                                                               refresh))
         return self.parse_read(ids, log_after, touch, res)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
