@@ -422,7 +422,12 @@ def test_float16_storage_keeps_recall_and_halves_the_vectors(sgd, tmp_path):
     assert recall(found, truth) >= 0.95
     # Distances are computed against the rounded rows: within float16's precision of exact.
     exact, _ = full.search(q, k=10, ef=64)
-    assert np.abs(dist[:, 0] - full.search(q, k=1, ef=64)[1][:, 0]).max() < 2e-3
+    # (Against the exact distance of the same rows: the float32 graph, built by other
+    # threads in another order, may miss a query's nearest row that this one finds.)
+    xa = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qa = q / np.linalg.norm(q, axis=1, keepdims=True)
+    true_d = 1.0 - np.einsum("ij,ij->i", xa[found[:, 0]], qa)
+    assert np.abs(dist[:, 0] - true_d).max() < 2e-3
     assert half.stats()["memory_bytes"] < 0.7 * full.stats()["memory_bytes"]
     stored = half.get([0, 1])
     xn = x[:2] / np.linalg.norm(x[:2], axis=1, keepdims=True)
