@@ -189,6 +189,12 @@ class CacheCore:
         return t
 
     @staticmethod
+    def check_sliding(sliding: bool, ttl: float | None) -> None:
+        """A sliding TTL needs a TTL: the one given, or the cache's default."""
+        if sliding and ttl is None:
+            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
+
+    @staticmethod
     def check_max_age(max_age: float | None) -> float:
         """A read's ``max_age`` in seconds (``None``: any age, as ``inf``)."""
         if max_age is None:
@@ -456,8 +462,11 @@ class CacheCore:
             # least 15/16 of its TTL after its last hit, for at most 16 writes per TTL.
             if until - exp >= rec.slide * _SLIDE_STEP:
                 self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
-                self._slide_local([dataclasses.replace(rec, expires=until)])
                 exp = until
+            # The local index takes the stored expiry (refreshed elsewhere, maybe not yet
+            # seen in the log) or this hit's.
+            self._slide_local([rec if exp == rec.expires
+                               else dataclasses.replace(rec, expires=exp)])
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
         return Hit(rec.response, tier, sim, rec.prompt, format_id(rec.id),
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
@@ -486,8 +495,6 @@ class CacheCore:
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
             self.add_records([rec])  # written elsewhere, not yet seen in the log
-        elif rec.slide > 0:
-            self._slide_local([rec])  # refreshed elsewhere, maybe not yet seen in the log
         return self.hit(rec, "exact", 1.0, now)
 
     def candidates(
@@ -590,8 +597,6 @@ class CacheCore:
             w = self.where.get(eid)
             if w is None or w[1] != rec.version or w[0] != sid:
                 self.add_records([rec])
-            elif rec.slide > 0:
-                self._slide_local([rec])
             sim = float(rec.vector @ vec)  # authoritative: the stored vector
             if sim >= threshold and (best is None or sim > best[0]):
                 if now - rec.created > max_age:
@@ -633,8 +638,6 @@ class CacheCore:
         vecs: npt.NDArray[np.float32], ttl: float | None, metadata_json: Sequence[str],
         now: float, sliding: bool = False,
     ) -> list[Record]:
-        if sliding and ttl is None:
-            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
         expires = now + ttl if ttl is not None else math.inf
         slide = float(ttl) if sliding and ttl is not None else 0.0
         return [

@@ -520,8 +520,7 @@ class SemanticCache(_Base):
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
-        if sliding and eff_ttl is None:
-            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
+        c.check_sliding(sliding, eff_ttl)
         metas = c.check_pairs(pairs, list(metadata) if metadata is not None
                               else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
@@ -617,8 +616,7 @@ class SemanticCache(_Base):
         """
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
-        if sliding and ttl is None and self._core.ttl is None:
-            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
+        self._core.check_sliding(sliding, ttl if ttl is not None else self._core.ttl)
 
         def deco(fn: F) -> F:
             @functools.wraps(fn)
@@ -998,8 +996,7 @@ class AsyncSemanticCache(_Base):
         if not pairs:
             return keys
         eff_ttl = c.check_ttl(ttl) if ttl is not None else c.ttl
-        if sliding and eff_ttl is None:
-            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
+        c.check_sliding(sliding, eff_ttl)
         metas = c.check_pairs(pairs, list(metadata) if metadata is not None
                               else [None] * len(pairs))
         given = None if embeddings is None else c.vectors(embeddings, len(pairs))
@@ -1071,8 +1068,7 @@ class AsyncSemanticCache(_Base):
         (coalescing joins the calls of other tasks on the same event loop)."""
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
-        if sliding and ttl is None and self._core.ttl is None:
-            raise ValueError("sliding=True needs a ttl (given here or the cache's default)")
+        self._core.check_sliding(sliding, ttl if ttl is not None else self._core.ttl)
 
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
