@@ -45,6 +45,7 @@ from ._flight import LEADING, Flights, inside_call
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
+    Fetched,
     LogBatch,
     Store,
     StoreError,
@@ -292,7 +293,10 @@ class SemanticCache(_Base):
         if c.dim is None:
             c.dim = self.store.check_meta(None, "")[0]
         c.clear_local(None)
-        for batch in self.store.scan():
+        batches: Iterable[list[Fetched]] = self.store.scan()
+        if c.dim is None:  # the entries decide the dimension: all of them, not one batch's
+            batches = [[f for b in batches for f in b]]
+        for batch in batches:
             c.load(batch)
         c.position = head
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
@@ -780,8 +784,11 @@ class AsyncSemanticCache(_Base):
         if c.dim is None:
             c.dim = (await self.store.check_meta(None, ""))[0]
         c.clear_local(None)
-        async for batch in self.store.scan():
-            c.load(batch)
+        if c.dim is None:  # the entries decide the dimension: all of them, not one batch's
+            c.load([f async for b in self.store.scan() for f in b])
+        else:
+            async for batch in self.store.scan():
+                c.load(batch)
         c.position = head
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 

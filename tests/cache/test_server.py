@@ -287,6 +287,40 @@ def test_garbage_in_the_cache_keys_is_ignored(valkey_server: EmbeddedServer, ns:
         strict.set("cannot be written", "x")
 
 
+
+def test_dimension_is_decided_by_every_entry_not_the_first_scan_batch(ns: str) -> None:
+    """With no stored dimension and an embedder that declares none, the warm start takes the
+    dimension most entries have over the whole scan. It once took the first scan batch's, so
+    a batch that happened to hold the foreign entries hid every good one (seen in CI)."""
+    import asyncio
+
+    from hnswcache import AsyncSemanticCache
+    from hnswcache.store.memory import MemoryStore
+
+    store = MemoryStore(ns)  # scans in insertion order, 1000 entries a batch
+    foreign = [_good_record(f"foreign {i}", 20, i) for i in range(600)]
+    good = [_good_record(f"good {i}", 16, 10_000 + i) for i in range(1400)]
+    store.write(foreign + good, [None] * 2000, time.time())
+    assert store.check_meta(None, "")[0] is None
+
+    def emb(texts: list[str]) -> np.ndarray:
+        return np.stack([_good_record(t, 16, 7).vector for t in texts])
+
+    cache = SemanticCache(emb, store=store, namespace=ns)
+    hit = cache.get("good 1399")
+    assert hit is not None and hit.tier == "exact"
+    assert len(cache) == 1400 and cache.stats()["invalid_entries"] == 600
+    assert cache.get("foreign 0") is None
+
+    async def run() -> None:
+        acache = AsyncSemanticCache(emb, store=store, namespace=ns)
+        assert await acache.aget("good 0") is not None
+        assert acache.stats()["invalid_entries"] == 600
+        await acache.close()
+
+    asyncio.run(run())
+
+
 def test_auth(tmp_path: Path, ns: str) -> None:
     with EmbeddedServer(tmp_path / "auth", password="s3cret-pw") as srv:
         assert "s3cret-pw" in srv.url
