@@ -176,6 +176,9 @@ class CacheCore:
         self._create = threading.Lock()
         self._last_error_log = 0.0
         self._suppressed = 0
+        # Called after each store failure (the cache's server may be gone: see the
+        # embedded server's takeover in cache.py); never raises.
+        self.on_store_error: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ arguments
     @staticmethod
@@ -230,6 +233,8 @@ class CacheCore:
     def failed(self, what: str, exc: BaseException, counter: str = "store_errors") -> None:
         """Count and log (rate-limited) a store or embedder failure; raise if strict."""
         self.stats.add(counter)
+        if counter == "store_errors" and self.on_store_error is not None:
+            self.on_store_error()
         if self.strict:
             raise exc
         now = time.monotonic()

@@ -157,7 +157,10 @@ class _Base:
             M=M, ef_construction=ef_construction, ef_search=ef_search, dtype=dtype,
             search_starts=search_starts,
         )
-        self._server: Any = None
+        self._server: Any = None  # the embedded server this process owns, if any
+        self._data_dir: Path | None = None  # where the embedded server keeps its data
+        self._embedded_url = ""
+        self._takeover_at = 0.0  # (monotonic) no takeover attempt before then
         self._flights = Flights()
 
     @property
@@ -184,9 +187,50 @@ class _Base:
     def _open_embedded(self, data_dir: str | os.PathLike[str] | None) -> str:
         from .store.server import shared_server
 
-        url, server = shared_server(data_dir or default_data_dir(self.namespace))
+        self._data_dir = Path(data_dir or default_data_dir(self.namespace))
+        url, server = shared_server(self._data_dir)
         self._server = server
+        self._embedded_url = url
+        self._core.on_store_error = self._take_over
         return url
+
+    def _take_over(self) -> None:
+        """After a store failure on the embedded server: if its process is gone (its owner
+        exited or was killed, or it crashed), start it again on the same data, owned by this
+        process from now on. Of several processes sharing it, the first to fail restarts it
+        and the others reconnect to it (shared_server serialises them on a file lock). The
+        call that failed stays a miss (or raises, strict); the next one finds the server.
+        At most one attempt a second; a server process that still lives (slow, paused) is
+        never replaced. Blocks while the server starts (~0.1 s), also in the async cache."""
+        now = time.monotonic()
+        if now < self._takeover_at or self._data_dir is None:
+            return
+        self._takeover_at = now + 1.0
+        old = self._server
+        if old is not None and old.running:
+            return  # our own server is up: the failure is something else
+        from .store.server import shared_server
+
+        try:
+            url, server = shared_server(self._data_dir)
+        except Exception as exc:  # ServerStartError, OSError: stay degraded, try again later
+            log.warning("hnswcache %r: the embedded server is gone and could not be "
+                        "restarted: %s", self.namespace, exc)
+            return
+        if server is None:
+            return  # another process's server lives (or was restarted by it)
+        if old is not None:
+            old.stop()  # reap the dead process (the new server.json is not its own)
+        self._server = server
+        log.warning("hnswcache %r: the embedded server in %s was gone; restarted it (pid "
+                    "%s), owned by this process now", self.namespace, self._data_dir,
+                    server.pid)
+        if url != self._embedded_url:  # not the recorded port: a new store on the new URL
+            self._embedded_url = url
+            self._reopen(url)
+
+    def _reopen(self, url: str) -> None:
+        raise NotImplementedError
 
 
 class SemanticCache(_Base):
@@ -267,6 +311,14 @@ class SemanticCache(_Base):
             raise ValueError(f"the store is for namespace {store.namespace!r}, "
                              f"the cache for {self.namespace!r}")
         self.store: Store = cast(Store, store)
+        self._timeout = timeout or DEFAULT_TIMEOUT
+
+    def _reopen(self, url: str) -> None:
+        from .store.redis import RedisStore
+
+        old, self.store = self.store, RedisStore.from_url(url, namespace=self.namespace,
+                                                          timeout=self._timeout)
+        old.close()
 
     # ------------------------------------------------------------------ plumbing
     def _ready(self) -> bool:
@@ -754,6 +806,14 @@ class AsyncSemanticCache(_Base):
             raise ValueError(f"the store is for namespace {store.namespace!r}, "
                              f"the cache for {self.namespace!r}")
         self.store: AsyncStore = cast(AsyncStore, store)
+        self._timeout = timeout or DEFAULT_TIMEOUT
+
+    def _reopen(self, url: str) -> None:
+        from .store.redis import AsyncRedisStore
+
+        # (the old store's connections are to a dead server: nothing to close cleanly)
+        self.store = AsyncRedisStore.from_url(url, namespace=self.namespace,
+                                              timeout=self._timeout)
 
     @property
     def _lock(self) -> asyncio.Lock:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -452,6 +454,149 @@ def test_the_embedded_server_dies_with_a_killed_owner(
         assert len(cache) == 100
     finally:
         cache.close()
+
+
+
+def _until_hit(get: Any, prompt: str, seconds: float = 10.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        hit = get(prompt)
+        if hit is not None:
+            return hit
+        time.sleep(0.05)
+    raise AssertionError(f"no hit for {prompt!r} in {seconds} s")
+
+
+def _recorded_pid(data: Path) -> int:
+    return int(json.loads((data / "server.json").read_text())["pid"])
+
+
+def test_caches_sharing_an_embedded_server_take_it_over_when_its_owner_dies(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from hnswcache import AsyncSemanticCache
+
+    data = tmp_path / "data"
+    child = subprocess.Popen(
+        [sys.executable, WORKER, "owner", str(data), "owned", "100", "main"],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("server "), line
+        first = int(line.split()[1])
+        sharer = SemanticCache(HashEmbedder(64), data_dir=data, namespace="owned", timeout=2.0)
+        asharer = AsyncSemanticCache(HashEmbedder(64), data_dir=data, namespace="owned",
+                                     timeout=2.0)
+        assert sharer._server is None and asharer._server is None
+        assert sharer.get("owned prompt 0") is not None
+    finally:
+        child.kill()  # SIGKILL: the owner's server gets SIGTERM and exits
+        child.wait()
+    deadline = time.monotonic() + 10
+    while _alive(first) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(first)
+
+    async def async_side() -> None:
+        # The first cache to fail restarts the server on the same data and owns it.
+        hit = None
+        deadline = time.monotonic() + 10
+        while hit is None and time.monotonic() < deadline:
+            hit = await asharer.get("owned prompt 1")
+            await asyncio.sleep(0.05)
+        assert hit is not None and hit.response == "answer 1"
+        assert asharer.stats()["store_errors"] >= 1
+
+    loop = asyncio.new_event_loop()  # (the async cache's connections belong to one loop)
+    loop.run_until_complete(async_side())
+    owner = asharer._server
+    assert owner is not None and owner.running and owner.pid != first
+    assert _recorded_pid(data) == owner.pid
+    # The other cache reconnects to that server (the socket path is the same): no second one.
+    assert _until_hit(sharer.get, "owned prompt 2").response == "answer 2"
+    assert sharer._server is None and _recorded_pid(data) == owner.pid
+    assert all(sharer.get(f"owned prompt {i}") is not None for i in range(100))
+    sharer.set("written after the takeover", "kept")
+    # The new owner closes (its server stops): the remaining cache takes over in turn.
+    owner_pid = owner.pid
+    assert owner_pid is not None
+    loop.run_until_complete(asharer.close())
+    loop.close()
+    assert not _alive(owner_pid)
+    hit = _until_hit(sharer.get, "written after the takeover")
+    assert hit.response == "kept"
+    assert sharer._server is not None and _recorded_pid(data) == sharer._server.pid
+    assert all(sharer.get(f"owned prompt {i}") is not None for i in range(100))
+    pid = sharer._server.pid
+    sharer.close()
+    assert not _alive(pid) and not (data / "server.json").exists()
+
+
+def test_a_server_that_lives_but_does_not_answer_is_never_replaced(
+    tmp_path: Path, ns: str
+) -> None:
+    data = tmp_path / "data"
+    owner = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    sharer = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns, timeout=0.3)
+    try:
+        owner.set("before the pause", "yes")
+        assert sharer.get("before the pause") is not None
+        server = owner._server
+        assert server is not None and sharer._server is None
+        pid = server.pid
+        server.pause()  # SIGSTOP: alive, silent
+        try:
+            assert sharer.get("before the pause") is None
+            assert sharer.stats()["store_errors"] >= 1
+            # Two servers on one append-only file would corrupt it: the sharer waits.
+            assert sharer._server is None and _recorded_pid(data) == pid
+        finally:
+            server.resume()
+        assert _until_hit(sharer.get, "before the pause").response == "yes"
+        # The owner's own server crashes: the owner starts it again on its next failure.
+        server.kill()
+        hit = _until_hit(owner.get, "before the pause")
+        assert hit.response == "yes"
+        assert owner._server is not None and owner._server.running
+        assert owner._server.pid != pid and _recorded_pid(data) == owner._server.pid
+        assert _until_hit(sharer.get, "before the pause") is not None
+        assert sharer._server is None
+    finally:
+        sharer.close()
+        owner.close()
+
+
+def test_a_stale_server_record_is_not_a_live_server(tmp_path: Path, ns: str) -> None:
+    """server.json left by a crash, its pid now another program's (or nobody's): a new
+    server is started. A dead server's owner, closing after another process restarted it,
+    leaves the new server's record alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid in (sleeper.pid, 2**22 + 12345):
+            (data / "server.json").write_text(json.dumps({"pid": pid, "port": 1, "tls": False}))
+            cache = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+            assert cache._server is not None and _recorded_pid(data) == cache._server.pid
+            cache.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    owner = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    sharer = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    owner.set("p", "r")
+    assert owner._server is not None and sharer._server is None
+    os.kill(owner._server.pid, signal.SIGKILL)  # a crash the owner has not noticed yet
+    assert _until_hit(sharer.get, "p").response == "r"
+    assert sharer._server is not None
+    owner.close()
+    assert _recorded_pid(data) == sharer._server.pid
+    assert _until_hit(SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns).get, "p")
+    sharer.close()
 
 
 # ------------------------------------------------------------------ @cached across processes

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,27 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _server_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running server process. A zombie has exited; a pid that now
+    belongs to another program (reused after a crash or a reboot) is no server."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: assume it is what server.json says
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc here: trust kill()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and b"-server" in cmdline
 
 
 def _ping(port: int, password: str | None, timeout: float = 0.5) -> bool:
@@ -304,11 +325,16 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         """Shut down gracefully (SIGTERM: the server flushes its append-only file)."""
+        pid = self.pid
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         self._reap()
-        with contextlib.suppress(OSError):
-            (self.data_dir / "server.json").unlink()
+        info = self.data_dir / "server.json"
+        # Only our own record: after this server died, another process may have started a
+        # new one on the same folder (see shared_server) and written its own.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if pid is not None and int(json.loads(info.read_text())["pid"]) == pid:
+                info.unlink()
 
     def kill(self) -> None:
         """SIGKILL the server (tests: a crash; acknowledged writes survive per appendfsync)."""
@@ -369,11 +395,17 @@ class EmbeddedServer:
 
 
 def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
-                  extra: Sequence[str] = ()) -> tuple[str, EmbeddedServer | None]:
-    """The URL of the server that keeps ``data_dir``: a running one (started by another
-    process) if it answers, else a new one owned by this process (stopped at exit).
+                  ) -> tuple[str, EmbeddedServer | None]:
+    """The URL of the server that keeps ``data_dir``: the one started there by another
+    process if it is still running, else a new one owned by this process (stopped at exit).
 
-    Returns ``(url, server)`` where ``server`` is ``None`` when another process owns it.
+    Returns ``(url, server)`` where ``server`` is ``None`` when another process owns it. A
+    recorded server whose process still lives is used even if it does not answer now
+    (paused, busy loading its file): two servers must never share one append-only file. A
+    new server takes the recorded port when it is free, so a TCP URL stays valid; the unix
+    socket is always ``data_dir/server.sock``. Callers serialise on ``data_dir/lock``, so of
+    several processes finding the server gone, one starts it and the others use it: that is
+    how the caches sharing an embedded server take over when its owner exits or dies.
     """
     import fcntl
 
@@ -381,14 +413,19 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        port: int | None = None
         try:
             info = json.loads((path / "server.json").read_text())
             port = int(info["port"])
-            if not info.get("tls") and _ping(port, None):
+            if not info.get("tls") and (_ping(port, None) or _server_alive(int(info["pid"]))):
                 sock = path / "server.sock"
                 url = f"unix://{sock}?db=0" if sock.exists() else f"redis://127.0.0.1:{port}/0"
                 return url, None
         except (OSError, ValueError, KeyError, TypeError):
             pass
+        if port is not None:
+            with contextlib.suppress(ServerStartError):  # (the port was taken meanwhile)
+                server = EmbeddedServer(path, port=port).start(timeout)
+                return server.unix_url, server
         server = EmbeddedServer(path).start(timeout)
         return server.unix_url, server
