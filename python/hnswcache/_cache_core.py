@@ -170,7 +170,8 @@ class CacheCore:
         self.next_sync = 0.0
         self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
         self.touches: set[int] = set()
-        self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, for the next read
+        self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, to write back
+        self._pending = threading.Lock()
         self.own_positions: set[str] = set()
         self.stats = Stats()
         self._create = threading.Lock()
@@ -430,9 +431,19 @@ class CacheCore:
     def take_refreshes(self) -> list[Refresh]:
         if not self.refreshes:
             return []
-        out = list(self.refreshes.values())
-        self.refreshes.clear()
+        with self._pending:  # (hit() may add one from another thread meanwhile)
+            out = list(self.refreshes.values())
+            self.refreshes.clear()
         return out
+
+    def put_back_refreshes(self, refs: Sequence[Refresh]) -> None:
+        """Refreshes whose write failed: kept for the next attempt (unless a later hit of
+        the same entry replaced them meanwhile)."""
+        with self._pending:
+            for r in refs:
+                cur = self.refreshes.get(r.id)
+                if cur is None or (cur.version == r.version and cur.until < r.until):
+                    self.refreshes[r.id] = r
 
     def _slide_local(self, recs: Sequence[Record]) -> None:
         """Give this replica's index the (later) expiry of sliding records."""
@@ -466,7 +477,8 @@ class CacheCore:
             # Refresh once the hit moves the expiry by 1/16 of the TTL: an entry expires at
             # least 15/16 of its TTL after its last hit, for at most 16 writes per TTL.
             if until - exp >= rec.slide * _SLIDE_STEP:
-                self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
+                with self._pending:
+                    self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
                 exp = until
             # The local index takes the stored expiry (refreshed elsewhere, maybe not yet
             # seen in the log) or this hit's.

@@ -201,7 +201,7 @@ class _Base:
         and the others reconnect to it (shared_server serialises them on a file lock). The
         call that failed stays a miss (or raises, strict); the next one finds the server.
         At most one attempt a second; a server process that still lives (slow, paused) is
-        never replaced. Blocks while the server starts (~0.1 s), also in the async cache."""
+        never replaced."""
         now = time.monotonic()
         if now < self._takeover_at or self._data_dir is None:
             return
@@ -209,10 +209,14 @@ class _Base:
         old = self._server
         if old is not None and old.running:
             return  # our own server is up: the failure is something else
+        self._restart_server(old, self._data_dir)
+
+    def _restart_server(self, old: Any, data_dir: Path) -> None:
+        """The takeover itself: blocks while a server starts (~0.1 s)."""
         from .store.server import shared_server
 
         try:
-            url, server = shared_server(self._data_dir)
+            url, server = shared_server(data_dir)
         except Exception as exc:  # ServerStartError, OSError: stay degraded, try again later
             log.warning("hnswcache %r: the embedded server is gone and could not be "
                         "restarted: %s", self.namespace, exc)
@@ -223,8 +227,7 @@ class _Base:
             old.stop()  # reap the dead process (the new server.json is not its own)
         self._server = server
         log.warning("hnswcache %r: the embedded server in %s was gone; restarted it (pid "
-                    "%s), owned by this process now", self.namespace, self._data_dir,
-                    server.pid)
+                    "%s), owned by this process now", self.namespace, data_dir, server.pid)
         if url != self._embedded_url:  # not the recorded port: a new store on the new URL
             self._embedded_url = url
             self._reopen(url)
@@ -400,10 +403,11 @@ class SemanticCache(_Base):
             return
         try:
             _, batch = self.store.read([], log_after=c.position, touch=c.take_touches(),
-                                       now=c.now(), refresh=c.take_refreshes())
+                                       now=c.now())
             self._apply(batch)
         except StoreError as exc:
             c.failed("sync", exc)
+        self._write_refreshes()
 
     # ------------------------------------------------------------------ reads
     def get(
@@ -437,6 +441,29 @@ class SemanticCache(_Base):
         max_age: float | None = None,
     ) -> list[Hit | None]:
         """get_many; fills ``used[i]`` with the embedding prompt ``i`` was searched with."""
+        out = self._lookup(prompts, scope, threshold, embeddings, used, max_age)
+        if self._core.refreshes:
+            self._write_refreshes()
+        return out
+
+    def _write_refreshes(self) -> None:
+        """Write back the sliding entries' later expiries now (one transaction; at most 16
+        per entry and TTL), so the store and every other process have them at once."""
+        c = self._core
+        refs = c.take_refreshes()
+        if not refs:
+            return
+        try:
+            self.store.refresh(refs, c.now())
+        except StoreError as exc:
+            c.put_back_refreshes(refs)  # the next hit or sync() tries again
+            c.failed("sliding-TTL refresh", exc)
+
+    def _lookup(
+        self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
+        embeddings: npt.ArrayLike | None, used: list[Any] | None,
+        max_age: float | None = None,
+    ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
@@ -457,7 +484,7 @@ class SemanticCache(_Base):
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now(), refresh=c.take_refreshes())
+                    now=c.now())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
@@ -672,7 +699,8 @@ class SemanticCache(_Base):
         """
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
-        self._core.check_sliding(sliding, ttl if ttl is not None else self._core.ttl)
+        self._core.check_sliding(
+            sliding, self._core.check_ttl(ttl) if ttl is not None else self._core.ttl)
 
         def deco(fn: F) -> F:
             @functools.wraps(fn)
@@ -731,10 +759,10 @@ class SemanticCache(_Base):
     def close(self) -> None:
         """Close the store connection (if the cache opened it) and stop its own server."""
         c = self._core
-        if c.refreshes:  # hits on sliding entries not written back yet
+        refs = c.take_refreshes()  # hits whose write-back failed so far
+        if refs:
             try:
-                self.store.read([], log_after=None, touch=c.take_touches(), now=c.now(),
-                                refresh=c.take_refreshes())
+                self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
         if self._owns_store:
@@ -807,6 +835,16 @@ class AsyncSemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: AsyncStore = cast(AsyncStore, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
+        self._takeover: asyncio.Future[None] | None = None  # a server restart in progress
+
+    def _restart_server(self, old: Any, data_dir: Path) -> None:
+        # Never block the event loop: the server starts in a worker thread; the calls made
+        # meanwhile are misses, as they were since the server went away.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return super()._restart_server(old, data_dir)
+        self._takeover = loop.run_in_executor(None, super()._restart_server, old, data_dir)
 
     def _reopen(self, url: str) -> None:
         from .store.redis import AsyncRedisStore
@@ -905,11 +943,11 @@ class AsyncSemanticCache(_Base):
             return
         try:
             _, batch = await self.store.read([], log_after=c.position,
-                                             touch=c.take_touches(), now=c.now(),
-                                             refresh=c.take_refreshes())
+                                             touch=c.take_touches(), now=c.now())
             await self._apply(batch)
         except StoreError as exc:
             c.failed("sync", exc)
+        await self._write_refreshes()
 
     async def get(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
@@ -935,6 +973,28 @@ class AsyncSemanticCache(_Base):
         max_age: float | None = None,
     ) -> list[Hit | None]:
         """See :meth:`SemanticCache._get_many`."""
+        out = await self._lookup(prompts, scope, threshold, embeddings, used, max_age)
+        if self._core.refreshes:
+            await self._write_refreshes()
+        return out
+
+    async def _write_refreshes(self) -> None:
+        """See :meth:`SemanticCache._write_refreshes`."""
+        c = self._core
+        refs = c.take_refreshes()
+        if not refs:
+            return
+        try:
+            await self.store.refresh(refs, c.now())
+        except StoreError as exc:
+            c.put_back_refreshes(refs)
+            c.failed("sliding-TTL refresh", exc)
+
+    async def _lookup(
+        self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
+        embeddings: npt.ArrayLike | None, used: list[Any] | None,
+        max_age: float | None = None,
+    ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
         thr = c.threshold if threshold is None else c.check_threshold(threshold)
@@ -955,7 +1015,7 @@ class AsyncSemanticCache(_Base):
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now(), refresh=c.take_refreshes())
+                    now=c.now())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 await self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
@@ -1135,7 +1195,8 @@ class AsyncSemanticCache(_Base):
         (coalescing joins the calls of other tasks on the same event loop)."""
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
-        self._core.check_sliding(sliding, ttl if ttl is not None else self._core.ttl)
+        self._core.check_sliding(
+            sliding, self._core.check_ttl(ttl) if ttl is not None else self._core.ttl)
 
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
@@ -1201,10 +1262,13 @@ class AsyncSemanticCache(_Base):
     async def close(self) -> None:
         """Close the store connection (if the cache opened it) and stop its own server."""
         c = self._core
-        if c.refreshes:  # hits on sliding entries not written back yet
+        if self._takeover is not None:
+            await self._takeover  # (a server it starts is ours to stop below)
+            self._takeover = None
+        refs = c.take_refreshes()  # hits whose write-back failed so far
+        if refs:
             try:
-                await self.store.read([], log_after=None, touch=c.take_touches(),
-                                      now=c.now(), refresh=c.take_refreshes())
+                await self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
         if self._owns_store:

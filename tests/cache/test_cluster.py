@@ -214,6 +214,40 @@ def test_async_cache_on_a_cluster(cluster: list[EmbeddedServer]) -> None:
     asyncio.run(run())
 
 
+
+def test_sliding_refreshes_on_a_cluster(cluster: list[EmbeddedServer]) -> None:
+    """A hit's write-back is a WATCH + MULTI/EXEC transaction: valid on a cluster since
+    every key of a cache is in one slot (sync and async cluster clients)."""
+    import asyncio
+
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    rc = connect(cluster)
+    for ns in spread_namespaces(rc, NODES, "slide"):
+        cache = SemanticCache(HashEmbedder(32), store=rc, namespace=ns, strict=True)
+        key = cache.set("the question", "the answer", ttl=2, sliding=True)
+        entry = keys_for(ns)["entry"] + key
+        time.sleep(1.0)
+        hit = cache.get("the question")
+        assert hit is not None and cache.stats()["store_errors"] == 0
+        # Written back at once: the server's TTL is a full 2 s again.
+        assert rc.pttl(entry) > 1500
+        assert rc.zscore(keys_for(ns)["exp"], key) == pytest.approx(hit.expires_at)
+    rc.close()
+
+    async def run() -> None:
+        arc = AsyncRedisCluster(host="127.0.0.1", port=cluster[1].port)
+        cache = AsyncSemanticCache(HashEmbedder(32), store=AsyncRedisStore(arc, namespace="aslide"),
+                                   namespace="aslide", strict=True)
+        key = await cache.set("q", "r", ttl=2, sliding=True)
+        await asyncio.sleep(1.0)
+        assert await cache.get("q") is not None
+        assert await arc.pttl(keys_for("aslide")["entry"] + key) > 1500
+        await arc.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_cluster_url_makes_a_cluster_client(cluster: list[EmbeddedServer]) -> None:
     """``store="redis+cluster://host:port"``: a RedisCluster seeded by that node, whichever
     node holds the cache's slot; a plain ``redis://`` URL to a node that does not hold it

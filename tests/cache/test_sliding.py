@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Sequence
 
 import pytest
+import redis
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
+from hnswcache.store.base import Record, Refresh, StoreError
 from hnswcache.store.memory import MemoryStore
+from hnswcache.store.redis import keys_for
 
 from .cache_helpers import FakeClock, Paraphrases
 
@@ -35,7 +40,6 @@ def test_hits_extend_a_sliding_entry_and_it_expires_a_ttl_after_the_last(
         assert hit is not None and hit.response == "sliding"
         assert hit.expires_at == pytest.approx(clock() + 100)
     assert a.get(px.q[1]) is None, "an absolute TTL must not slide"
-    a.sync()  # write the last refresh back (any later read of a would too)
     # Another process: its exact tier reads the stored expiry, and its own index was
     # extended from the change log, so its semantic tier finds the entry too.
     clock.advance(90)
@@ -55,33 +59,112 @@ def test_hits_extend_a_sliding_entry_and_it_expires_a_ttl_after_the_last(
         cache.close()
 
 
-def test_a_refresh_never_extends_a_newer_write_nor_revives_a_deleted_entry(
+def test_each_hit_is_written_back_at_once_and_at_most_16_times_a_ttl(
     store_url: str, ns: str, clock: FakeClock
 ) -> None:
+    """The store holds a hit's later expiry when get() returns, so the exact tier of every
+    process reads it: hits 0.6 TTL apart, alternating between two processes, never find
+    the entry expired. (The write-back once rode the next read, after its HGETALL: the
+    store trailed by two hits and the server deleted an entry hit every 0.6 TTL.)"""
     store = shared(store_url, ns)
     a = SemanticCache(HashEmbedder(64), store=store, namespace=ns, clock=clock)
     b = SemanticCache(HashEmbedder(64), store=store, namespace=ns, clock=clock)
-    a.set("sliding question", "old answer", ttl=100, sliding=True)
+    a.set("capital of france", "Paris", ttl=100, sliding=True)
+    for i in range(6):
+        clock.advance(60)
+        hit = (a if i % 2 == 0 else b).get("capital of france")
+        assert hit is not None and hit.tier == "exact" and hit.response == "Paris"
+        assert hit.expires_at == pytest.approx(clock() + 100)
+    assert a.stats()["expiries"] == 0 and b.stats()["expiries"] == 0
+    # Hits every second for one TTL: a write-back only when it moves the expiry by 1/16
+    # of the TTL. b counts the set events a logs.
+    b.sync()
+    before = b.stats()["sync_events"]
+    for _ in range(100):
+        clock.advance(1)
+        assert a.get("capital of france") is not None
+    b.sync()
+    writes = b.stats()["sync_events"] - before
+    assert 12 <= writes <= 16, writes
+    a.close()
+    b.close()
+
+
+def test_a_late_refresh_never_extends_a_newer_write_nor_recreates_a_deleted_entry(
+    store_url: str, ns: str, clock: FakeClock
+) -> None:
+    """A refresh names the version that was hit and is checked against the store in the
+    same transaction (WATCH, then MULTI/EXEC on a server)."""
+    store = shared(store_url, ns)
+    a = SemanticCache(HashEmbedder(64), store=store, namespace=ns, clock=clock)
+    raw = None if store_url == "memory" else redis.Redis.from_url(store_url)
+    k = keys_for(ns)
+
+    def stored(key: str) -> Record:
+        rec = a.store.fetch([int(key, 16)])[0]
+        assert isinstance(rec, Record)
+        return rec
+
+    key = a.set("sliding question", "old answer", ttl=100, sliding=True)
+    old = stored(key)
     clock.advance(50)
-    assert a.get("sliding question") is not None  # a refresh is now pending in a
-    b.set("sliding question", "new answer", ttl=10)  # replaced before a writes it back
-    a.sync()
+    late = Refresh(old.id, old.version, clock() + 100)  # a hit on it, not yet written
+    a.set("sliding question", "new answer", ttl=10)  # replaced meanwhile
+    assert a.store.refresh([late], clock()) == 0
+    new = stored(key)
+    assert new.response == "new answer" and new.expires == pytest.approx(clock() + 10)
+    if raw is not None:  # nor the expiry index (a late score there hid it from eviction)
+        assert raw.zscore(k["exp"], key) == pytest.approx(clock() + 10)
     clock.advance(20)
     assert a.get("sliding question") is None, "the refresh extended a newer write"
-    assert b.get("sliding question") is None
-    # Deleted before the refresh lands: it stays deleted, and what the refresh leaves behind
-    # is neither an entry nor counted as garbage.
+    # Deleted before the refresh lands: nothing is recreated (a hash without a TTL once was).
     key = a.set("another one", "x", ttl=100, sliding=True)
-    clock.advance(50)
-    assert a.get("another one") is not None
-    assert b.delete(key)
-    a.sync()
-    assert a.get("another one") is None and b.get("another one") is None
+    gone = stored(key)
+    assert a.delete(key)
+    assert a.store.refresh([Refresh(gone.id, gone.version, clock() + 100)], clock()) == 0
+    if raw is not None:
+        assert not raw.exists(k["entry"] + key)
     fresh = SemanticCache(HashEmbedder(64), store=store, namespace=ns, clock=clock)
     assert fresh.get("another one") is None
     assert len(fresh) == 0 and fresh.stats()["invalid_entries"] == 0
-    for cache in (a, b, fresh):
+    # The version held is extended.
+    key = a.set("a third", "y", ttl=100, sliding=True)
+    held = stored(key)
+    assert a.store.refresh([Refresh(held.id, held.version, clock() + 150)], clock()) == 1
+    assert stored(key).expires == pytest.approx(clock() + 150)
+    if raw is not None:
+        assert raw.zscore(k["exp"], key) == pytest.approx(clock() + 150)
+        assert raw.pttl(k["entry"] + key) > 120_000
+    for cache in (a, fresh):
         cache.close()
+
+
+def test_a_refresh_whose_write_failed_is_written_later(ns: str, clock: FakeClock) -> None:
+    class FailingOnce(MemoryStore):
+        """The real memory store, whose next refresh write fails (a dropped connection)."""
+
+        fail = 0
+
+        def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
+            if self.fail:
+                self.fail -= 1
+                raise StoreError("ConnectionError: connection reset")
+            return super().refresh(refresh, now)
+
+    store = FailingOnce(ns)
+    cache = SemanticCache(HashEmbedder(16), store=store, namespace=ns, clock=clock)
+    key = cache.set("q", "r", ttl=100, sliding=True)
+    clock.advance(50)
+    store.fail = 1
+    hit = cache.get("q")
+    assert hit is not None and hit.expires_at == pytest.approx(clock() + 100)
+    assert cache.stats()["store_errors"] == 1
+    assert store.fetch([int(key, 16)])[0].expires == pytest.approx(clock() + 50)  # type: ignore[union-attr]
+    cache.sync()  # (or the next lookup): the kept refresh is written
+    assert store.fetch([int(key, 16)])[0].expires == pytest.approx(clock() + 100)  # type: ignore[union-attr]
+    other = SemanticCache(HashEmbedder(16), store=store, namespace=ns, clock=clock)
+    clock.advance(90)
+    assert other.get("q") is not None
 
 
 def test_sliding_needs_a_ttl_and_the_default_ttl_can_slide(clock: FakeClock) -> None:
@@ -90,6 +173,8 @@ def test_sliding_needs_a_ttl_and_the_default_ttl_can_slide(clock: FakeClock) -> 
         cache.set("p", "r", sliding=True)
     with pytest.raises(ValueError, match="ttl"):
         cache.cached(sliding=True)
+    with pytest.raises(ValueError, match="ttl"):  # inf is no TTL: refused before any call
+        cache.cached(ttl=math.inf, sliding=True)
     with_default = SemanticCache(HashEmbedder(16), store="memory", clock=clock, ttl=30)
     calls: list[str] = []
 

@@ -226,8 +226,9 @@ class Refresh:
 
 
 def is_residue(raw: Mapping[Any, Any]) -> bool:
-    """A hash holding only refresh fields: what a refresh leaves where the entry was
-    deleted meanwhile (it expires by itself). Not an entry, and not garbage either."""
+    """A hash holding only refresh fields: what a refresh of an earlier release could
+    leave where its entry had been deleted (refreshes are version-checked transactions
+    now). Read as no entry, not as garbage."""
     return bool(raw) and all(isinstance(k, bytes) and k.startswith(UNTIL_PREFIX) for k in raw)
 
 
@@ -326,6 +327,8 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
             if not (0 < slide < math.inf and expires < math.inf):
                 raise ValueError("field 'slide' must be a positive number of seconds, "
                                  "with a finite 'expires'")
+            if slide > expires - created + 1e-3:  # a write sets slide = expires - created
+                raise ValueError("field 'slide' is longer than the entry's TTL")
             until_raw = raw.get(UNTIL_PREFIX + version.encode())
             if until_raw is not None:
                 until = _float({b"until": until_raw}, "until")
@@ -397,11 +400,15 @@ class Store(Protocol):
 
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
         """Fetch entries ``ids`` and, if ``log_after`` is given, the log after it, in one
-        round trip; also mark ``touch`` as used now (LRU) and apply ``refresh`` (sliding
-        expiries: each only to the version it names; logged as ``set``)."""
+        round trip; also mark ``touch`` as used now (LRU)."""
+        ...
+
+    def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
+        """Extend sliding entries (hits): each only while the entry still holds the version
+        it names and is live at ``now``, atomically (never an entry recreated, nor a newer
+        write extended); logged as ``set``. Returns how many were extended."""
         ...
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
@@ -453,8 +460,9 @@ class AsyncStore(Protocol):
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]: ...
+
+    async def refresh(self, refresh: Sequence[Refresh], now: float) -> int: ...
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]: ...
 

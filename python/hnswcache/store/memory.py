@@ -74,29 +74,30 @@ class MemoryStore:
     # ------------------------------------------------------------------ protocol
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
         with self._lock:
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
-            if refresh:
-                self._refresh(refresh)
             get = self._entries.get
             out: list[Fetched] = [get(i) for i in ids]
             batch = self._read_log(log_after) if log_after is not None else None
         return out, batch
 
-    def _refresh(self, refresh: Sequence[Refresh]) -> None:
+    def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
         done = []
-        for r in refresh:
-            cur = self._entries.get(r.id)
-            if cur is not None and cur.version == r.version and r.until > cur.expires:
-                self._entries[r.id] = dataclasses.replace(cur, expires=r.until)
-                heapq.heappush(self._expiry, (r.until, r.id, r.version))
-                done.append(LogEvent("set", r.id))
-        if done:
-            self._append(done)
+        with self._lock:
+            for r in refresh:
+                cur = self._entries.get(r.id)
+                # (an expired entry not purged yet is gone: no revival)
+                if (cur is not None and cur.version == r.version and cur.expires > now
+                        and r.until > cur.expires):
+                    self._entries[r.id] = dataclasses.replace(cur, expires=r.until)
+                    heapq.heappush(self._expiry, (r.until, r.id, r.version))
+                    done.append(LogEvent("set", r.id))
+            if done:
+                self._append(done)
+        return len(done)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         with self._lock:
@@ -199,9 +200,11 @@ class AsyncMemoryStore:
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        return self.sync.read(ids, log_after=log_after, touch=touch, now=now, refresh=refresh)
+        return self.sync.read(ids, log_after=log_after, touch=touch, now=now)
+
+    async def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
+        return self.sync.refresh(refresh, now)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         return self.sync.fetch(ids)

@@ -47,6 +47,7 @@ __all__ = ["RedisStore", "AsyncRedisStore", "keys_for"]
 log = logging.getLogger("hnswcache.store.redis")
 
 _LOG_BATCH = 1000
+_REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next hit retries)
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
@@ -72,6 +73,11 @@ def _errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.exceptions.RedisError, OSError)
+
+
+def _refused(exc: BaseException) -> None:
+    log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs Redis "
+                ">= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
 
 
 def _stream_id(value: Any) -> tuple[int, int] | None:
@@ -113,6 +119,10 @@ class _Layout:
         self.client = client
         self._owns = owns_client
         self._errors = _errors()
+        import redis
+
+        self._watch_error = redis.exceptions.WatchError
+        self._response_error = redis.exceptions.ResponseError
         self.namespace = validate_namespace(namespace)
         k = keys_for(namespace)
         self.k_entry = k["entry"]
@@ -166,7 +176,7 @@ class _Layout:
     # ---------------------------------------------------------------- read
     def queue_read(
         self, pipe: Any, ids: Sequence[int], log_after: str | None, touch: Sequence[int],
-        now: float, refresh: Sequence[Refresh] = (),
+        now: float,
     ) -> None:
         for i in ids:
             pipe.hgetall(self.ekey(i))
@@ -180,15 +190,21 @@ class _Layout:
             # read checks both. XRANGE, not XREAD: XREAD's keys are "movable", so a cluster
             # client would ask the server for them (COMMAND GETKEYS) before every read.
             pipe.xrange(self.k_log, log_after, "+", count=_LOG_BATCH + 1)
-        if refresh:  # last: parse_read does not look at their replies
-            self.queue_refresh(pipe, refresh, now)
+
+    def refresh_keys(self, refresh: Sequence[Refresh]) -> list[str]:
+        return [self.ekey(r.id) for r in refresh]
+
+    @staticmethod
+    def still_held(refresh: Sequence[Refresh], versions: Sequence[Any]) -> list[Refresh]:
+        """The refreshes whose entry still holds the version that was hit."""
+        return [r for r, v in zip(refresh, versions) if v == r.version.encode()]
 
     def queue_refresh(self, pipe: Any, refresh: Sequence[Refresh], now: float) -> None:
-        """Extend sliding entries: the later expiry goes into the field of the version that
-        was hit (so it never extends a newer write), the key's own expiry only grows
-        (``PEXPIRE ... GT``: it never shortens a newer write's, nor gives one that never
-        expires an expiry; Redis >= 7.0, any Valkey), and the ``set`` event tells the other
-        processes to re-read the entry."""
+        """Extend sliding entries (in a MULTI whose keys were WATCHed and found to hold the
+        versions that were hit): the later expiry goes into the field of that version, the
+        key's own expiry only grows (``PEXPIRE ... GT``: Redis >= 7.0, any Valkey), the
+        expiry index follows, and the ``set`` event tells the other processes to re-read
+        the entry."""
         for r in refresh:
             key = self.ekey(r.id)
             pipe.hset(key, "until:" + r.version, repr(float(r.until)))
@@ -214,12 +230,6 @@ class _Layout:
         n = len(ids)
         entries = self.parse_entries(ids, results[:n])
         rest = list(results[n + (1 if touch else 0):])
-        tail = rest[1:] if log_after is not None else rest
-        for r in tail:  # the refreshes' replies
-            if isinstance(r, Exception):
-                log.warning("a sliding-TTL refresh was refused (it needs PEXPIRE GT: Redis "
-                            ">= 7.0 or Valkey); the entry keeps its earlier expiry: %s", r)
-                break
         if log_after is None:
             return entries, None
         if isinstance(rest[0], Exception):
@@ -421,11 +431,36 @@ class RedisStore(_Layout):
 
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now,
-                                                         refresh))
+        res = self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
         return self.parse_read(ids, log_after, touch, res)
+
+    def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
+        # WATCH, read the versions, then MULTI/EXEC: a key deleted, expired or rewritten in
+        # between makes EXEC fail, and the check runs again (plain commands, no script).
+        if not refresh:
+            return 0
+        keys = self.refresh_keys(refresh)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        pipe.watch(*keys)
+                        live = self.still_held(refresh, [pipe.hget(k, "version") for k in keys])
+                        if not live:
+                            pipe.unwatch()
+                            return 0
+                        pipe.multi()
+                        self.queue_refresh(pipe, live, now)
+                        pipe.execute()
+                        return len(live)
+                    except self._watch_error:
+                        continue
+        except self._response_error as exc:
+            _refused(exc)
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return 0
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:
@@ -597,11 +632,38 @@ class AsyncRedisStore(_Layout):
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
-        refresh: Sequence[Refresh] = (),
     ) -> tuple[list[Fetched], LogBatch | None]:
-        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now,
-                                                               refresh))
+        res = await self._run(False, lambda p: self.queue_read(p, ids, log_after, touch, now))
         return self.parse_read(ids, log_after, touch, res)
+
+    async def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
+        # As RedisStore.refresh: WATCH, check the versions, MULTI/EXEC.
+        if not refresh:
+            return 0
+        keys = self.refresh_keys(refresh)
+        try:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        await pipe.watch(*keys)
+                        live = self.still_held(refresh,
+                                               [await pipe.hget(k, "version") for k in keys])
+                        if not live:
+                            await pipe.unwatch()
+                            return 0
+                        pipe.multi()
+                        self.queue_refresh(pipe, live, now)
+                        await pipe.execute()
+                        return len(live)
+                    except self._watch_error:
+                        continue
+        except self._response_error as exc:
+            _refused(exc)
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return 0
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:
