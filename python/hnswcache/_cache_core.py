@@ -35,7 +35,7 @@ from .store.base import (
     scope_key,
 )
 
-__all__ = ["Hit", "CacheCore", "Stats"]
+__all__ = ["Hit", "Lookup", "CacheCore", "Stats"]
 
 log = logging.getLogger("hnswcache.cache")
 
@@ -77,6 +77,35 @@ class Hit:
     expires_at: float | None
     metadata: dict[str, Any] = field(default_factory=dict)
     scope: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What one lookup found: the hit, or how close a miss came (for logging near misses
+    and tuning the threshold).
+
+    Attributes:
+        hit: the cached answer, or ``None`` for a miss.
+        threshold: the similarity threshold the lookup was decided with.
+        nearest_similarity: cosine similarity of the nearest entry of the scope: the
+            hit's (1.0 for an exact hit); for a miss, the index's similarity of its nearest
+            live entry (on ``int8``/``float16`` rows within 0.02/0.005 of the exact one);
+            ``None`` when no search ran (an empty scope, the store or the embedder down).
+        nearest_key: that entry's key, or ``None``.
+    """
+
+    hit: Hit | None
+    threshold: float
+    nearest_similarity: float | None
+    nearest_key: str | None
+
+    @property
+    def near_miss(self) -> bool:
+        """A miss whose nearest entry was at most 0.05 below the threshold (what
+        ``stats()["near_misses"]`` counts)."""
+        s = self.nearest_similarity
+        return (self.hit is None and s is not None
+                and self.threshold - NEAR_MISS_BAND <= s < self.threshold)
 
 
 #: A hit on a sliding entry is written back once it moves the expiry by this part of the TTL.
@@ -516,19 +545,19 @@ class CacheCore:
 
     def candidates(
         self, vecs: npt.NDArray[np.float32], sid: str, threshold: float,
-        nearest: list[float] | None = None,
+        nearest: list[tuple[float, int]] | None = None,
     ) -> list[list[tuple[int, float]]]:
         """Each row's entries near enough to be a hit, best first; appends each row's
-        nearest similarity (the index's, NaN for none) to ``nearest``."""
+        nearest ``(similarity, id)`` (the index's; ``(NaN, -1)`` for none) to ``nearest``."""
         idx = self.indexes.get(sid)
         if idx is None:  # (len(idx) is O(n) in the core: not on this path)
             if nearest is not None:
-                nearest.extend([math.nan] * vecs.shape[0])
+                nearest.extend([(math.nan, -1)] * vecs.shape[0])
             return [[] for _ in range(vecs.shape[0])]
         labels, dists = idx.search(vecs, k=self.k, num_threads=1 if len(vecs) < 64 else 0)
         lab_rows, dist_rows = labels.tolist(), dists.tolist()
         if nearest is not None:
-            nearest.extend(1.0 - d[0] if lab[0] >= 0 else math.nan
+            nearest.extend((1.0 - d[0], lab[0]) if lab[0] >= 0 else (math.nan, -1)
                            for lab, d in zip(lab_rows, dist_rows))
         # Best first; distance is 1 - similarity, so keep distances <= 1 - threshold + slack.
         # (Padding has label -1 and distance inf.)
@@ -536,24 +565,40 @@ class CacheCore:
         return [[(lab, 1.0 - d) for lab, d in zip(lab_row, dist_row) if d <= top]
                 for lab_row, dist_row in zip(lab_rows, dist_rows)]
 
-    def record_misses(self, out: Sequence[Hit | None], nearest: Mapping[int, float],
+    @staticmethod
+    def lookups(out: Sequence[Hit | None], near: Mapping[int, tuple[float, int]],
+                threshold: float) -> list[Lookup]:
+        """:class:`Lookup` of each row of one lookup: its hit, or its nearest entry."""
+        res = []
+        for i, h in enumerate(out):
+            if h is not None:
+                res.append(Lookup(h, threshold, h.similarity, h.key))
+                continue
+            sim, eid = near.get(i, (math.nan, -1))
+            if sim != sim or eid < 0:
+                res.append(Lookup(None, threshold, None, None))
+            else:
+                res.append(Lookup(None, threshold, max(-1.0, min(1.0, sim)), format_id(eid)))
+        return res
+
+    def record_misses(self, out: Sequence[Hit | None], nearest: Mapping[int, tuple[float, int]],
                       threshold: float) -> None:
         """Count the semantic misses among ``out`` by their nearest similarity."""
-        for i, sim in nearest.items():
+        for i, (sim, _) in nearest.items():
             if out[i] is None and sim == sim:  # (NaN: the scope's index was empty)
                 self.stats.miss(sim, threshold)
 
     def search_ahead(
         self, ids: Sequence[int], vecs: npt.NDArray[np.float32] | None, sid: str,
-        threshold: float, near: dict[int, float],
+        threshold: float, near: dict[int, tuple[float, int]],
     ) -> tuple[dict[int, list[tuple[int, float]]] | None, list[int]]:
         """With embeddings given, search before the store round trip (so candidates ride
         along with the exact tier) for the prompts the replica predicts to be exact misses;
         ``(row index -> candidates, ids to fetch)`` or ``(None, [])``. Fills ``near`` with
-        the rows' nearest similarities."""
+        the rows' nearest ``(similarity, id)``."""
         if vecs is None or sid not in self.indexes:
             return None, []
-        nearest: list[float] = []
+        nearest: list[tuple[float, int]] = []
         if len(ids) == 1:  # get(): no list juggling
             if ids[0] in self.where:
                 return None, []

@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from ._cache_core import CacheCore, Hit
+from ._cache_core import CacheCore, Hit, Lookup
 from ._flight import LEADING, Flights, inside_call
 from .embed import default_embedder, embedder_name
 from .store.base import (
@@ -55,7 +55,7 @@ from .store.base import (
     validate_namespace,
 )
 
-__all__ = ["AsyncSemanticCache", "DEFAULT_THRESHOLD", "Hit", "SemanticCache"]
+__all__ = ["AsyncSemanticCache", "DEFAULT_THRESHOLD", "Hit", "Lookup", "SemanticCache"]
 
 log = logging.getLogger("hnswcache.cache")
 
@@ -435,13 +435,37 @@ class SemanticCache(_Base):
         tier, one embedder call and one index search for the rest."""
         return self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
+    def lookup(
+        self, prompt: str, *, scope: Mapping[str, Any] | None = None,
+        threshold: float | None = None, embedding: npt.ArrayLike | None = None,
+        max_age: float | None = None,
+    ) -> Lookup:
+        """:meth:`get` that also says how close a miss came: a :class:`Lookup` with the
+        hit (or ``None``) and the similarity and key of the scope's nearest entry. Same
+        arguments, same cost (the search already finds the nearest entry)."""
+        emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
+        return self.lookup_many([prompt], scope=scope, threshold=threshold, embeddings=emb,
+                                max_age=max_age)[0]
+
+    def lookup_many(
+        self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
+        threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
+        max_age: float | None = None,
+    ) -> list[Lookup]:
+        """:meth:`lookup` for several prompts of one scope (as :meth:`get_many`)."""
+        near: dict[int, tuple[float, int]] = {}
+        out = self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
+        c = self._core
+        return c.lookups(out, near, c.threshold if threshold is None
+                         else c.check_threshold(threshold))
+
     def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
-        max_age: float | None = None,
+        max_age: float | None = None, near_out: dict[int, tuple[float, int]] | None = None,
     ) -> list[Hit | None]:
         """get_many; fills ``used[i]`` with the embedding prompt ``i`` was searched with."""
-        out = self._lookup(prompts, scope, threshold, embeddings, used, max_age)
+        out = self._lookup(prompts, scope, threshold, embeddings, used, max_age, near_out)
         if self._core.refreshes:
             self._write_refreshes()
         return out
@@ -462,7 +486,7 @@ class SemanticCache(_Base):
     def _lookup(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
-        max_age: float | None = None,
+        max_age: float | None = None, near_out: dict[int, tuple[float, int]] | None = None,
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
@@ -472,7 +496,8 @@ class SemanticCache(_Base):
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
-        near: dict[int, float] = {}  # row -> nearest similarity, for the miss statistics
+        # row -> nearest (similarity, id) in the index: the miss statistics, lookup()
+        near: dict[int, tuple[float, int]] = {} if near_out is None else near_out
         try:
             if not prompts or not self._ready():
                 return self._misses(out)
@@ -504,7 +529,7 @@ class SemanticCache(_Base):
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
-            nearest: list[float] = []
+            nearest: list[tuple[float, int]] = []
             cands = c.candidates(vecs, sid, thr, nearest)
             near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
@@ -967,13 +992,36 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache.get_many`."""
         return await self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
+    async def lookup(
+        self, prompt: str, *, scope: Mapping[str, Any] | None = None,
+        threshold: float | None = None, embedding: npt.ArrayLike | None = None,
+        max_age: float | None = None,
+    ) -> Lookup:
+        """See :meth:`SemanticCache.lookup`."""
+        emb = None if embedding is None else np.asarray(embedding).reshape(1, -1)
+        return (await self.lookup_many([prompt], scope=scope, threshold=threshold,
+                                       embeddings=emb, max_age=max_age))[0]
+
+    async def lookup_many(
+        self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
+        threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
+        max_age: float | None = None,
+    ) -> list[Lookup]:
+        """See :meth:`SemanticCache.lookup_many`."""
+        near: dict[int, tuple[float, int]] = {}
+        out = await self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
+        c = self._core
+        return c.lookups(out, near, c.threshold if threshold is None
+                         else c.check_threshold(threshold))
+
     async def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
-        max_age: float | None = None,
+        max_age: float | None = None, near_out: dict[int, tuple[float, int]] | None = None,
     ) -> list[Hit | None]:
         """See :meth:`SemanticCache._get_many`."""
-        out = await self._lookup(prompts, scope, threshold, embeddings, used, max_age)
+        out = await self._lookup(prompts, scope, threshold, embeddings, used, max_age,
+                                 near_out)
         if self._core.refreshes:
             await self._write_refreshes()
         return out
@@ -993,7 +1041,7 @@ class AsyncSemanticCache(_Base):
     async def _lookup(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
         embeddings: npt.ArrayLike | None, used: list[Any] | None,
-        max_age: float | None = None,
+        max_age: float | None = None, near_out: dict[int, tuple[float, int]] | None = None,
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
@@ -1003,7 +1051,8 @@ class AsyncSemanticCache(_Base):
         given_all = (None if embeddings is None
                      else c.vectors(embeddings, len(prompts), copy=False))
         out: list[Hit | None] = [None] * len(prompts)
-        near: dict[int, float] = {}  # row -> nearest similarity, for the miss statistics
+        # row -> nearest (similarity, id) in the index: the miss statistics, lookup()
+        near: dict[int, tuple[float, int]] = {} if near_out is None else near_out
         try:
             if not prompts or not await self._ready():
                 return self._misses(out)
@@ -1035,7 +1084,7 @@ class AsyncSemanticCache(_Base):
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
-            nearest: list[float] = []
+            nearest: list[tuple[float, int]] = []
             cands = c.candidates(vecs, sid, thr, nearest)
             near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
@@ -1285,6 +1334,8 @@ class AsyncSemanticCache(_Base):
 
     aget = get
     aget_many = get_many
+    alookup = lookup
+    alookup_many = lookup_many
     aset = set
     aset_many = set_many
     adelete = delete

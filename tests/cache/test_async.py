@@ -72,6 +72,25 @@ def test_async_decorator_and_concurrency(async_url: str, ns: str) -> None:
     asyncio.run(run())
 
 
+
+def test_async_lookup(async_url: str, ns: str) -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(32), store=async_url, namespace=ns)
+        vecs = np.eye(32, dtype=np.float32)
+        key = await cache.set("first", "one", embedding=vecs[0])
+        probe = (0.6 * vecs[0] + 0.8 * vecs[1]).astype(np.float32)  # similarity 0.6
+        miss = await cache.alookup("probe", embedding=probe)
+        assert miss.hit is None and miss.nearest_key == key
+        assert miss.nearest_similarity == pytest.approx(0.6, abs=0.02) and not miss.near_miss
+        both = await cache.lookup_many(["first", "probe"], embeddings=np.stack([vecs[0], probe]),
+                                       threshold=0.5)
+        assert both[0].hit is not None and both[0].nearest_similarity == 1.0
+        assert both[1].hit is not None and both[1].hit.similarity == pytest.approx(0.6, abs=1e-5)
+        await cache.close()
+
+    asyncio.run(run())
+
+
 def test_async_and_sync_share_one_server(valkey_server: EmbeddedServer, ns: str) -> None:
     url = valkey_server.url
     sync_cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns, threshold=0.5)

@@ -328,6 +328,58 @@ def test_miss_statistics_match_brute_force(
     assert near > 0 and abs(s["near_misses"] - near) <= 2, (s["near_misses"], near)
 
 
+
+def test_lookup_says_how_close_a_miss_came(
+    store_url: str, ns: str, paraphrases: Paraphrases
+) -> None:
+    px = paraphrases
+    cache = make(store_url, ns, embedder=px.embedder())
+    assert cache.lookup("anything").nearest_similarity is None  # nothing stored yet
+    n = 150
+    keys = cache.set_many([(q, f"answer {i}") for i, q in enumerate(px.q[:n])])
+    stored = px.qv[:n] / np.linalg.norm(px.qv[:n], axis=1, keepdims=True)
+    # Below the threshold on purpose: vectors at a known similarity from stored question i.
+    rng = np.random.default_rng(9)
+    made, want = [], []
+    for i in range(20):
+        u = rng.standard_normal(stored.shape[1]).astype(np.float32)
+        u -= (u @ stored[i]) * stored[i]
+        u /= np.linalg.norm(u)
+        c = DEFAULT_THRESHOLD - 0.005 - 0.01 * i
+        made.append((c * stored[i] + np.sqrt(1 - c * c) * u).astype(np.float32))
+        want.append(c)
+    found = cache.lookup_many([f"made {i}" for i in range(20)], embeddings=np.stack(made))
+    sims = np.stack(made) @ stored.T
+    for i, lk in enumerate(found):
+        assert lk.hit is None and lk.threshold == DEFAULT_THRESHOLD
+        j = int(sims[i].argmax())
+        assert lk.nearest_similarity == pytest.approx(sims[i, j], abs=0.02)  # int8 rows
+        assert lk.nearest_key in keys  # the nearest, or one as near within int8's error
+        assert sims[i, j] - sims[i, keys.index(lk.nearest_key)] <= 0.02
+        assert lk.near_miss == (DEFAULT_THRESHOLD - NEAR_MISS_BAND
+                                <= lk.nearest_similarity < DEFAULT_THRESHOLD)
+    assert sum(lk.near_miss for lk in found) >= 4
+    assert cache.stats()["near_misses"] == sum(lk.near_miss for lk in found)
+    # Paraphrases through the embedder: hits report their own similarity and key.
+    got = cache.lookup_many(px.p[:n])
+    assert sum(lk.hit is not None for lk in got) >= 0.7 * n
+    for lk in got:
+        if lk.hit is not None:
+            assert lk.nearest_similarity == lk.hit.similarity and lk.nearest_key == lk.hit.key
+        else:
+            assert lk.nearest_similarity is not None and lk.nearest_similarity < lk.threshold
+    exact = cache.lookup(px.q[3])
+    assert exact.hit is not None and exact.hit.tier == "exact"
+    assert exact.nearest_similarity == 1.0 and exact.nearest_key == keys[3]
+    # A threshold for this call: the same search, decided against it.
+    low = cache.lookup("made 0", embedding=made[0], threshold=want[0] - 0.03)
+    assert low.hit is not None and low.threshold == pytest.approx(want[0] - 0.03)
+    # Another scope holds nothing: no nearest entry, whatever the default scope holds.
+    other = cache.lookup(px.q[3], scope={"tenant": "b"})
+    assert other.hit is None and other.nearest_similarity is None and not other.near_miss
+    cache.close()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="cosine similarity"):
         SemanticCache(HashEmbedder(8), store="memory", threshold=1.5)
