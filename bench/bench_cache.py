@@ -25,7 +25,9 @@ latency of that size, whatever the code does.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -198,43 +200,45 @@ def bench_gptcache(data: tuple[Any, ...], args: argparse.Namespace,
     def embed(text: str, **_: Any) -> np.ndarray:
         return table[text]
 
-    with tempfile.TemporaryDirectory() as d:
-        dm = get_data_manager(
-            CacheBase("sqlite", sql_url=f"sqlite:///{d}/gptcache.db"),
-            VectorBase("faiss", dimension=base.shape[1], index_path=f"{d}/faiss.index",
-                       top_k=1),
-            max_size=len(texts) + 10,
-        )
-        cache = Cache()
-        # GPTCache hit: 4.0 - L2^2 >= threshold * 4.0 on unit vectors; L2^2 = 2 - 2 cos.
-        gthr = (4.0 - (2.0 - 2.0 * DEFAULT_THRESHOLD)) / 4.0
-        cache.init(pre_embedding_func=get_prompt, embedding_func=embed, data_manager=dm,
-                   similarity_evaluation=SearchDistanceEvaluation(),
-                   config=Config(similarity_threshold=gthr))
-        t0 = time.perf_counter()
-        for s in range(0, len(texts), 1000):
-            cache.import_data(texts[s:s + 1000], [f"response {s + i}" for i in
-                                                  range(len(texts[s:s + 1000]))])
-        rows.append(("gptcache", "set (import_data x1000)", "-", "-",
-                     len(texts) / (time.perf_counter() - t0)))
-        nq = min(nq, args.gptcache_queries)
-        kinds = {
-            "exact": [texts[i] for i in rng.integers(0, len(texts), nq)],
-            "semantic": list(qtexts[:nq]),
-            "miss": [f"random {i}" for i in range(nq)],
-        }
-        for kind, prompts in kinds.items():
-            lat = []
-            hits = 0
-            for p in prompts:
-                t = time.perf_counter()
-                r = api.get(p, cache_obj=cache)
-                lat.append(time.perf_counter() - t)
-                hits += r is not None
-            p50, p99, qps = pct(lat)
-            rows.append(("gptcache", f"get {kind} (hit rate {hits / len(prompts):.2f})",
-                         p50, p99, qps))
-        cache.flush()  # GPTCache writes its index at exit otherwise, after `d` is gone
+    # GPTCache flushes its faiss index at exit (atexit): the folder must outlive it, so it
+    # is removed by an atexit hook registered before GPTCache's (they run last-in first-out).
+    d = tempfile.mkdtemp(prefix="bench-gptcache-")
+    atexit.register(shutil.rmtree, d, True)
+    dm = get_data_manager(
+        CacheBase("sqlite", sql_url=f"sqlite:///{d}/gptcache.db"),
+        VectorBase("faiss", dimension=base.shape[1], index_path=f"{d}/faiss.index",
+                   top_k=1),
+        max_size=len(texts) + 10,
+    )
+    cache = Cache()
+    # GPTCache hit: 4.0 - L2^2 >= threshold * 4.0 on unit vectors; L2^2 = 2 - 2 cos.
+    gthr = (4.0 - (2.0 - 2.0 * DEFAULT_THRESHOLD)) / 4.0
+    cache.init(pre_embedding_func=get_prompt, embedding_func=embed, data_manager=dm,
+               similarity_evaluation=SearchDistanceEvaluation(),
+               config=Config(similarity_threshold=gthr))
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), 1000):
+        cache.import_data(texts[s:s + 1000], [f"response {s + i}" for i in
+                                              range(len(texts[s:s + 1000]))])
+    rows.append(("gptcache", "set (import_data x1000)", "-", "-",
+                 len(texts) / (time.perf_counter() - t0)))
+    nq = min(nq, args.gptcache_queries)
+    kinds = {
+        "exact": [texts[i] for i in rng.integers(0, len(texts), nq)],
+        "semantic": list(qtexts[:nq]),
+        "miss": [f"random {i}" for i in range(nq)],
+    }
+    for kind, prompts in kinds.items():
+        lat = []
+        hits = 0
+        for p in prompts:
+            t = time.perf_counter()
+            r = api.get(p, cache_obj=cache)
+            lat.append(time.perf_counter() - t)
+            hits += r is not None
+        p50, p99, qps = pct(lat)
+        rows.append(("gptcache", f"get {kind} (hit rate {hits / len(prompts):.2f})",
+                     p50, p99, qps))
 
 
 def main() -> None:
