@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import secrets
 import threading
 import time
@@ -168,7 +169,7 @@ class CacheCore:
         self, *, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         strict: bool, clock: Clock | None, sync_interval: float, candidates: int,
         M: int, ef_construction: int, ef_search: int, dtype: str = "float32",
-        search_starts: int = 2,
+        search_starts: int = 2, ttl_jitter: float = 0.0,
     ) -> None:
         self.embedder = embedder
         self.threshold = self.check_threshold(threshold)
@@ -176,6 +177,10 @@ class CacheCore:
         if max_entries is not None and (not isinstance(max_entries, int) or max_entries < 1):
             raise ValueError(f"max_entries must be a positive integer or None, got {max_entries!r}")
         self.max_entries = max_entries
+        if isinstance(ttl_jitter, bool) or not 0.0 <= ttl_jitter < 1.0:
+            raise ValueError(f"ttl_jitter is a fraction of the TTL in [0, 1), got {ttl_jitter!r}")
+        self.ttl_jitter = float(ttl_jitter)
+        self._rng = random.Random()
         self.strict = bool(strict)
         self.clock: Clock = clock if clock is not None else time.time
         if sync_interval < 0:
@@ -694,17 +699,24 @@ class CacheCore:
                 raise TypeError(f"metadata must be a JSON-serialisable mapping: {exc}") from None
         return out
 
-    @staticmethod
     def records(
-        keys: Sequence[tuple[int, str, str, str]], pairs: Sequence[tuple[str, str]],
+        self, keys: Sequence[tuple[int, str, str, str]], pairs: Sequence[tuple[str, str]],
         vecs: npt.NDArray[np.float32], ttl: float | None, metadata_json: Sequence[str],
         now: float, sliding: bool = False,
     ) -> list[Record]:
-        expires = now + ttl if ttl is not None else math.inf
-        slide = float(ttl) if sliding and ttl is not None else 0.0
-        return [
-            Record(id=k[0], prompt=p, response=r, vector=v, scope_id=k[1], scope_json=k[2],
-                   metadata_json=m, created=now, expires=expires, version=secrets.token_hex(8),
-                   slide=slide)
-            for k, (p, r), v, m in zip(keys, pairs, vecs, metadata_json)
-        ]
+        out = []
+        for k, (p, r), v, m in zip(keys, pairs, vecs, metadata_json):
+            t = ttl
+            if t is not None and self.ttl_jitter:  # each entry its own share of the jitter
+                t *= 1.0 - self.ttl_jitter * self._rng.random()
+            out.append(Record(
+                id=k[0], prompt=p, response=r, vector=v, scope_id=k[1], scope_json=k[2],
+                metadata_json=m, created=now, expires=now + t if t is not None else math.inf,
+                version=secrets.token_hex(8), slide=float(t) if sliding and t is not None
+                else 0.0))
+        return out
+
+    @staticmethod
+    def ttls(records: Sequence[Record], now: float) -> list[float | None]:
+        """Each record's TTL from ``now`` for the store (``None``: never expires)."""
+        return [None if r.expires == math.inf else r.expires - now for r in records]

@@ -148,14 +148,14 @@ class _Base:
         self, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         namespace: str, strict: bool, clock: Clock | None, sync_interval: float,
         candidates: int, M: int, ef_construction: int, ef_search: int, dtype: str,
-        search_starts: int,
+        search_starts: int, ttl_jitter: float = 0.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         self._core = CacheCore(
             embedder=embedder, threshold=threshold, ttl=ttl, max_entries=max_entries,
             strict=strict, clock=clock, sync_interval=sync_interval, candidates=candidates,
             M=M, ef_construction=ef_construction, ef_search=ef_search, dtype=dtype,
-            search_starts=search_starts,
+            search_starts=search_starts, ttl_jitter=ttl_jitter,
         )
         self._server: Any = None  # the embedded server this process owns, if any
         self._data_dir: Path | None = None  # where the embedded server keeps its data
@@ -244,6 +244,9 @@ class SemanticCache(_Base):
             (loaded on first use; needs the ``embed`` extra).
         threshold: cosine similarity at or above which a semantic match is a hit.
         ttl: default seconds an entry lives (``None``: until evicted or deleted).
+        ttl_jitter: shorten each entry's TTL by a random part of it, up to this fraction
+            (0 to 1; e.g. 0.1: each entry lives 90-100% of its TTL), so answers cached in
+            one burst do not all expire, and go back to the LLM, in the same second.
         max_entries: cap on entries in the namespace; least recently used go first.
         store: ``None`` (a private valkey-server with data in ``data_dir``), ``"memory"``,
             a ``redis://`` / ``rediss://`` URL, ``redis+cluster://host:port`` (Redis
@@ -289,10 +292,11 @@ class SemanticCache(_Base):
         ef_search: int = DEFAULT_EF_SEARCH,
         dtype: str = DEFAULT_DTYPE,
         search_starts: int = DEFAULT_SEARCH_STARTS,
+        ttl_jitter: float = 0.0,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
-                    search_starts)
+                    search_starts, ttl_jitter)
         self._lock = threading.RLock()
         self._owns_store = not _is_store(store)
         if store is None:
@@ -641,7 +645,7 @@ class SemanticCache(_Base):
             c.stats.add("store_errors")
             return keys
         try:
-            res = self.store.write(recs, [eff_ttl] * len(recs), now,
+            res = self.store.write(recs, c.ttls(recs, now), now,
                                         c.take_touches())
         except StoreError as exc:
             c.failed("set", exc)
@@ -828,10 +832,11 @@ class AsyncSemanticCache(_Base):
         ef_search: int = DEFAULT_EF_SEARCH,
         dtype: str = DEFAULT_DTYPE,
         search_starts: int = DEFAULT_SEARCH_STARTS,
+        ttl_jitter: float = 0.0,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
-                    search_starts)
+                    search_starts, ttl_jitter)
         self._alock: asyncio.Lock | None = None
         self._owns_store = not _is_store(store)
         if store is None:
@@ -1185,7 +1190,7 @@ class AsyncSemanticCache(_Base):
             c.stats.add("store_errors")
             return keys
         try:
-            res = await self.store.write(recs, [eff_ttl] * len(recs), now,
+            res = await self.store.write(recs, c.ttls(recs, now), now,
                                         c.take_touches())
         except StoreError as exc:
             c.failed("set", exc)

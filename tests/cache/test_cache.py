@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import redis
 
 from hnswcache import SemanticCache
 from hnswcache._cache_core import NEAR_MISS_BAND
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
+from hnswcache.store.redis import keys_for
 
 from .cache_helpers import FakeClock, Paraphrases
 
@@ -377,6 +379,34 @@ def test_lookup_says_how_close_a_miss_came(
     # Another scope holds nothing: no nearest entry, whatever the default scope holds.
     other = cache.lookup(px.q[3], scope={"tenant": "b"})
     assert other.hit is None and other.nearest_similarity is None and not other.near_miss
+    cache.close()
+
+
+
+def test_ttl_jitter_spreads_expiries_within_the_ttl(
+    store_url: str, ns: str, clock: FakeClock
+) -> None:
+    cache = make(store_url, ns, clock=clock, ttl=1000, ttl_jitter=0.2)
+    prompts = [f"question number {i}" for i in range(200)]
+    keys = cache.set_many([(p, "a") for p in prompts])
+    left = np.array([h.expires_at - clock() for h in cache.get_many(prompts)])  # type: ignore[union-attr]
+    assert left.min() >= 800 - 1e-6 and left.max() <= 1000 + 1e-6
+    assert left.std() > 40, "uniform over [800, 1000] has a spread of ~58 s"
+    if store_url != "memory":  # the server's own TTL is the same, per entry
+        raw = redis.Redis.from_url(store_url)
+        pttl = np.array([raw.pttl(keys_for(ns)["entry"] + k) for k in keys]) / 1000
+        assert np.abs(pttl - left).max() < 5
+    one = cache.set("a single one", "b", ttl=100)
+    hit = cache.get("a single one")
+    assert hit is not None and hit.key == one and 80 <= hit.expires_at - clock() <= 100
+    clock.advance(900)  # half way through the spread: about half are gone
+    alive = sum(h is not None for h in cache.get_many(prompts))
+    assert 60 <= alive <= 140, alive
+    clock.advance(100)
+    assert all(h is None for h in cache.get_many(prompts))
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="ttl_jitter"):
+            make(store_url, ns, ttl_jitter=bad)
     cache.close()
 
 
