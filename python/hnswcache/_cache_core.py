@@ -180,7 +180,7 @@ class CacheCore:
         if isinstance(ttl_jitter, bool) or not 0.0 <= ttl_jitter < 1.0:
             raise ValueError(f"ttl_jitter is a fraction of the TTL in [0, 1), got {ttl_jitter!r}")
         self.ttl_jitter = float(ttl_jitter)
-        self._rng = random.Random()
+        self._rng = random.SystemRandom()  # (a seeded one repeats in forked workers)
         self.strict = bool(strict)
         self.clock: Clock = clock if clock is not None else time.time
         if sync_interval < 0:

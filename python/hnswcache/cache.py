@@ -221,14 +221,16 @@ class _Base:
             log.warning("hnswcache %r: the embedded server is gone and could not be "
                         "restarted: %s", self.namespace, exc)
             return
-        if server is None:
-            return  # another process's server lives (or was restarted by it)
-        if old is not None:
-            old.stop()  # reap the dead process (the new server.json is not its own)
-        self._server = server
-        log.warning("hnswcache %r: the embedded server in %s was gone; restarted it (pid "
-                    "%s), owned by this process now", self.namespace, data_dir, server.pid)
-        if url != self._embedded_url:  # not the recorded port: a new store on the new URL
+        if server is not None:
+            if old is not None:
+                old.stop()  # reap the dead process (the new server.json is not its own)
+            self._server = server
+            log.warning("hnswcache %r: the embedded server in %s was gone; restarted it "
+                        "(pid %s), owned by this process now", self.namespace, data_dir,
+                        server.pid)
+        # Ours or another process's (restarted on a new port: TCP only, no unix socket):
+        # the store follows the server's URL.
+        if url != self._embedded_url:
             self._embedded_url = url
             self._reopen(url)
 
@@ -869,7 +871,10 @@ class AsyncSemanticCache(_Base):
 
     def _restart_server(self, old: Any, data_dir: Path) -> None:
         # Never block the event loop: the server starts in a worker thread; the calls made
-        # meanwhile are misses, as they were since the server went away.
+        # meanwhile are misses, as they were since the server went away. One at a time:
+        # another process may hold the folder's lock for as long as its server loads.
+        if self._takeover is not None and not self._takeover.done():
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -599,6 +599,80 @@ def test_a_stale_server_record_is_not_a_live_server(tmp_path: Path, ns: str) -> 
     sharer.close()
 
 
+
+def test_takeover_over_tcp_moves_every_sharer_to_the_new_port(tmp_path: Path, ns: str) -> None:
+    """A folder path too long for a unix socket: the caches reach the server over TCP. The
+    owner closes (its record goes with it), one sharer restarts the server on a new port,
+    and the other sharer follows it there."""
+    data = tmp_path / ("d" * 120)
+    owner = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    assert owner._server is not None and owner._server.socket_path is None
+    b = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns, timeout=1.0)
+    c = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns, timeout=1.0)
+    owner.set("over tcp", "yes")
+    assert b.get("over tcp") is not None and c.get("over tcp") is not None
+    old = owner._embedded_url
+    owner.close()
+    assert _until_hit(b.get, "over tcp").response == "yes"
+    assert b._server is not None and b._embedded_url != old
+    assert _until_hit(c.get, "over tcp").response == "yes"
+    assert c._server is None and c._embedded_url == b._embedded_url
+    c.close()
+    b.close()
+
+
+def test_a_forked_child_never_stops_its_parents_server(tmp_path: Path, ns: str) -> None:
+    """A worker forked from a process that owns the server (gunicorn --preload) inherits the
+    server object: closing its cache there must leave the server and its record alone."""
+    data = tmp_path / "data"
+    owner = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    owner.set("before the fork", "yes")
+    server = owner._server
+    assert server is not None
+    pid = os.fork()
+    if pid == 0:  # the child: close everything it inherited, run its exit hooks
+        try:
+            owner.close()
+            server.stop()
+            server.kill()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert server.running and _alive(server.pid or 0)
+    assert _recorded_pid(data) == server.pid
+    other = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+    assert other._server is None and other.get("before the fork") is not None
+    other.close()
+    owner.close()
+
+
+def test_a_server_whose_record_cannot_be_written_is_not_left_running(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "server.json").mkdir(parents=True)  # the record cannot be replaced
+    srv = EmbeddedServer(data)
+    with pytest.raises(OSError):
+        srv.start()
+    assert not srv.running and srv.process is None
+
+
+def test_another_folders_server_on_the_recorded_port_is_not_ours(
+    tmp_path: Path, ns: str
+) -> None:
+    """After a crash, the recorded port may belong to the server of another folder: the
+    cache must not write its entries there."""
+    with EmbeddedServer(tmp_path / "other") as foreign:
+        data = tmp_path / "data"
+        data.mkdir()
+        for pid in (2**22 + 7, foreign.pid):  # a dead server's pid; the other folder's
+            (data / "server.json").write_text(
+                json.dumps({"pid": pid, "port": foreign.port, "tls": False}))
+            cache = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns)
+            assert cache._server is not None and cache._server.port != foreign.port
+            cache.set("mine", "here")
+            cache.close()
+        assert not raw_client(foreign.url).keys(f"hc:{{{ns}}}:*")
+
+
 # ------------------------------------------------------------------ @cached across processes
 def _scope_of(fn: Any) -> dict[str, str]:
     return {"_fn": f"{fn.__module__}.{fn.__qualname__}"}

@@ -458,9 +458,12 @@ class RedisStore(_Layout):
                         continue
         except self._response_error as exc:
             _refused(exc)
+            return 0
         except self._errors as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-        return 0
+        # Each try lost its WATCH (a write to one of the keys, or a connection lost while
+        # watching): the caller keeps the refreshes for its next round trip.
+        raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:
@@ -661,9 +664,12 @@ class AsyncRedisStore(_Layout):
                         continue
         except self._response_error as exc:
             _refused(exc)
+            return 0
         except self._errors as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-        return 0
+        # Each try lost its WATCH (a write to one of the keys, or a connection lost while
+        # watching): the caller keeps the refreshes for its next round trip.
+        raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:

@@ -153,9 +153,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _server_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running server process. A zombie has exited; a pid that now
-    belongs to another program (reused after a crash or a reboot) is no server."""
+def _forget(data_dir: Path, pid: int) -> None:
+    """Remove ``server.json`` if it records server ``pid``: after that server died, another
+    process may have started a new one on the same folder and written its own record.
+    Under the folder's lock, so a record written meanwhile is never the one removed."""
+    import fcntl
+
+    info = data_dir / "server.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), \
+            open(data_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if int(json.loads(info.read_text())["pid"]) == pid:
+            info.unlink()
+
+
+def _server_alive(pid: int, data_dir: Path | None = None) -> bool:
+    """Whether ``pid`` is a running server process (of ``data_dir``, where /proc says).
+    A zombie has exited; a pid that now belongs to another program (reused after a crash
+    or a reboot) is no server."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,11 +186,18 @@ def _server_alive(pid: int) -> bool:
         return not Path("/proc/self").exists()  # no /proc here: trust kill()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and b"-server" in cmdline
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") or b"-server" not in cmdline:
+        return False
+    if data_dir is not None:  # the server runs in its --dir: another folder's is not ours
+        with contextlib.suppress(OSError):
+            return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir
+    return True
 
 
-def _ping(port: int, password: str | None, timeout: float = 0.5) -> bool:
-    """A raw RESP PING (no client library needed)."""
+def _ping(port: int, password: str | None, timeout: float = 0.5,
+          pid: int | None = None) -> bool:
+    """A raw RESP PING (no client library needed); with ``pid``, also whether the server
+    that answers is that process (``INFO server``), not another one on the same port."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             if password:
@@ -184,8 +206,19 @@ def _ping(port: int, password: str | None, timeout: float = 0.5) -> bool:
                 if not s.recv(64).startswith(b"+OK"):
                     return False
             s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
+            if not s.recv(64).startswith(b"+PONG"):
+                return False  # (also -LOADING while the server reads its file)
+            if pid is None:
+                return True
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            buf = b""
+            while b"\r\n" not in buf.partition(b"process_id:")[2]:
+                chunk = s.recv(4096)
+                if not chunk or len(buf) > 65536:
+                    return False
+                buf += chunk
+            return int(buf.partition(b"process_id:")[2].split(b"\r\n", 1)[0]) == pid
+    except (OSError, ValueError):
         return False
 
 
@@ -223,6 +256,7 @@ class EmbeddedServer:
         self.tls = tls
         self.config = dict(config or {})
         self.process: subprocess.Popen[bytes] | None = None
+        self._owner_pid = os.getpid()  # a forked child inherits this object, not the server
         self._atexit = False
         sock = self.data_dir / "server.sock"
         # AF_UNIX paths are limited to ~107 bytes; without a socket, TCP only.
@@ -260,6 +294,7 @@ class EmbeddedServer:
         """Start the server and wait until it answers (or raise :class:`ServerStartError`)."""
         if self.running:
             return self
+        self._owner_pid = os.getpid()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             port = self.port if self.port is not None else _free_port()
@@ -276,9 +311,14 @@ class EmbeddedServer:
         if not self._atexit:
             atexit.register(self.stop)
             self._atexit = True
-        (self.data_dir / "server.json").write_text(
-            json.dumps({"pid": self.pid, "port": self.port, "tls": bool(self.tls)})
-        )
+        try:  # the record, written whole or not at all; no record, no server
+            tmp = self.data_dir / f"server.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({"pid": self.pid, "port": self.port,
+                                       "tls": bool(self.tls)}))
+            os.replace(tmp, self.data_dir / "server.json")
+        except BaseException:
+            self._terminate()  # (not stop(): the caller may hold the folder's lock)
+            raise
         log.info("started %s (pid %s) on port %s, data in %s",
                  os.path.basename(self.binary), self.pid, self.port, self.data_dir)
         return self
@@ -292,7 +332,7 @@ class EmbeddedServer:
             if self.tls:
                 if self._tls_ping(port):
                     return True
-            elif _ping(port, self.password):
+            elif _ping(port, self.password, pid=self.process.pid):
                 return True
             time.sleep(0.02)
         return False
@@ -324,31 +364,33 @@ class EmbeddedServer:
         self.process = None
 
     def stop(self) -> None:
-        """Shut down gracefully (SIGTERM: the server flushes its append-only file)."""
+        """Shut down gracefully (SIGTERM: the server flushes its append-only file). In a
+        forked child of the process that started it, does nothing."""
+        if not self._mine():
+            return
         pid = self.pid
+        self._terminate()
+        if pid is not None:
+            _forget(self.data_dir, pid)
+
+    def _terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         self._reap()
-        info = self.data_dir / "server.json"
-        # Only our own record: after this server died, another process may have started a
-        # new one on the same folder (see shared_server) and written its own.
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            if pid is not None and int(json.loads(info.read_text())["pid"]) == pid:
-                info.unlink()
 
     def kill(self) -> None:
         """SIGKILL the server (tests: a crash; acknowledged writes survive per appendfsync)."""
-        if self.process is not None and self.process.poll() is None:
+        if self._mine() and self.process is not None and self.process.poll() is None:
             self.process.kill()
         self._reap()
 
     def pause(self) -> None:
         """SIGSTOP the server (tests: a server that stops answering)."""
-        if self.process is not None:
+        if self._mine() and self.process is not None:
             self.process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.process is not None:
+        if self._mine() and self.process is not None:
             self.process.send_signal(signal.SIGCONT)
 
     def restart(self, timeout: float = 10.0) -> EmbeddedServer:
@@ -359,7 +401,12 @@ class EmbeddedServer:
     # ------------------------------------------------------------------ info
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._mine() and self.process is not None and self.process.poll() is None
+
+    def _mine(self) -> bool:
+        """Whether this process started the server (a forked child only inherited it: its
+        poll() cannot see the server, and it must never stop or signal it)."""
+        return os.getpid() == self._owner_pid
 
     @property
     def pid(self) -> int | None:
@@ -417,7 +464,11 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
         try:
             info = json.loads((path / "server.json").read_text())
             port = int(info["port"])
-            if not info.get("tls") and (_ping(port, None) or _server_alive(int(info["pid"]))):
+            # The recorded process decides, not whoever answers on its port now (after a
+            # crash, another folder's server may have taken it); ping where /proc is absent.
+            alive = (_server_alive(int(info["pid"]), path) if Path("/proc/self").exists()
+                     else _ping(port, None) or _server_alive(int(info["pid"])))
+            if not info.get("tls") and alive:
                 sock = path / "server.sock"
                 url = f"unix://{sock}?db=0" if sock.exists() else f"redis://127.0.0.1:{port}/0"
                 return url, None
