@@ -226,6 +226,10 @@ class CacheCore:
             )
         return t
 
+    def threshold_for(self, threshold: float | None) -> float:
+        """A call's threshold: its own (checked), or the cache's."""
+        return self.threshold if threshold is None else self.check_threshold(threshold)
+
     @staticmethod
     def check_sliding(sliding: bool, ttl: float | None) -> None:
         """A sliding TTL needs a TTL: the one given, or the cache's default."""

@@ -462,8 +462,7 @@ class SemanticCache(_Base):
         near: dict[int, tuple[float, int]] = {}
         out = self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
         c = self._core
-        return c.lookups(out, near, c.threshold if threshold is None
-                         else c.check_threshold(threshold))
+        return c.lookups(out, near, c.threshold_for(threshold))
 
     def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
@@ -496,7 +495,7 @@ class SemanticCache(_Base):
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
-        thr = c.threshold if threshold is None else c.check_threshold(threshold)
+        thr = c.threshold_for(threshold)
         age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
         given_all = (None if embeddings is None
@@ -1021,8 +1020,7 @@ class AsyncSemanticCache(_Base):
         near: dict[int, tuple[float, int]] = {}
         out = await self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
         c = self._core
-        return c.lookups(out, near, c.threshold if threshold is None
-                         else c.check_threshold(threshold))
+        return c.lookups(out, near, c.threshold_for(threshold))
 
     async def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
@@ -1055,7 +1053,7 @@ class AsyncSemanticCache(_Base):
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
-        thr = c.threshold if threshold is None else c.check_threshold(threshold)
+        thr = c.threshold_for(threshold)
         age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
         given_all = (None if embeddings is None

@@ -421,30 +421,40 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def _owner_process(data: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
+    """A worker process owning the embedded server of ``data`` (100 entries set, in
+    namespace "owned"): the process and its server's pid."""
+    child = subprocess.Popen(
+        [sys.executable, WORKER, "owner", str(data), "owned", "100", mode],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    assert line.startswith("server "), line
+    return child, int(line.split()[1])
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
 @pytest.mark.parametrize("started_from", ["main", "thread"])
 def test_the_embedded_server_dies_with_a_killed_owner(
     tmp_path: Path, started_from: str
 ) -> None:
     data = tmp_path / "data"
-    child = subprocess.Popen(
-        [sys.executable, WORKER, "owner", str(data), "owned", "100", started_from],
-        stdout=subprocess.PIPE, text=True, env=child_env(),
-    )
+    child, pid = _owner_process(data, started_from)
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line.startswith("server "), line
-        pid = int(line.split()[1])
         time.sleep(0.3)
         # Started from a thread that has ended: the server must still be there.
         assert _alive(pid) and child.poll() is None
     finally:
         child.kill()  # SIGKILL: no atexit, no stop()
         child.wait()
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(pid), "the embedded server outlived its owner"
+    assert _wait_gone(pid), "the embedded server outlived its owner"
     # It was asked to stop (SIGTERM, Linux's PR_SET_PDEATHSIG), so it shut down cleanly...
     assert "SIGTERM" in (data / "server.log").read_text()
     # ... and a new owner finds every acknowledged entry.
@@ -479,15 +489,8 @@ def test_caches_sharing_an_embedded_server_take_it_over_when_its_owner_dies(
     from hnswcache import AsyncSemanticCache
 
     data = tmp_path / "data"
-    child = subprocess.Popen(
-        [sys.executable, WORKER, "owner", str(data), "owned", "100", "main"],
-        stdout=subprocess.PIPE, text=True, env=child_env(),
-    )
+    child, first = _owner_process(data, "main")
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line.startswith("server "), line
-        first = int(line.split()[1])
         sharer = SemanticCache(HashEmbedder(64), data_dir=data, namespace="owned", timeout=2.0)
         asharer = AsyncSemanticCache(HashEmbedder(64), data_dir=data, namespace="owned",
                                      timeout=2.0)
@@ -496,10 +499,7 @@ def test_caches_sharing_an_embedded_server_take_it_over_when_its_owner_dies(
     finally:
         child.kill()  # SIGKILL: the owner's server gets SIGTERM and exits
         child.wait()
-    deadline = time.monotonic() + 10
-    while _alive(first) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(first)
+    assert _wait_gone(first)
 
     async def async_side() -> None:
         # The first cache to fail restarts the server on the same data and owns it.

@@ -75,11 +75,6 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.RedisError, OSError)
 
 
-def _refused(exc: BaseException) -> None:
-    log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs Redis "
-                ">= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
-
-
 def _stream_id(value: Any) -> tuple[int, int] | None:
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("ascii", "replace")
@@ -198,6 +193,19 @@ class _Layout:
     def still_held(refresh: Sequence[Refresh], versions: Sequence[Any]) -> list[Refresh]:
         """The refreshes whose entry still holds the version that was hit."""
         return [r for r, v in zip(refresh, versions) if v == r.version.encode()]
+
+    def refresh_failed(self, exc: BaseException | None) -> int:
+        """The end of a refresh that did not commit: a command the server refuses (PEXPIRE
+        GT before Redis 7.0) is logged and dropped; anything else raises StoreError, and the
+        caller keeps the refreshes for its next round trip. ``None``: every try lost its
+        WATCH (a write to one of the keys, or a connection lost while watching)."""
+        if exc is None:
+            raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
+        if isinstance(exc, self._response_error):
+            log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs "
+                        "Redis >= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
+            return 0
+        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     def queue_refresh(self, pipe: Any, refresh: Sequence[Refresh], now: float) -> None:
         """Extend sliding entries (in a MULTI whose keys were WATCHed and found to hold the
@@ -456,14 +464,9 @@ class RedisStore(_Layout):
                         return len(live)
                     except self._watch_error:
                         continue
-        except self._response_error as exc:
-            _refused(exc)
-            return 0
         except self._errors as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-        # Each try lost its WATCH (a write to one of the keys, or a connection lost while
-        # watching): the caller keeps the refreshes for its next round trip.
-        raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
+            return self.refresh_failed(exc)
+        return self.refresh_failed(None)
 
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:
@@ -662,14 +665,9 @@ class AsyncRedisStore(_Layout):
                         return len(live)
                     except self._watch_error:
                         continue
-        except self._response_error as exc:
-            _refused(exc)
-            return 0
         except self._errors as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-        # Each try lost its WATCH (a write to one of the keys, or a connection lost while
-        # watching): the caller keeps the refreshes for its next round trip.
-        raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
+            return self.refresh_failed(exc)
+        return self.refresh_failed(None)
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         if not ids:
