@@ -188,7 +188,9 @@ class _Base:
         from .store.server import shared_server
 
         self._data_dir = Path(data_dir or default_data_dir(self.namespace))
-        url, server = shared_server(self._data_dir)
+        # A server still loading a large file counts as started: lookups miss until it has
+        # loaded, rather than the constructor blocking (or a start timeout killing it).
+        url, server = shared_server(self._data_dir, wait_loaded=False)
         self._server = server
         self._embedded_url = url
         self._core.on_store_error = self._take_over
@@ -212,11 +214,12 @@ class _Base:
         self._restart_server(old, self._data_dir)
 
     def _restart_server(self, old: Any, data_dir: Path) -> None:
-        """The takeover itself: blocks while a server starts (~0.1 s)."""
+        """The takeover itself: blocks while a server starts (~0.1 s), not while it loads
+        its file (until then lookups miss)."""
         from .store.server import shared_server
 
         try:
-            url, server = shared_server(data_dir)
+            url, server = shared_server(data_dir, wait_loaded=False)
         except Exception as exc:  # ServerStartError, OSError: stay degraded, try again later
             log.warning("hnswcache %r: the embedded server is gone and could not be "
                         "restarted: %s", self.namespace, exc)

@@ -22,7 +22,7 @@ from hnswcache import SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
 from hnswcache.store.redis import RedisStore, keys_for
-from hnswcache.store.server import EmbeddedServer
+from hnswcache.store.server import EmbeddedServer, shared_server
 
 from .cache_helpers import FakeClock, Paraphrases, child_env
 
@@ -778,3 +778,81 @@ def test_leases_of_other_processes_and_garbage_at_lease_keys(
     assert r.exists(lease_key("second question")) == 0
     llm("sixth question")
     assert r.exists(lease_key("sixth question")) == 0
+
+
+def _fill_and_stop(data: Path, keys: int) -> None:
+    """A server in ``data`` with ``keys`` padding keys in its append-only file, stopped."""
+    with EmbeddedServer(data) as srv:
+        raw = raw_client(srv.url)
+        pipe = raw.pipeline(transaction=False)
+        for i in range(keys):
+            pipe.set(f"pad:{i}", "x")
+        pipe.execute()
+        raw.close()
+
+
+def test_a_server_loading_a_large_file_is_waited_for_not_killed(tmp_path: Path) -> None:
+    # key-load-delay (a valkey debug setting, µs per loaded command) makes 12,000 keys take
+    # ~0.6 s to load, longer than the start timeout. The server answers -LOADING meanwhile
+    # (it serves clients every 1,024 commands loaded: every ~50 ms here).
+    data = tmp_path / "big"
+    _fill_and_stop(data, 12000)
+    srv = EmbeddedServer(data, config={"key-load-delay": "50"})
+    t0 = time.monotonic()
+    srv.start(timeout=0.2)
+    try:
+        assert time.monotonic() - t0 >= 0.4  # it waited for the load (no early "ready")
+        pid = srv.pid
+        raw = raw_client(srv.url)
+        assert raw.dbsize() == 12000  # loaded whole, by the first process started
+        assert srv.pid == pid and srv.running
+        raw.close()
+    finally:
+        srv.stop()
+    # Without wait_loaded, a loading server counts as started at once, and is not killed.
+    srv = EmbeddedServer(data, config={"key-load-delay": "50"})
+    t0 = time.monotonic()
+    srv.start(timeout=0.2, wait_loaded=False)
+    try:
+        assert time.monotonic() - t0 < 0.4
+        raw = raw_client(srv.url)
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            raw.dbsize()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                assert raw.dbsize() == 12000
+                break
+            except redis.exceptions.BusyLoadingError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the server never finished loading")
+        raw.close()
+    finally:
+        srv.stop()
+
+
+def test_a_cache_on_a_loading_server_misses_without_blocking_then_serves(
+    tmp_path: Path, ns: str
+) -> None:
+    data = tmp_path / "embedded"
+    cache = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
+    cache.set("kept on disk", "yes")
+    cache.close()
+    _fill_and_stop(data, 40000)
+    # ~2 s of loading (40,000 padding keys at 50 µs each), answering every ~50 ms.
+    url, server = shared_server(data, wait_loaded=False, config={"key-load-delay": "50"})
+    assert server is not None
+    try:
+        t0 = time.monotonic()
+        reader = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
+        assert reader._server is None  # the recorded, loading server is used, not replaced
+        assert reader.get("kept on disk") is None  # a miss while loading, not an error
+        assert time.monotonic() - t0 < 1.0  # and no wait for the load
+        assert reader.stats()["store_errors"] >= 1
+        hit = _until_hit(reader.get, "kept on disk")
+        assert hit.response == "yes" and hit.tier == "exact"
+        assert server.running and _recorded_pid(data) == server.pid
+        reader.close()
+    finally:
+        server.stop()

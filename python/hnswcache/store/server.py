@@ -194,32 +194,42 @@ def _server_alive(pid: int, data_dir: Path | None = None) -> bool:
     return True
 
 
-def _ping(port: int, password: str | None, timeout: float = 0.5,
-          pid: int | None = None) -> bool:
-    """A raw RESP PING (no client library needed); with ``pid``, also whether the server
-    that answers is that process (``INFO server``), not another one on the same port."""
+def _probe(port: int, password: str | None, timeout: float = 0.5,
+           pid: int | None = None) -> str:
+    """A raw RESP probe (no client library needed): ``"ready"`` (PING answered),
+    ``"loading"`` (the server is reading its append-only file) or ``"down"``. With ``pid``,
+    ``"down"`` unless the server that answers is that process (``INFO server``, which a
+    loading server answers too), not another one on the same port."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             if password:
                 pw = password.encode()
                 s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
                 if not s.recv(64).startswith(b"+OK"):
-                    return False
+                    return "down"
             s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            if not s.recv(64).startswith(b"+PONG"):
-                return False  # (also -LOADING while the server reads its file)
-            if pid is None:
-                return True
+            reply = s.recv(64)
+            state = ("ready" if reply.startswith(b"+PONG")
+                     else "loading" if reply.startswith(b"-LOADING") else "down")
+            if state == "down" or pid is None:
+                return state
             s.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
             buf = b""
             while b"\r\n" not in buf.partition(b"process_id:")[2]:
                 chunk = s.recv(4096)
                 if not chunk or len(buf) > 65536:
-                    return False
+                    return "down"
                 buf += chunk
-            return int(buf.partition(b"process_id:")[2].split(b"\r\n", 1)[0]) == pid
+            ours = int(buf.partition(b"process_id:")[2].split(b"\r\n", 1)[0]) == pid
+            return state if ours else "down"
     except (OSError, ValueError):
-        return False
+        return "down"
+
+
+def _ping(port: int, password: str | None, timeout: float = 0.5,
+          pid: int | None = None) -> bool:
+    """Whether the server on ``port`` answers PING (and, with ``pid``, is that process)."""
+    return _probe(port, password, timeout, pid) == "ready"
 
 
 class EmbeddedServer:
@@ -290,8 +300,14 @@ class EmbeddedServer:
             args += [f"--{name}", value]
         return args
 
-    def start(self, timeout: float = 10.0) -> EmbeddedServer:
-        """Start the server and wait until it answers (or raise :class:`ServerStartError`)."""
+    def start(self, timeout: float = 10.0, *, wait_loaded: bool = True) -> EmbeddedServer:
+        """Start the server and wait until it answers (or raise :class:`ServerStartError`).
+
+        ``timeout`` bounds the wait for a first answer. A server that answers that it is
+        still loading its append-only file (a large one takes seconds) is never killed for
+        it: with ``wait_loaded`` (the default) this waits for the load to end, however
+        long; without, the server counts as started as it is, and its clients get errors
+        (a cache: misses) until it has loaded."""
         if self.running:
             return self
         self._owner_pid = os.getpid()
@@ -299,7 +315,7 @@ class EmbeddedServer:
         for attempt in range(3):
             port = self.port if self.port is not None else _free_port()
             self.process = _spawn(self._args(port))
-            if self._wait_ready(port, timeout):
+            if self._wait_ready(port, timeout, wait_loaded):
                 self.port = port
                 break
             self._reap()
@@ -323,7 +339,7 @@ class EmbeddedServer:
                  os.path.basename(self.binary), self.pid, self.port, self.data_dir)
         return self
 
-    def _wait_ready(self, port: int, timeout: float) -> bool:
+    def _wait_ready(self, port: int, timeout: float, wait_loaded: bool = True) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
@@ -332,8 +348,12 @@ class EmbeddedServer:
             if self.tls:
                 if self._tls_ping(port):
                     return True
-            elif _ping(port, self.password, pid=self.process.pid):
-                return True
+            else:
+                state = _probe(port, self.password, pid=self.process.pid)
+                if state == "ready" or (state == "loading" and not wait_loaded):
+                    return True
+                if state == "loading":  # our process, reading its file: it is not stuck
+                    deadline = time.monotonic() + timeout
             time.sleep(0.02)
         return False
 
@@ -442,6 +462,7 @@ class EmbeddedServer:
 
 
 def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
+                  wait_loaded: bool = True, config: dict[str, str] | None = None,
                   ) -> tuple[str, EmbeddedServer | None]:
     """The URL of the server that keeps ``data_dir``: the one started there by another
     process if it is still running, else a new one owned by this process (stopped at exit).
@@ -453,6 +474,8 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
     socket is always ``data_dir/server.sock``. Callers serialise on ``data_dir/lock``, so of
     several processes finding the server gone, one starts it and the others use it: that is
     how the caches sharing an embedded server take over when its owner exits or dies.
+    ``wait_loaded`` and ``timeout`` are :meth:`EmbeddedServer.start`'s; ``config``, extra
+    settings of a server started here.
     """
     import fcntl
 
@@ -476,7 +499,8 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
             pass
         if port is not None:
             with contextlib.suppress(ServerStartError):  # (the port was taken meanwhile)
-                server = EmbeddedServer(path, port=port).start(timeout)
+                server = EmbeddedServer(path, port=port, config=config).start(
+                    timeout, wait_loaded=wait_loaded)
                 return server.unix_url, server
-        server = EmbeddedServer(path).start(timeout)
+        server = EmbeddedServer(path, config=config).start(timeout, wait_loaded=wait_loaded)
         return server.unix_url, server
