@@ -496,11 +496,20 @@ class CacheCore:
             self.add_records(again)
 
     def take_touches(self) -> list[int]:
+        """The entries hit since the last store call, for it to mark recently used."""
         if not self.touches:
             return []
-        out = list(self.touches)
-        self.touches.clear()
+        with self._pending:  # (a hit in another thread must not fall between copy and clear)
+            out = list(self.touches)
+            self.touches.clear()
         return out
+
+    def put_back_touches(self, ids: Sequence[int]) -> None:
+        """Touches whose store call failed: sent with the next one, so LRU eviction still
+        sees those hits."""
+        if ids:
+            with self._pending:
+                self.touches.update(ids)
 
     def size(self) -> int:
         return sum(len(i) for i in self.indexes.values())
@@ -508,7 +517,8 @@ class CacheCore:
     # ------------------------------------------------------------------ decisions
     def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float) -> Hit:
         self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
-        self.touches.add(rec.id)
+        with self._pending:
+            self.touches.add(rec.id)
         exp = rec.expires
         if rec.slide > 0:
             until = now + rec.slide

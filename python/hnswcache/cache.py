@@ -410,11 +410,12 @@ class SemanticCache(_Base):
         c = self._core
         if not self._ready():
             return
+        touch = c.take_touches()
         try:
-            _, batch = self.store.read([], log_after=c.position, touch=c.take_touches(),
-                                       now=c.now())
+            _, batch = self.store.read([], log_after=c.position, touch=touch, now=c.now())
             self._apply(batch)
         except StoreError as exc:
+            c.put_back_touches(touch)
             c.failed("sync", exc)
         self._write_refreshes()
 
@@ -514,15 +515,16 @@ class SemanticCache(_Base):
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
+            touch = c.take_touches()
             try:
                 fetched, batch = self.store.read(
-                    ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now())
+                    ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
                     ahead = None  # the replica changed: search again below
             except StoreError as exc:
+                c.put_back_touches(touch)
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
@@ -648,10 +650,11 @@ class SemanticCache(_Base):
         if not self._ready():
             c.stats.add("store_errors")
             return keys
+        touch = c.take_touches()
         try:
-            res = self.store.write(recs, c.ttls(recs, now), now,
-                                        c.take_touches())
+            res = self.store.write(recs, c.ttls(recs, now), now, touch)
         except StoreError as exc:
+            c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
         with self._lock:
@@ -978,11 +981,13 @@ class AsyncSemanticCache(_Base):
         c = self._core
         if not await self._ready():
             return
+        touch = c.take_touches()
         try:
-            _, batch = await self.store.read([], log_after=c.position,
-                                             touch=c.take_touches(), now=c.now())
+            _, batch = await self.store.read([], log_after=c.position, touch=touch,
+                                             now=c.now())
             await self._apply(batch)
         except StoreError as exc:
+            c.put_back_touches(touch)
             c.failed("sync", exc)
         await self._write_refreshes()
 
@@ -1072,15 +1077,16 @@ class AsyncSemanticCache(_Base):
             # With embeddings given, search first and fetch the candidates in the same round
             # trip as the exact tier; valid unless the log brought changes (then redo).
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
+            touch = c.take_touches()
             try:
                 fetched, batch = await self.store.read(
-                    ids + want_ahead, log_after=c.sync_due(), touch=c.take_touches(),
-                    now=c.now())
+                    ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
                 before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 await self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
                     ahead = None  # the replica changed: search again below
             except StoreError as exc:
+                c.put_back_touches(touch)
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
@@ -1195,10 +1201,11 @@ class AsyncSemanticCache(_Base):
         if not await self._ready():
             c.stats.add("store_errors")
             return keys
+        touch = c.take_touches()
         try:
-            res = await self.store.write(recs, c.ttls(recs, now), now,
-                                        c.take_touches())
+            res = await self.store.write(recs, c.ttls(recs, now), now, touch)
         except StoreError as exc:
+            c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
         c.remember_own(res.log_positions)

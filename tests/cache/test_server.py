@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 
-from hnswcache import SemanticCache
+from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
 from hnswcache.store.redis import RedisStore, keys_for
@@ -856,3 +857,35 @@ def test_a_cache_on_a_loading_server_misses_without_blocking_then_serves(
         reader.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_hit_whose_touch_failed_to_reach_the_server_still_counts_for_lru(
+    fresh_server: EmbeddedServer, ns: str, clock: FakeClock, kind: str
+) -> None:
+    # A hit marks its entry recently used with the next store call. When that call fails,
+    # the mark waits for the one after: LRU eviction must not forget the hit.
+    async def scenario(cache: Any, call: Any) -> set[int]:
+        for i in range(3):
+            await call(cache.set(f"prompt {i}", f"r{i}"))
+            clock.advance(1)
+        assert await call(cache.get("prompt 0")) is not None  # now the most recently used
+        clock.advance(1)
+        fresh_server.kill()
+        assert await call(cache.get("prompt 2")) is None  # the call carrying the mark fails
+        fresh_server.start()
+        clock.advance(1)
+        await call(cache.set("prompt 3", "r3"))  # full: evicts the least recently used, 1
+        survivors = {i for i in range(4) if await call(cache.get(f"prompt {i}")) is not None}
+        assert cache.stats()["evictions"] == 1
+        await call(cache.close())
+        return survivors
+
+    async def same(x: Any) -> Any:
+        return await x if asyncio.iscoroutine(x) else x
+
+    opts: dict[str, Any] = {"store": fresh_server.url, "namespace": ns, "timeout": 0.3,
+                            "clock": clock, "max_entries": 3}
+    cls = SemanticCache if kind == "sync" else AsyncSemanticCache
+    survivors = asyncio.run(scenario(cls(HashEmbedder(64), **opts), same))
+    assert survivors == {0, 2, 3}
