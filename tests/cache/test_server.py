@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
@@ -816,7 +818,8 @@ def test_a_server_loading_a_large_file_is_waited_for_not_killed(tmp_path: Path) 
     srv.start(timeout=0.2, wait_loaded=False)
     try:
         assert time.monotonic() - t0 < 0.4
-        raw = raw_client(srv.url)
+        # (no client-side retry: it could wait out the load and hide the error)
+        raw = redis.Redis.from_url(srv.url, retry=Retry(NoBackoff(), 0))
         with pytest.raises(redis.exceptions.BusyLoadingError):
             raw.dbsize()
         deadline = time.monotonic() + 10
