@@ -297,9 +297,6 @@ def test_dimension_is_decided_by_every_entry_not_the_first_scan_batch(ns: str) -
     """With no stored dimension and an embedder that declares none, the warm start takes the
     dimension most entries have over the whole scan. It once took the first scan batch's, so
     a batch that happened to hold the foreign entries hid every good one (seen in CI)."""
-    import asyncio
-
-    from hnswcache import AsyncSemanticCache
     from hnswcache.store.memory import MemoryStore
 
     store = MemoryStore(ns)  # scans in insertion order, 1000 entries a batch
@@ -487,10 +484,6 @@ def _recorded_pid(data: Path) -> int:
 def test_caches_sharing_an_embedded_server_take_it_over_when_its_owner_dies(
     tmp_path: Path,
 ) -> None:
-    import asyncio
-
-    from hnswcache import AsyncSemanticCache
-
     data = tmp_path / "data"
     child, first = _owner_process(data, "main")
     try:
