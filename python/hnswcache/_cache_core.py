@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .embed import embedder_dim, embedder_name
 from .index import Index, check_search_starts
 from .store.base import (
+    MAX_TTL,
     Fetched,
     Invalid,
     LogBatch,
@@ -254,7 +255,12 @@ class CacheCore:
         t = float(ttl)
         if not t > 0 or math.isnan(t):
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        return None if math.isinf(t) else t
+        if math.isinf(t):
+            return None
+        if t > MAX_TTL:
+            raise ValueError(f"ttl must be at most {MAX_TTL:.4g} seconds (100 years), got "
+                             f"{ttl!r}; None (or inf) stores without expiry")
+        return t
 
     def now(self) -> float:
         return float(self.clock())

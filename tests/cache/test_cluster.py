@@ -5,6 +5,7 @@ lives in one slot: its MULTI/EXEC writes, pipelined reads and SCAN all go to one
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -286,3 +287,41 @@ def test_a_cluster_url_makes_a_cluster_client(cluster: list[EmbeddedServer]) -> 
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_cluster_that_goes_down_is_a_miss_for_async_caches_too(tmp_path: Path,
+                                                                  ns: str) -> None:
+    # redis-py's RedisClusterException ("cluster unreachable") is not a RedisError: it
+    # escaped from aget and aset once the client had failed to refresh its topology, and
+    # from the first aget of a cache opened while the cluster was down.
+    node = EmbeddedServer(tmp_path / "node", port=_cluster_port(), config={
+        "cluster-enabled": "yes", "cluster-config-file": str(tmp_path / "nodes.conf"),
+        "cluster-node-timeout": "5000"}).start()
+    try:
+        c = redis.Redis(port=node.port)
+        c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 30
+        while b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.05)
+        c.close()
+        url = f"redis+cluster://127.0.0.1:{node.port}"
+
+        async def run() -> None:
+            cache = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns, timeout=0.5)
+            await cache.set("hello there", "hi")
+            hit = await cache.get("hello there")
+            assert hit is not None and hit.response == "hi"
+            node.stop()
+            for i in range(4):  # past redis-py's failed topology refresh
+                await asyncio.sleep(0.3)
+                assert await cache.get("hello there") is None
+                await cache.set(f"new {i}", "x")
+            assert cache.stats()["store_errors"] >= 8
+            fresh = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns, timeout=0.5)
+            assert await fresh.get("hello there") is None
+            assert fresh.stats()["store_errors"] >= 1
+
+        asyncio.run(run())
+    finally:
+        node.stop()

@@ -66,6 +66,9 @@ REQUIRED_FIELDS = (
 #: Upper bounds on what a store may hand back (garbage protection).
 MAX_TEXT_BYTES = 16 * 1024 * 1024
 MAX_DIM = 65536
+#: The longest TTL a cache takes (100 years): a server's millisecond expiry overflows past
+#: ~2.9e8 years, and a refused PEXPIRE must never leave an entry without its expiry.
+MAX_TTL = 100 * 365.25 * 86400.0
 
 
 class StoreError(Exception):
@@ -171,15 +174,23 @@ class Record:
     def metadata(self) -> dict[str, Any]:
         if self.metadata_json == "{}":  # the common case, without the JSON parser
             return {}
-        value = json.loads(self.metadata_json)
-        return value if isinstance(value, dict) else {}
+        return _json_object(self.metadata_json)
 
     @property
     def scope(self) -> dict[str, Any]:
         if self.scope_json == "{}":
             return {}
-        value = json.loads(self.scope_json)
-        return value if isinstance(value, dict) else {}
+        return _json_object(self.scope_json)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object decode_record has checked; ``{}`` if it no longer parses here (a
+    nesting deep enough to pass there can hit the recursion limit on a deeper stack)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -318,6 +329,13 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
             raise ValueError("field 'metadata' is not a JSON object")
         created = _float(raw, "created")
         expires = _float(raw, "expires")
+        # A write stores created = now and expires = now + ttl (ttl in (0, MAX_TTL]) or inf:
+        # anything else would make an entry ageless (created = inf passes every max_age) or
+        # give it an expiry no server can hold.
+        if not math.isfinite(created):
+            raise ValueError("field 'created' is not finite")
+        if not (created <= expires <= created + MAX_TTL * 1.001 or expires == math.inf):
+            raise ValueError("field 'expires' is not after 'created' within the longest TTL")
         version = _text(raw, "version")
         if not 0 < len(version) <= 64:
             raise ValueError("bad version")
@@ -339,6 +357,8 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
             raise ValueError("entry id does not match its scope and prompt")
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         return Invalid(eid, str(exc))
+    except RecursionError:  # JSON nested past the interpreter's limit
+        return Invalid(eid, "scope or metadata JSON nested too deeply")
     return Record(
         id=eid,
         prompt=prompt,

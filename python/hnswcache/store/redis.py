@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from .base import (
+    MAX_DIM,
     Fetched,
     Invalid,
     LogBatch,
@@ -51,6 +52,7 @@ _REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next 
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
+_EXPIRED_BATCH = 1000  # expired ids forgotten per WATCH/MULTI round
 _TOKEN_RE = re.compile(rb"[0-9a-f]{32}")
 
 
@@ -72,7 +74,8 @@ def keys_for(namespace: str) -> dict[str, str]:
 def _errors() -> tuple[type[BaseException], ...]:
     import redis
 
-    return (redis.exceptions.RedisError, OSError)
+    # RedisClusterException (e.g. "cluster unreachable") is not a RedisError.
+    return (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 def _stream_id(value: Any) -> tuple[int, int] | None:
@@ -88,7 +91,20 @@ def _stream_id(value: Any) -> tuple[int, int] | None:
 
 
 def _id_text(value: Any) -> str:
-    return bytes(value).decode("ascii") if isinstance(value, (bytes, bytearray)) else str(value)
+    # "replace": a key name is the server's data (garbage included); a non-ASCII one must
+    # come out as a bad id, not as an exception.
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("ascii", "replace")
+    return str(value)
+
+
+def _refuses_pexpire_gt(exc: BaseException) -> bool:
+    """Whether a refused refresh is a server that lacks ``PEXPIRE ... GT`` (Redis < 7.0:
+    "wrong number of arguments for 'pexpire'"; a later one that drops the option: "syntax
+    error" or "unsupported option")."""
+    text = str(exc).lower()
+    return "pexpire" in text and any(
+        m in text for m in ("wrong number of arguments", "syntax error", "unsupported option"))
 
 
 def _check_client(client: Any) -> None:
@@ -201,10 +217,11 @@ class _Layout:
         WATCH (a write to one of the keys, or a connection lost while watching)."""
         if exc is None:
             raise StoreError(f"sliding-TTL refresh: the WATCH failed {_REFRESH_TRIES} times")
-        if isinstance(exc, self._response_error):
+        if isinstance(exc, self._response_error) and _refuses_pexpire_gt(exc):
             log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs "
                         "Redis >= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
             return 0
+        # Anything else (OOM, READONLY in a failover, NOPERM...) is an outage: kept, retried.
         raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     def queue_refresh(self, pipe: Any, refresh: Sequence[Refresh], now: float) -> None:
@@ -353,6 +370,29 @@ class _Layout:
                 out.append(eid)
         return out
 
+    # ------------------------------------------------------------- expired bookkeeping
+    # An expired entry leaves its id in ``exp`` and ``lru`` (the server drops the key). They
+    # are forgotten in batches: read the expired members, WATCH their entry keys, read them
+    # again, and remove in one MULTI only those still expired: an entry written again in
+    # between has a later score (not in the second read) or a changed key (EXEC fails), so
+    # a live entry never loses its place in the LRU.
+    def queue_expired(self, pipe: Any, now: float) -> None:
+        pipe.zrangebyscore(self.k_exp, "-inf", now, start=0, num=_EXPIRED_BATCH)
+
+    def expired_keys(self, members: Sequence[Any]) -> list[str]:
+        return [self.ekey(i) for i in self.parse_ids(members)]
+
+    @staticmethod
+    def expired_to_drop(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
+        """Members expired in both reads (garbage members too: they have no key)."""
+        again = set(second)
+        return [m for m in first if m in again]
+
+    def queue_drop_expired(self, pipe: Any, members: Sequence[Any]) -> None:
+        if members:
+            pipe.zrem(self.k_exp, *members)
+            pipe.zrem(self.k_lru, *members)
+
     def entry_key_id(self, key: Any) -> int | None:
         text = _id_text(key)
         if not text.startswith(self.k_entry):
@@ -366,6 +406,8 @@ class _Layout:
         try:
             stored_dim = int(raw_dim) if raw_dim is not None else dim
         except ValueError:
+            stored_dim = -1
+        if stored_dim is not None and not 1 <= stored_dim <= MAX_DIM:
             log.warning("ignoring a bad dim in %s: %r", self.k_meta, raw_dim)
             stored_dim = dim
         stored_emb = raw_emb.decode("utf-8", "replace") if raw_emb is not None else embedder
@@ -488,14 +530,15 @@ class RedisStore(_Layout):
         return sum(self.parse_delete(len(ids), res))
 
     def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
-        def expired(p: Any) -> None:
-            p.zrangebyscore(self.k_exp, "-inf", now, start=0, num=10_000)
-            p.zremrangebyscore(self.k_exp, "-inf", now)
-
-        res = self._run(True, expired, raise_on_error=True)
-        gone = [format_id(i) for i in self.parse_ids(res[0])]
-        if gone:
-            self._run(False, lambda p: p.zrem(self.k_lru, *gone), raise_on_error=True)
+        gone = 0
+        while True:
+            first = self._run(False, lambda p: self.queue_expired(p, now), raise_on_error=True)[0]
+            if not first:
+                break
+            done = self._drop_expired(first, now)
+            gone += done
+            if len(first) < _EXPIRED_BATCH or done == 0:
+                break
         evicted: list[int] = []
         if max_entries is not None:
             count = int(self._run(False, lambda p: p.zcard(self.k_lru), raise_on_error=True)[0])
@@ -508,7 +551,29 @@ class RedisStore(_Layout):
                 if ids:
                     res2 = self._run(True, lambda p: self.queue_delete(p, ids))
                     evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
-        return evicted, len(gone)
+        return evicted, gone
+
+    def _drop_expired(self, first: Sequence[Any], now: float) -> int:
+        """Forget the expired members ``first`` (as read) in ``exp`` and ``lru`` unless
+        their entry was written again since (see ``expired_to_drop``)."""
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        keys = self.expired_keys(first)
+                        if keys:
+                            pipe.watch(*keys)
+                        drop = self.expired_to_drop(first, pipe.zrangebyscore(
+                            self.k_exp, "-inf", now, start=0, num=_EXPIRED_BATCH))
+                        pipe.multi()
+                        self.queue_drop_expired(pipe, drop)
+                        pipe.execute()
+                        return len(drop)
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return 0  # entries kept being written: the next round tries again
 
     def _scan_keys(self) -> Iterator[list[Any]]:
         cursor = 0
@@ -689,14 +754,16 @@ class AsyncRedisStore(_Layout):
         return sum(self.parse_delete(len(ids), res))
 
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
-        def expired(p: Any) -> None:
-            p.zrangebyscore(self.k_exp, "-inf", now, start=0, num=10_000)
-            p.zremrangebyscore(self.k_exp, "-inf", now)
-
-        res = await self._run(True, expired, raise_on_error=True)
-        gone = [format_id(i) for i in self.parse_ids(res[0])]
-        if gone:
-            await self._run(False, lambda p: p.zrem(self.k_lru, *gone), raise_on_error=True)
+        gone = 0
+        while True:
+            first = (await self._run(False, lambda p: self.queue_expired(p, now),
+                                     raise_on_error=True))[0]
+            if not first:
+                break
+            done = await self._drop_expired(first, now)
+            gone += done
+            if len(first) < _EXPIRED_BATCH or done == 0:
+                break
         evicted: list[int] = []
         if max_entries is not None:
             count = int((await self._run(False, lambda p: p.zcard(self.k_lru),
@@ -709,7 +776,30 @@ class AsyncRedisStore(_Layout):
                 if ids:
                     res2 = await self._run(True, lambda p: self.queue_delete(p, ids))
                     evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
-        return evicted, len(gone)
+        return evicted, gone
+
+    async def _drop_expired(self, first: Sequence[Any], now: float) -> int:
+        # As RedisStore._drop_expired.
+        try:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        keys = self.expired_keys(first)
+                        if keys:
+                            await pipe.watch(*keys)
+                        drop = self.expired_to_drop(first, await pipe.zrangebyscore(
+                            self.k_exp, "-inf", now, start=0, num=_EXPIRED_BATCH))
+                        pipe.multi()
+                        self.queue_drop_expired(pipe, drop)
+                        await pipe.execute()
+                        return len(drop)
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return 0
 
     async def _scan_keys(self) -> AsyncIterator[list[Any]]:
         cursor = 0

@@ -1,0 +1,202 @@
+"""The Redis store against hostile data, refusals and races, on a real valkey-server.
+
+Each test failed on the store before the fix it covers (a review of 2026-12-05 found them);
+writes timed into a race window are real writes by a second cache, never mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.base import MAX_TTL
+from hnswcache.store.redis import RedisStore, _refuses_pexpire_gt, keys_for
+from hnswcache.store.server import EmbeddedServer
+
+from .cache_helpers import FakeClock
+
+
+def _entry(r: redis.Redis, ns: str, key: str) -> dict[bytes, bytes]:
+    return r.hgetall(keys_for(ns)["entry"] + key)  # type: ignore[return-value]
+
+
+def test_hostile_entries_are_skipped_by_lookups_warm_start_and_clear(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    k = keys_for(ns)
+    writer = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    good = writer.set("what is the capital of france", "Paris")
+    hostile = {
+        "deep metadata": {b"metadata": b"[" * 100_000},
+        "deep scope": {b"scope_json": b"{\"a\":" * 50_000},
+        "ageless": {b"created": b"inf"},
+        "from before time": {b"created": b"-inf"},
+        "expires before written": {b"expires": repr(time.time() - 10).encode()},
+        "expires past the longest ttl": {b"expires": repr(time.time() + 2 * MAX_TTL).encode()},
+    }
+    for prompt, changes in hostile.items():
+        key = writer.set(prompt, "must never be served")
+        fields = _entry(r, ns, key)
+        fields.update(changes)
+        r.hset(k["entry"] + key, mapping=fields)  # type: ignore[arg-type]
+    r.hset(k["entry"].encode() + b"\xff\xfe", mapping={b"x": b"y"})  # a non-ASCII key name
+
+    reader = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    hit = reader.get("what is the capital of france")  # warm start scans every key
+    assert hit is not None and hit.response == "Paris" and hit.key == good
+    for prompt in hostile:
+        assert reader.get(prompt) is None, prompt
+    assert reader.stats()["invalid_entries"] >= len(hostile) + 1
+    assert len(reader) == 1
+
+    async def async_reader() -> Any:
+        c = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns)
+        try:
+            return await c.get("what is the capital of france"), await c.get("ageless")
+        finally:
+            await c.close()
+
+    found, ageless = asyncio.run(async_reader())
+    assert found is not None and found.response == "Paris" and ageless is None
+    assert writer.clear() >= 1 + len(hostile)  # the bad key name does not stop it
+    assert not r.exists(k["entry"] + good)
+
+
+def test_a_ttl_no_server_can_hold_is_refused_before_anything_is_written(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    # PEXPIRE of ~1e16 s overflows the server's milliseconds: inside MULTI the rest of the
+    # write committed, leaving an entry with no expiry while set() reported it dropped.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    with pytest.raises(ValueError, match="at most"):
+        SemanticCache(HashEmbedder(32), store=url, namespace=ns, ttl=1e16)
+    cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    with pytest.raises(ValueError, match="at most"):
+        cache.set("forever and more", "x", ttl=1e16)
+    assert not r.keys(keys_for(ns)["prefix"] + "*")
+    key = cache.set("a century", "x", ttl=MAX_TTL)
+    assert r.pttl(keys_for(ns)["entry"] + key) > 0
+    assert cache.set("no expiry", "x", ttl=float("inf")) is not None
+    assert cache.stats()["store_errors"] == 0
+
+
+def test_a_bad_dimension_in_the_meta_key_is_ignored(valkey_server: EmbeddedServer,
+                                                     ns: str) -> None:
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    for bad in (b"-1", b"0", b"99999999", b"abc"):
+        r.hset(keys_for(ns)["meta"], "dim", bad)
+        cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+        cache.set(f"question {bad!r}", "answer")  # raised ValueError for -1 and 0, for good
+        assert cache.get(f"question {bad!r}") is not None
+
+
+def _expired_entries(url: str, ns: str, clock: FakeClock, n: int) -> RedisStore:
+    store = RedisStore.from_url(url, namespace=ns)
+    cache = SemanticCache(HashEmbedder(8), store=store, namespace=ns, clock=clock)
+    for s in range(0, n, 2000):
+        cache.set_many([(f"q{i}", "a") for i in range(s, min(n, s + 2000))], ttl=3600)
+    clock.advance(7200)  # expired on the cache's clock; the server still holds the keys
+    return store
+
+
+def test_every_expired_id_leaves_the_bookkeeping_past_one_batch(
+    valkey_server: EmbeddedServer, ns: str, clock: FakeClock
+) -> None:
+    # The ids were read 10,000 at a time but removed from `exp` all at once, so ids past
+    # the first 10,000 stayed in `lru` for good and counted toward max_entries.
+    store = _expired_entries(valkey_server.url, ns, clock, 10_500)
+    r = redis.Redis.from_url(valkey_server.url)
+    evicted, gone = store.evict(None, clock())
+    assert (evicted, gone) == ([], 10_500)
+    assert r.zcard(keys_for(ns)["lru"]) == 0 and r.zcard(keys_for(ns)["exp"]) == 0
+
+
+class _Timed(RedisStore):
+    """Runs ``hook`` once at a chosen step of forgetting expired ids."""
+
+    hook: Any = None
+    at = ""
+
+    def _fire(self, step: str) -> None:
+        if self.at == step and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+
+    def expired_keys(self, members: Any) -> list[str]:
+        self._fire("before watch")
+        return super().expired_keys(members)
+
+    def expired_to_drop(self, first: Any, second: Any) -> list[Any]:
+        self._fire("after watch")
+        return super().expired_to_drop(first, second)
+
+
+@pytest.mark.parametrize("at", ["before watch", "after watch"])
+def test_an_entry_written_again_while_expired_ids_are_forgotten_keeps_its_lru_place(
+    valkey_server: EmbeddedServer, ns: str, at: str
+) -> None:
+    # The ids were removed from `lru` by a command apart from their read: a write of the
+    # same prompt in between lost its LRU score, so max_entries could never evict it.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    store = _Timed(redis.Redis.from_url(url), namespace=ns)
+    cache = SemanticCache(HashEmbedder(32), store=store, namespace=ns)
+    other = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    key = cache.set("popular question", "v1", ttl=0.2)
+    time.sleep(0.3)
+    store.at = at
+    store.hook = lambda: other.set("popular question", "v2, no ttl")
+    store.evict(None, time.time())
+    assert store.hook is None  # the write happened in the window
+    assert r.zscore(keys_for(ns)["lru"], key) is not None
+    for i in range(3):
+        cache.set(f"other {i}", "x")
+    store.evict(1, time.time())
+    assert len(list(r.scan_iter(keys_for(ns)["entry"] + "*"))) == 1
+
+
+def test_a_refresh_the_server_refuses_for_a_while_is_counted_and_kept(
+    valkey_server: EmbeddedServer, ns: str, clock: FakeClock
+) -> None:
+    # Every refused refresh was taken for "PEXPIRE GT unsupported" and dropped silently;
+    # an out-of-memory refusal is an outage: counted, kept, written once the server recovers.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns, clock=clock)
+    key = cache.set("hello there", "hi", ttl=100, sliding=True)
+    clock.advance(50)
+    policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")
+    try:
+        hit = cache.get("hello there")  # moves the expiry by half the TTL: a write-back
+        assert hit is not None
+        assert cache.stats()["store_errors"] == 1
+    finally:
+        r.config_set("maxmemory", "0")
+        r.config_set("maxmemory-policy", policy)
+    cache.sync()
+    assert any(f.startswith(b"until:") for f in _entry(r, ns, key))
+
+
+def test_only_a_missing_pexpire_gt_is_taken_for_an_old_server() -> None:
+    # The messages redis-py raises for a refused command inside MULTI.
+    old = redis.exceptions.ResponseError(
+        "Command # 3 (PEXPIRE hc:{x}:e:1 50000 GT) of pipeline caused error: wrong number "
+        "of arguments for 'pexpire' command")
+    oom = redis.exceptions.ResponseError(
+        "Command # 3 (PEXPIRE hc:{x}:e:1 50000 GT) of pipeline caused error: OOM command "
+        "not allowed when used memory > 'maxmemory'.")
+    assert _refuses_pexpire_gt(old)
+    assert not _refuses_pexpire_gt(oom)
+    assert not _refuses_pexpire_gt(redis.exceptions.ResponseError("READONLY You can't write"))
