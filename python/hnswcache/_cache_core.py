@@ -297,16 +297,15 @@ class CacheCore:
         """Validate and unit-normalise embedder output (or given embeddings) to ``(n, dim)``.
 
         ``copy=False`` (lookups, which keep nothing) returns a single float32 row that is
-        already of unit length (within float32 rounding) as it is, without a copy."""
+        already of unit length (within float32 rounding) as it is, without a copy, and does
+        not decide the cache's dimension when it is still unknown (a lookup runs before the
+        warm start, which takes it from the store: see :meth:`check_dim`)."""
         arr = np.asarray(raw, dtype=np.float32)
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
         if arr.ndim != 2 or arr.shape[0] != n:
             raise ValueError(f"embeddings must have shape ({n}, dim), got {arr.shape}")
-        if self.dim is None:
-            self.dim = int(arr.shape[1])
-        elif arr.shape[1] != self.dim:
-            raise ValueError(f"embeddings have dimension {arr.shape[1]}, the cache has {self.dim}")
+        self.check_dim(arr)
         if arr.shape[0] == 1:  # the common single-lookup case, without array temporaries
             n2 = float(np.dot(arr[0], arr[0]))
             if not math.isfinite(n2):
@@ -315,13 +314,23 @@ class CacheCore:
                 raise ValueError("an embedding is the zero vector")
             if not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
                 return arr  # similarity error <= 5e-7: not worth a copy on the lookup path
-            return np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
-        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
-        if not np.isfinite(norms).all():
-            raise ValueError("embeddings contain NaN or infinity")
-        if not norms.all():
-            raise ValueError("an embedding is the zero vector")
-        return np.ascontiguousarray(arr / norms, dtype=np.float32)
+            out = np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
+        else:
+            norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
+            if not np.isfinite(norms).all():
+                raise ValueError("embeddings contain NaN or infinity")
+            if not norms.all():
+                raise ValueError("an embedding is the zero vector")
+            out = np.ascontiguousarray(arr / norms, dtype=np.float32)
+        if self.dim is None and copy:  # only valid vectors that will be stored decide it
+            self.dim = int(arr.shape[1])
+        return out
+
+    def check_dim(self, vecs: npt.NDArray[np.float32] | None) -> None:
+        """Refuse vectors of another dimension than the cache's (when it is known)."""
+        if vecs is not None and self.dim is not None and vecs.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dimension {vecs.shape[1]}, the cache has "
+                             f"{self.dim}")
 
     def check_meta(self, stored: tuple[int | None, str]) -> None:
         dim, name = stored
@@ -329,6 +338,8 @@ class CacheCore:
         if dim is None:
             return
         if self.dim is not None and dim != self.dim:
+            if self.embedder is None:  # the dimension came from this call's vectors: forget it
+                self.dim = None
             raise ValueError(
                 f"this cache namespace holds {dim}-d vectors (embedder {name!r}) but the "
                 f"embedder gives {self.dim}-d: use another namespace, or clear() it"

@@ -394,7 +394,8 @@ class SemanticCache(_Base):
 
     def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
         """Vectors for ``texts``: ``given`` (already checked by ``c.vectors``) or the
-        embedder's; ``None`` (counted) if the embedder failed and the cache is not strict."""
+        embedder's; ``None`` (counted) if the embedder failed, or the store could not be
+        asked which embedder the namespace holds, and the cache is not strict."""
         c = self._core
         if given is None:
             try:
@@ -402,7 +403,11 @@ class SemanticCache(_Base):
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None
-        self._check_meta()
+        try:
+            self._check_meta()
+        except StoreError as exc:  # (checked again by the next call that gets this far)
+            c.failed("embedder check", exc)
+            return None
         return cast(npt.NDArray[np.float32], given)
 
     def sync(self) -> None:
@@ -510,6 +515,7 @@ class SemanticCache(_Base):
         try:
             if not prompts or not self._ready():
                 return self._misses(out)
+            c.check_dim(given_all)  # (the warm start may just have learnt the dimension)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
@@ -973,7 +979,11 @@ class AsyncSemanticCache(_Base):
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None
-        await self._check_meta()
+        try:
+            await self._check_meta()
+        except StoreError as exc:  # (as SemanticCache._embed)
+            c.failed("embedder check", exc)
+            return None
         return cast(npt.NDArray[np.float32], given)
 
     async def sync(self) -> None:
@@ -1072,6 +1082,7 @@ class AsyncSemanticCache(_Base):
         try:
             if not prompts or not await self._ready():
                 return self._misses(out)
+            c.check_dim(given_all)  # (as in SemanticCache._lookup)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round

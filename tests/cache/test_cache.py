@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hnswcache import SemanticCache
 from hnswcache._cache_core import NEAR_MISS_BAND
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
+from hnswcache.store.memory import MemoryStore
 from hnswcache.store.redis import keys_for
 
 from .cache_helpers import FakeClock, Paraphrases
@@ -253,6 +255,30 @@ def test_precomputed_embeddings(store_url: str, ns: str, paraphrases: Paraphrase
     cache.set(px.q[0], "a0", embedding=px.qv[0])
     hit = cache.get(px.p[0], embedding=px.pv[0])
     assert hit is not None and hit.response == "a0"
+
+
+def test_a_rejected_embedding_does_not_decide_the_dimension(store_url: str, ns: str) -> None:
+    # With no embedder the first vectors decide the cache's dimension: a NaN or zero one was
+    # refused, but its length stayed the cache's, and every valid call failed after it.
+    ok = np.ones(8, dtype=np.float32)
+    for bad in (np.array([np.nan, 1.0, 2.0]), np.zeros(3)):
+        cache = make(store_url, ns, embedder=None)
+        with pytest.raises(ValueError, match="NaN|zero"):
+            cache.set("q", "a", embedding=bad)
+        cache.set("q", "a", embedding=ok)
+        cache.clear()
+    # A first lookup of another length, before the warm start has read the store's entries
+    # (8-d), took its length as the cache's: the warm start then dropped every entry.
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url  # one store, shared
+    SemanticCache(None, store=store, namespace=ns).set("q", "a", embedding=ok)
+    reader = SemanticCache(None, store=store, namespace=ns)
+    with pytest.raises(ValueError, match="dimension 3, the cache has 8"):
+        reader.get("other", embedding=np.ones(3))
+    hit = reader.get("q", embedding=ok)
+    assert hit is not None and hit.response == "a"
+    with pytest.raises(ValueError, match="dimension 3, the cache has 8"):
+        reader.set("wrong", "x", embedding=np.ones(3))
+    assert reader.get("q", embedding=ok) is not None
 
 
 def test_cached_decorator(store_url: str, ns: str) -> None:

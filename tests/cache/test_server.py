@@ -885,3 +885,44 @@ def test_a_hit_whose_touch_failed_to_reach_the_server_still_counts_for_lru(
     cls = SemanticCache if kind == "sync" else AsyncSemanticCache
     survivors = asyncio.run(scenario(cls(HashEmbedder(64), **opts), same))
     assert survivors == {0, 2, 3}
+
+
+def test_a_cache_opened_while_the_server_is_down_drops_and_counts_its_writes(ns: str) -> None:
+    # The first write asks the server which embedder the namespace holds; that call was
+    # outside the failure handling, so set() and @cached raised StoreError although the
+    # cache is not strict.
+    url = "redis://127.0.0.1:1"  # nothing listens there
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.05)
+    key = cache.set("q", "a")
+    assert key == cache.set("q", "a")
+    assert cache.stats()["store_errors"] == 2
+    assert cache.get("q") is None
+    calls = []
+
+    @cache.cached()
+    def ask(prompt: str) -> str:
+        calls.append(prompt)
+        return "from the LLM"
+
+    assert ask("hello") == "from the LLM" and calls == ["hello"]
+
+    async def run() -> None:
+        acache = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.05)
+        await acache.set("q", "a")
+        await acache.set("q", "a")
+        assert acache.stats()["store_errors"] == 2
+        assert await acache.get("q") is None
+
+        @acache.cached()
+        async def aask(prompt: str) -> str:
+            return "from the LLM"
+
+        assert await aask("hello") == "from the LLM"
+
+    asyncio.run(run())
+    strict = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.05,
+                           strict=True)
+    from hnswcache.store.base import StoreError
+
+    with pytest.raises(StoreError):
+        strict.set("q", "a")
