@@ -207,7 +207,9 @@ class CacheCore:
         self.touches: set[int] = set()
         self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, to write back
         self._pending = threading.Lock()
-        self.own_positions: set[str] = set()
+        # Log positions of this process's own writes not yet read back -> the entry ids
+        # written (applied here already; see apply_log).
+        self.own_positions: dict[str, tuple[int, ...]] = {}
         self.stats = Stats()
         self._create = threading.Lock()
         self._last_error_log = 0.0
@@ -408,14 +410,19 @@ class CacheCore:
             if w is not None and w[0] in self.indexes:
                 self.indexes[w[0]].delete([eid])
 
-    def clear_local(self, sid: str | None) -> None:
-        if sid is None or sid == "*":
+    def clear_local(self, sid: str | None, keep: Iterable[int] = ()) -> None:
+        """Forget every entry of scope ``sid`` (``None`` or ``"*"``: all) but ``keep``."""
+        kept = set(keep)
+        if kept:
+            self.remove([e for e, w in list(self.where.items())
+                         if (sid is None or sid == "*" or w[0] == sid) and e not in kept])
+        elif sid is None or sid == "*":
             self.indexes.clear()
             self.where.clear()
-            return
-        self.indexes.pop(sid, None)
-        for eid in [e for e, w in self.where.items() if w[0] == sid]:
-            del self.where[eid]
+        else:
+            self.indexes.pop(sid, None)
+            for eid in [e for e, w in list(self.where.items()) if w[0] == sid]:
+                del self.where[eid]
 
     def reconcile(self, ids: Sequence[int], fetched: Sequence[Fetched]) -> None:
         """Make the replica match the store for ``ids`` (their current stored state)."""
@@ -472,16 +479,24 @@ class CacheCore:
                 continue
             self.stats.add("sync_events")
             if ev.op == "clear":
-                self.clear_local(ev.scope)
-            elif ev.id is not None:
-                ids[ev.id] = None
-        self.own_positions -= own
+                # This process applied its own writes when it made them, ahead of the log:
+                # those logged after this clear (not read yet) are not cleared by it.
+                keep = {i for pos, written in self.own_positions.items() if pos not in own
+                        for i in written}
+                self.clear_local(ev.scope, keep)
+            elif ev.id is not None and (ev.op != "del" or ev.id in self.where):
+                ids[ev.id] = None  # (a del of an entry not held here changes nothing)
+        for pos in own:
+            self.own_positions.pop(pos, None)
         return list(ids)
 
-    def remember_own(self, positions: Iterable[str]) -> None:
+    def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
+        """Log positions of this process's own write of ``ids`` (or clear: no ids)."""
         if len(self.own_positions) > _OWN_POSITIONS_MAX:
             self.own_positions.clear()  # only costs re-fetching our own writes
-        self.own_positions.update(positions)
+        written = tuple(ids)
+        for pos in positions:
+            self.own_positions[pos] = written
 
     def take_refreshes(self) -> list[Refresh]:
         if not self.refreshes:

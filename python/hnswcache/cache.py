@@ -664,7 +664,7 @@ class SemanticCache(_Base):
             c.failed("set", exc)
             return keys
         with self._lock:
-            c.remember_own(res.log_positions)
+            c.remember_own(res.log_positions, [r.id for r in recs])
             c.add_records(recs)
         c.stats.add("sets", len(recs))
         c.stats.add("expiries", res.expired_removed)
@@ -706,13 +706,16 @@ class SemanticCache(_Base):
         sid = scope_key(scope)[0] if scope is not None else None
         self._ready()
         try:
-            n = self.store.clear(sid)
+            res = self.store.clear(sid)
         except StoreError as exc:
             c.failed("clear", exc)
             return 0
         with self._lock:
+            # Its own events are applied here: read back from the log later, the clear
+            # would also drop what this process wrote after it.
+            c.remember_own(res.log_positions)
             c.clear_local(sid)
-        return n
+        return res.deleted
 
     # ------------------------------------------------------------------ decorator
     def cached(
@@ -1219,7 +1222,7 @@ class AsyncSemanticCache(_Base):
             c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
-        c.remember_own(res.log_positions)
+        c.remember_own(res.log_positions, [r.id for r in recs])
         c.add_records(recs)
         c.stats.add("sets", len(recs))
         c.stats.add("expiries", res.expired_removed)
@@ -1257,12 +1260,13 @@ class AsyncSemanticCache(_Base):
         sid = scope_key(scope)[0] if scope is not None else None
         await self._ready()
         try:
-            n = await self.store.clear(sid)
+            res = await self.store.clear(sid)
         except StoreError as exc:
             c.failed("clear", exc)
             return 0
+        c.remember_own(res.log_positions)  # (see SemanticCache.clear)
         c.clear_local(sid)
-        return n
+        return res.deleted
 
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,

@@ -171,3 +171,22 @@ def test_async_max_age(async_url: str, ns: str, clock: FakeClock, paraphrases: P
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_async_an_entry_set_after_a_clear_stays_in_the_semantic_tier(ns: str) -> None:
+    # (As the sync test in test_cache.py.)
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal(16).astype(np.float32)
+    near = base + 0.05 * rng.standard_normal(16).astype(np.float32)
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(None, store="memory", namespace=ns, threshold=0.9)
+        await cache.set("seed", "x", embedding=rng.standard_normal(16).astype(np.float32))
+        await cache.clear()
+        await cache.set("What is the capital of France?", "Paris", embedding=base)
+        for _ in range(2):
+            hit = await cache.get("Capital city of France", embedding=near)
+            assert hit is not None and hit.response == "Paris"
+        assert len(cache) == 1
+
+    asyncio.run(run())

@@ -281,6 +281,28 @@ def test_a_rejected_embedding_does_not_decide_the_dimension(store_url: str, ns: 
     assert reader.get("q", embedding=ok) is not None
 
 
+def _unit(seed: int, dim: int = 16) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("scope", [None, {"tenant": "a"}])
+def test_an_entry_set_after_a_clear_stays_in_the_semantic_tier(
+    store_url: str, ns: str, scope: dict[str, str] | None
+) -> None:
+    # The clear's own log event, read back at the next lookup, wiped the entry this process
+    # had written after it from the local index: paraphrases missed for good.
+    base, near = _unit(1), _unit(1) + 0.05 * _unit(2)
+    cache = make(store_url, ns, embedder=None, threshold=0.9)
+    cache.set("seed", "x", embedding=_unit(3), scope=scope)
+    cache.clear(scope)
+    cache.set("What is the capital of France?", "Paris", embedding=base, scope=scope)
+    for _ in range(2):
+        hit = cache.get("Capital city of France", embedding=near, scope=scope)
+        assert hit is not None and hit.response == "Paris" and hit.tier == "semantic"
+    assert len(cache) == 1
+
+
 def test_cached_decorator(store_url: str, ns: str) -> None:
     cache = make(store_url, ns)
     calls: list[tuple[str, str]] = []

@@ -200,3 +200,49 @@ def test_only_a_missing_pexpire_gt_is_taken_for_an_old_server() -> None:
     assert _refuses_pexpire_gt(old)
     assert not _refuses_pexpire_gt(oom)
     assert not _refuses_pexpire_gt(redis.exceptions.ResponseError("READONLY You can't write"))
+
+
+class _WriteDuringClear(RedisStore):
+    """Has ``write`` run once at the start or the end of a clear's SCAN pass."""
+
+    write: Any = None
+    at = ""
+
+    def _scan_keys(self) -> Any:
+        if self.at == "start" and self.write is not None:
+            self.write, w = None, self.write
+            w()
+        yield from super()._scan_keys()
+        if self.at == "end" and self.write is not None:
+            self.write, w = None, self.write
+            w()
+
+
+@pytest.mark.parametrize("at", ["start", "end"])
+def test_an_entry_written_during_a_clear_is_where_the_store_says(
+    valkey_server: EmbeddedServer, ns: str, at: str
+) -> None:
+    # The clear event was logged after the SCAN+DEL pass: an entry written during the pass
+    # and kept by the store was dropped by every replica that had seen its `set` first.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    emb = HashEmbedder(64)
+    writer = SemanticCache(emb, store=url, namespace=ns)
+    writer.set("old entry to be cleared", "x")
+    store = _WriteDuringClear(redis.Redis.from_url(url), namespace=ns)
+    clearer = SemanticCache(emb, store=store, namespace=ns)
+    assert clearer.get("old entry to be cleared") is not None
+    store.at = at
+    store.write = lambda: writer.set("how do I reset my router password please", "hold it")
+    clearer.clear()
+    assert store.write is None
+    # At the start SCAN still finds the new entry and deletes it; at the end it survives.
+    kept = at == "end"
+    assert len(list(r.scan_iter(keys_for(ns)["entry"] + "*"))) == int(kept)
+    q = "how do I reset my router password"
+    for cache in (writer, clearer, SemanticCache(emb, store=url, namespace=ns)):
+        cache.sync()
+        hit = cache.get(q)
+        assert (hit is not None and hit.response == "hold it") == kept
+        assert len(cache) == int(kept)
+    assert writer.get("old entry to be cleared") is None

@@ -594,7 +594,6 @@ def run_demo(
     try:
         cache = open_cache()
         cleared = 0 if keep else cache.clear()
-        cache.sync()  # apply our own clear now (docs/requests-cli.md: clear, then set)
         book = _Book(_partners(questions))
         lookups: list[Lookup] = []
         saved = 0.0

@@ -412,6 +412,15 @@ class WriteResult:
     log_positions: tuple[str, ...] = ()  # positions of the log events this write appended
 
 
+@dataclass(frozen=True)
+class Cleared:
+    """What a clear did: entries deleted, and the positions of the log events it appended
+    (the cache that cleared skips them when it reads the log: it applied them already)."""
+
+    deleted: int
+    log_positions: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class Store(Protocol):
     """A synchronous store. Every method may raise :class:`StoreError`."""
@@ -452,8 +461,9 @@ class Store(Protocol):
         ``max_entries``; ``(evicted ids, expired entries removed)``."""
         ...
 
-    def clear(self, scope_id: str | None) -> int:
-        """Delete every entry (of one scope); log a clear event; how many were deleted."""
+    def clear(self, scope_id: str | None) -> Cleared:
+        """Delete every entry (of one scope): log a clear event first, then the deletions
+        (an entry written meanwhile is either deleted with a ``del`` event or kept)."""
         ...
 
     def scan(self) -> Iterator[list[Fetched]]:
@@ -495,7 +505,7 @@ class AsyncStore(Protocol):
 
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]: ...
 
-    async def clear(self, scope_id: str | None) -> int: ...
+    async def clear(self, scope_id: str | None) -> Cleared: ...
 
     def scan(self) -> AsyncIterator[list[Fetched]]: ...
 

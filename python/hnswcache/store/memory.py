@@ -13,7 +13,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from .base import Fetched, LogBatch, LogEvent, Record, Refresh, WriteResult, validate_namespace
+from .base import (
+    Cleared,
+    Fetched,
+    LogBatch,
+    LogEvent,
+    Record,
+    Refresh,
+    WriteResult,
+    validate_namespace,
+)
 
 __all__ = ["MemoryStore", "AsyncMemoryStore"]
 
@@ -151,7 +160,7 @@ class MemoryStore:
                 self._append([LogEvent("del", i) for i in evicted])
             return evicted, removed
 
-    def clear(self, scope_id: str | None) -> int:
+    def clear(self, scope_id: str | None) -> Cleared:
         with self._lock:
             if scope_id is None:
                 n = len(self._entries)
@@ -162,8 +171,7 @@ class MemoryStore:
                 for i in doomed:
                     del self._entries[i]
                 n = len(doomed)
-            self._append([LogEvent("clear", None, scope_id or "*")])
-            return n
+            return Cleared(n, self._append([LogEvent("clear", None, scope_id or "*")]))
 
     def scan(self) -> Iterator[list[Fetched]]:
         with self._lock:
@@ -221,7 +229,7 @@ class AsyncMemoryStore:
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
         return self.sync.evict(max_entries, now)
 
-    async def clear(self, scope_id: str | None) -> int:
+    async def clear(self, scope_id: str | None) -> Cleared:
         return self.sync.clear(scope_id)
 
     async def scan(self) -> AsyncIterator[list[Fetched]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from .base import (
     MAX_DIM,
+    Cleared,
     Fetched,
     Invalid,
     LogBatch,
@@ -370,6 +371,20 @@ class _Layout:
                 out.append(eid)
         return out
 
+    # ------------------------------------------------------------------ clear
+    def queue_clear_event(self, pipe: Any, scope_id: str | None) -> None:
+        pipe.xadd(self.k_log, {"op": "clear", "scope": scope_id or "*"},
+                  maxlen=self.log_maxlen, approximate=True)
+
+    def queue_drop(self, pipe: Any, keys: Sequence[Any]) -> None:
+        """Delete entry keys found by a clear's SCAN (results: deleted, 2 ZREMs, then the
+        positions of the del events; key names that are no id are deleted unannounced)."""
+        hids = [_id_text(k)[len(self.k_entry):] for k in keys]
+        pipe.delete(*keys)
+        pipe.zrem(self.k_lru, *hids)
+        pipe.zrem(self.k_exp, *hids)
+        self.queue_log(pipe, "del", [h for h in hids if parse_id(h) is not None])
+
     # ------------------------------------------------------------- expired bookkeeping
     # An expired entry leaves its id in ``exp`` and ``lru`` (the server drops the key). They
     # are forgotten in batches: read the expired members, WATCH their entry keys, read them
@@ -598,25 +613,24 @@ class RedisStore(_Layout):
                                   for k, i in zip(keys, ids) if i is None]
             yield bad + self.fetch(good)
 
-    def clear(self, scope_id: str | None) -> int:
+    def clear(self, scope_id: str | None) -> Cleared:
+        # The clear event goes first: an entry written during the pass logs its `set` after
+        # it (so no replica drops it for the clear), and if the pass then deletes it, the
+        # `del` event in the same MULTI says so. (Logged after the pass, the clear made
+        # every replica that had applied such a `set` drop an entry the store kept.)
+        positions = [_id_text(self._run(False, lambda p: self.queue_clear_event(p, scope_id),
+                                        raise_on_error=True)[0])]
         n = 0
         for keys in self._scan_keys():
             if scope_id is not None:
                 scopes = self._run(False, lambda p, ks=keys: [p.hget(k, "scope") for k in ks])
                 keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
             if keys:
-                hids = [_id_text(k)[len(self.k_entry):] for k in keys]
-
-                def drop(p: Any, ks: list[Any] = keys, hs: list[str] = hids) -> None:
-                    p.delete(*ks)
-                    p.zrem(self.k_lru, *hs)
-                    p.zrem(self.k_exp, *hs)
-
-                n += int(self._run(True, drop, raise_on_error=True)[0])
-        self._run(False, lambda p: p.xadd(
-            self.k_log, {"op": "clear", "scope": scope_id or "*"},
-            maxlen=self.log_maxlen, approximate=True), raise_on_error=True)
-        return n
+                res = self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
+                                raise_on_error=True)
+                n += int(res[0])
+                positions += [_id_text(x) for x in res[3:]]
+        return Cleared(n, tuple(positions))
 
     def log_head(self) -> str:
         res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
@@ -824,7 +838,10 @@ class AsyncRedisStore(_Layout):
                                   for k, i in zip(keys, ids) if i is None]
             yield bad + await self.fetch(good)
 
-    async def clear(self, scope_id: str | None) -> int:
+    async def clear(self, scope_id: str | None) -> Cleared:
+        # As RedisStore.clear: the clear event first, then each batch with its del event.
+        positions = [_id_text((await self._run(
+            False, lambda p: self.queue_clear_event(p, scope_id), raise_on_error=True))[0])]
         n = 0
         async for keys in self._scan_keys():
             if scope_id is not None:
@@ -833,18 +850,11 @@ class AsyncRedisStore(_Layout):
                 )
                 keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
             if keys:
-                hids = [_id_text(k)[len(self.k_entry):] for k in keys]
-
-                def drop(p: Any, ks: list[Any] = keys, hs: list[str] = hids) -> None:
-                    p.delete(*ks)
-                    p.zrem(self.k_lru, *hs)
-                    p.zrem(self.k_exp, *hs)
-
-                n += int((await self._run(True, drop, raise_on_error=True))[0])
-        await self._run(False, lambda p: p.xadd(
-            self.k_log, {"op": "clear", "scope": scope_id or "*"},
-            maxlen=self.log_maxlen, approximate=True), raise_on_error=True)
-        return n
+                res = await self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
+                                      raise_on_error=True)
+                n += int(res[0])
+                positions += [_id_text(x) for x in res[3:]]
+        return Cleared(n, tuple(positions))
 
     async def log_head(self) -> str:
         res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
