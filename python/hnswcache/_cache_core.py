@@ -43,6 +43,7 @@ log = logging.getLogger("hnswcache.cache")
 
 _LATENCY_WINDOW = 10_000
 _OWN_POSITIONS_MAX = 200_000
+_EXPIRED_SEEN_MAX = 100_000
 
 Clock = Callable[[], float]
 
@@ -210,6 +211,7 @@ class CacheCore:
         # Log positions of this process's own writes not yet read back -> the entry ids
         # written (applied here already; see apply_log).
         self.own_positions: dict[str, tuple[int, ...]] = {}
+        self._expired: dict[tuple[int, str], None] = {}  # versions counted in expiries
         self.stats = Stats()
         self._create = threading.Lock()
         self._last_error_log = 0.0
@@ -421,8 +423,9 @@ class CacheCore:
             self.where.clear()
         else:
             self.indexes.pop(sid, None)
+            # (a copy, and pop: lookups in other threads add and remove entries meanwhile)
             for eid in [e for e, w in list(self.where.items()) if w[0] == sid]:
-                del self.where[eid]
+                self.where.pop(eid, None)
 
     def reconcile(self, ids: Sequence[int], fetched: Sequence[Fetched]) -> None:
         """Make the replica match the store for ``ids`` (their current stored state)."""
@@ -569,6 +572,17 @@ class CacheCore:
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
                    rec.metadata, rec.scope)
 
+    def expired_seen(self, rec: Record) -> None:
+        """Count an expired entry a lookup found: each written version once (lookups of it
+        until the store drops it would count it again and again)."""
+        key = (rec.id, rec.version)
+        if key in self._expired:
+            return
+        if len(self._expired) >= _EXPIRED_SEEN_MAX:
+            self._expired.clear()  # (a very old one may then count twice)
+        self._expired[key] = None
+        self.stats.add("expiries")
+
     def exact_record(self, f: Fetched, sid: str, norm: str, now: float,
                      max_age: float = math.inf) -> Record | None:
         """``f`` if it is a usable entry of scope ``sid`` for the normalised prompt ``norm``,
@@ -583,7 +597,7 @@ class CacheCore:
         if f is None:
             return None
         if not isinstance(f, Invalid) and f.expired(now):
-            self.stats.add("expiries")
+            self.expired_seen(f)
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
             return None

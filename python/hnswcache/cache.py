@@ -667,18 +667,16 @@ class SemanticCache(_Base):
             c.remember_own(res.log_positions, [r.id for r in recs])
             c.add_records(recs)
         c.stats.add("sets", len(recs))
-        c.stats.add("expiries", res.expired_removed)
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
             try:
-                evicted, expired = self.store.evict(c.max_entries, now)
+                evicted, _ = self.store.evict(c.max_entries, now)
             except StoreError as exc:
                 c.failed("eviction", exc)
             else:
                 with self._lock:
                     c.remove(evicted)
                 c.stats.add("evictions", len(evicted))
-                c.stats.add("expiries", expired)
         return keys
 
     def delete(self, key: str) -> bool:
@@ -1225,17 +1223,15 @@ class AsyncSemanticCache(_Base):
         c.remember_own(res.log_positions, [r.id for r in recs])
         c.add_records(recs)
         c.stats.add("sets", len(recs))
-        c.stats.add("expiries", res.expired_removed)
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
             try:
-                evicted, expired = await self.store.evict(c.max_entries, now)
+                evicted, _ = await self.store.evict(c.max_entries, now)
             except StoreError as exc:
                 c.failed("eviction", exc)
             else:
                 c.remove(evicted)
                 c.stats.add("evictions", len(evicted))
-                c.stats.add("expiries", expired)
         return keys
 
     async def delete(self, key: str) -> bool:
