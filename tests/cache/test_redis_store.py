@@ -246,3 +246,24 @@ def test_an_entry_written_during_a_clear_is_where_the_store_says(
         assert (hit is not None and hit.response == "hold it") == kept
         assert len(cache) == int(kept)
     assert writer.get("old entry to be cleared") is None
+
+
+def test_a_reader_that_warm_started_on_an_empty_log_sees_a_trim_past_it(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    # Its position was "0-0", which parse_log cannot check: events trimmed before its next
+    # read were lost without a rebuild, and so were the entries they announced.
+    r = redis.Redis.from_url(valkey_server.url)
+    writer = SemanticCache(HashEmbedder(32), namespace=ns,
+                           store=RedisStore(r, namespace=ns, log_maxlen=10))
+    reader = SemanticCache(HashEmbedder(32), namespace=ns,
+                           store=RedisStore(r, namespace=ns, log_maxlen=10))
+    reader.sync()  # warm start on an empty log
+    for i in range(300):
+        writer.set(f"question number {i}", f"answer {i}")
+    assert r.xlen(keys_for(ns)["log"]) < 300
+    reader.sync()
+    assert reader.stats()["resyncs"] == 1
+    assert len(reader) == 300
+    hit = reader.get("question number 7")
+    assert hit is not None and hit.response == "answer 7"

@@ -471,7 +471,8 @@ class Store(Protocol):
         ...
 
     def log_head(self) -> str:
-        """The position of the newest log event (``"0-0"`` when the log is empty)."""
+        """The position of the newest log event. A store whose readers cannot tell a trim
+        past ``"0-0"`` (Redis) gives an empty log a no-op event first."""
         ...
 
     def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:

@@ -299,7 +299,8 @@ class _Layout:
                 log.warning("ignoring a clear event with a bad scope: %r", fields)
                 return []
             return [LogEvent("clear", None, text, pos)]
-        log.warning("ignoring an unknown change-log event: %r", fields)
+        if op != b"noop":
+            log.warning("ignoring an unknown change-log event: %r", fields)
         return []
 
     # ---------------------------------------------------------------- write
@@ -370,6 +371,10 @@ class _Layout:
             if eid is not None:
                 out.append(eid)
         return out
+
+    def queue_noop(self, pipe: Any) -> None:
+        """An event that changes nothing (a reader's first position in an empty log)."""
+        pipe.xadd(self.k_log, {"op": "noop"}, maxlen=self.log_maxlen, approximate=True)
 
     # ------------------------------------------------------------------ clear
     def queue_clear_event(self, pipe: Any, scope_id: str | None) -> None:
@@ -635,7 +640,11 @@ class RedisStore(_Layout):
     def log_head(self) -> str:
         res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
                         raise_on_error=True)
-        return _id_text(res[0][0][0]) if res[0] else "0-0"
+        if res[0]:
+            return _id_text(res[0][0][0])
+        # An empty log: a position of "0-0" could not tell a later trim past it (the reader
+        # would miss those events for good), so start it with an event to stand on.
+        return _id_text(self._run(False, self.queue_noop, raise_on_error=True)[0])
 
     def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         def q(p: Any) -> None:
@@ -859,7 +868,10 @@ class AsyncRedisStore(_Layout):
     async def log_head(self) -> str:
         res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
                               raise_on_error=True)
-        return _id_text(res[0][0][0]) if res[0] else "0-0"
+        if res[0]:
+            return _id_text(res[0][0][0])
+        # (as RedisStore.log_head)
+        return _id_text((await self._run(False, self.queue_noop, raise_on_error=True))[0])
 
     async def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         def q(p: Any) -> None:
