@@ -538,9 +538,11 @@ def test_float32_values_come_back_bit_for_bit(metric, tmp_path):
     # float32 is stored as two 16-bit halves (the walk reads the high ones); get(), save/load
     # and pickle must give back exactly the float32 that went in.
     rng = np.random.default_rng(8)
-    x = (rng.standard_normal((300, 19)) * rng.choice([1e-30, 1e-3, 1.0, 1e20], (300, 1)))
+    # (Rows are stored as given under ip and l2, so their distances must fit a float32:
+    # squared norms up to 8.5e37, the largest finite float / 4.)
+    x = (rng.standard_normal((300, 19)) * rng.choice([1e-30, 1e-3, 1.0, 1e17], (300, 1)))
     x = x.astype(np.float32)
-    x[0, :3] = [np.float32(1.4e-45), np.float32(-0.0), np.float32(3.4e38)]
+    x[0, :3] = [np.float32(1.4e-45), np.float32(-0.0), np.float32(9.2e17)]
     idx = Index(19, metric=metric)
     idx.add(x)
     labels = np.arange(300)
@@ -588,3 +590,115 @@ def test_more_search_starts_find_a_small_foreign_cluster_at_a_low_ef():
     tiny.search_starts = 64
     assert tiny.search(np.eye(4, dtype=np.float32), k=1)[0][:, 0].tolist() == [0, 1, 2, 3]
 
+
+
+# ---------------------------------------------------------------- found by a review, 2026-12-05
+
+
+def _patched(data: bytes, offset: int, raw: bytes) -> bytes:
+    """``data`` with ``raw`` written at ``offset`` and its checksum made right again."""
+    import struct
+    import zlib
+
+    b = bytearray(data)
+    b[offset:offset + len(raw)] = raw
+    b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])))
+    return bytes(b)
+
+
+_PREFIX = 8 + 8 + 12 * 8  # magic, version, header words
+
+
+def test_a_loaded_index_with_free_slots_saves_and_loads_again(tmp_path):
+    # Loading skipped the free slots' records; saving again wrote their leftover link counts
+    # and bytes, and the next load refused the file ("a free slot has links").
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    for dtype in ("float32", "float16", "int8"):
+        junk = [Index(24, dtype=dtype) for _ in range(3)]  # leave used memory behind
+        for j in junk:
+            j.add(rng.standard_normal((500, 24)).astype(np.float32) * 7)
+        del junk
+        idx = Index(24, dtype=dtype)
+        idx.add(x)
+        idx.delete(np.arange(0, 3000, 3))
+        assert idx.consolidate()["removed"] == 1000
+        once = Index.from_bytes(idx.to_bytes())
+        twice = Index.from_bytes(once.to_bytes())  # refused before
+        assert once.to_bytes() == twice.to_bytes()
+        assert once.check_integrity()["free"] == 1000
+        live = np.setdiff1d(np.arange(3000), np.arange(0, 3000, 3))
+        np.testing.assert_array_equal(twice.get(live), idx.get(live))
+        assert twice.search(x[1], 1)[0][0, 0] == 1
+
+
+def test_a_tiny_row_under_cosine_is_stored_as_a_unit_vector():
+    # 1 / |x| overflowed float for |x| < ~1e-38: the row was stored as inf/NaN, searches
+    # returned NaN, and a saved file could not be loaded.
+    idx = Index(4)
+    tiny = np.array([[1e-39, 1e-39, 0, 0], [0, 0, 3e-45, 0]], dtype=np.float32)
+    idx.add(tiny)
+    got = idx.get([0, 1])
+    np.testing.assert_allclose(got, [[0.70710677, 0.70710677, 0, 0], [0, 0, 1, 0]], rtol=1e-6)
+    labels, dist = idx.search(np.array([1, 1, 0, 0], np.float32), 2)
+    assert labels[0, 0] == 0 and np.isfinite(dist).all()
+    assert Index.from_bytes(idx.to_bytes()).get([0]).tolist() == got[:1].tolist()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_rows_whose_distances_would_overflow_are_refused(metric):
+    # Stored as given, values near 3e38 made 40-79 % of the distances NaN (inf - inf).
+    idx = Index(4, metric=metric)
+    idx.add(np.eye(4, dtype=np.float32))
+    huge = np.array([[3e38, 0, 0, 0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="overflow"):
+        idx.add(huge)
+    with pytest.raises(ValueError, match="overflow"):
+        idx.search(huge, 1)
+    assert len(idx) == 4
+    ok = np.array([[9e18, 0, 0, 0]], dtype=np.float32)  # squared norm 8.1e37: finite distances
+    idx.add(ok, [9])
+    _, dist = idx.search(np.array([1, 0, 0, 0], np.float32), 5)
+    assert np.isfinite(dist).all()
+    Index(4, metric="cosine").add(huge)  # normalised: any finite row
+
+
+def test_the_largest_label_is_refused_and_the_counter_never_wraps():
+    # Label 2**63 - 1 made the automatic counter overflow (UBSan: signed overflow; release
+    # builds wrapped to -2**63 and every later add() without labels failed).
+    idx = Index(4)
+    with pytest.raises(ValueError, match="labels must be in"):
+        idx.add(np.eye(4, dtype=np.float32)[:1], [2**63 - 1])
+    idx.add(np.eye(4, dtype=np.float32)[:1], [2**63 - 2])
+    with pytest.raises(OverflowError, match="exhausted"):
+        idx.add(np.eye(4, dtype=np.float32)[1:2])
+    assert len(idx) == 1 and (2**63 - 2) in idx
+
+
+def test_crafted_files_with_duplicate_links_or_extreme_headers_are_refused():
+    import struct
+
+    rng = np.random.default_rng(31)
+    idx = Index(8, M=4)
+    idx.add(rng.standard_normal((50, 8)).astype(np.float32))
+    data = idx.to_bytes()
+    n = 50
+    links0 = _PREFIX + n * (1 + 8 + 8)
+    count, first = struct.unpack_from("<II", data, links0)
+    assert count >= 2
+    dup = _patched(data, links0 + 8, struct.pack("<I", first))  # its 2nd link = its 1st
+    with pytest.raises(ValueError, match="twice"):
+        Index.from_bytes(dup)
+    for word in (3, 4):  # ef_construction, ef_search
+        with pytest.raises(ValueError, match="out-of-range"):
+            Index.from_bytes(_patched(data, 16 + 8 * word, struct.pack("<Q", 2**40)))
+    # A label counter below the stored labels: automatic labels must not overwrite them.
+    low = Index.from_bytes(_patched(data, 16 + 8 * 9, struct.pack("<Q", 0)))
+    before = low.get(np.arange(n))
+    new = low.add(rng.standard_normal((5, 8)).astype(np.float32))
+    assert new.min() >= n and len(low) == n + 5
+    np.testing.assert_array_equal(low.get(np.arange(n)), before)
+    with pytest.raises(ValueError, match="ef"):
+        Index(8, ef_construction=2**21)
+    with pytest.raises(ValueError, match="ef"):
+        idx.ef_search = 2**21

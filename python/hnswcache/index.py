@@ -182,10 +182,12 @@ class Index:
     ) -> npt.NDArray[np.int64]:
         """Insert or replace (upsert) vectors; returns their labels.
 
-        ``labels`` default to a running counter. ``ttl`` (seconds from now) or ``expires_at``
-        (absolute, seconds on the index clock) set when each entry expires; a scalar applies
-        to all rows. ``num_threads=0`` uses all cores. The batch is validated whole before
-        anything is inserted.
+        ``labels`` (each in ``0 .. 2**63 - 2``) default to a running counter. ``ttl``
+        (seconds from now) or ``expires_at`` (absolute, seconds on the index clock) set when
+        each entry expires; a scalar applies to all rows. ``num_threads=0`` uses all cores.
+        The batch is validated whole before anything is inserted: ``ValueError`` for NaN or
+        infinity, a zero row under cosine, or under ip and l2 a row whose squared norm
+        exceeds 8.5e37 (its distances would overflow float32).
         """
         x = self._as_vectors(vectors, "vectors")
         n = x.shape[0]

@@ -69,6 +69,11 @@ constexpr slot_t no_slot = std::numeric_limits<slot_t>::max();
 constexpr std::int64_t never_expires = std::numeric_limits<std::int64_t>::max();
 constexpr std::int64_t deleted_mark = std::numeric_limits<std::int64_t>::min();
 constexpr int max_levels = 32;
+// Labels are in [0, max_label]: one below INT64_MAX, so the automatic counter (kept one past
+// the largest label) never overflows.
+constexpr std::int64_t max_label = std::numeric_limits<std::int64_t>::max() - 1;
+// The largest ef (search or construction): a longer candidate list walks most of any graph.
+constexpr std::size_t max_ef = std::size_t{1} << 20;
 
 // A label asked for is not in the index (mapped to KeyError in Python).
 struct key_error : std::out_of_range {

@@ -53,7 +53,8 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
       dtype_(dtype), seed_(seed), rng_(seed) {
     if (dim == 0 || dim > 65536) throw std::invalid_argument("dim must be in [1, 65536]");
     if (M < 2 || M > 2048) throw std::invalid_argument("M must be in [2, 2048]");
-    if (ef_construction == 0) throw std::invalid_argument("ef_construction must be positive");
+    if (ef_construction == 0 || ef_construction > max_ef)
+        throw std::invalid_argument("ef_construction must be in [1, " + std::to_string(max_ef) + "]");
     dim_padded_ = round_up(dim, simd_floats);
     level_mult_ = 1.0 / std::log(static_cast<double>(M));
     // The expiry sits in the 8 bytes just before the vector: the admission check of a node
@@ -78,7 +79,8 @@ index_t::~index_t() {
 }
 
 void index_t::set_ef_search(std::size_t ef) {
-    if (ef == 0) throw std::invalid_argument("ef_search must be positive");
+    if (ef == 0 || ef > max_ef)
+        throw std::invalid_argument("ef_search must be in [1, " + std::to_string(max_ef) + "]");
     ef_search_.store(ef);
 }
 
@@ -257,6 +259,13 @@ void index_t::check_row(const float* row, std::size_t r, const char* what) const
     if (metric_ == metric_t::cosine && norm == 0.0)
         throw std::invalid_argument(what + (" " + std::to_string(r)) +
                                     " is a zero vector, which has no cosine direction");
+    // Stored as given under ip and l2: |q - x|^2 <= 4 max(|q|^2, |x|^2) must stay a finite
+    // float, or distances turn into inf - inf = NaN (and NaN keys break the heaps' order).
+    if (metric_ != metric_t::cosine &&
+        norm > static_cast<double>(std::numeric_limits<float>::max()) / 4)
+        throw std::invalid_argument(what + (" " + std::to_string(r)) +
+                                    " has a squared norm above 8.5e37: its distances would "
+                                    "overflow float32");
 }
 
 float index_t::query_norm2(const float* q) const {
@@ -269,8 +278,10 @@ void index_t::prepare(const float* row, float* out) const {
     if (metric_ == metric_t::cosine) {
         double norm = 0;
         for (std::size_t i = 0; i < dim_; ++i) norm += static_cast<double>(out[i]) * out[i];
-        const float inv = static_cast<float>(1.0 / std::sqrt(norm));
-        for (std::size_t i = 0; i < dim_; ++i) out[i] *= inv;
+        // In double: 1 / |x| overflows float for |x| < ~1e-38 (a tiny but valid row).
+        const double len = std::sqrt(norm);
+        for (std::size_t i = 0; i < dim_; ++i)
+            out[i] = static_cast<float>(static_cast<double>(out[i]) / len);
     }
 }
 
@@ -294,7 +305,12 @@ slot_t index_t::find_label(std::int64_t lab) const {
 }
 
 std::int64_t index_t::reserve_labels(std::size_t n) {
-    return next_label_.fetch_add(static_cast<std::int64_t>(n));
+    std::int64_t cur = next_label_.load();
+    do {
+        if (cur > max_label + 1 || n > static_cast<std::uint64_t>(max_label + 1 - cur))
+            throw std::overflow_error("the automatic label counter is exhausted");
+    } while (!next_label_.compare_exchange_weak(cur, cur + static_cast<std::int64_t>(n)));
+    return cur;
 }
 
 // ------------------------------------------------------------------------------ insertion
@@ -618,7 +634,8 @@ void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
                 if (std::fabs(row[i]) > 65504.0f)
                     throw std::invalid_argument("row " + std::to_string(r) +
                                                 " has a value beyond float16's range (65504)");
-        if (labels[r] < 0) throw std::invalid_argument("labels must be >= 0");
+        if (labels[r] < 0 || labels[r] > max_label)
+            throw std::invalid_argument("labels must be in [0, 2**63 - 2]");
     }
     if (n == 0) return;
     maybe_auto_consolidate(now, n, threads);

@@ -147,16 +147,22 @@ std::string index_t::serialize() const {
         w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
     for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);
     for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(expiry(id));
+    // A free slot is written as zeros: its record may hold whatever was there before (a
+    // loaded index never writes free records), and the loader refuses a free slot with links.
     for (slot_t id = 0; id < n; ++id) {
         const std::uint32_t* l = links(id, 0);
-        const std::uint32_t cnt = atomic_load_u32(l);
+        const bool ready = state(id) == state_ready;
+        const std::uint32_t cnt = ready ? atomic_load_u32(l) : 0;
         w.put(cnt);
         for (std::size_t i = 0; i < M0_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(l + 1 + i) : 0);
     }
     // float32 is written whole (the same format as ever): the two halves joined.
     std::vector<float> buf(dim_padded_);
+    const std::vector<char> zeros(row_bytes(static_cast<std::uint64_t>(dtype_), dim_), 0);
     for (slot_t id = 0; id < n; ++id) {
-        if (dtype_ == dtype_t::float32)
+        if (state(id) != state_ready)
+            w.append(zeros.data(), zeros.size());
+        else if (dtype_ == dtype_t::float32)
             w.append(reinterpret_cast<const char*>(decoded(id, buf.data())), dim_ * 4);
         else if (dtype_ == dtype_t::float16)
             w.append(raw(id), dim_ * 2);
@@ -193,7 +199,8 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
     static_assert(header_words == 12, "header layout changed: bump the format version");
 
     if (h.dim == 0 || h.dim > 65536 || h.M < 2 || h.M > 2048 || h.metric > 2 ||
-        h.ef_construction == 0 || h.ef_search == 0 || h.n_slots >= no_slot ||
+        h.ef_construction == 0 || h.ef_search == 0 || h.ef_construction > max_ef ||
+        h.ef_search > max_ef || h.n_slots >= no_slot ||
         h.top_level >= max_levels || h.dtype > 2)
         throw format_error("index header holds out-of-range parameters");
     const std::uint64_t M0 = 2 * h.M;
@@ -229,12 +236,21 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
     if (n > 0) idx->ensure_chunk((n - 1) >> chunk_bits);
     idx->n_slots_.store(n);
 
+    std::vector<std::uint32_t> in_list(n, 0);  // stamp of the last list that linked to a slot
+    std::uint32_t stamp = 0;
     auto check_links = [&](slot_t id, int lvl, const std::uint32_t* lk, std::size_t cap) {
         if (lk[0] > cap) throw format_error("slot " + std::to_string(id) + " has too many links");
+        if (++stamp == 0) {
+            std::fill(in_list.begin(), in_list.end(), 0);
+            stamp = 1;
+        }
         for (std::uint32_t i = 0; i < lk[0]; ++i) {
             const std::uint32_t v = lk[1 + i];
             if (v >= n || levels[v] == free_level || v == id || levels[v] < lvl)
                 throw format_error("slot " + std::to_string(id) + " has an invalid link");
+            if (in_list[v] == stamp)
+                throw format_error("slot " + std::to_string(id) + " links to one node twice");
+            in_list[v] = stamp;
         }
     };
 
@@ -243,6 +259,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         r.take(buf.data(), buf.size() * 4);
         if (levels[id] == free_level) {
             if (buf[0] != 0) throw format_error("a free slot has links");
+            std::memset(idx->record(id), 0, idx->stride_);  // never left as raw heap memory
             continue;
         }
         check_links(id, 0, buf.data(), M0);
@@ -291,6 +308,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
             std::memcpy(idx->record(id) + idx->vec_offset_, row.data(), idx->dim_padded_ * elem);
     }
     std::unordered_set<std::int64_t> seen;
+    std::int64_t top_label = -1;
     for (slot_t id = 0; id < n; ++id) {
         chunk_t& ch = idx->chunk(id);
         const std::size_t off = id & (chunk_size - 1);
@@ -314,9 +332,10 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
             idx->deleted_slots_.fetch_add(1);
             continue;
         }
-        if (labels[id] < 0 || !seen.insert(labels[id]).second)
-            throw format_error("a label is negative or appears twice");
+        if (labels[id] < 0 || labels[id] == max_label + 1 || !seen.insert(labels[id]).second)
+            throw format_error("a label is out of range or appears twice");
         idx->label_map_.emplace(labels[id], id);
+        top_label = std::max(top_label, labels[id]);
     }
     std::make_heap(idx->free_slots_.begin(), idx->free_slots_.end(), std::greater<slot_t>());
     if (h.entry == UINT64_MAX) {
@@ -326,8 +345,10 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
             throw format_error("the entry point is invalid");
         idx->entry_.store(pack_entry(static_cast<slot_t>(h.entry), static_cast<int>(h.top_level)));
     }
-    if (h.next_label > static_cast<std::uint64_t>(INT64_MAX)) throw format_error("label counter out of range");
-    idx->next_label_.store(static_cast<std::int64_t>(h.next_label));
+    if (h.next_label > static_cast<std::uint64_t>(max_label) + 1)
+        throw format_error("label counter out of range");
+    // Automatic labels must never land on a stored one, whatever the file's counter says.
+    idx->next_label_.store(std::max(static_cast<std::int64_t>(h.next_label), top_label + 1));
     return idx;
 }
 
