@@ -270,6 +270,14 @@ class CacheCore:
         return float(self.clock())
 
     @staticmethod
+    def check_prompts(prompts: Sequence[str]) -> None:
+        """A batch of prompts must be a sequence, not one str (its characters would be
+        looked up one by one)."""
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts must be a sequence of str, got a single "
+                            f"{type(prompts).__name__}: use get() for one prompt")
+
+    @staticmethod
     def key(prompt: str, scope: Mapping[str, Any] | None) -> tuple[int, str, str, str]:
         """``(entry id, scope id, scope json, normalised prompt)``."""
         if not isinstance(prompt, str):
@@ -312,20 +320,28 @@ class CacheCore:
         self.check_dim(arr)
         if arr.shape[0] == 1:  # the common single-lookup case, without array temporaries
             n2 = float(np.dot(arr[0], arr[0]))
-            if not math.isfinite(n2):
-                raise ValueError("embeddings contain NaN or infinity")
-            if n2 == 0.0:
-                raise ValueError("an embedding is the zero vector")
-            if not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
+            if not 1e-30 < n2 < 1e30:
+                # In float32 the squared norm overflows from values of ~1e19 and underflows
+                # below ~1e-19: decided again in float64 (only NaN, inf and zero are refused).
+                row = arr[0].astype(np.float64)
+                n2 = float(np.dot(row, row))
+                if not math.isfinite(n2):
+                    raise ValueError("embeddings contain NaN or infinity")
+                if n2 == 0.0:
+                    raise ValueError("an embedding is the zero vector")
+                out = np.ascontiguousarray((row / math.sqrt(n2)).astype(np.float32)[None, :])
+            elif not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
                 return arr  # similarity error <= 5e-7: not worth a copy on the lookup path
-            out = np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
+            else:
+                out = np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
         else:
-            norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))[:, None]
+            wide = arr.astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))[:, None]
             if not np.isfinite(norms).all():
                 raise ValueError("embeddings contain NaN or infinity")
             if not norms.all():
                 raise ValueError("an embedding is the zero vector")
-            out = np.ascontiguousarray(arr / norms, dtype=np.float32)
+            out = np.ascontiguousarray(wide / norms, dtype=np.float32)
         if self.dim is None and copy:  # only valid vectors that will be stored decide it
             self.dim = int(arr.shape[1])
         return out

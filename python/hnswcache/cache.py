@@ -342,6 +342,7 @@ class SemanticCache(_Base):
             if c.position is not None:
                 return True
             if time.monotonic() < c.retry_at and not c.strict:
+                c.stats.add("store_errors")  # (a call the outage degraded, as failed() counts)
                 return False
             try:
                 self._rebuild()
@@ -504,6 +505,7 @@ class SemanticCache(_Base):
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
+        c.check_prompts(prompts)
         thr = c.threshold_for(threshold)
         age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
@@ -653,8 +655,7 @@ class SemanticCache(_Base):
             return keys
         now = c.now()
         recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
-        if not self._ready():
-            c.stats.add("store_errors")
+        if not self._ready():  # (counted there)
             return keys
         touch = c.take_touches()
         try:
@@ -914,6 +915,7 @@ class AsyncSemanticCache(_Base):
             if c.position is not None:
                 return True
             if time.monotonic() < c.retry_at and not c.strict:
+                c.stats.add("store_errors")  # (a call the outage degraded, as failed() counts)
                 return False
             try:
                 await self._rebuild()
@@ -1072,6 +1074,7 @@ class AsyncSemanticCache(_Base):
     ) -> list[Hit | None]:
         t0 = time.perf_counter()
         c = self._core
+        c.check_prompts(prompts)
         thr = c.threshold_for(threshold)
         age = c.check_max_age(max_age)
         keys = [c.key(p, scope) for p in prompts]
@@ -1210,8 +1213,7 @@ class AsyncSemanticCache(_Base):
             return keys
         now = c.now()
         recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
-        if not await self._ready():
-            c.stats.add("store_errors")
+        if not await self._ready():  # (counted there)
             return keys
         touch = c.take_touches()
         try:

@@ -307,6 +307,29 @@ def test_an_entry_set_after_a_clear_stays_in_the_semantic_tier(
     assert len(cache) == 1
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (numpy's, float32)
+def test_one_str_is_not_a_batch_and_extreme_but_finite_embeddings_are_vectors(
+    store_url: str, ns: str
+) -> None:
+    cache = make(store_url, ns, embedder=None)
+    with pytest.raises(TypeError, match="single str"):
+        cache.get_many("hello")  # looked up "h", "e", "l", "l", "o" before
+    with pytest.raises(TypeError, match="single str"):
+        cache.lookup_many("hello")
+    # Their float32 squared norms overflow (1e20) or underflow (1e-25): they were refused
+    # as "NaN or infinity" and "the zero vector".
+    big, small = np.full(8, 1e20, np.float32), np.full(8, 1e-25, np.float32)
+    cache.set("big", "b", embedding=big)
+    cache.set_many([("small", "s"), ("other", "o")],
+                   embeddings=np.stack([small, -np.ones(8, np.float32)]))
+    hit = cache.get("a paraphrase of big", embedding=small)  # the same direction
+    assert hit is not None and hit.similarity == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        cache.get("x", embedding=np.array([1e39] * 8))  # not a float32 at all
+    with pytest.raises(ValueError, match="zero vector"):
+        cache.get("x", embedding=np.zeros(8))
+
+
 def test_cached_decorator(store_url: str, ns: str) -> None:
     cache = make(store_url, ns)
     calls: list[tuple[str, str]] = []

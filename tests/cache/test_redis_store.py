@@ -267,3 +267,43 @@ def test_a_reader_that_warm_started_on_an_empty_log_sees_a_trim_past_it(
     assert len(reader) == 300
     hit = reader.get("question number 7")
     assert hit is not None and hit.response == "answer 7"
+
+
+class _LeaseTakenMeanwhile(RedisStore):
+    """Lets our lease expire and another process take it right after release() read it."""
+
+    def holds(self, value: Any, token: str) -> bool:
+        mine = super().holds(value, token)
+        if mine and self.take is not None:
+            take, self.take = self.take, None
+            take()
+        return mine
+
+    take: Any = None
+
+
+def test_release_never_drops_a_lease_another_process_took_meanwhile(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    # release() read the key and deleted it in two commands: a lease that expired and was
+    # taken by another process in between was deleted, and a third process then called
+    # the LLM too.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    store = _LeaseTakenMeanwhile(redis.Redis.from_url(url), namespace=ns)
+    other = RedisStore.from_url(url, namespace=ns)
+    assert store.lease(7, "a" * 32, 60)
+    key = store.lkey(7)
+
+    def expire_and_take() -> None:
+        r.delete(key)  # (our lease ran out)
+        assert other.lease(7, "b" * 32, 60)
+
+    store.take = expire_and_take
+    store.release(7, "a" * 32)
+    assert store.take is None
+    assert r.get(key) == b"b" * 32 and other.lease_held(7)
+    store.release(7, "a" * 32)  # not ours: left alone
+    assert r.get(key) == b"b" * 32
+    other.release(7, "b" * 32)
+    assert not r.exists(key)

@@ -372,6 +372,11 @@ class _Layout:
                 out.append(eid)
         return out
 
+    @staticmethod
+    def holds(value: Any, token: str) -> bool:
+        """Whether a lease key's value is our token."""
+        return value == token.encode()
+
     def queue_noop(self, pipe: Any) -> None:
         """An event that changes nothing (a reader's first position in an empty log)."""
         pipe.xadd(self.k_log, {"op": "noop"}, maxlen=self.log_maxlen, approximate=True)
@@ -675,12 +680,21 @@ class RedisStore(_Layout):
         return _live_lease(res[0], res[1])
 
     def release(self, eid: int, token: str) -> None:
-        """Drop our lease on ``eid`` (not another's: it may have expired and been taken)."""
+        """Drop our lease on ``eid`` (not another's: it may have expired and been taken,
+        even between our read and our delete, hence WATCH)."""
         key = self.lkey(eid)
         try:
-            if self._run(False, lambda p: p.get(key))[0] == token.encode():
-                self._run(False, lambda p: p.delete(key))
-        except StoreError:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                if not self.holds(pipe.get(key), token):
+                    pipe.unwatch()
+                    return
+                pipe.multi()
+                pipe.delete(key)
+                pipe.execute()
+        except self._watch_error:
+            pass  # it changed hands (or expired) meanwhile: not ours to drop
+        except self._errors:
             pass  # it expires on its own
 
     def close(self) -> None:
@@ -904,9 +918,19 @@ class AsyncRedisStore(_Layout):
         """See :meth:`RedisStore.release`."""
         key = self.lkey(eid)
         try:
-            if (await self._run(False, lambda p: p.get(key)))[0] == token.encode():
-                await self._run(False, lambda p: p.delete(key))
-        except StoreError:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                if not self.holds(await pipe.get(key), token):
+                    await pipe.unwatch()
+                    return
+                pipe.multi()
+                pipe.delete(key)
+                await pipe.execute()
+        except self._watch_error:
+            pass
+        except self._errors:
             pass
 
     async def close(self) -> None:
