@@ -307,3 +307,30 @@ def test_release_never_drops_a_lease_another_process_took_meanwhile(
     assert r.get(key) == b"b" * 32
     other.release(7, "b" * 32)
     assert not r.exists(key)
+
+
+class _CountingFetches(RedisStore):
+    sizes: list[int]
+
+    def fetch(self, ids: Any) -> Any:
+        self.sizes.append(len(ids))
+        return super().fetch(ids)
+
+
+def test_a_reader_far_behind_fetches_the_log_in_bounded_pieces(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    # A log read hands over up to 1,000 stream entries of up to 500 ids each: a reader
+    # behind a bulk load fetched all of them in one pipeline (500k entries, ~750 MB at 384-d).
+    url = valkey_server.url
+    reader_store = _CountingFetches(redis.Redis.from_url(url), namespace=ns)
+    reader_store.sizes = []
+    reader = SemanticCache(HashEmbedder(8), store=reader_store, namespace=ns)
+    reader.sync()  # warm, at the head of the (empty) log
+    writer = SemanticCache(HashEmbedder(8), store=url, namespace=ns)
+    for s in range(0, 30_000, 5_000):
+        writer.set_many([(f"bulk {i}", "x") for i in range(s, s + 5_000)])
+    reader.sync()
+    assert len(reader) == 30_000
+    assert reader_store.sizes and max(reader_store.sizes) <= 10_500
+    assert sum(reader_store.sizes) >= 30_000

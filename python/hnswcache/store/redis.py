@@ -53,6 +53,7 @@ _REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next 
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
+_LOG_EVENTS_PER_READ = 10_000  # ids a log read hands over at most (each is then fetched)
 _EXPIRED_BATCH = 1000  # expired ids forgotten per WATCH/MULTI round
 _TOKEN_RE = re.compile(rb"[0-9a-f]{32}")
 
@@ -274,6 +275,10 @@ class _Layout:
         events: list[LogEvent] = []
         position = after
         for msg_id, fields in messages:
+            if len(events) >= _LOG_EVENTS_PER_READ:
+                # A reader far behind a bulk load: up to 1,000 entries of 500 ids each would
+                # make one fetch of 500k entries. The rest comes with the next read.
+                return LogBatch(events, position, more=True)
             position = _id_text(msg_id)
             events.extend(self.parse_event(fields, position))
         return LogBatch(events, position, more=len(messages) >= _LOG_BATCH)
