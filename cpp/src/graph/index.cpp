@@ -279,9 +279,9 @@ void index_t::prepare(const float* row, float* out) const {
         double norm = 0;
         for (std::size_t i = 0; i < dim_; ++i) norm += static_cast<double>(out[i]) * out[i];
         // In double: 1 / |x| overflows float for |x| < ~1e-38 (a tiny but valid row).
-        const double len = std::sqrt(norm);
+        const double inv = 1.0 / std::sqrt(norm);
         for (std::size_t i = 0; i < dim_; ++i)
-            out[i] = static_cast<float>(static_cast<double>(out[i]) / len);
+            out[i] = static_cast<float>(static_cast<double>(out[i]) * inv);
     }
 }
 
