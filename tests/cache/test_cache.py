@@ -330,6 +330,24 @@ def test_one_str_is_not_a_batch_and_extreme_but_finite_embeddings_are_vectors(
         cache.get("x", embedding=np.zeros(8))
 
 
+def test_clear_within_a_scope_reaches_its_wider_scopes(store_url: str, ns: str) -> None:
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    cache = SemanticCache(HashEmbedder(64), store=store, namespace=ns, threshold=0.6)
+    other = SemanticCache(HashEmbedder(64), store=store, namespace=ns, threshold=0.6)
+    scopes = [{"tenant": "a"}, {"tenant": "a", "model": "m"}, {"tenant": "b"}, None]
+    for sc in scopes:
+        cache.set("what is the refund policy", f"{sc}", scope=sc)
+    assert all(other.get("what is the refund policy", scope=sc) is not None for sc in scopes)
+    assert cache.clear({"tenant": "a"}, within=True) == 2
+    for c in (cache, other):
+        for sc, kept in zip(scopes, (False, False, True, True)):
+            assert (c.get("what is the refund policy", scope=sc) is not None) == kept
+            assert (c.get("the refund policy is what", scope=sc) is not None) == kept
+    assert len(cache) == 2 and len(other) == 2
+    with pytest.raises(ValueError, match="within"):
+        cache.clear(None, within=True)
+
+
 def test_cached_decorator(store_url: str, ns: str) -> None:
     cache = make(store_url, ns)
     calls: list[tuple[str, str]] = []

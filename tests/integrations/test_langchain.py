@@ -25,7 +25,7 @@ from langchain_tests.integration_tests import (  # noqa: E402
 
 from hnswcache import AsyncSemanticCache, SemanticCache  # noqa: E402
 from hnswcache.embed import HashEmbedder  # noqa: E402
-from hnswcache.integrations.langchain import HnswSemanticLLMCache, prompt_text  # noqa: E402
+from hnswcache.integrations.langchain import HnswSemanticLLMCache, prompt_key  # noqa: E402
 
 
 class Clock:
@@ -168,13 +168,72 @@ def test_damaged_entry_is_a_miss() -> None:
     assert c.lookup("p", "llm") is None
 
 
-def test_prompt_text_reads_plain_chat_messages() -> None:
+def test_prompt_key_matches_the_last_question_within_its_conversation() -> None:
     msgs = [SystemMessage(content="be brief"), HumanMessage(content="hello")]
-    assert prompt_text(dumps(msgs)) == "system: be brief\nhuman: hello"
-    assert prompt_text("plain prompt") == "plain prompt"
-    assert prompt_text("[{not json") == "[{not json"
-    tool = [AIMessage(content="", tool_calls=[{"name": "f", "args": {}, "id": "1"}])]
-    assert prompt_text(dumps(tool)) == dumps(tool)  # kept exact
+    text, scope = prompt_key(dumps(msgs))
+    assert text == "hello" and set(scope) == {"chat"}
+    assert prompt_key(dumps([HumanMessage(content="hello")]))[1] != scope  # no system
+    assert prompt_key("plain prompt") == ("plain prompt", {})
+    assert prompt_key("[{not json") == ("[{not json", {})
+    # Ids and response/usage metadata are not part of the key; tool calls are.
+    ai = AIMessage(content="hi!", id="run-1", response_metadata={"model": "m"},
+                   usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3})
+    ai2 = AIMessage(content="hi!", id="run-2", response_metadata={"model": "m", "x": 1})
+    q = HumanMessage(content="and now?")
+    assert prompt_key(dumps([ai, q])) == prompt_key(dumps([ai2, q]))
+    tool = AIMessage(content="", tool_calls=[{"name": "f", "args": {}, "id": "1"}])
+    assert prompt_key(dumps([tool, q]))[1] != prompt_key(dumps([ai, q]))[1]
+
+
+def _turns(*texts: str) -> str:
+    """A conversation of alternating human and AI messages (AI ones with a model's
+    metadata, as real models return them)."""
+    out = []
+    for i, t in enumerate(texts):
+        out.append(HumanMessage(content=t) if i % 2 == 0 else AIMessage(
+            content=t, id=f"run-{i}-{t[:3]}", response_metadata={"model_name": "m"},
+            usage_metadata={"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}))
+    return dumps(out)
+
+
+def test_a_later_turn_never_gets_the_answer_to_another_question() -> None:
+    # With the AI message's metadata the whole conversation's JSON was the text: two
+    # conversations sharing their start matched at 0.94, whatever the last question.
+    c = make(threshold=0.8)
+    c.update(_turns("hi", "hello! how can I help?", "how do I delete a file in git"), "llm",
+             [Generation(text="git rm <file>")])
+    assert c.lookup(_turns("hi", "hello! how can I help?", "what is the capital of peru"),
+                    "llm") is None
+    # The same question after the same exchange (another run: other ids) is a hit.
+    hit = c.lookup(_turns("hi", "hello! how can I help?", "How do I delete a file in git?"),
+                   "llm")
+    assert hit == [Generation(text="git rm <file>")]
+    # ... but not after another exchange, nor alone.
+    assert c.lookup(_turns("hey", "hi there", "how do I delete a file in git"), "llm") is None
+    assert c.lookup(_turns("how do I delete a file in git"), "llm") is None
+
+
+def test_one_message_never_collides_with_a_conversation() -> None:
+    # "human: ..." lines joined by newlines, whose whitespace the exact tier collapses: one
+    # message holding the markers was the same text as the conversation.
+    c = make()
+    plain = [HumanMessage(content="what is 2+2"), AIMessage(content="4"),
+             HumanMessage(content="and 3+3")]
+    c.update(dumps(plain), "llm", [Generation(text="6")])
+    assert c.lookup(dumps([HumanMessage(content="what is 2+2 ai: 4 human: and 3+3")]),
+                    "llm") is None
+
+
+def test_clear_of_one_llm_string_reaches_every_conversation() -> None:
+    c = make()
+    for llm in ("a", "b"):
+        c.update(_turns("hi", "hello", "tell me a joke"), llm, [Generation(text=llm)])
+        c.update("plain prompt", llm, [Generation(text=llm)])
+    c.clear(llm_string="a")
+    assert c.lookup(_turns("hi", "hello", "tell me a joke"), "a") is None
+    assert c.lookup("plain prompt", "a") is None
+    assert c.lookup(_turns("hi", "hello", "tell me a joke"), "b") == [Generation(text="b")]
+    assert c.lookup("plain prompt", "b") == [Generation(text="b")]
 
 
 def test_constructor_arguments() -> None:

@@ -13,11 +13,16 @@ answer cached for one model or temperature never answers another. Within a scope
 is exact first (same normalised prompt), then semantic (nearest cached prompt at or above
 the cache's cosine-similarity threshold).
 
-Chat models pass their messages serialised as JSON; :func:`prompt_text` turns plain text
-messages into ``"human: ..."`` lines so that what is embedded and compared is the
-conversation, not the JSON around it (messages with tool calls or non-text content are kept
-as they are). Generations are stored as JSON (``ChatGeneration`` messages with
-``message_to_dict``), so chat models get their messages back.
+Chat models pass their messages serialised as JSON. :func:`prompt_key` reads them the way
+:func:`hnswcache.chat.chat_key` reads a chat request: the last human message is the text
+matched semantically, and everything before it (system messages, earlier turns, tool
+calls) goes into a fingerprint in the scope, a hard wall. An answer is then reused only for
+a paraphrase of the last question asked after the same conversation. (Until 2026-12-05 the
+whole conversation was one text: two conversations that shared a long history matched each
+other whatever their last questions, and an AI message with metadata made the raw JSON the
+text.) Message ids and response/usage metadata are not part of the key. Generations are
+stored as JSON (``ChatGeneration`` messages with ``message_to_dict``), so chat models get
+their messages back.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..cache import AsyncSemanticCache, SemanticCache
+from ..chat import chat_key
 
 try:
     from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
@@ -40,39 +46,54 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'hnswcache[langchain]'"
     ) from exc
 
-__all__ = ["HnswSemanticLLMCache", "prompt_text"]
+__all__ = ["HnswSemanticLLMCache", "prompt_key"]
 
 log = logging.getLogger("hnswcache.integrations.langchain")
 
-_PLAIN_MESSAGE_KEYS = {"content", "type", "id"}
+# LangChain message types -> chat roles.
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool",
+          "function": "function"}
+# Fields that say nothing of what was asked or answered: ids, token counts, provider data.
+_METADATA = {"id", "type", "response_metadata", "usage_metadata", "example"}
 
 
-def prompt_text(prompt: str) -> str:
-    """The text compared for ``prompt``: LangChain's serialised chat messages become one
-    ``"<type>: <content>"`` line per message; anything else is returned unchanged."""
+def _message(item: Any) -> dict[str, Any] | None:
+    """A serialised LangChain message as ``{"role", "content", ...}`` (what the answer
+    depends on, metadata dropped); ``None`` if it is not one."""
+    if not isinstance(item, dict) or item.get("lc") != 1:
+        return None
+    kwargs = item.get("kwargs")
+    ids = item.get("id")
+    if not isinstance(kwargs, dict) or not isinstance(ids, list) or not ids:
+        return None
+    kind = kwargs.get("type") or str(ids[-1]).removesuffix("Chunk").removesuffix("Message")
+    kind = str(kind).lower()
+    role = kwargs.get("role") if kind == "chat" else _ROLES.get(kind, kind)
+    if not isinstance(role, str):
+        return None
+    out = {"role": role, "content": kwargs.get("content")}
+    out.update({k: v for k, v in kwargs.items()
+                if k not in _METADATA and k not in out and v not in (None, "", {}, [])})
+    return out
+
+
+def prompt_key(prompt: str) -> tuple[str, dict[str, Any]]:
+    """``(text, scope)`` for LangChain's prompt string: for serialised chat messages, the
+    last human message and a ``chat`` fingerprint of the rest (:func:`chat_key`); for
+    anything else (an LLM prompt), the prompt itself and no scope."""
     if not prompt.startswith("[{"):
-        return prompt
+        return prompt, {}
     try:
         items = json.loads(prompt)
     except ValueError:
-        return prompt
-    if not isinstance(items, list) or not items:
-        return prompt
-    lines = []
-    for item in items:
-        if not isinstance(item, dict) or item.get("lc") != 1:
-            return prompt
-        kwargs = item.get("kwargs")
-        if not isinstance(kwargs, dict):
-            return prompt
-        content = kwargs.get("content")
-        extra = {k for k, v in kwargs.items() if v not in (None, "", {}, [])}
-        if not isinstance(content, str) or not extra <= _PLAIN_MESSAGE_KEYS:
-            return prompt  # tool calls, names, images...: compare the exact JSON
-        ids = item.get("id")
-        kind = kwargs.get("type") or (ids[-1] if isinstance(ids, list) and ids else "message")
-        lines.append(f"{kind}: {content}")
-    return "\n".join(lines)
+        return prompt, {}
+    messages = [_message(i) for i in items] if isinstance(items, list) else [None]
+    if not messages or any(m is None for m in messages):
+        return prompt, {}
+    try:
+        return chat_key(cast(list[dict[str, Any]], messages))
+    except (TypeError, ValueError):  # no human message, or content of another shape
+        return prompt, {"chat": "whole"}
 
 
 def _dump(generations: Sequence[Generation]) -> str:
@@ -110,8 +131,8 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         async_cache: an :class:`~hnswcache.AsyncSemanticCache` used natively by
             ``alookup``/``aupdate``/``aclear``. Given alone, the sync methods raise.
         ttl: seconds a cached answer lives (``None``: the cache's default).
-        text: maps LangChain's prompt string to the text that is cached and embedded
-            (default :func:`prompt_text`).
+        key: maps LangChain's prompt string to the text that is cached and embedded and
+            the scope it is cached in, next to ``llm_string`` (default :func:`prompt_key`).
     """
 
     def __init__(
@@ -120,7 +141,7 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         *,
         async_cache: AsyncSemanticCache | None = None,
         ttl: float | None = None,
-        text: Callable[[str], str] = prompt_text,
+        key: Callable[[str], tuple[str, dict[str, Any]]] = prompt_key,
         **cache_kwargs: Any,
     ) -> None:
         if cache is not None and cache_kwargs:
@@ -130,7 +151,11 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         self.cache = cache
         self.async_cache = async_cache
         self.ttl = ttl
-        self._text = text
+        self._key = key
+
+    def _lookup_key(self, prompt: str, llm_string: str) -> tuple[str, dict[str, Any]]:
+        text, scope = self._key(prompt)
+        return text, {**scope, "llm_string": llm_string}
 
     @staticmethod
     def _scope(llm_string: str) -> dict[str, Any]:
@@ -147,38 +172,45 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
     # ------------------------------------------------------------------ sync
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         """Cached generations for ``prompt`` under ``llm_string``, or ``None``."""
-        hit = self._sync().get(self._text(prompt), scope=self._scope(llm_string))
+        text, scope = self._lookup_key(prompt, llm_string)
+        hit = self._sync().get(text, scope=scope)
         return None if hit is None else _load(hit.response)
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Cache ``return_val`` (a list of generations) for ``prompt`` under ``llm_string``."""
-        self._sync().set(
-            self._text(prompt), _dump(return_val), ttl=self.ttl, scope=self._scope(llm_string)
-        )
+        text, scope = self._lookup_key(prompt, llm_string)
+        self._sync().set(text, _dump(return_val), ttl=self.ttl, scope=scope)
 
     def clear(self, **kwargs: Any) -> None:
-        """Delete every cached answer (``llm_string=...`` deletes one model's only)."""
+        """Delete every cached answer (``llm_string=...`` deletes one model's only, in
+        every conversation)."""
         llm_string = kwargs.get("llm_string")
-        self._sync().clear(None if llm_string is None else self._scope(llm_string))
+        if llm_string is None:
+            self._sync().clear()
+        else:
+            self._sync().clear(self._scope(llm_string), within=True)
 
     # ------------------------------------------------------------------ async
     async def alookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         if self.async_cache is None:
             return await asyncio.to_thread(self.lookup, prompt, llm_string)
-        hit = await self.async_cache.get(self._text(prompt), scope=self._scope(llm_string))
+        text, scope = self._lookup_key(prompt, llm_string)
+        hit = await self.async_cache.get(text, scope=scope)
         return None if hit is None else _load(hit.response)
 
     async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         if self.async_cache is None:
             await asyncio.to_thread(self.update, prompt, llm_string, return_val)
             return
-        await self.async_cache.set(
-            self._text(prompt), _dump(return_val), ttl=self.ttl, scope=self._scope(llm_string)
-        )
+        text, scope = self._lookup_key(prompt, llm_string)
+        await self.async_cache.set(text, _dump(return_val), ttl=self.ttl, scope=scope)
 
     async def aclear(self, **kwargs: Any) -> None:
         if self.async_cache is None:
             await asyncio.to_thread(self.clear, **kwargs)
             return
         llm_string = kwargs.get("llm_string")
-        await self.async_cache.clear(None if llm_string is None else self._scope(llm_string))
+        if llm_string is None:
+            await self.async_cache.clear()
+        else:
+            await self.async_cache.clear(self._scope(llm_string), within=True)

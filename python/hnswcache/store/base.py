@@ -85,6 +85,16 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
+def scope_holds(scope_json: str | bytes | None, fields: Mapping[str, Any]) -> bool:
+    """Whether a stored scope (canonical JSON) holds every one of ``fields``."""
+    try:
+        scope = json.loads(scope_json) if scope_json is not None else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(scope, dict) and all(k in scope and scope[k] == v
+                                           for k, v in fields.items())
+
+
 def normalize_prompt(prompt: str) -> str:
     """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed, and
     trailing ``.``, ``?`` and ``!`` dropped ("How do I X?" == "how do i x")."""
@@ -466,6 +476,11 @@ class Store(Protocol):
         (an entry written meanwhile is either deleted with a ``del`` event or kept)."""
         ...
 
+    def clear_within(self, fields: Mapping[str, Any]) -> int:
+        """Delete every entry whose scope holds all of ``fields`` (and maybe more), each
+        batch with its ``del`` event; how many were deleted."""
+        ...
+
     def scan(self) -> Iterator[list[Fetched]]:
         """Every entry, in batches (warm start)."""
         ...
@@ -507,6 +522,8 @@ class AsyncStore(Protocol):
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]: ...
 
     async def clear(self, scope_id: str | None) -> Cleared: ...
+
+    async def clear_within(self, fields: Mapping[str, Any]) -> int: ...
 
     def scan(self) -> AsyncIterator[list[Fetched]]: ...
 

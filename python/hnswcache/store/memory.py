@@ -11,7 +11,8 @@ import dataclasses
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 from .base import (
     Cleared,
@@ -21,6 +22,7 @@ from .base import (
     Record,
     Refresh,
     WriteResult,
+    scope_holds,
     validate_namespace,
 )
 
@@ -173,6 +175,14 @@ class MemoryStore:
                 n = len(doomed)
             return Cleared(n, self._append([LogEvent("clear", None, scope_id or "*")]))
 
+    def clear_within(self, fields: Mapping[str, Any]) -> int:
+        with self._lock:
+            doomed = [i for i, r in self._entries.items() if scope_holds(r.scope_json, fields)]
+            for i in doomed:
+                del self._entries[i]
+            self._append([LogEvent("del", i) for i in doomed])
+            return len(doomed)
+
     def scan(self) -> Iterator[list[Fetched]]:
         with self._lock:
             snapshot: list[Fetched] = list(self._entries.values())
@@ -231,6 +241,9 @@ class AsyncMemoryStore:
 
     async def clear(self, scope_id: str | None) -> Cleared:
         return self.sync.clear(scope_id)
+
+    async def clear_within(self, fields: Mapping[str, Any]) -> int:
+        return self.sync.clear_within(fields)
 
     async def scan(self) -> AsyncIterator[list[Fetched]]:
         for batch in self.sync.scan():

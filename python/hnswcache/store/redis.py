@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -41,6 +41,7 @@ from .base import (
     format_id,
     is_residue,
     parse_id,
+    scope_holds,
     validate_namespace,
 )
 
@@ -647,6 +648,18 @@ class RedisStore(_Layout):
                 positions += [_id_text(x) for x in res[3:]]
         return Cleared(n, tuple(positions))
 
+    def clear_within(self, fields: Mapping[str, Any]) -> int:
+        # No clear event: each deleted batch logs its ids, which every replica (this
+        # process's too, at its next read) applies exactly.
+        n = 0
+        for keys in self._scan_keys():
+            scopes = self._run(False, lambda p, ks=keys: [p.hget(k, "scope_json") for k in ks])
+            keys = [k for k, js in zip(keys, scopes) if scope_holds(js, fields)]
+            if keys:
+                n += int(self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
+                                   raise_on_error=True)[0])
+        return n
+
     def log_head(self) -> str:
         res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
                         raise_on_error=True)
@@ -883,6 +896,18 @@ class AsyncRedisStore(_Layout):
                 n += int(res[0])
                 positions += [_id_text(x) for x in res[3:]]
         return Cleared(n, tuple(positions))
+
+    async def clear_within(self, fields: Mapping[str, Any]) -> int:
+        # As RedisStore.clear_within.
+        n = 0
+        async for keys in self._scan_keys():
+            scopes = await self._run(
+                False, lambda p, ks=keys: [p.hget(k, "scope_json") for k in ks])
+            keys = [k for k, js in zip(keys, scopes) if scope_holds(js, fields)]
+            if keys:
+                n += int((await self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
+                                          raise_on_error=True))[0])
+        return n
 
     async def log_head(self) -> str:
         res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
