@@ -677,3 +677,52 @@ def test_loads_files_written_by_hnswlib_ours(writer: str, space: str, tmp_path: 
     assert hits.sum() >= 195  # every other element finds itself (ANN: a few may miss)
     with pytest.raises(RuntimeError, match="corrupted or unsupported"):
         ours.Index(space, 7).load_index(str(path))  # a dimension that does not fit the file
+
+
+# ---------------------------------------------------------------- found by a review, 2026-12-05
+
+
+def test_bf_knn_query_takes_num_threads_as_hnswlib(hl: ModuleType) -> None:
+    bf = hl.BFIndex(space="l2", dim=4)
+    bf.init_index(max_elements=10)
+    bf.add_items(np.eye(4, dtype=np.float32), [0, 1, 2, 3])
+    q = np.eye(4, dtype=np.float32)[:1]
+    assert bf.knn_query(q, k=2, num_threads=2)[0][0, 0] == 0
+    assert bf.knn_query(q, 2, 1, lambda label: label != 0)[0][0, 0] != 0
+
+
+def test_index_file_size_is_what_save_index_writes(hl: ModuleType, tmp_path: Path) -> None:
+    idx = hl.Index(space="l2", dim=8)
+    idx.init_index(max_elements=100, M=8)
+    idx.add_items(clustered(50, 8))
+    idx.save_index(str(tmp_path / "i.bin"))
+    assert idx.index_file_size() == (tmp_path / "i.bin").stat().st_size
+
+
+def test_ef_construction_is_at_least_m_as_in_hnswlib(hl: ModuleType) -> None:
+    idx = hl.Index(space="l2", dim=8)
+    idx.init_index(max_elements=100, M=32, ef_construction=10)
+    assert idx.ef_construction == 32
+
+
+def test_get_items_reads_a_2d_id_array_as_hnswlib(hl: ModuleType) -> None:
+    idx = hl.Index(space="l2", dim=4)
+    idx.init_index(max_elements=10)
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    idx.add_items(x, [0, 1, 2, 3, 4])
+    got = np.asarray(idx.get_items(np.array([[1, 2], [3, 4]])))
+    np.testing.assert_array_equal(got, x[[1, 2]])
+
+
+def test_refused_rows_raise_an_error_both_value_and_runtime_ours() -> None:
+    idx = ours.Index(space="l2", dim=4)
+    idx.init_index(max_elements=10)
+    bad = np.ones((4, 4), dtype=np.float32)
+    bad[2, 1] = np.nan
+    with pytest.raises(RuntimeError, match="NaN"):
+        idx.add_items(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        idx.add_items(bad)
+    assert idx.get_current_count() == 0
+    with pytest.raises(OverflowError, match="below 2"):
+        idx.add_items(np.ones((1, 4), dtype=np.float32), [2**63 - 1])

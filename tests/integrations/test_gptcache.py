@@ -122,8 +122,10 @@ def test_gptcache_flow_end_to_end(tmp_path: Path) -> None:
 
     cache.flush()
     assert (tmp_path / "index.bin").exists()
-    reopened = HnswCacheVectorStore(dimension=DIM, top_k=3, index_path=tmp_path / "index.bin")
+    reopened = HnswCacheVectorStore(dimension=DIM, top_k=3, index_path=tmp_path / "index.bin",
+                                    ef_search=200)
     assert reopened.count() == 2
+    assert reopened._index.ef_search == 200  # (the file's was ignored before: the saved one)
     cache2 = make_cache(tmp_path, reopened)
     assert get("what is the capital of france", cache_obj=cache2) == "Paris"
 

@@ -140,11 +140,14 @@ class BFIndex:
         for start in range(0, rows, step):
             yield slice(start, min(rows, start + step))
 
-    def knn_query(self, data: Any, k: int = 1, filter: Filter | None = None) -> tuple[U64, F32]:
+    def knn_query(
+        self, data: Any, k: int = 1, num_threads: int = -1, filter: Filter | None = None
+    ) -> tuple[U64, F32]:
         """The exact ``k`` nearest elements of each row: ``(labels uint64, distances
         float32)``, nearest first. Raises ``RuntimeError`` when fewer than ``k`` are
-        admitted."""
+        admitted. ``num_threads`` is accepted as hnswlib's is (the scan is numpy's)."""
         self._check()
+        _as_threads(num_threads, "knn_query")
         k = _as_size(k, "knn_query", "k")
         x = _as_data(data, self._dim)
         rows = x.shape[0]

@@ -17,7 +17,7 @@ import numpy.typing as npt
 log = logging.getLogger("hnswcache.compat.hnswlib")
 
 _SPACES = ("l2", "ip", "cosine")
-_MAX_LABEL = int(np.iinfo(np.int64).max)
+_MAX_LABEL = int(np.iinfo(np.int64).max) - 1  # the core's largest label
 
 _E_SPACE = "Space name must be one of l2, ip, or cosine."
 _E_NOT_INIT = "Index is not initialized: call init_index() or load_index() first"
@@ -77,7 +77,7 @@ def _as_label_array(ids: Any) -> npt.NDArray[np.int64]:
     """Labels as hnswlib reads them (``py::array_t<size_t, forcecast>``), any shape."""
     arr = np.array(ids, dtype=np.uint64)  # negative Python ints raise OverflowError here
     if arr.size and int(arr.max()) > _MAX_LABEL:
-        raise OverflowError("hnswcache labels must be below 2**63")
+        raise OverflowError("hnswcache labels must be below 2**63 - 1")
     return arr.astype(np.int64)
 
 
@@ -100,7 +100,7 @@ def _as_label(label: Any, method: str) -> int:
     if value < 0:
         raise TypeError(f"{method}(): incompatible function arguments: label must be >= 0")
     if value > _MAX_LABEL:
-        raise OverflowError("hnswcache labels must be below 2**63")
+        raise OverflowError("hnswcache labels must be below 2**63 - 1")
     return value
 
 
@@ -219,7 +219,7 @@ def _read_hnswlib_file(
     deleted = (rows[:, 2] & 1).astype(bool)
     lab = labels.reshape(-1)
     if lab.size and int(lab.max()) > _MAX_LABEL:
-        raise OverflowError("hnswcache labels must be below 2**63")
+        raise OverflowError("hnswcache labels must be below 2**63 - 1")
     header = {"max_elements": max_elements, "M": m, "ef_construction": ef_construction}
     return header, lab.astype(np.int64), vectors.reshape(count, dim).copy(), deleted
 
@@ -238,5 +238,5 @@ def _read_hnswlib_bf_file(data: bytes, dim: int) -> tuple[int, npt.NDArray[np.in
     vectors = np.ascontiguousarray(rows[:, : 4 * dim]).view(np.float32).reshape(count, dim)
     labels = np.ascontiguousarray(rows[:, 4 * dim :]).view(np.uint64).reshape(-1)
     if labels.size and int(labels.max()) > _MAX_LABEL:
-        raise OverflowError("hnswcache labels must be below 2**63")
+        raise OverflowError("hnswcache labels must be below 2**63 - 1")
     return int(max_elements), labels.astype(np.int64), vectors.copy()

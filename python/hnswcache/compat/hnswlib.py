@@ -25,7 +25,13 @@ a query of the wrong dimension), this module raises ``RuntimeError`` instead.
 
 ``load_index`` reads this module's files and also files written by hnswlib's own
 ``save_index`` (the graph is rebuilt from the stored vectors), so existing index files keep
-working. Labels must be below ``2**63`` (hnswlib allows the full ``uint64`` range).
+working. Labels must be below ``2**63 - 1`` (hnswlib allows the full ``uint64`` range).
+
+Deliberate differences: a row with NaN or infinity, or under ``l2``/``ip`` one whose
+squared norm passes 8.5e37 (its distances would overflow float32), refuses the whole batch
+with :class:`InvalidVectorsError` (both a ``ValueError`` and a ``RuntimeError``), where
+hnswlib stores it and answers with NaN distances; ``M`` is at most 2048. hnswlib cannot
+read this module's files.
 """
 
 from __future__ import annotations
@@ -75,10 +81,23 @@ from ._hnswlib_common import (
     log,
 )
 
-__all__ = ["BFIndex", "Index"]
+__all__ = ["BFIndex", "Index", "InvalidVectorsError"]
 
 
 # ---------------------------------------------------------------------- Index
+class InvalidVectorsError(ValueError, RuntimeError):
+    """A batch holds a row the index refuses (NaN, infinity, or distances that would
+    overflow): nothing of it was inserted. Caught as ``RuntimeError`` too, as hnswlib's
+    errors are."""
+
+
+def _add(native: _NativeIndex, x: Any, labels: Any, nt: int) -> None:
+    try:
+        native.add(x, labels, num_threads=nt)
+    except ValueError as exc:
+        raise InvalidVectorsError(str(exc)) from None
+
+
 class Index:
     """hnswlib's ``Index``: an HNSW index of ``dim``-dimensional vectors in ``space``.
 
@@ -161,7 +180,8 @@ class Index:
                 raise RuntimeError(_E_INITED)
             max_elements = _as_size(max_elements, "init_index", "max_elements")
             m = _as_size(M, "init_index", "M")
-            efc = _as_size(ef_construction, "init_index", "ef_construction")
+            # hnswlib builds with max(ef_construction, M), and reports that value
+            efc = max(_as_size(ef_construction, "init_index", "ef_construction"), m)
             seed = _as_size(random_seed, "init_index", "random_seed")
             self._reset()
             self._max_elements = max_elements
@@ -198,15 +218,15 @@ class Index:
                 else np.arange(self._cur_l, self._cur_l + rows, dtype=np.int64)
             )
             if self._cur_l + rows > _MAX_LABEL and given is None:
-                raise OverflowError("hnswcache labels must be below 2**63")
+                raise OverflowError("hnswcache labels must be below 2**63 - 1")
             if self._normalize:
                 x = _normalized(x)
             if not self._deleted and self._count() + rows <= self._max_elements:
                 keep = _last_occurrence(labels) if rows > 1 else np.arange(rows)
                 if keep.shape[0] != rows:
-                    native.add(x[keep], labels[keep], num_threads=nt)
+                    _add(native, x[keep], labels[keep], nt)
                 else:
-                    native.add(x, labels, num_threads=nt)
+                    _add(native, x, labels, nt)
             else:
                 self._add_rows(x, labels, nt, bool(replace_deleted))
             self._cur_l += rows
@@ -241,7 +261,7 @@ class Index:
             pending[lab] = row
         if pending:
             rows = np.fromiter(pending.values(), dtype=np.intp, count=len(pending))
-            native.add(x[rows], labels[rows], num_threads=nt)
+            _add(native, x[rows], labels[rows], nt)
         if error is not None:
             raise RuntimeError(error)
 
@@ -315,7 +335,8 @@ class Index:
                 raise ValueError(
                     "get_items accepts a list of indices and returns a list of vectors"
                 )
-            labels = arr.reshape(arr.shape[0], -1)[:, 0]
+            # (hnswlib reads the first len(ids) values of the flattened array)
+            labels = arr.reshape(-1)[: arr.shape[0]]
         if labels.size == 0:
             return [] if return_type == "list" else np.array([], dtype=np.float32)
         if any(int(v) in self._deleted for v in labels):
@@ -378,6 +399,11 @@ class Index:
     def get_max_elements(self) -> int:
         self._idx()
         return self._max_elements
+
+    def index_file_size(self) -> int:
+        """The size in bytes of what ``save_index`` writes."""
+        with self._lock:
+            return len(self._to_bytes())
 
     def get_current_count(self) -> int:
         """Elements in the index, those marked deleted included."""

@@ -87,6 +87,8 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
                     f"{self._path} holds a {self._index.metric} index of dimension "
                     f"{self._index.dim}, expected l2 of dimension {self._dimension}"
                 )
+            # The file keeps its graph (M, ef_construction); the search effort is ours.
+            self._index.ef_search = ef_search
             log.info("loaded %d vectors from %s", len(self._index), self._path)
         else:
             self._index = Index(
