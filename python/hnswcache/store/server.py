@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 __all__ = ["EmbeddedServer", "find_server_binary", "ServerStartError"]
 
@@ -145,6 +147,16 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     if preexec is None or threading.current_thread() is threading.main_thread():
         return popen()
     return _Spawner.call(popen)  # type: ignore[no-any-return]
+
+
+def _auth(password: str | None) -> str:
+    """The ``:password@`` of a URL, quoted (a ``#`` or ``/`` in it broke the URL)."""
+    return f":{quote(password, safe='')}@" if password else ""
+
+
+def _unix_url(path: str | os.PathLike[str], password: str | None) -> str:
+    # redis-py unquotes the path: a folder named "team#1" or "a%41b" must be quoted.
+    return f"unix://{_auth(password)}{quote(os.fspath(path))}?db=0"
 
 
 def _free_port() -> int:
@@ -269,8 +281,10 @@ class EmbeddedServer:
         self._owner_pid = os.getpid()  # a forked child inherits this object, not the server
         self._atexit = False
         sock = self.data_dir / "server.sock"
-        # AF_UNIX paths are limited to ~107 bytes; without a socket, TCP only.
-        self.socket_path: str | None = str(sock) if len(str(sock)) < 100 and not tls else None
+        # AF_UNIX paths are limited to ~107 bytes (bytes: a non-ASCII folder name counts
+        # more than its characters); without a socket, TCP only.
+        self.socket_path: str | None = (str(sock) if len(os.fsencode(str(sock))) < 100
+                                        and not tls else None)
 
     # ------------------------------------------------------------------ lifecycle
     def _args(self, port: int) -> list[str]:
@@ -329,8 +343,14 @@ class EmbeddedServer:
             self._atexit = True
         try:  # the record, written whole or not at all; no record, no server
             tmp = self.data_dir / f"server.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"pid": self.pid, "port": self.port,
-                                       "tls": bool(self.tls)}))
+            record: dict[str, Any] = {"pid": self.pid, "port": self.port,
+                                      "tls": bool(self.tls)}
+            if self.password:
+                record["password"] = self.password  # (for the processes that share it)
+            # Owner-only: it may hold the password.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record))
             os.replace(tmp, self.data_dir / "server.json")
         except BaseException:
             self._terminate()  # (not stop(): the caller may hold the folder's lock)
@@ -438,8 +458,7 @@ class EmbeddedServer:
         the TCP :attr:`url` when there is no socket."""
         if self.socket_path is None:
             return self.url
-        auth = f":{self.password}@" if self.password else ""
-        return f"unix://{auth}{self.socket_path}?db=0"
+        return _unix_url(self.socket_path, self.password)
 
     @property
     def url(self) -> str:
@@ -447,8 +466,7 @@ class EmbeddedServer:
         if self.port is None:
             raise RuntimeError("the server has not been started")
         scheme = "rediss" if self.tls else "redis"
-        auth = f":{self.password}@" if self.password else ""
-        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+        return f"{scheme}://{_auth(self.password)}127.0.0.1:{self.port}/0"
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
@@ -480,7 +498,7 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
     import fcntl
 
     path = Path(data_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a new folder: owner only)
     with open(path / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         port: int | None = None
@@ -490,17 +508,31 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
             # The recorded process decides, not whoever answers on its port now (after a
             # crash, another folder's server may have taken it); ping where /proc is absent.
             alive = (_server_alive(int(info["pid"]), path) if Path("/proc/self").exists()
-                     else _ping(port, None) or _server_alive(int(info["pid"])))
-            if not info.get("tls") and alive:
+                     else _ping(port, info.get("password")) or _server_alive(int(info["pid"])))
+            if alive and info.get("tls"):
+                # Never a second server on one append-only file; this function does not
+                # speak TLS, so it cannot use that one either.
+                raise ServerStartError(
+                    f"{path} is kept by a TLS server (pid {info['pid']}) that shared_server "
+                    "cannot connect to: stop it, or connect with its rediss:// URL")
+            if alive:
+                password = info.get("password")
+                password = password if isinstance(password, str) else None
                 sock = path / "server.sock"
-                url = f"unix://{sock}?db=0" if sock.exists() else f"redis://127.0.0.1:{port}/0"
+                url = (_unix_url(sock, password) if sock.exists()
+                       else f"redis://{_auth(password)}127.0.0.1:{port}/0")
                 return url, None
         except (OSError, ValueError, KeyError, TypeError):
             pass
+        # A password on every server started here: its TCP port is open to every local
+        # user, and the answers it keeps are the application's. The record holding it is
+        # owner-only, like the socket.
+        secret = secrets.token_hex(16)
         if port is not None:
             with contextlib.suppress(ServerStartError):  # (the port was taken meanwhile)
-                server = EmbeddedServer(path, port=port, config=config).start(
+                server = EmbeddedServer(path, port=port, config=config, password=secret).start(
                     timeout, wait_loaded=wait_loaded)
                 return server.unix_url, server
-        server = EmbeddedServer(path, config=config).start(timeout, wait_loaded=wait_loaded)
+        server = EmbeddedServer(path, config=config, password=secret).start(
+            timeout, wait_loaded=wait_loaded)
         return server.unix_url, server
