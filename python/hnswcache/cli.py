@@ -28,6 +28,8 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
+from .store.server import ServerStartError, redact_url
+
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("hnswcache.cli")
@@ -112,8 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _say("NOTE: --embedder hash is a word-hash stand-in with no notion of meaning: "
                  "paraphrases with other words miss and the semantic figures say nothing "
                  "about a real model.", sys.stderr)
-        _say(f"  loaded in {time.perf_counter() - t0:.1f} s; starting the store ({args.store})",
-             sys.stderr)
+        _say(f"  loaded in {time.perf_counter() - t0:.1f} s; starting the store "
+             f"({redact_url(args.store)})", sys.stderr)
         result = run_demo(
             events, embedder=embedder, questions=questions, source=source, store=args.store,
             data_dir=args.data_dir, namespace=args.namespace, threshold=args.threshold,
@@ -651,10 +653,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.data_dir:
         from .store.server import shared_server
 
+        if not (Path(args.data_dir) / "server.json").exists() and not any(
+                Path(args.data_dir).glob("appendonly*")):
+            raise CliError(f"{args.data_dir} holds no embedded cache (no server.json and no "
+                           "append-only file)")
         url, server = shared_server(args.data_dir)
-        where = f"{args.data_dir} ({url})"
+        where = f"{args.data_dir} ({redact_url(url)})"
     elif args.url:
-        url, where = args.url, args.url
+        url, where = args.url, redact_url(args.url)
     else:
         raise CliError("give a URL (redis://host:6379/0) or --data-dir of an embedded cache")
     try:
@@ -799,6 +805,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CliError as exc:
+        _say(f"hnswcache {args.command}: {exc}", sys.stderr)
+        return 2
+    except (OSError, ValueError, ServerStartError) as exc:
+        # Bad input (a missing or unreadable file, a number that is not one, no server
+        # binary): a message and status 2, not a traceback.
         _say(f"hnswcache {args.command}: {exc}", sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -321,3 +321,50 @@ def test_bench_rejects_unknown_library(capsys) -> None:
 def test_no_command_prints_help(capsys) -> None:
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- found by a review, 2026-12-05
+
+
+def test_no_command_prints_a_password(fake_embedder, capsys) -> None:
+    url = "redis://:s3cret-pw@127.0.0.1:1/0"
+    assert cli.main(["inspect", url, "--timeout", "0.2"]) == 2
+    captured = capsys.readouterr()
+    assert "s3cret-pw" not in captured.out + captured.err and "***" in captured.err
+    cli.main(["demo", "--events", "10", "--speed", "0", "--store", url, "--no-restart"])
+    captured = capsys.readouterr()
+    assert "s3cret-pw" not in captured.out + captured.err
+
+
+def test_bad_input_is_a_message_and_status_2(tmp_path: Path, capsys) -> None:
+    cases = [
+        ["calibrate", str(tmp_path / "missing.jsonl")],
+        ["calibrate", "--a", str(tmp_path / "missing.npy"), "--b", str(tmp_path / "b.npy")],
+        ["bench", "--synthetic", "200", "--efs", "10,x"],
+        ["inspect", "not-a-url"],
+        ["inspect", "--data-dir", str(tmp_path / "typo")],
+    ]
+    for argv in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"hnswcache {argv[0]}:") and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "typo").exists()  # inspect made no folder and started no server
+
+
+@needs_server
+def test_demo_refuses_a_folder_another_server_keeps(fake_embedder, capsys,
+                                                    tmp_path: Path) -> None:
+    # It started a second server on the folder's append-only file, and its exit removed
+    # the first one's record: the next cache started a third.
+    from hnswcache.store.server import shared_server
+
+    d = tmp_path / "kept"
+    _, server = shared_server(d)
+    assert server is not None
+    try:
+        assert cli.main(["demo", "--events", "10", "--speed", "0", "--data-dir", str(d),
+                         "--no-restart"]) == 2
+        assert f"pid {server.pid}" in capsys.readouterr().err
+        assert json.loads((d / "server.json").read_text())["pid"] == server.pid
+    finally:
+        server.stop()

@@ -571,22 +571,30 @@ def run_demo(
     if threshold is not None:
         kw["threshold"] = threshold
     if store == "embedded":
-        from ..store.server import EmbeddedServer
+        import secrets
+
+        from ..store.server import EmbeddedServer, recorded_server, redact_url
 
         if data_dir is None:
             tmp = tempfile.mkdtemp(prefix="hnswcache-demo-")
             data_dir = tmp
-        server = EmbeddedServer(data_dir).start()
+        pid = recorded_server(data_dir)
+        if pid is not None:  # two servers on one append-only file would corrupt it
+            raise DemoError(f"{data_dir} is kept by a running server (pid {pid}): give "
+                            "another --data-dir, or that server's URL with --store")
+        server = EmbeddedServer(data_dir, password=secrets.token_hex(16)).start()
         url = server.url
         store_desc = f"{os.path.basename(server.binary)} (embedded, pid {server.pid}) " \
-                     f"at {url}, data in {server.data_dir}"
+                     f"at {redact_url(url)}, data in {server.data_dir}"
     elif store == "memory":
         mem = MemoryStore(namespace)
         url = ""
         store_desc = "in-process memory store (no persistence)"
     else:
+        from ..store.server import redact_url
+
         url = store
-        store_desc = store
+        store_desc = redact_url(store)
 
     def open_cache() -> Any:
         return SemanticCache(emb, store=mem if mem is not None else url, **kw)

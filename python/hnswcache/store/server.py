@@ -159,6 +159,30 @@ def _unix_url(path: str | os.PathLike[str], password: str | None) -> str:
     return f"unix://{_auth(password)}{quote(os.fspath(path))}?db=0"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and reports)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<a URL that does not parse>"
+
+
+def recorded_server(data_dir: str | os.PathLike[str]) -> int | None:
+    """The pid of the live server recorded in ``data_dir/server.json``, if any."""
+    try:
+        pid = int(json.loads((Path(data_dir) / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if _server_alive(pid, Path(data_dir).resolve()) else None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
