@@ -997,3 +997,28 @@ def test_a_live_tls_server_on_the_folder_is_never_joined_by_a_second(tmp_path: P
         with pytest.raises(ServerStartError, match="TLS"):
             shared_server(data)
         assert json.loads((data / "server.json").read_text())["pid"] == srv.pid
+
+
+def test_a_record_naming_another_users_process_is_no_server(tmp_path: Path) -> None:
+    # kill(pid, 0) raising PermissionError was taken for a live server: after a reboot the
+    # recorded pid often belongs to a root daemon, and every cache on the folder missed for
+    # good. Checked from an unprivileged process against pid 1 (root's init); server.py is
+    # loaded on its own (it needs only the standard library).
+    server_py = Path(__file__).resolve().parents[2] / "python" / "hnswcache" / "store" / "server.py"
+    code = ("import importlib.util, sys; from pathlib import Path; "
+            "spec = importlib.util.spec_from_file_location('server', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(m._server_alive(1, Path(sys.argv[2])), m._server_alive(1))")
+    python, kw = sys.executable, {}
+    if os.geteuid() == 0:  # run it as nobody, with an interpreter nobody may run
+        import pwd
+
+        python = "/usr/bin/python3"
+        if not os.access(python, os.X_OK):
+            pytest.skip("no /usr/bin/python3 to run as another user")
+        nobody = pwd.getpwnam("nobody")
+        kw["preexec_fn"] = lambda: (os.setgid(nobody.pw_gid), os.setuid(nobody.pw_uid))
+    out = subprocess.run([python, "-c", code, str(server_py), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, cwd="/", **kw)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

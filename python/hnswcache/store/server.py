@@ -207,12 +207,18 @@ def _server_alive(pid: int, data_dir: Path | None = None) -> bool:
     """Whether ``pid`` is a running server process (of ``data_dir``, where /proc says).
     A zombie has exited; a pid that now belongs to another program (reused after a crash
     or a reboot) is no server."""
+    foreign = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: assume it is what server.json says
+        # Another user's process. Without /proc, trust the record; with it, look: after a
+        # reboot the recorded pid is often some root daemon's now, and taking it for the
+        # server made every cache on the folder miss for good.
+        if not Path("/proc/self").exists():
+            return True
+        foreign = True
     except OSError:
         return False
     try:
@@ -225,8 +231,10 @@ def _server_alive(pid: int, data_dir: Path | None = None) -> bool:
     if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") or b"-server" not in cmdline:
         return False
     if data_dir is not None:  # the server runs in its --dir: another folder's is not ours
-        with contextlib.suppress(OSError):
+        try:
             return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir
+        except OSError:
+            return not foreign  # (another user's server whose folder we cannot see)
     return True
 
 
