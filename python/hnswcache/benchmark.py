@@ -689,7 +689,7 @@ def interpolated_table(rows: list[dict[str, Any]],
 
 
 def markdown_table(rows: list[dict[str, Any]], thresholds: tuple[float, ...] = THRESHOLDS,
-                   reference: str = "hnswlib") -> str:
+                   reference: str = "hnswlib", build_threads: int = 2) -> str:
     """One table; ratios in brackets are against ``reference`` (QPS: higher is better;
     build time and bytes: lower is better)."""
 
@@ -699,7 +699,8 @@ def markdown_table(rows: list[dict[str, Any]], thresholds: tuple[float, ...] = T
     def ratio(v: float | None) -> str:
         return "" if v is None else f" ({v:.2f}x)"
 
-    head = ["library", "build s (2 thr)", "bytes/vector (RSS)", "bytes/vector (reported)"]
+    head = ["library", f"build s ({build_threads} thr)", "bytes/vector (RSS)",
+            "bytes/vector (reported)"]
     head += [f"QPS @ R@10>={t:.2f} (ef)" for t in thresholds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -828,7 +829,7 @@ def main(argv: list[str] | None = None, prog: str = "python bench/compare_ann.py
     print(f"{meta['dataset']}: {meta['n']} x {meta['dim']}, {meta['queries']} queries, "
           f"M={meta['M']}, ef_construction={meta['ef_construction']}, {meta['date']}, "
           f"{meta['cpu']}\n")
-    print(markdown_table(rows))
+    print(markdown_table(rows, build_threads=int(meta["build_threads"])))
     print()
     print(interpolated_table(rows))
     print()

@@ -211,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _say(f"{meta['dataset']}: {meta['n']} x {meta['dim']}, {meta['queries']} queries, "
          f"M={meta['M']}, ef_construction={meta['ef_construction']}, {meta['date']}, "
          f"{meta['cpu']}\n")
-    _say(bm.markdown_table(rows))
+    _say(bm.markdown_table(rows, build_threads=int(meta["build_threads"])))
     _say()
     _say(bm.interpolated_table(rows))
     _say()
@@ -292,7 +292,11 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[str], list[str], list
                                f"{', '.join('/'.join(k) for k in _PAIR_KEYS)})")
             label = row.get("label", 1)
             if isinstance(label, str):
-                label = label.strip().lower() in ("1", "true", "same", "yes", "match")
+                text = label.strip().lower()
+                try:
+                    label = float(text)  # "1.0", "0.8": a number written as text
+                except ValueError:
+                    label = text in ("true", "same", "yes", "match")
             a.append(str(row[keys[0]]))
             b.append(str(row[keys[1]]))
             y.append(1 if label and float(label) >= 0.5 else 0)

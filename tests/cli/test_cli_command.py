@@ -248,9 +248,13 @@ def test_calibrate_pairs_jsonl_and_bank(fake_embedder, tmp_path: Path, capsys) -
         + json.dumps({"text1": "Where is my order?", "text2": "Track my delivery",
                       "label": "same"}) + "\n"
         + json.dumps({"sentence1": "Set an alarm for 6am", "sentence2": "Set an alarm for 6pm",
-                      "label": 0}) + "\n")
+                      "label": 0}) + "\n"
+        # labels written as numbers in text were all taken for 0
+        + json.dumps({"a": "Cancel my plan", "b": "End my subscription", "label": "1.0"})
+        + "\n" + json.dumps({"a": "Open the door", "b": "Close the door", "label": "0.0"})
+        + "\n")
     assert cli.main(["calibrate", str(p), "--plot", ""]) == 0
-    assert "2 same-meaning pairs, 1 different-meaning pairs" in capsys.readouterr().out
+    assert "3 same-meaning pairs, 2 different-meaning pairs" in capsys.readouterr().out
     assert cli.main(["calibrate", "--plot", "", "--shuffled-negatives"]) == 0
     out = capsys.readouterr().out
     assert "hard negative" in out and "shuffled negative" in out
@@ -303,10 +307,12 @@ def test_bench_synthetic(tmp_path: Path, capsys) -> None:
     out_json = tmp_path / "b.json"
     rc = cli.main(["bench", "--synthetic", "600", "--dim", "16", "--n-queries", "50",
                    "--libs", "hnswcache", "--efs", "10,40", "--repeats", "1",
-                   "--min-seconds", "0.01", "--json", str(out_json), "--plot", ""])
+                   "--min-seconds", "0.01", "--json", str(out_json), "--plot", "",
+                   "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "| hnswcache |" in out and "QPS @ R@10" in out
+    assert "build s (1 thr)" in out  # (the header said 2 whatever --threads was)
     res = json.loads(out_json.read_text())
     sweep = res["libraries"]["hnswcache"]["sweep"]
     assert sweep["40"]["recall"] > 0.9 and sweep["40"]["qps"] > 0
