@@ -1022,3 +1022,33 @@ def test_a_record_naming_another_users_process_is_no_server(tmp_path: Path) -> N
                          capture_output=True, text=True, timeout=60, cwd="/", **kw)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_child_forked_while_the_folder_is_locked_does_not_keep_the_lock(
+    tmp_path: Path,
+) -> None:
+    # The flock's fd was copied into a child forked by another thread meanwhile: the lock
+    # then lasted as long as the child, and every cache on the folder waited for it.
+    import fcntl
+
+    from hnswcache.store.server import _folder_lock
+
+    with _folder_lock(tmp_path):
+        pid = os.fork()
+        if pid == 0:  # the child lives on for a while, as a worker would
+            time.sleep(3)
+            os._exit(0)
+    try:
+        # Free within a second (the child closes its copy as it starts), not after 3 s.
+        deadline = time.monotonic() + 1.0
+        with open(tmp_path / "lock", "w") as f:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the forked child holds the lock"
+                    time.sleep(0.01)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        os.waitpid(pid, 0)

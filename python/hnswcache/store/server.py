@@ -189,16 +189,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Folder-lock fds this process holds. A child forked meanwhile (by another thread) gets a
+# copy of each, and a flock lasts until every copy is closed: the child would hold the
+# folder's lock for its whole life, and every cache on the folder would wait for it.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def _folder_lock(data_dir: Path) -> Any:
+    """Hold ``data_dir/lock`` exclusively (every process deciding about the folder's server
+    does so under it)."""
+    import fcntl
+
+    with open(data_dir / "lock", "w") as lock:
+        _HELD_LOCKS.add(lock.fileno())
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            _HELD_LOCKS.discard(lock.fileno())
+
+
 def _forget(data_dir: Path, pid: int) -> None:
     """Remove ``server.json`` if it records server ``pid``: after that server died, another
     process may have started a new one on the same folder and written its own record.
     Under the folder's lock, so a record written meanwhile is never the one removed."""
-    import fcntl
-
     info = data_dir / "server.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), \
-            open(data_dir / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), _folder_lock(data_dir):
         if int(json.loads(info.read_text())["pid"]) == pid:
             info.unlink()
 
@@ -527,12 +555,9 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
     ``wait_loaded`` and ``timeout`` are :meth:`EmbeddedServer.start`'s; ``config``, extra
     settings of a server started here.
     """
-    import fcntl
-
     path = Path(data_dir).resolve()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a new folder: owner only)
-    with open(path / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _folder_lock(path):
         port: int | None = None
         try:
             info = json.loads((path / "server.json").read_text())
