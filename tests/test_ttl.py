@@ -249,3 +249,39 @@ def test_expiry_is_exact_to_the_nanosecond_on_a_wall_clock():
     # A positive ttl, however small, lasts at least 1 ns; ttl=0 expires on the spot.
     idx.touch([1], ttl=1e-12)
     assert 1 in idx and 3 not in idx
+
+
+def test_a_touch_during_consolidation_is_never_reported_then_lost():
+    # touch() could extend an entry that a running consolidate() had already found dead,
+    # report it, and consolidate() freed it anyway (found by review, 2026-12-05).
+    import threading
+
+    t = [0.0]
+    rng = np.random.default_rng(40)
+    idx = Index(16, clock=lambda: t[0])
+    idx.add(rng.standard_normal((20_000, 16)).astype(np.float32), np.arange(20_000),
+            expires_at=100.0)
+    idx.add(rng.standard_normal((20_000, 16)).astype(np.float32), np.arange(20_000, 40_000))
+    t[0] = 99.9  # the touches' clock: the first 20,000 are live for them
+    done = threading.Event()
+    reported: list[int] = []
+
+    def consolidate() -> None:
+        try:
+            idx.consolidate(now=100.5)  # a later clock: they are dead for it
+        finally:
+            done.set()
+
+    th = threading.Thread(target=consolidate)
+    th.start()
+    lab = calls = 0
+    while not done.is_set():
+        calls += 1
+        if idx.touch([lab], expires_at=10_000.0):
+            reported.append(lab)
+        lab = (lab + 1) % 20_000
+    th.join()
+    t[0] = 200.0
+    assert calls > 10, "the touches did not overlap the consolidation"
+    lost = [x for x in reported if x not in idx]
+    assert not lost, f"{len(lost)} of {len(reported)} reported touches were freed"

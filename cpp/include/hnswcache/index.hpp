@@ -304,6 +304,9 @@ class index_t {
     // --- labels
     std::unordered_map<std::int64_t, slot_t> label_map_;
     mutable std::mutex label_mu_;
+    // The `now` of a running consolidate() (INT64_MIN when none), under label_mu_: touch()
+    // must not extend an entry that consolidation has already found dead and will free.
+    std::int64_t consolidating_now_ = std::numeric_limits<std::int64_t>::min();
     std::atomic<std::int64_t> next_label_{0};
 
     // --- dead-slot bookkeeping for auto consolidation

@@ -173,6 +173,19 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
     std::unique_lock<std::shared_mutex> no_inserts(writers_mu_);
     std::shared_lock<std::shared_mutex> shared(graph_mu_);
     const slot_t n = n_slots();
+    // From here on touch() leaves alone what is dead at `now` (it could revive an entry
+    // that this pass then frees: a touch reported done, and lost).
+    struct touch_guard_t {
+        index_t& idx;
+        touch_guard_t(index_t& i, std::int64_t t) : idx(i) {
+            std::lock_guard<std::mutex> lock(idx.label_mu_);
+            idx.consolidating_now_ = t;
+        }
+        ~touch_guard_t() {
+            std::lock_guard<std::mutex> lock(idx.label_mu_);
+            idx.consolidating_now_ = std::numeric_limits<std::int64_t>::min();
+        }
+    } touch_guard(*this, now);
 
     std::vector<std::uint8_t> dead(n, 0);
     std::vector<slot_t> dead_ids;

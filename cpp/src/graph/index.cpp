@@ -833,6 +833,7 @@ std::size_t index_t::touch(const std::int64_t* labels, const std::int64_t* exp, 
     for (std::size_t i = 0; i < n; ++i) {
         auto it = label_map_.find(labels[i]);
         if (it == label_map_.end() || !live(it->second, now)) continue;
+        if (expiry(it->second) <= consolidating_now_) continue;  // being freed (see there)
         set_expiry(it->second, exp[i]);
         ++changed;
     }
