@@ -111,12 +111,14 @@ def chat_key(
     # Whole messages: every field counts (names, tool calls, tool results' ids...).
     system = [dict(m) for m in messages[:last] if m["role"] in _SYSTEM_ROLES]
     before = [dict(m) for m in messages[:last] if m["role"] not in _SYSTEM_ROLES]
-    if history is not None:
-        before = before[len(before) - history:] if history else []
+    if history is not None:  # (max: a history longer than asked keeps all of it)
+        before = before[max(0, len(before) - history):] if history else []
     context = {
         "system": system if include_system else None,
         "history": before,
         "parts": extra,
+        # the last user turn's other fields (a name...) count as the earlier turns' do
+        "turn": {k: v for k, v in messages[last].items() if k != "content"},
         "after": [dict(m) for m in messages[last + 1:]],
         "model": model,
         "params": dict(params) if params else {},

@@ -167,3 +167,21 @@ def test_async_cached_with_a_chat_key(paraphrases: Paraphrases) -> None:
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_history_longer_than_asked_keeps_every_turn_and_the_last_turn_counts_whole() -> None:
+    # history=N with N above the turns there were kept only some of them (a negative slice
+    # start): conversations that differed in their first turns shared a key.
+    a = [{"role": "user", "content": "write a poem about dogs"},
+         {"role": "assistant", "content": "..."},
+         {"role": "user", "content": "now in German"}]
+    b = [{"role": "user", "content": "what is my name? it is Alice"},
+         {"role": "assistant", "content": "..."},
+         {"role": "user", "content": "now in German"}]
+    for h in (2, 3, 4, 5, 100):
+        assert chat_key(a, history=h) != chat_key(b, history=h), h
+    assert chat_key(a, history=5) == chat_key(a)
+    # The last user turn's other fields (its author's name) count, as earlier turns' do.
+    alice = [{"role": "user", "content": "what is my name?", "name": "alice"}]
+    bob = [{"role": "user", "content": "what is my name?", "name": "bob"}]
+    assert chat_key(alice)[1] != chat_key(bob)[1]
