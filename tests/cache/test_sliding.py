@@ -207,3 +207,34 @@ def test_async_sliding(clock: FakeClock) -> None:
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_late_refresh_never_shortens_a_later_one(valkey_server, ns: str,
+                                                   clock: FakeClock) -> None:
+    # A refresh kept from a failed round trip and written late replaced the later expiry
+    # another process had written meanwhile: the entry expired before a TTL after its last
+    # hit. (The memory store already refused it.)
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=clock)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=clock)
+    a.set("what is the capital of france", "Paris", ttl=100, sliding=True)  # expires t0+100
+    clock.advance(20)
+    policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")  # b's write-back (until t0+120) fails and is kept
+    try:
+        assert b.get("what is the capital of france") is not None
+    finally:
+        r.config_set("maxmemory", "0")
+        r.config_set("maxmemory-policy", policy)
+    assert len(b._core.refreshes) == 1
+    clock.advance(60)
+    assert a.get("what is the capital of france") is not None  # writes until t0+180
+    clock.advance(1)
+    b.sync()  # b's kept refresh (t0+120) goes out now
+    clock.advance(49)  # t0+130: 50 s after the last hit
+    fresh = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=clock)
+    for c in (a, b, fresh):
+        hit = c.get("what is the capital of france")
+        assert hit is not None and hit.response == "Paris"

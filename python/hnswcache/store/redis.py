@@ -21,6 +21,7 @@ whether ``execute`` is awaited.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -209,9 +210,27 @@ class _Layout:
         return [self.ekey(r.id) for r in refresh]
 
     @staticmethod
-    def still_held(refresh: Sequence[Refresh], versions: Sequence[Any]) -> list[Refresh]:
-        """The refreshes whose entry still holds the version that was hit."""
-        return [r for r, v in zip(refresh, versions) if v == r.version.encode()]
+    def refresh_fields(r: Refresh) -> tuple[str, str, str]:
+        return ("version", "expires", "until:" + r.version)
+
+    @staticmethod
+    def still_held(refresh: Sequence[Refresh], rows: Sequence[Any]) -> list[Refresh]:
+        """The refreshes whose entry still holds the version that was hit, and whose expiry
+        is later than the one stored (a refresh kept from a failed round trip and written
+        late must not shorten a later one that another process wrote meanwhile)."""
+        def number(raw: Any) -> float:
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                return -math.inf
+            return value if value == value else -math.inf
+
+        out = []
+        for r, row in zip(refresh, rows):
+            version, expires, until = (list(row) + [None] * 3)[:3]
+            if version == r.version.encode() and r.until > max(number(expires), number(until)):
+                out.append(r)
+        return out
 
     def refresh_failed(self, exc: BaseException | None) -> int:
         """The end of a refresh that did not commit: a command the server refuses (PEXPIRE
@@ -237,7 +256,7 @@ class _Layout:
             key = self.ekey(r.id)
             pipe.hset(key, "until:" + r.version, repr(float(r.until)))
             pipe.pexpire(key, max(1, int(round((r.until - now) * 1000))), gt=True)
-            pipe.zadd(self.k_exp, {format_id(r.id): r.until}, xx=True)
+            pipe.zadd(self.k_exp, {format_id(r.id): r.until}, xx=True, gt=True)
         self.queue_log(pipe, "set", [format_id(r.id) for r in refresh])
 
     def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
@@ -527,7 +546,8 @@ class RedisStore(_Layout):
                 for _ in range(_REFRESH_TRIES):
                     try:
                         pipe.watch(*keys)
-                        live = self.still_held(refresh, [pipe.hget(k, "version") for k in keys])
+                        live = self.still_held(refresh, [
+                            pipe.hmget(k, *self.refresh_fields(r)) for k, r in zip(keys, refresh)])
                         if not live:
                             pipe.unwatch()
                             return 0
@@ -774,8 +794,9 @@ class AsyncRedisStore(_Layout):
                 for _ in range(_REFRESH_TRIES):
                     try:
                         await pipe.watch(*keys)
-                        live = self.still_held(refresh,
-                                               [await pipe.hget(k, "version") for k in keys])
+                        live = self.still_held(refresh, [
+                            await pipe.hmget(k, *self.refresh_fields(r))
+                            for k, r in zip(keys, refresh)])
                         if not live:
                             await pipe.unwatch()
                             return 0
