@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +55,12 @@ class Flights:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_scope: dict[str, list[Flight]] = {}
+        _ALL.add(self)
+
+    def _forget_all(self) -> None:
+        self._lock = threading.Lock()  # (another thread may have held it at the fork)
+        self._by_scope = {}
+
 
     def _find(
         self, eid: int, sid: str, vec: npt.NDArray[np.float32] | None, threshold: float,
@@ -105,3 +113,18 @@ class Flights:
         f.done.set()
         if f.future is not None and not f.future.done():
             f.future.set_result(result)
+
+
+# Every registry, so that a forked child can empty them: it inherits the calls in progress
+# of its parent but not the threads that would finish them, and its callers of the same
+# question would wait for them for the whole wait limit (for ever with wait=inf).
+_ALL: weakref.WeakSet[Flights] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for flights in list(_ALL):
+        flights._forget_all()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

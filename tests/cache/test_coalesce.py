@@ -337,3 +337,30 @@ def test_an_answer_written_between_the_lookup_and_the_lease_is_used(valkey_serve
     mine._release(k[0], "e" * 32)
     other.set(SAME[0], "written meanwhile", scope=sc)
     assert mine._lead(k, "f" * 32, 5.0) == "written meanwhile"
+
+
+def test_a_child_forked_during_a_call_does_not_wait_for_it() -> None:
+    # The child inherited the call in progress but not the thread finishing it: its calls of
+    # the same question waited the whole wait limit (for ever with wait=inf).
+    import os
+
+    cache = SemanticCache(HashEmbedder(64), store="memory")
+    started = threading.Event()
+
+    @cache.cached(wait=30)
+    def ask(q: str) -> str:
+        started.set()
+        time.sleep(0.5)
+        return "answer"
+
+    t = threading.Thread(target=ask, args=("what is a semantic cache",))
+    t.start()
+    started.wait()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        t0 = time.monotonic()
+        ok = ask("what is a semantic cache") == "answer"
+        os._exit(0 if ok and time.monotonic() - t0 < 5 else 1)
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
