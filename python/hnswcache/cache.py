@@ -241,6 +241,10 @@ class _Base:
         raise NotImplementedError
 
 
+
+class _AsyncEmbedderError(TypeError):
+    """A sync cache was given an embedder that returns awaitables."""
+
 class SemanticCache(_Base):
     """A semantic LLM-response cache on Redis/Valkey (or in memory).
 
@@ -400,7 +404,15 @@ class SemanticCache(_Base):
         c = self._core
         if given is None:
             try:
-                given = c.vectors(self._embedder()(texts), len(texts))
+                raw = self._embedder()(texts)
+                if inspect.isawaitable(raw):  # a caller's mistake, not an outage: raised
+                    raise _AsyncEmbedderError("the embedder returned an awaitable: use "
+                                              "AsyncSemanticCache for an async embedder")
+                given = c.vectors(raw, len(texts))
+            except _AsyncEmbedderError:
+                if inspect.iscoroutine(raw):
+                    raw.close()  # (never awaited: no warning)
+                raise
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None
@@ -992,6 +1004,8 @@ class AsyncSemanticCache(_Base):
                     raw = await cast(Callable[[list[str]], Awaitable[Any]], emb)(texts)
                 else:
                     raw = await asyncio.to_thread(emb, texts)
+                    if inspect.isawaitable(raw):  # (a lambda or wrapper of an async one)
+                        raw = await raw
                 given = c.vectors(raw, len(texts))
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")

@@ -190,3 +190,25 @@ def test_async_an_entry_set_after_a_clear_stays_in_the_semantic_tier(ns: str) ->
         assert len(cache) == 1
 
     asyncio.run(run())
+
+
+def test_an_embedder_that_returns_a_coroutine(ns: str) -> None:
+    # Only coroutine functions were awaited: a lambda (or wrapper) returning a coroutine ran
+    # in a thread, and its coroutine failed as an array: every set was an embedding error.
+    # A sync cache given one now says so instead of storing nothing.
+    emb = HashEmbedder(32)
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        return emb(texts)
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(lambda texts: embed(texts), store="memory", namespace=ns)
+        await cache.set("hello there", "hi")
+        hit = await cache.get("hello there")
+        assert hit is not None and hit.response == "hi"
+        assert cache.stats()["embed_errors"] == 0
+
+    asyncio.run(run())
+    sync = SemanticCache(lambda texts: embed(texts), store="memory", namespace=ns)
+    with pytest.raises(TypeError, match="AsyncSemanticCache"):
+        sync.set("hello there", "hi")
