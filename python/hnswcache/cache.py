@@ -100,7 +100,7 @@ def _is_store(obj: Any) -> bool:
 
 def _call_key(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-    key: Callable[..., Any] | None, scope: Mapping[str, Any] | None,
+    key: Callable[..., Any] | None, scope: Mapping[str, Any] | None, name: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The prompt and scope of a call of a ``@cached`` function.
 
@@ -111,7 +111,7 @@ def _call_key(
     itself; one that returns a prompt alone leaves the other arguments out of it.
     """
     sc: dict[str, Any] = dict(scope or {})
-    sc["_fn"] = f"{fn.__module__}.{fn.__qualname__}"
+    sc["_fn"] = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
     if key is not None:
         got = key(*args, **kwargs)
         if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], Mapping):
@@ -749,12 +749,14 @@ class SemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
-        max_age: float | None = None, sliding: bool = False,
+        max_age: float | None = None, sliding: bool = False, name: str | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
-        Other arguments and the function's name become part of the scope. A miss embeds the
-        prompt once, for the lookup and for storing the answer.
+        Other arguments and the function's name (``module.qualname``, or ``name=``) become
+        part of the scope. Functions made by one factory, or two lambdas of one module,
+        share a qualname and would answer each other: give each its own ``name=``. A miss
+        embeds the prompt once, for the lookup and for storing the answer.
 
         With ``coalesce`` (default), a miss while another thread is already calling ``fn``
         for the same prompt, or for a prompt at or above the threshold from it, waits for
@@ -778,7 +780,7 @@ class SemanticCache(_Base):
         def deco(fn: F) -> F:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                prompt, sc = _call_key(fn, args, kwargs, key, scope)
+                prompt, sc = _call_key(fn, args, kwargs, key, scope, name)
                 used: list[Any] = [None]
                 hit = self._get_many([prompt], sc, None, None, used, max_age)[0]
                 if hit is not None:
@@ -1310,7 +1312,7 @@ class AsyncSemanticCache(_Base):
     def cached(
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
-        max_age: float | None = None, sliding: bool = False,
+        max_age: float | None = None, sliding: bool = False, name: str | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
         (coalescing joins the calls of other tasks on the same event loop)."""
@@ -1325,7 +1327,7 @@ class AsyncSemanticCache(_Base):
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                prompt, sc = _call_key(fn, args, kwargs, key, scope)
+                prompt, sc = _call_key(fn, args, kwargs, key, scope, name)
                 used: list[Any] = [None]
                 hit = (await self._get_many([prompt], sc, None, None, used, max_age))[0]
                 if hit is not None:

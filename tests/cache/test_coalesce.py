@@ -364,3 +364,21 @@ def test_a_child_forked_during_a_call_does_not_wait_for_it() -> None:
     t.join()
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_name_tells_apart_functions_made_by_one_factory() -> None:
+    # Closures of one factory share module.qualname, so their answers mixed: each now takes
+    # its own name= (documented in cached()).
+    cache = SemanticCache(HashEmbedder(64), store="memory")
+
+    def make(model: str, name: str | None) -> Callable[[str], str]:
+        @cache.cached(name=name)
+        def ask(q: str) -> str:
+            return f"[{model}] answer to {q}"
+        return ask
+
+    big, tiny = make("gpt-x", "assistant:gpt-x"), make("tiny", "assistant:tiny")
+    assert big("What is 2+2?") == "[gpt-x] answer to What is 2+2?"
+    assert tiny("What is 2+2?") == "[tiny] answer to What is 2+2?"
+    same1, same2 = make("a", None), make("b", None)  # the pitfall the docstring names
+    assert same1("hello") == "[a] answer to hello" and same2("hello") == "[a] answer to hello"
