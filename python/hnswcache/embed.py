@@ -81,12 +81,17 @@ class SentenceTransformerEmbedder:
         getdim = getattr(model, "get_embedding_dimension", None) or getattr(
             model, "get_sentence_embedding_dimension", None)
         self.dim: int | None = int(getdim()) if callable(getdim) and getdim() else None
+        # One encode at a time: a Hugging Face fast tokenizer shared by threads fails with
+        # "Already borrowed" (sentence-transformers#794, tokenizers#537), and the async
+        # cache embeds from worker threads. The model itself uses every core per call.
+        self._lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        out = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-            normalize_embeddings=True, show_progress_bar=False,
-        )
+        with self._lock:
+            out = self.model.encode(
+                list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                normalize_embeddings=True, show_progress_bar=False,
+            )
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -212,3 +213,37 @@ def test_an_embedder_that_returns_a_coroutine(ns: str) -> None:
     sync = SemanticCache(lambda texts: embed(texts), store="memory", namespace=ns)
     with pytest.raises(TypeError, match="AsyncSemanticCache"):
         sync.set("hello there", "hi")
+
+
+def test_a_sentence_transformer_is_never_entered_by_two_threads() -> None:
+    # The async cache embeds in worker threads; a Hugging Face fast tokenizer shared by
+    # threads fails with "Already borrowed". A stand-in model that refuses to be entered
+    # twice at once (as that tokenizer does) behind the adapter, under an async cache.
+    import time as _time
+
+    from hnswcache.embed import SentenceTransformerEmbedder
+
+    class OneAtATime:
+        inside = 0
+
+        def get_sentence_embedding_dimension(self) -> int:
+            return 16
+
+        def encode(self, texts: list[str], **_: Any) -> np.ndarray:
+            OneAtATime.inside += 1
+            try:
+                if OneAtATime.inside > 1:
+                    raise RuntimeError("Already borrowed")
+                _time.sleep(0.01)
+                return HashEmbedder(16)(texts)
+            finally:
+                OneAtATime.inside -= 1
+
+    emb = SentenceTransformerEmbedder(OneAtATime())
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(emb, store="memory")
+        await asyncio.gather(*(cache.set(f"question {i}", "a") for i in range(16)))
+        assert cache.stats()["embed_errors"] == 0 and len(cache) == 16
+
+    asyncio.run(run())
