@@ -37,11 +37,39 @@ class Flight:
     done: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future[str | None] | None = None
     result: str | None = None
+    # The flight its leader is waiting on, from inside its own call (None: not waiting).
+    waits_on: Flight | None = None
 
 
 #: The flights the current context leads (inherited by the tasks it creates).
 LEADING: contextvars.ContextVar[frozenset[Flight]] = contextvars.ContextVar(
     "hnswcache_leading", default=frozenset())
+
+
+# Guards every waits_on link, whichever cache's registry the flights are in: a check for a
+# wait cycle and the link it allows are one step.
+_WAITS = threading.Lock()
+
+
+def _would_cycle(f: Flight, mine: frozenset[Flight]) -> bool:
+    """Whether waiting on ``f`` would wait, through the leaders each flight's leader waits
+    on, on a flight the current context leads (two leaders each calling the other's
+    question would otherwise wait for each other until their wait limits)."""
+    seen: set[int] = set()
+    cur: Flight | None = f
+    while cur is not None and id(cur) not in seen:
+        if cur in mine:
+            return True
+        seen.add(id(cur))
+        cur = cur.waits_on
+    return False
+
+
+def stop_waiting() -> None:
+    """The current context's wait on another flight is over."""
+    with _WAITS:
+        for f in LEADING.get():
+            f.waits_on = None
 
 
 def inside_call(eid: int) -> bool:
@@ -68,10 +96,12 @@ class Flights:
     ) -> Flight | None:
         mine = LEADING.get()
         for f in self._by_scope.get(sid, ()):
-            if f in mine or f.loop is not loop:
+            if f.loop is not loop or _would_cycle(f, mine):
                 continue  # never wait on one's own call (recursion), nor on another loop
             if f.eid == eid or (vec is not None and f.vec is not None
                                 and float(f.vec @ vec) >= threshold):
+                for led in mine:  # (so that no one waits on this context in a cycle)
+                    led.waits_on = f
                 return f
         return None
 
@@ -80,7 +110,7 @@ class Flights:
     ) -> tuple[Flight, bool]:
         """The flight this miss follows, or a new one it leads: ``(flight, leads)``.
         ``vec`` is the prompt's unit embedding (``None`` if it was not computed)."""
-        with self._lock:
+        with self._lock, _WAITS:
             f = self._find(eid, sid, vec, threshold, None)
             if f is not None:
                 return f, False
@@ -93,7 +123,7 @@ class Flights:
     ) -> tuple[Flight, bool]:
         """:meth:`join` for a coroutine: followers await the leader's future."""
         loop = asyncio.get_running_loop()
-        with self._lock:
+        with self._lock, _WAITS:
             f = self._find(eid, sid, vec, threshold, loop)
             if f is not None:
                 return f, False

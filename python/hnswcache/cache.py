@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._cache_core import CacheCore, Hit, Lookup
-from ._flight import LEADING, Flights, inside_call
+from ._flight import LEADING, Flights, inside_call, stop_waiting
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -804,7 +804,11 @@ class SemanticCache(_Base):
                     used[0] = None if vecs is None else vecs[0]
                 flight, leads = self._flights.join(k[0], k[1], used[0], c.threshold)
                 if not leads:
-                    if flight.done.wait(limit) and flight.result is not None:
+                    try:
+                        got = flight.done.wait(limit)
+                    finally:
+                        stop_waiting()
+                    if got and flight.result is not None:
                         c.stats.add("coalesced")
                         return flight.result
                     return call()
@@ -1356,6 +1360,8 @@ class AsyncSemanticCache(_Base):
                         answer = await asyncio.wait_for(asyncio.shield(flight.future), limit)
                     except asyncio.TimeoutError:
                         answer = None
+                    finally:
+                        stop_waiting()
                     if answer is not None:
                         c.stats.add("coalesced")
                         return answer

@@ -382,3 +382,38 @@ def test_name_tells_apart_functions_made_by_one_factory() -> None:
     assert tiny("What is 2+2?") == "[tiny] answer to What is 2+2?"
     same1, same2 = make("a", None), make("b", None)  # the pitfall the docstring names
     assert same1("hello") == "[a] answer to hello" and same2("hello") == "[a] answer to hello"
+
+
+@pytest.mark.parametrize("wait", [3.0, float("inf")])
+def test_two_leaders_calling_each_others_question_do_not_wait_for_each_other(
+    wait: float,
+) -> None:
+    # Each followed the other's call and neither could finish: both waited the whole wait
+    # limit (for ever with wait=inf). Now the second to follow sees the cycle and calls.
+    cache = SemanticCache(HashEmbedder(64), store="memory")
+    barrier = threading.Barrier(2)
+
+    @cache.cached(key=lambda q, then=None: q, wait=wait)
+    def answer(q: str, then: str | None = None) -> str:
+        if then is None:
+            time.sleep(0.1)  # the LLM call
+            return f"answer to {q}"
+        barrier.wait()  # both top-level calls are in flight now
+        return f"{q} (see also: {answer(then)})"
+
+    out: dict[str, str] = {}
+
+    def go(q: str, then: str) -> None:
+        out[q] = answer(q, then)
+
+    a, b = "how do I rotate my API key", "how do I revoke a token"
+    threads = [threading.Thread(target=go, args=(a, b), daemon=True),
+               threading.Thread(target=go, args=(b, a), daemon=True)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "the two leaders wait for each other"
+    assert time.monotonic() - t0 < 2.0
+    assert set(out) == {a, b} and all(v.startswith(k) for k, v in out.items())
