@@ -270,6 +270,14 @@ class CacheCore:
         return float(self.clock())
 
     @staticmethod
+    def within_fields(scope: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The fields ``clear(scope, within=True)`` matches: the scope, checked and in its
+        canonical JSON form (as stored)."""
+        if not scope:
+            raise ValueError("clear(within=True) needs the fields to match in scope")
+        return dict(json.loads(scope_key(scope)[1]))
+
+    @staticmethod
     def check_prompts(prompts: Sequence[str]) -> None:
         """A batch of prompts must be a sequence, not one str (its characters would be
         looked up one by one)."""
@@ -318,23 +326,16 @@ class CacheCore:
         if arr.ndim != 2 or arr.shape[0] != n:
             raise ValueError(f"embeddings must have shape ({n}, dim), got {arr.shape}")
         self.check_dim(arr)
+        out = None
         if arr.shape[0] == 1:  # the common single-lookup case, without array temporaries
             n2 = float(np.dot(arr[0], arr[0]))
-            if not 1e-30 < n2 < 1e30:
-                # In float32 the squared norm overflows from values of ~1e19 and underflows
-                # below ~1e-19: decided again in float64 (only NaN, inf and zero are refused).
-                row = arr[0].astype(np.float64)
-                n2 = float(np.dot(row, row))
-                if not math.isfinite(n2):
-                    raise ValueError("embeddings contain NaN or infinity")
-                if n2 == 0.0:
-                    raise ValueError("an embedding is the zero vector")
-                out = np.ascontiguousarray((row / math.sqrt(n2)).astype(np.float32)[None, :])
-            elif not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
-                return arr  # similarity error <= 5e-7: not worth a copy on the lookup path
-            else:
+            # Outside this range the float32 squared norm may have overflowed (values of
+            # ~1e19) or underflowed (~1e-19), or is NaN: the float64 path below decides.
+            if 1e-30 < n2 < 1e30:
+                if not copy and abs(n2 - 1.0) <= 1e-6 and arr.flags.c_contiguous:
+                    return arr  # similarity error <= 5e-7: not worth a copy on the lookup path
                 out = np.ascontiguousarray(arr * np.float32(1.0 / math.sqrt(n2)))
-        else:
+        if out is None:
             wide = arr.astype(np.float64)
             norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))[:, None]
             if not np.isfinite(norms).all():

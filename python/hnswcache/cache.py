@@ -241,10 +241,6 @@ class _Base:
         raise NotImplementedError
 
 
-
-class _AsyncEmbedderError(TypeError):
-    """A sync cache was given an embedder that returns awaitables."""
-
 class SemanticCache(_Base):
     """A semantic LLM-response cache on Redis/Valkey (or in memory).
 
@@ -408,17 +404,16 @@ class SemanticCache(_Base):
             embedder = self._embedder()
             try:
                 raw = embedder(texts)
-                if inspect.isawaitable(raw):  # a caller's mistake, not an outage: raised
-                    raise _AsyncEmbedderError("the embedder returned an awaitable: use "
-                                              "AsyncSemanticCache for an async embedder")
-                given = c.vectors(raw, len(texts))
-            except _AsyncEmbedderError:
-                if inspect.iscoroutine(raw):
-                    raw.close()  # (never awaited: no warning)
-                raise
+                if not inspect.isawaitable(raw):
+                    given = c.vectors(raw, len(texts))
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None
+            if given is None:  # an awaitable: a caller's mistake, not an outage: raised
+                if inspect.iscoroutine(raw):
+                    raw.close()  # (never awaited: no warning)
+                raise TypeError("the embedder returned an awaitable: use "
+                                "AsyncSemanticCache for an async embedder")
         try:
             self._check_meta()
         except StoreError as exc:  # (checked again by the next call that gets this far)
@@ -723,9 +718,7 @@ class SemanticCache(_Base):
         whole scope's one event, for a whole scan either way.)"""
         c = self._core
         if within:
-            if not scope:
-                raise ValueError("clear(within=True) needs the fields to match in scope")
-            fields = json.loads(scope_key(scope)[1])  # (checked and canonical)
+            fields = c.within_fields(scope)
             try:
                 return self.store.clear_within(fields)
             except StoreError as exc:
@@ -1294,9 +1287,7 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache.clear`."""
         c = self._core
         if within:
-            if not scope:
-                raise ValueError("clear(within=True) needs the fields to match in scope")
-            fields = json.loads(scope_key(scope)[1])
+            fields = c.within_fields(scope)
             try:
                 return await self.store.clear_within(fields)
             except StoreError as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -407,6 +407,13 @@ class _Layout:
         pipe.xadd(self.k_log, {"op": "noop"}, maxlen=self.log_maxlen, approximate=True)
 
     # ------------------------------------------------------------------ clear
+    @staticmethod
+    def scope_filter(scope_id: str | None) -> tuple[str | None, Callable[[Any], bool]]:
+        """What a clear of ``scope_id`` deletes (see ``_drop_scanned``): every entry, or
+        those whose ``scope`` field is that id."""
+        want = (scope_id or "").encode()
+        return (None if scope_id is None else "scope"), (lambda v: v == want)
+
     def queue_clear_event(self, pipe: Any, scope_id: str | None) -> None:
         pipe.xadd(self.k_log, {"op": "clear", "scope": scope_id or "*"},
                   maxlen=self.log_maxlen, approximate=True)
@@ -654,31 +661,31 @@ class RedisStore(_Layout):
         # it (so no replica drops it for the clear), and if the pass then deletes it, the
         # `del` event in the same MULTI says so. (Logged after the pass, the clear made
         # every replica that had applied such a `set` drop an entry the store kept.)
-        positions = [_id_text(self._run(False, lambda p: self.queue_clear_event(p, scope_id),
-                                        raise_on_error=True)[0])]
-        n = 0
+        first = _id_text(self._run(False, lambda p: self.queue_clear_event(p, scope_id),
+                                   raise_on_error=True)[0])
+        n, positions = self._drop_scanned(*self.scope_filter(scope_id))
+        return Cleared(n, (first, *positions))
+
+    def clear_within(self, fields: Mapping[str, Any]) -> int:
+        # No clear event: each deleted batch logs its ids, which every replica (this
+        # process's too, at its next read) applies exactly.
+        return self._drop_scanned("scope_json", lambda js: scope_holds(js, fields))[0]
+
+    def _drop_scanned(self, field: str | None, wanted: Callable[[Any], bool],
+                      ) -> tuple[int, list[str]]:
+        """Delete the entries whose ``field`` is ``wanted`` (all with ``field=None``), a SCAN
+        batch at a time; ``(deleted, positions of their del events)``."""
+        n, positions = 0, []
         for keys in self._scan_keys():
-            if scope_id is not None:
-                scopes = self._run(False, lambda p, ks=keys: [p.hget(k, "scope") for k in ks])
-                keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
+            if field is not None:
+                values = self._run(False, lambda p, ks=keys: [p.hget(k, field) for k in ks])
+                keys = [k for k, v in zip(keys, values) if wanted(v)]
             if keys:
                 res = self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
                                 raise_on_error=True)
                 n += int(res[0])
                 positions += [_id_text(x) for x in res[3:]]
-        return Cleared(n, tuple(positions))
-
-    def clear_within(self, fields: Mapping[str, Any]) -> int:
-        # No clear event: each deleted batch logs its ids, which every replica (this
-        # process's too, at its next read) applies exactly.
-        n = 0
-        for keys in self._scan_keys():
-            scopes = self._run(False, lambda p, ks=keys: [p.hget(k, "scope_json") for k in ks])
-            keys = [k for k, js in zip(keys, scopes) if scope_holds(js, fields)]
-            if keys:
-                n += int(self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
-                                   raise_on_error=True)[0])
-        return n
+        return n, positions
 
     def log_head(self) -> str:
         res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
@@ -902,33 +909,30 @@ class AsyncRedisStore(_Layout):
 
     async def clear(self, scope_id: str | None) -> Cleared:
         # As RedisStore.clear: the clear event first, then each batch with its del event.
-        positions = [_id_text((await self._run(
-            False, lambda p: self.queue_clear_event(p, scope_id), raise_on_error=True))[0])]
-        n = 0
+        first = _id_text((await self._run(
+            False, lambda p: self.queue_clear_event(p, scope_id), raise_on_error=True))[0])
+        n, positions = await self._drop_scanned(*self.scope_filter(scope_id))
+        return Cleared(n, (first, *positions))
+
+    async def clear_within(self, fields: Mapping[str, Any]) -> int:
+        # As RedisStore.clear_within.
+        return (await self._drop_scanned("scope_json", lambda js: scope_holds(js, fields)))[0]
+
+    async def _drop_scanned(self, field: str | None, wanted: Callable[[Any], bool],
+                            ) -> tuple[int, list[str]]:
+        """See :meth:`RedisStore._drop_scanned`."""
+        n, positions = 0, []
         async for keys in self._scan_keys():
-            if scope_id is not None:
-                scopes = await self._run(
-                    False, lambda p, ks=keys: [p.hget(k, "scope") for k in ks]
-                )
-                keys = [k for k, s in zip(keys, scopes) if s == scope_id.encode()]
+            if field is not None:
+                values = await self._run(
+                    False, lambda p, ks=keys: [p.hget(k, field) for k in ks])
+                keys = [k for k, v in zip(keys, values) if wanted(v)]
             if keys:
                 res = await self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
                                       raise_on_error=True)
                 n += int(res[0])
                 positions += [_id_text(x) for x in res[3:]]
-        return Cleared(n, tuple(positions))
-
-    async def clear_within(self, fields: Mapping[str, Any]) -> int:
-        # As RedisStore.clear_within.
-        n = 0
-        async for keys in self._scan_keys():
-            scopes = await self._run(
-                False, lambda p, ks=keys: [p.hget(k, "scope_json") for k in ks])
-            keys = [k for k, js in zip(keys, scopes) if scope_holds(js, fields)]
-            if keys:
-                n += int((await self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
-                                          raise_on_error=True))[0])
-        return n
+        return n, positions
 
     async def log_head(self) -> str:
         res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
