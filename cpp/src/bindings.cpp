@@ -174,13 +174,14 @@ PYBIND11_MODULE(_core, m) {
     py::class_<index_t>(m, "Index")
         .def(py::init([](std::size_t dim, const std::string& metric, std::size_t M,
                          std::size_t ef_construction, std::size_t capacity, std::uint64_t seed,
-                         const std::string& dtype) {
+                         const std::string& dtype, double alpha) {
                  return std::make_unique<index_t>(dim, hnswcache::parse_metric(metric), M,
                                                   ef_construction, capacity, seed,
-                                                  hnswcache::parse_dtype(dtype));
+                                                  hnswcache::parse_dtype(dtype), alpha);
              }),
              py::arg("dim"), py::arg("metric"), py::arg("M"), py::arg("ef_construction"),
-             py::arg("capacity"), py::arg("seed"), py::arg("dtype") = "float32")
+             py::arg("capacity"), py::arg("seed"), py::arg("dtype") = "float32",
+             py::arg("alpha") = index_t::default_alpha)
         .def(
             "add",
             [](index_t& self, const f32_array& x, const i64_array& labels, const i64_array& expiry,
@@ -345,6 +346,7 @@ PYBIND11_MODULE(_core, m) {
                 d["dtype"] = std::string(hnswcache::dtype_name(self.dtype()));
                 d["M"] = self.M();
                 d["ef_construction"] = self.ef_construction();
+                d["alpha"] = self.alpha();
                 d["ef_search"] = self.ef_search();
                 return d;
             },
@@ -378,6 +380,7 @@ PYBIND11_MODULE(_core, m) {
                                [](const index_t& s) { return std::string(hnswcache::dtype_name(s.dtype())); })
         .def_property_readonly("M", &index_t::M)
         .def_property_readonly("ef_construction", &index_t::ef_construction)
+        .def_property_readonly("alpha", &index_t::alpha)
         .def_property("ef_search", &index_t::ef_search, &index_t::set_ef_search)
         .def_property("auto_consolidate", &index_t::auto_consolidate, &index_t::set_auto_consolidate)
         .def_property("search_starts", &index_t::search_starts, &index_t::set_search_starts)

@@ -31,6 +31,7 @@ class Index:
         capacity: int,
         seed: int,
         dtype: str = "float32",
+        alpha: float = 1.2,
     ) -> None: ...
     def add(
         self,
@@ -78,6 +79,8 @@ class Index:
     def M(self) -> int: ...
     @property
     def ef_construction(self) -> int: ...
+    @property
+    def alpha(self) -> float: ...
     ef_search: int
     auto_consolidate: float
     search_starts: int

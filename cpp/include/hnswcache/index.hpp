@@ -115,8 +115,12 @@ struct index_stats_t {
 
 class index_t {
    public:
+    // alpha: the pruning slack of the neighbour selection (see diverse()), in
+    // [min_alpha, max_alpha]; 1 is the HNSW paper's heuristic.
+    static constexpr double default_alpha = 1.2, min_alpha = 1.0, max_alpha = 2.0;
     index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
-            std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype = dtype_t::float32);
+            std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype = dtype_t::float32,
+            double alpha = default_alpha);
     ~index_t();
     index_t(const index_t&) = delete;
     index_t& operator=(const index_t&) = delete;
@@ -158,6 +162,7 @@ class index_t {
     dtype_t dtype() const { return dtype_; }
     std::size_t M() const { return M_; }
     std::size_t ef_construction() const { return ef_construction_; }
+    double alpha() const { return alpha_; }
     std::size_t ef_search() const { return ef_search_.load(std::memory_order_relaxed); }
     void set_ef_search(std::size_t ef);
     // How many nodes of the level-1 beam start the level-0 search (1..max_search_starts).
@@ -247,8 +252,11 @@ class index_t {
     void select_heuristic(std::vector<neighbor_t>& cands, std::size_t m, std::int64_t now,
                           bool skip_dead, std::vector<slot_t>& out,
                           std::size_t* distances = nullptr) const;
-    // The HNSW heuristic's test (Malkov & Yashunin, Algorithm 4): candidate c, at distance d
-    // from the base, is kept when no already kept node is closer to c than the base is.
+    // The HNSW heuristic's test (Malkov & Yashunin, Algorithm 4) relaxed by alpha as in
+    // Vamana's RobustPrune (Subramanya et al., DiskANN, NeurIPS 2019): candidate c, at
+    // distance d from the base, is kept unless a kept node k has alpha * dist(k, c) < d.
+    // alpha > 1 keeps some longer links, and with them the way into a small cluster far
+    // from the bulk of the data (docs/architecture.md, "Pruning slack").
     bool diverse(slot_t c, float d, const std::vector<slot_t>& kept, float* buf,
                  std::size_t& computed) const;
     void write_links(slot_t id, int level, const slot_t* ids, std::size_t count);
@@ -277,6 +285,8 @@ class index_t {
     metric_t metric_;
     dtype_t dtype_;
     std::uint64_t seed_;
+    double alpha_;
+    float prune_scale_ = 1.0f;  // what diverse() multiplies a distance by (from alpha_)
     double level_mult_;
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links

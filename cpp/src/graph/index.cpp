@@ -48,11 +48,15 @@ const char* metric_name(metric_t m) {
 // ------------------------------------------------------------------------------ construction
 
 index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
-                 std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype)
+                 std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype, double alpha)
     : dim_(dim), M_(M), M0_(2 * M), ef_construction_(ef_construction), metric_(metric),
-      dtype_(dtype), seed_(seed), rng_(seed) {
+      dtype_(dtype), seed_(seed), alpha_(alpha), rng_(seed) {
     if (dim == 0 || dim > 65536) throw std::invalid_argument("dim must be in [1, 65536]");
     if (M < 2 || M > 2048) throw std::invalid_argument("M must be in [2, 2048]");
+    if (!(alpha >= min_alpha && alpha <= max_alpha))  // (also refuses NaN)
+        throw std::invalid_argument("alpha must be in [1, 2]");
+    // l2 distances are squared: alpha scales the distance, so alpha^2 its square.
+    prune_scale_ = static_cast<float>(metric == metric_t::l2 ? alpha * alpha : alpha);
     if (ef_construction == 0 || ef_construction > max_ef)
         throw std::invalid_argument("ef_construction must be in [1, " + std::to_string(max_ef) + "]");
     dim_padded_ = round_up(dim, simd_floats);
@@ -515,7 +519,9 @@ bool index_t::diverse(slot_t c, float d, const std::vector<slot_t>& kept, float*
     const float* cv = decoded(c, buf);
     for (slot_t k : kept) {
         ++computed;
-        if (dist(cv, k) < d) return false;
+        // max(): a negative inner-product distance is not scaled down into a prune.
+        const float dk = dist(cv, k);
+        if (std::max(dk, prune_scale_ * dk) < d) return false;
     }
     return true;
 }

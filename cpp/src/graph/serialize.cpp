@@ -1,6 +1,6 @@
-// The on-disk format, version 1. Little-endian, every section a fixed function of the header:
+// The on-disk format, version 2. Little-endian, every section a fixed function of the header:
 //
-//   "HNSWCACH" | u32 major | u32 minor | u64 header fields (see `header_t`)
+//   "HNSWCACH" | u32 major | u32 minor | u64 header fields (see `header_t`) | f64 alpha
 //   levels   u8  [n_slots]           0xff marks a free slot
 //   labels   i64 [n_slots]
 //   expiry   i64 [n_slots]           absolute, ns; INT64_MIN = deleted
@@ -9,6 +9,9 @@
 //            f32[dim] | f16[dim] | int8: f32 scale, i8 code[dim] (|code| <= 127)
 //   upper    u32 [sum of levels][1 + M]   per slot in order, levels 1..level
 //   crc32    u32                     of everything before it
+//
+// Version 1 (before 2026-12-05) is the same without alpha: it is read with alpha = 1, the
+// pruning it was built with.
 //
 // A file is untrusted input: the size must match the header exactly, the checksum must match,
 // and then every count, level, link and label is checked before the index is used.
@@ -27,7 +30,7 @@ namespace hnswcache {
 namespace {
 
 constexpr char magic[8] = {'H', 'N', 'S', 'W', 'C', 'A', 'C', 'H'};
-constexpr std::uint32_t format_major = 1, format_minor = 0;
+constexpr std::uint32_t format_major = 2, format_minor = 0;
 constexpr std::uint8_t free_level = 0xff;
 
 struct header_t {
@@ -35,7 +38,9 @@ struct header_t {
         next_label, upper_words, dtype;
 };
 constexpr std::size_t header_words = sizeof(header_t) / sizeof(std::uint64_t);
-constexpr std::size_t prefix_bytes = sizeof(magic) + 2 * sizeof(std::uint32_t) + sizeof(header_t);
+// Bytes before the per-slot sections: version 1 has no alpha.
+constexpr std::size_t prefix_bytes_v1 = sizeof(magic) + 2 * sizeof(std::uint32_t) + sizeof(header_t);
+constexpr std::size_t prefix_bytes = prefix_bytes_v1 + sizeof(double);
 
 // Bytes of one stored row in the file.
 std::uint64_t row_bytes(std::uint64_t dtype, std::uint64_t dim) {
@@ -143,6 +148,7 @@ std::string index_t::serialize() const {
     w.put(format_major);
     w.put(format_minor);
     w.put(h);
+    w.put(alpha_);
     for (slot_t id = 0; id < n; ++id)
         w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
     for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);
@@ -186,17 +192,21 @@ std::string index_t::serialize() const {
 }
 
 std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size) {
-    if (size < prefix_bytes + 4 || std::memcmp(data, magic, sizeof(magic)) != 0)
+    if (size < prefix_bytes_v1 + 4 || std::memcmp(data, magic, sizeof(magic)) != 0)
         throw format_error("not an hnswcache index (bad magic or too short)");
     reader_t r(data + sizeof(magic), size - sizeof(magic));
     const auto major = r.get<std::uint32_t>();
     const auto minor = r.get<std::uint32_t>();
-    if (major != format_major)
+    if (major != format_major && major != 1)
         throw format_error("index format version " + std::to_string(major) + "." +
-                           std::to_string(minor) + " is not supported (this build reads " +
+                           std::to_string(minor) + " is not supported (this build reads 1.x and " +
                            std::to_string(format_major) + ".x)");
     const auto h = r.get<header_t>();
     static_assert(header_words == 12, "header layout changed: bump the format version");
+    const double alpha = major == 1 ? 1.0 : r.get<double>();
+    if (!(alpha >= min_alpha && alpha <= max_alpha))
+        throw format_error("index header holds out-of-range parameters");
+    const std::size_t prefix = major == 1 ? prefix_bytes_v1 : prefix_bytes;
 
     if (h.dim == 0 || h.dim > 65536 || h.M < 2 || h.M > 2048 || h.metric > 2 ||
         h.ef_construction == 0 || h.ef_search == 0 || h.ef_construction > max_ef ||
@@ -207,7 +217,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
     const std::uint64_t per_row = row_bytes(h.dtype, h.dim);
     const std::uint64_t per_slot = 1 + 8 + 8 + 4 * (1 + M0) + per_row;
     const std::uint64_t expected =
-        checked_mul_add(h.upper_words, 4, checked_mul_add(h.n_slots, per_slot, prefix_bytes + 4));
+        checked_mul_add(h.upper_words, 4, checked_mul_add(h.n_slots, per_slot, prefix + 4));
     if (expected != size)
         throw format_error("index data has " + std::to_string(size) + " bytes, its header says " +
                            std::to_string(expected) + " (truncated or corrupted)");
@@ -217,7 +227,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
 
     auto idx = std::make_unique<index_t>(h.dim, static_cast<metric_t>(h.metric), h.M,
                                          h.ef_construction, h.n_slots, h.seed,
-                                         static_cast<dtype_t>(h.dtype));
+                                         static_cast<dtype_t>(h.dtype), alpha);
     idx->ef_search_.store(h.ef_search);
     const slot_t n = static_cast<slot_t>(h.n_slots);
     std::vector<std::uint8_t> levels(n);
