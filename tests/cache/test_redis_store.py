@@ -165,6 +165,64 @@ def test_an_entry_written_again_while_expired_ids_are_forgotten_keeps_its_lru_pl
     assert len(list(r.scan_iter(keys_for(ns)["entry"] + "*"))) == 1
 
 
+class _EvictTimed(RedisStore):
+    """Runs ``hook`` once at a chosen step of an LRU eviction."""
+
+    hook: Any = None
+    at = ""
+
+    def _fire(self, step: str) -> None:
+        if self.at == step and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+
+    def victim_keys(self, members: Any) -> list[str]:
+        self._fire("chosen")
+        return super().victim_keys(members)
+
+    def still_oldest(self, first: Any, again: Any) -> bool:
+        self._fire("watched")
+        return super().still_oldest(first, again)
+
+
+@pytest.mark.parametrize("at", ["chosen", "watched"])
+@pytest.mark.parametrize("meanwhile", ["rewrite", "another eviction"])
+def test_an_eviction_racing_a_rewrite_or_another_eviction_deletes_only_the_oldest(
+    valkey_server: EmbeddedServer, ns: str, at: str, meanwhile: str
+) -> None:
+    # ZPOPMIN took the oldest ids in one command and deleted them in another: an entry
+    # written again in between (acknowledged, the newest in the LRU order) was deleted all
+    # the same, and two processes evicting at once each popped their own share.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    k = keys_for(ns)
+    store = _EvictTimed(redis.Redis.from_url(url), namespace=ns)
+    cache = SemanticCache(HashEmbedder(32), store=store, namespace=ns)
+    other = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    old = cache.set("the oldest question", "v1")
+    time.sleep(0.01)
+    second = cache.set("the second question", "x")
+    time.sleep(0.01)
+    newest = cache.set("the newest question", "y")
+    store.at = at
+    if meanwhile == "rewrite":
+        store.hook = lambda: other.set("the oldest question", "v2")
+    else:
+        store.hook = lambda: RedisStore.from_url(url, namespace=ns).evict(2, time.time())
+    evicted, _ = store.evict(2, time.time())
+    assert store.hook is None  # it ran in the window
+    left = {key.decode()[len(k["entry"]):] for key in r.scan_iter(k["entry"] + "*")}
+    if meanwhile == "rewrite":
+        # The rewritten entry is the newest now: the second one goes instead.
+        assert [f"{i:016x}" for i in evicted] == [second]
+        assert left == {old, newest}
+        assert _entry(r, ns, old)[b"response"] == b"v2"
+    else:
+        assert evicted == []  # the other process evicted the oldest one already
+        assert left == {second, newest}
+    assert r.zcard(k["lru"]) == 2
+
+
 def test_a_refresh_the_server_refuses_for_a_while_is_counted_and_kept(
     valkey_server: EmbeddedServer, ns: str, clock: FakeClock
 ) -> None:

@@ -445,6 +445,26 @@ class _Layout:
         again = set(second)
         return [m for m in first if m in again]
 
+    def victim_keys(self, members: Sequence[Any]) -> list[str]:
+        """The entry keys of the LRU members chosen for eviction: watched until they are
+        deleted, so that an entry written again meanwhile is not (it is no longer old)."""
+        return [self.ekey(i) for i in self.parse_ids(members)]
+
+    @staticmethod
+    def still_oldest(first: Sequence[Any], again: Sequence[Any]) -> bool:
+        """Whether the oldest members, read again under WATCH, are those chosen (an entry
+        written or hit between the two reads moved up the LRU order)."""
+        return list(first) == list(again)
+
+    def queue_evict(self, pipe: Any, members: Sequence[Any]) -> list[int]:
+        """Queue the eviction of the LRU members chosen; returns their ids, whose DEL
+        replies come first. (Garbage members, which name no entry, just leave ``lru``.)"""
+        ids = self.parse_ids(members)
+        self.queue_delete(pipe, ids)
+        if members:
+            pipe.zrem(self.k_lru, *members)
+        return ids
+
     def queue_drop_expired(self, pipe: Any, members: Sequence[Any]) -> None:
         if members:
             pipe.zrem(self.k_exp, *members)
@@ -597,19 +617,41 @@ class RedisStore(_Layout):
             gone += done
             if len(first) < _EXPIRED_BATCH or done == 0:
                 break
-        evicted: list[int] = []
-        if max_entries is not None:
-            count = int(self._run(False, lambda p: p.zcard(self.k_lru), raise_on_error=True)[0])
-            over = count - max_entries
-            if over > 0:
-                popped = self._run(
-                    False, lambda p: p.zpopmin(self.k_lru, over), raise_on_error=True
-                )[0]
-                ids = self.parse_ids(popped)
-                if ids:
-                    res2 = self._run(True, lambda p: self.queue_delete(p, ids))
-                    evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
+        evicted = [] if max_entries is None else self._evict_lru(max_entries)
         return evicted, gone
+
+    def _evict_lru(self, max_entries: int) -> list[int]:
+        """Delete the least recently used entries past ``max_entries``: chosen by a read,
+        deleted in a MULTI/EXEC under WATCH of their keys (see ``victim_keys``). Before
+        2026-12-05 a ZPOPMIN took them apart from the delete: an entry written again in
+        between was deleted all the same, and two processes evicting at once each took
+        their own share."""
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        over = int(self.client.zcard(self.k_lru)) - max_entries
+                        if over <= 0:
+                            return []
+                        first = self.client.zrange(self.k_lru, 0, over - 1)
+                        keys = self.victim_keys(first)
+                        if not keys:  # garbage members only
+                            if first:
+                                self.client.zrem(self.k_lru, *first)
+                            continue
+                        pipe.watch(*keys)
+                        if not self.still_oldest(first, pipe.zrange(self.k_lru, 0, over - 1)):
+                            pipe.unwatch()
+                            continue
+                        pipe.multi()
+                        ids = self.queue_evict(pipe, first)
+                        res = pipe.execute(raise_on_error=False)
+                        return [i for i, ok in zip(ids, self.parse_delete(len(ids), res)) if ok]
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return []  # the oldest entries kept changing: the next write's eviction tries again
 
     def _drop_expired(self, first: Sequence[Any], now: float) -> int:
         """Forget the expired members ``first`` (as read) in ``exp`` and ``lru`` unless
@@ -847,19 +889,40 @@ class AsyncRedisStore(_Layout):
             gone += done
             if len(first) < _EXPIRED_BATCH or done == 0:
                 break
-        evicted: list[int] = []
-        if max_entries is not None:
-            count = int((await self._run(False, lambda p: p.zcard(self.k_lru),
-                                         raise_on_error=True))[0])
-            over = count - max_entries
-            if over > 0:
-                popped = (await self._run(False, lambda p: p.zpopmin(self.k_lru, over),
-                                          raise_on_error=True))[0]
-                ids = self.parse_ids(popped)
-                if ids:
-                    res2 = await self._run(True, lambda p: self.queue_delete(p, ids))
-                    evicted = [i for i, ok in zip(ids, self.parse_delete(len(ids), res2)) if ok]
+        evicted = [] if max_entries is None else await self._evict_lru(max_entries)
         return evicted, gone
+
+    async def _evict_lru(self, max_entries: int) -> list[int]:
+        # As RedisStore._evict_lru.
+        try:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        over = int(await self.client.zcard(self.k_lru)) - max_entries
+                        if over <= 0:
+                            return []
+                        first = await self.client.zrange(self.k_lru, 0, over - 1)
+                        keys = self.victim_keys(first)
+                        if not keys:
+                            if first:
+                                await self.client.zrem(self.k_lru, *first)
+                            continue
+                        await pipe.watch(*keys)
+                        again = await pipe.zrange(self.k_lru, 0, over - 1)
+                        if not self.still_oldest(first, again):
+                            await pipe.unwatch()
+                            continue
+                        pipe.multi()
+                        ids = self.queue_evict(pipe, first)
+                        res = await pipe.execute(raise_on_error=False)
+                        return [i for i, ok in zip(ids, self.parse_delete(len(ids), res)) if ok]
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        return []
 
     async def _drop_expired(self, first: Sequence[Any], now: float) -> int:
         # As RedisStore._drop_expired.
