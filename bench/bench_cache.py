@@ -89,7 +89,8 @@ def index_params(args: argparse.Namespace) -> dict[str, Any]:
     """The HNSW parameters given on the command line (the cache's defaults otherwise)."""
     return {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
                               ("ef_search", args.ef_search), ("dtype", args.dtype),
-                              ("search_starts", args.search_starts)) if v is not None}
+                              ("search_starts", args.search_starts), ("alpha", args.alpha))
+            if v is not None}
 
 
 def host_pauses(seconds: float = 2.0, at_least: float = 20e-6) -> tuple[float, list[float]]:
@@ -280,6 +281,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "float16", "int8"),
                     help="the replica index's storage (default: the cache's)")
     ap.add_argument("--search-starts", type=int, help="(default: the cache's)")
+    ap.add_argument("--alpha", type=float, help="pruning slack of the graph (default: the cache's)")
     args = ap.parse_args()
     data = load(args.n, args.queries)
     log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)

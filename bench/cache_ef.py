@@ -47,7 +47,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def build(vectors: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> Index:
     idx = Index(vectors.shape[1], metric="cosine", M=args.M, ef_construction=args.efc,
-                dtype=args.dtype)
+                dtype=args.dtype, alpha=args.alpha)
     idx.search_starts = args.starts
     t = time.perf_counter()
     for s in range(0, len(vectors), 1000):
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "int8"))
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--efc", type=int, default=100, help="ef_construction")
+    ap.add_argument("--alpha", type=float, help="pruning slack (default: the index's)")
     ap.add_argument("--starts", type=int, default=2,
                     help="Index.search_starts: level-0 starting points (default 2)")
     ap.add_argument("--repeat", type=int, default=3, help="latency passes (lowest p99 kept)")
@@ -115,9 +116,9 @@ def main() -> None:
     true_best = exact.argmax(axis=1)
     true_sim = exact.max(axis=1)
     true_hit = true_sim >= t
-    log.info("sgd: %d entries, %d queries, dtype %s, M=%d, ef_construction=%d, %d starts, "
-             "threshold %.2f: brute-force hits %d", len(base), len(q), args.dtype, args.M,
-             args.efc, args.starts, t, int(true_hit.sum()))
+    log.info("sgd: %d entries, %d queries, dtype %s, M=%d, ef_construction=%d, alpha %.2f, "
+             "%d starts, threshold %.2f: brute-force hits %d", len(base), len(q), args.dtype,
+             args.M, args.efc, idx.alpha, args.starts, t, int(true_hit.sum()))
     log.info("search latency (µs, one thread) over all lookups / hits / misses")
     log.info("%7s %7s %5s %5s %6s %9s %9s %9s %9s", "ef", "top1", "hits", "lost", "other",
              "all p50", "all p99", "hit p99", "miss p99")

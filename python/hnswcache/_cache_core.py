@@ -171,7 +171,7 @@ class CacheCore:
         self, *, embedder: Any, threshold: float, ttl: float | None, max_entries: int | None,
         strict: bool, clock: Clock | None, sync_interval: float, candidates: int,
         M: int, ef_construction: int, ef_search: int, dtype: str = "float32",
-        search_starts: int = 2, ttl_jitter: float = 0.0,
+        search_starts: int = 2, ttl_jitter: float = 0.0, alpha: float | None = None,
     ) -> None:
         self.embedder = embedder
         self.threshold = self.check_threshold(threshold)
@@ -192,7 +192,11 @@ class CacheCore:
             raise ValueError("candidates must be >= 1")
         self.k = int(candidates)
         self.index_params: dict[str, Any] = {
-            "M": int(M), "ef_construction": int(ef_construction), "ef_search": int(ef_search)}
+            "M": int(M), "ef_construction": int(ef_construction), "ef_search": int(ef_search),
+            "alpha": alpha}
+        # Parameters are checked now, not at the first write of a scope: a throwaway index.
+        Index(4, M=int(M), ef_construction=int(ef_construction), ef_search=int(ef_search),
+              alpha=alpha, auto_consolidate=None)
         if dtype not in SLACK:
             raise ValueError(f"dtype must be one of {tuple(SLACK)}, got {dtype!r}")
         self.search_starts = check_search_starts(search_starts)
@@ -381,7 +385,8 @@ class CacheCore:
                     p = self.index_params
                     idx = Index(self.dim, metric="cosine", clock=self.clock, M=p["M"],
                                 ef_construction=p["ef_construction"],
-                                ef_search=p["ef_search"], dtype=self.dtype)
+                                ef_search=p["ef_search"], dtype=self.dtype,
+                                alpha=p["alpha"])
                     idx.search_starts = self.search_starts
                     self.indexes[sid] = idx
         return idx

@@ -700,3 +700,19 @@ def test_a_missing_default_model_is_an_error_not_a_silent_miss(monkeypatch: Any)
         cache.set("hello", "hi")
     assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
     assert cache.stats()["embed_errors"] == 0
+
+
+def test_index_parameters_are_checked_when_the_cache_is_made_and_alpha_reaches_the_index() -> None:
+    # alpha (2026-12-05) is the graph's pruning slack; a bad HNSW parameter used to raise
+    # only at the first write of each scope, from inside set().
+    for bad in ({"alpha": 0.5}, {"alpha": float("nan")}, {"M": 1}, {"ef_search": 0},
+                {"ef_construction": 0}):
+        with pytest.raises(ValueError):
+            SemanticCache(HashEmbedder(8), store="memory", **bad)
+    for given, built in ((None, 1.2), (1.0, 1.0), (1.5, 1.5)):
+        cache = SemanticCache(HashEmbedder(8), store="memory", alpha=given)
+        cache.set("a question", "an answer")
+        assert [i.alpha for i in cache._core.indexes.values()] == [built]
+    small = SemanticCache(HashEmbedder(8), store="memory", M=6)
+    small.set("a question", "an answer")
+    assert [i.alpha for i in small._core.indexes.values()] == [1.0]  # short lists: no slack
