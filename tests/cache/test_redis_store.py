@@ -223,6 +223,54 @@ def test_an_eviction_racing_a_rewrite_or_another_eviction_deletes_only_the_oldes
     assert r.zcard(k["lru"]) == 2
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("which", ["lru", "exp", "log", "meta"])
+def test_a_foreign_value_at_an_own_key_is_moved_aside_and_the_cache_goes_on(
+    valkey_server: EmbeddedServer, ns: str, which: str, kind: str
+) -> None:
+    # A value of another type at `lru`, `exp`, `log` or `meta` (a stray SET into the
+    # namespace) made every write fail with WRONGTYPE, counted, until someone removed it.
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    k = keys_for(ns)
+    old = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    before = [old.set(f"question {i}", f"answer {i}", ttl=3600) for i in range(5)]
+    r.delete(k[which])
+    r.set(k[which], "not ours")
+
+    async def run() -> tuple[str, dict[str, Any]]:
+        cache = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns,
+                                   max_entries=5, strict=True)
+        key = await cache.set("a new question", "a new answer", ttl=3600)
+        assert (await cache.get("question 4")) is not None
+        stats = cache.stats()
+        await cache.close()
+        return key, stats
+
+    if kind == "async":
+        key, stats = asyncio.run(run())
+    else:
+        cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns, max_entries=5,
+                              strict=True)
+        key = cache.set("a new question", "a new answer", ttl=3600)
+        assert cache.get("question 4") is not None
+        stats = cache.stats()
+    assert stats["store_errors"] == 0
+    assert r.get(k[which] + ":foreign") == b"not ours"
+    assert r.type(k[which]) == {"lru": b"zset", "exp": b"zset", "log": b"stream",
+                                "meta": b"hash"}[which]
+    # The sorted sets were rebuilt from the entries: the cap still counts the old ones,
+    # and the least recently written went.
+    left = {key_.decode()[len(k["entry"]):] for key_ in r.scan_iter(k["entry"] + "*")}
+    assert left == set(before[1:]) | {key}
+    assert r.zcard(k["lru"]) == 5 and r.zcard(k["exp"]) == 5
+    # Another process sees the new entry (through the log, or the store).
+    other = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    hit = other.get("a new question")
+    assert hit is not None and hit.response == "a new answer"
+    assert old.get("a new question") is not None
+
+
 def test_a_refresh_the_server_refuses_for_a_while_is_counted_and_kept(
     valkey_server: EmbeddedServer, ns: str, clock: FakeClock
 ) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,11 @@ from .base import (
 __all__ = ["RedisStore", "AsyncRedisStore", "keys_for"]
 
 log = logging.getLogger("hnswcache.store.redis")
+
+
+def _wrong_type(reply: Any) -> bool:
+    """Whether a reply (or the exception raised for one) is a WRONGTYPE refusal."""
+    return isinstance(reply, Exception) and "WRONGTYPE" in str(reply)
 
 _LOG_BATCH = 1000
 _REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next hit retries)
@@ -148,9 +154,47 @@ class _Layout:
         self.k_lease = k["lease"]
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
+        self._types_checked = -math.inf  # monotonic time of the last own-type check
+        self._repair_errors: tuple[type[BaseException], ...] = (*self._errors, StoreError)
 
     def ekey(self, eid: int) -> str:
         return self.k_entry + format_id(eid)
+
+    # ---------------------------------------------------------------- foreign types
+    # The cache's own keys hold one Redis type each. Another type there (a stray SET, a
+    # tool writing into the namespace) made every write fail with WRONGTYPE until someone
+    # removed it; now the store moves it aside to `<key>:foreign` and rebuilds the sorted
+    # sets from the entries (see _repair_types), once a second at most.
+    def own_types(self) -> dict[str, bytes]:
+        return {self.k_lru: b"zset", self.k_exp: b"zset", self.k_log: b"stream",
+                self.k_meta: b"hash"}
+
+    def types_due(self) -> bool:
+        """Whether a WRONGTYPE reply may be checked now (at most once a second)."""
+        t = time.monotonic()
+        if t < self._types_checked + 1.0:
+            return False
+        self._types_checked = t
+        return True
+
+    def foreign_keys(self, types: Sequence[Any]) -> list[str]:
+        """The own keys whose ``TYPE`` reply (in ``own_types`` order) is another type."""
+        return [k for (k, want), got in zip(self.own_types().items(), types)
+                if got not in (b"none", "none", want, want.decode())]
+
+    def moved_aside(self, key: str) -> None:
+        log.warning("cache namespace %r: %s held a value of another type; moved to %s:foreign "
+                    "(the cache rebuilds what it needs there)", self.namespace, key, key)
+
+    def queue_rebuild(self, pipe: Any, batch: Sequence[Fetched], sets: Sequence[str]) -> None:
+        """Re-add the live entries of ``batch`` to the rebuilt sorted sets ``sets`` (NX: a
+        write meanwhile keeps its own score). The LRU score is the write time."""
+        recs = [f for f in batch if f is not None and not isinstance(f, Invalid)]
+        if recs and self.k_lru in sets:
+            pipe.zadd(self.k_lru, {format_id(r.id): r.created for r in recs}, nx=True)
+        timed = {format_id(r.id): r.expires for r in recs if r.expires != math.inf}
+        if timed and self.k_exp in sets:
+            pipe.zadd(self.k_exp, timed, nx=True)
 
     # ---------------------------------------------------------------- leases
     # A lease says "a process is calling the LLM for entry eid": @cached misses of other
@@ -549,12 +593,45 @@ class RedisStore(_Layout):
         return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
 
     def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False) -> list[Any]:
+        for first in (True, False):
+            try:
+                pipe = self.client.pipeline(transaction=transaction)
+                queue(pipe)
+                res = list(pipe.execute(raise_on_error=raise_on_error))
+            except self._errors as exc:
+                if first and _wrong_type(exc) and self._repair_types():
+                    continue  # (every queued command is safe to send twice)
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            if first and any(_wrong_type(r) for r in res) and self._repair_types():
+                continue
+            return res
+        raise AssertionError("unreachable")
+
+    def _repair_types(self) -> bool:
+        """Move a foreign value at the cache's own keys aside and rebuild the sorted sets
+        from the entries (a SCAN); whether anything was moved."""
+        if not self.types_due():
+            return False
         try:
-            pipe = self.client.pipeline(transaction=transaction)
-            queue(pipe)
-            return list(pipe.execute(raise_on_error=raise_on_error))
-        except self._errors as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            pipe = self.client.pipeline(transaction=False)
+            for key in self.own_types():
+                pipe.type(key)
+            moved = []
+            for key in self.foreign_keys(pipe.execute()):
+                try:
+                    self.client.rename(key, key + ":foreign")
+                except self._response_error:
+                    pass  # another process moved it first
+                self.moved_aside(key)
+                moved.append(key)
+            sets = [k for k in moved if k in (self.k_lru, self.k_exp)]
+            if sets:
+                for batch in self.scan():
+                    self._run(False, lambda p, b=batch: self.queue_rebuild(p, b, sets))
+        except self._repair_errors as exc:
+            log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
+            return False
+        return bool(moved)
 
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
@@ -813,17 +890,50 @@ class AsyncRedisStore(_Layout):
 
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
                    ) -> list[Any]:
+        for first in (True, False):
+            try:
+                if transaction and self._cluster:
+                    # redis-py 8.1's async cluster transaction, if it finds the client not
+                    # yet initialised, initialises it on a private event loop in another
+                    # thread, leaving connections that fail on ours ("attached to a
+                    # different loop").
+                    await self.client.initialize()  # a no-op once initialised
+                pipe = self.client.pipeline(transaction=transaction)
+                queue(pipe)
+                res = list(await pipe.execute(raise_on_error=raise_on_error))
+            except self._errors as exc:
+                if first and _wrong_type(exc) and await self._repair_types():
+                    continue
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            if first and any(_wrong_type(r) for r in res) and await self._repair_types():
+                continue
+            return res
+        raise AssertionError("unreachable")
+
+    async def _repair_types(self) -> bool:
+        # As RedisStore._repair_types.
+        if not self.types_due():
+            return False
         try:
-            if transaction and self._cluster:
-                # redis-py 8.1's async cluster transaction, if it finds the client not yet
-                # initialised, initialises it on a private event loop in another thread,
-                # leaving connections that fail on ours ("attached to a different loop").
-                await self.client.initialize()  # a no-op once initialised
-            pipe = self.client.pipeline(transaction=transaction)
-            queue(pipe)
-            return list(await pipe.execute(raise_on_error=raise_on_error))
-        except self._errors as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            pipe = self.client.pipeline(transaction=False)
+            for key in self.own_types():
+                pipe.type(key)
+            moved = []
+            for key in self.foreign_keys(await pipe.execute()):
+                try:
+                    await self.client.rename(key, key + ":foreign")
+                except self._response_error:
+                    pass
+                self.moved_aside(key)
+                moved.append(key)
+            sets = [k for k in moved if k in (self.k_lru, self.k_exp)]
+            if sets:
+                async for batch in self.scan():
+                    await self._run(False, lambda p, b=batch: self.queue_rebuild(p, b, sets))
+        except self._repair_errors as exc:
+            log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
+            return False
+        return bool(moved)
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
