@@ -56,6 +56,7 @@ def _wrong_type(reply: Any) -> bool:
     """Whether a reply (or the exception raised for one) is a WRONGTYPE refusal."""
     return isinstance(reply, Exception) and "WRONGTYPE" in str(reply)
 
+
 _LOG_BATCH = 1000
 _REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next hit retries)
 _IDS_PER_EVENT = 500
