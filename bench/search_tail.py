@@ -20,8 +20,9 @@ candidates on the exact vectors: what decides a cache hit. Every (library, ef) r
 1,000 queries once per round, libraries interleaved, so all see the same host. Per call:
 p50, p99, the share of calls over 100 µs, and the p99 of each query's fastest round (what
 the query itself costs, without the host's pauses). The last table takes, per library,
-the lowest ef whose top1 reaches the cache's default (``hnswcache/int8`` at ef 32), so the
-rows compare equal quality.
+the lowest ef whose top1 reaches the cache's default (``hnswcache/int8`` at the cache's
+``ef_search``, 24 since 2026-12-05), so the rows compare equal quality. hnswcache builds
+with its default pruning slack (``alpha=1.2``); the peers have none.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from pathlib import Path
 import numpy as np
 
 import hnswcache
+from hnswcache.cache import DEFAULT_EF_SEARCH
 
 log = logging.getLogger("search_tail")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sgd"
 K = 4
-EFS = (16, 24, 32, 48, 64, 96, 128)
-REFERENCE = ("hnswcache/int8", 32)  # the cache's default search
+EFS = (16, 20, 24, 32, 48, 64, 96, 128)
+REFERENCE = ("hnswcache/int8", DEFAULT_EF_SEARCH)  # the cache's default search
 
 
 def unit(x: np.ndarray) -> np.ndarray:
