@@ -39,6 +39,8 @@ class Flight:
     result: str | None = None
     # The flight its leader is waiting on, from inside its own call (None: not waiting).
     waits_on: Flight | None = None
+    # The token of the store lease its leader asks for (None: not asked yet).
+    token: str | None = None
 
 
 #: The flights the current context leads (inherited by the tasks it creates).
@@ -70,6 +72,13 @@ def stop_waiting() -> None:
     with _WAITS:
         for f in LEADING.get():
             f.waits_on = None
+
+
+def leading_tokens() -> frozenset[str]:
+    """The store-lease tokens of the calls the current context leads: a wait in the store
+    is marked with them, so that a process whose chain of waits leads back to one of them
+    can tell (see the caches' ``_lead``)."""
+    return frozenset(f.token for f in LEADING.get() if f.token is not None)
 
 
 def inside_call(eid: int) -> bool:

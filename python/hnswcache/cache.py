@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._cache_core import CacheCore, Hit, Lookup
-from ._flight import LEADING, Flights, inside_call, stop_waiting
+from ._flight import LEADING, Flights, inside_call, leading_tokens, stop_waiting
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -608,20 +608,32 @@ class SemanticCache(_Base):
             return self._answer_of(k, max_age)  # (answered between our lookup and now?)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
-        while True:
-            if lease(k[0], token, max(seconds, 0.001)):
-                return self._answer_of(k, max_age)
-            delay = 0.005
-            while True:  # poll the entry while the other lease lives
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                answer = self._answer_of(k, max_age)
-                if answer is not None:
-                    return answer
-                if time.monotonic() >= deadline:
-                    return None
-                if not self.store.lease_held(k[0]):  # type: ignore[attr-defined]
-                    break  # that call failed or its process died: lead, unless answered
-                delay = min(delay * 2, 0.1)
+        marked: frozenset[str] = frozenset()
+        try:
+            while True:
+                if lease(k[0], token, max(seconds, 0.001)):
+                    return self._answer_of(k, max_age)
+                if not marked and (mine := leading_tokens()):
+                    # Mark our wait first, then follow the holder's: of two processes
+                    # each waiting on the other, the second to look sees the cycle.
+                    marked = mine
+                    self.store.mark_wait(sorted(mine), k[0], seconds)  # type: ignore[attr-defined]
+                    if self.store.waits_on(k[0], mine):  # type: ignore[attr-defined]
+                        return None  # the holder waits on us: call
+                delay = 0.005
+                while True:  # poll the entry while the other lease lives
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    answer = self._answer_of(k, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline:
+                        return None
+                    if not self.store.lease_held(k[0]):  # type: ignore[attr-defined]
+                        break  # that call failed or its process died: lead, unless answered
+                    delay = min(delay * 2, 0.1)
+        finally:
+            if marked:
+                self.store.unmark_wait(sorted(marked))  # type: ignore[attr-defined]
 
     def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
@@ -811,6 +823,7 @@ class SemanticCache(_Base):
                         return flight.result
                     return call()
                 token = secrets.token_hex(16)
+                flight.token = token
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 try:
@@ -1194,20 +1207,31 @@ class AsyncSemanticCache(_Base):
             return await self._answer_of(k, max_age)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
-        while True:
-            if await lease(k[0], token, max(seconds, 0.001)):
-                return await self._answer_of(k, max_age)
-            delay = 0.005
+        marked: frozenset[str] = frozenset()
+        store: Any = self.store
+        try:
             while True:
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                answer = await self._answer_of(k, max_age)
-                if answer is not None:
-                    return answer
-                if time.monotonic() >= deadline:
-                    return None
-                if not await self.store.lease_held(k[0]):  # type: ignore[attr-defined]
-                    break
-                delay = min(delay * 2, 0.1)
+                if await lease(k[0], token, max(seconds, 0.001)):
+                    return await self._answer_of(k, max_age)
+                if not marked and (mine := leading_tokens()):
+                    marked = mine  # (see SemanticCache._lead)
+                    await store.mark_wait(sorted(mine), k[0], seconds)
+                    if await store.waits_on(k[0], mine):
+                        return None
+                delay = 0.005
+                while True:
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    answer = await self._answer_of(k, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline:
+                        return None
+                    if not await store.lease_held(k[0]):
+                        break
+                    delay = min(delay * 2, 0.1)
+        finally:
+            if marked:
+                await store.unmark_wait(sorted(marked))
 
     async def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
@@ -1364,6 +1388,7 @@ class AsyncSemanticCache(_Base):
                         return answer
                     return await call()
                 token = secrets.token_hex(16)
+                flight.token = token
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 try:

@@ -417,3 +417,69 @@ def test_two_leaders_calling_each_others_question_do_not_wait_for_each_other(
     assert not any(t.is_alive() for t in threads), "the two leaders wait for each other"
     assert time.monotonic() - t0 < 2.0
     assert set(out) == {a, b} and all(v.startswith(k) for k, v in out.items())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_leaders_in_two_processes_calling_each_others_question_do_not_wait_for_each_other(
+    valkey_server: Any, ns: str, kind: str
+) -> None:
+    # The same cycle across processes: each waited on the other's store lease until its
+    # wait limit (600 s, the lease's life, with wait=inf). Two caches on one server stand
+    # for the two processes: each has its own registry of calls, so only the store links
+    # them, as between processes. Now a wait is marked in the store, and the second to
+    # wait follows the lease holders' marks back to itself and calls.
+    url = valkey_server.url
+    a, b = "how do I rotate my API key", "how do I revoke a token"
+    barrier = threading.Barrier(2)
+    wait = 8.0
+
+    def make_sync(cache: SemanticCache) -> Callable[..., str]:
+        @cache.cached(key=lambda q, then=None: q, wait=wait, name="answer")
+        def answer(q: str, then: str | None = None) -> str:
+            if then is None:
+                time.sleep(0.1)  # the LLM call
+                return f"answer to {q}"
+            barrier.wait()  # both top-level calls hold their leases now
+            return f"{q} (see also: {answer(then)})"
+        return answer
+
+    def run_async(q: str, then: str) -> str:
+        async def main() -> str:
+            cache = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+
+            @cache.cached(key=lambda q, then=None: q, wait=wait, name="answer")
+            async def answer(q: str, then: str | None = None) -> str:
+                if then is None:
+                    await asyncio.sleep(0.1)
+                    return f"answer to {q}"
+                await asyncio.to_thread(barrier.wait)
+                return f"{q} (see also: {await answer(then)})"
+
+            try:
+                return await answer(q, then)
+            finally:
+                await cache.close()
+        return asyncio.run(main())
+
+    out: dict[str, str] = {}
+
+    def go(q: str, then: str) -> None:
+        if kind == "sync":
+            out[q] = make_sync(SemanticCache(HashEmbedder(64), store=url, namespace=ns))(q, then)
+        else:
+            out[q] = run_async(q, then)
+
+    threads = [threading.Thread(target=go, args=(a, b), daemon=True),
+               threading.Thread(target=go, args=(b, a), daemon=True)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(wait + 5)
+    assert not any(t.is_alive() for t in threads)
+    assert time.monotonic() - t0 < wait / 2, "the two leaders waited for each other"
+    assert set(out) == {a, b} and all(v.startswith(k) for k, v in out.items())
+    # No wait mark is left behind.
+    import redis
+
+    assert not list(redis.Redis.from_url(url).scan_iter(f"hc:{{{ns}}}:wait:*"))

@@ -58,6 +58,7 @@ def _wrong_type(reply: Any) -> bool:
 
 
 _LOG_BATCH = 1000
+_WAIT_CHAIN = 16  # lease holders followed before a chain of waits is taken as no cycle
 _REFRESH_TRIES = 3  # WATCH/MULTI rounds before a refresh is given up (the next hit retries)
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -79,7 +80,7 @@ def keys_for(namespace: str) -> dict[str, str]:
     """The keys (and entry-key prefix) of the cache ``namespace``."""
     p = f"hc:{{{validate_namespace(namespace)}}}:"
     return {"prefix": p, "entry": p + "e:", "lru": p + "lru", "exp": p + "exp",
-            "log": p + "log", "meta": p + "meta", "lease": p + "lease:"}
+            "log": p + "log", "meta": p + "meta", "lease": p + "lease:", "wait": p + "wait:"}
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -153,6 +154,7 @@ class _Layout:
         self.k_log = k["log"]
         self.k_meta = k["meta"]
         self.k_lease = k["lease"]
+        self.k_wait = k["wait"]
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
         self._types_checked = -math.inf  # monotonic time of the last own-type check
@@ -214,6 +216,31 @@ class _Layout:
     def parse_lease(res: Sequence[Any]) -> bool:
         """Whether the caller leads: it took the lease, or the key holds no live lease."""
         return res[0] is True or not _live_lease(res[1], res[2])
+
+    # A wait mark says "the calls holding these tokens wait for entry eid": a process about
+    # to wait on a lease follows the marks from that lease's holder, and if the chain comes
+    # back to a token of its own, the two (or more) calls wait on each other: it calls
+    # instead (the cross-process twin of the cycle check in _flight.py).
+    def wkey(self, token: str) -> str:
+        return self.k_wait + token
+
+    def queue_mark_wait(self, pipe: Any, tokens: Sequence[str], eid: int,
+                        seconds: float) -> None:
+        for t in tokens:
+            pipe.set(self.wkey(t), format_id(eid), px=max(1, int(seconds * 1000)))
+
+    def queue_unmark_wait(self, pipe: Any, tokens: Sequence[str]) -> None:
+        if tokens:
+            pipe.delete(*[self.wkey(t) for t in tokens])
+
+    @staticmethod
+    def lease_token(value: Any) -> str | None:
+        """A lease key's value as a token (32 hex digits), or ``None`` (none, or garbage)."""
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if isinstance(value, (bytes, bytearray)) and _TOKEN_RE.fullmatch(bytes(value)):
+            return bytes(value).decode("ascii")
+        return None
 
     def queue_held(self, pipe: Any, eid: int) -> None:
         pipe.get(self.lkey(eid))
@@ -844,6 +871,41 @@ class RedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
+    def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float) -> None:
+        """Mark that the calls holding ``tokens`` wait for entry ``eid`` (for ``seconds``
+        at most, so a dead process's marks go)."""
+        try:
+            self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds))
+        except StoreError:
+            pass  # no mark: a cycle through us is then found by no one, and waits it out
+
+    def unmark_wait(self, tokens: Sequence[str]) -> None:
+        try:
+            self._run(False, lambda p: self.queue_unmark_wait(p, tokens))
+        except StoreError:
+            pass  # they expire
+
+    def waits_on(self, eid: int, tokens: frozenset[str]) -> bool:
+        """Whether the holder of ``eid``'s lease waits, through the holders of the leases
+        it waits for, on one of ``tokens`` (a wait cycle)."""
+        seen: set[str] = set()
+        try:
+            for _ in range(_WAIT_CHAIN):
+                holder = self.lease_token(self.client.get(self.lkey(eid)))
+                if holder is None or holder in seen:
+                    return False
+                if holder in tokens:
+                    return True
+                seen.add(holder)
+                mark = self.client.get(self.wkey(holder))
+                nxt = parse_id(mark) if isinstance(mark, (bytes, str)) else None
+                if nxt is None:
+                    return False
+                eid = nxt
+        except self._errors:
+            pass
+        return False
+
     def release(self, eid: int, token: str) -> None:
         """Drop our lease on ``eid`` (not another's: it may have expired and been taken,
         even between our read and our delete, hence WATCH)."""
@@ -1142,6 +1204,39 @@ class AsyncRedisStore(_Layout):
         except StoreError:
             return False
         return _live_lease(res[0], res[1])
+
+    async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float) -> None:
+        """See :meth:`RedisStore.mark_wait`."""
+        try:
+            await self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds))
+        except StoreError:
+            pass
+
+    async def unmark_wait(self, tokens: Sequence[str]) -> None:
+        try:
+            await self._run(False, lambda p: self.queue_unmark_wait(p, tokens))
+        except StoreError:
+            pass
+
+    async def waits_on(self, eid: int, tokens: frozenset[str]) -> bool:
+        """See :meth:`RedisStore.waits_on`."""
+        seen: set[str] = set()
+        try:
+            for _ in range(_WAIT_CHAIN):
+                holder = self.lease_token(await self.client.get(self.lkey(eid)))
+                if holder is None or holder in seen:
+                    return False
+                if holder in tokens:
+                    return True
+                seen.add(holder)
+                mark = await self.client.get(self.wkey(holder))
+                nxt = parse_id(mark) if isinstance(mark, (bytes, str)) else None
+                if nxt is None:
+                    return False
+                eid = nxt
+        except self._errors:
+            pass
+        return False
 
     async def release(self, eid: int, token: str) -> None:
         """See :meth:`RedisStore.release`."""
