@@ -613,7 +613,8 @@ class SemanticCache(_Base):
             while True:
                 if lease(k[0], token, max(seconds, 0.001)):
                     return self._answer_of(k, max_age)
-                if not marked and (mine := leading_tokens()):
+                if (not marked and hasattr(self.store, "mark_wait")
+                        and (mine := leading_tokens())):
                     # Mark our wait first, then follow the holder's: of two processes
                     # each waiting on the other, the second to look sees the cycle.
                     marked = mine
@@ -1213,7 +1214,8 @@ class AsyncSemanticCache(_Base):
             while True:
                 if await lease(k[0], token, max(seconds, 0.001)):
                     return await self._answer_of(k, max_age)
-                if not marked and (mine := leading_tokens()):
+                if (not marked and hasattr(store, "mark_wait")
+                        and (mine := leading_tokens())):
                     marked = mine  # (see SemanticCache._lead)
                     await store.mark_wait(sorted(mine), k[0], seconds)
                     if await store.waits_on(k[0], mine):
