@@ -132,7 +132,11 @@ class Index:
             alpha = DEFAULT_ALPHA if int(M) >= 8 else 1.0
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
             raise TypeError(f"alpha must be a number in [1, 2], got {alpha!r}")
-        if not 1.0 <= float(alpha) <= 2.0:  # (NaN fails too)
+        try:
+            ok = 1.0 <= float(alpha) <= 2.0  # (NaN fails too)
+        except OverflowError:  # an int too large for a float
+            ok = False
+        if not ok:
             raise ValueError(f"alpha must be in [1, 2], got {alpha!r}")
         self._native = _core.Index(
             int(dim), metric, int(M), int(ef_construction), int(capacity), int(seed), dtype,

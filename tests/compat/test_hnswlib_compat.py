@@ -726,3 +726,13 @@ def test_refused_rows_raise_an_error_both_value_and_runtime_ours() -> None:
     assert idx.get_current_count() == 0
     with pytest.raises(OverflowError, match="below 2"):
         idx.add_items(np.ones((1, 4), dtype=np.float32), [2**63 - 1])
+
+
+def test_the_face_builds_with_hnswlibs_heuristic() -> None:
+    # hnswcache.Index prunes with a slack (alpha 1.2) since 2026-12-05; the face promises
+    # hnswlib's behaviour, so it builds with alpha 1, its files too.
+    idx = ours.Index(space="cosine", dim=8)
+    idx.init_index(max_elements=100)
+    idx.add_items(clustered(50, 8))
+    assert idx._idx().alpha == 1.0
+    assert hnswcache.Index(8).alpha == 1.2

@@ -163,3 +163,10 @@ def test_rejects_wrong_dimensions(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(ValueError, match="dimension"):
         HnswCacheVectorStore(dimension=8, index_path=tmp_path / "i.bin")
+
+
+def test_the_store_takes_the_graphs_pruning_slack() -> None:
+    assert HnswCacheVectorStore(DIM)._index.alpha == 1.2
+    assert HnswCacheVectorStore(DIM, alpha=1.0)._index.alpha == 1.0
+    with pytest.raises(ValueError, match="alpha"):
+        HnswCacheVectorStore(DIM, alpha=3.0)

@@ -286,7 +286,7 @@ class index_t {
     dtype_t dtype_;
     std::uint64_t seed_;
     double alpha_;
-    float prune_scale_ = 1.0f;  // what diverse() multiplies a distance by (from alpha_)
+    float prune_scale_ = 1.0f;  // alpha_ as diverse() multiplies a distance by it
     double level_mult_;
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links

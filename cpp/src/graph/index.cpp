@@ -55,8 +55,10 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     if (M < 2 || M > 2048) throw std::invalid_argument("M must be in [2, 2048]");
     if (!(alpha >= min_alpha && alpha <= max_alpha))  // (also refuses NaN)
         throw std::invalid_argument("alpha must be in [1, 2]");
-    // l2 distances are squared: alpha scales the distance, so alpha^2 its square.
-    prune_scale_ = static_cast<float>(metric == metric_t::l2 ? alpha * alpha : alpha);
+    // The same factor for every metric: the cosine distance 1 - cos is |a - b|^2 / 2 on unit
+    // vectors, a squared distance like l2's, so one alpha builds one graph either way
+    // (squaring it for l2 built the graph cosine builds with alpha^2).
+    prune_scale_ = static_cast<float>(alpha);
     if (ef_construction == 0 || ef_construction > max_ef)
         throw std::invalid_argument("ef_construction must be in [1, " + std::to_string(max_ef) + "]");
     dim_padded_ = round_up(dim, simd_floats);

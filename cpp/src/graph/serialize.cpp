@@ -11,7 +11,8 @@
 //   crc32    u32                     of everything before it
 //
 // Version 1 (before 2026-12-05) is the same without alpha: it is read with alpha = 1, the
-// pruning it was built with.
+// pruning it was built with, and an index with alpha = 1 is still written as version 1, so
+// that earlier releases read it.
 //
 // A file is untrusted input: the size must match the header exactly, the checksum must match,
 // and then every count, level, link and label is checked before the index is used.
@@ -144,11 +145,12 @@ std::string index_t::serialize() const {
         if (state(id) == state_ready) h.upper_words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
 
     writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + row) + h.upper_words * 4 + 4);
+    const bool v1 = alpha_ == 1.0;
     w.append(magic, sizeof(magic));
-    w.put(format_major);
+    w.put<std::uint32_t>(v1 ? 1 : format_major);
     w.put(format_minor);
     w.put(h);
-    w.put(alpha_);
+    if (!v1) w.put(alpha_);
     for (slot_t id = 0; id < n; ++id)
         w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
     for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);

@@ -151,6 +151,7 @@ class Index:
             ef_construction=self._ef_construction,
             capacity=capacity,
             seed=self._seed,
+            alpha=1.0,  # hnswlib's heuristic (hnswcache.Index defaults to a pruning slack)
         )
 
     def _idx(self) -> _NativeIndex:

@@ -55,6 +55,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         ttl: seconds each added entry lives (``None``: no expiry).
         M, ef_construction, ef_search: HNSW parameters (see :class:`hnswcache.Index`).
         clock: the index clock (seconds), for tests.
+        alpha: the graph's pruning slack (``Index(alpha=)``; default 1.2, 1 for ``M < 8``).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         ef_construction: int = 200,
         ef_search: int = 64,
         clock: Clock | None = None,
+        alpha: float | None = None,
     ) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be >= 1, got {dimension}")
@@ -93,7 +95,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         else:
             self._index = Index(
                 self._dimension, metric="l2", M=M, ef_construction=ef_construction,
-                ef_search=ef_search, clock=clock,
+                ef_search=ef_search, clock=clock, alpha=alpha,
             )
 
     # ------------------------------------------------------------------ helpers
