@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -180,14 +181,43 @@ class _Layout:
         self._types_checked = t
         return True
 
+    @staticmethod
+    def is_foreign(want: bytes, got: Any) -> bool:
+        """Whether a ``TYPE`` reply names another type than ``want`` (``none`` is fine)."""
+        return got not in (b"none", "none", want, want.decode())
+
     def foreign_keys(self, types: Sequence[Any]) -> list[str]:
         """The own keys whose ``TYPE`` reply (in ``own_types`` order) is another type."""
         return [k for (k, want), got in zip(self.own_types().items(), types)
-                if got not in (b"none", "none", want, want.decode())]
+                if self.is_foreign(want, got)]
 
-    def moved_aside(self, key: str) -> None:
-        log.warning("cache namespace %r: %s held a value of another type; moved to %s:foreign "
-                    "(the cache rebuilds what it needs there)", self.namespace, key, key)
+    @staticmethod
+    def aside_name(key: str) -> str:
+        """A fresh name for a foreign value moved out of ``key`` (never overwrites one)."""
+        return f"{key}:foreign:{int(time.time() * 1000)}-{secrets.token_hex(4)}"
+
+    def moved_aside(self, key: str, dest: str) -> None:
+        log.warning("cache namespace %r: %s held a value of another type; moved to %s "
+                    "(the cache rebuilds what it needs there)", self.namespace, key, dest)
+
+    @staticmethod
+    def replies(res: list[Any], raise_on_error: bool) -> list[Any]:
+        """``res``, or the ``StoreError`` of its first refused command when the caller
+        takes no refusal."""
+        if raise_on_error:
+            for r in res:
+                if isinstance(r, Exception):
+                    raise StoreError(f"{type(r).__name__}: {r}")
+        return res
+
+    @staticmethod
+    def merge_retry(first: Sequence[Any], again: Sequence[Any]) -> list[Any]:
+        """The replies of a pipeline sent twice around a repair: the first attempt's, but
+        the refused commands' from the second. (MULTI/EXEC applies the commands that were
+        not refused: a DEL that ran the first time would count 0 the second.)"""
+        if len(first) != len(again):
+            return list(again)
+        return [b if _wrong_type(a) else a for a, b in zip(first, again)]
 
     def queue_rebuild(self, pipe: Any, batch: Sequence[Fetched], sets: Sequence[str]) -> None:
         """Re-add the live entries of ``batch`` to the rebuilt sorted sets ``sets`` (NX: a
@@ -230,8 +260,8 @@ class _Layout:
             pipe.set(self.wkey(t), format_id(eid), px=max(1, int(seconds * 1000)))
 
     def queue_unmark_wait(self, pipe: Any, tokens: Sequence[str]) -> None:
-        if tokens:
-            pipe.delete(*[self.wkey(t) for t in tokens])
+        for t in tokens:  # (one key per DEL: a cluster pipeline refuses multi-key DELs)
+            pipe.delete(self.wkey(t))
 
     @staticmethod
     def lease_token(value: Any) -> str | None:
@@ -621,37 +651,33 @@ class RedisStore(_Layout):
         return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
 
     def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False) -> list[Any]:
-        for first in (True, False):
+        first: list[Any] = []
+        for attempt in (0, 1):
             try:
                 pipe = self.client.pipeline(transaction=transaction)
                 queue(pipe)
-                res = list(pipe.execute(raise_on_error=raise_on_error))
+                # Replies, errors included, are looked at here (raise_on_error below).
+                res = list(pipe.execute(raise_on_error=False))
             except self._errors as exc:
-                if first and _wrong_type(exc) and self._repair_types():
-                    continue  # (every queued command is safe to send twice)
                 raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-            if first and any(_wrong_type(r) for r in res) and self._repair_types():
-                continue
-            return res
+            if attempt == 0 and any(_wrong_type(r) for r in res) and self._repair_types():
+                first = res
+                continue  # the refused commands again (the others ran: see merge_retry)
+            return self.replies(self.merge_retry(first, res) if first else res, raise_on_error)
         raise AssertionError("unreachable")
 
     def _repair_types(self) -> bool:
         """Move a foreign value at the cache's own keys aside and rebuild the sorted sets
-        from the entries (a SCAN); whether anything was moved."""
+        from the entries (a SCAN); whether a foreign value was found (moved by us or by
+        another process meanwhile: either way the refused commands can go again)."""
         if not self.types_due():
             return False
         try:
             pipe = self.client.pipeline(transaction=False)
             for key in self.own_types():
                 pipe.type(key)
-            moved = []
-            for key in self.foreign_keys(pipe.execute()):
-                try:
-                    self.client.rename(key, key + ":foreign")
-                except self._response_error:
-                    pass  # another process moved it first
-                self.moved_aside(key)
-                moved.append(key)
+            foreign = self.foreign_keys(pipe.execute())
+            moved = [k for k in foreign if self._move_aside(k, self.own_types()[k])]
             sets = [k for k in moved if k in (self.k_lru, self.k_exp)]
             if sets:
                 for batch in self.scan():
@@ -659,7 +685,26 @@ class RedisStore(_Layout):
         except self._repair_errors as exc:
             log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
             return False
-        return bool(moved)
+        return bool(foreign)
+
+    def _move_aside(self, key: str, want: bytes) -> bool:
+        """RENAME ``key`` to a fresh name if it still holds another type than ``want``
+        (WATCH: a process that repaired it since, and rebuilt our own value there, keeps
+        it); whether this process moved it."""
+        dest = self.aside_name(key)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                if not self.is_foreign(want, pipe.type(key)):
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.rename(key, dest)
+                pipe.execute()
+        except self._watch_error:
+            return False
+        self.moved_aside(key, dest)
+        return True
 
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
@@ -745,7 +790,11 @@ class RedisStore(_Layout):
                                 self.client.zrem(self.k_lru, *first)
                             continue
                         pipe.watch(*keys)
-                        if not self.still_oldest(first, pipe.zrange(self.k_lru, 0, over - 1)):
+                        # Both again under WATCH: another eviction may have finished between
+                        # the reads above (its victims are gone, ours would be extra).
+                        again = pipe.zrange(self.k_lru, 0, over - 1)
+                        if (int(pipe.zcard(self.k_lru)) - max_entries != over
+                                or not self.still_oldest(first, again)):
                             pipe.unwatch()
                             continue
                         pipe.multi()
@@ -953,7 +1002,8 @@ class AsyncRedisStore(_Layout):
 
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
                    ) -> list[Any]:
-        for first in (True, False):
+        first: list[Any] = []
+        for attempt in (0, 1):
             try:
                 if transaction and self._cluster:
                     # redis-py 8.1's async cluster transaction, if it finds the client not
@@ -963,14 +1013,14 @@ class AsyncRedisStore(_Layout):
                     await self.client.initialize()  # a no-op once initialised
                 pipe = self.client.pipeline(transaction=transaction)
                 queue(pipe)
-                res = list(await pipe.execute(raise_on_error=raise_on_error))
+                res = list(await pipe.execute(raise_on_error=False))
             except self._errors as exc:
-                if first and _wrong_type(exc) and await self._repair_types():
-                    continue
                 raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-            if first and any(_wrong_type(r) for r in res) and await self._repair_types():
+            if (attempt == 0 and any(_wrong_type(r) for r in res)
+                    and await self._repair_types()):
+                first = res
                 continue
-            return res
+            return self.replies(self.merge_retry(first, res) if first else res, raise_on_error)
         raise AssertionError("unreachable")
 
     async def _repair_types(self) -> bool:
@@ -981,14 +1031,8 @@ class AsyncRedisStore(_Layout):
             pipe = self.client.pipeline(transaction=False)
             for key in self.own_types():
                 pipe.type(key)
-            moved = []
-            for key in self.foreign_keys(await pipe.execute()):
-                try:
-                    await self.client.rename(key, key + ":foreign")
-                except self._response_error:
-                    pass
-                self.moved_aside(key)
-                moved.append(key)
+            foreign = self.foreign_keys(await pipe.execute())
+            moved = [k for k in foreign if await self._move_aside(k, self.own_types()[k])]
             sets = [k for k in moved if k in (self.k_lru, self.k_exp)]
             if sets:
                 async for batch in self.scan():
@@ -996,7 +1040,26 @@ class AsyncRedisStore(_Layout):
         except self._repair_errors as exc:
             log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
             return False
-        return bool(moved)
+        return bool(foreign)
+
+    async def _move_aside(self, key: str, want: bytes) -> bool:
+        # As RedisStore._move_aside.
+        dest = self.aside_name(key)
+        try:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                if not self.is_foreign(want, await pipe.type(key)):
+                    await pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.rename(key, dest)
+                await pipe.execute()
+        except self._watch_error:
+            return False
+        self.moved_aside(key, dest)
+        return True
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
@@ -1084,7 +1147,8 @@ class AsyncRedisStore(_Layout):
                             continue
                         await pipe.watch(*keys)
                         again = await pipe.zrange(self.k_lru, 0, over - 1)
-                        if not self.still_oldest(first, again):
+                        if (int(await pipe.zcard(self.k_lru)) - max_entries != over
+                                or not self.still_oldest(first, again)):
                             await pipe.unwatch()
                             continue
                         pipe.multi()
