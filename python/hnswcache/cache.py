@@ -75,6 +75,7 @@ DEFAULT_DTYPE = "int8"
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
 #: Life of a cross-process @cached lease when the wait is unbounded (seconds).
 _LEASE_UNBOUNDED = 600.0
+_CYCLE_CHECK = 0.5  # seconds between two looks for a wait cycle while waiting on a lease
 
 Clock = Callable[[], float]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -608,33 +609,39 @@ class SemanticCache(_Base):
             return self._answer_of(k, max_age)  # (answered between our lookup and now?)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
+        store: Any = self.store
         marked: frozenset[str] = frozenset()
+        wait_id = secrets.token_hex(4)
         try:
             while True:
                 if lease(k[0], token, max(seconds, 0.001)):
                     return self._answer_of(k, max_age)
-                if (not marked and hasattr(self.store, "mark_wait")
+                if (not marked and hasattr(store, "mark_wait")
                         and (mine := leading_tokens())):
                     # Mark our wait first, then follow the holder's: of two processes
                     # each waiting on the other, the second to look sees the cycle.
                     marked = mine
-                    self.store.mark_wait(sorted(mine), k[0], seconds)  # type: ignore[attr-defined]
-                    if self.store.waits_on(k[0], mine):  # type: ignore[attr-defined]
-                        return None  # the holder waits on us: call
+                    store.mark_wait(sorted(mine), k[0], seconds, wait_id)
+                checked = -math.inf
                 delay = 0.005
                 while True:  # poll the entry while the other lease lives
+                    if marked and time.monotonic() >= checked + _CYCLE_CHECK:
+                        # (again now and then: the lease may change hands into a cycle)
+                        checked = time.monotonic()
+                        if store.waits_on(k[0], marked):
+                            return None  # the holder waits on us: call
                     time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     answer = self._answer_of(k, max_age)
                     if answer is not None:
                         return answer
                     if time.monotonic() >= deadline:
                         return None
-                    if not self.store.lease_held(k[0]):  # type: ignore[attr-defined]
+                    if not store.lease_held(k[0]):
                         break  # that call failed or its process died: lead, unless answered
                     delay = min(delay * 2, 0.1)
         finally:
             if marked:
-                self.store.unmark_wait(sorted(marked))  # type: ignore[attr-defined]
+                store.unmark_wait(sorted(marked), k[0], wait_id)
 
     def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
@@ -1210,6 +1217,7 @@ class AsyncSemanticCache(_Base):
         deadline = time.monotonic() + seconds
         marked: frozenset[str] = frozenset()
         store: Any = self.store
+        wait_id = secrets.token_hex(4)
         try:
             while True:
                 if await lease(k[0], token, max(seconds, 0.001)):
@@ -1217,11 +1225,14 @@ class AsyncSemanticCache(_Base):
                 if (not marked and hasattr(store, "mark_wait")
                         and (mine := leading_tokens())):
                     marked = mine  # (see SemanticCache._lead)
-                    await store.mark_wait(sorted(mine), k[0], seconds)
-                    if await store.waits_on(k[0], mine):
-                        return None
+                    await store.mark_wait(sorted(mine), k[0], seconds, wait_id)
+                checked = -math.inf
                 delay = 0.005
                 while True:
+                    if marked and time.monotonic() >= checked + _CYCLE_CHECK:
+                        checked = time.monotonic()
+                        if await store.waits_on(k[0], marked):
+                            return None
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     answer = await self._answer_of(k, max_age)
                     if answer is not None:
@@ -1233,7 +1244,7 @@ class AsyncSemanticCache(_Base):
                     delay = min(delay * 2, 0.1)
         finally:
             if marked:
-                await store.unmark_wait(sorted(marked))
+                await store.unmark_wait(sorted(marked), k[0], wait_id)
 
     async def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)

@@ -483,3 +483,48 @@ def test_leaders_in_two_processes_calling_each_others_question_do_not_wait_for_e
     import redis
 
     assert not list(redis.Redis.from_url(url).scan_iter(f"hc:{{{ns}}}:wait:*"))
+
+
+def test_a_cycle_through_one_of_two_gathered_calls_is_seen(valkey_server: Any, ns: str) -> None:
+    # Review (2026-12-05): tasks gathered inside a call inherit its lease token, and each
+    # one's wait mark overwrote the other's; the first to finish deleted the mark, so a
+    # cycle through the other went unseen and both sides waited the whole limit.
+    url = valkey_server.url
+    p, y, z = "how do I rotate my API key", "how do I revoke a token", "what is the billing cycle"
+    wait = 6.0
+    t0 = time.monotonic()
+    done: dict[str, float] = {}
+
+    def process(label: str, q: str) -> None:
+        async def main() -> None:
+            cache = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+
+            @cache.cached(key=lambda q: q, wait=wait, name="f")
+            async def f(q: str) -> str:
+                if label == "A" and q == p:  # A's question needs Y and Z, gathered
+                    return "P: " + " / ".join(await asyncio.gather(f(y), f(z)))
+                if label == "B" and q == y:  # B's Y needs P: a cycle P -> Y -> P
+                    await asyncio.sleep(0.8)
+                    return "Y: " + await f(p)
+                await asyncio.sleep(0.3)  # C's Z: an ordinary call
+                return "answer " + q
+
+            try:
+                await f(q)
+                done[label] = time.monotonic() - t0
+            finally:
+                await cache.close()
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=process, args=("B", y)),
+               threading.Thread(target=process, args=("C", z))]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    threads.append(threading.Thread(target=process, args=("A", p)))
+    threads[-1].start()
+    for t in threads:
+        t.join(wait + 5)
+    assert set(done) == {"A", "B", "C"}
+    assert max(done.values()) < wait / 2, done

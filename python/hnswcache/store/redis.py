@@ -254,14 +254,29 @@ class _Layout:
     def wkey(self, token: str) -> str:
         return self.k_wait + token
 
+    # A mark is a member `<id>:<wait>` of the set `wait:<token>`: tasks that inherit one
+    # token (siblings under asyncio.gather) each add and remove their own.
     def queue_mark_wait(self, pipe: Any, tokens: Sequence[str], eid: int,
-                        seconds: float) -> None:
+                        seconds: float, wait_id: str) -> None:
         for t in tokens:
-            pipe.set(self.wkey(t), format_id(eid), px=max(1, int(seconds * 1000)))
+            pipe.sadd(self.wkey(t), f"{format_id(eid)}:{wait_id}")
+            pipe.pexpire(self.wkey(t), max(1, int(seconds * 1000)))
 
-    def queue_unmark_wait(self, pipe: Any, tokens: Sequence[str]) -> None:
-        for t in tokens:  # (one key per DEL: a cluster pipeline refuses multi-key DELs)
-            pipe.delete(self.wkey(t))
+    def queue_unmark_wait(self, pipe: Any, tokens: Sequence[str], eid: int,
+                          wait_id: str) -> None:
+        for t in tokens:
+            pipe.srem(self.wkey(t), f"{format_id(eid)}:{wait_id}")
+
+    @staticmethod
+    def marked_ids(members: Any) -> list[int]:
+        """The entry ids of a wait set's members (garbage skipped)."""
+        out = []
+        for m in members if isinstance(members, (set, list, tuple)) else ():
+            if isinstance(m, (bytes, str)):
+                eid = parse_id(m[:16])
+                if eid is not None:
+                    out.append(eid)
+        return out
 
     @staticmethod
     def lease_token(value: Any) -> str | None:
@@ -920,37 +935,36 @@ class RedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
-    def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float) -> None:
-        """Mark that the calls holding ``tokens`` wait for entry ``eid`` (for ``seconds``
-        at most, so a dead process's marks go)."""
+    def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
+                  wait_id: str) -> None:
+        """Mark that the calls holding ``tokens`` wait for entry ``eid`` (this wait:
+        ``wait_id``), for ``seconds`` at most, so a dead process's marks go."""
         try:
-            self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds))
+            self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds, wait_id))
         except StoreError:
             pass  # no mark: a cycle through us is then found by no one, and waits it out
 
-    def unmark_wait(self, tokens: Sequence[str]) -> None:
+    def unmark_wait(self, tokens: Sequence[str], eid: int, wait_id: str) -> None:
         try:
-            self._run(False, lambda p: self.queue_unmark_wait(p, tokens))
+            self._run(False, lambda p: self.queue_unmark_wait(p, tokens, eid, wait_id))
         except StoreError:
             pass  # they expire
 
     def waits_on(self, eid: int, tokens: frozenset[str]) -> bool:
         """Whether the holder of ``eid``'s lease waits, through the holders of the leases
-        it waits for, on one of ``tokens`` (a wait cycle)."""
-        seen: set[str] = set()
+        it waits for, on one of ``tokens`` (a wait cycle). At most 16 leases are read."""
+        todo, seen = [eid], set()
         try:
             for _ in range(_WAIT_CHAIN):
-                holder = self.lease_token(self.client.get(self.lkey(eid)))
-                if holder is None or holder in seen:
+                if not todo:
                     return False
+                holder = self.lease_token(self.client.get(self.lkey(todo.pop())))
+                if holder is None or holder in seen:
+                    continue
                 if holder in tokens:
                     return True
                 seen.add(holder)
-                mark = self.client.get(self.wkey(holder))
-                nxt = parse_id(mark) if isinstance(mark, (bytes, str)) else None
-                if nxt is None:
-                    return False
-                eid = nxt
+                todo.extend(self.marked_ids(self.client.smembers(self.wkey(holder))))
         except self._errors:
             pass
         return False
@@ -1269,35 +1283,35 @@ class AsyncRedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
-    async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float) -> None:
+    async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
+                        wait_id: str) -> None:
         """See :meth:`RedisStore.mark_wait`."""
         try:
-            await self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds))
+            await self._run(False, lambda p: self.queue_mark_wait(p, tokens, eid, seconds,
+                                                                  wait_id))
         except StoreError:
             pass
 
-    async def unmark_wait(self, tokens: Sequence[str]) -> None:
+    async def unmark_wait(self, tokens: Sequence[str], eid: int, wait_id: str) -> None:
         try:
-            await self._run(False, lambda p: self.queue_unmark_wait(p, tokens))
+            await self._run(False, lambda p: self.queue_unmark_wait(p, tokens, eid, wait_id))
         except StoreError:
             pass
 
     async def waits_on(self, eid: int, tokens: frozenset[str]) -> bool:
         """See :meth:`RedisStore.waits_on`."""
-        seen: set[str] = set()
+        todo, seen = [eid], set()
         try:
             for _ in range(_WAIT_CHAIN):
-                holder = self.lease_token(await self.client.get(self.lkey(eid)))
-                if holder is None or holder in seen:
+                if not todo:
                     return False
+                holder = self.lease_token(await self.client.get(self.lkey(todo.pop())))
+                if holder is None or holder in seen:
+                    continue
                 if holder in tokens:
                     return True
                 seen.add(holder)
-                mark = await self.client.get(self.wkey(holder))
-                nxt = parse_id(mark) if isinstance(mark, (bytes, str)) else None
-                if nxt is None:
-                    return False
-                eid = nxt
+                todo.extend(self.marked_ids(await self.client.smembers(self.wkey(holder))))
         except self._errors:
             pass
         return False
