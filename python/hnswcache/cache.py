@@ -621,7 +621,11 @@ class SemanticCache(_Base):
                     # Mark our wait first, then follow the holder's: of two processes
                     # each waiting on the other, the second to look sees the cycle.
                     marked = mine
-                    store.mark_wait(sorted(mine), k[0], seconds, wait_id)
+                    # (One life for every mark of a token: a shorter wait must not cut a
+                    # sibling's. A mark is read only through its call's live lease, so a
+                    # dead process's marks are harmless until they expire.)
+                    store.mark_wait(sorted(mine), k[0], max(seconds, _LEASE_UNBOUNDED),
+                                    wait_id)
                 checked = -math.inf
                 delay = 0.005
                 while True:  # poll the entry while the other lease lives
@@ -1225,7 +1229,8 @@ class AsyncSemanticCache(_Base):
                 if (not marked and hasattr(store, "mark_wait")
                         and (mine := leading_tokens())):
                     marked = mine  # (see SemanticCache._lead)
-                    await store.mark_wait(sorted(mine), k[0], seconds, wait_id)
+                    await store.mark_wait(sorted(mine), k[0],
+                                          max(seconds, _LEASE_UNBOUNDED), wait_id)
                 checked = -math.inf
                 delay = 0.005
                 while True:
