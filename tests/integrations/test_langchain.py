@@ -248,3 +248,26 @@ def _no_global_cache() -> Iterator[None]:
     previous = get_llm_cache()
     yield
     set_llm_cache(previous)
+
+
+def test_streamed_generations_come_back_as_the_chunks_they_were() -> None:
+    # They came back as their base types (ChatGeneration, Generation): a caller that
+    # concatenates chunks (chunk + chunk) failed on a cache hit.
+    from langchain_core.messages import AIMessageChunk
+    from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
+
+    cache = make()
+    llm = "fake-llm"
+    cache.update("stream this please", llm, [ChatGenerationChunk(message=AIMessageChunk(
+        content="part one"))])
+    cache.update("and stream that", llm, [GenerationChunk(text="text part")])
+    cache.update("no streaming here", llm, [ChatGeneration(message=AIMessage(content="whole"))])
+    (chat,) = cache.lookup("stream this please", llm) or []
+    (plain,) = cache.lookup("and stream that", llm) or []
+    (whole,) = cache.lookup("no streaming here", llm) or []
+    assert type(chat) is ChatGenerationChunk and type(chat.message) is AIMessageChunk
+    assert (chat + ChatGenerationChunk(message=AIMessageChunk(content=" two"))).text == (
+        "part one two")
+    assert type(plain) is GenerationChunk and (plain + GenerationChunk(text="!")).text == (
+        "text part!")
+    assert type(whole) is ChatGeneration and type(whole.message) is AIMessage

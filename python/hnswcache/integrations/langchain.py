@@ -39,7 +39,12 @@ from ..chat import chat_key
 try:
     from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
     from langchain_core.messages import message_to_dict, messages_from_dict
-    from langchain_core.outputs import ChatGeneration, Generation
+    from langchain_core.outputs import (
+        ChatGeneration,
+        ChatGenerationChunk,
+        Generation,
+        GenerationChunk,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "hnswcache.integrations.langchain needs langchain-core: "
@@ -100,9 +105,12 @@ def _dump(generations: Sequence[Generation]) -> str:
     out: list[dict[str, Any]] = []
     for g in generations:
         if isinstance(g, ChatGeneration):
-            out.append({"chat": message_to_dict(g.message), "info": g.generation_info})
+            item = {"chat": message_to_dict(g.message), "info": g.generation_info}
         else:
-            out.append({"text": g.text, "info": g.generation_info})
+            item = {"text": g.text, "info": g.generation_info}
+        if isinstance(g, (ChatGenerationChunk, GenerationChunk)):
+            item["chunk"] = True  # (a streamed answer comes back as the chunk it was)
+        out.append(item)
     return json.dumps(out, default=str)
 
 
@@ -110,11 +118,14 @@ def _load(payload: str) -> list[Generation] | None:
     try:
         out: list[Generation] = []
         for item in json.loads(payload):
+            chunk = item.get("chunk") is True
             if "chat" in item:
                 message = messages_from_dict([item["chat"]])[0]
-                out.append(ChatGeneration(message=message, generation_info=item["info"]))
+                chat = ChatGenerationChunk if chunk else ChatGeneration
+                out.append(chat(message=message, generation_info=item["info"]))
             else:
-                out.append(Generation(text=item["text"], generation_info=item["info"]))
+                plain = GenerationChunk if chunk else Generation
+                out.append(plain(text=item["text"], generation_info=item["info"]))
     except Exception as exc:  # a foreign or damaged entry is a miss, never an error
         log.warning("ignoring a cache entry that is not a list of generations: %s", exc)
         return None
