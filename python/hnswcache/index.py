@@ -103,7 +103,7 @@ class Index:
             that short lose more by it than they gain). Measured in
             ``docs/architecture.md`` ("Pruning slack"): on 100k real embeddings 1.2 raises
             recall at equal ``ef`` and finds a foreign cluster's entries that ``alpha=1``
-            loses, for ~20% slower inserts. Saved with the index.
+            loses, for 19-30% longer builds. Saved with the index.
     """
 
     def __init__(

@@ -384,39 +384,53 @@ def test_name_tells_apart_functions_made_by_one_factory() -> None:
     assert same1("hello") == "[a] answer to hello" and same2("hello") == "[a] answer to hello"
 
 
-@pytest.mark.parametrize("wait", [3.0, float("inf")])
-def test_two_leaders_calling_each_others_question_do_not_wait_for_each_other(
-    wait: float,
-) -> None:
-    # Each followed the other's call and neither could finish: both waited the whole wait
-    # limit (for ever with wait=inf). Now the second to follow sees the cycle and calls.
-    cache = SemanticCache(HashEmbedder(64), store="memory")
-    barrier = threading.Barrier(2)
+def mutual(cache: SemanticCache, barrier: threading.Barrier, wait: float
+           ) -> Callable[..., str]:
+    """A cached ``answer(q, then)`` whose call for ``q`` needs the answer to ``then``, once
+    both top-level calls are in flight (``barrier``)."""
 
-    @cache.cached(key=lambda q, then=None: q, wait=wait)
+    @cache.cached(key=lambda q, then=None: q, wait=wait, name="answer")
     def answer(q: str, then: str | None = None) -> str:
         if then is None:
             time.sleep(0.1)  # the LLM call
             return f"answer to {q}"
-        barrier.wait()  # both top-level calls are in flight now
+        barrier.wait()  # both top-level calls hold their leads now
         return f"{q} (see also: {answer(then)})"
 
+    return answer
+
+
+def each_asks_the_other(ask: Callable[[str, str], str], limit: float
+                        ) -> tuple[dict[str, str], float]:
+    """Two threads: one asks A needing B, the other B needing A; their answers and the
+    seconds both took (each joined for at most ``limit``)."""
+    a, b = "how do I rotate my API key", "how do I revoke a token"
     out: dict[str, str] = {}
 
     def go(q: str, then: str) -> None:
-        out[q] = answer(q, then)
+        out[q] = ask(q, then)
 
-    a, b = "how do I rotate my API key", "how do I revoke a token"
     threads = [threading.Thread(target=go, args=(a, b), daemon=True),
                threading.Thread(target=go, args=(b, a), daemon=True)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(limit)
     assert not any(t.is_alive() for t in threads), "the two leaders wait for each other"
-    assert time.monotonic() - t0 < 2.0
     assert set(out) == {a, b} and all(v.startswith(k) for k, v in out.items())
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("wait", [3.0, float("inf")])
+def test_two_leaders_calling_each_others_question_do_not_wait_for_each_other(
+    wait: float,
+) -> None:
+    # Each followed the other's call and neither could finish: both waited the whole wait
+    # limit (for ever with wait=inf). Now the second to follow sees the cycle and calls.
+    answer = mutual(SemanticCache(HashEmbedder(64), store="memory"), threading.Barrier(2), wait)
+    _, took = each_asks_the_other(answer, 10)
+    assert took < 2.0
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -429,19 +443,8 @@ def test_leaders_in_two_processes_calling_each_others_question_do_not_wait_for_e
     # them, as between processes. Now a wait is marked in the store, and the second to
     # wait follows the lease holders' marks back to itself and calls.
     url = valkey_server.url
-    a, b = "how do I rotate my API key", "how do I revoke a token"
     barrier = threading.Barrier(2)
     wait = 8.0
-
-    def make_sync(cache: SemanticCache) -> Callable[..., str]:
-        @cache.cached(key=lambda q, then=None: q, wait=wait, name="answer")
-        def answer(q: str, then: str | None = None) -> str:
-            if then is None:
-                time.sleep(0.1)  # the LLM call
-                return f"answer to {q}"
-            barrier.wait()  # both top-level calls hold their leases now
-            return f"{q} (see also: {answer(then)})"
-        return answer
 
     def run_async(q: str, then: str) -> str:
         async def main() -> str:
@@ -461,24 +464,14 @@ def test_leaders_in_two_processes_calling_each_others_question_do_not_wait_for_e
                 await cache.close()
         return asyncio.run(main())
 
-    out: dict[str, str] = {}
+    def ask(q: str, then: str) -> str:
+        if kind == "async":
+            return run_async(q, then)
+        cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns)  # one per "process"
+        return mutual(cache, barrier, wait)(q, then)
 
-    def go(q: str, then: str) -> None:
-        if kind == "sync":
-            out[q] = make_sync(SemanticCache(HashEmbedder(64), store=url, namespace=ns))(q, then)
-        else:
-            out[q] = run_async(q, then)
-
-    threads = [threading.Thread(target=go, args=(a, b), daemon=True),
-               threading.Thread(target=go, args=(b, a), daemon=True)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(wait + 5)
-    assert not any(t.is_alive() for t in threads)
-    assert time.monotonic() - t0 < wait / 2, "the two leaders waited for each other"
-    assert set(out) == {a, b} and all(v.startswith(k) for k, v in out.items())
+    _, took = each_asks_the_other(ask, wait + 5)
+    assert took < wait / 2, "the two leaders waited for each other"
     # No wait mark is left behind.
     import redis
 

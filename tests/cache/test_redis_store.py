@@ -122,7 +122,8 @@ def test_every_expired_id_leaves_the_bookkeeping_past_one_batch(
 
 
 class _Timed(RedisStore):
-    """Runs ``hook`` once at a chosen step of forgetting expired ids."""
+    """Runs ``hook`` once at a chosen step of forgetting expired ids (``"before watch"``,
+    ``"after watch"``) or of an LRU eviction (``"chosen"``, ``"watched"``)."""
 
     hook: Any = None
     at = ""
@@ -139,6 +140,14 @@ class _Timed(RedisStore):
     def expired_to_drop(self, first: Any, second: Any) -> list[Any]:
         self._fire("after watch")
         return super().expired_to_drop(first, second)
+
+    def victim_keys(self, members: Any) -> list[str]:
+        self._fire("chosen")
+        return super().victim_keys(members)
+
+    def still_oldest(self, first: Any, again: Any) -> bool:
+        self._fire("watched")
+        return super().still_oldest(first, again)
 
 
 @pytest.mark.parametrize("at", ["before watch", "after watch"])
@@ -165,26 +174,6 @@ def test_an_entry_written_again_while_expired_ids_are_forgotten_keeps_its_lru_pl
     assert len(list(r.scan_iter(keys_for(ns)["entry"] + "*"))) == 1
 
 
-class _EvictTimed(RedisStore):
-    """Runs ``hook`` once at a chosen step of an LRU eviction."""
-
-    hook: Any = None
-    at = ""
-
-    def _fire(self, step: str) -> None:
-        if self.at == step and self.hook is not None:
-            hook, self.hook = self.hook, None
-            hook()
-
-    def victim_keys(self, members: Any) -> list[str]:
-        self._fire("chosen")
-        return super().victim_keys(members)
-
-    def still_oldest(self, first: Any, again: Any) -> bool:
-        self._fire("watched")
-        return super().still_oldest(first, again)
-
-
 @pytest.mark.parametrize("at", ["chosen", "watched"])
 @pytest.mark.parametrize("meanwhile", ["rewrite", "another eviction"])
 def test_an_eviction_racing_a_rewrite_or_another_eviction_deletes_only_the_oldest(
@@ -196,7 +185,7 @@ def test_an_eviction_racing_a_rewrite_or_another_eviction_deletes_only_the_oldes
     url = valkey_server.url
     r = redis.Redis.from_url(url)
     k = keys_for(ns)
-    store = _EvictTimed(redis.Redis.from_url(url), namespace=ns)
+    store = _Timed(redis.Redis.from_url(url), namespace=ns)
     cache = SemanticCache(HashEmbedder(32), store=store, namespace=ns)
     other = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
     old = cache.set("the oldest question", "v1")

@@ -54,7 +54,7 @@ log = logging.getLogger("hnswcache.store.redis")
 
 
 def _wrong_type(reply: Any) -> bool:
-    """Whether a reply (or the exception raised for one) is a WRONGTYPE refusal."""
+    """Whether a pipeline reply is a WRONGTYPE refusal."""
     return isinstance(reply, Exception) and "WRONGTYPE" in str(reply)
 
 
@@ -167,8 +167,8 @@ class _Layout:
     # ---------------------------------------------------------------- foreign types
     # The cache's own keys hold one Redis type each. Another type there (a stray SET, a
     # tool writing into the namespace) made every write fail with WRONGTYPE until someone
-    # removed it; now the store moves it aside to `<key>:foreign` and rebuilds the sorted
-    # sets from the entries (see _repair_types), once a second at most.
+    # removed it; now the store moves it aside to `<key>:foreign:<ms>-<hex>` and rebuilds
+    # the sorted sets from the entries (see _repair_types), once a second at most.
     def own_types(self) -> dict[str, bytes]:
         return {self.k_lru: b"zset", self.k_exp: b"zset", self.k_log: b"stream",
                 self.k_meta: b"hash"}
@@ -707,19 +707,29 @@ class RedisStore(_Layout):
         (WATCH: a process that repaired it since, and rebuilt our own value there, keeps
         it); whether this process moved it."""
         dest = self.aside_name(key)
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.watch(key)
-                if not self.is_foreign(want, pipe.type(key)):
-                    pipe.unwatch()
-                    return False
-                pipe.multi()
-                pipe.rename(key, dest)
-                pipe.execute()
-        except self._watch_error:
+        if not self._if_unchanged(key, lambda p: p.type(key), lambda t: self.is_foreign(want, t),
+                                  lambda p: p.rename(key, dest)):
             return False
         self.moved_aside(key, dest)
         return True
+
+    def _if_unchanged(self, key: str, read: Callable[[Any], Any], ok: Callable[[Any], bool],
+                      act: Callable[[Any], Any]) -> bool:
+        """WATCH ``key``, ``read`` it, and when ``ok`` of what was read, ``act`` in a
+        MULTI/EXEC; whether it acted (not when the check failed, nor when the key changed
+        between the read and the EXEC)."""
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                if not ok(read(pipe)):
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                act(pipe)
+                pipe.execute()
+                return True
+        except self._watch_error:
+            return False
 
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
@@ -973,17 +983,9 @@ class RedisStore(_Layout):
         """Drop our lease on ``eid`` (not another's: it may have expired and been taken,
         even between our read and our delete, hence WATCH)."""
         key = self.lkey(eid)
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.watch(key)
-                if not self.holds(pipe.get(key), token):
-                    pipe.unwatch()
-                    return
-                pipe.multi()
-                pipe.delete(key)
-                pipe.execute()
-        except self._watch_error:
-            pass  # it changed hands (or expired) meanwhile: not ours to drop
+        try:  # (a lease that changed hands or expired meanwhile is not ours to drop)
+            self._if_unchanged(key, lambda p: p.get(key), lambda v: self.holds(v, token),
+                               lambda p: p.delete(key))
         except self._errors:
             pass  # it expires on its own
 
@@ -1059,21 +1061,30 @@ class AsyncRedisStore(_Layout):
     async def _move_aside(self, key: str, want: bytes) -> bool:
         # As RedisStore._move_aside.
         dest = self.aside_name(key)
+        if not await self._if_unchanged(key, lambda p: p.type(key),
+                                        lambda t: self.is_foreign(want, t),
+                                        lambda p: p.rename(key, dest)):
+            return False
+        self.moved_aside(key, dest)
+        return True
+
+    async def _if_unchanged(self, key: str, read: Callable[[Any], Any],
+                            ok: Callable[[Any], bool], act: Callable[[Any], Any]) -> bool:
+        """See :meth:`RedisStore._if_unchanged` (``read`` returns an awaitable)."""
         try:
             if self._cluster:
                 await self.client.initialize()  # (see _run)
             async with self.client.pipeline(transaction=True) as pipe:
                 await pipe.watch(key)
-                if not self.is_foreign(want, await pipe.type(key)):
+                if not ok(await read(pipe)):
                     await pipe.unwatch()
                     return False
                 pipe.multi()
-                pipe.rename(key, dest)
+                act(pipe)
                 await pipe.execute()
+                return True
         except self._watch_error:
             return False
-        self.moved_aside(key, dest)
-        return True
 
     async def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
@@ -1320,18 +1331,8 @@ class AsyncRedisStore(_Layout):
         """See :meth:`RedisStore.release`."""
         key = self.lkey(eid)
         try:
-            if self._cluster:
-                await self.client.initialize()  # (see _run)
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(key)
-                if not self.holds(await pipe.get(key), token):
-                    await pipe.unwatch()
-                    return
-                pipe.multi()
-                pipe.delete(key)
-                await pipe.execute()
-        except self._watch_error:
-            pass
+            await self._if_unchanged(key, lambda p: p.get(key),
+                                     lambda v: self.holds(v, token), lambda p: p.delete(key))
         except self._errors:
             pass
 
