@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +28,7 @@ _DTYPES = ("float32", "float16", "int8")
 #: The pruning slack of a new index with ``M >= 8`` (see :class:`Index`).
 DEFAULT_ALPHA = 1.2
 
-ArrayLike = Union[npt.ArrayLike, Iterable[float]]
+ArrayLike = npt.ArrayLike | Iterable[float]
 
 Clock = Callable[[], float]
 

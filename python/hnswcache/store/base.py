@@ -19,7 +19,7 @@ import re
 import unicodedata
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -154,7 +154,7 @@ def parse_id(text: str | bytes) -> int | None:
     return value if value <= 0x7FFF_FFFF_FFFF_FFFF else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One cache entry as stored.
 
@@ -203,7 +203,7 @@ def _json_object(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Invalid:
     """A stored entry that failed validation (garbage, wrong dimension, foreign format)."""
 
@@ -211,7 +211,7 @@ class Invalid:
     reason: str
 
 
-Fetched = Union[Record, Invalid, None]
+Fetched = Record | Invalid | None
 
 
 def encode_record(rec: Record) -> dict[str, bytes]:
@@ -237,7 +237,7 @@ def encode_record(rec: Record) -> dict[str, bytes]:
 UNTIL_PREFIX = b"until:"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Refresh:
     """A hit on a sliding entry: extend entry ``id`` of ``version`` to ``until``."""
 
@@ -384,7 +384,7 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LogEvent:
     """One change: ``op`` is ``"set"`` or ``"del"`` (with ``id``) or ``"clear"`` (with
     ``scope``: a scope id, or ``"*"`` for the whole cache)."""
