@@ -40,6 +40,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from . import _snapshot
 from ._cache_core import CacheCore, Hit, Lookup
 from ._flight import LEADING, Flights, inside_call, leading_tokens, stop_waiting
 from .embed import default_embedder, embedder_name
@@ -185,6 +186,20 @@ class _Base:
         """Live entries in this process's index replica."""
         return self._core.size()
 
+    def _snapshot_folder(self, snapshot_dir: str | os.PathLike[str] | None) -> None:
+        """Where snapshots go: ``snapshot_dir``, else beside the embedded server's data."""
+        if snapshot_dir is not None:
+            self._snapshot_dir: Path | None = Path(snapshot_dir)
+        elif self._data_dir is not None:
+            self._snapshot_dir = self._data_dir / "snapshots"
+        else:
+            self._snapshot_dir = None
+
+    def _snapshot_failed(self, exc: BaseException) -> None:
+        (log.info if isinstance(exc, _snapshot.SnapshotError) and str(exc) == "no snapshot"
+         else log.warning)("hnswcache %r: warm start from the store, not the snapshot in %s: "
+                           "%s", self.namespace, self._snapshot_dir, exc)
+
     def _open_embedded(self, data_dir: str | os.PathLike[str] | None) -> str:
         from .store.server import shared_server
 
@@ -282,6 +297,11 @@ class SemanticCache(_Base):
             for ``M < 8``): keeps the entries of a rare topic reachable among many of
             another (paraphrase hits among 100k rows 0.836 instead of 0.796 at ef 32), for
             ~16% fewer sets a second and ~10% more search time at the same ef.
+        snapshot_dir: a local folder for snapshots of the replica (default: beside the
+            embedded server's data; none for other stores). :meth:`close` and
+            :meth:`save_snapshot` write one; the warm start loads it and applies the
+            store's changes since, instead of rebuilding every scope's graph from the
+            stored entries. A snapshot that does not fit the store is not used.
     """
 
     def __init__(
@@ -306,6 +326,7 @@ class SemanticCache(_Base):
         search_starts: int = DEFAULT_SEARCH_STARTS,
         ttl_jitter: float = 0.0,
         alpha: float | None = None,
+        snapshot_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
@@ -332,6 +353,7 @@ class SemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: Store = cast(Store, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
+        self._snapshot_folder(snapshot_dir)
 
     def _reopen(self, url: str) -> None:
         from .store.redis import RedisStore
@@ -360,8 +382,10 @@ class SemanticCache(_Base):
                 return False
             return True
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
+        if snapshot and self._snapshot_dir is not None and self._from_snapshot():
+            return
         head = self.store.log_head()
         if c.dim is None:
             c.dim = self.store.check_meta(None, "")[0]
@@ -374,26 +398,70 @@ class SemanticCache(_Base):
         c.position = head
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
-    def _apply(self, batch: LogBatch | None) -> None:
+    def _from_snapshot(self) -> bool:
+        """Warm start from the local snapshot: load it, then apply the store's changes
+        since it was taken. False (and an empty replica) if there is none that fits."""
         c = self._core
-        if c.brings_nothing(batch):
+        assert self._snapshot_dir is not None
+        if c.dim is None:
+            c.dim = self.store.check_meta(None, "")[0]
+        c.clear_local(None)
+        try:
+            position = _snapshot.load(c, self._snapshot_dir, self.namespace)
+            _, batch = self.store.read([], log_after=position, touch=(), now=c.now())
+            if batch is None or batch.reset:
+                raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
+                                              f"position {position}")
+            c.position = position
+            self._apply_locked(batch)
+        except _snapshot.SnapshotError as exc:
+            c.clear_local(None)
+            c.position = None
+            self._snapshot_failed(exc)
+            return False
+        except BaseException:
+            c.clear_local(None)
+            c.position = None
+            raise
+        log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
+                 self.namespace, c.size(), self._snapshot_dir)
+        return True
+
+    def save_snapshot(self) -> bool:
+        """Write a snapshot of the replica to ``snapshot_dir`` now (:meth:`close` does it
+        too); False if there is nothing to save yet (the replica was never loaded).
+        Searches and writes wait while the index files are written."""
+        if self._snapshot_dir is None:
+            raise ValueError("this cache has no snapshot_dir")
+        with self._lock:
+            if self._core.position is None:
+                return False
+            _snapshot.save(self._core, self._snapshot_dir, self.namespace)
+            return True
+
+    def _apply(self, batch: LogBatch | None) -> None:
+        if self._core.brings_nothing(batch):
             return
         with self._lock:
-            while batch is not None:
-                if batch.reset:
-                    c.stats.add("resyncs")
-                    log.warning("hnswcache %r: change log lost our position; rebuilding",
-                                self.namespace)
-                    c.position = None
-                    self._rebuild()
-                    return
-                ids = c.apply_log(batch)
-                if ids:
-                    c.reconcile(ids, self.store.fetch(ids))
-                c.position = batch.position
-                if not batch.more:
-                    return
-                _, batch = self.store.read([], log_after=c.position, touch=(), now=c.now())
+            self._apply_locked(batch)
+
+    def _apply_locked(self, batch: LogBatch | None) -> None:
+        c = self._core
+        while batch is not None:
+            if batch.reset:
+                c.stats.add("resyncs")
+                log.warning("hnswcache %r: change log lost our position; rebuilding",
+                            self.namespace)
+                c.position = None
+                self._rebuild(snapshot=False)
+                return
+            ids = c.apply_log(batch)
+            if ids:
+                c.reconcile(ids, self.store.fetch(ids))
+            c.position = batch.position
+            if not batch.more:
+                return
+            _, batch = self.store.read([], log_after=c.position, touch=(), now=c.now())
 
     def _check_meta(self) -> None:
         c = self._core
@@ -861,7 +929,8 @@ class SemanticCache(_Base):
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Close the store connection (if the cache opened it) and stop its own server."""
+        """Save a snapshot (with a ``snapshot_dir``), close the store connection (if the
+        cache opened it) and stop its own server."""
         c = self._core
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
@@ -869,6 +938,12 @@ class SemanticCache(_Base):
                 self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
+        if self._snapshot_dir is not None:
+            try:
+                self.save_snapshot()
+            except (OSError, _snapshot.SnapshotError) as exc:
+                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                            self._snapshot_dir, exc)
         if self._owns_store:
             self.store.close()
         if self._server is not None:
@@ -909,6 +984,7 @@ class AsyncSemanticCache(_Base):
         search_starts: int = DEFAULT_SEARCH_STARTS,
         ttl_jitter: float = 0.0,
         alpha: float | None = None,
+        snapshot_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
@@ -941,6 +1017,7 @@ class AsyncSemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: AsyncStore = cast(AsyncStore, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
+        self._snapshot_folder(snapshot_dir)
         self._takeover: asyncio.Future[None] | None = None  # a server restart in progress
 
     def _restart_server(self, old: Any, data_dir: Path) -> None:
@@ -986,8 +1063,10 @@ class AsyncSemanticCache(_Base):
                 return False
             return True
 
-    async def _rebuild(self) -> None:
+    async def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
+        if snapshot and self._snapshot_dir is not None and await self._from_snapshot():
+            return
         head = await self.store.log_head()
         if c.dim is None:
             c.dim = (await self.store.check_meta(None, ""))[0]
@@ -1000,27 +1079,70 @@ class AsyncSemanticCache(_Base):
         c.position = head
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
-    async def _apply(self, batch: LogBatch | None) -> None:
+    async def _from_snapshot(self) -> bool:
+        """See :meth:`SemanticCache._from_snapshot` (the files are read in a worker
+        thread)."""
         c = self._core
-        if c.brings_nothing(batch):
+        assert self._snapshot_dir is not None
+        if c.dim is None:
+            c.dim = (await self.store.check_meta(None, ""))[0]
+        c.clear_local(None)
+        try:
+            position = await asyncio.to_thread(_snapshot.load, c, self._snapshot_dir,
+                                               self.namespace)
+            _, batch = await self.store.read([], log_after=position, touch=(), now=c.now())
+            if batch is None or batch.reset:
+                raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
+                                              f"position {position}")
+            c.position = position
+            await self._apply_locked(batch)
+        except _snapshot.SnapshotError as exc:
+            c.clear_local(None)
+            c.position = None
+            self._snapshot_failed(exc)
+            return False
+        except BaseException:
+            c.clear_local(None)
+            c.position = None
+            raise
+        log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
+                 self.namespace, c.size(), self._snapshot_dir)
+        return True
+
+    async def save_snapshot(self) -> bool:
+        """See :meth:`SemanticCache.save_snapshot` (written in a worker thread)."""
+        if self._snapshot_dir is None:
+            raise ValueError("this cache has no snapshot_dir")
+        async with self._lock:
+            if self._core.position is None:
+                return False
+            await asyncio.to_thread(_snapshot.save, self._core, self._snapshot_dir,
+                                    self.namespace)
+            return True
+
+    async def _apply(self, batch: LogBatch | None) -> None:
+        if self._core.brings_nothing(batch):
             return
         async with self._lock:
-            while batch is not None:
-                if batch.reset:
-                    c.stats.add("resyncs")
-                    log.warning("hnswcache %r: change log lost our position; rebuilding",
-                                self.namespace)
-                    c.position = None
-                    await self._rebuild()
-                    return
-                ids = c.apply_log(batch)
-                if ids:
-                    c.reconcile(ids, await self.store.fetch(ids))
-                c.position = batch.position
-                if not batch.more:
-                    return
-                _, batch = await self.store.read([], log_after=c.position, touch=(),
-                                                 now=c.now())
+            await self._apply_locked(batch)
+
+    async def _apply_locked(self, batch: LogBatch | None) -> None:
+        c = self._core
+        while batch is not None:
+            if batch.reset:
+                c.stats.add("resyncs")
+                log.warning("hnswcache %r: change log lost our position; rebuilding",
+                            self.namespace)
+                c.position = None
+                await self._rebuild(snapshot=False)
+                return
+            ids = c.apply_log(batch)
+            if ids:
+                c.reconcile(ids, await self.store.fetch(ids))
+            c.position = batch.position
+            if not batch.more:
+                return
+            _, batch = await self.store.read([], log_after=c.position, touch=(), now=c.now())
 
     async def _check_meta(self) -> None:
         c = self._core
@@ -1431,7 +1553,7 @@ class AsyncSemanticCache(_Base):
         return deco
 
     async def close(self) -> None:
-        """Close the store connection (if the cache opened it) and stop its own server."""
+        """See :meth:`SemanticCache.close`."""
         c = self._core
         if self._takeover is not None:
             await self._takeover  # (a server it starts is ours to stop below)
@@ -1442,6 +1564,12 @@ class AsyncSemanticCache(_Base):
                 await self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
+        if self._snapshot_dir is not None:
+            try:
+                await self.save_snapshot()
+            except (OSError, _snapshot.SnapshotError) as exc:
+                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                            self._snapshot_dir, exc)
         if self._owns_store:
             await self.store.close()
         if self._server is not None:

@@ -1,0 +1,266 @@
+"""Warm start from a local snapshot of the replica, against a real server: the restarted
+cache answers as one that read every entry from the store, including the changes other
+processes made after the snapshot; a snapshot that does not fit the store is not used."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache import _snapshot as snapshot
+
+from .cache_helpers import FakeClock, Paraphrases
+
+pytestmark = pytest.mark.server
+
+N = 120  # questions the first process stores
+
+
+def answers(cache: SemanticCache, px: Paraphrases, rows: range) -> list[str | None]:
+    """What the cache answers to each paraphrase (and question) of ``rows``."""
+    out = []
+    for i in rows:
+        for text, vec in ((px.p[i], px.pv[i]), (px.q[i], px.qv[i])):
+            h = cache.get(text, embedding=vec)
+            out.append(None if h is None else h.response)
+    return out
+
+
+def loaded_from_snapshot(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("loaded from the snapshot" in r.getMessage() for r in caplog.records)
+
+
+def fill(url: str, ns: str, px: Paraphrases, snap: Path, **kw: object) -> None:
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, **kw)  # type: ignore[arg-type]
+    a.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N])
+    a.close()  # writes the snapshot
+
+
+def test_snapshot_then_changes_by_others(valkey_server, ns, paraphrases, tmp_path, caplog):
+    """Changes made after the snapshot (sets, a delete, a scope's clear, an overwrite)
+    reach the restarted cache from the change log: it answers exactly as a cache that
+    read the store."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    assert (snapshot.folder(snap, ns) / "manifest.json").exists()
+    other = SemanticCache(store=url, namespace=ns)
+    other.set_many([(px.q[i], f"answer {i}") for i in range(N, N + 30)],
+                   embeddings=px.qv[N:N + 30])
+    other.delete(other.get(px.q[3], embedding=px.qv[3]).key)  # type: ignore[union-attr]
+    other.set(px.q[4], "rewritten", embedding=px.qv[4])
+    other.set("scoped", "in b", embedding=px.qv[5], scope={"t": "b"})
+    other.clear({"t": "b"})
+    other.close()
+
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    restarted = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    fresh = SemanticCache(store=url, namespace=ns)  # no snapshot: reads every entry
+    rows = range(N + 40)
+    got = answers(restarted, px, rows)
+    assert loaded_from_snapshot(caplog)
+    assert got == answers(fresh, px, rows)
+    assert got[2 * 3 + 1] is None and got[2 * 4 + 1] == "rewritten"
+    assert got[2 * (N + 10) + 1] == f"answer {N + 10}"  # set by the other process
+    assert sum(g is not None for g in got) > N  # paraphrases hit too
+    assert restarted.get("scoped", embedding=px.qv[5], scope={"t": "b"}) is None
+    assert len(restarted) == len(fresh) == N + 30 - 1
+    restarted.close()
+    fresh.close()
+
+
+def test_expired_while_down_never_answers(valkey_server, ns, paraphrases, tmp_path):
+    """Entries saved with a TTL that passes while no process runs are dead in the loaded
+    graph (the index's own clock), even before the server drops their keys."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    clock = FakeClock()
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, clock=clock)
+    a.set_many([(px.q[i], f"short {i}") for i in range(10)], embeddings=px.qv[:10], ttl=60)
+    a.set_many([(px.q[i], f"long {i}") for i in range(10, 20)], embeddings=px.qv[10:20])
+    a.close()
+    clock.advance(61)  # (the server's own expiry runs on its clock: keys are still there)
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, clock=clock)
+    for i in range(10):
+        assert b.get(px.p[i], embedding=px.pv[i]) is None
+        assert b.get(px.q[i], embedding=px.qv[i]) is None
+    assert b.get(px.q[12], embedding=px.qv[12]).response == "long 12"  # type: ignore[union-attr]
+    labels = b._core.indexes[next(iter(b._core.indexes))].labels()
+    assert len(labels) == 10  # the expired ones are not live in the graph
+    b.close()
+
+
+def test_flushed_server_ignores_snapshot(fresh_server, ns, paraphrases, tmp_path, caplog):
+    """After the server lost its data (FLUSHALL, new writes), the snapshot's log position
+    is gone: the warm start reads the store and answers nothing of the old data."""
+    px, url, snap = paraphrases, fresh_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    redis.Redis.from_url(url).flushall()
+    b = SemanticCache(store=url, namespace=ns)
+    b.set(px.q[50], "after the flush", embedding=px.qv[50])
+    b.close()
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert c.get(px.q[50], embedding=px.qv[50]).response == "after the flush"  # type: ignore[union-attr]
+    assert c.get(px.q[7], embedding=px.qv[7]) is None
+    assert c.get(px.p[7], embedding=px.pv[7]) is None
+    assert len(c) == 1
+    assert not loaded_from_snapshot(caplog)
+    assert any("no longer holds its position" in r.getMessage() for r in caplog.records)
+    c.close()
+
+
+@pytest.mark.parametrize("damage", ["manifest-garbage", "index-bytes", "index-missing",
+                                    "path-escape", "bad-id"])
+def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, caplog,
+                                      damage):
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    d = snapshot.folder(snap, ns)
+    manifest = json.loads((d / "manifest.json").read_text())
+    index_file = d / manifest["scopes"][0]["file"]
+    if damage == "manifest-garbage":
+        (d / "manifest.json").write_bytes(b"\x00{not json")
+    elif damage == "index-bytes":
+        raw = bytearray(index_file.read_bytes())
+        for off in range(200, len(raw), 997):
+            raw[off] ^= 0x5A
+        index_file.write_bytes(bytes(raw))
+    elif damage == "index-missing":
+        index_file.unlink()
+    elif damage == "path-escape":
+        manifest["scopes"][0]["file"] = "../../outside.hci"
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        manifest["scopes"][0]["ids"][0] = -5
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert b.get(px.q[7], embedding=px.qv[7]).response == "answer 7"  # type: ignore[union-attr]
+    assert len(b) == N
+    assert not loaded_from_snapshot(caplog)
+    assert any("not the snapshot" in r.getMessage() for r in caplog.records)
+    b.close()  # writes a good one again
+    caplog.clear()
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert c.get(px.q[9], embedding=px.qv[9]).response == "answer 9"  # type: ignore[union-attr]
+    assert loaded_from_snapshot(caplog)
+    c.close()
+
+
+def test_other_settings_or_namespace_not_used(valkey_server, ns, paraphrases, tmp_path,
+                                              caplog):
+    """A snapshot of a graph built with other settings is not loaded; each namespace has
+    its own."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, M=12)
+    assert b.get(px.q[1], embedding=px.qv[1]).response == "answer 1"  # type: ignore[union-attr]
+    assert not loaded_from_snapshot(caplog)
+    assert any("index settings" in r.getMessage() for r in caplog.records)
+    b._snapshot_dir = None  # (keep the first snapshot for the next check)
+    b.close()
+    other = SemanticCache(store=url, namespace=ns + "x", snapshot_dir=snap)
+    assert len(other) == 0 and other.get(px.q[1], embedding=px.qv[1]) is None
+    other.close()
+    assert (snapshot.folder(snap, ns) / "manifest.json").exists()
+    assert snapshot.folder(snap, ns) != snapshot.folder(snap, ns + "x")
+
+
+def test_memory_store_snapshot_is_not_reused(ns, paraphrases, tmp_path, caplog):
+    """A new in-memory store is empty: the snapshot of the last one does not fit it."""
+    px, snap = paraphrases, tmp_path / "snap"
+    fill("memory", ns, px, snap)
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(store="memory", namespace=ns, snapshot_dir=snap)
+    assert b.get(px.q[1], embedding=px.qv[1]) is None and len(b) == 0
+    assert not loaded_from_snapshot(caplog)
+    b.close()
+
+
+def test_save_snapshot_needs_a_folder_and_a_replica(valkey_server, ns, tmp_path):
+    a = SemanticCache(store=valkey_server.url, namespace=ns)
+    with pytest.raises(ValueError, match="snapshot_dir"):
+        a.save_snapshot()
+    a.close()
+    b = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path)
+    assert b.save_snapshot() is False  # never loaded: nothing to save
+    b.close()
+
+
+def test_embedded_default_keeps_snapshots_beside_its_data(tmp_path, ns, paraphrases, caplog):
+    px = paraphrases
+    a = SemanticCache(namespace=ns, data_dir=tmp_path / "data")
+    a.set_many([(px.q[i], f"answer {i}") for i in range(20)], embeddings=px.qv[:20])
+    a.close()
+    assert (snapshot.folder(tmp_path / "data" / "snapshots", ns) / "manifest.json").exists()
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(namespace=ns, data_dir=tmp_path / "data")
+    assert b.get(px.p[3], embedding=px.pv[3]) is not None or b.get(
+        px.q[3], embedding=px.qv[3]) is not None
+    assert loaded_from_snapshot(caplog)
+    b.close()
+
+
+def test_async_snapshot_round_trip(valkey_server, ns, paraphrases, tmp_path, caplog):
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        await a.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N])
+        await a.close()
+        other = AsyncSemanticCache(store=url, namespace=ns)
+        await other.set(px.q[N], "later", embedding=px.qv[N])
+        await other.close()
+        caplog.set_level(logging.INFO, logger="hnswcache")
+        b = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        assert (await b.get(px.q[N], embedding=px.qv[N])).response == "later"  # type: ignore[union-attr]
+        assert (await b.get(px.q[5], embedding=px.qv[5])).response == "answer 5"  # type: ignore[union-attr]
+        assert len(b) == N + 1
+        assert loaded_from_snapshot(caplog)
+        assert await b.save_snapshot() is True
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_loaded_graph_finds_the_nearest_entry(valkey_server, ns, tmp_path):
+    """2,000 real sgd rows: the graph loaded from the snapshot finds each query's exact
+    nearest entry (brute force) as often as the graph rebuilt from the store, and makes the
+    same hit decisions (skipped only without ../shared/data)."""
+    from hnswcache.store.base import format_id
+
+    from .cache_helpers import ROOT
+
+    sgd = ROOT.parent / "shared" / "data" / "sgd"
+    if not (sgd / "base_f16.npy").exists():
+        pytest.skip("../shared/data/sgd is absent")
+    base = np.load(sgd / "base_f16.npy", mmap_mode="r")[:2000].astype(np.float32)
+    q = np.load(sgd / "queries.npy")[:300].astype(np.float32)
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    truth = np.argmax((q / np.linalg.norm(q, axis=1, keepdims=True)) @ unit.T, axis=1)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    a.set_many([(f"row {i}", f"answer {i}") for i in range(len(base))], embeddings=base)
+    row_of = {format_id(a._core.key(f"row {i}", None)[0]): i for i in range(len(base))}
+    a.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    c = SemanticCache(store=url, namespace=ns)
+    found = {}
+    for name, cache in (("snapshot", b), ("rebuilt", c)):
+        got = [cache.lookup(f"query {i}", embedding=v) for i, v in enumerate(q)]
+        found[name] = [row_of.get(x.nearest_key or "") for x in got]
+        found[name + " hits"] = [x.hit is not None for x in got]
+    top1 = {k: float(np.mean([f == t for f, t in zip(found[k], truth)]))
+            for k in ("snapshot", "rebuilt")}
+    assert top1["snapshot"] >= 0.97 and top1["snapshot"] >= top1["rebuilt"] - 0.01, top1
+    same = np.mean([x == y for x, y in zip(found["snapshot hits"], found["rebuilt hits"])])
+    assert same >= 0.99 and sum(found["snapshot hits"]) > 0
+    b.close()
+    c.close()
