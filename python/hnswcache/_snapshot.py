@@ -181,6 +181,10 @@ def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> str:
     position = m.get("position")
     if not isinstance(position, str) or not _POSITION_RE.match(position):
         raise SnapshotError("bad log position")
+    if position == "0-0":
+        # (taken before the log had an entry: a read from there cannot tell whether the
+        # log was trimmed since, so what the snapshot lacks could be lost)
+        raise SnapshotError("taken before the change log had an entry")
     scopes = m.get("scopes")
     if not isinstance(scopes, list):
         raise SnapshotError("bad scope list")

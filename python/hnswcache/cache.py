@@ -433,6 +433,9 @@ class SemanticCache(_Base):
         Searches and writes wait while the index files are written."""
         if self._snapshot_dir is None:
             raise ValueError("this cache has no snapshot_dir")
+        if self._core.position is None:
+            return False  # (not loaded: no warm start only to save what the store has)
+        self.sync()  # (the log position then covers this process's own writes)
         with self._lock:
             if self._core.position is None:
                 return False
@@ -941,7 +944,7 @@ class SemanticCache(_Base):
         if self._snapshot_dir is not None:
             try:
                 self.save_snapshot()
-            except (OSError, _snapshot.SnapshotError) as exc:
+            except (OSError, StoreError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
         if self._owns_store:
@@ -1113,6 +1116,9 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache.save_snapshot` (written in a worker thread)."""
         if self._snapshot_dir is None:
             raise ValueError("this cache has no snapshot_dir")
+        if self._core.position is None:
+            return False  # (not loaded: no warm start only to save what the store has)
+        await self.sync()  # (the log position then covers this process's own writes)
         async with self._lock:
             if self._core.position is None:
                 return False
@@ -1567,7 +1573,7 @@ class AsyncSemanticCache(_Base):
         if self._snapshot_dir is not None:
             try:
                 await self.save_snapshot()
-            except (OSError, _snapshot.SnapshotError) as exc:
+            except (OSError, StoreError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
         if self._owns_store:

@@ -116,7 +116,7 @@ def test_flushed_server_ignores_snapshot(fresh_server, ns, paraphrases, tmp_path
 
 
 @pytest.mark.parametrize("damage", ["manifest-garbage", "index-bytes", "index-missing",
-                                    "path-escape", "bad-id"])
+                                    "path-escape", "bad-id", "position-zero"])
 def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, caplog,
                                       damage):
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
@@ -136,8 +136,11 @@ def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, 
     elif damage == "path-escape":
         manifest["scopes"][0]["file"] = "../../outside.hci"
         (d / "manifest.json").write_text(json.dumps(manifest))
-    else:
+    elif damage == "bad-id":
         manifest["scopes"][0]["ids"][0] = -5
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    else:  # before the log's first entry: a trimmed log could not be told apart
+        manifest["position"] = "0-0"
         (d / "manifest.json").write_text(json.dumps(manifest))
     caplog.set_level(logging.INFO, logger="hnswcache")
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
@@ -189,9 +192,17 @@ def test_save_snapshot_needs_a_folder_and_a_replica(valkey_server, ns, tmp_path)
     with pytest.raises(ValueError, match="snapshot_dir"):
         a.save_snapshot()
     a.close()
-    b = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path)
-    assert b.save_snapshot() is False  # never loaded: nothing to save
+    unused = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path)
+    assert unused.save_snapshot() is False  # never loaded: no warm start only to save
+    unused.close()
+    assert not snapshot.folder(tmp_path, ns).exists()
+    # A server that does not answer: the replica was never loaded, there is nothing to save
+    # (and close() still closes).
+    b = SemanticCache(store="redis://127.0.0.1:1/0", namespace=ns, snapshot_dir=tmp_path,
+                      timeout=0.2)
+    assert b.save_snapshot() is False
     b.close()
+    assert not snapshot.folder(tmp_path, ns).exists()
 
 
 def test_embedded_default_keeps_snapshots_beside_its_data(tmp_path, ns, paraphrases, caplog):
