@@ -29,7 +29,10 @@ import logging
 import os
 import re
 import secrets
+import stat
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,9 @@ FORMAT = "hnswcache-snapshot/1"
 _MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 1 << 30
 _FILE_RE = re.compile(r"^scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci$")
+#: What a save leaves behind when it is killed: Index.save's and the manifest's temporaries.
+_LEFTOVER_RE = re.compile(r"^(scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci\.tmp\d+|"
+                          r"manifest\.json\.tmp\d+-[0-9a-f]{8})$")
 _SID_RE = re.compile(r"^[0-9a-f]{16}$")
 _POSITION_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 #: Index files no manifest names are removed once this old (seconds): younger ones may be
@@ -53,6 +59,53 @@ _STALE_AFTER = 600.0
 
 class SnapshotError(Exception):
     """A snapshot that cannot be used (missing files, corrupt, another configuration)."""
+
+
+@dataclass
+class Loaded:
+    """A snapshot read back: each scope's index, each entry's (scope, version), and the
+    change-log position they reflect. Nothing of the cache is touched until the caller
+    applies it (a cancelled async warm start then leaves nothing behind)."""
+
+    indexes: dict[str, Index]
+    where: dict[int, tuple[str, str]]
+    position: str
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file (no symlink, FIFO or device:
+    opening those could block or never end) of at most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SnapshotError(f"cannot open {path.name}: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"{path.name} is not a regular file")
+        if st.st_size > limit:
+            raise SnapshotError(f"{path.name} has {st.st_size} bytes, more than {limit}")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise SnapshotError(f"{path.name} grew past {limit} bytes while read")
+    return data
+
+
+#: Index file header: "HNSWCACH", u32 major, u32 minor, then u64 dim, metric, M,
+#: ef_construction, ... (cpp/src/graph/serialize.cpp). Checked here first so that a crafted
+#: header cannot make the native loader allocate for another dimension or degree.
+_INDEX_PREFIX = struct.Struct("<8sII4Q")
+
+
+def _index_limit(core: CacheCore, entries: int) -> int:
+    """Bytes an index file of a scope with ``entries`` live entries may have: 8x as many
+    slots (dead ones wait for consolidation), each at most its links, row and metadata."""
+    M, dim = core.index_params["M"], core.dim or 0
+    per_slot = 17 + 4 * (1 + 2 * M) + 4 * dim + 8 * (1 + M)
+    return (64 << 20) + 8 * (entries + 1) * per_slot
 
 
 def folder(root: str | os.PathLike[str], namespace: str) -> Path:
@@ -115,7 +168,7 @@ def _remove_stale(d: Path) -> None:
         return
     now = time.time()
     for f in d.iterdir():
-        stale = _FILE_RE.match(f.name) or f.name.startswith(f"{_MANIFEST}.tmp")
+        stale = _FILE_RE.match(f.name) or _LEFTOVER_RE.match(f.name)
         try:
             if stale and f.name not in named and now - f.stat().st_mtime > _STALE_AFTER:
                 f.unlink()
@@ -126,14 +179,11 @@ def _remove_stale(d: Path) -> None:
 def _read_manifest(d: Path) -> dict[str, Any]:
     path = d / _MANIFEST
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(_MAX_MANIFEST_BYTES + 1)
+        raw = _read_regular(path, _MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise SnapshotError("no snapshot") from None
     except OSError as exc:
         raise SnapshotError(f"cannot read {path}: {exc}") from None
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise SnapshotError("manifest too large")
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -162,11 +212,19 @@ def _check_scope(s: Any) -> tuple[str, str, list[int], list[str]]:
     return sid, name, ids, versions
 
 
-def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> str:
-    """Fill the (empty) replica of ``core`` from the snapshot of ``namespace``; returns the
-    log position it was taken at. Raises :class:`SnapshotError` (the replica is left empty)
-    when there is none or it does not fit: another namespace, dimension or index settings,
-    or a file that fails validation."""
+def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Loaded:
+    """The snapshot of ``namespace``, read and checked (``core`` is not changed). Raises
+    :class:`SnapshotError` when there is none or it does not fit: another namespace,
+    dimension or index settings, or anything that fails validation."""
+    try:
+        return _load(core, Path(root), namespace)
+    except SnapshotError:
+        raise
+    except Exception as exc:  # (MemoryError, RuntimeError... from a crafted file)
+        raise SnapshotError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
     d = folder(root, namespace)
     m = _read_manifest(d)
     if m.get("format") != FORMAT:
@@ -196,9 +254,20 @@ def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> str:
     p = core.index_params
     for sid, name, ids, versions in checked:
         try:
-            idx = Index.load(d / name, clock=core.clock)
-        except (OSError, ValueError) as exc:
+            data = _read_regular(d / name, _index_limit(core, len(ids)))
+        except OSError as exc:
             raise SnapshotError(f"index file {name}: {exc}") from None
+        if len(data) < _INDEX_PREFIX.size:
+            raise SnapshotError(f"index file {name} is too short")
+        magic, _major, _minor, dim, _metric, m_links, efc = _INDEX_PREFIX.unpack_from(data)
+        if magic != b"HNSWCACH" or (dim, m_links, efc) != (core.dim, want["M"],
+                                                           want["ef_construction"]):
+            raise SnapshotError(f"index file {name} is not an index of this cache's settings")
+        try:
+            idx = Index.from_bytes(data, clock=core.clock)
+        except ValueError as exc:
+            raise SnapshotError(f"index file {name}: {exc}") from None
+        del data
         got = {"M": idx.M, "ef_construction": idx.ef_construction, "alpha": idx.alpha,
                "dtype": idx.dtype, "metric": idx.metric}
         if got != want or idx.dim != core.dim:
@@ -208,6 +277,4 @@ def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> str:
         indexes[sid] = idx
         for eid, version in zip(ids, versions):
             where[eid] = (sid, version)
-    core.indexes.update(indexes)
-    core.where.update(where)
-    return position
+    return Loaded(indexes, where, position)

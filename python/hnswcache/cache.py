@@ -164,6 +164,7 @@ class _Base:
         self._embedded_url = ""
         self._takeover_at = 0.0  # (monotonic) no takeover attempt before then
         self._flights = Flights()
+        self._closed = False
 
     @property
     def threshold(self) -> float:
@@ -186,14 +187,22 @@ class _Base:
         """Live entries in this process's index replica."""
         return self._core.size()
 
-    def _snapshot_folder(self, snapshot_dir: str | os.PathLike[str] | None) -> None:
-        """Where snapshots go: ``snapshot_dir``, else beside the embedded server's data."""
-        if snapshot_dir is not None:
-            self._snapshot_dir: Path | None = Path(snapshot_dir)
-        elif self._data_dir is not None:
-            self._snapshot_dir = self._data_dir / "snapshots"
-        else:
-            self._snapshot_dir = None
+    def _snapshot_folder(self, snapshot_dir: str | os.PathLike[str] | None,
+                         store: Any) -> None:
+        """Where snapshots go: ``snapshot_dir``, else beside the embedded server's data.
+        Only a store whose log read tells a position it no longer holds (the Redis stores)
+        can say whether a snapshot fits it: the in-memory store's positions are counts,
+        which another store of as many events would take for its own."""
+        self._snapshot_dir: Path | None = None
+        if snapshot_dir is None and self._data_dir is None:
+            return
+        if not getattr(store, "checks_log_position", False):
+            if snapshot_dir is not None:
+                raise ValueError("snapshot_dir needs a Redis or Valkey store (this store "
+                                 "cannot tell whether a snapshot fits it)")
+            return
+        self._snapshot_dir = (Path(snapshot_dir) if snapshot_dir is not None
+                              else cast(Path, self._data_dir) / "snapshots")
 
     def _snapshot_failed(self, exc: BaseException) -> None:
         (log.info if isinstance(exc, _snapshot.SnapshotError) and str(exc) == "no snapshot"
@@ -353,7 +362,7 @@ class SemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: Store = cast(Store, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
-        self._snapshot_folder(snapshot_dir)
+        self._snapshot_folder(snapshot_dir, store)
 
     def _reopen(self, url: str) -> None:
         from .store.redis import RedisStore
@@ -407,14 +416,21 @@ class SemanticCache(_Base):
             c.dim = self.store.check_meta(None, "")[0]
         c.clear_local(None)
         try:
-            position = _snapshot.load(c, self._snapshot_dir, self.namespace)
+            loaded = _snapshot.load(c, self._snapshot_dir, self.namespace)
+            c.indexes.update(loaded.indexes)
+            c.where.update(loaded.where)
+            position = loaded.position
             _, batch = self.store.read([], log_after=position, touch=(), now=c.now())
             if batch is None or batch.reset:
                 raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
                                               f"position {position}")
             c.position = position
             self._apply_locked(batch)
-        except _snapshot.SnapshotError as exc:
+        except StoreError:
+            c.clear_local(None)
+            c.position = None
+            raise
+        except Exception as exc:  # anything else: the store decides, not the snapshot
             c.clear_local(None)
             c.position = None
             self._snapshot_failed(exc)
@@ -933,8 +949,12 @@ class SemanticCache(_Base):
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Save a snapshot (with a ``snapshot_dir``), close the store connection (if the
-        cache opened it) and stop its own server."""
+        cache opened it) and stop its own server. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         c = self._core
+        c.on_store_error = None  # (closing: no restart of the embedded server now)
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:
@@ -1020,7 +1040,7 @@ class AsyncSemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: AsyncStore = cast(AsyncStore, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
-        self._snapshot_folder(snapshot_dir)
+        self._snapshot_folder(snapshot_dir, store)
         self._takeover: asyncio.Future[None] | None = None  # a server restart in progress
 
     def _restart_server(self, old: Any, data_dir: Path) -> None:
@@ -1091,15 +1111,24 @@ class AsyncSemanticCache(_Base):
             c.dim = (await self.store.check_meta(None, ""))[0]
         c.clear_local(None)
         try:
-            position = await asyncio.to_thread(_snapshot.load, c, self._snapshot_dir,
-                                               self.namespace)
+            # (read in a thread that does not touch the replica: a cancelled warm start
+            # leaves nothing behind)
+            loaded = await asyncio.to_thread(_snapshot.load, c, self._snapshot_dir,
+                                             self.namespace)
+            c.indexes.update(loaded.indexes)
+            c.where.update(loaded.where)
+            position = loaded.position
             _, batch = await self.store.read([], log_after=position, touch=(), now=c.now())
             if batch is None or batch.reset:
                 raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
                                               f"position {position}")
             c.position = position
             await self._apply_locked(batch)
-        except _snapshot.SnapshotError as exc:
+        except StoreError:
+            c.clear_local(None)
+            c.position = None
+            raise
+        except Exception as exc:  # anything else: the store decides, not the snapshot
             c.clear_local(None)
             c.position = None
             self._snapshot_failed(exc)
@@ -1560,7 +1589,11 @@ class AsyncSemanticCache(_Base):
 
     async def close(self) -> None:
         """See :meth:`SemanticCache.close`."""
+        if self._closed:
+            return
+        self._closed = True
         c = self._core
+        c.on_store_error = None  # (closing: no restart of the embedded server now)
         if self._takeover is not None:
             await self._takeover  # (a server it starts is ours to stop below)
             self._takeover = None

@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import struct
+import threading
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -176,15 +181,13 @@ def test_other_settings_or_namespace_not_used(valkey_server, ns, paraphrases, tm
     assert snapshot.folder(snap, ns) != snapshot.folder(snap, ns + "x")
 
 
-def test_memory_store_snapshot_is_not_reused(ns, paraphrases, tmp_path, caplog):
-    """A new in-memory store is empty: the snapshot of the last one does not fit it."""
-    px, snap = paraphrases, tmp_path / "snap"
-    fill("memory", ns, px, snap)
-    caplog.set_level(logging.INFO, logger="hnswcache")
-    b = SemanticCache(store="memory", namespace=ns, snapshot_dir=snap)
-    assert b.get(px.q[1], embedding=px.qv[1]) is None and len(b) == 0
-    assert not loaded_from_snapshot(caplog)
-    b.close()
+def test_memory_store_takes_no_snapshot_dir(ns, tmp_path):
+    """The in-memory store's log positions are event counts: a new store with as many
+    events would take another store's snapshot for its own. Refused at construction."""
+    with pytest.raises(ValueError, match="snapshot_dir needs a Redis"):
+        SemanticCache(store="memory", namespace=ns, snapshot_dir=tmp_path)
+    with pytest.raises(ValueError, match="snapshot_dir needs a Redis"):
+        AsyncSemanticCache(store="memory", namespace=ns, snapshot_dir=tmp_path)
 
 
 def test_save_snapshot_needs_a_folder_and_a_replica(valkey_server, ns, tmp_path):
@@ -275,3 +278,113 @@ def test_loaded_graph_finds_the_nearest_entry(valkey_server, ns, tmp_path):
     assert same >= 0.99 and sum(found["snapshot hits"]) > 0
     b.close()
     c.close()
+
+
+def _damage_index_file(snap: Path, ns: str, how: str) -> None:
+    d = snapshot.folder(snap, ns)
+    manifest = json.loads((d / "manifest.json").read_text())
+    f = d / manifest["scopes"][0]["file"]
+    f.unlink()
+    if how == "fifo":
+        os.mkfifo(f)  # opening it to read would wait for a writer for ever
+    elif how == "symlink":
+        f.symlink_to("/dev/zero")  # reading it would never end
+    elif how == "huge":
+        with f.open("wb") as fh:
+            fh.truncate(64 << 30)  # sparse: 64 GiB that would be read whole
+    else:  # a well-formed index (size and checksum right) of dim 65536 and M 2048, one
+        # free slot: the native loader would reserve ~1 GiB for its first chunk
+        header = struct.pack("<8sII12Qd", b"HNSWCACH", 2, 0, 65536, 0, 2048, 100, 10, 1, 1,
+                             2**64 - 1, 0, 0, 0, 2, 1.2)
+        slot = b"\xff" + struct.pack("<qq", -1, 0) + b"\0" * (4 * 4097) + b"\0" * (4 + 65536)
+        body = header + slot
+        f.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("how", ["fifo", "symlink", "huge", "foreign-header"])
+def test_hostile_index_file_is_refused_quickly(valkey_server, ns, paraphrases, tmp_path,
+                                               caplog, how):
+    """A scope file that is a FIFO, a symlink, too large, or an index of other settings is
+    refused before it is read or handed to the native loader; the lookup is answered from
+    the store within seconds (the warm start holds the cache's lock: a hang would stop
+    every call)."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    _damage_index_file(snap, ns, how)
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    box: list[object] = []
+    t = threading.Thread(target=lambda: box.append(b.get(px.q[7], embedding=px.qv[7])),
+                         daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the warm start hung on the snapshot"
+    assert time.monotonic() - t0 < 20
+    assert box[0] is not None and box[0].response == "answer 7"  # type: ignore[attr-defined]
+    assert not loaded_from_snapshot(caplog) and len(b) == N
+    if how == "foreign-header":  # refused on its header, before the native loader sized it
+        assert any("not an index of this cache's settings" in r.getMessage()
+                   for r in caplog.records)
+    b._snapshot_dir = None
+    b.close()
+
+
+def test_close_twice_does_not_restart_the_embedded_server(tmp_path, ns, paraphrases,
+                                                          caplog):
+    px = paraphrases
+    a = SemanticCache(namespace=ns, data_dir=tmp_path / "data")
+    a.set(px.q[0], "a", embedding=px.qv[0])
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    a.close()
+    a.close()
+    assert not any("restarted it" in r.getMessage() for r in caplog.records)
+    assert a._server is None
+
+
+def test_cancelled_async_warm_start_leaves_nothing(valkey_server, ns, tmp_path):
+    """A warm start cancelled while the snapshot is read (a wait_for timeout) must not
+    fill the replica later from its worker thread."""
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((20_000, 64)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        for s in range(0, len(vecs), 5000):
+            await a.set_many([(f"r{i}", "x") for i in range(s, s + 5000)],
+                             embeddings=vecs[s:s + 5000])
+        await a.close()
+        b = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.sync(), timeout=0.005)
+        await asyncio.sleep(3)  # (the worker thread has long finished reading)
+        assert b._core.position is None and not b._core.where and not b._core.indexes
+        assert (await b.get("r17", embedding=vecs[17])).response == "x"  # type: ignore[union-attr]
+        assert len(b) == len(vecs)
+        await b.close()
+
+    asyncio.run(run())
+
+
+def test_leftovers_of_a_killed_save_are_removed(valkey_server, ns, paraphrases, tmp_path):
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    fill(url, ns, px, snap)
+    d = snapshot.folder(snap, ns)
+    old = time.time() - 3600
+    leftovers = [d / "scope-0123456789abcdef-89abcdef.hci.tmp4242",
+                 d / "manifest.json.tmp4242-0123abcd", d / "scope-0123456789abcdef-00000000.hci"]
+    young = d / "scope-0123456789abcdef-11111111.hci"  # maybe another process's save
+    for f in [*leftovers, young]:
+        f.write_bytes(b"x" * 100)
+    for f in leftovers:
+        os.utime(f, (old, old))
+    keep = d / "notes.txt"  # not ours: never touched
+    keep.write_text("mine")
+    os.utime(keep, (old, old))
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    b.sync()
+    assert len(b) == N
+    b.close()  # saves, then removes what no manifest names and is old enough
+    assert not any(f.exists() for f in leftovers)
+    assert young.exists() and keep.exists()

@@ -137,6 +137,10 @@ def _check_client(client: Any) -> None:
 class _Layout:
     """Keys, command lists and response parsers shared by the sync and async stores."""
 
+    #: A log read from a position the stream no longer holds comes back as a reset (see
+    #: parse_log): a cache may trust a snapshot taken at a position this store still has.
+    checks_log_position = True
+
     def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
                  owns_client: bool = False) -> None:
         _check_client(client)
