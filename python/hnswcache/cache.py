@@ -165,6 +165,8 @@ class _Base:
         self._takeover_at = 0.0  # (monotonic) no takeover attempt before then
         self._flights = Flights()
         self._closed = False
+        self._warm: dict[str, Any] = {}  # how the last warm start went (stats())
+        self._snapshot_skipped: str | None = None
 
     @property
     def threshold(self) -> float:
@@ -180,8 +182,18 @@ class _Base:
         """Counters (hits per tier, misses, hit rate, sets, expiries, evictions, store and
         embedder errors, invalid entries seen, ``@cached`` calls saved by coalescing, matches
         refused by a read's ``max_age``) and lookup latency percentiles (µs, over the last
-        10,000 lookups)."""
-        return self._core.stats.snapshot(self._core.size())
+        10,000 lookups). ``warm_start`` says how the replica was last loaded: ``source``
+        (``"snapshot"`` or ``"store"``), ``seconds``, ``entries``, and
+        ``snapshot_skipped`` (why a snapshot in ``snapshot_dir`` was not used)."""
+        out = self._core.stats.snapshot(self._core.size())
+        out["warm_start"] = dict(self._warm)
+        return out
+
+    def _note_warm(self, source: str, t0: float) -> None:
+        self._warm = {"source": source, "seconds": time.monotonic() - t0,
+                      "entries": self._core.size()}
+        if self._snapshot_skipped is not None:
+            self._warm["snapshot_skipped"] = self._snapshot_skipped
 
     def __len__(self) -> int:
         """Live entries in this process's index replica."""
@@ -205,6 +217,7 @@ class _Base:
                               else cast(Path, self._data_dir) / "snapshots")
 
     def _snapshot_failed(self, exc: BaseException) -> None:
+        self._snapshot_skipped = str(exc)
         (log.info if isinstance(exc, _snapshot.SnapshotError) and str(exc) == "no snapshot"
          else log.warning)("hnswcache %r: warm start from the store, not the snapshot in %s: "
                            "%s", self.namespace, self._snapshot_dir, exc)
@@ -393,7 +406,10 @@ class SemanticCache(_Base):
 
     def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
+        t0 = time.monotonic()
+        self._snapshot_skipped = None
         if snapshot and self._snapshot_dir is not None and self._from_snapshot():
+            self._note_warm("snapshot", t0)
             return
         head = self.store.log_head()
         if c.dim is None:
@@ -405,6 +421,7 @@ class SemanticCache(_Base):
         for batch in batches:
             c.load(batch)
         c.position = head
+        self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
     def _from_snapshot(self) -> bool:
@@ -1088,7 +1105,10 @@ class AsyncSemanticCache(_Base):
 
     async def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
+        t0 = time.monotonic()
+        self._snapshot_skipped = None
         if snapshot and self._snapshot_dir is not None and await self._from_snapshot():
+            self._note_warm("snapshot", t0)
             return
         head = await self.store.log_head()
         if c.dim is None:
@@ -1100,6 +1120,7 @@ class AsyncSemanticCache(_Base):
             async for batch in self.store.scan():
                 c.load(batch)
         c.position = head
+        self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
     async def _from_snapshot(self) -> bool:

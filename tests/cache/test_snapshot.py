@@ -71,6 +71,10 @@ def test_snapshot_then_changes_by_others(valkey_server, ns, paraphrases, tmp_pat
     got = answers(restarted, px, rows)
     assert loaded_from_snapshot(caplog)
     assert got == answers(fresh, px, rows)
+    warm = restarted.stats()["warm_start"]
+    assert warm["source"] == "snapshot" and warm["entries"] == N + 30 - 1
+    assert 0 < warm["seconds"] < 30 and "snapshot_skipped" not in warm
+    assert fresh.stats()["warm_start"]["source"] == "store"
     assert got[2 * 3 + 1] is None and got[2 * 4 + 1] == "rewritten"
     assert got[2 * (N + 10) + 1] == f"answer {N + 10}"  # set by the other process
     assert sum(g is not None for g in got) > N  # paraphrases hit too
@@ -117,6 +121,8 @@ def test_flushed_server_ignores_snapshot(fresh_server, ns, paraphrases, tmp_path
     assert len(c) == 1
     assert not loaded_from_snapshot(caplog)
     assert any("no longer holds its position" in r.getMessage() for r in caplog.records)
+    warm = c.stats()["warm_start"]
+    assert warm["source"] == "store" and "no longer holds" in warm["snapshot_skipped"]
     c.close()
 
 
