@@ -1,6 +1,6 @@
 """SemanticCache at 100k entries: get latency and throughput, set throughput, warm start.
 
-    python bench/bench_cache.py [--n 100000] [--queries 5000] [--stores memory,valkey]
+    python bench/bench_cache.py [--n 100000] [--queries 5000] [--rounds 3] [--stores memory,valkey]
 
 Embeddings are precomputed (the embedder is excluded from every figure): the SGD user
 requests of ``../shared/data/sgd`` (all-MiniLM-L6-v2, 384-d) when present, else random
@@ -21,6 +21,9 @@ trip, so its latency is that floor plus the cache's own work. The ``host`` row t
 same pure-Python loop over and over: its p99 / p50 is the spread this machine adds to any
 latency of that size, whatever the code does; the ``pauses`` row says why: how often per
 second the process loses the CPU for 20 µs or more (a loop that only reads the clock).
+With ``--rounds R`` > 1 the lookups run R times: the main rows are the first pass (every
+call), and a "fastest of R rounds" row per kind takes each query's fastest pass, which a
+pause rarely hits twice: the lookup's own spread, the host's pauses apart.
 """
 
 from __future__ import annotations
@@ -145,17 +148,29 @@ def bench_store(name: str, store: Any, data: tuple[Any, ...], args: argparse.Nam
             cache.get(p + " warmup", embedding=v)
         lat = []
         hits = 0
-        for p, v in items:
-            t = time.perf_counter()
-            h = cache.get(p, embedding=v)
-            lat.append(time.perf_counter() - t)
-            hits += h is not None
-            if raw is not None and kind == "semantic":
+        fastest = np.full(len(items), np.inf)
+        for r in range(args.rounds):
+            for i, (p, v) in enumerate(items):
                 t = time.perf_counter()
-                raw.hgetall(floor_key)
-                floor.append(time.perf_counter() - t)
+                h = cache.get(p, embedding=v)
+                d = time.perf_counter() - t
+                fastest[i] = min(fastest[i], d)
+                if r:
+                    continue
+                lat.append(d)
+                hits += h is not None
+                if raw is not None and kind == "semantic":
+                    t = time.perf_counter()
+                    raw.hgetall(floor_key)
+                    floor.append(time.perf_counter() - t)
         p50, p99, qps = pct(lat)
         rows.append((name, f"get {kind} (hit rate {hits / len(items):.2f})", p50, p99, qps))
+        if args.rounds > 1:
+            # The same lookups with the host's pauses mostly filtered out: a pause hits a
+            # given call rarely, so each query's fastest round is its cost without one.
+            p50, p99, _ = pct(fastest.tolist())
+            rows.append((name, f"get {kind}, each query's fastest of {args.rounds} rounds",
+                         p50, p99, "-"))
     if raw is not None and floor:
         p50, p99, qps = pct(floor)
         rows.append((name, "floor: one HGETALL of an entry (plain redis-py)", p50, p99, qps))
@@ -288,6 +303,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the lookups: the first gives the p50/p99 of every "
+                         "call, all of them each query's fastest (the host's pauses apart)")
     ap.add_argument("--gptcache-queries", type=int, default=300,
                     help="queries per kind for GPTCache (its lookups take milliseconds)")
     ap.add_argument("--stores", default="memory,valkey,valkey-unix,gptcache",
@@ -317,8 +335,8 @@ def main() -> None:
     log.info("| store | operation | p50 µs | p99 µs | per second |")
     log.info("|---|---|---:|---:|---:|")
     for store, op, p50, p99, rate in rows:
-        p50s, p99s = (f"{x:.0f}" if isinstance(x, float) else x for x in (p50, p99))
-        log.info("| %s | %s | %s | %s | %.0f |", store, op, p50s, p99s, rate)
+        p50s, p99s, rates = (f"{x:.0f}" if isinstance(x, float) else x for x in (p50, p99, rate))
+        log.info("| %s | %s | %s | %s | %s |", store, op, p50s, p99s, rates)
 
 
 if __name__ == "__main__":
