@@ -408,8 +408,10 @@ class SemanticCache(_Base):
         c = self._core
         t0 = time.monotonic()
         self._snapshot_skipped = None
+        resyncs = c.stats.counts["resyncs"]
         if snapshot and self._snapshot_dir is not None and self._from_snapshot():
-            self._note_warm("snapshot", t0)
+            if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
+                self._note_warm("snapshot", t0)
             return
         head = self.store.log_head()
         if c.dim is None:
@@ -1107,8 +1109,10 @@ class AsyncSemanticCache(_Base):
         c = self._core
         t0 = time.monotonic()
         self._snapshot_skipped = None
+        resyncs = c.stats.counts["resyncs"]
         if snapshot and self._snapshot_dir is not None and await self._from_snapshot():
-            self._note_warm("snapshot", t0)
+            if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
+                self._note_warm("snapshot", t0)
             return
         head = await self.store.log_head()
         if c.dim is None:
