@@ -320,10 +320,11 @@ class SemanticCache(_Base):
             another (paraphrase hits among 100k rows 0.836 instead of 0.796 at ef 32), for
             ~16% fewer sets a second and ~10% more search time at the same ef.
         snapshot_dir: a local folder for snapshots of the replica (default: beside the
-            embedded server's data; none for other stores). :meth:`close` and
-            :meth:`save_snapshot` write one; the warm start loads it and applies the
-            store's changes since, instead of rebuilding every scope's graph from the
-            stored entries. A snapshot that does not fit the store is not used.
+            embedded server's data; none for other stores; Redis/Valkey stores only).
+            :meth:`close`, :meth:`save_snapshot` and a warm start that read the store
+            write one; the warm start loads it and applies the store's changes since,
+            instead of rebuilding every scope's graph from the stored entries. A snapshot
+            that does not fit the store is not used.
     """
 
     def __init__(
@@ -425,6 +426,14 @@ class SemanticCache(_Base):
         c.position = head
         self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
+        if self._snapshot_dir is not None and c.where:
+            # That was the slow way: leave a snapshot for the next start now (a process
+            # that is killed never reaches close()).
+            try:
+                _snapshot.save(c, self._snapshot_dir, self.namespace)
+            except (OSError, _snapshot.SnapshotError) as exc:
+                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                            self._snapshot_dir, exc)
 
     def _from_snapshot(self) -> bool:
         """Warm start from the local snapshot: load it, then apply the store's changes
@@ -1126,6 +1135,13 @@ class AsyncSemanticCache(_Base):
         c.position = head
         self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
+        if self._snapshot_dir is not None and c.where:
+            # (see SemanticCache._rebuild; written in a worker thread)
+            try:
+                await asyncio.to_thread(_snapshot.save, c, self._snapshot_dir, self.namespace)
+            except (OSError, _snapshot.SnapshotError) as exc:
+                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                            self._snapshot_dir, exc)
 
     async def _from_snapshot(self) -> bool:
         """See :meth:`SemanticCache._from_snapshot` (the files are read in a worker

@@ -394,3 +394,47 @@ def test_leftovers_of_a_killed_save_are_removed(valkey_server, ns, paraphrases, 
     b.close()  # saves, then removes what no manifest names and is old enough
     assert not any(f.exists() for f in leftovers)
     assert young.exists() and keep.exists()
+
+
+def test_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, paraphrases,
+                                                     tmp_path, caplog):
+    """A process that rebuilt from the store saves a snapshot at once, so the next start is
+    fast even if this one is killed before close(); writes made after it arrive by the log."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    writer = SemanticCache(store=url, namespace=ns)
+    writer.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N])
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "store"
+    assert (snapshot.folder(snap, ns) / "manifest.json").exists()  # before any close()
+    writer.set(px.q[N], "later", embedding=px.qv[N])
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert c.get(px.q[N], embedding=px.qv[N]).response == "later"  # type: ignore[union-attr]
+    assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == N + 1
+    assert loaded_from_snapshot(caplog)
+    writer.close()
+    c.close()
+    b._closed = True  # (as if killed: b never closes)
+    b.store.close()
+
+
+def test_async_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, paraphrases,
+                                                           tmp_path):
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+
+    async def run() -> None:
+        writer = AsyncSemanticCache(store=url, namespace=ns)
+        await writer.set_many([(px.q[i], f"answer {i}") for i in range(N)],
+                              embeddings=px.qv[:N])
+        await writer.close()
+        b = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        await b.sync()
+        assert (snapshot.folder(snap, ns) / "manifest.json").exists()
+        c = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+        await c.sync()
+        assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == N
+        await b.close()
+        await c.close()
+
+    asyncio.run(run())
