@@ -193,6 +193,37 @@ def _read_manifest(d: Path) -> dict[str, Any]:
     return value
 
 
+def describe(root: str | os.PathLike[str], namespace: str) -> dict[str, Any] | None:
+    """What the snapshot of ``namespace`` under ``root`` holds, for ``hnswcache inspect``
+    (read-only; index files are not read): ``None`` if there is none, ``{"error": ...}`` if
+    its manifest cannot be read."""
+    d = folder(root, namespace)
+    try:
+        m = _read_manifest(d)
+    except SnapshotError as exc:
+        return None if str(exc) == "no snapshot" else {"folder": str(d), "error": str(exc)}
+    raw_scopes = m.get("scopes")
+    scopes: list[Any] = raw_scopes if isinstance(raw_scopes, list) else []
+    entries = 0
+    for x in scopes:
+        if isinstance(x, dict) and isinstance(x.get("ids"), list):
+            entries += len(x["ids"])
+    size = 0
+    for f in d.iterdir():
+        try:
+            st = f.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            size += st.st_size
+    written = m.get("written")
+    position = m.get("position")
+    return {"folder": str(d), "entries": entries, "scopes": len(scopes),
+            "written": written if isinstance(written, (int, float)) else None,
+            "position": position if isinstance(position, str) else None,
+            "dim": m.get("dim"), "index": m.get("index"), "bytes": size}
+
+
 def _check_scope(s: Any) -> tuple[str, str, list[int], list[str]]:
     if not isinstance(s, dict):
         raise SnapshotError("a scope is not an object")

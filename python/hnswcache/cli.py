@@ -644,7 +644,40 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
             ops = Counter(e["op"] for e in r["last_log_events"])
             L.append(f"  last {len(r['last_log_events'])} log events: "
                      + ", ".join(f"{op} {c}" for op, c in ops.items()))
+        if "snapshot" in r:
+            L.append("  snapshot     " + _format_snapshot(r["snapshot"], now))
     return "\n".join(L)
+
+
+def _format_snapshot(snap: dict[str, Any] | None, now: float) -> str:
+    if snap is None:
+        return "none (the next start reads the server)"
+    if "error" in snap:
+        return f"unreadable ({snap['error']}): the next start reads the server"
+    written = snap.get("written")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written))
+            + (f" ({_human_seconds(now - written)} ago)" if now >= written else "")
+            if written is not None else "at an unknown time")
+    fits = ("its log position is still in the server: the next start loads it"
+            if snap.get("position_held") else
+            "its log position is gone from the server: the next start reads the server")
+    return (f"{snap['entries']} entries in {snap['scopes']} scope(s), "
+            f"{_human_bytes(snap['bytes'])}, written {when}; {fits}")
+
+
+def _inspect_snapshot(client: Any, root: str | os.PathLike[str], ns: str
+                      ) -> dict[str, Any] | None:
+    """The namespace's snapshot, and whether the server's change log still holds its
+    position (then a starting cache loads it; else it reads the server)."""
+    from . import _snapshot
+    from .store.redis import RedisStore
+
+    info = _snapshot.describe(root, ns)
+    if info is not None and info.get("position"):
+        log_key = RedisStore(client, namespace=ns).k_log
+        pos = info["position"]
+        info["position_held"] = pos != "0-0" and bool(client.xrange(log_key, pos, pos, count=1))
+    return info
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -667,10 +700,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         url, where = args.url, redact_url(args.url)
     else:
         raise CliError("give a URL (redis://host:6379/0) or --data-dir of an embedded cache")
+    snapshots = (args.snapshot_dir if args.snapshot_dir
+                 else Path(args.data_dir) / "snapshots" if args.data_dir else None)
     try:
         client = redis.Redis.from_url(url, socket_timeout=args.timeout)
         try:
             rep = inspect_server(client, namespace=args.namespace, last=args.last)
+            if snapshots is not None:
+                for ns, r in rep["namespaces"].items():
+                    r["snapshot"] = _inspect_snapshot(client, snapshots, ns)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise CliError(f"{where}: {exc}") from None
         finally:
@@ -785,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_inspect.__doc__)
     i.add_argument("url", nargs="?", help="redis://[user:pass@]host:port/db or rediss://")
     i.add_argument("--data-dir", help="instead of a URL: the folder of an embedded server")
+    i.add_argument("--snapshot-dir", help="the caches' snapshot_dir, to report on their "
+                   "snapshots (default with --data-dir: its snapshots folder)")
     i.add_argument("--namespace", help="only this cache namespace (default: all found)")
     i.add_argument("--last", type=int, default=10, help="last writes shown (10)")
     i.add_argument("--timeout", type=float, default=5.0)

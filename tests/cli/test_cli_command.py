@@ -374,3 +374,40 @@ def test_demo_refuses_a_folder_another_server_keeps(fake_embedder, capsys,
         assert json.loads((d / "server.json").read_text())["pid"] == server.pid
     finally:
         server.stop()
+
+
+def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> None:
+    """With --data-dir, inspect says what each namespace's snapshot holds and whether a
+    starting cache will load it (the server's log still holds its position)."""
+    from hnswcache import SemanticCache
+
+    data = tmp_path / "data"
+    with SemanticCache(fake_embedder, namespace="shop", data_dir=data) as c:
+        c.set("How do I reset my password?", "a1")
+        c.set("Where is my order?", "a2")
+    assert cli.main(["inspect", "--data-dir", str(data), "--json"]) == 0
+    snap = json.loads(capsys.readouterr().out)["namespaces"]["shop"]["snapshot"]
+    assert snap["entries"] == 2 and snap["scopes"] == 1 and snap["position_held"] is True
+    assert snap["bytes"] > 0 and snap["written"] > 0
+    assert cli.main(["inspect", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "snapshot     2 entries in 1 scope(s)" in out and "the next start loads it" in out
+    # Another snapshot folder with nothing in it: said so.
+    assert cli.main(["inspect", "--data-dir", str(data), "--snapshot-dir",
+                     str(tmp_path / "empty")]) == 0
+    assert "snapshot     none" in capsys.readouterr().out
+    # The server lost its data (and was written again): the snapshot no longer fits.
+    import redis
+
+    from hnswcache.store.server import shared_server
+
+    url, server = shared_server(data)
+    try:
+        redis.Redis.from_url(url).flushall()
+        with SemanticCache(fake_embedder, store=url, namespace="shop") as c:
+            c.set("Track my delivery", "a3")
+    finally:
+        if server is not None:
+            server.stop()
+    assert cli.main(["inspect", "--data-dir", str(data)]) == 0
+    assert "its log position is gone from the server" in capsys.readouterr().out
