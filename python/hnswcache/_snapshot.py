@@ -9,12 +9,16 @@ is the authority: a snapshot that no longer fits it (its position trimmed away, 
 server's data, a flushed server) is not used, and the warm start reads the store.
 
 Layout, one folder per namespace under the snapshot folder (the name is a hash of the
-namespace, so any namespace is a safe file name)::
+namespace, so any namespace is a safe file name), and in it one per variant of the index
+settings (a hash of the dimension, M, ef_construction, alpha and dtype: deployments with
+other settings sharing the folder keep their own snapshots instead of replacing each
+other's at every start)::
 
-    <root>/<hash>/manifest.json              format, namespace, dimension, index
-                                             parameters, log position, and per scope: its
-                                             index file, entry ids and versions
-    <root>/<hash>/scope-<sid>-<token>.hci    Index.save() of scope <sid>
+    <root>/<ns hash>/<variant>/manifest.json            format, namespace, dimension, index
+                                                        settings, log position, and per
+                                                        scope: its index file, entry ids
+                                                        and versions
+    <root>/<ns hash>/<variant>/scope-<sid>-<token>.hci  Index.save() of scope <sid>
 
 The manifest is replaced atomically after its index files are written, so a reader sees the
 old snapshot or the new one. Everything read back is validated (the index files by the
@@ -52,6 +56,8 @@ _LEFTOVER_RE = re.compile(r"^(scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci\.tmp\d+|"
                           r"manifest\.json\.tmp\d+-[0-9a-f]{8})$")
 _SID_RE = re.compile(r"^[0-9a-f]{16}$")
 _POSITION_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_VARIANT_RE = re.compile(r"^[0-9a-f]{16}$")
+_U64_MAX = 2**64 - 1
 #: Index files no manifest names are removed once this old (seconds): younger ones may be
 #: another process's snapshot, written but not yet named by its manifest.
 _STALE_AFTER = 600.0
@@ -109,9 +115,30 @@ def _index_limit(core: CacheCore, entries: int) -> int:
 
 
 def folder(root: str | os.PathLike[str], namespace: str) -> Path:
-    """The snapshot folder of ``namespace`` under ``root``."""
+    """The snapshot folder of ``namespace`` under ``root`` (one subfolder per variant of
+    the index settings)."""
     digest = hashlib.blake2b(namespace.encode(), digest_size=8, person=b"hc-snap").hexdigest()
     return Path(root) / digest
+
+
+def variant_folder(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Path:
+    """The folder of the snapshot a cache of ``core``'s settings writes and reads."""
+    key = json.dumps({"dim": core.dim, **_expected(core)}, sort_keys=True)
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"hc-snapv").hexdigest()
+    return folder(root, namespace) / digest
+
+
+def _check_position(position: Any) -> str:
+    """A stream id the server accepts ("<ms>-<seq>", each at most 2^64 - 1), not 0-0."""
+    if not isinstance(position, str) or not _POSITION_RE.match(position):
+        raise SnapshotError("bad log position")
+    if any(int(part) > _U64_MAX for part in position.split("-")):
+        raise SnapshotError("bad log position")
+    if position == "0-0":
+        # (taken before the log had an entry: a read from there cannot tell whether the
+        # log was trimmed since, so what the snapshot lacks could be lost)
+        raise SnapshotError("taken before the change log had an entry")
+    return position
 
 
 def _expected(core: CacheCore) -> dict[str, Any]:
@@ -123,15 +150,18 @@ def _expected(core: CacheCore) -> dict[str, Any]:
             "dtype": core.dtype, "metric": "cosine"}
 
 
-def save(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Path:
-    """Write the replica of ``core`` (which must have a log position) as the snapshot of
-    ``namespace``; returns its folder. The caller holds the cache's lock, so no log batch
-    is applied meanwhile; writes of this process may land in the indexes during the save,
-    which is harmless: their log entries come after the saved position and are replayed."""
-    position = core.position
+def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
+         position: str | None = None) -> Path:
+    """Write the replica of ``core`` as the snapshot of ``namespace``, taken at the log
+    position ``position`` (default: the replica's); returns its folder. The caller holds
+    the cache's lock, so no log batch is applied meanwhile. Writes of this process may land
+    in the indexes during the save: their log entries come after the saved position and
+    are replayed, and :func:`load` drops what the saved indexes and entry list disagree on
+    (the list is copied before the indexes are written)."""
+    position = core.position if position is None else position
     if position is None or core.dim is None:
         raise SnapshotError("nothing to save: the replica has not been loaded")
-    d = folder(root, namespace)
+    d = variant_folder(core, root, namespace)
     d.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
     where = dict(core.where)  # (a copy: other threads' lookups add and remove entries)
@@ -193,35 +223,52 @@ def _read_manifest(d: Path) -> dict[str, Any]:
     return value
 
 
-def describe(root: str | os.PathLike[str], namespace: str) -> dict[str, Any] | None:
-    """What the snapshot of ``namespace`` under ``root`` holds, for ``hnswcache inspect``
-    (read-only; index files are not read): ``None`` if there is none, ``{"error": ...}`` if
-    its manifest cannot be read."""
-    d = folder(root, namespace)
+def describe(root: str | os.PathLike[str], namespace: str) -> list[dict[str, Any]]:
+    """The snapshots of ``namespace`` under ``root`` (one per variant of the index
+    settings, newest first), for ``hnswcache inspect``; read-only, index files are not
+    read. A manifest that fails the checks :func:`load` makes before reading index files
+    is listed with its ``error``."""
+    out = []
+    base = folder(root, namespace)
     try:
-        m = _read_manifest(d)
-    except SnapshotError as exc:
-        return None if str(exc) == "no snapshot" else {"folder": str(d), "error": str(exc)}
-    raw_scopes = m.get("scopes")
-    scopes: list[Any] = raw_scopes if isinstance(raw_scopes, list) else []
-    entries = 0
-    for x in scopes:
-        if isinstance(x, dict) and isinstance(x.get("ids"), list):
-            entries += len(x["ids"])
-    size = 0
-    for f in d.iterdir():
-        try:
-            st = f.lstat()
-        except OSError:
+        variants = sorted(base.iterdir()) if base.is_dir() else []
+    except OSError:
+        variants = []
+    for d in variants:
+        if not _VARIANT_RE.match(d.name) or not d.is_dir() or d.is_symlink():
             continue
-        if stat.S_ISREG(st.st_mode):
-            size += st.st_size
-    written = m.get("written")
-    position = m.get("position")
-    return {"folder": str(d), "entries": entries, "scopes": len(scopes),
-            "written": written if isinstance(written, (int, float)) else None,
-            "position": position if isinstance(position, str) else None,
-            "dim": m.get("dim"), "index": m.get("index"), "bytes": size}
+        info: dict[str, Any] = {"folder": str(d)}
+        try:
+            m = _read_manifest(d)
+            if m.get("format") != FORMAT or m.get("namespace") != namespace:
+                raise SnapshotError("another format or namespace")
+            info["position"] = _check_position(m.get("position"))
+            scopes = m.get("scopes")
+            if not isinstance(scopes, list):
+                raise SnapshotError("bad scope list")
+            checked = [_check_scope(x) for x in scopes]
+            written = m.get("written")
+            if not isinstance(written, (int, float)) or not 0 <= written < 1e11:
+                raise SnapshotError("bad time of writing")
+            info.update(entries=sum(len(ids) for _, _, ids, _ in checked),
+                        scopes=len(checked), written=float(written), dim=m.get("dim"),
+                        index=m.get("index"))
+        except SnapshotError as exc:
+            if str(exc) == "no snapshot":
+                continue
+            info = {"folder": str(d), "error": str(exc)}
+        size = 0
+        for f in d.iterdir():
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                size += st.st_size
+        info["bytes"] = size
+        out.append(info)
+    out.sort(key=lambda x: -x.get("written", 0.0))
+    return out
 
 
 def _check_scope(s: Any) -> tuple[str, str, list[int], list[str]]:
@@ -256,7 +303,9 @@ def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Loade
 
 
 def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
-    d = folder(root, namespace)
+    if core.dim is None:
+        raise SnapshotError("the store holds no dimension yet")
+    d = variant_folder(core, root, namespace)
     m = _read_manifest(d)
     if m.get("format") != FORMAT:
         raise SnapshotError(f"unknown format {str(m.get('format'))[:40]!r}")
@@ -267,13 +316,7 @@ def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
     want = _expected(core)
     if m.get("index") != want:
         raise SnapshotError(f"index settings {m.get('index')!r}, the cache's are {want!r}")
-    position = m.get("position")
-    if not isinstance(position, str) or not _POSITION_RE.match(position):
-        raise SnapshotError("bad log position")
-    if position == "0-0":
-        # (taken before the log had an entry: a read from there cannot tell whether the
-        # log was trimmed since, so what the snapshot lacks could be lost)
-        raise SnapshotError("taken before the change log had an entry")
+    position = _check_position(m.get("position"))
     scopes = m.get("scopes")
     if not isinstance(scopes, list):
         raise SnapshotError("bad scope list")
@@ -305,7 +348,17 @@ def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
             raise SnapshotError(f"index file {name} has other settings: {got!r}")
         idx.ef_search = p["ef_search"]
         idx.search_starts = core.search_starts
+        # The entry list and the graph must agree: an entry only in the graph (written
+        # while the save ran) would stay there for ever, as a later delete of an entry the
+        # replica does not list is ignored; one only in the list would never be searched.
+        # Both come back through the log replay if the store still has them.
+        labels = set(idx.labels().tolist())
+        listed = dict(zip(ids, versions))
+        extra = [lab for lab in labels if lab not in listed]
+        if extra:
+            idx.delete(extra)
+        for eid, version in listed.items():
+            if eid in labels:
+                where[eid] = (sid, version)
         indexes[sid] = idx
-        for eid, version in zip(ids, versions):
-            where[eid] = (sid, version)
     return Loaded(indexes, where, position)

@@ -408,11 +408,14 @@ class SemanticCache(_Base):
     def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
         t0 = time.monotonic()
-        self._snapshot_skipped = None
+        if snapshot:  # (a rebuild inside the replay of a snapshot keeps its reason)
+            self._snapshot_skipped = None
         resyncs = c.stats.counts["resyncs"]
         if snapshot and self._snapshot_dir is not None and self._from_snapshot():
             if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
                 self._note_warm("snapshot", t0)
+                log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
+                         self.namespace, c.size(), self._snapshot_dir)
             return
         head = self.store.log_head()
         if c.dim is None:
@@ -423,17 +426,18 @@ class SemanticCache(_Base):
             batches = [[f for b in batches for f in b]]
         for batch in batches:
             c.load(batch)
-        c.position = head
-        self._note_warm("store", t0)
-        log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
         if self._snapshot_dir is not None and c.where:
             # That was the slow way: leave a snapshot for the next start now (a process
-            # that is killed never reaches close()).
+            # that is killed never reaches close()). Before the position is set, so calls
+            # wait for it as they waited for the rebuild.
             try:
-                _snapshot.save(c, self._snapshot_dir, self.namespace)
+                _snapshot.save(c, self._snapshot_dir, self.namespace, head)
             except (OSError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
+        c.position = head
+        self._note_warm("store", t0)
+        log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
     def _from_snapshot(self) -> bool:
         """Warm start from the local snapshot: load it, then apply the store's changes
@@ -467,8 +471,6 @@ class SemanticCache(_Base):
             c.clear_local(None)
             c.position = None
             raise
-        log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
-                 self.namespace, c.size(), self._snapshot_dir)
         return True
 
     def save_snapshot(self) -> bool:
@@ -480,6 +482,10 @@ class SemanticCache(_Base):
         if self._core.position is None:
             return False  # (not loaded: no warm start only to save what the store has)
         self.sync()  # (the log position then covers this process's own writes)
+        return self._write_snapshot()
+
+    def _write_snapshot(self) -> bool:
+        assert self._snapshot_dir is not None
         with self._lock:
             if self._core.position is None:
                 return False
@@ -989,10 +995,14 @@ class SemanticCache(_Base):
                 self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
-        if self._snapshot_dir is not None:
+        if self._snapshot_dir is not None and c.position is not None:
             try:
-                self.save_snapshot()
-            except (OSError, StoreError, _snapshot.SnapshotError) as exc:
+                self.sync()
+            except StoreError:
+                pass  # (strict: the replica as applied is still a snapshot of its position)
+            try:
+                self._write_snapshot()
+            except (OSError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
         if self._owns_store:
@@ -1117,11 +1127,14 @@ class AsyncSemanticCache(_Base):
     async def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
         t0 = time.monotonic()
-        self._snapshot_skipped = None
+        if snapshot:  # (a rebuild inside the replay of a snapshot keeps its reason)
+            self._snapshot_skipped = None
         resyncs = c.stats.counts["resyncs"]
         if snapshot and self._snapshot_dir is not None and await self._from_snapshot():
             if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
                 self._note_warm("snapshot", t0)
+                log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
+                         self.namespace, c.size(), self._snapshot_dir)
             return
         head = await self.store.log_head()
         if c.dim is None:
@@ -1132,16 +1145,18 @@ class AsyncSemanticCache(_Base):
         else:
             async for batch in self.store.scan():
                 c.load(batch)
-        c.position = head
-        self._note_warm("store", t0)
-        log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
         if self._snapshot_dir is not None and c.where:
-            # (see SemanticCache._rebuild; written in a worker thread)
+            # (see SemanticCache._rebuild; written in a worker thread while the position is
+            # still unset: calls wait on the lock, none writes to the replica meanwhile)
             try:
-                await asyncio.to_thread(_snapshot.save, c, self._snapshot_dir, self.namespace)
+                await asyncio.to_thread(_snapshot.save, c, self._snapshot_dir,
+                                        self.namespace, head)
             except (OSError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
+        c.position = head
+        self._note_warm("store", t0)
+        log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
 
     async def _from_snapshot(self) -> bool:
         """See :meth:`SemanticCache._from_snapshot` (the files are read in a worker
@@ -1178,8 +1193,6 @@ class AsyncSemanticCache(_Base):
             c.clear_local(None)
             c.position = None
             raise
-        log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
-                 self.namespace, c.size(), self._snapshot_dir)
         return True
 
     async def save_snapshot(self) -> bool:
@@ -1189,6 +1202,10 @@ class AsyncSemanticCache(_Base):
         if self._core.position is None:
             return False  # (not loaded: no warm start only to save what the store has)
         await self.sync()  # (the log position then covers this process's own writes)
+        return await self._write_snapshot()
+
+    async def _write_snapshot(self) -> bool:
+        assert self._snapshot_dir is not None
         async with self._lock:
             if self._core.position is None:
                 return False
@@ -1597,7 +1614,7 @@ class AsyncSemanticCache(_Base):
                     assert flight.future is not None
                     try:
                         answer = await asyncio.wait_for(asyncio.shield(flight.future), limit)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         answer = None
                     finally:
                         stop_waiting()
@@ -1644,10 +1661,14 @@ class AsyncSemanticCache(_Base):
                 await self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
-        if self._snapshot_dir is not None:
+        if self._snapshot_dir is not None and c.position is not None:
             try:
-                await self.save_snapshot()
-            except (OSError, StoreError, _snapshot.SnapshotError) as exc:
+                await self.sync()
+            except StoreError:
+                pass  # (strict: the replica as applied is still a snapshot of its position)
+            try:
+                await self._write_snapshot()
+            except (OSError, _snapshot.SnapshotError) as exc:
                 log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                             self._snapshot_dir, exc)
         if self._owns_store:

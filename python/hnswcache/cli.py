@@ -644,40 +644,54 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
             ops = Counter(e["op"] for e in r["last_log_events"])
             L.append(f"  last {len(r['last_log_events'])} log events: "
                      + ", ".join(f"{op} {c}" for op, c in ops.items()))
-        if "snapshot" in r:
-            L.append("  snapshot     " + _format_snapshot(r["snapshot"], now))
+        if "snapshots" in r:
+            if not r["snapshots"]:
+                L.append("  snapshot     none (the next start reads the server)")
+            for snap in r["snapshots"]:
+                L.append("  snapshot     " + _format_snapshot(snap, now))
     return "\n".join(L)
 
 
-def _format_snapshot(snap: dict[str, Any] | None, now: float) -> str:
-    if snap is None:
-        return "none (the next start reads the server)"
+def _format_snapshot(snap: dict[str, Any], now: float) -> str:
     if "error" in snap:
-        return f"unreadable ({snap['error']}): the next start reads the server"
-    written = snap.get("written")
+        return (f"unusable ({snap['error']}; {_human_bytes(snap['bytes'])}): a start "
+                "reads the server")
+    written = snap["written"]
     when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written))
-            + (f" ({_human_seconds(now - written)} ago)" if now >= written else "")
-            if written is not None else "at an unknown time")
-    fits = ("its log position is still in the server: the next start loads it"
-            if snap.get("position_held") else
-            "its log position is gone from the server: the next start reads the server")
+            + (f" ({_human_seconds(now - written)} ago)" if now >= written else ""))
+    raw_idx = snap.get("index")
+    idx: dict[str, Any] = raw_idx if isinstance(raw_idx, dict) else {}
+    settings = ", ".join(f"{k} {idx[k]}" for k in ("M", "ef_construction", "alpha", "dtype")
+                         if k in idx)
+    fits = ("its log position is still in the server: a cache of these settings starting "
+            "now loads it" if snap.get("position_held") else
+            "its log position is gone from the server: a start reads the server")
     return (f"{snap['entries']} entries in {snap['scopes']} scope(s), "
-            f"{_human_bytes(snap['bytes'])}, written {when}; {fits}")
+            f"{_human_bytes(snap['bytes'])}, written {when}"
+            + (f" ({settings})" if settings else "") + f"; {fits}")
 
 
 def _inspect_snapshot(client: Any, root: str | os.PathLike[str], ns: str
-                      ) -> dict[str, Any] | None:
-    """The namespace's snapshot, and whether the server's change log still holds its
-    position (then a starting cache loads it; else it reads the server)."""
+                      ) -> list[dict[str, Any]]:
+    """The namespace's snapshots (one per variant of the index settings), each with
+    whether the server's change log still holds its position: a cache of those settings
+    starting now loads it; if not, it reads the server."""
+    import redis
+
     from . import _snapshot
     from .store.redis import RedisStore
 
-    info = _snapshot.describe(root, ns)
-    if info is not None and info.get("position"):
-        log_key = RedisStore(client, namespace=ns).k_log
-        pos = info["position"]
-        info["position_held"] = pos != "0-0" and bool(client.xrange(log_key, pos, pos, count=1))
-    return info
+    snaps = _snapshot.describe(root, ns)
+    log_key = RedisStore(client, namespace=ns).k_log
+    for info in snaps:
+        if "position" in info:
+            pos = info["position"]
+            try:
+                info["position_held"] = bool(client.xrange(log_key, pos, pos, count=1))
+            except redis.exceptions.ResponseError as exc:
+                info["position_held"] = False
+                info["error"] = f"the server refused its position: {exc}"
+    return snaps
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -708,7 +722,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             rep = inspect_server(client, namespace=args.namespace, last=args.last)
             if snapshots is not None:
                 for ns, r in rep["namespaces"].items():
-                    r["snapshot"] = _inspect_snapshot(client, snapshots, ns)
+                    r["snapshots"] = _inspect_snapshot(client, snapshots, ns)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise CliError(f"{where}: {exc}") from None
         finally:

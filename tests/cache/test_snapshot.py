@@ -38,6 +38,13 @@ def answers(cache: SemanticCache, px: Paraphrases, rows: range) -> list[str | No
     return out
 
 
+def manifest_path(snap: Path, ns: str) -> Path:
+    """The one snapshot manifest of ``ns`` (in its settings' variant folder)."""
+    found = list(snapshot.folder(snap, ns).glob("*/manifest.json"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def loaded_from_snapshot(caplog: pytest.LogCaptureFixture) -> bool:
     return any("loaded from the snapshot" in r.getMessage() for r in caplog.records)
 
@@ -54,7 +61,7 @@ def test_snapshot_then_changes_by_others(valkey_server, ns, paraphrases, tmp_pat
     read the store."""
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
     fill(url, ns, px, snap)
-    assert (snapshot.folder(snap, ns) / "manifest.json").exists()
+    assert manifest_path(snap, ns).exists()
     other = SemanticCache(store=url, namespace=ns)
     other.set_many([(px.q[i], f"answer {i}") for i in range(N, N + 30)],
                    embeddings=px.qv[N:N + 30])
@@ -127,12 +134,13 @@ def test_flushed_server_ignores_snapshot(fresh_server, ns, paraphrases, tmp_path
 
 
 @pytest.mark.parametrize("damage", ["manifest-garbage", "index-bytes", "index-missing",
-                                    "path-escape", "bad-id", "position-zero"])
+                                    "path-escape", "bad-id", "position-zero",
+                                    "position-overflow", "other-settings"])
 def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, caplog,
                                       damage):
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
     fill(url, ns, px, snap)
-    d = snapshot.folder(snap, ns)
+    d = manifest_path(snap, ns).parent
     manifest = json.loads((d / "manifest.json").read_text())
     index_file = d / manifest["scopes"][0]["file"]
     if damage == "manifest-garbage":
@@ -150,8 +158,14 @@ def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, 
     elif damage == "bad-id":
         manifest["scopes"][0]["ids"][0] = -5
         (d / "manifest.json").write_text(json.dumps(manifest))
-    else:  # before the log's first entry: a trimmed log could not be told apart
+    elif damage == "position-zero":  # a trimmed log could not be told apart from there
         manifest["position"] = "0-0"
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "position-overflow":  # a stream id the server refuses to read from
+        manifest["position"] = "99999999999999999999-0"
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    else:  # in this settings' folder, but written with others
+        manifest["index"]["M"] = 99
         (d / "manifest.json").write_text(json.dumps(manifest))
     caplog.set_level(logging.INFO, logger="hnswcache")
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
@@ -159,6 +173,7 @@ def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, 
     assert len(b) == N
     assert not loaded_from_snapshot(caplog)
     assert any("not the snapshot" in r.getMessage() for r in caplog.records)
+    assert b.stats()["store_errors"] == 0  # (a snapshot's fault is not the store's)
     b.close()  # writes a good one again
     caplog.clear()
     c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
@@ -167,23 +182,27 @@ def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, 
     c.close()
 
 
-def test_other_settings_or_namespace_not_used(valkey_server, ns, paraphrases, tmp_path,
-                                              caplog):
-    """A snapshot of a graph built with other settings is not loaded; each namespace has
-    its own."""
+def test_each_setting_keeps_its_own_snapshot(valkey_server, ns, paraphrases, tmp_path):
+    """Caches of other index settings (here M) sharing a folder keep a snapshot each:
+    neither replaces the other's at its start, and each next start loads its own. Each
+    namespace has its own too."""
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
-    fill(url, ns, px, snap)
-    caplog.set_level(logging.INFO, logger="hnswcache")
+    fill(url, ns, px, snap)  # M=16
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, M=12)
     assert b.get(px.q[1], embedding=px.qv[1]).response == "answer 1"  # type: ignore[union-attr]
-    assert not loaded_from_snapshot(caplog)
-    assert any("index settings" in r.getMessage() for r in caplog.records)
-    b._snapshot_dir = None  # (keep the first snapshot for the next check)
-    b.close()
+    assert b.stats()["warm_start"] == {**b.stats()["warm_start"], "source": "store",
+                                       "snapshot_skipped": "no snapshot"}
+    b._closed = True  # (killed: never closes)
+    b.store.close()
+    for M in (16, 12, 16):
+        c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, M=M)
+        assert c.get(px.q[2], embedding=px.qv[2]).response == "answer 2"  # type: ignore[union-attr]
+        assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == N
+        c.close()
+    assert len(list(snapshot.folder(snap, ns).glob("*/manifest.json"))) == 2
     other = SemanticCache(store=url, namespace=ns + "x", snapshot_dir=snap)
     assert len(other) == 0 and other.get(px.q[1], embedding=px.qv[1]) is None
     other.close()
-    assert (snapshot.folder(snap, ns) / "manifest.json").exists()
     assert snapshot.folder(snap, ns) != snapshot.folder(snap, ns + "x")
 
 
@@ -219,7 +238,7 @@ def test_embedded_default_keeps_snapshots_beside_its_data(tmp_path, ns, paraphra
     a = SemanticCache(namespace=ns, data_dir=tmp_path / "data")
     a.set_many([(px.q[i], f"answer {i}") for i in range(20)], embeddings=px.qv[:20])
     a.close()
-    assert (snapshot.folder(tmp_path / "data" / "snapshots", ns) / "manifest.json").exists()
+    assert manifest_path(tmp_path / "data" / "snapshots", ns).exists()
     caplog.set_level(logging.INFO, logger="hnswcache")
     b = SemanticCache(namespace=ns, data_dir=tmp_path / "data")
     assert b.get(px.p[3], embedding=px.pv[3]) is not None or b.get(
@@ -287,7 +306,7 @@ def test_loaded_graph_finds_the_nearest_entry(valkey_server, ns, tmp_path):
 
 
 def _damage_index_file(snap: Path, ns: str, how: str) -> None:
-    d = snapshot.folder(snap, ns)
+    d = manifest_path(snap, ns).parent
     manifest = json.loads((d / "manifest.json").read_text())
     f = d / manifest["scopes"][0]["file"]
     f.unlink()
@@ -376,7 +395,7 @@ def test_cancelled_async_warm_start_leaves_nothing(valkey_server, ns, tmp_path):
 def test_leftovers_of_a_killed_save_are_removed(valkey_server, ns, paraphrases, tmp_path):
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
     fill(url, ns, px, snap)
-    d = snapshot.folder(snap, ns)
+    d = manifest_path(snap, ns).parent
     old = time.time() - 3600
     leftovers = [d / "scope-0123456789abcdef-89abcdef.hci.tmp4242",
                  d / "manifest.json.tmp4242-0123abcd", d / "scope-0123456789abcdef-00000000.hci"]
@@ -406,7 +425,7 @@ def test_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, paraphra
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     b.sync()
     assert b.stats()["warm_start"]["source"] == "store"
-    assert (snapshot.folder(snap, ns) / "manifest.json").exists()  # before any close()
+    assert manifest_path(snap, ns).exists()  # before any close()
     writer.set(px.q[N], "later", embedding=px.qv[N])
     caplog.set_level(logging.INFO, logger="hnswcache")
     c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
@@ -430,7 +449,7 @@ def test_async_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, pa
         await writer.close()
         b = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
         await b.sync()
-        assert (snapshot.folder(snap, ns) / "manifest.json").exists()
+        assert manifest_path(snap, ns).exists()
         c = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap)
         await c.sync()
         assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == N
@@ -438,3 +457,45 @@ def test_async_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, pa
         await c.close()
 
     asyncio.run(run())
+
+
+def test_entry_saved_in_the_graph_but_not_the_list_is_dropped(valkey_server, ns, paraphrases,
+                                                              tmp_path):
+    """A write that lands in the graph while a save copies the entry list (the list is
+    copied first) is in the saved graph only. Loading drops it from the graph: kept, a
+    later delete of it would be ignored (the replica does not list it) and it would stay
+    a candidate for ever."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    a.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N])
+    x = SemanticCache(store=url, namespace=ns)
+    x.set(px.q[N], "raced", embedding=px.qv[N])
+    a.sync()  # a applies it: in its graph and its list
+    eid = a._core.key(px.q[N], None)[0]
+    a._core.where.pop(eid)  # the list as the save's copy saw it
+    assert a.save_snapshot()
+    a._closed = True
+    a.store.close()
+    x.delete(x.get(px.q[N], embedding=px.qv[N]).key)  # type: ignore[union-attr]
+    x.close()
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert c.get(px.q[N], embedding=px.qv[N]) is None
+    assert c.stats()["warm_start"]["source"] == "snapshot"
+    assert len(c) == N and eid not in set(c._core.indexes[next(iter(c._core.indexes))]
+                                          .labels().tolist())
+    c.close()
+
+
+def test_strict_close_with_the_store_down_still_saves(fresh_server, ns, paraphrases,
+                                                      tmp_path):
+    """strict=True makes the pre-save log read raise when the server is gone; the replica
+    as applied is still a snapshot of its position, and close() saves it."""
+    px, url, snap = paraphrases, fresh_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, strict=True, timeout=0.5)
+    a.set_many([(px.q[i], f"answer {i}") for i in range(20)], embeddings=px.qv[:20])
+    assert a.save_snapshot()
+    first = json.loads(manifest_path(snap, ns).read_text())["written"]
+    time.sleep(0.01)
+    fresh_server.stop()
+    a.close()  # no raise
+    assert json.loads(manifest_path(snap, ns).read_text())["written"] > first

@@ -386,12 +386,28 @@ def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> 
         c.set("How do I reset my password?", "a1")
         c.set("Where is my order?", "a2")
     assert cli.main(["inspect", "--data-dir", str(data), "--json"]) == 0
-    snap = json.loads(capsys.readouterr().out)["namespaces"]["shop"]["snapshot"]
+    snaps = json.loads(capsys.readouterr().out)["namespaces"]["shop"]["snapshots"]
+    assert len(snaps) == 1
+    snap = snaps[0]
     assert snap["entries"] == 2 and snap["scopes"] == 1 and snap["position_held"] is True
-    assert snap["bytes"] > 0 and snap["written"] > 0
+    assert snap["bytes"] > 0 and snap["written"] > 0 and snap["index"]["M"] == 16
     assert cli.main(["inspect", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "snapshot     2 entries in 1 scope(s)" in out and "the next start loads it" in out
+    assert "snapshot     2 entries in 1 scope(s)" in out and "starting now loads it" in out
+    # Odd manifests are reported as unusable, never a traceback or a failed command.
+    from hnswcache import _snapshot
+
+    manifest = next(_snapshot.folder(data / "snapshots", "shop").glob("*/manifest.json"))
+    good = manifest.read_text()
+    for field, value in (("position", "99999999999999999999-0"), ("position", "x"),
+                         ("position", 12), ("written", float("inf")), ("written", "soon"),
+                         ("scopes", {})):
+        m = json.loads(good)
+        m[field] = value
+        manifest.write_text(json.dumps(m))
+        assert cli.main(["inspect", "--data-dir", str(data)]) == 0, (field, value)
+        assert "unusable" in capsys.readouterr().out, (field, value)
+    manifest.write_text(good)
     # Another snapshot folder with nothing in it: said so.
     assert cli.main(["inspect", "--data-dir", str(data), "--snapshot-dir",
                      str(tmp_path / "empty")]) == 0
