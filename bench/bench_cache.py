@@ -319,6 +319,8 @@ def main() -> None:
     ap.add_argument("--search-starts", type=int, help="(default: the cache's)")
     ap.add_argument("--alpha", type=float, help="pruning slack of the graph (default: the cache's)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     data = load(args.n, args.queries)
     log.info("data: %s, %d entries, %d queries", data[4], len(data[0]), args.queries)
     rows: list[tuple[Any, ...]] = []

@@ -55,7 +55,7 @@ Clock = Callable[[], float]
 SLACK = {"float32": 1e-4, "float16": 1e-3, "int8": 0.02}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Hit:
     """A cached answer.
 
@@ -82,7 +82,7 @@ class Hit:
     scope: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Lookup:
     """What one lookup found: the hit, or how close a miss came (for logging near misses
     and tuning the threshold).

@@ -608,7 +608,7 @@ def run_comparison(
         "k": k, "M": M, "ef_construction": ef_construction, "build_threads": build_threads,
         "build_repeats": build_repeats, "repeats": repeats, "min_seconds": min_seconds,
         "efs": list(efs),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_name(), "python": platform.python_version(),
     }
     return results

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from hnswcache import SemanticCache
-from hnswcache._cache_core import NEAR_MISS_BAND
+from hnswcache._cache_core import NEAR_MISS_BAND, Lookup
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.memory import MemoryStore
@@ -716,3 +716,31 @@ def test_index_parameters_are_checked_when_the_cache_is_made_and_alpha_reaches_t
     small = SemanticCache(HashEmbedder(8), store="memory", M=6)
     small.set("a question", "an answer")
     assert [i.alpha for i in small._core.indexes.values()] == [1.0]  # short lists: no slack
+
+
+def test_hits_and_lookups_pickle_copy_and_weakref(paraphrases) -> None:
+    """Hit and Lookup are slotted (no per-object dict) yet still what users do with result
+    objects: pickle, copy, compare, hold weakly; a frozen dataclass refuses assignment."""
+    import copy
+    import dataclasses
+    import pickle
+    import weakref
+
+    px = paraphrases
+    cache = SemanticCache(store="memory")
+    cache.set(px.q[0], "a0", embedding=px.qv[0], metadata={"m": 1}, scope={"t": "x"})
+    hit = cache.get(px.q[0], embedding=px.qv[0], scope={"t": "x"})
+    found = cache.lookup(px.p[0], embedding=px.pv[0], scope={"t": "x"})
+    assert hit is not None and hit.metadata == {"m": 1}
+    for obj in (hit, found):
+        assert pickle.loads(pickle.dumps(obj)) == obj
+        assert copy.deepcopy(obj) == obj and copy.copy(obj) == obj
+        assert weakref.ref(obj)() is obj
+        assert not hasattr(obj, "__dict__")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            if isinstance(obj, Lookup):
+                obj.threshold = 0.1  # type: ignore[misc]
+            else:
+                obj.response = "changed"  # type: ignore[misc]
+    assert dataclasses.replace(hit, response="b").response == "b"
+    cache.close()
