@@ -73,6 +73,9 @@ DEFAULT_EF_SEARCH = 24
 DEFAULT_SEARCH_STARTS = 4
 DEFAULT_DTYPE = "int8"
 
+#: A warm start whose log replay applied at least this many events (or a tenth of the
+#: entries) leaves a fresh snapshot: the next start then replays less.
+_RESAVE_AFTER_EVENTS = 1000
 _HOUSEKEEP_EXPIRED = 1000  # store bookkeeping of expired entries is cleaned past this many
 #: Life of a cross-process @cached lease when the wait is unbounded (seconds).
 _LEASE_UNBOUNDED = 600.0
@@ -188,6 +191,12 @@ class _Base:
         out = self._core.stats.snapshot(self._core.size())
         out["warm_start"] = dict(self._warm)
         return out
+
+    def _replayed_much(self, events_before: int) -> bool:
+        """Whether the log replay after a snapshot applied enough to save a fresh one."""
+        c = self._core
+        done = c.stats.counts["sync_events"] - events_before
+        return done >= max(_RESAVE_AFTER_EVENTS, len(c.where) // 10)
 
     def _note_warm(self, source: str, t0: float) -> None:
         self._warm = {"source": source, "seconds": time.monotonic() - t0,
@@ -410,9 +419,11 @@ class SemanticCache(_Base):
         t0 = time.monotonic()
         if snapshot:  # (a rebuild inside the replay of a snapshot keeps its reason)
             self._snapshot_skipped = None
-        resyncs = c.stats.counts["resyncs"]
+        resyncs, events = c.stats.counts["resyncs"], c.stats.counts["sync_events"]
         if snapshot and self._snapshot_dir is not None and self._from_snapshot():
             if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
+                if self._replayed_much(events):
+                    self._save_unpublished()
                 self._note_warm("snapshot", t0)
                 log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
                          self.namespace, c.size(), self._snapshot_dir)
@@ -426,18 +437,27 @@ class SemanticCache(_Base):
             batches = [[f for b in batches for f in b]]
         for batch in batches:
             c.load(batch)
+        c.position = head
         if self._snapshot_dir is not None and c.where:
             # That was the slow way: leave a snapshot for the next start now (a process
-            # that is killed never reaches close()). Before the position is set, so calls
-            # wait for it as they waited for the rebuild.
-            try:
-                _snapshot.save(c, self._snapshot_dir, self.namespace, head)
-            except (OSError, _snapshot.SnapshotError) as exc:
-                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                            self._snapshot_dir, exc)
-        c.position = head
+            # that is killed never reaches close()).
+            self._save_unpublished()
         self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
+
+    def _save_unpublished(self) -> None:
+        """Save a snapshot during the warm start (the caller holds the lock), with the
+        position unset meanwhile, so calls wait for it as they wait for the warm start
+        instead of writing to the replica while it is saved."""
+        c = self._core
+        position, c.position = c.position, None
+        try:
+            _snapshot.save(c, cast(Path, self._snapshot_dir), self.namespace, position)
+        except (OSError, _snapshot.SnapshotError) as exc:
+            log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                        self._snapshot_dir, exc)
+        finally:
+            c.position = position
 
     def _from_snapshot(self) -> bool:
         """Warm start from the local snapshot: load it, then apply the store's changes
@@ -1129,9 +1149,11 @@ class AsyncSemanticCache(_Base):
         t0 = time.monotonic()
         if snapshot:  # (a rebuild inside the replay of a snapshot keeps its reason)
             self._snapshot_skipped = None
-        resyncs = c.stats.counts["resyncs"]
+        resyncs, events = c.stats.counts["resyncs"], c.stats.counts["sync_events"]
         if snapshot and self._snapshot_dir is not None and await self._from_snapshot():
             if c.stats.counts["resyncs"] == resyncs:  # (else the replay rebuilt: noted)
+                if self._replayed_much(events):
+                    await self._save_unpublished()
                 self._note_warm("snapshot", t0)
                 log.info("hnswcache %r: %d live entries loaded from the snapshot in %s",
                          self.namespace, c.size(), self._snapshot_dir)
@@ -1145,18 +1167,25 @@ class AsyncSemanticCache(_Base):
         else:
             async for batch in self.store.scan():
                 c.load(batch)
-        if self._snapshot_dir is not None and c.where:
-            # (see SemanticCache._rebuild; written in a worker thread while the position is
-            # still unset: calls wait on the lock, none writes to the replica meanwhile)
-            try:
-                await asyncio.to_thread(_snapshot.save, c, self._snapshot_dir,
-                                        self.namespace, head)
-            except (OSError, _snapshot.SnapshotError) as exc:
-                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                            self._snapshot_dir, exc)
         c.position = head
+        if self._snapshot_dir is not None and c.where:
+            await self._save_unpublished()  # (see SemanticCache._rebuild)
         self._note_warm("store", t0)
         log.info("hnswcache %r: %d live entries loaded", self.namespace, c.size())
+
+    async def _save_unpublished(self) -> None:
+        """See :meth:`SemanticCache._save_unpublished` (written in a worker thread; with
+        the position unset no call passes the lock and writes to the replica meanwhile)."""
+        c = self._core
+        position, c.position = c.position, None
+        try:
+            await asyncio.to_thread(_snapshot.save, c, cast(Path, self._snapshot_dir),
+                                    self.namespace, position)
+        except (OSError, _snapshot.SnapshotError) as exc:
+            log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                        self._snapshot_dir, exc)
+        finally:
+            c.position = position
 
     async def _from_snapshot(self) -> bool:
         """See :meth:`SemanticCache._from_snapshot` (the files are read in a worker

@@ -499,3 +499,35 @@ def test_strict_close_with_the_store_down_still_saves(fresh_server, ns, paraphra
     fresh_server.stop()
     a.close()  # no raise
     assert json.loads(manifest_path(snap, ns).read_text())["written"] > first
+
+
+def test_a_start_that_replayed_much_leaves_a_fresh_snapshot(valkey_server, ns, tmp_path):
+    """A start from a snapshot whose log replay applied many events (here 1,200 entries
+    written since) saves a fresh one, so the next start replays only what came after it:
+    a fleet whose processes are killed, never closed, does not replay a growing log."""
+    rng = np.random.default_rng(9)
+    vecs = rng.standard_normal((1400, 32)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    a.set_many([(f"r{i}", "x") for i in range(200)], embeddings=vecs[:200])
+    a.close()
+    first = json.loads(manifest_path(snap, ns).read_text())
+    writer = SemanticCache(store=url, namespace=ns)
+    for s in range(200, 1400, 100):
+        writer.set_many([(f"r{i}", "x") for i in range(s, s + 100)],
+                        embeddings=vecs[s:s + 100])
+    writer.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "snapshot" and len(b) == 1400
+    fresh = json.loads(manifest_path(snap, ns).read_text())  # before any close()
+    assert fresh["position"] != first["position"]
+    assert sum(len(x["ids"]) for x in fresh["scopes"]) == 1400
+    b._closed = True  # (killed)
+    b.store.close()
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    c.sync()
+    assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == 1400
+    assert c.stats()["sync_events"] == 0  # nothing left to replay
+    assert c.get("r1300", embedding=vecs[1300]).response == "x"  # type: ignore[union-attr]
+    c.close()
