@@ -121,9 +121,12 @@ def folder(root: str | os.PathLike[str], namespace: str) -> Path:
     return Path(root) / digest
 
 
-def variant_folder(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Path:
-    """The folder of the snapshot a cache of ``core``'s settings writes and reads."""
-    key = json.dumps({"dim": core.dim, **_expected(core)}, sort_keys=True)
+def variant_folder(core: CacheCore, root: str | os.PathLike[str], namespace: str,
+                   expected: dict[str, Any] | None = None) -> Path:
+    """The folder of the snapshot a cache of ``core``'s settings writes and reads
+    (``expected``: ``_expected(core)`` if the caller has it already)."""
+    settings = _expected(core) if expected is None else expected
+    key = json.dumps({"dim": core.dim, **settings}, sort_keys=True)
     digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"hc-snapv").hexdigest()
     return folder(root, namespace) / digest
 
@@ -161,7 +164,8 @@ def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
     position = core.position if position is None else position
     if position is None or core.dim is None:
         raise SnapshotError("nothing to save: the replica has not been loaded")
-    d = variant_folder(core, root, namespace)
+    expected = _expected(core)
+    d = variant_folder(core, root, namespace, expected)
     d.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
     where = dict(core.where)  # (a copy: other threads' lookups add and remove entries)
@@ -177,7 +181,7 @@ def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
         ids, versions = by_scope.get(sid, ([], []))
         scopes.append({"sid": sid, "file": name, "ids": ids, "versions": versions})
     manifest = {"format": FORMAT, "namespace": namespace, "dim": core.dim,
-                "index": _expected(core), "position": position, "written": time.time(),
+                "index": expected, "position": position, "written": time.time(),
                 "scopes": scopes}
     tmp = d / f"{_MANIFEST}.tmp{os.getpid()}-{token}"
     try:
@@ -240,13 +244,7 @@ def describe(root: str | os.PathLike[str], namespace: str) -> list[dict[str, Any
         info: dict[str, Any] = {"folder": str(d)}
         try:
             m = _read_manifest(d)
-            if m.get("format") != FORMAT or m.get("namespace") != namespace:
-                raise SnapshotError("another format or namespace")
-            info["position"] = _check_position(m.get("position"))
-            scopes = m.get("scopes")
-            if not isinstance(scopes, list):
-                raise SnapshotError("bad scope list")
-            checked = [_check_scope(x) for x in scopes]
+            info["position"], checked = _check_manifest(m, namespace)
             written = m.get("written")
             if not isinstance(written, (int, float)) or not 0 <= written < 1e11:
                 raise SnapshotError("bad time of writing")
@@ -269,6 +267,24 @@ def describe(root: str | os.PathLike[str], namespace: str) -> list[dict[str, Any
         out.append(info)
     out.sort(key=lambda x: -x.get("written", 0.0))
     return out
+
+
+def _check_manifest(m: dict[str, Any], namespace: str
+                    ) -> tuple[str, list[tuple[str, str, list[int], list[str]]]]:
+    """The checks of a manifest that need no cache: format, namespace, log position and
+    scope list; returns the position and the checked scopes."""
+    if m.get("format") != FORMAT:
+        raise SnapshotError(f"unknown format {str(m.get('format'))[:40]!r}")
+    if m.get("namespace") != namespace:
+        raise SnapshotError("written for another namespace")
+    position = _check_position(m.get("position"))
+    scopes = m.get("scopes")
+    if not isinstance(scopes, list):
+        raise SnapshotError("bad scope list")
+    checked = [_check_scope(x) for x in scopes]
+    if len({sid for sid, *_ in checked}) != len(checked):
+        raise SnapshotError("a scope is listed twice")
+    return position, checked
 
 
 def _check_scope(s: Any) -> tuple[str, str, list[int], list[str]]:
@@ -305,24 +321,14 @@ def load(core: CacheCore, root: str | os.PathLike[str], namespace: str) -> Loade
 def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
     if core.dim is None:
         raise SnapshotError("the store holds no dimension yet")
-    d = variant_folder(core, root, namespace)
-    m = _read_manifest(d)
-    if m.get("format") != FORMAT:
-        raise SnapshotError(f"unknown format {str(m.get('format'))[:40]!r}")
-    if m.get("namespace") != namespace:
-        raise SnapshotError("written for another namespace")
-    if core.dim is None or m.get("dim") != core.dim:
-        raise SnapshotError(f"dimension {m.get('dim')!r}, the store's is {core.dim!r}")
     want = _expected(core)
+    d = variant_folder(core, root, namespace, want)
+    m = _read_manifest(d)
+    position, checked = _check_manifest(m, namespace)
+    if m.get("dim") != core.dim:
+        raise SnapshotError(f"dimension {m.get('dim')!r}, the store's is {core.dim!r}")
     if m.get("index") != want:
         raise SnapshotError(f"index settings {m.get('index')!r}, the cache's are {want!r}")
-    position = _check_position(m.get("position"))
-    scopes = m.get("scopes")
-    if not isinstance(scopes, list):
-        raise SnapshotError("bad scope list")
-    checked = [_check_scope(s) for s in scopes]
-    if len({sid for sid, *_ in checked}) != len(checked):
-        raise SnapshotError("a scope is listed twice")
     indexes: dict[str, Index] = {}
     where: dict[int, tuple[str, str]] = {}
     p = core.index_params

@@ -225,6 +225,34 @@ class _Base:
         self._snapshot_dir = (Path(snapshot_dir) if snapshot_dir is not None
                               else cast(Path, self._data_dir) / "snapshots")
 
+    def _adopt(self, loaded: _snapshot.Loaded) -> str:
+        """Put a loaded snapshot into the (empty) replica; its log position."""
+        c = self._core
+        c.indexes.update(loaded.indexes)
+        c.where.update(loaded.where)
+        return loaded.position
+
+    @staticmethod
+    def _check_replay(batch: LogBatch | None, position: str) -> None:
+        """The first log read from a snapshot's position must find it (else: not used)."""
+        if batch is None or batch.reset:
+            raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
+                                          f"position {position}")
+
+    def _drop_snapshot(self, exc: BaseException) -> None:
+        """Undo a warm start from a snapshot that failed with ``exc``; re-raise it unless
+        the snapshot is to blame (a store error is an outage, not a bad snapshot)."""
+        c = self._core
+        c.clear_local(None)
+        c.position = None
+        if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+            raise exc
+        self._snapshot_failed(exc)
+
+    def _snapshot_not_saved(self, exc: BaseException) -> None:
+        log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
+                    self._snapshot_dir, exc)
+
     def _snapshot_failed(self, exc: BaseException) -> None:
         self._snapshot_skipped = str(exc)
         (log.info if isinstance(exc, _snapshot.SnapshotError) and str(exc) == "no snapshot"
@@ -454,8 +482,7 @@ class SemanticCache(_Base):
         try:
             _snapshot.save(c, cast(Path, self._snapshot_dir), self.namespace, position)
         except (OSError, _snapshot.SnapshotError) as exc:
-            log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                        self._snapshot_dir, exc)
+            self._snapshot_not_saved(exc)
         finally:
             c.position = position
 
@@ -468,29 +495,14 @@ class SemanticCache(_Base):
             c.dim = self.store.check_meta(None, "")[0]
         c.clear_local(None)
         try:
-            loaded = _snapshot.load(c, self._snapshot_dir, self.namespace)
-            c.indexes.update(loaded.indexes)
-            c.where.update(loaded.where)
-            position = loaded.position
+            position = self._adopt(_snapshot.load(c, self._snapshot_dir, self.namespace))
             _, batch = self.store.read([], log_after=position, touch=(), now=c.now())
-            if batch is None or batch.reset:
-                raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
-                                              f"position {position}")
+            self._check_replay(batch, position)
             c.position = position
             self._apply_locked(batch)
-        except StoreError:
-            c.clear_local(None)
-            c.position = None
-            raise
-        except Exception as exc:  # anything else: the store decides, not the snapshot
-            c.clear_local(None)
-            c.position = None
-            self._snapshot_failed(exc)
+        except BaseException as exc:  # (anything but a store error: the store decides)
+            self._drop_snapshot(exc)
             return False
-        except BaseException:
-            c.clear_local(None)
-            c.position = None
-            raise
         return True
 
     def save_snapshot(self) -> bool:
@@ -1023,8 +1035,7 @@ class SemanticCache(_Base):
             try:
                 self._write_snapshot()
             except (OSError, _snapshot.SnapshotError) as exc:
-                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                            self._snapshot_dir, exc)
+                self._snapshot_not_saved(exc)
         if self._owns_store:
             self.store.close()
         if self._server is not None:
@@ -1182,8 +1193,7 @@ class AsyncSemanticCache(_Base):
             await asyncio.to_thread(_snapshot.save, c, cast(Path, self._snapshot_dir),
                                     self.namespace, position)
         except (OSError, _snapshot.SnapshotError) as exc:
-            log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                        self._snapshot_dir, exc)
+            self._snapshot_not_saved(exc)
         finally:
             c.position = position
 
@@ -1198,30 +1208,15 @@ class AsyncSemanticCache(_Base):
         try:
             # (read in a thread that does not touch the replica: a cancelled warm start
             # leaves nothing behind)
-            loaded = await asyncio.to_thread(_snapshot.load, c, self._snapshot_dir,
-                                             self.namespace)
-            c.indexes.update(loaded.indexes)
-            c.where.update(loaded.where)
-            position = loaded.position
+            position = self._adopt(await asyncio.to_thread(
+                _snapshot.load, c, self._snapshot_dir, self.namespace))
             _, batch = await self.store.read([], log_after=position, touch=(), now=c.now())
-            if batch is None or batch.reset:
-                raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
-                                              f"position {position}")
+            self._check_replay(batch, position)
             c.position = position
             await self._apply_locked(batch)
-        except StoreError:
-            c.clear_local(None)
-            c.position = None
-            raise
-        except Exception as exc:  # anything else: the store decides, not the snapshot
-            c.clear_local(None)
-            c.position = None
-            self._snapshot_failed(exc)
+        except BaseException as exc:  # (anything but a store error: the store decides)
+            self._drop_snapshot(exc)
             return False
-        except BaseException:
-            c.clear_local(None)
-            c.position = None
-            raise
         return True
 
     async def save_snapshot(self) -> bool:
@@ -1698,8 +1693,7 @@ class AsyncSemanticCache(_Base):
             try:
                 await self._write_snapshot()
             except (OSError, _snapshot.SnapshotError) as exc:
-                log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
-                            self._snapshot_dir, exc)
+                self._snapshot_not_saved(exc)
         if self._owns_store:
             await self.store.close()
         if self._server is not None:
