@@ -73,6 +73,9 @@ DEFAULT_EF_SEARCH = 24
 DEFAULT_SEARCH_STARTS = 4
 DEFAULT_DTYPE = "int8"
 
+#: Seconds between two snapshots of a replica that keeps changing (``snapshot_interval``).
+DEFAULT_SNAPSHOT_INTERVAL = 300.0
+
 #: A warm start whose log replay applied at least this many events (or a tenth of the
 #: entries) leaves a fresh snapshot: the next start then replays less.
 _RESAVE_AFTER_EVENTS = 1000
@@ -209,11 +212,19 @@ class _Base:
         return self._core.size()
 
     def _snapshot_folder(self, snapshot_dir: str | os.PathLike[str] | None,
-                         store: Any) -> None:
+                         store: Any, interval: float | None) -> None:
         """Where snapshots go: ``snapshot_dir``, else beside the embedded server's data.
         Only a store whose log read tells a position it no longer holds (the Redis stores)
         can say whether a snapshot fits it: the in-memory store's positions are counts,
         which another store of as many events would take for its own."""
+        if interval is not None and (
+                isinstance(interval, bool) or not isinstance(interval, (int, float))
+                or not math.isfinite(interval) or interval <= 0):
+            raise ValueError(f"snapshot_interval must be a positive number of seconds or "
+                             f"None (no periodic snapshots), got {interval!r}")
+        self._snapshot_every = None if interval is None else float(interval)
+        self._snapshot_next = time.monotonic() + (self._snapshot_every or 0.0)
+        self._snapshot_saving = False  # a periodic snapshot is being written
         self._snapshot_dir: Path | None = None
         if snapshot_dir is None and self._data_dir is None:
             return
@@ -252,6 +263,25 @@ class _Base:
     def _snapshot_not_saved(self, exc: BaseException) -> None:
         log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                     self._snapshot_dir, exc)
+
+    def _snapshot_due(self) -> bool:
+        """Whether to start a periodic snapshot now; called where the replica just changed
+        (so an idle replica, whose last snapshot is still current, writes none). Claims it:
+        the caller must start the save, which clears ``_snapshot_saving``."""
+        if self._snapshot_every is None or self._snapshot_dir is None or \
+                self._snapshot_saving or self._closed:
+            return False
+        t = time.monotonic()
+        if t < self._snapshot_next:
+            return False
+        self._snapshot_next = t + self._snapshot_every
+        self._snapshot_saving = True
+        return True
+
+    def _snapshot_saved(self) -> None:
+        self._core.stats.add("snapshots_saved")
+        if self._snapshot_every is not None:
+            self._snapshot_next = time.monotonic() + self._snapshot_every
 
     def _snapshot_failed(self, exc: BaseException) -> None:
         self._snapshot_skipped = str(exc)
@@ -362,6 +392,13 @@ class SemanticCache(_Base):
             write one; the warm start loads it and applies the store's changes since,
             instead of rebuilding every scope's graph from the stored entries. A snapshot
             that does not fit the store is not used.
+        snapshot_interval: seconds between two snapshots while the replica changes
+            (default 300; ``None``: only the snapshots above). Due at the first change
+            after the interval, it is written in the background (a thread; a task of the
+            async cache) while lookups go on; writes, and lookups that bring other
+            processes' changes, wait for it (~0.3 s per 100k entries). A process killed
+            without :meth:`close` then restarts from a snapshot at most about one
+            interval (plus the changes since) old. Unused without a snapshot folder.
     """
 
     def __init__(
@@ -387,6 +424,7 @@ class SemanticCache(_Base):
         ttl_jitter: float = 0.0,
         alpha: float | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
+        snapshot_interval: float | None = DEFAULT_SNAPSHOT_INTERVAL,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
@@ -413,7 +451,8 @@ class SemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: Store = cast(Store, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
-        self._snapshot_folder(snapshot_dir, store)
+        self._snapshot_folder(snapshot_dir, store, snapshot_interval)
+        self._snapshot_thread: threading.Thread | None = None  # a periodic snapshot
 
     def _reopen(self, url: str) -> None:
         from .store.redis import RedisStore
@@ -481,6 +520,7 @@ class SemanticCache(_Base):
         position, c.position = c.position, None
         try:
             _snapshot.save(c, cast(Path, self._snapshot_dir), self.namespace, position)
+            self._snapshot_saved()
         except (OSError, _snapshot.SnapshotError) as exc:
             self._snapshot_not_saved(exc)
         finally:
@@ -522,13 +562,36 @@ class SemanticCache(_Base):
             if self._core.position is None:
                 return False
             _snapshot.save(self._core, self._snapshot_dir, self.namespace)
+            self._snapshot_saved()
             return True
+
+    def _maybe_snapshot(self) -> None:
+        """Start the periodic snapshot in a thread if one is due."""
+        if self._snapshot_due():
+            self._snapshot_thread = threading.Thread(
+                target=self._periodic_snapshot, name="hnswcache-snapshot", daemon=True)
+            self._snapshot_thread.start()
+
+    def _periodic_snapshot(self) -> None:
+        try:
+            try:
+                self.sync()  # (as save_snapshot: the position then covers our own writes)
+            except StoreError:
+                pass  # (strict: the replica as applied is still a snapshot of its position)
+            self._write_snapshot()
+        except (OSError, _snapshot.SnapshotError) as exc:
+            self._snapshot_not_saved(exc)
+        except Exception:  # (a background thread: nobody else would see it)
+            log.exception("hnswcache %r: periodic snapshot failed", self.namespace)
+        finally:
+            self._snapshot_saving = False
 
     def _apply(self, batch: LogBatch | None) -> None:
         if self._core.brings_nothing(batch):
             return
         with self._lock:
             self._apply_locked(batch)
+        self._maybe_snapshot()
 
     def _apply_locked(self, batch: LogBatch | None) -> None:
         c = self._core
@@ -861,6 +924,7 @@ class SemanticCache(_Base):
         with self._lock:
             c.remember_own(res.log_positions, [r.id for r in recs])
             c.add_records(recs)
+        self._maybe_snapshot()
         c.stats.add("sets", len(recs))
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
@@ -890,6 +954,7 @@ class SemanticCache(_Base):
         with self._lock:
             c.remove([eid])
         c.stats.add("deletes", n)
+        self._maybe_snapshot()
         return n > 0
 
     def clear(self, scope: Mapping[str, Any] | None = None, *, within: bool = False) -> int:
@@ -920,6 +985,7 @@ class SemanticCache(_Base):
             # would also drop what this process wrote after it.
             c.remember_own(res.log_positions)
             c.clear_local(sid)
+        self._maybe_snapshot()
         return res.deleted
 
     # ------------------------------------------------------------------ decorator
@@ -1021,6 +1087,9 @@ class SemanticCache(_Base):
         self._closed = True
         c = self._core
         c.on_store_error = None  # (closing: no restart of the embedded server now)
+        if self._snapshot_thread is not None:
+            self._snapshot_thread.join()  # (the snapshot below comes after it)
+            self._snapshot_thread = None
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:
@@ -1077,6 +1146,7 @@ class AsyncSemanticCache(_Base):
         ttl_jitter: float = 0.0,
         alpha: float | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
+        snapshot_interval: float | None = DEFAULT_SNAPSHOT_INTERVAL,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
@@ -1109,8 +1179,9 @@ class AsyncSemanticCache(_Base):
                              f"the cache for {self.namespace!r}")
         self.store: AsyncStore = cast(AsyncStore, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
-        self._snapshot_folder(snapshot_dir, store)
+        self._snapshot_folder(snapshot_dir, store, snapshot_interval)
         self._takeover: asyncio.Future[None] | None = None  # a server restart in progress
+        self._snapshot_task: asyncio.Task[None] | None = None  # a periodic snapshot
 
     def _restart_server(self, old: Any, data_dir: Path) -> None:
         # Never block the event loop: the server starts in a worker thread; the calls made
@@ -1192,6 +1263,7 @@ class AsyncSemanticCache(_Base):
         try:
             await asyncio.to_thread(_snapshot.save, c, cast(Path, self._snapshot_dir),
                                     self.namespace, position)
+            self._snapshot_saved()
         except (OSError, _snapshot.SnapshotError) as exc:
             self._snapshot_not_saved(exc)
         finally:
@@ -1235,13 +1307,35 @@ class AsyncSemanticCache(_Base):
                 return False
             await asyncio.to_thread(_snapshot.save, self._core, self._snapshot_dir,
                                     self.namespace)
+            self._snapshot_saved()
             return True
+
+    def _maybe_snapshot(self) -> None:
+        """Start the periodic snapshot as a task if one is due."""
+        if self._snapshot_due():
+            self._snapshot_task = asyncio.get_running_loop().create_task(
+                self._periodic_snapshot())
+
+    async def _periodic_snapshot(self) -> None:
+        try:
+            try:
+                await self.sync()  # (see SemanticCache._periodic_snapshot)
+            except StoreError:
+                pass
+            await self._write_snapshot()
+        except (OSError, _snapshot.SnapshotError) as exc:
+            self._snapshot_not_saved(exc)
+        except Exception:  # (a background task: nobody awaits its result)
+            log.exception("hnswcache %r: periodic snapshot failed", self.namespace)
+        finally:
+            self._snapshot_saving = False
 
     async def _apply(self, batch: LogBatch | None) -> None:
         if self._core.brings_nothing(batch):
             return
         async with self._lock:
             await self._apply_locked(batch)
+        self._maybe_snapshot()
 
     async def _apply_locked(self, batch: LogBatch | None) -> None:
         c = self._core
@@ -1544,6 +1638,7 @@ class AsyncSemanticCache(_Base):
         c.remember_own(res.log_positions, [r.id for r in recs])
         c.add_records(recs)
         c.stats.add("sets", len(recs))
+        self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
             try:
@@ -1569,6 +1664,7 @@ class AsyncSemanticCache(_Base):
             return False
         c.remove([eid])
         c.stats.add("deletes", n)
+        self._maybe_snapshot()
         return n > 0
 
     async def clear(self, scope: Mapping[str, Any] | None = None, *,
@@ -1591,6 +1687,7 @@ class AsyncSemanticCache(_Base):
             return 0
         c.remember_own(res.log_positions)  # (see SemanticCache.clear)
         c.clear_local(sid)
+        self._maybe_snapshot()
         return res.deleted
 
     def cached(
@@ -1679,6 +1776,9 @@ class AsyncSemanticCache(_Base):
         if self._takeover is not None:
             await self._takeover  # (a server it starts is ours to stop below)
             self._takeover = None
+        if self._snapshot_task is not None:
+            await self._snapshot_task  # (the loop may close after us: not left pending)
+            self._snapshot_task = None
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:

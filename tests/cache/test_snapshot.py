@@ -531,3 +531,122 @@ def test_a_start_that_replayed_much_leaves_a_fresh_snapshot(valkey_server, ns, t
     assert c.stats()["sync_events"] == 0  # nothing left to replay
     assert c.get("r1300", embedding=vecs[1300]).response == "x"  # type: ignore[union-attr]
     c.close()
+
+
+def test_periodic_snapshot_while_the_replica_changes(valkey_server, ns, tmp_path):
+    """With ``snapshot_interval``, the first change after the interval writes a snapshot in
+    the background: a process killed later (never closed) restarts from it and replays only
+    what came after. Changes within the interval, or none at all, write no other one."""
+    rng = np.random.default_rng(11)
+    vecs = rng.standard_normal((130, 32)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=0.3)
+    a.set_many([(f"r{i}", f"a{i}") for i in range(50)], embeddings=vecs[:50])
+    assert a.stats()["snapshots_saved"] == 0  # (the interval has not passed)
+    time.sleep(0.35)
+    a.set_many([(f"r{i}", f"a{i}") for i in range(50, 100)], embeddings=vecs[50:100])
+    assert a._snapshot_thread is not None
+    a._snapshot_thread.join(10)
+    assert a.stats()["snapshots_saved"] == 1
+    saved = json.loads(manifest_path(snap, ns).read_text())
+    assert sum(len(x["ids"]) for x in saved["scopes"]) == 100
+    a.set("r100", "a100", embedding=vecs[100])  # within the interval: no other snapshot
+    a.sync()  # (reads its own write back from the log, still within the interval)
+    assert a.stats()["snapshots_saved"] == 1
+    time.sleep(0.35)
+    a.get("r5", embedding=vecs[5])  # a lookup that changes nothing: none either
+    a._snapshot_thread.join(10)
+    assert a.stats()["snapshots_saved"] == 1
+    a._closed = True  # (killed: never closes)
+    a.store.close()
+
+    writer = SemanticCache(store=url, namespace=ns)
+    writer.set_many([(f"r{i}", f"a{i}") for i in range(101, 111)], embeddings=vecs[101:111])
+    writer.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "snapshot" and len(b) == 111
+    assert b.stats()["sync_events"] == 11  # r100 and the writer's 10, not the first 100
+    for i in (3, 77, 100, 110):
+        assert b.get(f"q{i}", embedding=vecs[i]).response == f"a{i}"  # type: ignore[union-attr]
+    b.close()
+
+
+def test_periodic_snapshot_follows_other_processes(valkey_server, ns, tmp_path):
+    """A replica that only reads also changes (by the log): it too saves periodically."""
+    rng = np.random.default_rng(12)
+    vecs = rng.standard_normal((40, 16)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    writer = SemanticCache(store=url, namespace=ns)
+    writer.set_many([(f"r{i}", "x") for i in range(20)], embeddings=vecs[:20])
+    reader = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=0.2)
+    reader.sync()
+    first = reader.stats()["snapshots_saved"]  # the warm start from the store left one
+    assert first == 1
+    time.sleep(0.25)
+    writer.set_many([(f"r{i}", "x") for i in range(20, 40)], embeddings=vecs[20:40])
+    reader.sync()
+    assert reader._snapshot_thread is not None
+    reader._snapshot_thread.join(10)
+    assert reader.stats()["snapshots_saved"] == first + 1
+    saved = json.loads(manifest_path(snap, ns).read_text())
+    assert sum(len(x["ids"]) for x in saved["scopes"]) == 40
+    writer.close()
+    reader.close()
+
+
+def test_periodic_snapshot_failure_is_logged_and_retried(valkey_server, ns, tmp_path, caplog):
+    """A snapshot that cannot be written (the folder is a file) is logged by the background
+    thread, never raised into the application, and tried again at the next interval."""
+    vecs = np.random.default_rng(13).standard_normal((3, 8)).astype(np.float32)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    a = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=blocker,
+                      snapshot_interval=0.2)
+    caplog.set_level(logging.WARNING, logger="hnswcache")
+    for i in range(2):
+        time.sleep(0.25)
+        a.set(f"r{i}", "x", embedding=vecs[i])
+        assert a._snapshot_thread is not None
+        a._snapshot_thread.join(10)
+    failures = [r for r in caplog.records if "no snapshot saved" in r.getMessage()]
+    assert len(failures) == 2 and a.stats()["snapshots_saved"] == 0
+    assert a.get("r1", embedding=vecs[1]).response == "x"  # type: ignore[union-attr]
+    blocker.unlink()
+    time.sleep(0.25)
+    a.set("r2", "x", embedding=vecs[2])
+    a._snapshot_thread.join(10)
+    assert a.stats()["snapshots_saved"] == 1
+    a.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "60"])
+def test_snapshot_interval_is_checked(bad, ns):
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        SemanticCache(store="memory", namespace=ns, snapshot_interval=bad)
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        AsyncSemanticCache(store="memory", namespace=ns, snapshot_interval=bad)
+
+
+def test_async_periodic_snapshot(valkey_server, ns, tmp_path):
+    rng = np.random.default_rng(14)
+    vecs = rng.standard_normal((60, 16)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap,
+                               snapshot_interval=0.2)
+        await a.set_many([(f"r{i}", "x") for i in range(30)], embeddings=vecs[:30])
+        await asyncio.sleep(0.25)
+        await a.set_many([(f"r{i}", "x") for i in range(30, 60)], embeddings=vecs[30:60])
+        assert a._snapshot_task is not None
+        await a._snapshot_task
+        assert a.stats()["snapshots_saved"] == 1
+        saved = json.loads(manifest_path(snap, ns).read_text())
+        assert sum(len(x["ids"]) for x in saved["scopes"]) == 60
+        await asyncio.sleep(0.25)
+        await a.set("r0", "y", embedding=vecs[0])  # a second one starts...
+        await a.close()  # ...and close() waits for it before its own
+        assert a.stats()["snapshots_saved"] == 3
+
+    asyncio.run(run())
