@@ -485,6 +485,12 @@ class CacheCore:
         return batch is None or (not batch.events and not batch.reset and not batch.more
                                  and batch.position == self.position)
 
+    def stale(self, batch: LogBatch) -> bool:
+        """Whether ``batch`` was read from a position the replica has left since: another
+        thread applied a read from there first. Applying it again would redo its events
+        (refetching every entry they name) and take its own writes for others'."""
+        return batch.after is not None and batch.after != self.position
+
     def sync_due(self) -> str | None:
         """The log position to read from if a log read is due now, else ``None``."""
         if self.position is None:

@@ -596,6 +596,8 @@ class SemanticCache(_Base):
     def _apply_locked(self, batch: LogBatch | None) -> None:
         c = self._core
         while batch is not None:
+            if c.stale(batch):
+                return  # (what it holds beyond the other read comes with the next one)
             if batch.reset:
                 c.stats.add("resyncs")
                 log.warning("hnswcache %r: change log lost our position; rebuilding",
@@ -1340,6 +1342,8 @@ class AsyncSemanticCache(_Base):
     async def _apply_locked(self, batch: LogBatch | None) -> None:
         c = self._core
         while batch is not None:
+            if c.stale(batch):
+                return  # (what it holds beyond the other read comes with the next one)
             if batch.reset:
                 c.stats.add("resyncs")
                 log.warning("hnswcache %r: change log lost our position; rebuilding",

@@ -744,3 +744,30 @@ def test_hits_and_lookups_pickle_copy_and_weakref(paraphrases) -> None:
                 obj.response = "changed"  # type: ignore[misc]
     assert dataclasses.replace(hit, response="b").response == "b"
     cache.close()
+
+
+def test_a_log_batch_read_by_two_threads_is_applied_once(store_url: str, ns: str) -> None:
+    """Two threads whose lookups read the change log from the same position (both read
+    before either applied) must not both apply it: the second applied the same events
+    again, refetching every entry they name (a bulk load of 100k entries made a lookup
+    wait ~3.7 s behind another thread's). The race is replayed step by step here: both
+    reads first, then both applies."""
+    rng = np.random.default_rng(4)
+    writer = make(store_url, ns)
+    reader = make(store_url, ns)
+    if store_url == "memory":  # (one process: the two caches must share the store)
+        reader = SemanticCache(HashEmbedder(64), store=writer.store, namespace=ns)
+    reader.set("warm", "a", embedding=rng.standard_normal(64))
+    reader.sync()
+    writer.set_many([(f"q{i}", "a") for i in range(300)],
+                    embeddings=rng.standard_normal((300, 64)))
+    c = reader._core
+    before = c.stats.counts["sync_events"]
+    batches = [reader.store.read([], log_after=c.position, touch=(), now=c.now())[1]
+               for _ in range(2)]
+    for b in batches:
+        reader._apply(b)
+    assert c.stats.counts["sync_events"] - before == 300
+    assert len(reader) == 301
+    reader.sync()  # nothing was lost by skipping the stale read
+    assert len(reader) == 301 and reader.get("q7") is not None

@@ -401,13 +401,16 @@ class LogBatch:
 
     ``position`` is where the next read starts. ``reset`` means the reader's position is no
     longer in the log (trimmed past it, or the server lost its data): the reader must rebuild
-    from a full :meth:`Store.scan`.
+    from a full :meth:`Store.scan`. ``after`` is the position it was read after (``None``:
+    not told), so that a reader whose position has moved since (another thread applied a
+    read of its own) can tell the batch is stale.
     """
 
     events: list[LogEvent] = field(default_factory=list)
     position: str = "0-0"
     reset: bool = False
     more: bool = False
+    after: str | None = None
 
 
 @dataclass(frozen=True)

@@ -69,18 +69,18 @@ class MemoryStore:
 
     def _read_log(self, after: str) -> LogBatch:
         if after == self._head_pos:  # nothing new: the common case of a lookup
-            return LogBatch([], after)
+            return LogBatch([], after, after=after)
         try:
             pos = int(after.split("-", 1)[0])
         except ValueError:
             pos = -1
         head = self._head()
         if pos < 0 or pos > head or pos < self._log_base:
-            return LogBatch([], f"{head}-0", reset=True)
+            return LogBatch([], f"{head}-0", reset=True, after=after)
         start = pos - self._log_base
         events = self._log[start : start + _BATCH]
         new_pos = pos + len(events)
-        return LogBatch(list(events), f"{new_pos}-0", more=new_pos < head)
+        return LogBatch(list(events), f"{new_pos}-0", more=new_pos < head, after=after)
 
     # ------------------------------------------------------------------ protocol
     def read(

@@ -411,7 +411,7 @@ class _Layout:
         if pos != (0, 0):  # ("0-0": we started from an empty log, there is no entry to find)
             if not messages or _stream_id(messages[0][0]) != pos:
                 # Our position is gone: trimmed past, or the server lost its data.
-                return LogBatch([], after, reset=True)
+                return LogBatch([], after, reset=True, after=after)
             messages = messages[1:]
         events: list[LogEvent] = []
         position = after
@@ -419,10 +419,10 @@ class _Layout:
             if len(events) >= _LOG_EVENTS_PER_READ:
                 # A reader far behind a bulk load: up to 1,000 entries of 500 ids each would
                 # make one fetch of 500k entries. The rest comes with the next read.
-                return LogBatch(events, position, more=True)
+                return LogBatch(events, position, more=True, after=after)
             position = _id_text(msg_id)
             events.extend(self.parse_event(fields, position))
-        return LogBatch(events, position, more=len(messages) >= _LOG_BATCH)
+        return LogBatch(events, position, more=len(messages) >= _LOG_BATCH, after=after)
 
     @staticmethod
     def parse_event(fields: Any, pos: str) -> list[LogEvent]:
