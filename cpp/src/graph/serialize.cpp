@@ -82,17 +82,27 @@ std::uint32_t crc32(const char* data, std::size_t n) {
 
 class writer_t {
    public:
-    explicit writer_t(std::size_t reserve) { buf_.reserve(reserve); }
+    // Sized, and its pages touched, up front: the caller does this before taking the lock
+    // (page faults on a fresh 50 MB buffer were most of the time searches waited).
+    explicit writer_t(std::size_t size) : buf_(size, '\0') {}
     template <class T>
     void put(const T& v) { append(&v, sizeof(T)); }
     void append(const void* p, std::size_t n) {
         if (n == 0) return;
-        buf_.append(static_cast<const char*>(p), n);
+        if (pos_ + n > buf_.size()) buf_.resize(std::max(pos_ + n, buf_.size() + buf_.size() / 2));
+        std::memcpy(buf_.data() + pos_, p, n);
+        pos_ += n;
     }
-    std::string& str() { return buf_; }
+    const char* data() const { return buf_.data(); }
+    std::size_t size() const { return pos_; }
+    std::string take() {
+        buf_.resize(pos_);
+        return std::move(buf_);
+    }
 
    private:
     std::string buf_;
+    std::size_t pos_ = 0;
 };
 
 class reader_t {
@@ -125,72 +135,93 @@ std::uint64_t checked_mul_add(std::uint64_t a, std::uint64_t b, std::uint64_t c)
 }  // namespace
 
 std::string index_t::serialize() const {
-    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
-    const slot_t n = n_slots();
-    header_t h{};
-    h.dim = dim_;
-    h.metric = static_cast<std::uint64_t>(metric_);
-    h.M = M_;
-    h.ef_construction = ef_construction_;
-    h.ef_search = ef_search();
-    h.seed = seed_;
-    h.n_slots = n;
-    const std::uint64_t ep = entry_.load();
-    h.entry = ep == no_entry ? UINT64_MAX : (ep & 0xffffffffu);
-    h.top_level = ep == no_entry ? 0 : (ep >> 32);
-    h.next_label = static_cast<std::uint64_t>(next_label_.load());
-    h.dtype = static_cast<std::uint64_t>(dtype_);
-    const std::size_t row = row_bytes(h.dtype, dim_);
-    for (slot_t id = 0; id < n; ++id)
-        if (state(id) == state_ready) h.upper_words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
-
-    writer_t w(prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + row) + h.upper_words * 4 + 4);
-    const bool v1 = alpha_ == 1.0;
-    w.append(magic, sizeof(magic));
-    w.put<std::uint32_t>(v1 ? 1 : format_major);
-    w.put(format_minor);
-    w.put(h);
-    if (!v1) w.put(alpha_);
-    for (slot_t id = 0; id < n; ++id)
-        w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
-    for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);
-    for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(expiry(id));
-    // A free slot is written as zeros: its record may hold whatever was there before (a
-    // loaded index never writes free records), and the loader refuses a free slot with links.
-    for (slot_t id = 0; id < n; ++id) {
-        const std::uint32_t* l = links(id, 0);
-        const bool ready = state(id) == state_ready;
-        const std::uint32_t cnt = ready ? atomic_load_u32(l) : 0;
-        w.put(cnt);
-        for (std::size_t i = 0; i < M0_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(l + 1 + i) : 0);
+    // Searches wait only for the copy of the graph under the exclusive lock: the buffer is
+    // sized and touched before it, and the checksum reads the copy after it.
+    const std::size_t row = row_bytes(static_cast<std::uint64_t>(dtype_), dim_);
+    auto upper_words = [this](slot_t n) {
+        std::uint64_t words = 0;
+        for (slot_t id = 0; id < n; ++id)
+            if (state(id) == state_ready) words += static_cast<std::uint64_t>(level(id)) * (1 + M_);
+        return words;
+    };
+    auto bytes = [&](slot_t n, std::uint64_t upper) {
+        return prefix_bytes + n * (1 + 16 + 4 * (1 + M0_) + row) + upper * 4 + 4;
+    };
+    std::size_t estimate;
+    {
+        std::shared_lock<std::shared_mutex> shared(graph_mu_);
+        const slot_t n = n_slots();
+        estimate = bytes(n, upper_words(n));
     }
-    // float32 is written whole (the same format as ever): the two halves joined.
-    std::vector<float> buf(dim_padded_);
-    const std::vector<char> zeros(row_bytes(static_cast<std::uint64_t>(dtype_), dim_), 0);
-    for (slot_t id = 0; id < n; ++id) {
-        if (state(id) != state_ready)
-            w.append(zeros.data(), zeros.size());
-        else if (dtype_ == dtype_t::float32)
-            w.append(reinterpret_cast<const char*>(decoded(id, buf.data())), dim_ * 4);
-        else if (dtype_ == dtype_t::float16)
-            w.append(raw(id), dim_ * 2);
-        else {  // int8: the scale, then the codes (norm2 is derived from them on load)
-            w.append(raw(id), sizeof(float));
-            w.append(raw(id) + i8_row_header, dim_);
+    writer_t copy = [&] {
+        writer_t w(estimate + estimate / 64);  // (room for inserts made meanwhile)
+        std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+        const slot_t n = n_slots();
+        header_t h{};
+        h.dim = dim_;
+        h.metric = static_cast<std::uint64_t>(metric_);
+        h.M = M_;
+        h.ef_construction = ef_construction_;
+        h.ef_search = ef_search();
+        h.seed = seed_;
+        h.n_slots = n;
+        const std::uint64_t ep = entry_.load();
+        h.entry = ep == no_entry ? UINT64_MAX : (ep & 0xffffffffu);
+        h.top_level = ep == no_entry ? 0 : (ep >> 32);
+        h.next_label = static_cast<std::uint64_t>(next_label_.load());
+        h.dtype = static_cast<std::uint64_t>(dtype_);
+        h.upper_words = upper_words(n);
+        const bool v1 = alpha_ == 1.0;
+        w.append(magic, sizeof(magic));
+        w.put<std::uint32_t>(v1 ? 1 : format_major);
+        w.put(format_minor);
+        w.put(h);
+        if (!v1) w.put(alpha_);
+        for (slot_t id = 0; id < n; ++id)
+            w.put<std::uint8_t>(state(id) == state_ready ? static_cast<std::uint8_t>(level(id)) : free_level);
+        for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(state(id) == state_ready ? label(id) : -1);
+        for (slot_t id = 0; id < n; ++id) w.put<std::int64_t>(expiry(id));
+        // A free slot is written as zeros: its record may hold whatever was there before (a
+        // loaded index never writes free records), and the loader refuses a free slot with links.
+        // One append per link list, not per word: the copy is what searches wait for.
+        std::vector<std::uint32_t> list(1 + std::max(M0_, M_));
+        auto put_links = [&](const std::uint32_t* l, std::uint32_t cnt, std::size_t cap) {
+            list[0] = cnt;
+            for (std::size_t i = 0; i < cap; ++i) list[1 + i] = i < cnt ? atomic_load_u32(l + 1 + i) : 0;
+            w.append(list.data(), (1 + cap) * sizeof(std::uint32_t));
+        };
+        for (slot_t id = 0; id < n; ++id) {
+            const std::uint32_t* l = links(id, 0);
+            const bool ready = state(id) == state_ready;
+            put_links(l, ready ? atomic_load_u32(l) : 0, M0_);
         }
-    }
-    for (slot_t id = 0; id < n; ++id) {
-        if (state(id) != state_ready) continue;
-        for (int l = 1; l <= level(id); ++l) {
-            const std::uint32_t* lk = links(id, l);
-            const std::uint32_t cnt = atomic_load_u32(lk);
-            w.put(cnt);
-            for (std::size_t i = 0; i < M_; ++i) w.put<std::uint32_t>(i < cnt ? atomic_load_u32(lk + 1 + i) : 0);
+        // float32 is written whole (the same format as ever): the two halves joined.
+        std::vector<float> buf(dim_padded_);
+        const std::vector<char> zeros(row_bytes(static_cast<std::uint64_t>(dtype_), dim_), 0);
+        for (slot_t id = 0; id < n; ++id) {
+            if (state(id) != state_ready)
+                w.append(zeros.data(), zeros.size());
+            else if (dtype_ == dtype_t::float32)
+                w.append(reinterpret_cast<const char*>(decoded(id, buf.data())), dim_ * 4);
+            else if (dtype_ == dtype_t::float16)
+                w.append(raw(id), dim_ * 2);
+            else {  // int8: the scale, then the codes (norm2 is derived from them on load)
+                w.append(raw(id), sizeof(float));
+                w.append(raw(id) + i8_row_header, dim_);
+            }
         }
-    }
-    const std::uint32_t crc = crc32(w.str().data(), w.str().size());
-    w.put(crc);
-    return std::move(w.str());
+        for (slot_t id = 0; id < n; ++id) {
+            if (state(id) != state_ready) continue;
+            for (int l = 1; l <= level(id); ++l) {
+                const std::uint32_t* lk = links(id, l);
+                put_links(lk, atomic_load_u32(lk), M_);
+            }
+        }
+        return w;
+    }();
+    const std::uint32_t crc = crc32(copy.data(), copy.size());
+    copy.put(crc);
+    return copy.take();
 }
 
 std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size) {
