@@ -2,8 +2,8 @@
 
     python bench/save_stall.py [--n 100000] [--rounds 4] [--cache]
 
-A save copies the graph under the index's exclusive lock (inserts and searches wait), then
-checksums and writes the copy without it. This builds an index of ``--n`` rows of
+A save copies the graph while inserts and consolidation wait (searches, deletes and
+touches go on), then checksums and writes the copy without holding anything. This builds an index of ``--n`` rows of
 ``../shared/data/sgd`` as the cache builds one (int8, M 16, ef_construction 100), then for
 each round saves it in a thread while the main thread searches one query at a time (k 4),
 and prints the save's duration and the searches' latency during it: ``max`` is the

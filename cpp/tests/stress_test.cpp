@@ -1,10 +1,11 @@
 // Concurrency stress test of the core, without Python: inserting, searching, deleting,
-// touching and consolidating threads run at once. Built with ThreadSanitizer (.ci/tsan) it
+// touching, consolidating and saving threads run at once. Built with ThreadSanitizer (.ci/tsan) it
 // shows the index has no data race; in any build it checks that no search ever returns an
 // entry deleted before the search began, and that the graph is intact at the end.
 #include <atomic>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -46,6 +47,17 @@ static int run(dtype_t dtype) {
     std::thread consolidator([&] {
         while (!stop.load()) idx.consolidate(now, 1);
     });
+    // Saves run alongside searches, deletes and touches (only inserts and consolidation wait
+    // for them): each must load back, its checksum and structure intact.
+    std::atomic<int> saves{0};
+    std::thread saver([&] {
+        while (!stop.load()) {
+            const std::string bytes = idx.serialize();
+            const auto loaded = index_t::deserialize(bytes.data(), bytes.size());
+            if (loaded->check_integrity(now).allocated == 0) failed.store(true);
+            saves.fetch_add(1);
+        }
+    });
     std::vector<std::thread> searchers;
     for (int t = 0; t < 2; ++t)
         searchers.emplace_back([&, t] {
@@ -65,14 +77,20 @@ static int run(dtype_t dtype) {
     toucher.join();
     stop.store(true);
     consolidator.join();
+    saver.join();
     for (auto& s : searchers) s.join();
+    if (saves.load() == 0) {
+        std::puts("FAIL: no save ran during the stress");
+        return 1;
+    }
 
     idx.consolidate(now, 2);
     const integrity_report_t rep = idx.check_integrity(now);
-    std::printf("%s: live %zu allocated %zu free %zu unreachable %zu\n", dtype_name(dtype),
-                rep.live, rep.allocated, rep.free_slots, rep.unreachable_live);
+    std::printf("%s: live %zu allocated %zu free %zu unreachable %zu, %d saves\n",
+                dtype_name(dtype), rep.live, rep.allocated, rep.free_slots,
+                rep.unreachable_live, saves.load());
     if (failed.load()) {
-        std::puts("FAIL: a deleted entry was returned");
+        std::puts("FAIL: a deleted entry was returned, or a save did not load back");
         return 1;
     }
     if (rep.live != n0 + n1 - 1500 || rep.unreachable_live != 0) {

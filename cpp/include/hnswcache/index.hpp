@@ -29,8 +29,9 @@
 //
 // Concurrency. add/search/delete/touch/get hold `graph_mu_` shared. consolidate() computes
 // its repairs holding it shared too (searches go on; inserts wait on `writers_mu_`), then
-// holds it exclusively only to publish the new lists and free the slots. save and
-// check_integrity hold it exclusively. Link lists are written under a per-slot
+// holds it exclusively only to publish the new lists and free the slots. save holds
+// `writers_mu_` (inserts and consolidation wait) and `graph_mu_` shared (searches, deletes
+// and touches go on); check_integrity holds `graph_mu_` exclusively. Link lists are written under a per-slot
 // spinlock; readers never lock: they load a count (acquire) and then the ids (acquire).
 #pragma once
 
@@ -324,9 +325,10 @@ class index_t {
     std::atomic<std::size_t> inserts_since_check_{0};
 
     mutable std::shared_mutex graph_mu_;
-    // Held shared by add() and exclusively by consolidate(), so that consolidation can compute
-    // its repairs while searches go on (graph_mu_ shared) but no insert changes a link list.
-    std::shared_mutex writers_mu_;
+    // Held shared by add() and exclusively by consolidate() and serialize(), so that they can
+    // compute repairs or copy the graph while searches go on (graph_mu_ shared) but no insert
+    // changes a link list.
+    mutable std::shared_mutex writers_mu_;
 };
 
 }  // namespace hnswcache

@@ -135,8 +135,11 @@ std::uint64_t checked_mul_add(std::uint64_t a, std::uint64_t b, std::uint64_t c)
 }  // namespace
 
 std::string index_t::serialize() const {
-    // Searches wait only for the copy of the graph under the exclusive lock: the buffer is
-    // sized and touched before it, and the checksum reads the copy after it.
+    // Links, levels, labels and vectors change only under inserts and consolidation, which
+    // hold writers_mu_: holding it (and graph_mu_ shared) keeps them still while searches,
+    // deletes and touches go on (an expiry is one atomic word: each is saved as it was at
+    // some instant of the copy). The buffer is sized and touched before, and the checksum
+    // computed after, so the writers wait for the copy alone.
     const std::size_t row = row_bytes(static_cast<std::uint64_t>(dtype_), dim_);
     auto upper_words = [this](slot_t n) {
         std::uint64_t words = 0;
@@ -151,11 +154,12 @@ std::string index_t::serialize() const {
     {
         std::shared_lock<std::shared_mutex> shared(graph_mu_);
         const slot_t n = n_slots();
-        estimate = bytes(n, upper_words(n));
+        estimate = bytes(n, upper_words(n));  // (an estimate: inserts may go on)
     }
     writer_t copy = [&] {
         writer_t w(estimate + estimate / 64);  // (room for inserts made meanwhile)
-        std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+        std::unique_lock<std::shared_mutex> no_writers(writers_mu_);
+        std::shared_lock<std::shared_mutex> shared(graph_mu_);
         const slot_t n = n_slots();
         header_t h{};
         h.dim = dim_;
