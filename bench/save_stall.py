@@ -3,11 +3,11 @@
     python bench/save_stall.py [--n 100000] [--rounds 4] [--cache]
 
 A save copies the graph while inserts and consolidation wait (searches, deletes and
-touches go on), then checksums and writes the copy without holding anything. This builds an index of ``--n`` rows of
-``../shared/data/sgd`` as the cache builds one (int8, M 16, ef_construction 100), then for
-each round saves it in a thread while the main thread searches one query at a time (k 4),
-and prints the save's duration and the searches' latency during it: ``max`` is the
-longest wait.
+touches go on), then checksums and writes the copy without holding anything. This builds
+an index of ``--n`` rows of ``../shared/data/sgd`` as the cache builds one (int8, M 16,
+ef_construction 100), then for each round saves it in a thread while the main thread
+searches one query at a time (k 4), and prints the save's duration and the searches'
+latency during it: ``max`` is the longest wait.
 
 With ``--cache`` it does the same one level up: a ``SemanticCache`` of ``--n`` entries on
 a private valkey-server (the ``server`` extra) saves a snapshot (``save_snapshot()``, what

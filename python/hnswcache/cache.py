@@ -33,6 +33,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -147,6 +148,41 @@ def _check_wait(wait: float) -> float | None:
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
         raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
     return None if wait >= threading.TIMEOUT_MAX else float(wait)
+
+
+
+#: The caches that write periodic snapshots in a thread (see _before_fork).
+_FORK_SAFE: weakref.WeakSet[SemanticCache] = weakref.WeakSet()
+_FORK_HELD: list[SemanticCache] = []
+
+
+def _before_fork() -> None:
+    """A child forked while a snapshot thread saves would inherit the cache's lock, and the
+    index's writer lock, held by a thread it does not have: its first write would wait for
+    ever. Each such cache's lock is held across the fork (a save under way ends first)."""
+    for cache in list(_FORK_SAFE):
+        cache._lock.acquire()
+        _FORK_HELD.append(cache)
+
+
+def _after_fork_in_parent() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop()._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    while _FORK_HELD:
+        cache = _FORK_HELD.pop()
+        cache._lock.release()
+        # (the parent's snapshot thread, gone here, may have held or claimed these)
+        cache._snapshot_mu = threading.Lock()
+        cache._snapshot_thread = None
+        cache._snapshot_saving = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class _Base:
@@ -453,6 +489,9 @@ class SemanticCache(_Base):
         self._timeout = timeout or DEFAULT_TIMEOUT
         self._snapshot_folder(snapshot_dir, store, snapshot_interval)
         self._snapshot_thread: threading.Thread | None = None  # a periodic snapshot
+        self._snapshot_mu = threading.Lock()
+        if self._snapshot_every is not None and self._snapshot_dir is not None:
+            _FORK_SAFE.add(self)
 
     def _reopen(self, url: str) -> None:
         from .store.redis import RedisStore
@@ -567,10 +606,20 @@ class SemanticCache(_Base):
 
     def _maybe_snapshot(self) -> None:
         """Start the periodic snapshot in a thread if one is due."""
-        if self._snapshot_due():
-            self._snapshot_thread = threading.Thread(
-                target=self._periodic_snapshot, name="hnswcache-snapshot", daemon=True)
-            self._snapshot_thread.start()
+        with self._snapshot_mu:  # (the claim, the start and close() in one order)
+            if not self._snapshot_due():
+                return
+            # Not a daemon: the interpreter waits for a save under way at exit (~0.3 s per
+            # 100k entries) instead of ending the thread inside the native save, which
+            # aborts the process.
+            th = threading.Thread(target=self._periodic_snapshot, name="hnswcache-snapshot")
+            try:
+                th.start()
+            except RuntimeError as exc:  # (can't start new thread: the write itself is done)
+                self._snapshot_saving = False
+                self._snapshot_not_saved(exc)
+                return
+            self._snapshot_thread = th
 
     def _periodic_snapshot(self) -> None:
         try:
@@ -757,13 +806,14 @@ class SemanticCache(_Base):
             sid = keys[0][1]
             ids = [k[0] for k in keys]
             # With embeddings given, search first and fetch the candidates in the same round
-            # trip as the exact tier; valid unless the log brought changes (then redo).
+            # trip as the exact tier; valid unless changes were applied since the search, by
+            # this read or by another thread's (then redo).
+            before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
             touch = c.take_touches()
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
-                before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
                     ahead = None  # the replica changed: search again below
@@ -956,7 +1006,8 @@ class SemanticCache(_Base):
         with self._lock:
             c.remove([eid])
         c.stats.add("deletes", n)
-        self._maybe_snapshot()
+        if n:
+            self._maybe_snapshot()
         return n > 0
 
     def clear(self, scope: Mapping[str, Any] | None = None, *, within: bool = False) -> int:
@@ -987,7 +1038,8 @@ class SemanticCache(_Base):
             # would also drop what this process wrote after it.
             c.remember_own(res.log_positions)
             c.clear_local(sid)
-        self._maybe_snapshot()
+        if res.deleted:
+            self._maybe_snapshot()
         return res.deleted
 
     # ------------------------------------------------------------------ decorator
@@ -1089,9 +1141,10 @@ class SemanticCache(_Base):
         self._closed = True
         c = self._core
         c.on_store_error = None  # (closing: no restart of the embedded server now)
-        if self._snapshot_thread is not None:
-            self._snapshot_thread.join()  # (the snapshot below comes after it)
-            self._snapshot_thread = None
+        with self._snapshot_mu:  # (_closed is set: no snapshot thread starts after this)
+            th, self._snapshot_thread = self._snapshot_thread, None
+        if th is not None and th is not threading.current_thread():
+            th.join()  # (the snapshot below comes after it)
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:
@@ -1315,8 +1368,10 @@ class AsyncSemanticCache(_Base):
     def _maybe_snapshot(self) -> None:
         """Start the periodic snapshot as a task if one is due."""
         if self._snapshot_due():
-            self._snapshot_task = asyncio.get_running_loop().create_task(
-                self._periodic_snapshot())
+            task = asyncio.get_running_loop().create_task(self._periodic_snapshot())
+            # (a callback, not a finally: a task cancelled before it ran runs no finally)
+            task.add_done_callback(lambda _: setattr(self, "_snapshot_saving", False))
+            self._snapshot_task = task
 
     async def _periodic_snapshot(self) -> None:
         try:
@@ -1329,8 +1384,6 @@ class AsyncSemanticCache(_Base):
             self._snapshot_not_saved(exc)
         except Exception:  # (a background task: nobody awaits its result)
             log.exception("hnswcache %r: periodic snapshot failed", self.namespace)
-        finally:
-            self._snapshot_saving = False
 
     async def _apply(self, batch: LogBatch | None) -> None:
         if self._core.brings_nothing(batch):
@@ -1489,14 +1542,13 @@ class AsyncSemanticCache(_Base):
             c.check_dim(given_all)  # (as in SemanticCache._lookup)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
-            # With embeddings given, search first and fetch the candidates in the same round
-            # trip as the exact tier; valid unless the log brought changes (then redo).
+            # (as in SemanticCache._lookup; other tasks may apply changes while it waits)
+            before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
             touch = c.take_touches()
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
-                before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
                 await self._apply(batch)
                 if before != c.stats.counts["sync_events"] + c.stats.counts["resyncs"]:
                     ahead = None  # the replica changed: search again below
@@ -1639,8 +1691,12 @@ class AsyncSemanticCache(_Base):
             c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
-        c.remember_own(res.log_positions, [r.id for r in recs])
-        c.add_records(recs)
+        # Under the lock, as the sync cache: while a snapshot is written (the lock held,
+        # the native save holding out inserts) this waits here, not in the native add on
+        # the event loop's thread, which would stall every other task meanwhile.
+        async with self._lock:
+            c.remember_own(res.log_positions, [r.id for r in recs])
+            c.add_records(recs)
         c.stats.add("sets", len(recs))
         self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
@@ -1668,7 +1724,8 @@ class AsyncSemanticCache(_Base):
             return False
         c.remove([eid])
         c.stats.add("deletes", n)
-        self._maybe_snapshot()
+        if n:
+            self._maybe_snapshot()
         return n > 0
 
     async def clear(self, scope: Mapping[str, Any] | None = None, *,
@@ -1691,7 +1748,8 @@ class AsyncSemanticCache(_Base):
             return 0
         c.remember_own(res.log_positions)  # (see SemanticCache.clear)
         c.clear_local(sid)
-        self._maybe_snapshot()
+        if res.deleted:
+            self._maybe_snapshot()
         return res.deleted
 
     def cached(
@@ -1780,9 +1838,11 @@ class AsyncSemanticCache(_Base):
         if self._takeover is not None:
             await self._takeover  # (a server it starts is ours to stop below)
             self._takeover = None
-        if self._snapshot_task is not None:
-            await self._snapshot_task  # (the loop may close after us: not left pending)
-            self._snapshot_task = None
+        task, self._snapshot_task = self._snapshot_task, None
+        if task is not None:
+            # Waited for, not awaited: a task cancelled by the application's shutdown must
+            # not end this close() half done (the loop may close after us: not left pending).
+            await asyncio.wait({task})
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:

@@ -771,3 +771,32 @@ def test_a_log_batch_read_by_two_threads_is_applied_once(store_url: str, ns: str
     assert len(reader) == 301
     reader.sync()  # nothing was lost by skipping the stale read
     assert len(reader) == 301 and reader.get("q7") is not None
+
+
+def test_lookup_searches_again_when_another_thread_applied_changes_meanwhile(ns: str) -> None:
+    """A lookup with an embedding searches before its store read. If another thread
+    applies new entries in between, this lookup's own log read is stale (not applied
+    again), so it must search again: else it misses the entry just applied, its search
+    having run before it existed. The other thread is replayed inside the read."""
+    rng = np.random.default_rng(5)
+    store = MemoryStore(ns)
+    writer = SemanticCache(None, store=store, namespace=ns)
+    reader = SemanticCache(None, store=store, namespace=ns)
+    vecs = rng.standard_normal((21, 16)).astype(np.float32)
+    writer.set_many([(f"q{i}", f"a{i}") for i in range(20)], embeddings=vecs[:20])
+    reader.sync()
+    target = vecs[20]
+    real_read = reader.store.read
+    calls = 0
+
+    def read(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # after this lookup's search, before its read returns
+            writer.set("the new one", "new", embedding=target)
+            reader.sync()
+        return real_read(*args, **kw)
+
+    reader.store.read = read  # type: ignore[method-assign]
+    hit = reader.get("a paraphrase of the new one", embedding=target)
+    assert hit is not None and hit.response == "new"

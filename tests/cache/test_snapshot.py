@@ -13,6 +13,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -650,3 +651,194 @@ def test_async_periodic_snapshot(valkey_server, ns, tmp_path):
         assert a.stats()["snapshots_saved"] == 3
 
     asyncio.run(run())
+
+
+def _fill_rows(cache: SemanticCache, n: int, dim: int = 64) -> np.ndarray:
+    vecs = np.random.default_rng(21).standard_normal((n, dim)).astype(np.float32)
+    for s in range(0, n, 1000):
+        cache.set_many([(f"r{i}", "x") for i in range(s, min(n, s + 1000))],
+                       embeddings=vecs[s:s + 1000])
+    return vecs
+
+
+_EXIT_DURING_SAVE = """
+import sys, threading, time
+from pathlib import Path
+from typing import Any
+import numpy as np
+from hnswcache import SemanticCache
+from hnswcache.index import Index
+
+url, snap = sys.argv[1], sys.argv[2]
+cache = SemanticCache(store=url, namespace="exit-during-save", snapshot_dir=snap,
+                      snapshot_interval=0.05)
+vecs = np.random.default_rng(0).standard_normal((20001, 128)).astype(np.float32)
+for s in range(0, 20000, 2000):
+    cache.set_many([(f"r{i}", "x") for i in range(s, s + 2000)], embeddings=vecs[s:s + 2000])
+saving = threading.Event()
+real_save = Index.save
+def save(self, path):
+    saving.set()
+    real_save(self, path)
+Index.save = save
+time.sleep(0.1)
+cache.set("last", "x", embedding=vecs[20000])  # starts the periodic snapshot
+assert saving.wait(30)
+sys.exit(0)  # inside the native save: the interpreter must wait for it, not abort
+"""
+
+
+def test_exit_during_a_periodic_snapshot_waits_for_it(valkey_server, tmp_path):
+    """A program that ends (without close()) while the snapshot thread is inside the
+    native save: a daemon thread was ended inside it and the process aborted (SIGABRT,
+    "terminate called without an active exception"). The thread is not a daemon: exit
+    waits for the save, which is complete and loads."""
+    import subprocess
+    import sys
+
+    snap = tmp_path / "snap"
+    script = tmp_path / "exit_during_save.py"
+    script.write_text(_EXIT_DURING_SAVE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, str(script), valkey_server.url, str(snap)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    c = SemanticCache(store=valkey_server.url, namespace="exit-during-save",
+                      snapshot_dir=snap)
+    c.sync()
+    assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == 20001
+    c.close()
+
+
+def test_snapshot_thread_that_cannot_start(valkey_server, ns, tmp_path, caplog,
+                                           monkeypatch):
+    """No thread to be had (a limit reached): the write that asked for the snapshot still
+    succeeds, the failure is logged, the next interval tries again, and close() works."""
+    vecs = np.random.default_rng(22).standard_normal((3, 8)).astype(np.float32)
+    a = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path / "s",
+                      snapshot_interval=0.2)
+    a.set("r0", "x", embedding=vecs[0])
+    real_start = threading.Thread.start
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    caplog.set_level(logging.WARNING, logger="hnswcache")
+    time.sleep(0.25)
+    assert a.set("r1", "x", embedding=vecs[1]) is not None
+    assert any("can't start new thread" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    time.sleep(0.25)
+    a.set("r2", "x", embedding=vecs[2])
+    assert a._snapshot_thread is not None
+    a._snapshot_thread.join(10)
+    assert a.stats()["snapshots_saved"] == 1
+    a.close()
+    assert a.stats()["snapshots_saved"] == 2
+
+
+def test_close_waits_for_a_snapshot_thread_being_started(valkey_server, ns, tmp_path,
+                                                        monkeypatch):
+    """A thread that claimed the periodic snapshot just before close(), and had not
+    started its saver yet: close() must still wait for that save, not return and let it
+    run on a closed cache. (The claim is slowed down here to open the window.)"""
+    vecs = np.random.default_rng(23).standard_normal((2, 8)).astype(np.float32)
+    a = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path / "s",
+                      snapshot_interval=0.1)
+    a.set("r0", "x", embedding=vecs[0])
+    real_due = a._snapshot_due
+
+    def slow_due() -> bool:
+        due = real_due()
+        if threading.current_thread() is writer:
+            time.sleep(0.3)  # claimed, the saver not started yet
+        return due
+
+    monkeypatch.setattr(a, "_snapshot_due", slow_due)
+    ran: list[float] = []  # when periodic snapshots ran
+    real_periodic = a._periodic_snapshot
+
+    def periodic() -> None:
+        ran.append(time.monotonic())
+        real_periodic()
+
+    monkeypatch.setattr(a, "_periodic_snapshot", periodic)
+    time.sleep(0.15)
+    writer = threading.Thread(target=a.set, args=("r1", "x"), kwargs={"embedding": vecs[1]})
+    writer.start()
+    time.sleep(0.1)  # the writer is inside the claim
+    a.close()
+    closed_at = time.monotonic()
+    writer.join(10)
+    time.sleep(0.2)
+    assert ran and all(t < closed_at for t in ran), (ran, closed_at)
+
+
+def test_fork_during_a_periodic_snapshot(valkey_server, ns, tmp_path, monkeypatch):
+    """A child forked while the snapshot thread saves inherited the cache's lock held by a
+    thread it does not have: its first write waited for ever. The fork now waits for the
+    save; the child writes and exits."""
+    from hnswcache.index import Index
+
+    vecs = np.random.default_rng(24).standard_normal((3, 8)).astype(np.float32)
+    a = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=tmp_path / "s",
+                      snapshot_interval=0.1)
+    a.set("r0", "x", embedding=vecs[0])
+    saving = threading.Event()
+    real_save = Index.save
+
+    def slow_save(self: Index, path: Any) -> None:
+        saving.set()
+        time.sleep(0.5)
+        real_save(self, path)
+
+    monkeypatch.setattr(Index, "save", slow_save)
+    time.sleep(0.15)
+    a.set("r1", "x", embedding=vecs[1])  # starts the snapshot
+    assert saving.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: one write, then out (no pytest teardown here)
+        code = 1
+        try:
+            code = 0 if a.set("child", "x", embedding=vecs[2]) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the cache's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert a.get("child", embedding=vecs[2]) is not None
+    a.close()
+
+
+def test_async_close_after_the_snapshot_task_was_cancelled(valkey_server, ns, tmp_path):
+    """An application's shutdown may cancel every task, the snapshot's too: close() must
+    still close the store and write its own snapshot, not raise CancelledError half done."""
+    vecs = np.random.default_rng(25).standard_normal((2, 8)).astype(np.float32)
+    snap = tmp_path / "s"
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=snap,
+                               snapshot_interval=0.1)
+        await a.set("r0", "x", embedding=vecs[0])
+        await asyncio.sleep(0.15)
+        await a.set("r1", "x", embedding=vecs[1])
+        assert a._snapshot_task is not None
+        a._snapshot_task.cancel()
+        await a.close()
+        assert a.stats()["snapshots_saved"] >= 1
+        assert not a._snapshot_saving
+
+    asyncio.run(run())
+    c = SemanticCache(store=valkey_server.url, namespace=ns, snapshot_dir=snap)
+    c.sync()
+    assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == 2
+    c.close()
