@@ -844,7 +844,9 @@ def test_a_cache_on_a_loading_server_misses_without_blocking_then_serves(
         reader = SemanticCache(HashEmbedder(16), namespace=ns, data_dir=data)
         assert reader._server is None  # the recorded, loading server is used, not replaced
         assert reader.get("kept on disk") is None  # a miss while loading, not an error
-        assert time.monotonic() - t0 < 1.0  # and no wait for the load
+        # ...and no wait for the load (~2 s): a loading server takes 0.3 s to answer each
+        # connection's handshake, so this miss itself took 0.9-1.05 s over 8 runs.
+        assert time.monotonic() - t0 < 1.5
         assert reader.stats()["store_errors"] >= 1
         hit = _until_hit(reader.get, "kept on disk")
         assert hit.response == "yes" and hit.tier == "exact"
