@@ -768,6 +768,30 @@ class CacheCore:
         return self.hit(best[1], "semantic", min(1.0, best[0]), now)
 
     @staticmethod
+    def flight_leader(others: Sequence[tuple[int, int, Any]], start: int, eid: int,
+                      vec: npt.NDArray[np.float32], threshold: float) -> int | None:
+        """Of other processes' calls in flight in a scope (``(start, id, vector)``), the one
+        a call for ``eid`` with embedding ``vec`` that started at ``start`` waits for: the
+        earliest (by start, then id) before it whose prompt is at or above ``threshold`` from
+        this one's. Every process of a burst thus picks the same first call."""
+        best: tuple[int, int] | None = None
+        for s, fid, v in others:
+            if (s, fid) < (start, eid) and (best is None or (s, fid) < best):
+                sim = float(np.dot(v, vec))
+                if sim >= threshold:
+                    best = (s, fid)
+        return None if best is None else best[1]
+
+    def entry_answer(self, f: Fetched, sid: str, now: float,
+                     max_age: float = math.inf) -> str | None:
+        """The answer of ``f`` if it is a usable entry of scope ``sid``, at most ``max_age``
+        old (any prompt: a paraphrase's answer)."""
+        rec = self.usable(f, now)
+        if rec is None or rec.scope_id != sid or now - rec.created > max_age:
+            return None
+        return rec.response
+
+    @staticmethod
     def check_pairs(
         pairs: Sequence[tuple[str, str]], metadata: Sequence[Any]
     ) -> list[str]:

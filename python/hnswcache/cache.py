@@ -922,6 +922,43 @@ class SemanticCache(_Base):
         if release is not None:
             release(eid, token)
 
+    def _follow_flight(self, k: tuple[int, str, str, str], vec: Any, limit: float | None,
+                       max_age: float = math.inf) -> tuple[str | None, bool]:
+        """Cross-process coalescing of paraphrases: register this call's embedding among
+        the scope's calls in flight; if another process's call, started earlier, has a
+        prompt at or above the threshold from this one's, wait for its answer while it
+        flies. ``(answer or None, whether our flight is registered and must land)``."""
+        fly = getattr(self.store, "fly", None)
+        if fly is None or vec is None:
+            return None, False
+        store: Any = self.store
+        c = self._core
+        seconds = _LEASE_UNBOUNDED if limit is None else limit
+        mine, start, others = fly(k[1], k[0], vec, seconds)
+        leader = c.flight_leader(others, start, k[0], vec, c.threshold)
+        if leader is None:
+            return None, mine
+        if mine:
+            store.land(k[1], k[0])  # (following, not flying)
+        deadline = time.monotonic() + seconds
+        delay = 0.005
+        while True:
+            answer = self._entry_answer(leader, k[1], max_age)
+            if answer is not None or time.monotonic() >= deadline:
+                return answer, False
+            if not store.flight_alive(k[1], leader, len(vec)):
+                # Landed: answered just now, or failed (then this call goes on its own way).
+                return self._entry_answer(leader, k[1], max_age), False
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    def _entry_answer(self, eid: int, sid: str, max_age: float) -> str | None:
+        try:
+            f = self.store.fetch([eid])[0]
+        except StoreError:
+            return None
+        return self._core.entry_answer(f, sid, self._core.now(), max_age)
+
     # ------------------------------------------------------------------ writes
     def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
@@ -1062,8 +1099,10 @@ class SemanticCache(_Base):
         the calls saved). If that call fails, does not return a ``str``, or takes longer
         than ``wait``, the waiting callers call ``fn`` themselves. Across processes sharing a
         Redis/Valkey store, misses of the same prompt wait likewise for the process holding
-        the store's lease on it. A call made from inside the call it would wait for (the
-        same thread, or a task it starts) never waits (``docs/cache.md``).
+        the store's lease on it, and misses of a paraphrase for the earliest call in flight
+        in another process whose prompt is at or above the threshold from theirs. A call
+        made from inside the call it would wait for (the same thread, or a task it starts)
+        never waits (``docs/cache.md``).
 
         ``max_age`` (seconds) makes a cached answer older than that a miss: ``fn`` is called
         and its answer replaces the old one (see :meth:`get`). ``sliding`` stores answers
@@ -1111,10 +1150,16 @@ class SemanticCache(_Base):
                     return call()
                 token = secrets.token_hex(16)
                 flight.token = token
+                inside = bool(leading_tokens())  # (called from inside another call)
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
+                flying = False
                 try:
-                    answer = self._lead(k, token, limit, age)
+                    answer = None
+                    if not inside:  # (a wait from inside a call could close a cycle)
+                        answer, flying = self._follow_flight(k, used[0], limit, age)
+                    if answer is None:
+                        answer = self._lead(k, token, limit, age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -1126,6 +1171,8 @@ class SemanticCache(_Base):
                         self._flights.finish(flight, result if isinstance(result, str) else None)
                     finally:
                         self._release(k[0], token)
+                        if flying:
+                            self.store.land(k[1], k[0])  # type: ignore[attr-defined]
                 return result
 
             return cast(F, wrapper)
@@ -1647,6 +1694,40 @@ class AsyncSemanticCache(_Base):
         if release is not None:
             await release(eid, token)
 
+    async def _follow_flight(self, k: tuple[int, str, str, str], vec: Any,
+                             limit: float | None, max_age: float = math.inf
+                             ) -> tuple[str | None, bool]:
+        """See :meth:`SemanticCache._follow_flight`."""
+        fly = getattr(self.store, "fly", None)
+        if fly is None or vec is None:
+            return None, False
+        store: Any = self.store
+        c = self._core
+        seconds = _LEASE_UNBOUNDED if limit is None else limit
+        mine, start, others = await fly(k[1], k[0], vec, seconds)
+        leader = c.flight_leader(others, start, k[0], vec, c.threshold)
+        if leader is None:
+            return None, mine
+        if mine:
+            await store.land(k[1], k[0])
+        deadline = time.monotonic() + seconds
+        delay = 0.005
+        while True:
+            answer = await self._entry_answer(leader, k[1], max_age)
+            if answer is not None or time.monotonic() >= deadline:
+                return answer, False
+            if not await store.flight_alive(k[1], leader, len(vec)):
+                return await self._entry_answer(leader, k[1], max_age), False
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    async def _entry_answer(self, eid: int, sid: str, max_age: float) -> str | None:
+        try:
+            f = (await self.store.fetch([eid]))[0]
+        except StoreError:
+            return None
+        return self._core.entry_answer(f, sid, self._core.now(), max_age)
+
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
@@ -1807,10 +1888,16 @@ class AsyncSemanticCache(_Base):
                     return await call()
                 token = secrets.token_hex(16)
                 flight.token = token
+                inside = bool(leading_tokens())  # (see SemanticCache.cached)
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
+                flying = False
                 try:
-                    answer = await self._lead(k, token, limit, age)
+                    answer = None
+                    if not inside:
+                        answer, flying = await self._follow_flight(k, used[0], limit, age)
+                    if answer is None:
+                        answer = await self._lead(k, token, limit, age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -1822,6 +1909,8 @@ class AsyncSemanticCache(_Base):
                         self._flights.finish(flight, result if isinstance(result, str) else None)
                     finally:
                         await self._release(k[0], token)
+                        if flying:
+                            await self.store.land(k[1], k[0])  # type: ignore[attr-defined]
                 return result
 
             return cast(F, wrapper)

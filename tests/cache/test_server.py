@@ -1053,3 +1053,140 @@ def test_a_child_forked_while_the_folder_is_locked_does_not_keep_the_lock(
             fcntl.flock(f, fcntl.LOCK_UN)
     finally:
         os.waitpid(pid, 0)
+
+
+def test_cached_paraphrases_coalesce_across_processes(
+    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
+) -> None:
+    """Three processes miss on three paraphrases of one question at once (different
+    prompts, so different entries and leases, within the threshold of each other): one LLM
+    call, through the scope's flights; the others wait for its answer."""
+    log = tmp_path / "calls"
+    prompts = ["what is the boiling point of water at sea level",
+               "what is the boiling point of water at sea level please",
+               "please what is the boiling point of water at sea level"]
+    procs = [subprocess.Popen(
+        [sys.executable, WORKER, "llm", valkey_server.url, ns, p, "2", "30", str(log)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
+    ) for p in prompts]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:  # all three miss within milliseconds of each other
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    callers = log.read_text().split()
+    assert len(callers) == 1, (callers, outs)
+    answers = {line for o in outs for line in o.splitlines() if line.startswith("answer")}
+    assert answers == {f"answer answer from {callers[0]}"}, outs
+    coalesced = sorted(int(line.split()[1]) for o in outs for line in o.splitlines()
+                       if line.startswith("coalesced"))
+    assert coalesced == [0, 1, 1], outs
+    flights = redis.Redis.from_url(valkey_server.url).keys(f"hc:{{{ns}}}:flight:*")
+    assert all(not redis.Redis.from_url(valkey_server.url).hlen(f) for f in flights)
+
+
+def test_a_paraphrase_flight_whose_process_died_is_waited_for_only_until_its_deadline(
+    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
+) -> None:
+    """The first caller is killed (SIGKILL) during its call: its flight stays in the hash
+    until its deadline (its wait, 3 s), and the paraphrase's process calls itself then."""
+    log = tmp_path / "calls"
+
+    def worker(prompt: str, seconds: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [sys.executable, WORKER, "llm", valkey_server.url, ns, prompt, seconds, "3",
+             str(log)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=child_env())
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    a = worker("what is the boiling point of water at sea level", "60")
+    b = worker("what is the boiling point of water at sea level please", "0")
+    assert a.stdin is not None and b.stdin is not None
+    a.stdin.write("go\n")
+    a.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until a is calling (and flies)
+    b.stdin.write("go\n")
+    b.stdin.flush()
+    time.sleep(0.3)
+    a.kill()
+    a.wait()
+    t0 = time.monotonic()
+    out, _ = b.communicate(timeout=30)
+    callers = log.read_text().split()
+    assert callers == [str(a.pid), str(b.pid)], (callers, out)
+    assert f"answer answer from {b.pid}" in out and "coalesced 0" in out
+    assert time.monotonic() - t0 < 4.0  # until a's flight deadline (<= 3 s), not for ever
+
+
+def test_garbage_among_the_flights_is_skipped(valkey_server: EmbeddedServer, ns: str) -> None:
+    """What sits in a scope's flight hash is validated: fields that are not ids, values of
+    another length, a NaN or zero vector, a deadline passed: none is waited for."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns)
+    prompt = "what is the boiling point of water at sea level"
+    vec = cache._embed([prompt], None)
+    assert vec is not None
+    sid = cache._core.key(prompt, None)[1]
+    key = f"hc:{{{ns}}}:flight:{sid}"
+    now = int(time.time() * 1000)
+    good = RedisStore.flight_value(vec[0], now - 1000, 60.0)
+    r.hset(key, mapping={
+        "not an id": good,
+        "0000000000000001": b"short",
+        "0000000000000002": good[:16] + np.full(64, np.nan, "<f4").tobytes(),
+        "0000000000000003": good[:16] + np.zeros(64, "<f4").tobytes(),
+        "0000000000000004": RedisStore.flight_value(vec[0], now - 5000, 1.0),  # dead
+        "0000000000000005": good + b"x",
+    })
+    calls = []
+
+    @cache.cached(wait=5)
+    def ask(p: str) -> str:
+        calls.append(p)
+        return "fresh"
+
+    t0 = time.monotonic()
+    assert ask(prompt) == "fresh" and calls == [prompt]
+    assert time.monotonic() - t0 < 1.0  # nothing was waited for
+    assert not r.hexists(key, f"{cache._core.key(prompt, None)[0]:016x}")  # landed
+    # A value of another type at a flight key: no flights, no error (the call goes on).
+    r.set(f"hc:{{{ns}}}:flight:{'0' * 16}", "not a hash")
+    assert cache.store.fly("0" * 16, 7, vec[0], 5.0)[::2] == (False, [])  # type: ignore[attr-defined]
+    cache.close()
+
+
+def test_async_paraphrases_coalesce_across_caches(valkey_server: EmbeddedServer,
+                                                  ns: str) -> None:
+    """The asyncio twin: two caches on one server (as two processes would be), the second
+    asked a paraphrase while the first calls: one call, the second gets its answer."""
+    url = valkey_server.url
+    calls: list[str] = []
+
+    async def run() -> tuple[str, str, int]:
+        a = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        b = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+
+        async def llm(p: str) -> str:
+            calls.append(p)
+            await asyncio.sleep(0.5)
+            return f"answer to {p}"
+
+        ask_a, ask_b = a.cached(wait=10)(llm), b.cached(wait=10)(llm)
+        first = asyncio.create_task(ask_a("what is the boiling point of water at sea level"))
+        await asyncio.sleep(0.1)
+        second = await ask_b("what is the boiling point of water at sea level please")
+        got = (await first, second, b.stats()["coalesced"])
+        await a.close()
+        await b.close()
+        return got
+
+    first, second, coalesced = asyncio.run(run())
+    assert calls == ["what is the boiling point of water at sea level"]
+    assert first == second == "answer to what is the boiling point of water at sea level"
+    assert coalesced == 1

@@ -24,9 +24,12 @@ import logging
 import math
 import re
 import secrets
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from .base import (
     MAX_DIM,
@@ -67,6 +70,10 @@ _SCAN_COUNT = 1000
 _LOG_EVENTS_PER_READ = 10_000  # ids a log read hands over at most (each is then fetched)
 _EXPIRED_BATCH = 1000  # expired ids forgotten per WATCH/MULTI round
 _TOKEN_RE = re.compile(rb"[0-9a-f]{32}")
+#: A flight's value: its start and its deadline (unix ms), then its float32 embedding.
+_FLIGHT = struct.Struct("<qq")
+#: Life of a scope's flight hash after its last registration (its fields live less).
+_FLIGHTS_KEY_MS = 600_000
 
 
 def _live_lease(value: Any, pttl: Any) -> bool:
@@ -81,7 +88,8 @@ def keys_for(namespace: str) -> dict[str, str]:
     """The keys (and entry-key prefix) of the cache ``namespace``."""
     p = f"hc:{{{validate_namespace(namespace)}}}:"
     return {"prefix": p, "entry": p + "e:", "lru": p + "lru", "exp": p + "exp",
-            "log": p + "log", "meta": p + "meta", "lease": p + "lease:", "wait": p + "wait:"}
+            "log": p + "log", "meta": p + "meta", "lease": p + "lease:", "wait": p + "wait:",
+            "flight": p + "flight:"}
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -160,6 +168,7 @@ class _Layout:
         self.k_meta = k["meta"]
         self.k_lease = k["lease"]
         self.k_wait = k["wait"]
+        self.k_flight = k["flight"]
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
         self._types_checked = -math.inf  # monotonic time of the last own-type check
@@ -290,6 +299,58 @@ class _Layout:
         if isinstance(value, (bytes, bytearray)) and _TOKEN_RE.fullmatch(bytes(value)):
             return bytes(value).decode("ascii")
         return None
+
+    # A flight says "a process is calling the LLM for entry eid, whose prompt embeds to this
+    # vector": a @cached miss of another process whose prompt is within the threshold of it
+    # waits for that entry's answer (cross-process coalescing of paraphrases). One hash per
+    # scope, a field per call; its owner deletes it when the call ends, and a reader skips
+    # fields past their deadline (the owner died).
+    def fkey(self, scope_id: str) -> str:
+        return self.k_flight + scope_id
+
+    def queue_fly(self, pipe: Any, scope_id: str, eid: int, value: bytes) -> None:
+        key = self.fkey(scope_id)
+        pipe.hsetnx(key, format_id(eid), value)
+        pipe.pexpire(key, _FLIGHTS_KEY_MS)
+        pipe.hgetall(key)
+
+    @staticmethod
+    def flight_value(vector: Any, start_ms: int, seconds: float) -> bytes:
+        vec = np.ascontiguousarray(vector, dtype="<f4")
+        return _FLIGHT.pack(start_ms, start_ms + max(1, int(seconds * 1000))) + vec.tobytes()
+
+    @staticmethod
+    def parse_flight(value: Any, dim: int, now_ms: int) -> tuple[int, Any] | None:
+        """A flight's ``(start, vector)``; ``None`` if it is garbage, of another dimension,
+        or past its deadline."""
+        if not isinstance(value, (bytes, bytearray)) or len(value) != _FLIGHT.size + 4 * dim:
+            return None
+        start, deadline = _FLIGHT.unpack_from(value)
+        if deadline <= now_ms or not 0 <= start <= deadline:
+            return None
+        vec = np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float32)
+        n2 = float(np.dot(vec, vec))
+        return (start, vec) if 0.98 < n2 < 1.02 else None  # (NaN fails too)
+
+    def parse_flights(self, res: Sequence[Any], eid: int, dim: int, now_ms: int
+                      ) -> tuple[bool, list[tuple[int, int, Any]]]:
+        """Whether our flight is registered (ours, or a dead one we replaced), and the
+        scope's other live flights ``(start, id, vector)``."""
+        if not isinstance(res[2], dict):  # (an error: another type at the key, say)
+            return False, []
+        mine = res[0] is True or res[0] == 1
+        others = []
+        for field, value in res[2].items():
+            fid = parse_id(field)
+            if fid is None or fid == eid:
+                continue
+            got = self.parse_flight(value, dim, now_ms)
+            if got is not None:
+                others.append((got[0], fid, got[1]))
+        return mine, others
+
+    def queue_land(self, pipe: Any, scope_id: str, eid: int) -> None:
+        pipe.hdel(self.fkey(scope_id), format_id(eid))
 
     def queue_held(self, pipe: Any, eid: int) -> None:
         pipe.get(self.lkey(eid))
@@ -949,6 +1010,41 @@ class RedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
+    def fly(self, scope_id: str, eid: int, vector: Any, seconds: float
+            ) -> tuple[bool, int, list[tuple[int, int, Any]]]:
+        """Register this process's call for entry ``eid`` (embedding ``vector``) as in
+        flight for ``seconds``: whether it was registered (not when a live flight of the
+        same entry is there already), its start (unix ms), and the scope's other live
+        flights ``(start ms, id, vector)``. A failing server: not registered, none."""
+        now = int(time.time() * 1000)
+        value = self.flight_value(vector, now, seconds)
+        try:
+            res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value))
+            mine, others = self.parse_flights(res, eid, len(vector), now)
+            if not mine and isinstance(res[2], dict) and self.parse_flight(
+                    res[2].get(format_id(eid).encode()), len(vector), now) is None:
+                # (the flight there is dead or garbage: ours replaces it)
+                self._run(False, lambda p: p.hset(self.fkey(scope_id), format_id(eid), value))
+                mine = True
+        except StoreError:
+            return False, now, []
+        return mine, now, others
+
+    def flight_alive(self, scope_id: str, eid: int, dim: int) -> bool:
+        """Whether the flight of entry ``eid`` is still registered and within its deadline."""
+        try:
+            value = self.client.hget(self.fkey(scope_id), format_id(eid))
+        except self._errors:
+            return False
+        return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
+
+    def land(self, scope_id: str, eid: int) -> None:
+        """End our flight of entry ``eid``."""
+        try:
+            self._run(False, lambda p: self.queue_land(p, scope_id, eid))
+        except StoreError:
+            pass  # readers skip it once its deadline passes
+
     def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                   wait_id: str) -> None:
         """Mark that the calls holding ``tokens`` wait for entry ``eid`` (this wait:
@@ -1297,6 +1393,38 @@ class AsyncRedisStore(_Layout):
         except StoreError:
             return False
         return _live_lease(res[0], res[1])
+
+    async def fly(self, scope_id: str, eid: int, vector: Any, seconds: float
+                  ) -> tuple[bool, int, list[tuple[int, int, Any]]]:
+        """See :meth:`RedisStore.fly`."""
+        now = int(time.time() * 1000)
+        value = self.flight_value(vector, now, seconds)
+        try:
+            res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value))
+            mine, others = self.parse_flights(res, eid, len(vector), now)
+            if not mine and isinstance(res[2], dict) and self.parse_flight(
+                    res[2].get(format_id(eid).encode()), len(vector), now) is None:
+                await self._run(False, lambda p: p.hset(self.fkey(scope_id), format_id(eid),
+                                                         value))
+                mine = True
+        except StoreError:
+            return False, now, []
+        return mine, now, others
+
+    async def flight_alive(self, scope_id: str, eid: int, dim: int) -> bool:
+        """See :meth:`RedisStore.flight_alive`."""
+        try:
+            value = await self.client.hget(self.fkey(scope_id), format_id(eid))
+        except self._errors:
+            return False
+        return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
+
+    async def land(self, scope_id: str, eid: int) -> None:
+        """See :meth:`RedisStore.land`."""
+        try:
+            await self._run(False, lambda p: self.queue_land(p, scope_id, eid))
+        except StoreError:
+            pass
 
     async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                         wait_id: str) -> None:
