@@ -120,8 +120,29 @@ _MISS_BUCKET = 0.05
 _MISS_BUCKETS = 20
 
 
+class Window:
+    """The last ``_LATENCY_WINDOW`` durations (seconds) of something timed, and the count
+    and sum of all of them."""
+
+    __slots__ = ("values", "count", "total")
+
+    def __init__(self) -> None:
+        self.values = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.values[self.count % _LATENCY_WINDOW] = seconds
+        self.count += 1
+        self.total += seconds
+
+    def recent(self) -> npt.NDArray[np.float64]:
+        return self.values[: min(self.count, _LATENCY_WINDOW)]
+
+
 class Stats:
-    """Counters and a window of lookup latencies."""
+    """Counters, the nearest similarities of misses, and windows of lookup and embedder
+    latencies."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = dict.fromkeys(
@@ -132,8 +153,9 @@ class Stats:
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
-        self._lat = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
-        self._n = 0
+        self.miss_sim_sum = 0.0
+        self.lookup_time = Window()  # one get/get_many call each
+        self.embed_time = Window()  # one embedder call each (successful ones)
 
     def add(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -142,12 +164,12 @@ class Stats:
         """A semantic miss whose nearest entry had similarity ``nearest``."""
         b = min(_MISS_BUCKETS - 1, max(0, int(nearest / _MISS_BUCKET)))
         self.miss_sims[b] += 1
+        self.miss_sim_sum += nearest
         if threshold - NEAR_MISS_BAND <= nearest < threshold:
             self.counts["near_misses"] += 1
 
     def latency(self, seconds: float) -> None:
-        self._lat[self._n % _LATENCY_WINDOW] = seconds
-        self._n += 1
+        self.lookup_time.add(seconds)
 
     def snapshot(self, entries: int) -> dict[str, Any]:
         c: dict[str, Any] = dict(self.counts)
@@ -157,10 +179,13 @@ class Stats:
         c["entries"] = entries
         c["miss_similarity"] = {f"{b * _MISS_BUCKET:.2f}": int(n)
                                 for b, n in enumerate(self.miss_sims) if n}
-        window = self._lat[: min(self._n, _LATENCY_WINDOW)]
-        for p in (50, 90, 99):
-            c[f"latency_p{p}_us"] = float(np.percentile(window, p) * 1e6) if window.size else 0.0
-        c["latency_max_us"] = float(window.max() * 1e6) if window.size else 0.0
+        for name, w in (("latency", self.lookup_time), ("embed_latency", self.embed_time)):
+            window = w.recent()
+            for p in (50, 90, 99):
+                c[f"{name}_p{p}_us"] = (float(np.percentile(window, p) * 1e6) if window.size
+                                        else 0.0)
+            c[f"{name}_max_us"] = float(window.max() * 1e6) if window.size else 0.0
+        c["embed_calls"] = self.embed_time.count
         return c
 
 

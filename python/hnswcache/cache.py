@@ -678,8 +678,10 @@ class SemanticCache(_Base):
             # setup error, raised, not an outage counted as a miss for ever.
             embedder = self._embedder()
             try:
+                t0 = time.perf_counter()
                 raw = embedder(texts)
                 if not inspect.isawaitable(raw):
+                    c.stats.embed_time.add(time.perf_counter() - t0)
                     given = c.vectors(raw, len(texts))
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
@@ -1472,12 +1474,14 @@ class AsyncSemanticCache(_Base):
             if emb is None:  # (as in SemanticCache._embed: a missing model raises)
                 emb = await asyncio.to_thread(self._embedder)
             try:
+                t0 = time.perf_counter()
                 if _is_async_callable(emb):
                     raw = await cast(Callable[[list[str]], Awaitable[Any]], emb)(texts)
                 else:
                     raw = await asyncio.to_thread(emb, texts)
                     if inspect.isawaitable(raw):  # (a lambda or wrapper of an async one)
                         raw = await raw
+                c.stats.embed_time.add(time.perf_counter() - t0)
                 given = c.vectors(raw, len(texts))
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")

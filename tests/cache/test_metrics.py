@@ -1,0 +1,93 @@
+"""The Prometheus text of the cache's statistics: parsed by prometheus_client's own parser,
+every figure equals what stats() says."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.metrics import CONTENT_TYPE, prometheus_text
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def used(ns: str) -> SemanticCache:
+    cache = SemanticCache(HashEmbedder(64), store="memory", namespace=ns, threshold=0.9)
+    cache.set_many([(f"how do I reset password number {i}", f"answer {i}") for i in range(20)])
+    for i in range(5):
+        assert cache.get(f"how do I reset password number {i}") is not None  # exact
+    assert cache.get("how do I reset password number 3 please") is not None  # semantic
+    for q in ("the weather in paris", "a recipe for bread", "who wrote hamlet"):
+        assert cache.get(q) is None
+    return cache
+
+
+def test_metrics_equal_stats(ns: str) -> None:
+    cache = used(ns)
+    st = cache.stats()
+    got = samples(prometheus_text(cache))
+    lab = (("namespace", ns),)
+
+    def one(name: str, extra: tuple[tuple[str, str], ...] = ()) -> float:
+        return got[(name, tuple(sorted(lab + extra)))]
+
+    assert one("hnswcache_hits_total", (("tier", "exact"),)) == st["hits_exact"] == 5
+    assert one("hnswcache_hits_total", (("tier", "semantic"),)) == st["hits_semantic"] == 1
+    for key in ("lookups", "misses", "sets", "deletes", "expiries", "evictions",
+                "store_errors", "embed_errors", "invalid_entries", "sync_events", "resyncs",
+                "coalesced", "too_old", "near_misses", "snapshots_saved"):
+        assert one(f"hnswcache_{key}_total") == st[key], key
+    assert one("hnswcache_entries") == st["entries"] == 20
+    assert one("hnswcache_embed_calls_total") == st["embed_calls"] > 0
+    assert one("hnswcache_lookup_seconds_count") == 9  # one per get()
+    assert one("hnswcache_lookup_seconds", (("quantile", "0.5"),)) == pytest.approx(
+        st["latency_p50_us"] / 1e6)
+    assert one("hnswcache_embed_seconds", (("quantile", "0.99"),)) == pytest.approx(
+        st["embed_latency_p99_us"] / 1e6)
+    # The misses' nearest similarities: cumulative buckets that end in the count.
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in got.items()
+                     if k[0] == "hnswcache_miss_similarity_bucket")
+    assert len(buckets) == 20 and buckets[-1][0] == float("inf")
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
+    assert buckets[-1][1] == one("hnswcache_miss_similarity_count") == sum(
+        st["miss_similarity"].values()) == 3
+    assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+def test_several_caches_in_one_text(ns: str) -> None:
+    a, b = used(ns + "a"), used(ns + "b")
+    text = prometheus_text(a, b)
+    assert text.count("# TYPE hnswcache_entries gauge") == 1  # one family, two samples
+    got = samples(text)
+    assert got[("hnswcache_entries", (("namespace", ns + "a"),))] == 20
+    assert got[("hnswcache_entries", (("namespace", ns + "b"),))] == 20
+    with pytest.raises(ValueError, match="two caches of namespace"):
+        prometheus_text(a, SemanticCache(HashEmbedder(64), store="memory", namespace=ns + "a"))
+    with pytest.raises(TypeError, match="not a SemanticCache"):
+        prometheus_text(object())
+
+
+def test_async_cache_and_an_unused_cache(ns: str) -> None:
+    async def run() -> str:
+        cache = AsyncSemanticCache(HashEmbedder(64), store="memory", namespace=ns)
+        await cache.set("a question", "an answer")
+        assert (await cache.get("a question")) is not None
+        return prometheus_text(cache, SemanticCache(HashEmbedder(8), store="memory",
+                                                    namespace=ns + "idle"))
+
+    got = samples(asyncio.run(run()))
+    assert got[("hnswcache_hits_total", (("namespace", ns), ("tier", "exact")))] == 1
+    idle = (("namespace", ns + "idle"), ("quantile", "0.5"))
+    assert math.isnan(got[("hnswcache_lookup_seconds", idle)])  # no lookup yet
+    assert got[("hnswcache_lookup_seconds_count", (("namespace", ns + "idle"),))] == 0
