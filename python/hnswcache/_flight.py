@@ -41,6 +41,9 @@ class Flight:
     waits_on: Flight | None = None
     # The token of the store lease its leader asks for (None: not asked yet).
     token: str | None = None
+    # Its leader waits for a call of another process (a paraphrase's, see cache.py): a
+    # call made from inside another call must not wait on it (see following()).
+    external: bool = False
 
 
 #: The flights the current context leads (inherited by the tasks it creates).
@@ -81,6 +84,33 @@ def leading_tokens() -> frozenset[str]:
     return frozenset(f.token for f in LEADING.get() if f.token is not None)
 
 
+class following:  # noqa: N801 - used as a statement: `with following(f):`
+    """While a flight's leader waits for another process's call: calls made from inside
+    another call no longer join it. Such a call holds what others may wait for (its lease,
+    its own flight), and the call in the other process may, through the store, be waiting
+    on it: a cycle the in-process check cannot see, held until the wait limits. A call that
+    is not inside another holds nothing anyone waits for, so its waits close no cycle."""
+
+    def __init__(self, f: Flight) -> None:
+        self.f = f
+
+    def __enter__(self) -> following:
+        with _WAITS:
+            self.f.external = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _WAITS:
+            self.f.external = False
+
+    def waited_on_from_inside(self) -> bool:
+        """Whether a call made from inside another one joined this flight before it was
+        marked (then its leader must stop waiting on the other process and call)."""
+        with _WAITS:
+            return any(g.waits_on is self.f for reg in list(_ALL)
+                       for flights in list(reg._by_scope.values()) for g in flights)
+
+
 def inside_call(eid: int) -> bool:
     """Whether the current context is inside the call it leads for entry ``eid``."""
     return any(f.eid == eid for f in LEADING.get())
@@ -105,7 +135,7 @@ class Flights:
     ) -> Flight | None:
         mine = LEADING.get()
         for f in self._by_scope.get(sid, ()):
-            if f.loop is not loop or _would_cycle(f, mine):
+            if f.loop is not loop or _would_cycle(f, mine) or (mine and f.external):
                 continue  # never wait on one's own call (recursion), nor on another loop
             if f.eid == eid or (vec is not None and f.vec is not None
                                 and float(f.vec @ vec) >= threshold):

@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from . import _snapshot
 from ._cache_core import CacheCore, Hit, Lookup
-from ._flight import LEADING, Flights, inside_call, leading_tokens, stop_waiting
+from ._flight import LEADING, Flight, Flights, following, inside_call, leading_tokens, stop_waiting
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -140,6 +140,11 @@ def _call_key(
             raise TypeError("extra arguments of a @cached function must be JSON-serialisable, "
                             "or give key=...") from None
     return args[0], sc
+
+
+def _rest(limit: float | None, t0: float) -> float | None:
+    """What is left at ``time.monotonic()`` of a wait ``limit`` started at ``t0``."""
+    return None if limit is None else max(0.0, limit - (time.monotonic() - t0))
 
 
 def _check_wait(wait: float) -> float | None:
@@ -925,41 +930,49 @@ class SemanticCache(_Base):
             release(eid, token)
 
     def _follow_flight(self, k: tuple[int, str, str, str], vec: Any, limit: float | None,
-                       max_age: float = math.inf) -> tuple[str | None, bool]:
+                       max_age: float, flight: Flight, token: str) -> str | None:
         """Cross-process coalescing of paraphrases: register this call's embedding among
-        the scope's calls in flight; if another process's call, started earlier, has a
-        prompt at or above the threshold from this one's, wait for its answer while it
-        flies. ``(answer or None, whether our flight is registered and must land)``."""
-        fly = getattr(self.store, "fly", None)
-        if fly is None or vec is None:
-            return None, False
+        the scope's calls in flight; while another process's call, started earlier, with a
+        prompt at or above the threshold from this one's, is in flight, wait for its answer
+        (if it ends without one, the next such call's). ``None``: lead (this call's flight
+        stays registered unless it followed one; the caller lands it)."""
         store: Any = self.store
         c = self._core
         seconds = _LEASE_UNBOUNDED if limit is None else limit
-        mine, start, others = fly(k[1], k[0], vec, seconds)
-        leader = c.flight_leader(others, start, k[0], vec, c.threshold)
-        if leader is None:
-            return None, mine
-        if mine:
-            store.land(k[1], k[0])  # (following, not flying)
         deadline = time.monotonic() + seconds
-        delay = 0.005
+        owner = bytes.fromhex(token)
+        start, others = store.fly(k[1], k[0], vec, seconds, owner)
+        tried: set[int] = set()
         while True:
-            answer = self._entry_answer(leader, k[1], max_age)
-            if answer is not None or time.monotonic() >= deadline:
-                return answer, False
-            if not store.flight_alive(k[1], leader, len(vec)):
-                # Landed: answered just now, or failed (then this call goes on its own way).
-                return self._entry_answer(leader, k[1], max_age), False
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.1)
+            leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
+                                     vec, c.threshold)
+            if leader is None:
+                return None
+            tried.add(leader)
+            store.land(k[1], k[0], owner)  # (following: other paraphrases follow that one)
+            with following(flight) as f:
+                delay = 0.005
+                while True:
+                    answer = self._entry_answer(leader, k[1], vec, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline or f.waited_on_from_inside():
+                        return None
+                    if not store.flight_alive(k[1], leader, len(vec)):
+                        answer = self._entry_answer(leader, k[1], vec, max_age)
+                        if answer is not None:
+                            return answer
+                        break  # ended without one: maybe another call of the burst flies
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, 0.1)
+            others = store.flights(k[1], k[0], len(vec))
 
-    def _entry_answer(self, eid: int, sid: str, max_age: float) -> str | None:
+    def _entry_answer(self, eid: int, sid: str, vec: Any, max_age: float) -> str | None:
         try:
             f = self.store.fetch([eid])[0]
         except StoreError:
             return None
-        return self._core.entry_answer(f, sid, self._core.now(), max_age)
+        return self._core.entry_answer(f, sid, vec, self._core.now(), max_age)
 
     # ------------------------------------------------------------------ writes
     def set(
@@ -1152,16 +1165,19 @@ class SemanticCache(_Base):
                     return call()
                 token = secrets.token_hex(16)
                 flight.token = token
-                inside = bool(leading_tokens())  # (called from inside another call)
+                # Paraphrases across processes: not from inside another call (it holds
+                # what others may wait for: a cycle), nor with no time to wait.
+                fly = (hasattr(self.store, "fly") and used[0] is not None
+                       and not leading_tokens() and (limit is None or limit > 0))
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
-                flying = False
+                t0 = time.monotonic()
                 try:
                     answer = None
-                    if not inside:  # (a wait from inside a call could close a cycle)
-                        answer, flying = self._follow_flight(k, used[0], limit, age)
-                    if answer is None:
-                        answer = self._lead(k, token, limit, age)
+                    if fly:
+                        answer = self._follow_flight(k, used[0], limit, age, flight, token)
+                    if answer is None:  # (one wait limit for both waits)
+                        answer = self._lead(k, token, _rest(limit, t0), age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -1172,9 +1188,12 @@ class SemanticCache(_Base):
                     try:
                         self._flights.finish(flight, result if isinstance(result, str) else None)
                     finally:
-                        self._release(k[0], token)
-                        if flying:
-                            self.store.land(k[1], k[0])  # type: ignore[attr-defined]
+                        try:
+                            if fly:  # (its field, if still ours; also after an error)
+                                self.store.land(  # type: ignore[attr-defined]
+                                    k[1], k[0], bytes.fromhex(token))
+                        finally:
+                            self._release(k[0], token)
                 return result
 
             return cast(F, wrapper)
@@ -1699,38 +1718,47 @@ class AsyncSemanticCache(_Base):
             await release(eid, token)
 
     async def _follow_flight(self, k: tuple[int, str, str, str], vec: Any,
-                             limit: float | None, max_age: float = math.inf
-                             ) -> tuple[str | None, bool]:
+                             limit: float | None, max_age: float, flight: Flight,
+                             token: str) -> str | None:
         """See :meth:`SemanticCache._follow_flight`."""
-        fly = getattr(self.store, "fly", None)
-        if fly is None or vec is None:
-            return None, False
         store: Any = self.store
         c = self._core
         seconds = _LEASE_UNBOUNDED if limit is None else limit
-        mine, start, others = await fly(k[1], k[0], vec, seconds)
-        leader = c.flight_leader(others, start, k[0], vec, c.threshold)
-        if leader is None:
-            return None, mine
-        if mine:
-            await store.land(k[1], k[0])
         deadline = time.monotonic() + seconds
-        delay = 0.005
+        owner = bytes.fromhex(token)
+        start, others = await store.fly(k[1], k[0], vec, seconds, owner)
+        tried: set[int] = set()
         while True:
-            answer = await self._entry_answer(leader, k[1], max_age)
-            if answer is not None or time.monotonic() >= deadline:
-                return answer, False
-            if not await store.flight_alive(k[1], leader, len(vec)):
-                return await self._entry_answer(leader, k[1], max_age), False
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.1)
+            leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
+                                     vec, c.threshold)
+            if leader is None:
+                return None
+            tried.add(leader)
+            await store.land(k[1], k[0], owner)
+            with following(flight) as f:
+                delay = 0.005
+                while True:
+                    answer = await self._entry_answer(leader, k[1], vec, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline or f.waited_on_from_inside():
+                        return None
+                    if not await store.flight_alive(k[1], leader, len(vec)):
+                        answer = await self._entry_answer(leader, k[1], vec, max_age)
+                        if answer is not None:
+                            return answer
+                        break
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, 0.1)
+            others = await store.flights(k[1], k[0], len(vec))
 
-    async def _entry_answer(self, eid: int, sid: str, max_age: float) -> str | None:
+    async def _entry_answer(self, eid: int, sid: str, vec: Any, max_age: float
+                            ) -> str | None:
         try:
             f = (await self.store.fetch([eid]))[0]
         except StoreError:
             return None
-        return self._core.entry_answer(f, sid, self._core.now(), max_age)
+        return self._core.entry_answer(f, sid, vec, self._core.now(), max_age)
 
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
@@ -1892,16 +1920,18 @@ class AsyncSemanticCache(_Base):
                     return await call()
                 token = secrets.token_hex(16)
                 flight.token = token
-                inside = bool(leading_tokens())  # (see SemanticCache.cached)
+                fly = (hasattr(self.store, "fly") and used[0] is not None  # (as the sync one)
+                       and not leading_tokens() and (limit is None or limit > 0))
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
-                flying = False
+                t0 = time.monotonic()
                 try:
                     answer = None
-                    if not inside:
-                        answer, flying = await self._follow_flight(k, used[0], limit, age)
+                    if fly:
+                        answer = await self._follow_flight(k, used[0], limit, age, flight,
+                                                           token)
                     if answer is None:
-                        answer = await self._lead(k, token, limit, age)
+                        answer = await self._lead(k, token, _rest(limit, t0), age)
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -1912,9 +1942,12 @@ class AsyncSemanticCache(_Base):
                     try:
                         self._flights.finish(flight, result if isinstance(result, str) else None)
                     finally:
-                        await self._release(k[0], token)
-                        if flying:
-                            await self.store.land(k[1], k[0])  # type: ignore[attr-defined]
+                        try:
+                            if fly:  # (also when cancelled: the field may be registered)
+                                await self.store.land(  # type: ignore[attr-defined]
+                                    k[1], k[0], bytes.fromhex(token))
+                        finally:
+                            await self._release(k[0], token)
                 return result
 
             return cast(F, wrapper)

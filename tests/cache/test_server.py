@@ -1125,7 +1125,8 @@ def test_a_paraphrase_flight_whose_process_died_is_waited_for_only_until_its_dea
 
 def test_garbage_among_the_flights_is_skipped(valkey_server: EmbeddedServer, ns: str) -> None:
     """What sits in a scope's flight hash is validated: fields that are not ids, values of
-    another length, a NaN or zero vector, a deadline passed: none is waited for."""
+    another length or dimension, a NaN or zero vector, a deadline passed: none is waited
+    for."""
     url = valkey_server.url
     r = redis.Redis.from_url(url)
     cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns)
@@ -1135,14 +1136,16 @@ def test_garbage_among_the_flights_is_skipped(valkey_server: EmbeddedServer, ns:
     sid = cache._core.key(prompt, None)[1]
     key = f"hc:{{{ns}}}:flight:{sid}"
     now = int(time.time() * 1000)
-    good = RedisStore.flight_value(vec[0], now - 1000, 60.0)
+    owner = b"o" * 16
+    good = RedisStore.flight_value(vec[0], now - 1000, 60.0, owner)
     r.hset(key, mapping={
         "not an id": good,
         "0000000000000001": b"short",
-        "0000000000000002": good[:16] + np.full(64, np.nan, "<f4").tobytes(),
-        "0000000000000003": good[:16] + np.zeros(64, "<f4").tobytes(),
-        "0000000000000004": RedisStore.flight_value(vec[0], now - 5000, 1.0),  # dead
+        "0000000000000002": good[:32] + np.full(64, np.nan, "<f4").tobytes(),
+        "0000000000000003": good[:32] + np.zeros(64, "<f4").tobytes(),
+        "0000000000000004": RedisStore.flight_value(vec[0], now - 5000, 1.0, owner),  # dead
         "0000000000000005": good + b"x",
+        "0000000000000006": RedisStore.flight_value(vec[0][:32], now - 1000, 60.0, owner),
     })
     calls = []
 
@@ -1157,7 +1160,7 @@ def test_garbage_among_the_flights_is_skipped(valkey_server: EmbeddedServer, ns:
     assert not r.hexists(key, f"{cache._core.key(prompt, None)[0]:016x}")  # landed
     # A value of another type at a flight key: no flights, no error (the call goes on).
     r.set(f"hc:{{{ns}}}:flight:{'0' * 16}", "not a hash")
-    assert cache.store.fly("0" * 16, 7, vec[0], 5.0)[::2] == (False, [])  # type: ignore[attr-defined]
+    assert cache.store.fly("0" * 16, 7, vec[0], 5.0, owner)[1] == []  # type: ignore[attr-defined]
     cache.close()
 
 

@@ -70,10 +70,14 @@ _SCAN_COUNT = 1000
 _LOG_EVENTS_PER_READ = 10_000  # ids a log read hands over at most (each is then fetched)
 _EXPIRED_BATCH = 1000  # expired ids forgotten per WATCH/MULTI round
 _TOKEN_RE = re.compile(rb"[0-9a-f]{32}")
-#: A flight's value: its start and its deadline (unix ms), then its float32 embedding.
-_FLIGHT = struct.Struct("<qq")
-#: Life of a scope's flight hash after its last registration (its fields live less).
+#: A flight's value: its start and deadline (unix ms), its owner's token (16 bytes), then
+#: its float32 embedding.
+_FLIGHT = struct.Struct("<qq16s")
+#: Least life of a scope's flight hash after a registration (longer for a longer wait).
 _FLIGHTS_KEY_MS = 600_000
+#: A field this long past its deadline is deleted by the reader that finds it (its owner
+#: died; a shorter grace could race a process replacing it).
+_FLIGHT_PRUNE_MS = 10_000
 
 
 def _live_lease(value: Any, pttl: Any) -> bool:
@@ -303,54 +307,60 @@ class _Layout:
     # A flight says "a process is calling the LLM for entry eid, whose prompt embeds to this
     # vector": a @cached miss of another process whose prompt is within the threshold of it
     # waits for that entry's answer (cross-process coalescing of paraphrases). One hash per
-    # scope, a field per call; its owner deletes it when the call ends, and a reader skips
-    # fields past their deadline (the owner died).
+    # scope, a field per call holding its owner's token; its owner deletes it when the call
+    # ends, and readers skip it past its deadline (the owner died) and delete it later.
     def fkey(self, scope_id: str) -> str:
         return self.k_flight + scope_id
 
-    def queue_fly(self, pipe: Any, scope_id: str, eid: int, value: bytes) -> None:
+    def queue_fly(self, pipe: Any, scope_id: str, eid: int, value: bytes,
+                  seconds: float) -> None:
         key = self.fkey(scope_id)
         pipe.hsetnx(key, format_id(eid), value)
-        pipe.pexpire(key, _FLIGHTS_KEY_MS)
+        pipe.pexpire(key, max(_FLIGHTS_KEY_MS, int(seconds * 1000) + _FLIGHT_PRUNE_MS))
         pipe.hgetall(key)
 
     @staticmethod
-    def flight_value(vector: Any, start_ms: int, seconds: float) -> bytes:
+    def flight_value(vector: Any, start_ms: int, seconds: float, token: bytes) -> bytes:
         vec = np.ascontiguousarray(vector, dtype="<f4")
-        return _FLIGHT.pack(start_ms, start_ms + max(1, int(seconds * 1000))) + vec.tobytes()
+        deadline = start_ms + max(1, int(seconds * 1000))
+        return _FLIGHT.pack(start_ms, deadline, token) + vec.tobytes()
 
     @staticmethod
-    def parse_flight(value: Any, dim: int, now_ms: int) -> tuple[int, Any] | None:
-        """A flight's ``(start, vector)``; ``None`` if it is garbage, of another dimension,
-        or past its deadline."""
+    def parse_flight(value: Any, dim: int, now_ms: int) -> tuple[int, bytes, Any] | None:
+        """A live flight's ``(start, owner token, vector)``; ``None`` if it is garbage, of
+        another dimension, or past its deadline."""
         if not isinstance(value, (bytes, bytearray)) or len(value) != _FLIGHT.size + 4 * dim:
             return None
-        start, deadline = _FLIGHT.unpack_from(value)
+        start, deadline, token = _FLIGHT.unpack_from(value)
         if deadline <= now_ms or not 0 <= start <= deadline:
             return None
         vec = np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float32)
         n2 = float(np.dot(vec, vec))
-        return (start, vec) if 0.98 < n2 < 1.02 else None  # (NaN fails too)
+        return (start, token, vec) if 0.98 < n2 < 1.02 else None  # (NaN fails too)
 
-    def parse_flights(self, res: Sequence[Any], eid: int, dim: int, now_ms: int
-                      ) -> tuple[bool, list[tuple[int, int, Any]]]:
-        """Whether our flight is registered (ours, or a dead one we replaced), and the
-        scope's other live flights ``(start, id, vector)``."""
-        if not isinstance(res[2], dict):  # (an error: another type at the key, say)
-            return False, []
-        mine = res[0] is True or res[0] == 1
-        others = []
-        for field, value in res[2].items():
+    def parse_flights(self, flights: Any, eid: int, dim: int, now_ms: int
+                      ) -> tuple[list[tuple[int, int, Any]], list[bytes], Any]:
+        """The scope's other live flights ``(start, id, vector)``, the fields long dead
+        (to delete), and our entry's field's value."""
+        others, dead = [], []
+        for field, value in (flights if isinstance(flights, dict) else {}).items():
             fid = parse_id(field)
             if fid is None or fid == eid:
                 continue
             got = self.parse_flight(value, dim, now_ms)
             if got is not None:
-                others.append((got[0], fid, got[1]))
-        return mine, others
+                others.append((got[0], fid, got[2]))
+            elif (isinstance(value, bytes) and len(value) >= _FLIGHT.size
+                  and _FLIGHT.unpack_from(value)[1] < now_ms - _FLIGHT_PRUNE_MS):
+                dead.append(field)
+        own = flights.get(format_id(eid).encode()) if isinstance(flights, dict) else None
+        return others, dead, own
 
-    def queue_land(self, pipe: Any, scope_id: str, eid: int) -> None:
-        pipe.hdel(self.fkey(scope_id), format_id(eid))
+    @staticmethod
+    def flight_owner(value: Any) -> bytes | None:
+        if isinstance(value, (bytes, bytearray)) and len(value) >= _FLIGHT.size:
+            return bytes(_FLIGHT.unpack_from(value)[2])
+        return None
 
     def queue_held(self, pipe: Any, eid: int) -> None:
         pipe.get(self.lkey(eid))
@@ -1010,25 +1020,42 @@ class RedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
-    def fly(self, scope_id: str, eid: int, vector: Any, seconds: float
-            ) -> tuple[bool, int, list[tuple[int, int, Any]]]:
-        """Register this process's call for entry ``eid`` (embedding ``vector``) as in
-        flight for ``seconds``: whether it was registered (not when a live flight of the
-        same entry is there already), its start (unix ms), and the scope's other live
-        flights ``(start ms, id, vector)``. A failing server: not registered, none."""
+    def fly(self, scope_id: str, eid: int, vector: Any, seconds: float, token: bytes
+            ) -> tuple[int, list[tuple[int, int, Any]]]:
+        """Register this process's call for entry ``eid`` (embedding ``vector``, owner
+        ``token``) as in flight for ``seconds``, unless a live flight of that entry is
+        there already; its start (unix ms) and the scope's other live flights ``(start ms,
+        id, vector)``. A failing server: none (the caller lands its flight anyway: the
+        registration may have been applied)."""
         now = int(time.time() * 1000)
-        value = self.flight_value(vector, now, seconds)
+        value = self.flight_value(vector, now, seconds, token)
+        key, field = self.fkey(scope_id), format_id(eid)
         try:
-            res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value))
-            mine, others = self.parse_flights(res, eid, len(vector), now)
-            if not mine and isinstance(res[2], dict) and self.parse_flight(
-                    res[2].get(format_id(eid).encode()), len(vector), now) is None:
-                # (the flight there is dead or garbage: ours replaces it)
-                self._run(False, lambda p: p.hset(self.fkey(scope_id), format_id(eid), value))
-                mine = True
+            res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
+            others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
+            if isinstance(res[2], dict) and self.parse_flight(own, len(vector), now) is None:
+                dead = [*dead, field.encode()] if own is not None else dead
+                replace = True  # (the flight there is dead or garbage: ours replaces it)
+            else:
+                replace = False
+            if dead or replace:
+                def q(p: Any) -> None:
+                    if dead:
+                        p.hdel(key, *dead)
+                    if replace:
+                        p.hset(key, field, value)
+                self._run(False, q)
         except StoreError:
-            return False, now, []
-        return mine, now, others
+            return now, []
+        return now, others
+
+    def flights(self, scope_id: str, eid: int, dim: int) -> list[tuple[int, int, Any]]:
+        """The scope's live flights other than ``eid``'s (none if the server fails)."""
+        try:
+            raw = self.client.hgetall(self.fkey(scope_id))
+        except self._errors:
+            return []
+        return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
     def flight_alive(self, scope_id: str, eid: int, dim: int) -> bool:
         """Whether the flight of entry ``eid`` is still registered and within its deadline."""
@@ -1038,12 +1065,20 @@ class RedisStore(_Layout):
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
-    def land(self, scope_id: str, eid: int) -> None:
-        """End our flight of entry ``eid``."""
-        try:
-            self._run(False, lambda p: self.queue_land(p, scope_id, eid))
-        except StoreError:
-            pass  # readers skip it once its deadline passes
+    def land(self, scope_id: str, eid: int, token: bytes) -> None:
+        """End our flight of entry ``eid``: its field, if it still holds our ``token`` (a
+        process whose flight outlived its deadline may have been replaced)."""
+        key, field = self.fkey(scope_id), format_id(eid)
+        for _ in range(3):  # (WATCH fails when another flight of the scope changes)
+            try:
+                if self._if_unchanged(key, lambda p: p.hget(key, field),
+                                      lambda v: self.flight_owner(v) == token,
+                                      lambda p: p.hdel(key, field)):
+                    return
+                if self.flight_owner(self.client.hget(key, field)) != token:
+                    return
+            except self._errors:
+                return  # readers skip it once its deadline passes
 
     def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                   wait_id: str) -> None:
@@ -1394,22 +1429,40 @@ class AsyncRedisStore(_Layout):
             return False
         return _live_lease(res[0], res[1])
 
-    async def fly(self, scope_id: str, eid: int, vector: Any, seconds: float
-                  ) -> tuple[bool, int, list[tuple[int, int, Any]]]:
+    async def fly(self, scope_id: str, eid: int, vector: Any, seconds: float, token: bytes
+                  ) -> tuple[int, list[tuple[int, int, Any]]]:
         """See :meth:`RedisStore.fly`."""
         now = int(time.time() * 1000)
-        value = self.flight_value(vector, now, seconds)
+        value = self.flight_value(vector, now, seconds, token)
+        key, field = self.fkey(scope_id), format_id(eid)
         try:
-            res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value))
-            mine, others = self.parse_flights(res, eid, len(vector), now)
-            if not mine and isinstance(res[2], dict) and self.parse_flight(
-                    res[2].get(format_id(eid).encode()), len(vector), now) is None:
-                await self._run(False, lambda p: p.hset(self.fkey(scope_id), format_id(eid),
-                                                         value))
-                mine = True
+            res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value,
+                                                                  seconds))
+            others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
+            if isinstance(res[2], dict) and self.parse_flight(own, len(vector), now) is None:
+                dead = [*dead, field.encode()] if own is not None else dead
+                replace = True
+            else:
+                replace = False
+            if dead or replace:
+                def q(p: Any) -> None:
+                    if dead:
+                        p.hdel(key, *dead)
+                    if replace:
+                        p.hset(key, field, value)
+                await self._run(False, q)
         except StoreError:
-            return False, now, []
-        return mine, now, others
+            return now, []
+        return now, others
+
+    async def flights(self, scope_id: str, eid: int, dim: int
+                      ) -> list[tuple[int, int, Any]]:
+        """See :meth:`RedisStore.flights`."""
+        try:
+            raw = await self.client.hgetall(self.fkey(scope_id))
+        except self._errors:
+            return []
+        return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
     async def flight_alive(self, scope_id: str, eid: int, dim: int) -> bool:
         """See :meth:`RedisStore.flight_alive`."""
@@ -1419,12 +1472,19 @@ class AsyncRedisStore(_Layout):
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
-    async def land(self, scope_id: str, eid: int) -> None:
+    async def land(self, scope_id: str, eid: int, token: bytes) -> None:
         """See :meth:`RedisStore.land`."""
-        try:
-            await self._run(False, lambda p: self.queue_land(p, scope_id, eid))
-        except StoreError:
-            pass
+        key, field = self.fkey(scope_id), format_id(eid)
+        for _ in range(3):
+            try:
+                if await self._if_unchanged(key, lambda p: p.hget(key, field),
+                                            lambda v: self.flight_owner(v) == token,
+                                            lambda p: p.hdel(key, field)):
+                    return
+                if self.flight_owner(await self.client.hget(key, field)) != token:
+                    return
+            except self._errors:
+                return
 
     async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                         wait_id: str) -> None:

@@ -1,0 +1,211 @@
+"""Cross-process coalescing of paraphrases (the scope's calls in flight), against a real
+server. Two or three caches in one process stand for processes: each has its own
+in-process registry, and they meet only through the server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.redis import RedisStore
+
+pytestmark = pytest.mark.server
+
+P0 = "what is the boiling point of water at sea level"
+P1 = "what is the boiling point of water at sea level please"
+P2 = "please what is the boiling point of water at sea level"
+Q = "tell me a joke about cats and dogs"
+
+
+def caches(url: str, ns: str, n: int) -> list[SemanticCache]:
+    return [SemanticCache(HashEmbedder(64), store=url, namespace=ns) for _ in range(n)]
+
+
+def flight_fields(r: redis.Redis, ns: str) -> list[bytes]:
+    return [f for k in r.keys(f"hc:{{{ns}}}:flight:*") for f in r.hkeys(k)]
+
+
+def test_one_wait_limit_for_both_waits(valkey_server, ns):
+    """A paraphrase's call waits for other processes at most ``wait`` in all: the wait for
+    another call in flight and then for its own prompt's lease share the limit (each had a
+    whole one: b called 1.9 s after it started, with wait=1). a asks P0 and calls for 3 s;
+    b and d ask P1 (one entry: d waits on b's lease once both gave up on a)."""
+    a, b, d = caches(valkey_server.url, ns, 3)
+    called: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def run(cache: SemanticCache, tag: str, prompt: str, delay: float) -> None:
+        @cache.cached(wait=1.0, name="f")
+        def ask(p: str) -> str:
+            called[tag] = time.monotonic()
+            time.sleep(3)
+            return "answer " + tag
+
+        time.sleep(delay)
+        started[tag] = time.monotonic()
+        ask(prompt)
+
+    threads = [threading.Thread(target=run, args=args) for args in
+               ((a, "a", P0, 0.0), (b, "b", P1, 0.2), (d, "d", P1, 0.3))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    late = {t: called[t] - started[t] for t in called if t != "a"}
+    assert late and max(late.values()) < 1.5, late
+
+
+def test_land_deletes_only_its_own_flight(valkey_server, ns):
+    """A call that outlives its wait may find its flight replaced by another process's (its
+    deadline passed): ending, it must not delete that one, whose paraphrases then call
+    themselves. Three calls were made here; now the paraphrase waits for b's answer."""
+    url = valkey_server.url
+    a, b, c = caches(url, ns, 3)
+    calls: list[str] = []
+
+    def make(cache: SemanticCache, wait: float, seconds: float, answer: bool = True) -> Any:
+        @cache.cached(wait=wait, name="f")
+        def ask(p: str) -> str | None:
+            calls.append(p)
+            time.sleep(seconds)
+            return "answer to " + p if answer else None
+        return ask
+
+    ta = threading.Thread(target=make(a, 0.5, 2.0, answer=False), args=(P0,))
+    ta.start()
+    time.sleep(0.8)  # a still calls; its flight and lease are past their 0.5 s
+    tb = threading.Thread(target=make(b, 30, 3.0), args=(P0,))
+    tb.start()
+    time.sleep(0.3)
+    ta.join()  # a ends: its flight (now b's) must stay
+    assert len(flight_fields(redis.Redis.from_url(url), ns)) == 1 and tb.is_alive()
+    assert make(c, 30, 0.1)(P1) == "answer to " + P0
+    tb.join()
+    assert calls == [P0, P0]  # a's and b's; none for the paraphrase
+
+
+def test_long_dead_flights_are_deleted(valkey_server, ns):
+    """Fields of processes that died (deadline long past) are deleted by the next call that
+    reads them, instead of being read by every miss for as long as the scope is busy."""
+    r = redis.Redis.from_url(valkey_server.url)
+    (cache,) = caches(valkey_server.url, ns, 1)
+
+    seen: list[bytes] = []
+
+    @cache.cached(wait=5, name="f")
+    def ask(p: str) -> str:
+        seen.extend(r.keys(f"hc:{{{ns}}}:flight:*"))  # (the key, while this call flies)
+        return "x"
+
+    ask("how many legs does a spider have")
+    key = seen[0]
+    vec = cache._embed([P0], None)
+    assert vec is not None
+    now = int(time.time() * 1000)
+    for i in range(50):
+        r.hset(key, f"{i + 1:016x}",
+               RedisStore.flight_value(vec[0], now - 30_000, 1.0, b"d" * 16))
+    assert ask("the tallest mountain of africa") == "x"  # a miss: it reads the flights
+    assert cache.stats()["hits"] == 0 and r.hlen(key) == 0
+
+
+def test_async_cancelled_call_withdraws_its_flight(valkey_server, ns):
+    """A call cancelled right after its flight was registered (the reply not yet read) must
+    not leave it for its wait: a paraphrase would wait for it (2.8 s of a 3 s wait)."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    calls: list[str] = []
+
+    async def run() -> float:
+        a = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        b = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        real_fly = a.store.fly  # type: ignore[attr-defined]
+
+        async def slow_reply(*args: Any) -> Any:
+            got = await real_fly(*args)
+            await asyncio.sleep(0.5)  # registered on the server; cancelled meanwhile
+            return got
+
+        a.store.fly = slow_reply  # type: ignore[attr-defined]
+
+        async def llm(p: str) -> str:
+            calls.append(p)
+            return "answer to " + p
+
+        task = asyncio.create_task(a.cached(wait=3, name="f")(llm)(P0))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert flight_fields(r, ns) == []
+        t0 = time.monotonic()
+        assert await b.cached(wait=3, name="f")(llm)(P1) == "answer to " + P1
+        took = time.monotonic() - t0
+        await a.close()
+        await b.close()
+        return took
+
+    assert asyncio.run(run()) < 1.0
+    assert calls == [P1]
+
+
+def test_no_cycle_through_a_paraphrase_follower(valkey_server, ns):
+    """Y's call for P2 asks Q from inside; X's call for Q asks P1 from inside; X's call for
+    P0 follows Y's P2 across processes, and X's inner P1 (a paraphrase of P0) would join it
+    in-process: each waits on the next, until the wait limit (3.4 s with wait=3). A call
+    made from inside another must not join a call that waits on another process."""
+    x, y = caches(valkey_server.url, ns, 2)
+    t0 = time.monotonic()
+
+    def make(cache: SemanticCache) -> Any:
+        @cache.cached(wait=3.0, name="f")
+        def f(p: str) -> str:
+            time.sleep(0.3)
+            if cache is y and p == P2:
+                f(Q)
+            if cache is x and p == Q:
+                f(P1)
+            return "answer to " + p
+        return f
+
+    fx, fy = make(x), make(y)
+    runs = [(fy, P2, 0.0), (fx, Q, 0.05), (fx, P0, 0.1)]
+    threads = [threading.Thread(target=lambda f=f, p=p, d=d: (time.sleep(d), f(p)))
+               for f, p, d in runs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_a_forged_flight_cannot_hand_over_an_unrelated_answer(valkey_server, ns):
+    """A flight whose vector matches the prompt but whose entry is another question's
+    (forged, or an entry written with another embedding): its answer is not taken."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    (cache,) = caches(url, ns, 1)
+    other = cache.set(Q, "an unrelated answer", scope={"fn": "f"})
+    vec = cache._embed([P0], None)
+    assert vec is not None
+    calls: list[str] = []
+
+    @cache.cached(wait=2, name="f")
+    def ask(p: str) -> str:
+        calls.append(p)
+        return "fresh"
+
+    sid = cache._core.key(P0, {"fn": "f"})[1]
+    now = int(time.time() * 1000)
+    r.hset(f"hc:{{{ns}}}:flight:{sid}", other,
+           RedisStore.flight_value(vec[0], now - 1000, 0.3, b"f" * 16))
+    assert ask(P0) == "fresh" and calls == [P0]
+    assert np.isfinite(cache.stats()["coalesced"]) and cache.stats()["coalesced"] == 0
