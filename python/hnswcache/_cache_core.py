@@ -808,15 +808,17 @@ class CacheCore:
         return None if best is None else best[1]
 
     def entry_answer(self, f: Fetched, sid: str, vec: npt.NDArray[np.float32], now: float,
-                     max_age: float = math.inf) -> str | None:
-        """The answer of ``f`` for a prompt embedded as ``vec``: if it is a usable entry of
-        scope ``sid``, at or above the threshold from ``vec`` (what a semantic hit needs:
-        a forged flight cannot hand over an unrelated answer), at most ``max_age`` old."""
+                     max_age: float = math.inf
+                     ) -> tuple[str, npt.NDArray[np.float32]] | None:
+        """The answer of ``f`` for a prompt embedded as ``vec``, and its stored vector: if it
+        is a usable entry of scope ``sid``, at or above the threshold from ``vec`` (what a
+        semantic hit needs: a forged flight cannot hand over an unrelated answer), at most
+        ``max_age`` old."""
         rec = self.usable(f, now)
         if (rec is None or rec.scope_id != sid or now - rec.created > max_age
                 or not float(rec.vector @ vec) >= self.threshold):
             return None
-        return rec.response
+        return rec.response, rec.vector
 
     @staticmethod
     def check_pairs(

@@ -41,9 +41,15 @@ class Flight:
     waits_on: Flight | None = None
     # The token of the store lease its leader asks for (None: not asked yet).
     token: str | None = None
-    # Its leader waits for a call of another process (a paraphrase's, see cache.py): a
-    # call made from inside another call must not wait on it (see following()).
+    # Its leader waits for a call of another process (see waiting_elsewhere): a call made
+    # from inside another call must not join it.
     external: bool = False
+    # Calls made from inside another call that joined it (never decreases: conservative).
+    inside_joins: int = 0
+    # The stored vector of the entry whose answer it hands over, when that entry is not
+    # its own prompt's (a paraphrase's, answered in another process): each follower checks
+    # its own prompt against it (a two-step match is no match).
+    answer_vec: npt.NDArray[np.float32] | None = None
 
 
 #: The flights the current context leads (inherited by the tasks it creates).
@@ -84,31 +90,32 @@ def leading_tokens() -> frozenset[str]:
     return frozenset(f.token for f in LEADING.get() if f.token is not None)
 
 
-class following:  # noqa: N801 - used as a statement: `with following(f):`
-    """While a flight's leader waits for another process's call: calls made from inside
-    another call no longer join it. Such a call holds what others may wait for (its lease,
-    its own flight), and the call in the other process may, through the store, be waiting
-    on it: a cycle the in-process check cannot see, held until the wait limits. A call that
-    is not inside another holds nothing anyone waits for, so its waits close no cycle."""
+class waiting_elsewhere:  # noqa: N801 - used as a statement: `with waiting_elsewhere(f):`
+    """While a flight's leader waits for a call of another process (a paraphrase's call in
+    flight, or the lease of its own prompt): calls made from inside another call no longer
+    join it. Such a call holds what others may wait for (its lease, its flight), and the
+    call in the other process may, through the store, wait on it: a cycle that neither the
+    in-process check nor the lease marks see, held until the wait limits. A call that is not
+    inside another holds nothing anyone waits for while it waits (its flight withdrawn, its
+    lease not taken), so its wait closes no cycle; and if a call from inside joined it
+    before it began to wait, it does not wait but calls (``joined_from_inside``)."""
 
-    def __init__(self, f: Flight) -> None:
+    def __init__(self, f: Flight | None) -> None:
         self.f = f
 
-    def __enter__(self) -> following:
-        with _WAITS:
-            self.f.external = True
+    def __enter__(self) -> waiting_elsewhere:
+        if self.f is not None:
+            with _WAITS:
+                self.f.external = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with _WAITS:
-            self.f.external = False
+        if self.f is not None:
+            with _WAITS:
+                self.f.external = False
 
-    def waited_on_from_inside(self) -> bool:
-        """Whether a call made from inside another one joined this flight before it was
-        marked (then its leader must stop waiting on the other process and call)."""
-        with _WAITS:
-            return any(g.waits_on is self.f for reg in list(_ALL)
-                       for flights in list(reg._by_scope.values()) for g in flights)
+    def joined_from_inside(self) -> bool:
+        return self.f is not None and self.f.inside_joins > 0
 
 
 def inside_call(eid: int) -> bool:
@@ -141,6 +148,8 @@ class Flights:
                                 and float(f.vec @ vec) >= threshold):
                 for led in mine:  # (so that no one waits on this context in a cycle)
                     led.waits_on = f
+                if mine:
+                    f.inside_joins += 1
                 return f
         return None
 

@@ -43,7 +43,15 @@ import numpy.typing as npt
 
 from . import _snapshot
 from ._cache_core import CacheCore, Hit, Lookup
-from ._flight import LEADING, Flight, Flights, following, inside_call, leading_tokens, stop_waiting
+from ._flight import (
+    LEADING,
+    Flight,
+    Flights,
+    inside_call,
+    leading_tokens,
+    stop_waiting,
+    waiting_elsewhere,
+)
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -140,6 +148,14 @@ def _call_key(
             raise TypeError("extra arguments of a @cached function must be JSON-serialisable, "
                             "or give key=...") from None
     return args[0], sc
+
+
+def _answers(flight: Flight, vec: Any, threshold: float) -> bool:
+    """Whether ``flight``'s answer answers a follower whose prompt embeds to ``vec``: always
+    when it is the answer to the flight's own prompt, which the follower matched; when it
+    is a paraphrase's from another process, only at or above the threshold from it."""
+    a = flight.answer_vec
+    return a is None or (vec is not None and float(np.dot(a, vec)) >= threshold)
 
 
 def _rest(limit: float | None, t0: float) -> float | None:
@@ -876,16 +892,20 @@ class SemanticCache(_Base):
         return None if rec is None else rec.response
 
     def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None,
-              max_age: float = math.inf) -> str | None:
+              max_age: float = math.inf, flight: Flight | None = None,
+              wait_left: float | None = None) -> str | None:
         """Lead the call for entry ``k`` across processes: take the store's lease on it
-        (``token``). While another process holds it, wait for that process's answer and
-        return it; if its lease ends without one, try to take it again. ``None``: call (the
-        lease is ours, the store has none, or ``limit`` passed)."""
+        (``token``, for ``limit``: how long others wait for this call). While another
+        process holds it, wait for that process's answer (at most ``wait_left``, default
+        ``limit``) and return it; if its lease ends without one, try to take it again.
+        ``None``: call (the lease is ours, the store has none, the wait is over, or a call
+        made from inside another joined ``flight``, the call this leads)."""
         lease = getattr(self.store, "lease", None)
         if lease is None:
             return self._answer_of(k, max_age)  # (answered between our lookup and now?)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
-        deadline = time.monotonic() + seconds
+        left = seconds if wait_left is None else wait_left
+        deadline = time.monotonic() + left
         store: Any = self.store
         marked: frozenset[str] = frozenset()
         wait_id = secrets.token_hex(4)
@@ -905,21 +925,24 @@ class SemanticCache(_Base):
                                     wait_id)
                 checked = -math.inf
                 delay = 0.005
-                while True:  # poll the entry while the other lease lives
-                    if marked and time.monotonic() >= checked + _CYCLE_CHECK:
-                        # (again now and then: the lease may change hands into a cycle)
-                        checked = time.monotonic()
-                        if store.waits_on(k[0], marked):
-                            return None  # the holder waits on us: call
-                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                    answer = self._answer_of(k, max_age)
-                    if answer is not None:
-                        return answer
-                    if time.monotonic() >= deadline:
-                        return None
-                    if not store.lease_held(k[0]):
-                        break  # that call failed or its process died: lead, unless answered
-                    delay = min(delay * 2, 0.1)
+                with waiting_elsewhere(flight) as here:
+                    while True:  # poll the entry while the other lease lives
+                        if marked and time.monotonic() >= checked + _CYCLE_CHECK:
+                            # (again now and then: the lease may change hands into a cycle)
+                            checked = time.monotonic()
+                            if store.waits_on(k[0], marked):
+                                return None  # the holder waits on us: call
+                        if here.joined_from_inside():
+                            return None  # (see waiting_elsewhere): call
+                        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                        answer = self._answer_of(k, max_age)
+                        if answer is not None:
+                            return answer
+                        if time.monotonic() >= deadline:
+                            return None
+                        if not store.lease_held(k[0]):
+                            break  # that call failed or its process died: lead, unless answered
+                        delay = min(delay * 2, 0.1)
         finally:
             if marked:
                 store.unmark_wait(sorted(marked), k[0], wait_id)
@@ -934,8 +957,9 @@ class SemanticCache(_Base):
         """Cross-process coalescing of paraphrases: register this call's embedding among
         the scope's calls in flight; while another process's call, started earlier, with a
         prompt at or above the threshold from this one's, is in flight, wait for its answer
-        (if it ends without one, the next such call's). ``None``: lead (this call's flight
-        stays registered unless it followed one; the caller lands it)."""
+        (if it ends without one, the next such call's). ``None``: lead (registered again if
+        it followed one; the caller lands it). The answer's entry vector is left in
+        ``flight.answer_vec`` for this process's followers to check their own prompts."""
         store: Any = self.store
         c = self._core
         seconds = _LEASE_UNBOUNDED if limit is None else limit
@@ -946,28 +970,36 @@ class SemanticCache(_Base):
         while True:
             leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
                                      vec, c.threshold)
-            if leader is None:
+            if leader is None or time.monotonic() >= deadline:
+                if tried:  # (it withdrew to follow: it leads now, for the rest to see)
+                    store.fly(k[1], k[0], vec, seconds, owner)
                 return None
             tried.add(leader)
             store.land(k[1], k[0], owner)  # (following: other paraphrases follow that one)
-            with following(flight) as f:
+            with waiting_elsewhere(flight) as here:
                 delay = 0.005
                 while True:
-                    answer = self._entry_answer(leader, k[1], vec, max_age)
-                    if answer is not None:
-                        return answer
-                    if time.monotonic() >= deadline or f.waited_on_from_inside():
-                        return None
+                    got = self._entry_answer(leader, k[1], vec, max_age)
+                    if got is not None:
+                        flight.answer_vec = got[1]
+                        return got[0]
+                    if time.monotonic() >= deadline or here.joined_from_inside():
+                        break
                     if not store.flight_alive(k[1], leader, len(vec)):
-                        answer = self._entry_answer(leader, k[1], vec, max_age)
-                        if answer is not None:
-                            return answer
+                        got = self._entry_answer(leader, k[1], vec, max_age)
+                        if got is not None:
+                            flight.answer_vec = got[1]
+                            return got[0]
                         break  # ended without one: maybe another call of the burst flies
                     time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 0.1)
+            if here.joined_from_inside():
+                store.fly(k[1], k[0], vec, seconds, owner)
+                return None
             others = store.flights(k[1], k[0], len(vec))
 
-    def _entry_answer(self, eid: int, sid: str, vec: Any, max_age: float) -> str | None:
+    def _entry_answer(self, eid: int, sid: str, vec: Any, max_age: float
+                      ) -> tuple[str, Any] | None:
         try:
             f = self.store.fetch([eid])[0]
         except StoreError:
@@ -1159,7 +1191,8 @@ class SemanticCache(_Base):
                         got = flight.done.wait(limit)
                     finally:
                         stop_waiting()
-                    if got and flight.result is not None:
+                    if got and flight.result is not None and _answers(flight, used[0],
+                                                                      c.threshold):
                         c.stats.add("coalesced")
                         return flight.result
                     return call()
@@ -1177,7 +1210,7 @@ class SemanticCache(_Base):
                     if fly:
                         answer = self._follow_flight(k, used[0], limit, age, flight, token)
                     if answer is None:  # (one wait limit for both waits)
-                        answer = self._lead(k, token, _rest(limit, t0), age)
+                        answer = self._lead(k, token, limit, age, flight, _rest(limit, t0))
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer
@@ -1673,13 +1706,14 @@ class AsyncSemanticCache(_Base):
         return None if rec is None else rec.response
 
     async def _lead(self, k: tuple[int, str, str, str], token: str, limit: float | None,
-                    max_age: float = math.inf) -> str | None:
+                    max_age: float = math.inf, flight: Flight | None = None,
+                    wait_left: float | None = None) -> str | None:
         """See :meth:`SemanticCache._lead`."""
         lease = getattr(self.store, "lease", None)
         if lease is None:
             return await self._answer_of(k, max_age)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + (seconds if wait_left is None else wait_left)
         marked: frozenset[str] = frozenset()
         store: Any = self.store
         wait_id = secrets.token_hex(4)
@@ -1694,20 +1728,23 @@ class AsyncSemanticCache(_Base):
                                           max(seconds, _LEASE_UNBOUNDED), wait_id)
                 checked = -math.inf
                 delay = 0.005
-                while True:
-                    if marked and time.monotonic() >= checked + _CYCLE_CHECK:
-                        checked = time.monotonic()
-                        if await store.waits_on(k[0], marked):
+                with waiting_elsewhere(flight) as here:
+                    while True:
+                        if marked and time.monotonic() >= checked + _CYCLE_CHECK:
+                            checked = time.monotonic()
+                            if await store.waits_on(k[0], marked):
+                                return None
+                        if here.joined_from_inside():
                             return None
-                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                    answer = await self._answer_of(k, max_age)
-                    if answer is not None:
-                        return answer
-                    if time.monotonic() >= deadline:
-                        return None
-                    if not await store.lease_held(k[0]):
-                        break
-                    delay = min(delay * 2, 0.1)
+                        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                        answer = await self._answer_of(k, max_age)
+                        if answer is not None:
+                            return answer
+                        if time.monotonic() >= deadline:
+                            return None
+                        if not await store.lease_held(k[0]):
+                            break
+                        delay = min(delay * 2, 0.1)
         finally:
             if marked:
                 await store.unmark_wait(sorted(marked), k[0], wait_id)
@@ -1731,29 +1768,36 @@ class AsyncSemanticCache(_Base):
         while True:
             leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
                                      vec, c.threshold)
-            if leader is None:
+            if leader is None or time.monotonic() >= deadline:
+                if tried:
+                    await store.fly(k[1], k[0], vec, seconds, owner)
                 return None
             tried.add(leader)
             await store.land(k[1], k[0], owner)
-            with following(flight) as f:
+            with waiting_elsewhere(flight) as here:
                 delay = 0.005
                 while True:
-                    answer = await self._entry_answer(leader, k[1], vec, max_age)
-                    if answer is not None:
-                        return answer
-                    if time.monotonic() >= deadline or f.waited_on_from_inside():
-                        return None
+                    got = await self._entry_answer(leader, k[1], vec, max_age)
+                    if got is not None:
+                        flight.answer_vec = got[1]
+                        return got[0]
+                    if time.monotonic() >= deadline or here.joined_from_inside():
+                        break
                     if not await store.flight_alive(k[1], leader, len(vec)):
-                        answer = await self._entry_answer(leader, k[1], vec, max_age)
-                        if answer is not None:
-                            return answer
+                        got = await self._entry_answer(leader, k[1], vec, max_age)
+                        if got is not None:
+                            flight.answer_vec = got[1]
+                            return got[0]
                         break
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 0.1)
+            if here.joined_from_inside():
+                await store.fly(k[1], k[0], vec, seconds, owner)
+                return None
             others = await store.flights(k[1], k[0], len(vec))
 
     async def _entry_answer(self, eid: int, sid: str, vec: Any, max_age: float
-                            ) -> str | None:
+                            ) -> tuple[str, Any] | None:
         try:
             f = (await self.store.fetch([eid]))[0]
         except StoreError:
@@ -1914,7 +1958,7 @@ class AsyncSemanticCache(_Base):
                         answer = None
                     finally:
                         stop_waiting()
-                    if answer is not None:
+                    if answer is not None and _answers(flight, used[0], c.threshold):
                         c.stats.add("coalesced")
                         return answer
                     return await call()
@@ -1931,7 +1975,8 @@ class AsyncSemanticCache(_Base):
                         answer = await self._follow_flight(k, used[0], limit, age, flight,
                                                            token)
                     if answer is None:
-                        answer = await self._lead(k, token, _rest(limit, t0), age)
+                        answer = await self._lead(k, token, limit, age, flight,
+                                                  _rest(limit, t0))
                     if answer is not None:
                         c.stats.add("coalesced")
                         result = answer

@@ -209,3 +209,221 @@ def test_a_forged_flight_cannot_hand_over_an_unrelated_answer(valkey_server, ns)
            RedisStore.flight_value(vec[0], now - 1000, 0.3, b"f" * 16))
     assert ask(P0) == "fresh" and calls == [P0]
     assert np.isfinite(cache.stats()["coalesced"]) and cache.stats()["coalesced"] == 0
+
+
+# Found by the second review of the feature (each failed on the code it reviewed).
+U = "name the largest planet in the solar system"
+W = "who wrote the novel war and peace"
+
+
+def test_lease_taken_after_following_lives_its_whole_wait(valkey_server, ns):
+    """b followed a's call (which failed at 1.9 s), then leads with 0.1 s of its wait left:
+    its lease must still live its whole wait, or d, asking the same prompt at 2.3 s, does
+    not wait for b and calls too."""
+    a, b, d = caches(valkey_server.url, ns, 3)
+    called: list[str] = []
+
+    def run(cache: SemanticCache, tag: str, prompt: str, delay: float, seconds: float,
+            fail: bool) -> None:
+        @cache.cached(wait=2.0, name="f")
+        def ask(p: str) -> str:
+            called.append(tag)
+            time.sleep(seconds)
+            if fail:
+                raise ValueError("the LLM is down")
+            return "answer " + tag
+
+        time.sleep(delay)
+        try:
+            ask(prompt)
+        except ValueError:
+            pass
+
+    threads = [threading.Thread(target=run, args=args) for args in
+               ((a, "a", P0, 0.0, 1.9, True), (b, "b", P1, 0.1, 1.0, False),
+                (d, "d", P1, 2.3, 0.1, False))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert called == ["a", "b"]
+
+
+def test_no_cycle_through_a_lease_wait_and_a_join_from_inside(valkey_server, ns):
+    """A: V (prompt U) holds U's lease and asks W inside. B: W holds W's lease and asks U
+    inside, which would join B's plain call F of U in-process, while F waits on U's lease
+    (held by V): V -> W -> F -> V, until the wait limit (3.5 s with wait=3)."""
+    a, b = caches(valkey_server.url, ns, 2)
+    t0 = time.monotonic()
+    done: dict[str, float] = {}
+
+    def make(cache: SemanticCache) -> Any:
+        @cache.cached(wait=3.0, name="f")
+        def f(p: str) -> str:
+            time.sleep(0.4)
+            if cache is a and p == U:
+                f(W)
+            if cache is b and p == W:
+                f(U)
+            return "answer to " + p
+        return f
+
+    fa, fb = make(a), make(b)
+
+    def go(tag: str, f: Any, p: str, delay: float) -> None:
+        time.sleep(delay)
+        f(p)
+        done[tag] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=go, args=args) for args in
+               (("V", fa, U, 0.0), ("W", fb, W, 0.1), ("F", fb, U, 0.2))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert max(done.values()) < 2.0, done
+
+
+def test_no_cycle_when_gathered_tasks_share_a_call(valkey_server, ns):
+    """Tasks gathered inside one call share its flight, so one sibling's wait could hide
+    another's join of a follower from the check (then the cycle held until the wait
+    limit): joins from inside are counted on the flight they join instead."""
+    url = valkey_server.url
+    p2 = np.asarray(HashEmbedder(64)([P2]))[0]
+    p2 = p2 / np.linalg.norm(p2)
+
+    async def run() -> float:
+        a = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        b = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        real_fly = a.store.fly  # type: ignore[attr-defined]
+
+        async def slow_fly(*args: Any) -> Any:
+            got = await real_fly(*args)
+            if float(args[2] @ p2) > 0.999:
+                await asyncio.sleep(0.4)  # P2's call registers; siblings join it meanwhile
+            return got
+
+        a.store.fly = slow_fly  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+
+        def make(cache: AsyncSemanticCache) -> Any:
+            @cache.cached(wait=3.0, name="f")
+            async def f(p: str) -> str:
+                if cache is b and p == P0:
+                    await asyncio.sleep(0.3)
+                    await f(Q)
+                elif cache is a and p == Q:
+                    await asyncio.sleep(0.15)
+                    await asyncio.gather(f(P1), f(W))
+                elif cache is a and p == W:
+                    await asyncio.sleep(0.2)
+                else:
+                    await asyncio.sleep(0.1)
+                return "answer to " + p
+            return f
+
+        fa, fb = make(a), make(b)
+
+        async def after(delay: float, coro: Any) -> Any:
+            await asyncio.sleep(delay)
+            return await coro
+
+        await asyncio.gather(after(0.0, fb(P0)), after(0.05, fa(Q)), after(0.1, fa(P2)),
+                             after(0.1, fa(W)))
+        took = time.monotonic() - t0
+        await a.close()
+        await b.close()
+        return took
+
+    assert asyncio.run(run()) < 2.0
+
+
+def test_a_follower_hands_a_paraphrase_answer_only_to_its_own_paraphrases(valkey_server, ns):
+    """J joins F in-process (similarity 0.87), F follows Y across processes (0.87), but J
+    and Y are 0.5 apart: J must not get Y's answer (a two-step match is no match)."""
+    from .cache_helpers import TableEmbedder
+
+    c30, s30 = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    vecs = np.zeros((3, 16), np.float32)
+    vecs[0, 0] = 1
+    vecs[1, 0], vecs[1, 1] = c30, s30
+    vecs[2, 0], vecs[2, 1] = 0.5, c30
+    emb = TableEmbedder(["question Y", "question F", "question J"], vecs)
+    a = SemanticCache(emb, store=valkey_server.url, namespace=ns)
+    b = SemanticCache(emb, store=valkey_server.url, namespace=ns)
+    got: dict[str, str] = {}
+
+    def run(cache: SemanticCache, p: str, delay: float, seconds: float) -> None:
+        @cache.cached(wait=5.0, name="f")
+        def ask(q: str) -> str:
+            time.sleep(seconds)
+            return "answer to " + q
+
+        time.sleep(delay)
+        got[p] = ask(p)
+
+    threads = [threading.Thread(target=run, args=args) for args in
+               ((b, "question Y", 0.0, 1.0), (a, "question F", 0.1, 0.1),
+                (a, "question J", 0.3, 0.1))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert got["question F"] == "answer to question Y"
+    assert got["question J"] == "answer to question J"
+
+
+def test_land_under_a_busy_scope(valkey_server, ns):
+    """Every registration in a scope touches its hash (PEXPIRE), which aborts a land's
+    WATCH: with a busy scope 185 of 200 fields stayed. They are deleted now."""
+    store = RedisStore.from_url(valkey_server.url, namespace=ns)
+    r = redis.Redis.from_url(valkey_server.url)
+    vec = np.zeros(64, np.float32)
+    vec[0] = 1
+    stop = threading.Event()
+
+    def churn() -> None:
+        other = redis.Redis.from_url(valkey_server.url)
+        while not stop.is_set():
+            other.pexpire(store.fkey("s"), 600_000)
+
+    th = threading.Thread(target=churn)
+    th.start()
+    left = 0
+    try:
+        for i in range(200):
+            token = bytes([i % 256]) * 16
+            store.fly("s", 1000 + i, vec, 60, token)
+            store.land("s", 1000 + i, token)
+            left += r.hexists(store.fkey("s"), f"{1000 + i:016x}")
+    finally:
+        stop.set()
+        th.join()
+    assert left == 0
+
+
+def test_pruning_keeps_a_field_replaced_meanwhile(valkey_server, ns):
+    """A reader deletes fields long past their deadline; if that entry's process replaced
+    its dead field between the reader's read and its delete, the new field stays."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    pruner = RedisStore.from_url(url, namespace=ns)
+    owner = RedisStore.from_url(url, namespace=ns)
+    v1 = np.zeros(64, np.float32)
+    v1[0] = 1
+    v2 = np.zeros(64, np.float32)
+    v2[1] = 1
+    now = int(time.time() * 1000)
+    r.hset(pruner.fkey("s"), f"{7:016x}",
+           RedisStore.flight_value(v1, now - 30_000, 1, b"o" * 16))
+    real = pruner.parse_flights
+
+    def replaced_meanwhile(*args: Any) -> Any:
+        out = real(*args)
+        owner.fly("s", 7, v1, 60, b"n" * 16)  # entry 7's next call registers
+        return out
+
+    pruner.parse_flights = replaced_meanwhile  # type: ignore[method-assign]
+    pruner.fly("s", 8, v2, 60, b"p" * 16)
+    value = r.hget(pruner.fkey("s"), f"{7:016x}")
+    assert value is not None and RedisStore.flight_owner(value) == b"n" * 16

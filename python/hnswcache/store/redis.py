@@ -339,9 +339,9 @@ class _Layout:
         return (start, token, vec) if 0.98 < n2 < 1.02 else None  # (NaN fails too)
 
     def parse_flights(self, flights: Any, eid: int, dim: int, now_ms: int
-                      ) -> tuple[list[tuple[int, int, Any]], list[bytes], Any]:
+                      ) -> tuple[list[tuple[int, int, Any]], list[tuple[bytes, bytes]], Any]:
         """The scope's other live flights ``(start, id, vector)``, the fields long dead
-        (to delete), and our entry's field's value."""
+        with their values (to delete), and our entry's field's value."""
         others, dead = [], []
         for field, value in (flights if isinstance(flights, dict) else {}).items():
             fid = parse_id(field)
@@ -352,9 +352,32 @@ class _Layout:
                 others.append((got[0], fid, got[2]))
             elif (isinstance(value, bytes) and len(value) >= _FLIGHT.size
                   and _FLIGHT.unpack_from(value)[1] < now_ms - _FLIGHT_PRUNE_MS):
-                dead.append(field)
+                dead.append((field, value))
         own = flights.get(format_id(eid).encode()) if isinstance(flights, dict) else None
         return others, dead, own
+
+    def flight_fixes(self, key: str, flights: Any, dead: list[tuple[bytes, bytes]], own: Any,
+                     field: str, value: bytes, dim: int, now_ms: int
+                     ) -> tuple[list[Any], list[Any], Callable[[Any], Any]] | None:
+        """What ``fly`` fixes after its read, if anything: deleting fields long dead, and
+        replacing our entry's field when what is there is dead or garbage. ``(fields, their
+        values as read, act)``: done in a MULTI/EXEC only if those values are unchanged (a
+        process may have replaced a dead field meanwhile: its new one must stay)."""
+        if not isinstance(flights, dict):
+            return None
+        replace = self.parse_flight(own, dim, now_ms) is None
+        if not dead and not replace:
+            return None
+        fields: list[Any] = [f for f, _ in dead] + ([field] if replace else [])
+        values: list[Any] = [v for _, v in dead] + ([own] if replace else [])
+
+        def act(p: Any) -> None:
+            if dead:
+                p.hdel(key, *[f for f, _ in dead])
+            if replace:
+                p.hset(key, field, value)
+
+        return fields, values, act
 
     @staticmethod
     def flight_owner(value: Any) -> bytes | None:
@@ -1033,20 +1056,15 @@ class RedisStore(_Layout):
         try:
             res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
             others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
-            if isinstance(res[2], dict) and self.parse_flight(own, len(vector), now) is None:
-                dead = [*dead, field.encode()] if own is not None else dead
-                replace = True  # (the flight there is dead or garbage: ours replaces it)
-            else:
-                replace = False
-            if dead or replace:
-                def q(p: Any) -> None:
-                    if dead:
-                        p.hdel(key, *dead)
-                    if replace:
-                        p.hset(key, field, value)
-                self._run(False, q)
+            fix = self.flight_fixes(key, res[2], dead, own, field, value, len(vector),
+                                   now)
+            if fix is not None:
+                self._if_unchanged(key, lambda p: p.hmget(key, fix[0]),
+                                   lambda vals: list(vals) == fix[1], fix[2])
         except StoreError:
             return now, []
+        except self._errors:  # (the WATCH of a fix)
+            return now, others
         return now, others
 
     def flights(self, scope_id: str, eid: int, dim: int) -> list[tuple[int, int, Any]]:
@@ -1069,16 +1087,20 @@ class RedisStore(_Layout):
         """End our flight of entry ``eid``: its field, if it still holds our ``token`` (a
         process whose flight outlived its deadline may have been replaced)."""
         key, field = self.fkey(scope_id), format_id(eid)
-        for _ in range(3):  # (WATCH fails when another flight of the scope changes)
-            try:
+        try:
+            for _ in range(3):  # (WATCH fails when another flight of the scope changes)
                 if self._if_unchanged(key, lambda p: p.hget(key, field),
                                       lambda v: self.flight_owner(v) == token,
                                       lambda p: p.hdel(key, field)):
                     return
                 if self.flight_owner(self.client.hget(key, field)) != token:
                     return
-            except self._errors:
-                return  # readers skip it once its deadline passes
+            # A busy scope: check and delete apart. Only a field past its deadline can be
+            # replaced between the two (by its entry's next call), and only then is it lost.
+            if self.flight_owner(self.client.hget(key, field)) == token:
+                self.client.hdel(key, field)
+        except self._errors:
+            pass  # readers skip it once its deadline passes
 
     def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                   wait_id: str) -> None:
@@ -1439,20 +1461,15 @@ class AsyncRedisStore(_Layout):
             res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value,
                                                                   seconds))
             others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
-            if isinstance(res[2], dict) and self.parse_flight(own, len(vector), now) is None:
-                dead = [*dead, field.encode()] if own is not None else dead
-                replace = True
-            else:
-                replace = False
-            if dead or replace:
-                def q(p: Any) -> None:
-                    if dead:
-                        p.hdel(key, *dead)
-                    if replace:
-                        p.hset(key, field, value)
-                await self._run(False, q)
+            fix = self.flight_fixes(key, res[2], dead, own, field, value, len(vector),
+                                   now)
+            if fix is not None:
+                await self._if_unchanged(key, lambda p: p.hmget(key, fix[0]),
+                                         lambda vals: list(vals) == fix[1], fix[2])
         except StoreError:
             return now, []
+        except self._errors:  # (the WATCH of a fix)
+            return now, others
         return now, others
 
     async def flights(self, scope_id: str, eid: int, dim: int
@@ -1475,16 +1492,18 @@ class AsyncRedisStore(_Layout):
     async def land(self, scope_id: str, eid: int, token: bytes) -> None:
         """See :meth:`RedisStore.land`."""
         key, field = self.fkey(scope_id), format_id(eid)
-        for _ in range(3):
-            try:
+        try:
+            for _ in range(3):
                 if await self._if_unchanged(key, lambda p: p.hget(key, field),
                                             lambda v: self.flight_owner(v) == token,
                                             lambda p: p.hdel(key, field)):
                     return
                 if self.flight_owner(await self.client.hget(key, field)) != token:
                     return
-            except self._errors:
-                return
+            if self.flight_owner(await self.client.hget(key, field)) == token:
+                await self.client.hdel(key, field)
+        except self._errors:
+            pass
 
     async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                         wait_id: str) -> None:
