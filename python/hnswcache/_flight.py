@@ -41,11 +41,10 @@ class Flight:
     waits_on: Flight | None = None
     # The token of the store lease its leader asks for (None: not asked yet).
     token: str | None = None
-    # Its leader waits for a call of another process (see waiting_elsewhere): a call made
-    # from inside another call must not join it.
-    external: bool = False
-    # Calls made from inside another call that joined it (never decreases: conservative).
-    inside_joins: int = 0
+    # The lease tokens of the calls that joined it from inside calls of theirs: they wait
+    # on its leader, so its leader's waits in the store are marked as theirs too (a wait
+    # cycle through processes is then seen from the marks, see cache.py's _lead).
+    inside_tokens: set[str] = field(default_factory=set)
     # The stored vector of the entry whose answer it hands over, when that entry is not
     # its own prompt's (a paraphrase's, answered in another process): each follower checks
     # its own prompt against it (a two-step match is no match).
@@ -83,39 +82,19 @@ def stop_waiting() -> None:
             f.waits_on = None
 
 
+def waiting_tokens(f: Flight | None) -> frozenset[str]:
+    """The tokens a wait of the current context on another process's call is marked with:
+    the calls it leads, and those that joined ``f`` (the call it leads and waits for) from
+    inside theirs."""
+    with _WAITS:
+        return leading_tokens() | (frozenset(f.inside_tokens) if f is not None else frozenset())
+
+
 def leading_tokens() -> frozenset[str]:
     """The store-lease tokens of the calls the current context leads: a wait in the store
     is marked with them, so that a process whose chain of waits leads back to one of them
     can tell (see the caches' ``_lead``)."""
     return frozenset(f.token for f in LEADING.get() if f.token is not None)
-
-
-class waiting_elsewhere:  # noqa: N801 - used as a statement: `with waiting_elsewhere(f):`
-    """While a flight's leader waits for a call of another process (a paraphrase's call in
-    flight, or the lease of its own prompt): calls made from inside another call no longer
-    join it. Such a call holds what others may wait for (its lease, its flight), and the
-    call in the other process may, through the store, wait on it: a cycle that neither the
-    in-process check nor the lease marks see, held until the wait limits. A call that is not
-    inside another holds nothing anyone waits for while it waits (its flight withdrawn, its
-    lease not taken), so its wait closes no cycle; and if a call from inside joined it
-    before it began to wait, it does not wait but calls (``joined_from_inside``)."""
-
-    def __init__(self, f: Flight | None) -> None:
-        self.f = f
-
-    def __enter__(self) -> waiting_elsewhere:
-        if self.f is not None:
-            with _WAITS:
-                self.f.external = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.f is not None:
-            with _WAITS:
-                self.f.external = False
-
-    def joined_from_inside(self) -> bool:
-        return self.f is not None and self.f.inside_joins > 0
 
 
 def inside_call(eid: int) -> bool:
@@ -142,14 +121,13 @@ class Flights:
     ) -> Flight | None:
         mine = LEADING.get()
         for f in self._by_scope.get(sid, ()):
-            if f.loop is not loop or _would_cycle(f, mine) or (mine and f.external):
+            if f.loop is not loop or _would_cycle(f, mine):
                 continue  # never wait on one's own call (recursion), nor on another loop
             if f.eid == eid or (vec is not None and f.vec is not None
                                 and float(f.vec @ vec) >= threshold):
                 for led in mine:  # (so that no one waits on this context in a cycle)
                     led.waits_on = f
-                if mine:
-                    f.inside_joins += 1
+                f.inside_tokens.update(t for g in mine if (t := g.token) is not None)
                 return f
         return None
 

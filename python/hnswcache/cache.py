@@ -50,7 +50,7 @@ from ._flight import (
     inside_call,
     leading_tokens,
     stop_waiting,
-    waiting_elsewhere,
+    waiting_tokens,
 )
 from .embed import default_embedder, embedder_name
 from .store.base import (
@@ -148,6 +148,64 @@ def _call_key(
             raise TypeError("extra arguments of a @cached function must be JSON-serialisable, "
                             "or give key=...") from None
     return args[0], sc
+
+
+class _WaitMarks:
+    """The marks of one wait of this process for entry ``eid``, whose call runs in another
+    process: "the calls holding these tokens wait for eid". They are the calls the current
+    context leads, and those that joined the call it leads from inside theirs (they wait
+    on it): marks are added as such calls join. Marking first, then following the holder's
+    marks, the second of two processes each waiting on the other sees the cycle
+    (:meth:`cycle`, again every ``_CYCLE_CHECK`` seconds: a lease may change hands into
+    one)."""
+
+    def __init__(self, store: Any, eid: int, seconds: float, flight: Flight | None) -> None:
+        self.store = store if hasattr(store, "mark_wait") else None
+        self.eid, self.flight = eid, flight
+        # (One life for every mark of a token: a shorter wait must not cut a sibling's. A
+        # mark is read only through its call's live lease, so a dead process's marks are
+        # harmless until they expire.)
+        self.life = max(seconds, _LEASE_UNBOUNDED)
+        self.marked: frozenset[str] = frozenset()
+        self.wait_id = secrets.token_hex(4)
+        self.checked = -math.inf
+
+    def _new(self) -> frozenset[str]:
+        new = waiting_tokens(self.flight) - self.marked
+        if new:
+            self.marked |= new
+            self.checked = -math.inf  # (look at once)
+        return new
+
+    def _due(self) -> bool:
+        if not self.marked or time.monotonic() < self.checked + _CYCLE_CHECK:
+            return False
+        self.checked = time.monotonic()
+        return True
+
+    def cycle(self) -> bool:
+        """Whether the holder of ``eid``'s lease waits, through other calls, on ours."""
+        if self.store is None:
+            return False
+        if new := self._new():
+            self.store.mark_wait(sorted(new), self.eid, self.life, self.wait_id)
+        return self._due() and bool(self.store.waits_on(self.eid, self.marked))
+
+    def clear(self) -> None:
+        if self.store is not None and self.marked:
+            self.store.unmark_wait(sorted(self.marked), self.eid, self.wait_id)
+
+    async def acycle(self) -> bool:
+        """:meth:`cycle` on an async store."""
+        if self.store is None:
+            return False
+        if new := self._new():
+            await self.store.mark_wait(sorted(new), self.eid, self.life, self.wait_id)
+        return self._due() and bool(await self.store.waits_on(self.eid, self.marked))
+
+    async def aclear(self) -> None:
+        if self.store is not None and self.marked:
+            await self.store.unmark_wait(sorted(self.marked), self.eid, self.wait_id)
 
 
 def _answers(flight: Flight, vec: Any, threshold: float) -> bool:
@@ -898,8 +956,8 @@ class SemanticCache(_Base):
         (``token``, for ``limit``: how long others wait for this call). While another
         process holds it, wait for that process's answer (at most ``wait_left``, default
         ``limit``) and return it; if its lease ends without one, try to take it again.
-        ``None``: call (the lease is ours, the store has none, the wait is over, or a call
-        made from inside another joined ``flight``, the call this leads)."""
+        ``None``: call (the lease is ours, the store has none, the wait is over, or the
+        holder's call waits, through other calls, on this one)."""
         lease = getattr(self.store, "lease", None)
         if lease is None:
             return self._answer_of(k, max_age)  # (answered between our lookup and now?)
@@ -907,45 +965,26 @@ class SemanticCache(_Base):
         left = seconds if wait_left is None else wait_left
         deadline = time.monotonic() + left
         store: Any = self.store
-        marked: frozenset[str] = frozenset()
-        wait_id = secrets.token_hex(4)
+        marks = _WaitMarks(store, k[0], seconds, flight)
         try:
             while True:
                 if lease(k[0], token, max(seconds, 0.001)):
                     return self._answer_of(k, max_age)
-                if (not marked and hasattr(store, "mark_wait")
-                        and (mine := leading_tokens())):
-                    # Mark our wait first, then follow the holder's: of two processes
-                    # each waiting on the other, the second to look sees the cycle.
-                    marked = mine
-                    # (One life for every mark of a token: a shorter wait must not cut a
-                    # sibling's. A mark is read only through its call's live lease, so a
-                    # dead process's marks are harmless until they expire.)
-                    store.mark_wait(sorted(mine), k[0], max(seconds, _LEASE_UNBOUNDED),
-                                    wait_id)
-                checked = -math.inf
                 delay = 0.005
-                with waiting_elsewhere(flight) as here:
-                    while True:  # poll the entry while the other lease lives
-                        if marked and time.monotonic() >= checked + _CYCLE_CHECK:
-                            # (again now and then: the lease may change hands into a cycle)
-                            checked = time.monotonic()
-                            if store.waits_on(k[0], marked):
-                                return None  # the holder waits on us: call
-                        if here.joined_from_inside():
-                            return None  # (see waiting_elsewhere): call
-                        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                        answer = self._answer_of(k, max_age)
-                        if answer is not None:
-                            return answer
-                        if time.monotonic() >= deadline:
-                            return None
-                        if not store.lease_held(k[0]):
-                            break  # that call failed or its process died: lead, unless answered
-                        delay = min(delay * 2, 0.1)
+                while True:  # poll the entry while the other lease lives
+                    if marks.cycle():
+                        return None  # the holder waits on us: call
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    answer = self._answer_of(k, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline:
+                        return None
+                    if not store.lease_held(k[0]):
+                        break  # that call failed or its process died: lead, unless answered
+                    delay = min(delay * 2, 0.1)
         finally:
-            if marked:
-                store.unmark_wait(sorted(marked), k[0], wait_id)
+            marks.clear()
 
     def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
@@ -976,14 +1015,16 @@ class SemanticCache(_Base):
                 return None
             tried.add(leader)
             store.land(k[1], k[0], owner)  # (following: other paraphrases follow that one)
-            with waiting_elsewhere(flight) as here:
+            marks = _WaitMarks(store, leader, seconds, flight)  # (its leader holds its lease)
+            cycle = False
+            try:
                 delay = 0.005
                 while True:
                     got = self._entry_answer(leader, k[1], vec, max_age)
                     if got is not None:
                         flight.answer_vec = got[1]
                         return got[0]
-                    if time.monotonic() >= deadline or here.joined_from_inside():
+                    if time.monotonic() >= deadline or (cycle := marks.cycle()):
                         break
                     if not store.flight_alive(k[1], leader, len(vec)):
                         got = self._entry_answer(leader, k[1], vec, max_age)
@@ -993,7 +1034,9 @@ class SemanticCache(_Base):
                         break  # ended without one: maybe another call of the burst flies
                     time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 0.1)
-            if here.joined_from_inside():
+            finally:
+                marks.clear()
+            if cycle:  # (that call waits on this one: lead)
                 store.fly(k[1], k[0], vec, seconds, owner)
                 return None
             others = store.flights(k[1], k[0], len(vec))
@@ -1714,40 +1757,27 @@ class AsyncSemanticCache(_Base):
             return await self._answer_of(k, max_age)
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + (seconds if wait_left is None else wait_left)
-        marked: frozenset[str] = frozenset()
         store: Any = self.store
-        wait_id = secrets.token_hex(4)
+        marks = _WaitMarks(store, k[0], seconds, flight)
         try:
             while True:
                 if await lease(k[0], token, max(seconds, 0.001)):
                     return await self._answer_of(k, max_age)
-                if (not marked and hasattr(store, "mark_wait")
-                        and (mine := leading_tokens())):
-                    marked = mine  # (see SemanticCache._lead)
-                    await store.mark_wait(sorted(mine), k[0],
-                                          max(seconds, _LEASE_UNBOUNDED), wait_id)
-                checked = -math.inf
                 delay = 0.005
-                with waiting_elsewhere(flight) as here:
-                    while True:
-                        if marked and time.monotonic() >= checked + _CYCLE_CHECK:
-                            checked = time.monotonic()
-                            if await store.waits_on(k[0], marked):
-                                return None
-                        if here.joined_from_inside():
-                            return None
-                        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                        answer = await self._answer_of(k, max_age)
-                        if answer is not None:
-                            return answer
-                        if time.monotonic() >= deadline:
-                            return None
-                        if not await store.lease_held(k[0]):
-                            break
-                        delay = min(delay * 2, 0.1)
+                while True:
+                    if await marks.acycle():
+                        return None
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    answer = await self._answer_of(k, max_age)
+                    if answer is not None:
+                        return answer
+                    if time.monotonic() >= deadline:
+                        return None
+                    if not await store.lease_held(k[0]):
+                        break
+                    delay = min(delay * 2, 0.1)
         finally:
-            if marked:
-                await store.unmark_wait(sorted(marked), k[0], wait_id)
+            await marks.aclear()
 
     async def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
@@ -1774,14 +1804,16 @@ class AsyncSemanticCache(_Base):
                 return None
             tried.add(leader)
             await store.land(k[1], k[0], owner)
-            with waiting_elsewhere(flight) as here:
+            marks = _WaitMarks(store, leader, seconds, flight)
+            cycle = False
+            try:
                 delay = 0.005
                 while True:
                     got = await self._entry_answer(leader, k[1], vec, max_age)
                     if got is not None:
                         flight.answer_vec = got[1]
                         return got[0]
-                    if time.monotonic() >= deadline or here.joined_from_inside():
+                    if time.monotonic() >= deadline or (cycle := await marks.acycle()):
                         break
                     if not await store.flight_alive(k[1], leader, len(vec)):
                         got = await self._entry_answer(leader, k[1], vec, max_age)
@@ -1791,7 +1823,9 @@ class AsyncSemanticCache(_Base):
                         break
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 0.1)
-            if here.joined_from_inside():
+            finally:
+                await marks.aclear()
+            if cycle:
                 await store.fly(k[1], k[0], vec, seconds, owner)
                 return None
             others = await store.flights(k[1], k[0], len(vec))

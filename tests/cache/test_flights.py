@@ -427,3 +427,70 @@ def test_pruning_keeps_a_field_replaced_meanwhile(valkey_server, ns):
     pruner.fly("s", 8, v2, 60, b"p" * 16)
     value = r.hget(pruner.fkey("s"), f"{7:016x}")
     assert value is not None and RedisStore.flight_owner(value) == b"n" * 16
+
+
+# Found by the third review (each failed on the code it reviewed).
+def test_agents_in_another_process_wait_for_the_tool_call_in_flight(valkey_server, ns):
+    """Process A calls tool(P0) (1 s). In process B three agent calls, each a @cached call,
+    call tool(P0) from inside: the first of them joins nothing across processes but waits
+    for A's lease, the others join it in-process. No cycle: one LLM call in all (a rule
+    that made any wait joined from inside call instead made 2)."""
+    a, b = caches(valkey_server.url, ns, 2)
+    calls: list[str] = []
+
+    def tool_of(cache: SemanticCache, tag: str) -> Any:
+        @cache.cached(wait=5.0, name="tool")
+        def tool(p: str) -> str:
+            calls.append(tag)
+            time.sleep(1.0)
+            return f"{tag}: {p}"
+        return tool
+
+    tool_a, tool_b = tool_of(a, "A"), tool_of(b, "B")
+
+    @b.cached(wait=5.0, name="agent")
+    def agent(q: str) -> str:
+        return tool_b(P0) + " | " + q
+
+    threads = [threading.Thread(target=tool_a, args=(P0,))]
+    threads += [threading.Thread(target=lambda i=i: (time.sleep(0.2), agent(
+        f"agent question number {i} about zebras {i * 7}"))) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert calls == ["A"]
+
+
+def test_registration_over_a_dead_field_in_a_busy_scope(valkey_server, ns):
+    """A call whose entry's field is dead (a call that outlived its wait) replaces it; the
+    WATCH that guards the replacement fails whenever any flight of the scope changes, so
+    in a busy scope none of 100 calls was registered."""
+    store = RedisStore.from_url(valkey_server.url, namespace=ns)
+    r = redis.Redis.from_url(valkey_server.url)
+    vec = np.zeros(64, np.float32)
+    vec[0] = 1
+    stop = threading.Event()
+
+    def churn() -> None:
+        other = redis.Redis.from_url(valkey_server.url)
+        while not stop.is_set():
+            other.pexpire(store.fkey("s"), 600_000)
+
+    th = threading.Thread(target=churn)
+    th.start()
+    registered = 0
+    try:
+        for i in range(100):
+            eid = 5000 + i
+            now = int(time.time() * 1000)
+            r.hset(store.fkey("s"), f"{eid:016x}",
+                   RedisStore.flight_value(vec, now - 2000, 1.0, b"x" * 16))
+            token = bytes([i]) * 16
+            store.fly("s", eid, vec, 60, token)
+            registered += RedisStore.flight_owner(
+                r.hget(store.fkey("s"), f"{eid:016x}")) == token
+    finally:
+        stop.set()
+        th.join()
+    assert registered == 100

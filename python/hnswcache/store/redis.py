@@ -1055,12 +1055,20 @@ class RedisStore(_Layout):
         key, field = self.fkey(scope_id), format_id(eid)
         try:
             res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
-            others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
-            fix = self.flight_fixes(key, res[2], dead, own, field, value, len(vector),
-                                   now)
-            if fix is not None:
-                self._if_unchanged(key, lambda p: p.hmget(key, fix[0]),
-                                   lambda vals: list(vals) == fix[1], fix[2])
+            flights = res[2]
+            others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            for _ in range(3):  # (the WATCH fails when any flight of the scope changes)
+                fix = self.flight_fixes(key, flights, dead, own, field, value, len(vector),
+                                        now)
+                if fix is None or self._if_unchanged(
+                        key, lambda p, f=fix[0]: p.hmget(key, f),  # type: ignore[misc]
+                        lambda v, e=fix[1]: list(v) == e, fix[2]):  # type: ignore[misc]
+                    break
+                flights = self.client.hgetall(key)
+                others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            else:  # a busy scope: our own field only, checked and set apart; no pruning
+                if self.parse_flight(self.client.hget(key, field), len(vector), now) is None:
+                    self.client.hset(key, field, value)
         except StoreError:
             return now, []
         except self._errors:  # (the WATCH of a fix)
@@ -1460,12 +1468,21 @@ class AsyncRedisStore(_Layout):
         try:
             res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value,
                                                                   seconds))
-            others, dead, own = self.parse_flights(res[2], eid, len(vector), now)
-            fix = self.flight_fixes(key, res[2], dead, own, field, value, len(vector),
-                                   now)
-            if fix is not None:
-                await self._if_unchanged(key, lambda p: p.hmget(key, fix[0]),
-                                         lambda vals: list(vals) == fix[1], fix[2])
+            flights = res[2]
+            others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            for _ in range(3):  # (see RedisStore.fly)
+                fix = self.flight_fixes(key, flights, dead, own, field, value, len(vector),
+                                        now)
+                if fix is None or await self._if_unchanged(
+                        key, lambda p, f=fix[0]: p.hmget(key, f),  # type: ignore[misc]
+                        lambda v, e=fix[1]: list(v) == e, fix[2]):  # type: ignore[misc]
+                    break
+                flights = await self.client.hgetall(key)
+                others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            else:
+                if self.parse_flight(await self.client.hget(key, field), len(vector),
+                                     now) is None:
+                    await self.client.hset(key, field, value)
         except StoreError:
             return now, []
         except self._errors:  # (the WATCH of a fix)
