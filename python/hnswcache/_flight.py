@@ -20,6 +20,7 @@ import contextvars
 import os
 import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,10 +42,10 @@ class Flight:
     waits_on: Flight | None = None
     # The token of the store lease its leader asks for (None: not asked yet).
     token: str | None = None
-    # The lease tokens of the calls that joined it from inside calls of theirs: they wait
-    # on its leader, so its leader's waits in the store are marked as theirs too (a wait
-    # cycle through processes is then seen from the marks, see cache.py's _lead).
-    inside_tokens: set[str] = field(default_factory=set)
+    # The lease tokens of the calls waiting on it from inside calls of theirs (a count per
+    # token: gathered tasks share their call's token): they wait on its leader, so its
+    # leader's waits in the store are marked as theirs too (see waiting_tokens).
+    inside_tokens: Counter[str] = field(default_factory=Counter)
     # The stored vector of the entry whose answer it hands over, when that entry is not
     # its own prompt's (a paraphrase's, answered in another process): each follower checks
     # its own prompt against it (a two-step match is no match).
@@ -75,19 +76,43 @@ def _would_cycle(f: Flight, mine: frozenset[Flight]) -> bool:
     return False
 
 
-def stop_waiting() -> None:
-    """The current context's wait on another flight is over."""
+def stop_waiting(joined: Flight | None = None) -> None:
+    """The current context's wait on another flight (``joined``) is over."""
     with _WAITS:
         for f in LEADING.get():
             f.waits_on = None
+        if joined is not None:
+            joined.inside_tokens.subtract(_tokens(LEADING.get()))
+            joined.inside_tokens += Counter()  # (drops counts down to 0)
+
+
+def _tokens(flights: frozenset[Flight]) -> list[str]:
+    return [t for g in flights if (t := g.token) is not None]
 
 
 def waiting_tokens(f: Flight | None) -> frozenset[str]:
     """The tokens a wait of the current context on another process's call is marked with:
-    the calls it leads, and those that joined ``f`` (the call it leads and waits for) from
-    inside theirs."""
+    the calls it leads (``f``, the call it waits for, among them), and every call waiting
+    on one of those in this process from inside a call of its own, and on through the
+    calls waiting on those: each of them waits, through this one, for the other process."""
+    mine = LEADING.get()
     with _WAITS:
-        return leading_tokens() | (frozenset(f.inside_tokens) if f is not None else frozenset())
+        by_token = {g.token: g for reg in list(_ALL) for flights in reg._by_scope.values()
+                    for g in flights if g.token is not None}
+        tokens = set(_tokens(mine))
+        todo = [*mine, *([f] if f is not None else [])]
+        seen: set[int] = set()
+        while todo:
+            g = todo.pop()
+            if id(g) in seen:
+                continue
+            seen.add(id(g))
+            for t in g.inside_tokens:
+                if t not in tokens:
+                    tokens.add(t)
+                    if t in by_token:
+                        todo.append(by_token[t])
+        return frozenset(tokens)
 
 
 def leading_tokens() -> frozenset[str]:
@@ -108,7 +133,8 @@ class Flights:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_scope: dict[str, list[Flight]] = {}
-        _ALL.add(self)
+        with _WAITS:  # (waiting_tokens walks every registry under it)
+            _ALL.add(self)
 
     def _forget_all(self) -> None:
         self._lock = threading.Lock()  # (another thread may have held it at the fork)
@@ -127,7 +153,7 @@ class Flights:
                                 and float(f.vec @ vec) >= threshold):
                 for led in mine:  # (so that no one waits on this context in a cycle)
                     led.waits_on = f
-                f.inside_tokens.update(t for g in mine if (t := g.token) is not None)
+                f.inside_tokens.update(_tokens(mine))
                 return f
         return None
 
@@ -159,7 +185,7 @@ class Flights:
 
     def finish(self, f: Flight, result: str | None) -> None:
         """End a flight; ``result`` is handed to its followers (``None``: they call)."""
-        with self._lock:
+        with self._lock, _WAITS:
             flights = self._by_scope.get(f.sid, [])
             if f in flights:
                 flights.remove(f)
@@ -178,6 +204,8 @@ _ALL: weakref.WeakSet[Flights] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _WAITS
+    _WAITS = threading.Lock()  # (another thread may have held it at the fork)
     for flights in list(_ALL):
         flights._forget_all()
 

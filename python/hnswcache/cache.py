@@ -170,12 +170,14 @@ class _WaitMarks:
         self.wait_id = secrets.token_hex(4)
         self.checked = -math.inf
 
-    def _new(self) -> frozenset[str]:
-        new = waiting_tokens(self.flight) - self.marked
+    def _changes(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The tokens to mark now and those to unmark (a joiner whose wait ended)."""
+        want = waiting_tokens(self.flight)
+        new, gone = want - self.marked, self.marked - want
         if new:
-            self.marked |= new
             self.checked = -math.inf  # (look at once)
-        return new
+        self.marked = want
+        return new, gone
 
     def _due(self) -> bool:
         if not self.marked or time.monotonic() < self.checked + _CYCLE_CHECK:
@@ -187,7 +189,10 @@ class _WaitMarks:
         """Whether the holder of ``eid``'s lease waits, through other calls, on ours."""
         if self.store is None:
             return False
-        if new := self._new():
+        new, gone = self._changes()
+        if gone:
+            self.store.unmark_wait(sorted(gone), self.eid, self.wait_id)
+        if new:
             self.store.mark_wait(sorted(new), self.eid, self.life, self.wait_id)
         return self._due() and bool(self.store.waits_on(self.eid, self.marked))
 
@@ -199,7 +204,10 @@ class _WaitMarks:
         """:meth:`cycle` on an async store."""
         if self.store is None:
             return False
-        if new := self._new():
+        new, gone = self._changes()
+        if gone:
+            await self.store.unmark_wait(sorted(gone), self.eid, self.wait_id)
+        if new:
             await self.store.mark_wait(sorted(new), self.eid, self.life, self.wait_id)
         return self._due() and bool(await self.store.waits_on(self.eid, self.marked))
 
@@ -1233,7 +1241,7 @@ class SemanticCache(_Base):
                     try:
                         got = flight.done.wait(limit)
                     finally:
-                        stop_waiting()
+                        stop_waiting(flight)
                     if got and flight.result is not None and _answers(flight, used[0],
                                                                       c.threshold):
                         c.stats.add("coalesced")
@@ -1991,7 +1999,7 @@ class AsyncSemanticCache(_Base):
                     except TimeoutError:
                         answer = None
                     finally:
-                        stop_waiting()
+                        stop_waiting(flight)
                     if answer is not None and _answers(flight, used[0], c.threshold):
                         c.stats.add("coalesced")
                         return answer

@@ -494,3 +494,129 @@ def test_registration_over_a_dead_field_in_a_busy_scope(valkey_server, ns):
         stop.set()
         th.join()
     assert registered == 100
+
+
+# Found by the fourth review (each failed on the code it reviewed).
+def test_no_cycle_through_a_chain_of_joins_from_inside(valkey_server, ns):
+    """B: E' holds E's lease and asks X inside (waits on A's X). A: X asks F inside, which
+    joins A's F; F asks E inside, which joins A's E; A's E waits on B's E lease. E's wait
+    must be marked with F's token and, through F's joiners, with X's: a chain of joins."""
+    a, b = caches(valkey_server.url, ns, 2)
+    t0 = time.monotonic()
+    done: dict[str, float] = {}
+
+    def make(cache: SemanticCache) -> Any:
+        @cache.cached(wait=3.0, name="f")
+        def f(p: str) -> str:
+            if cache is b and p == Q:
+                time.sleep(0.5)
+                f(U)
+            elif cache is a and p == U:
+                time.sleep(0.05)
+                f(W)
+            elif cache is a and p == W:
+                time.sleep(0.05)
+                f(Q)
+            else:
+                time.sleep(0.2)
+            return "answer to " + p
+        return f
+
+    fa, fb = make(a), make(b)
+
+    def go(tag: str, f: Any, p: str, delay: float) -> None:
+        time.sleep(delay)
+        f(p)
+        done[tag] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=go, args=args) for args in
+               (("B.E", fb, Q, 0.0), ("A.E", fa, Q, 0.1), ("A.F", fa, W, 0.2),
+                ("A.X", fa, U, 0.3))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert max(done.values()) < 2.0, done
+
+
+def test_no_cycle_through_a_lease_of_the_same_process(valkey_server, ns):
+    """One process: M holds M's lease and asks E inside; E holds E's lease and asks M
+    inside, which joins M. M's inner E may not join E in-process (the in-process check), so
+    it waits on E's lease, held by this process's E, which waits on M. The wait is marked
+    with the tokens of every call its context leads and their joiners: the cycle shows."""
+    (cache,) = caches(valkey_server.url, ns, 1)
+    t0 = time.monotonic()
+    done: dict[str, float] = {}
+    local = threading.local()
+
+    @cache.cached(wait=3.0, name="f")
+    def f(p: str) -> str:
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        try:
+            if p == U and depth == 0:
+                time.sleep(0.2)
+                f(Q)
+            elif p == Q and depth == 0:
+                time.sleep(0.05)
+                f(U)
+        finally:
+            local.depth = depth
+        return "answer to " + p
+
+    def go(tag: str, p: str, delay: float) -> None:
+        time.sleep(delay)
+        f(p)
+        done[tag] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=go, args=args) for args in
+               (("M", U, 0.0), ("E", Q, 0.05))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert max(done.values()) < 2.0, done
+
+
+def test_a_join_that_stopped_waiting_is_no_longer_marked(valkey_server, ns):
+    """A: F waits on B's F lease. A: X asks F inside under asyncio.wait_for(0.1): it joins
+    F, times out and goes on. B: F' then asks X inside: X waits on nothing, so this is no
+    cycle and X must be called once (a joiner's token kept after its wait made F' see a
+    cycle and call X again)."""
+    url = valkey_server.url
+    calls: list[str] = []
+
+    async def run() -> None:
+        a = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+        b = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns)
+
+        def make(cache: AsyncSemanticCache, tag: str) -> Any:
+            @cache.cached(wait=5.0, name="f")
+            async def f(p: str) -> str:
+                calls.append(f"{tag}: {p}")
+                if cache is b and p == W:
+                    await asyncio.sleep(0.4)
+                    await f(U)
+                elif cache is a and p == U:
+                    try:
+                        await asyncio.wait_for(f(W), 0.1)
+                    except TimeoutError:
+                        pass
+                    await asyncio.sleep(1.0)
+                else:
+                    await asyncio.sleep(0.2)
+                return "answer to " + p
+            return f
+
+        fa, fb = make(a, "A"), make(b, "B")
+
+        async def after(delay: float, coro: Any) -> Any:
+            await asyncio.sleep(delay)
+            return await coro
+
+        await asyncio.gather(after(0.0, fb(W)), after(0.1, fa(W)), after(0.2, fa(U)))
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+    assert sorted(calls) == [f"A: {U}", f"B: {W}"], calls
