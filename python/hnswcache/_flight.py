@@ -59,7 +59,7 @@ LEADING: contextvars.ContextVar[frozenset[Flight]] = contextvars.ContextVar(
 
 # Guards every waits_on link, whichever cache's registry the flights are in: a check for a
 # wait cycle and the link it allows are one step.
-_WAITS = threading.Lock()
+_WAITS = threading.RLock()  # (re-entrant: see Flights.__init__ and waiting_tokens)
 
 
 def _would_cycle(f: Flight, mine: frozenset[Flight]) -> bool:
@@ -97,22 +97,35 @@ def waiting_tokens(f: Flight | None) -> frozenset[str]:
     calls waiting on those: each of them waits, through this one, for the other process."""
     mine = LEADING.get()
     with _WAITS:
-        by_token = {g.token: g for reg in list(_ALL) for flights in reg._by_scope.values()
-                    for g in flights if g.token is not None}
-        tokens = set(_tokens(mine))
-        todo = [*mine, *([f] if f is not None else [])]
-        seen: set[int] = set()
-        while todo:
-            g = todo.pop()
-            if id(g) in seen:
+        for _ in range(3):
+            try:
+                return _closure(mine, f)
+            except RuntimeError:  # (changed under us by this very thread: see Flights)
                 continue
-            seen.add(id(g))
-            for t in g.inside_tokens:
-                if t not in tokens:
-                    tokens.add(t)
-                    if t in by_token:
-                        todo.append(by_token[t])
-        return frozenset(tokens)
+        return frozenset(_tokens(mine))
+
+
+def _closure(mine: frozenset[Flight], f: Flight | None) -> frozenset[str]:
+    tokens = set(_tokens(mine))
+    todo = [*mine, *([f] if f is not None else [])]
+    by_token: dict[str, Flight] | None = None  # (built only if a join is to be followed)
+    seen: set[int] = set()
+    while todo:
+        g = todo.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        for t in list(g.inside_tokens):
+            if t in tokens:
+                continue
+            tokens.add(t)
+            if by_token is None:
+                by_token = {x.token: x for reg in list(_ALL)
+                            for flights in list(reg._by_scope.values())
+                            for x in list(flights) if x.token is not None}
+            if t in by_token:
+                todo.append(by_token[t])
+    return frozenset(tokens)
 
 
 def leading_tokens() -> frozenset[str]:
@@ -131,13 +144,16 @@ class Flights:
     """The calls in progress of one cache, by scope."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # (re-entrant, as _WAITS: a coroutine abandoned with a call in progress ends,
+        # its finally included, when the garbage collector finds it, which can be in the
+        # middle of this thread's own join or finish)
+        self._lock = threading.RLock()
         self._by_scope: dict[str, list[Flight]] = {}
         with _WAITS:  # (waiting_tokens walks every registry under it)
             _ALL.add(self)
 
     def _forget_all(self) -> None:
-        self._lock = threading.Lock()  # (another thread may have held it at the fork)
+        self._lock = threading.RLock()  # (another thread may have held it at the fork)
         self._by_scope = {}
 
 
@@ -205,7 +221,7 @@ _ALL: weakref.WeakSet[Flights] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     global _WAITS
-    _WAITS = threading.Lock()  # (another thread may have held it at the fork)
+    _WAITS = threading.RLock()  # (another thread may have held it at the fork)
     for flights in list(_ALL):
         flights._forget_all()
 

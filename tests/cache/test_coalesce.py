@@ -521,3 +521,28 @@ def test_a_cycle_through_one_of_two_gathered_calls_is_seen(valkey_server: Any, n
         t.join(wait + 5)
     assert set(done) == {"A", "B", "C"}
     assert max(done.values()) < wait / 2, done
+
+
+def test_flight_locks_are_reentrant_for_finalizers() -> None:
+    """A coroutine abandoned in the middle of a call runs its ``finally`` (which ends its
+    wait, or its flight) when the garbage collector finds it, and that can happen inside
+    this very thread's own join, finish or look at the waits: the locks must let the same
+    thread in again (they did not: the thread deadlocked, found in review)."""
+    from hnswcache import _flight
+
+    reg = _flight.Flights()
+    f, leads = reg.join(1, "s", None, 0.9)
+    assert leads
+
+    def finalizer_inside_the_locks() -> None:
+        with _flight._WAITS:
+            _flight.stop_waiting(f)
+            assert _flight.waiting_tokens(f) == frozenset()
+        with reg._lock:
+            reg.finish(f, None)
+
+    th = threading.Thread(target=finalizer_inside_the_locks, daemon=True)
+    th.start()
+    th.join(5)
+    assert not th.is_alive()
+    assert f.done.is_set()
