@@ -168,9 +168,6 @@ class Stats:
         if threshold - NEAR_MISS_BAND <= nearest < threshold:
             self.counts["near_misses"] += 1
 
-    def latency(self, seconds: float) -> None:
-        self.lookup_time.add(seconds)
-
     def snapshot(self, entries: int) -> dict[str, Any]:
         c: dict[str, Any] = dict(self.counts)
         hits = c["hits_exact"] + c["hits_semantic"]

@@ -387,6 +387,14 @@ class _Base:
         log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                     self._snapshot_dir, exc)
 
+    def _follows_paraphrases(self, vec: Any, limit: float | None) -> bool:
+        """Whether a leading @cached call looks for paraphrases in flight in other processes
+        (and registers its own): a store that keeps flights, an embedding, some time to
+        wait, and not from inside another call (it holds what others may wait for)."""
+        store = getattr(self, "store", None)  # (each shell's, sync or async)
+        return (hasattr(store, "fly") and vec is not None and not leading_tokens()
+                and (limit is None or limit > 0))
+
     def _snapshot_due(self) -> bool:
         """Whether to start a periodic snapshot now; called where the replica just changed
         (so an idle replica, whose last snapshot is still current, writes none). Claims it:
@@ -940,7 +948,7 @@ class SemanticCache(_Base):
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))
-            c.stats.latency(time.perf_counter() - t0)
+            c.stats.lookup_time.add(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
         self._core.stats.add("misses", out.count(None))
@@ -1249,10 +1257,7 @@ class SemanticCache(_Base):
                     return call()
                 token = secrets.token_hex(16)
                 flight.token = token
-                # Paraphrases across processes: not from inside another call (it holds
-                # what others may wait for: a cycle), nor with no time to wait.
-                fly = (hasattr(self.store, "fly") and used[0] is not None
-                       and not leading_tokens() and (limit is None or limit > 0))
+                fly = self._follows_paraphrases(used[0], limit)
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 t0 = time.monotonic()
@@ -1740,7 +1745,7 @@ class AsyncSemanticCache(_Base):
             return self._misses(out)
         finally:
             c.stats.add("lookups", len(prompts))
-            c.stats.latency(time.perf_counter() - t0)
+            c.stats.lookup_time.add(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
         self._core.stats.add("misses", out.count(None))
@@ -2006,8 +2011,7 @@ class AsyncSemanticCache(_Base):
                     return await call()
                 token = secrets.token_hex(16)
                 flight.token = token
-                fly = (hasattr(self.store, "fly") and used[0] is not None  # (as the sync one)
-                       and not leading_tokens() and (limit is None or limit > 0))
+                fly = self._follows_paraphrases(used[0], limit)
                 ctx = LEADING.set(LEADING.get() | {flight})
                 result = None
                 t0 = time.monotonic()

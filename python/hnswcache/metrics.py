@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ._cache_core import _MISS_BUCKET, _MISS_BUCKETS, Stats, Window
 
 #: Media type of the text this module writes (the Prometheus text format 0.0.4).
@@ -74,8 +76,6 @@ class _Writer:
 
 
 def _summary(w: _Writer, name: str, text: str, ns: str, window: Window) -> None:
-    import numpy as np
-
     w.family(name, "summary", text)
     recent = window.recent()
     for q in (0.5, 0.9, 0.99):

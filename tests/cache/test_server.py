@@ -673,18 +673,16 @@ def _scope_of(fn: Any) -> dict[str, str]:
     return {"_fn": f"{fn.__module__}.{fn.__qualname__}"}
 
 
-def test_cached_misses_coalesce_across_processes(
-    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
-) -> None:
-    log = tmp_path / "calls"
+def _one_call_for_a_burst(url: str, ns: str, prompts: list[str], log: Path) -> None:
+    """One worker process per prompt, all missing within milliseconds of each other: one
+    LLM call in all, its answer for everyone, the other two coalesced."""
     procs = [subprocess.Popen(
-        [sys.executable, WORKER, "llm", valkey_server.url, ns, "what is the boiling point",
-         "2", "30", str(log)],
+        [sys.executable, WORKER, "llm", url, ns, p, "2", "30", str(log)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
-    ) for _ in range(3)]
+    ) for p in prompts]
     for p in procs:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    for p in procs:  # all three miss within milliseconds of each other
+    for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
@@ -696,6 +694,13 @@ def test_cached_misses_coalesce_across_processes(
     coalesced = [int(line.split()[1]) for o in outs for line in o.splitlines()
                  if line.startswith("coalesced")]
     assert sorted(coalesced) == [0, 1, 1], outs
+
+
+def test_cached_misses_coalesce_across_processes(
+    valkey_server: EmbeddedServer, ns: str, tmp_path: Path
+) -> None:
+    _one_call_for_a_burst(valkey_server.url, ns, ["what is the boiling point"] * 3,
+                          tmp_path / "calls")
 
 
 def test_a_process_that_dies_while_calling_holds_the_others_only_until_its_lease_ends(
@@ -1061,30 +1066,12 @@ def test_cached_paraphrases_coalesce_across_processes(
     """Three processes miss on three paraphrases of one question at once (different
     prompts, so different entries and leases, within the threshold of each other): one LLM
     call, through the scope's flights; the others wait for its answer."""
-    log = tmp_path / "calls"
     prompts = ["what is the boiling point of water at sea level",
                "what is the boiling point of water at sea level please",
                "please what is the boiling point of water at sea level"]
-    procs = [subprocess.Popen(
-        [sys.executable, WORKER, "llm", valkey_server.url, ns, p, "2", "30", str(log)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
-    ) for p in prompts]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    for p in procs:  # all three miss within milliseconds of each other
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    outs = [p.communicate(timeout=60)[0] for p in procs]
-    callers = log.read_text().split()
-    assert len(callers) == 1, (callers, outs)
-    answers = {line for o in outs for line in o.splitlines() if line.startswith("answer")}
-    assert answers == {f"answer answer from {callers[0]}"}, outs
-    coalesced = sorted(int(line.split()[1]) for o in outs for line in o.splitlines()
-                       if line.startswith("coalesced"))
-    assert coalesced == [0, 1, 1], outs
-    flights = redis.Redis.from_url(valkey_server.url).keys(f"hc:{{{ns}}}:flight:*")
-    assert all(not redis.Redis.from_url(valkey_server.url).hlen(f) for f in flights)
+    _one_call_for_a_burst(valkey_server.url, ns, prompts, tmp_path / "calls")
+    r = redis.Redis.from_url(valkey_server.url)
+    assert all(not r.hlen(f) for f in r.keys(f"hc:{{{ns}}}:flight:*"))  # all landed
 
 
 def test_a_paraphrase_flight_whose_process_died_is_waited_for_only_until_its_deadline(

@@ -653,14 +653,6 @@ def test_async_periodic_snapshot(valkey_server, ns, tmp_path):
     asyncio.run(run())
 
 
-def _fill_rows(cache: SemanticCache, n: int, dim: int = 64) -> np.ndarray:
-    vecs = np.random.default_rng(21).standard_normal((n, dim)).astype(np.float32)
-    for s in range(0, n, 1000):
-        cache.set_many([(f"r{i}", "x") for i in range(s, min(n, s + 1000))],
-                       embeddings=vecs[s:s + 1000])
-    return vecs
-
-
 _EXIT_DURING_SAVE = """
 import sys, threading, time
 from pathlib import Path
