@@ -11,12 +11,15 @@ latency during it: ``max`` is the longest wait.
 
 With ``--cache`` it does the same one level up: a ``SemanticCache`` of ``--n`` entries on
 a private valkey-server (the ``server`` extra) saves a snapshot (``save_snapshot()``, what
-a periodic snapshot runs) in a thread while the main thread calls ``get``.
+a periodic snapshot runs) in a thread while the main thread calls ``get``: first alone,
+then while another process writes an entry every 5 ms, so that lookups apply its changes
+(which waited for the whole save until the fifth session of 2026-12-05).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import tempfile
 import threading
 import time
@@ -91,13 +94,47 @@ def bench_cache_snapshot(base: np.ndarray, queries: np.ndarray, rounds: int) -> 
                            embeddings=base[s:s + 1000])
         cache.sync()  # (its own writes, read back from the log: not part of any save)
         print(f"cache: {len(cache)} entries on valkey (unix socket)")
+
+        def lookup(i: int) -> None:
+            cache.get(f"query {i}", embedding=queries[i % len(queries)])
+
         for _ in range(rounds):
-            secs, lat = during(cache.save_snapshot,
-                               lambda i: cache.get(f"query {i}",
-                                                   embedding=queries[i % len(queries)])
-                               and None)
+            secs, lat = during(cache.save_snapshot, lookup)
             report("SemanticCache.save_snapshot", secs, lat)
+        ctx = mp.get_context("spawn")
+        stop, ready = ctx.Event(), ctx.Event()
+        writer = ctx.Process(target=write_every_5ms, args=(srv.unix_url, queries, ready, stop))
+        writer.start()
+        try:
+            if not ready.wait(300):  # (its warm start: ~10 s per 100k entries)
+                raise RuntimeError("the writing process did not start")
+            for _ in range(rounds):
+                secs, lat = during(cache.save_snapshot, lookup)
+                report("  the same while another process writes", secs, lat)
+                secs, lat = during(lambda: time.sleep(0.4), lookup)
+                report("  the writes and no save (0.4 s of lookups)", secs, lat)
+        finally:
+            stop.set()
+            writer.join()
         cache.close()
+
+
+def write_every_5ms(url: str, queries: np.ndarray, ready: object, stop: object) -> None:
+    """Another process's writes: one new entry every 5 ms until ``stop`` is set (``ready``
+    once the first is written)."""
+    from hnswcache import SemanticCache
+
+    def no_embedder(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("the benchmark passes precomputed embeddings")
+
+    w = SemanticCache(no_embedder, store=url, namespace="stall", snapshot_interval=None)
+    i = 0
+    while not stop.is_set():  # type: ignore[attr-defined]
+        w.set(f"written {i}", "y", embedding=queries[i % len(queries)])
+        i += 1
+        ready.set()  # type: ignore[attr-defined]
+        time.sleep(0.005)
+    w.close()
 
 
 if __name__ == "__main__":

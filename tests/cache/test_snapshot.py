@@ -834,3 +834,121 @@ def test_async_close_after_the_snapshot_task_was_cancelled(valkey_server, ns, tm
     c.sync()
     assert c.stats()["warm_start"]["source"] == "snapshot" and len(c) == 2
     c.close()
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1], [3, 0, 2], [snapshot._CHUNK - 1],
+                                   [snapshot._CHUNK], [2 * snapshot._CHUNK + 5, 7]])
+def test_manifest_written_in_pieces_is_the_same_json(sizes):
+    # The manifest is encoded piece by piece (the GIL is yielded between pieces); the text
+    # must be what one json.dumps gives, at every piece boundary.
+    rng = np.random.default_rng(len(sizes))
+    scopes = [{"sid": f"{i:016x}", "file": f"scope-{i:016x}-0000abcd.hci",
+               "ids": [int(x) for x in rng.integers(0, 2**63, n)],
+               "versions": [f"v{x:x}\"\\é" for x in rng.integers(0, 2**40, n)]}
+              for i, n in enumerate(sizes)]
+    manifest = {"format": snapshot.FORMAT, "namespace": "n\u00e9\"s", "dim": 384,
+                "index": {"M": 16}, "position": "1-0", "written": 1.5, "scopes": scopes}
+    text = "".join(snapshot._json_chunks(manifest))
+    assert text == json.dumps(manifest, separators=(",", ":"))
+    assert json.loads(text) == manifest
+
+
+def _held_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make every index save wait (once inside it) until the returned ``release`` is set;
+    ``entered`` is set when one starts."""
+    from hnswcache.index import Index
+
+    entered, release = threading.Event(), threading.Event()
+    real = Index.save
+
+    def held(self: Index, path: Any) -> None:
+        entered.set()
+        assert release.wait(60)
+        real(self, path)
+
+    monkeypatch.setattr(Index, "save", held)
+    return entered, release
+
+
+def _changes_by_another(url: str, ns: str, vecs: np.ndarray) -> None:
+    w = SemanticCache(store=url, namespace=ns, snapshot_interval=None)
+    w.set_many([(f"r{i}", f"a{i}") for i in range(20, 30)], embeddings=vecs[20:30])
+    assert w.delete(w.get("r3", embedding=vecs[3]).key)  # type: ignore[union-attr]
+    w.set("r4", "new 4", embedding=vecs[4])
+    w.close()
+
+
+def _restart_sees_every_change(url: str, ns: str, snap: Path, vecs: np.ndarray) -> None:
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "snapshot" and len(b) == 29
+    got = {i: b.get(f"q{i}", embedding=vecs[i]) for i in (3, 4, 5, 25)}
+    assert got[3] is None
+    assert [got[i].response for i in (4, 5, 25)] == ["new 4", "a5", "a25"]  # type: ignore[union-attr]
+    b.close()
+
+
+def test_lookups_apply_changes_while_a_snapshot_is_written(valkey_server, ns, tmp_path,
+                                                           monkeypatch):
+    """A snapshot holds the cache's lock only to copy the entry list and log position: a
+    lookup that applies other processes' changes goes on while the index files are written
+    (it waited for the whole save, ~0.3 s per 100k entries). What it applied meanwhile is in
+    the log after the saved position, so a restart from that snapshot sees it all."""
+    rng = np.random.default_rng(13)
+    vecs = rng.standard_normal((30, 16)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    a.set_many([(f"r{i}", f"a{i}") for i in range(20)], embeddings=vecs[:20])
+    entered, release = _held_saves(monkeypatch)
+    saver = threading.Thread(target=a.save_snapshot)
+    try:
+        saver.start()
+        assert entered.wait(10)
+        _changes_by_another(url, ns, vecs)
+        got: dict[int, Any] = {}
+        look = threading.Thread(target=lambda: got.update(
+            {i: a.get(f"q{i}", embedding=vecs[i]) for i in (3, 4, 25)}))
+        look.start()
+        look.join(20)
+        assert not look.is_alive(), "the lookup waited for the save"
+        assert got[3] is None and got[4].response == "new 4" and got[25].response == "a25"
+    finally:
+        release.set()
+        saver.join(60)
+    monkeypatch.undo()
+    assert a.stats()["snapshots_saved"] == 1
+    a._closed = True  # (killed: no snapshot on close)
+    a.store.close()
+    _restart_sees_every_change(url, ns, snap, vecs)
+
+
+def test_async_lookups_apply_changes_while_a_snapshot_is_written(valkey_server, ns, tmp_path,
+                                                                 monkeypatch):
+    """The async twin of the test above."""
+    rng = np.random.default_rng(14)
+    vecs = rng.standard_normal((30, 16)).astype(np.float32)
+    url, snap = valkey_server.url, tmp_path / "snap"
+    entered, release = _held_saves(monkeypatch)
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=snap,
+                               snapshot_interval=None)
+        await a.set_many([(f"r{i}", f"a{i}") for i in range(20)], embeddings=vecs[:20])
+        saver = asyncio.create_task(a.save_snapshot())
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            await asyncio.to_thread(_changes_by_another, url, ns, vecs)
+            got = {i: await asyncio.wait_for(a.get(f"q{i}", embedding=vecs[i]), 20)
+                   for i in (3, 4, 25)}
+            assert got[3] is None and got[4].response == "new 4"  # type: ignore[union-attr]
+            assert got[25].response == "a25"  # type: ignore[union-attr]
+        finally:
+            release.set()
+            assert await saver is True
+        assert a.stats()["snapshots_saved"] == 1
+        a._closed = True  # (killed: no snapshot on close)
+        await a.store.close()
+
+    asyncio.run(run())
+    monkeypatch.undo()
+    _restart_sees_every_change(url, ns, snap, vecs)
