@@ -12,7 +12,7 @@ __all__ = ["Index", "NEVER", "__version__"]
 
 def __getattr__(name: str) -> Any:
     # The cache layer pulls in optional dependencies (redis): import it only when asked.
-    if name in ("SemanticCache", "AsyncSemanticCache", "Hit", "Lookup"):
+    if name in ("SemanticCache", "AsyncSemanticCache", "Hit", "Lookup", "same_text"):
         from . import cache
 
         return getattr(cache, name)

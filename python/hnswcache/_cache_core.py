@@ -26,6 +26,7 @@ from .embed import embedder_dim, embedder_name
 from .index import Index, check_search_starts
 from .store.base import (
     MAX_TTL,
+    MAX_VERDICTS,
     Fetched,
     Invalid,
     LogBatch,
@@ -34,6 +35,7 @@ from .store.base import (
     entry_id,
     format_id,
     normalize_prompt,
+    parse_id,
     scope_key,
 )
 
@@ -69,6 +71,8 @@ class Hit:
         expires_at: when it expires (cache clock), or ``None`` for never.
         metadata: what was stored with it.
         scope: the scope it belongs to.
+        version: the entry's write token (each write of an entry gets a new one): what
+            :meth:`SemanticCache.feedback` judges is this answer, not a later one.
     """
 
     response: str
@@ -80,6 +84,7 @@ class Hit:
     expires_at: float | None
     metadata: dict[str, Any] = field(default_factory=dict)
     scope: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
@@ -120,6 +125,15 @@ _MISS_BUCKET = 0.05
 _MISS_BUCKETS = 20
 
 
+def _position(value: str) -> tuple[int, int] | None:
+    """A change-log position ``"<ms>-<seq>"`` as a comparable pair."""
+    ms, _, seq = value.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
 class Window:
     """The last ``_LATENCY_WINDOW`` durations (seconds) of something timed, and the count
     and sum of all of them."""
@@ -149,7 +163,7 @@ class Stats:
             ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
              "sync_events", "resyncs", "coalesced", "too_old", "near_misses",
-             "snapshots_saved"), 0)
+             "snapshots_saved", "verdicts_right", "verdicts_wrong", "hits_learned"), 0)
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
@@ -195,9 +209,21 @@ class CacheCore:
         strict: bool, clock: Clock | None, sync_interval: float, candidates: int,
         M: int, ef_construction: int, ef_search: int, dtype: str = "float32",
         search_starts: int = 2, ttl_jitter: float = 0.0, alpha: float | None = None,
+        learn_floor: float | None = None, learn_after: int = 3,
     ) -> None:
         self.embedder = embedder
         self.threshold = self.check_threshold(threshold)
+        if learn_floor is not None:
+            learn_floor = self.check_threshold(learn_floor)
+            if learn_floor > self.threshold:
+                raise ValueError(f"learn_floor ({learn_floor}) is the lowest threshold an "
+                                 f"entry may learn: at most threshold ({self.threshold})")
+        self.learn_floor = learn_floor
+        if isinstance(learn_after, bool) or not isinstance(learn_after, int) or \
+                not 1 <= learn_after < MAX_VERDICTS:
+            raise ValueError(f"learn_after must be an integer in [1, {MAX_VERDICTS - 1}], "
+                             f"got {learn_after!r}")
+        self.learn_after = learn_after
         self.ttl = self.check_ttl(ttl)
         if max_entries is not None and (not isinstance(max_entries, int) or max_entries < 1):
             raise ValueError(f"max_entries must be a positive integer or None, got {max_entries!r}")
@@ -544,6 +570,18 @@ class CacheCore:
             self.own_positions.pop(pos, None)
         return list(ids)
 
+    def applied_past(self, positions: Sequence[str]) -> bool:
+        """Whether the replica has applied the log past every one of ``positions`` (those
+        of a write of this process): another thread read them before this write's local
+        apply, as others' changes, and reconciled their entries to the store's state, which
+        may already be a newer write than this one's. The local apply must then be skipped,
+        or it would put this write's vectors back (and a snapshot could keep them)."""
+        if self.position is None or not positions:
+            return False
+        here = _position(self.position)
+        return here is not None and all((q := _position(p)) is not None and q <= here
+                                        for p in positions)
+
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""
         if len(self.own_positions) > _OWN_POSITIONS_MAX:
@@ -601,6 +639,69 @@ class CacheCore:
         return sum(len(i) for i in self.indexes.values())
 
     # ------------------------------------------------------------------ decisions
+    def entry_threshold(self, rec: Record, threshold: float) -> float:
+        """The similarity at or above which ``rec`` answers, given the lookup's threshold
+        and the verdicts on its answer (``docs/cache.md``, "Verdicts"):
+
+        - never at or below a similarity where its answer was judged wrong;
+        - with ``learn_floor`` set and the cache's own threshold, down to the similarity
+          ``s`` at or below which its answer was judged right ``learn_after`` times (with
+          none wrong at or above them): each of those questions was farther from it than
+          one at ``s``, and its answer was still right; never below ``learn_floor``."""
+        if not rec.verdicts:
+            return threshold
+        wrong = max((s for s, ok in rec.verdicts if not ok), default=-math.inf)
+        t = threshold
+        if self.learn_floor is not None and threshold == self.threshold:
+            rights = sorted(s for s, ok in rec.verdicts if ok and s > wrong)
+            if len(rights) >= self.learn_after:
+                t = min(t, max(self.learn_floor, rights[self.learn_after - 1]))
+        return t if wrong < t else math.nextafter(wrong, math.inf)
+
+    @staticmethod
+    def verdict_of(hit: Hit, correct: bool) -> tuple[int, tuple[float, bool]]:
+        """The entry id and the verdict of a :meth:`SemanticCache.feedback` call."""
+        if not isinstance(hit, Hit):
+            raise TypeError(f"feedback judges a Hit, got {type(hit).__name__}")
+        if not isinstance(correct, bool):
+            raise TypeError(f"correct must be a bool, got {type(correct).__name__}")
+        eid = parse_id(hit.key)
+        if eid is None or not hit.version:
+            raise ValueError("feedback needs a Hit returned by a cache lookup")
+        sim = float(hit.similarity)
+        if not -1.0 <= sim <= 1.0:  # (NaN too)
+            raise ValueError(f"the hit's similarity is not in [-1, 1]: {hit.similarity!r}")
+        return eid, (sim, correct)
+
+    def learn_target(
+        self, cands: Sequence[tuple[int, float]], fetched: Mapping[int, Fetched],
+        vec: npt.NDArray[np.float32], sid: str, now: float,
+    ) -> tuple[Record, float] | None:
+        """Of the entries a missed prompt was searched near (``cands``, their records in
+        ``fetched``), the nearest one if it lies in the band where verdicts teach: at or
+        above ``learn_floor`` and below its own threshold. ``(record, similarity)``."""
+        if self.learn_floor is None:
+            return None
+        best: tuple[Record, float] | None = None
+        for eid, _ in cands:
+            rec = self.usable(fetched.get(eid), now)
+            if rec is None or rec.scope_id != sid:
+                continue
+            sim = min(1.0, float(rec.vector @ vec))
+            if best is None or sim > best[1]:
+                best = (rec, sim)
+        if best is None:
+            return None
+        rec, sim = best
+        return best if self.learn_floor <= sim < self.entry_threshold(rec, self.threshold) \
+            else None
+
+    def lowest_threshold(self, threshold: float) -> float:
+        """The lowest threshold any entry may answer at in a lookup with ``threshold``."""
+        if self.learn_floor is not None and threshold == self.threshold:
+            return self.learn_floor
+        return threshold
+
     def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float) -> Hit:
         self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
         with self._pending:
@@ -621,7 +722,7 @@ class CacheCore:
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
         return Hit(rec.response, tier, sim, rec.prompt, format_id(rec.id),
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
-                   rec.metadata, rec.scope)
+                   rec.metadata, rec.scope, rec.version)
 
     def expired_seen(self, rec: Record) -> None:
         """Count an expired entry a lookup found: each written version once (lookups of it
@@ -652,6 +753,8 @@ class CacheCore:
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
             return None
+        if rec.verdicts and self.entry_threshold(rec, 1.0) > 1.0:
+            return None  # its answer was judged wrong for its own prompt
         if now - rec.created > max_age:
             self.stats.add("too_old")  # kept: a later read without max_age may use it
             return None
@@ -675,9 +778,9 @@ class CacheCore:
         if nearest is not None:
             nearest.extend((1.0 - d[0], lab[0]) if lab[0] >= 0 else (math.nan, -1)
                            for lab, d in zip(lab_rows, dist_rows))
-        # Best first; distance is 1 - similarity, so keep distances <= 1 - threshold + slack.
-        # (Padding has label -1 and distance inf.)
-        top = 1.0 - threshold + self.slack
+        # Best first; distance is 1 - similarity, so keep distances <= 1 - threshold + slack
+        # (the lowest threshold an entry may have learned). (Padding: label -1, distance inf.)
+        top = 1.0 - self.lowest_threshold(threshold) + self.slack
         return [[(lab, 1.0 - d) for lab, d in zip(lab_row, dist_row) if d <= top]
                 for lab_row, dist_row in zip(lab_rows, dist_rows)]
 
@@ -775,8 +878,9 @@ class CacheCore:
             w = self.where.get(eid)
             if w is None or w[1] != rec.version or w[0] != sid:
                 self.add_records([rec])
-            sim = float(rec.vector @ vec)  # authoritative: the stored vector
-            if sim >= threshold and (best is None or sim > best[0]):
+            sim = min(1.0, float(rec.vector @ vec))  # authoritative: the stored vector
+            if sim >= (threshold if not rec.verdicts else self.entry_threshold(rec, threshold)) \
+                    and (best is None or sim > best[0]):
                 if now - rec.created > max_age:
                     old = True  # a match, but too old for this read: not a hit, not stale
                     continue
@@ -787,7 +891,9 @@ class CacheCore:
             if old:
                 self.stats.add("too_old")
             return None
-        return self.hit(best[1], "semantic", min(1.0, best[0]), now)
+        if best[0] < threshold:
+            self.stats.add("hits_learned")
+        return self.hit(best[1], "semantic", best[0], now)
 
     @staticmethod
     def flight_leader(others: Sequence[tuple[int, int, Any]], start: int, eid: int,

@@ -60,12 +60,14 @@ from .store.base import (
     Store,
     StoreError,
     format_id,
+    normalize_prompt,
     parse_id,
     scope_key,
     validate_namespace,
 )
 
-__all__ = ["AsyncSemanticCache", "DEFAULT_THRESHOLD", "Hit", "Lookup", "SemanticCache"]
+__all__ = ["AsyncSemanticCache", "DEFAULT_THRESHOLD", "Hit", "Lookup", "SemanticCache",
+           "same_text"]
 
 log = logging.getLogger("hnswcache.cache")
 
@@ -216,6 +218,40 @@ class _WaitMarks:
             await self.store.unmark_wait(sorted(self.marked), self.eid, self.wait_id)
 
 
+def same_text(new: str, cached: str) -> bool:
+    """The default judge of ``@cached`` (see ``learn_floor``): the new answer is the cached
+    one up to case and whitespace. Strict: an answer in other words is judged wrong, which
+    never lowers an entry's threshold (pass a judge that compares meaning to learn more)."""
+    return normalize_prompt(new) == normalize_prompt(cached)
+
+
+def _verdict(value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"a judge returns a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+async def _to_thread_to_the_end(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread, awaited until it ends even if the caller is
+    cancelled meanwhile (the cancellation is raised then): a caller that returned at once
+    would release the cache's locks while the thread still changes the replica or writes
+    a snapshot."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        if not fut.cancelled():
+            fut.exception()  # (retrieved: the caller is gone, its error with it)
+        raise asyncio.CancelledError
+    return fut.result()
+
+
 def _answers(flight: Flight, vec: Any, threshold: float) -> bool:
     """Whether ``flight``'s answer answers a follower whose prompt embeds to ``vec``: always
     when it is the answer to the flight's own prompt, which the follower matched; when it
@@ -285,6 +321,7 @@ class _Base:
         namespace: str, strict: bool, clock: Clock | None, sync_interval: float,
         candidates: int, M: int, ef_construction: int, ef_search: int, dtype: str,
         search_starts: int, ttl_jitter: float = 0.0, alpha: float | None = None,
+        learn_floor: float | None = None, learn_after: int = 3,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         self._core = CacheCore(
@@ -292,6 +329,7 @@ class _Base:
             strict=strict, clock=clock, sync_interval=sync_interval, candidates=candidates,
             M=M, ef_construction=ef_construction, ef_search=ef_search, dtype=dtype,
             search_starts=search_starts, ttl_jitter=ttl_jitter, alpha=alpha,
+            learn_floor=learn_floor, learn_after=learn_after,
         )
         self._server: Any = None  # the embedded server this process owns, if any
         self._data_dir: Path | None = None  # where the embedded server keeps its data
@@ -353,6 +391,10 @@ class _Base:
         self._snapshot_every = None if interval is None else float(interval)
         self._snapshot_next = time.monotonic() + (self._snapshot_every or 0.0)
         self._snapshot_saving = False  # a periodic snapshot is being written
+        # Saves copy the replica under the cache's lock and write it under the save lock:
+        # each copy is numbered, so an older copy never replaces a newer one's snapshot.
+        self._copies_taken = 0
+        self._copy_written = 0
         self._snapshot_dir: Path | None = None
         if snapshot_dir is None and self._data_dir is None:
             return
@@ -413,6 +455,13 @@ class _Base:
         self._snapshot_next = t + self._snapshot_every
         self._snapshot_saving = True
         return True
+
+    def _copy(self, position: str | None
+              ) -> tuple[int, str | None, dict[int, tuple[str, str]]]:
+        """What a snapshot saves, numbered: the entry list at the log ``position`` (the
+        caller holds the cache's lock, so no log batch is applied between the two)."""
+        self._copies_taken += 1
+        return self._copies_taken, position, dict(self._core.where)
 
     def _snapshot_saved(self) -> None:
         self._core.stats.add("snapshots_saved")
@@ -531,10 +580,17 @@ class SemanticCache(_Base):
         snapshot_interval: seconds between two snapshots while the replica changes
             (default 300; ``None``: only the snapshots above). Due at the first change
             after the interval, it is written in the background (a thread; a task of the
-            async cache) while lookups go on; writes, and lookups that bring other
-            processes' changes, wait for it (~0.3 s per 100k entries). A process killed
+            async cache) while lookups and writes go on (an insert waits while the save
+            copies its scope's graph, ~20 ms per 100k entries). A process killed
             without :meth:`close` then restarts from a snapshot at most about one
             interval (plus the changes since) old. Unused without a snapshot folder.
+        learn_floor: let each entry learn its own threshold, down to this similarity
+            (``None``, the default: every entry answers at ``threshold``). An entry
+            answers below ``threshold`` once its answer was judged right ``learn_after``
+            times for prompts at that similarity or farther, and none wrong at or above
+            them; verdicts come from ``@cached(judge=...)`` on misses near an entry and
+            from :meth:`feedback`. Verdicts that an answer was wrong apply without it.
+        learn_after: right verdicts an entry needs to answer below ``threshold``.
     """
 
     def __init__(
@@ -561,10 +617,12 @@ class SemanticCache(_Base):
         alpha: float | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
         snapshot_interval: float | None = DEFAULT_SNAPSHOT_INTERVAL,
+        learn_floor: float | None = None,
+        learn_after: int = 3,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
-                    search_starts, ttl_jitter, alpha)
+                    search_starts, ttl_jitter, alpha, learn_floor, learn_after)
         self._lock = threading.RLock()
         self._owns_store = not _is_store(store)
         if store is None:
@@ -662,9 +720,8 @@ class SemanticCache(_Base):
         c = self._core
         position, c.position = c.position, None
         try:
-            with self._save_mu:
-                _snapshot.save(c, cast(Path, self._snapshot_dir), self.namespace, position)
-            self._snapshot_saved()
+            if self._write_copy(self._copy(position)):
+                self._snapshot_saved()
         except (OSError, _snapshot.SnapshotError) as exc:
             self._snapshot_not_saved(exc)
         finally:
@@ -702,16 +759,26 @@ class SemanticCache(_Base):
         return self._write_snapshot()
 
     def _write_snapshot(self) -> bool:
-        assert self._snapshot_dir is not None
         c = self._core
-        with self._lock:  # (no log batch is applied between the two copies)
+        with self._lock:  # (no log batch is applied between the copies)
             if c.position is None:
                 return False
-            position, where = c.position, dict(c.where)
-        with self._save_mu:
-            _snapshot.save(c, self._snapshot_dir, self.namespace, position, where)
-        self._snapshot_saved()
+            copy = self._copy(c.position)
+        if self._write_copy(copy):
+            self._snapshot_saved()
         return True
+
+    def _write_copy(self, copy: tuple[int, str | None, dict[int, tuple[str, str]]]) -> bool:
+        """Write a copy of the replica taken by :meth:`_copy` as the snapshot, unless a
+        newer copy was written meanwhile; whether it was written."""
+        n, position, where = copy
+        with self._save_mu:
+            if n < self._copy_written:
+                return False
+            _snapshot.save(self._core, cast(Path, self._snapshot_dir), self.namespace,
+                           position, where)
+            self._copy_written = n
+            return True
 
     def _maybe_snapshot(self) -> None:
         """Start the periodic snapshot in a thread if one is due."""
@@ -1131,8 +1198,9 @@ class SemanticCache(_Base):
             c.failed("set", exc)
             return keys
         with self._lock:
-            c.remember_own(res.log_positions, [r.id for r in recs])
-            c.add_records(recs)
+            if not c.applied_past(res.log_positions):
+                c.remember_own(res.log_positions, [r.id for r in recs])
+                c.add_records(recs)
         self._maybe_snapshot()
         c.stats.add("sets", len(recs))
         if (c.max_entries is not None and res.count > c.max_entries) or \
@@ -1146,6 +1214,61 @@ class SemanticCache(_Base):
                     c.remove(evicted)
                 c.stats.add("evictions", len(evicted))
         return keys
+
+    def feedback(self, hit: Hit, correct: bool) -> bool:
+        """Tell the cache whether ``hit``'s answer was right for the prompt that got it
+        (a user's thumbs down, a judge's verdict).
+
+        Wrong: its entry answers no prompt at ``hit.similarity`` or farther again, in
+        every process that shares the store (an exact hit judged wrong: no prompt at all,
+        until the entry is written again). Right: with ``learn_floor`` set, one of the
+        verdicts that let an entry answer below the threshold. A verdict belongs to the
+        answer that was given: a new write of the entry starts with none. True if it was
+        recorded; False if the entry was deleted or written again since, or the store
+        failed (counted in ``stats()["store_errors"]``; raised if strict)."""
+        c = self._core
+        eid, verdict = c.verdict_of(hit, correct)
+        self._ready()
+        return self._add_verdict(eid, hit.version, verdict)
+
+    def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]) -> bool:
+        c = self._core
+        try:
+            done = self.store.add_verdict(eid, version, verdict)
+        except StoreError as exc:
+            c.failed("feedback", exc)
+            return False
+        if done:
+            c.stats.add("verdicts_right" if verdict[1] else "verdicts_wrong")
+        return done
+
+    def _learn(self, k: tuple[int, str, str, str], vec: Any, answer: str,
+               judge: Callable[[str, str], Any]) -> None:
+        """After ``@cached`` called ``fn`` on a miss: if the nearest entry lies in the
+        band where verdicts teach, judge its answer against the new one, and record it."""
+        c = self._core
+        if c.learn_floor is None or vec is None:
+            return
+        cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
+                 if e[0] != k[0]]
+        if not cands:
+            return
+        try:
+            fetched = self.store.fetch([e for e, _ in cands])
+        except StoreError as exc:
+            c.failed("fetch", exc)
+            return
+        target = c.learn_target(cands, dict(zip([e for e, _ in cands], fetched)),
+                                vec, k[1], c.now())
+        if target is None:
+            return
+        rec, sim = target
+        try:
+            right = judge(answer, rec.response)
+        except Exception:
+            log.exception("hnswcache %r: the judge failed", self.namespace)
+            return
+        self._add_verdict(rec.id, rec.version, (sim, _verdict(right)))
 
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
@@ -1204,6 +1327,7 @@ class SemanticCache(_Base):
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None, sliding: bool = False, name: str | None = None,
+        judge: Callable[[str, str], bool] | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
@@ -1227,6 +1351,12 @@ class SemanticCache(_Base):
         ``max_age`` (seconds) makes a cached answer older than that a miss: ``fn`` is called
         and its answer replaces the old one (see :meth:`get`). ``sliding`` stores answers
         with a sliding ``ttl`` (see :meth:`set`).
+
+        With the cache's ``learn_floor`` set, a miss whose nearest entry lies between it and
+        that entry's threshold teaches the entry: ``judge(new answer, cached answer)`` says
+        whether the cached answer would have done (default :func:`same_text`), and the
+        verdict is recorded at the prompts' similarity (see :meth:`feedback`). It costs a
+        search and a store read after each such call of ``fn``, no extra call.
         """
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
@@ -1247,6 +1377,9 @@ class SemanticCache(_Base):
                     if isinstance(result, str):
                         self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                  sliding=sliding)
+                        if self._core.learn_floor is not None:
+                            self._learn(self._core.key(prompt, sc), used[0], result,
+                                        judge or same_text)
                     return result
 
                 if not coalesce:
@@ -1373,10 +1506,12 @@ class AsyncSemanticCache(_Base):
         alpha: float | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
         snapshot_interval: float | None = DEFAULT_SNAPSHOT_INTERVAL,
+        learn_floor: float | None = None,
+        learn_after: int = 3,
     ) -> None:
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
-                    search_starts, ttl_jitter, alpha)
+                    search_starts, ttl_jitter, alpha, learn_floor, learn_after)
         self._alock: asyncio.Lock | None = None
         self._asave_lock: asyncio.Lock | None = None
         self._saving = False  # a snapshot's index files are being written (see _insert)
@@ -1496,10 +1631,8 @@ class AsyncSemanticCache(_Base):
         c = self._core
         position, c.position = c.position, None
         try:
-            async with self._save_lock:
-                await asyncio.to_thread(_snapshot.save, c, cast(Path, self._snapshot_dir),
-                                        self.namespace, position)
-            self._snapshot_saved()
+            if await self._write_copy(self._copy(position)):
+                self._snapshot_saved()
         except (OSError, _snapshot.SnapshotError) as exc:
             self._snapshot_not_saved(exc)
         finally:
@@ -1537,28 +1670,38 @@ class AsyncSemanticCache(_Base):
         return await self._write_snapshot()
 
     async def _write_snapshot(self) -> bool:
-        assert self._snapshot_dir is not None
         c = self._core
         async with self._lock:  # (see SemanticCache._write_snapshot)
             if c.position is None:
                 return False
-            position, where = c.position, dict(c.where)
+            copy = self._copy(c.position)
+        if await self._write_copy(copy):
+            self._snapshot_saved()
+        return True
+
+    async def _write_copy(self, copy: tuple[int, str | None, dict[int, tuple[str, str]]]
+                          ) -> bool:
+        """See :meth:`SemanticCache._write_copy` (written in a worker thread)."""
+        n, position, where = copy
         async with self._save_lock:
+            if n < self._copy_written:
+                return False
             self._saving = True
             try:
-                await asyncio.to_thread(_snapshot.save, c, self._snapshot_dir,
-                                        self.namespace, position, where)
+                await _to_thread_to_the_end(_snapshot.save, self._core,
+                                            cast(Path, self._snapshot_dir), self.namespace,
+                                            position, where)
             finally:
                 self._saving = False
-        self._snapshot_saved()
-        return True
+            self._copy_written = n
+            return True
 
     async def _insert(self, fn: Callable[..., None], *args: Any) -> None:
         """``fn(*args)``, which inserts into the replica's graphs: in a worker thread while
         a snapshot is written, since an insert then waits while the save copies the graph
         (~20 ms per 100k rows), which on the event loop's thread would stall every task."""
         if self._saving:
-            await asyncio.to_thread(fn, *args)
+            await _to_thread_to_the_end(fn, *args)
         else:
             fn(*args)
 
@@ -1936,8 +2079,9 @@ class AsyncSemanticCache(_Base):
             c.failed("set", exc)
             return keys
         async with self._lock:  # (as the sync cache: not amid a log batch's apply)
-            c.remember_own(res.log_positions, [r.id for r in recs])
-            await self._insert(c.add_records, recs)
+            if not c.applied_past(res.log_positions):
+                c.remember_own(res.log_positions, [r.id for r in recs])
+                await self._insert(c.add_records, recs)
         c.stats.add("sets", len(recs))
         self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
@@ -1950,6 +2094,53 @@ class AsyncSemanticCache(_Base):
                 c.remove(evicted)
                 c.stats.add("evictions", len(evicted))
         return keys
+
+    async def feedback(self, hit: Hit, correct: bool) -> bool:
+        """See :meth:`SemanticCache.feedback`."""
+        eid, verdict = self._core.verdict_of(hit, correct)
+        await self._ready()
+        return await self._add_verdict(eid, hit.version, verdict)
+
+    async def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]
+                           ) -> bool:
+        c = self._core
+        try:
+            done = await self.store.add_verdict(eid, version, verdict)
+        except StoreError as exc:
+            c.failed("feedback", exc)
+            return False
+        if done:
+            c.stats.add("verdicts_right" if verdict[1] else "verdicts_wrong")
+        return done
+
+    async def _learn(self, k: tuple[int, str, str, str], vec: Any, answer: str,
+                     judge: Callable[[str, str], Any]) -> None:
+        """See :meth:`SemanticCache._learn` (``judge`` may be async)."""
+        c = self._core
+        if c.learn_floor is None or vec is None:
+            return
+        cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
+                 if e[0] != k[0]]
+        if not cands:
+            return
+        try:
+            fetched = await self.store.fetch([e for e, _ in cands])
+        except StoreError as exc:
+            c.failed("fetch", exc)
+            return
+        target = c.learn_target(cands, dict(zip([e for e, _ in cands], fetched)),
+                                vec, k[1], c.now())
+        if target is None:
+            return
+        rec, sim = target
+        try:
+            right = judge(answer, rec.response)
+            if inspect.isawaitable(right):
+                right = await right
+        except Exception:
+            log.exception("hnswcache %r: the judge failed", self.namespace)
+            return
+        await self._add_verdict(rec.id, rec.version, (sim, _verdict(right)))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`SemanticCache.delete`."""
@@ -1997,9 +2188,11 @@ class AsyncSemanticCache(_Base):
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None, sliding: bool = False, name: str | None = None,
+        judge: Callable[[str, str], Any] | None = None,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
-        (coalescing joins the calls of other tasks on the same event loop)."""
+        (coalescing joins the calls of other tasks on the same event loop; ``judge`` may
+        be a coroutine function)."""
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
         self._core.check_sliding(
@@ -2022,6 +2215,9 @@ class AsyncSemanticCache(_Base):
                     if isinstance(result, str):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                        sliding=sliding)
+                        if self._core.learn_floor is not None:
+                            await self._learn(self._core.key(prompt, sc), used[0], result,
+                                              judge or same_text)
                     return result
 
                 if not coalesce:

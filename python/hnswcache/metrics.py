@@ -39,6 +39,10 @@ _COUNTERS = {
     "too_old": ("too_old", "Matches refused by a read's max_age."),
     "near_misses": ("near_misses", "Misses whose nearest entry was just below the threshold."),
     "snapshots_saved": ("snapshots_saved", "Snapshots of the replica written."),
+    "verdicts_right": ("verdicts_right", "Verdicts recorded that a cached answer was right."),
+    "verdicts_wrong": ("verdicts_wrong", "Verdicts recorded that a cached answer was wrong."),
+    "hits_learned": ("hits_learned", "Semantic hits below the threshold, by an entry's "
+                                     "learned threshold."),
 }
 
 

@@ -952,3 +952,164 @@ def test_async_lookups_apply_changes_while_a_snapshot_is_written(valkey_server, 
     asyncio.run(run())
     monkeypatch.undo()
     _restart_sees_every_change(url, ns, snap, vecs)
+
+
+def test_own_write_applied_by_another_thread_first_is_not_put_back(valkey_server, ns,
+                                                                    tmp_path, monkeypatch):
+    """Review of the fifth session of 2026-12-05: a write whose log event another thread
+    applied first (as another process's, reconciled to the store's newer version) must not
+    then put its own, older vector into the graph; a snapshot taken meanwhile kept it for
+    good (its entry list had the newer version, the graph the older vector)."""
+    url, snap = valkey_server.url, tmp_path / "snap"
+    vecs = np.random.default_rng(3).standard_normal((10, 16)).astype(np.float32)
+    mine, theirs = np.eye(16, dtype=np.float32)[0], np.eye(16, dtype=np.float32)[1]
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    a.set_many([(f"r{i}", f"a{i}") for i in range(10)], embeddings=vecs)
+    written, gate = threading.Event(), threading.Event()
+    real_write = a.store.write
+
+    def write(*args: Any, **kw: Any) -> Any:
+        res = real_write(*args, **kw)
+        if threading.current_thread().name == "setter":
+            written.set()  # (the thread then loses the CPU before its local apply)
+            assert gate.wait(30)
+        return res
+
+    monkeypatch.setattr(a.store, "write", write)
+    setter = threading.Thread(target=lambda: a.set("x", "mine", embedding=mine),
+                              name="setter")
+    setter.start()
+    try:
+        assert written.wait(10)
+        w = SemanticCache(store=url, namespace=ns, snapshot_interval=None)
+        w.set("x", "theirs", embedding=theirs)
+        w.close()
+        a.sync()  # applies both events: x is theirs
+        entered, release = _held_saves(monkeypatch)
+        saver = threading.Thread(target=a._write_snapshot)
+        saver.start()
+        assert entered.wait(10)
+        gate.set()
+        setter.join(10)
+        release.set()
+        saver.join(30)
+    finally:
+        gate.set()
+        setter.join(10)
+    monkeypatch.undo()
+    assert a.get("near x", embedding=theirs).response == "theirs"  # type: ignore[union-attr]
+    a._closed = True  # (killed)
+    a.store.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "snapshot"
+    assert b.get("near x", embedding=theirs).response == "theirs"  # type: ignore[union-attr]
+    b.close()
+
+
+def test_an_older_copy_never_replaces_a_newer_snapshot(valkey_server, ns, tmp_path):
+    """Two saves copy the replica in one order and may reach the save lock in the other:
+    the older copy is then not written (its snapshot would replace the newer one)."""
+    url, snap = valkey_server.url, tmp_path / "snap"
+    vecs = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    a.set_many([(f"r{i}", f"a{i}") for i in range(20)], embeddings=vecs[:20])
+
+    class Gated:  # a._save_mu that holds thread "A" back until go is set
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.go, self.waiting = inner, threading.Event(), threading.Event()
+
+        def acquire(self, *args: Any) -> Any:
+            return self.inner.acquire(*args)
+
+        def release(self) -> None:
+            self.inner.release()
+
+        def __enter__(self) -> Gated:
+            if threading.current_thread().name == "A":
+                self.waiting.set()
+                assert self.go.wait(30)
+            self.inner.acquire()
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.inner.release()
+
+    gate = a._save_mu = Gated(a._save_mu)  # type: ignore[assignment]
+    first = threading.Thread(target=a.save_snapshot, name="A")
+    first.start()
+    try:
+        assert gate.waiting.wait(10)  # A has copied the replica, waits for the save lock
+        w = SemanticCache(store=url, namespace=ns, snapshot_interval=None)
+        w.set_many([(f"r{i}", f"a{i}") for i in range(20, 40)], embeddings=vecs[20:40])
+        w.close()
+        assert a.save_snapshot()  # B: a newer copy, written first
+        newer = json.loads(manifest_path(snap, ns).read_text())["position"]
+    finally:
+        gate.go.set()
+        first.join(30)
+    assert json.loads(manifest_path(snap, ns).read_text())["position"] == newer
+    assert a.stats()["snapshots_saved"] == 1
+    r = redis.Redis.from_url(url)  # the log trimmed up to the newer snapshot's position
+    r.xtrim(f"hc:{{{ns}}}:log", minid=newer, approximate=False)
+    r.close()
+    a._closed = True
+    a.store.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, snapshot_interval=None)
+    b.sync()
+    assert b.stats()["warm_start"]["source"] == "snapshot" and len(b) == 40
+    b.close()
+
+
+def test_async_cancelled_lookup_waits_for_its_insert_thread(valkey_server, ns, tmp_path,
+                                                            monkeypatch):
+    """While a snapshot is written, the async cache inserts in a worker thread; a lookup
+    cancelled meanwhile must not release the cache's lock before that thread ends (a later
+    apply of a newer version was then overwritten by the older one, for good)."""
+    from hnswcache.index import Index
+
+    url = valkey_server.url
+    vecs = np.random.default_rng(2).standard_normal((10, 16)).astype(np.float32)
+    old, new = np.eye(16, dtype=np.float32)[0], np.eye(16, dtype=np.float32)[1]
+
+    def other_sets(vec: np.ndarray, resp: str) -> None:
+        w = SemanticCache(store=url, namespace=ns, snapshot_interval=None)
+        w.set("y", resp, embedding=vec)
+        w.close()
+
+    slow, armed = threading.Event(), [False]
+    real_add = Index.add
+
+    def add(self: Index, *args: Any, **kw: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() and armed[0]:
+            armed[0] = False
+            assert slow.wait(30)  # (as an insert waits while the save copies the graph)
+        return real_add(self, *args, **kw)
+
+    monkeypatch.setattr(Index, "add", add)
+    entered, release = _held_saves(monkeypatch)
+
+    async def run() -> None:
+        a = AsyncSemanticCache(store=url, namespace=ns, snapshot_dir=tmp_path / "snap",
+                               snapshot_interval=None)
+        await a.set_many([(f"r{i}", f"a{i}") for i in range(10)], embeddings=vecs)
+        saver = asyncio.create_task(a.save_snapshot())
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            await asyncio.to_thread(other_sets, old, "old")
+            armed[0] = True
+            threading.Timer(1.0, slow.set).start()  # the insert's wait ends in 1 s
+            with pytest.raises(asyncio.TimeoutError):  # (after the insert, now)
+                await asyncio.wait_for(a.get("q", embedding=vecs[0]), 0.3)
+            await asyncio.to_thread(other_sets, new, "new")
+            await a.sync()  # y = new
+            await asyncio.sleep(1.0)  # (past the insert's end, however it went)
+        finally:
+            slow.set()
+            release.set()
+            await saver
+        got = await a.get("near y", embedding=new)
+        assert got is not None and got.response == "new"
+        await a.close()
+
+    asyncio.run(run())

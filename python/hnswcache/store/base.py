@@ -176,6 +176,8 @@ class Record:
     expires: float
     version: str
     slide: float = 0.0
+    #: Verdicts on this version's answer: ``(similarity, right)`` (see :func:`merge_verdicts`).
+    verdicts: tuple[tuple[float, bool], ...] = ()
 
     def expired(self, now: float) -> bool:
         return self.expires <= now
@@ -244,6 +246,52 @@ class Refresh:
     id: int
     version: str
     until: float
+
+
+#: Verdicts on an entry's answer are written beside it as the field ``verdicts:<version>``
+#: (text: ``r<similarity>`` or ``w<similarity>`` separated by spaces, each similarity a
+#: Python float ``repr``, so it reads back exactly): a new write of the entry (a new
+#: answer) starts with none, and a verdict on an old answer cannot land on a new one.
+VERDICTS_PREFIX = b"verdicts:"
+#: Verdicts kept per entry (see merge_verdicts).
+MAX_VERDICTS = 32
+
+Verdict = tuple[float, bool]
+
+
+def merge_verdicts(old: Sequence[Verdict], new: Verdict) -> tuple[Verdict, ...]:
+    """``old`` with ``new`` added, pruned to what an entry's threshold depends on (see
+    ``CacheCore.entry_threshold``): the highest similarity judged wrong, and the right ones
+    above it, lowest first, ``MAX_VERDICTS`` in all."""
+    both = [*old, new]
+    wrong = max((s for s, ok in both if not ok), default=None)
+    rights = sorted(s for s, ok in both if ok and (wrong is None or s > wrong))
+    head: list[Verdict] = [] if wrong is None else [(wrong, False)]
+    return (*head, *((s, True) for s in rights[:MAX_VERDICTS - len(head)]))
+
+
+def encode_verdicts(verdicts: Sequence[Verdict]) -> bytes:
+    return " ".join(("r" if ok else "w") + repr(float(s)) for s, ok in verdicts).encode()
+
+
+def decode_verdicts(raw: Any) -> tuple[Verdict, ...]:
+    """The verdicts of a ``verdicts:<version>`` field; ``ValueError`` if it is not one."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) > 32 * MAX_VERDICTS:
+        raise ValueError("field 'verdicts' is not bytes of a verdict list")
+    out = []
+    for token in bytes(raw).decode("ascii", "replace").split():
+        if token[0] not in "rw":
+            raise ValueError("field 'verdicts' holds something else than verdicts")
+        try:
+            sim = float(token[1:])
+        except ValueError:
+            raise ValueError("field 'verdicts' holds a similarity that is no number") from None
+        if not -1.001 <= sim <= 1.001:  # (NaN fails too)
+            raise ValueError("field 'verdicts' holds a similarity outside [-1, 1]")
+        out.append((sim, token[0] == "r"))
+    if len(out) > MAX_VERDICTS:
+        raise ValueError("field 'verdicts' holds too many verdicts")
+    return tuple(out)
 
 
 def is_residue(raw: Mapping[Any, Any]) -> bool:
@@ -363,6 +411,8 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
                 if not until < math.inf:
                     raise ValueError("field 'until' is not finite")
                 expires = max(expires, until)
+        verdicts_raw = raw.get(VERDICTS_PREFIX + version.encode())
+        verdicts = () if verdicts_raw is None else decode_verdicts(verdicts_raw)
         if entry_id(scope_id, normalize_prompt(prompt)) != eid:
             raise ValueError("entry id does not match its scope and prompt")
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
@@ -381,6 +431,7 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         expires=expires,
         version=version,
         slide=slide,
+        verdicts=verdicts,
     )
 
 
@@ -457,6 +508,11 @@ class Store(Protocol):
         """The entries ``ids`` (``None`` where absent)."""
         ...
 
+    def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
+        """Add ``verdict`` to entry ``eid`` while it holds ``version`` (atomically: never
+        to another answer, never recreating a deleted entry); False if it does not."""
+        ...
+
     def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
         touch: Sequence[int] = (),
@@ -514,6 +570,8 @@ class AsyncStore(Protocol):
     async def refresh(self, refresh: Sequence[Refresh], now: float) -> int: ...
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]: ...
+
+    async def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool: ...
 
     async def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,

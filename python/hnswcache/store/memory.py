@@ -21,7 +21,9 @@ from .base import (
     LogEvent,
     Record,
     Refresh,
+    Verdict,
     WriteResult,
+    merge_verdicts,
     scope_holds,
     validate_namespace,
 )
@@ -113,6 +115,16 @@ class MemoryStore:
     def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         with self._lock:
             return [self._entries.get(i) for i in ids]
+
+    def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
+        with self._lock:
+            cur = self._entries.get(eid)
+            if cur is None or cur.version != version:
+                return False
+            # (assigning an existing key keeps its place in the LRU order)
+            self._entries[eid] = dataclasses.replace(
+                cur, verdicts=merge_verdicts(cur.verdicts, verdict))
+            return True
 
     def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
@@ -226,6 +238,9 @@ class AsyncMemoryStore:
 
     async def fetch(self, ids: Sequence[int]) -> list[Fetched]:
         return self.sync.fetch(ids)
+
+    async def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
+        return self.sync.add_verdict(eid, version, verdict)
 
     async def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,

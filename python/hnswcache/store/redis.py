@@ -41,11 +41,15 @@ from .base import (
     Record,
     Refresh,
     StoreError,
+    Verdict,
     WriteResult,
     decode_record,
+    decode_verdicts,
     encode_record,
+    encode_verdicts,
     format_id,
     is_residue,
+    merge_verdicts,
     parse_id,
     scope_holds,
     validate_namespace,
@@ -461,6 +465,24 @@ class _Layout:
         # Anything else (OOM, READONLY in a failover, NOPERM...) is an outage: kept, retried.
         raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
+    def verdict_update(self, version: str, verdict: Verdict, row: Sequence[Any]
+                       ) -> bytes | None:
+        """The new ``verdicts:<version>`` field of an entry whose ``(version, verdicts)``
+        fields read ``row``, or ``None`` if it no longer holds ``version``."""
+        cur_version, cur = (list(row) + [None, None])[:2]
+        if cur_version != version.encode():
+            return None
+        try:
+            old = decode_verdicts(cur) if cur is not None else ()
+        except ValueError:
+            old = ()  # (the entry reads as invalid meanwhile; valid verdicts replace it)
+        return encode_verdicts(merge_verdicts(old, verdict))
+
+    def verdict_failed(self, exc: BaseException | None) -> bool:
+        if exc is None:
+            raise StoreError(f"verdict: the WATCH failed {_REFRESH_TRIES} times")
+        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
     def queue_refresh(self, pipe: Any, refresh: Sequence[Refresh], now: float) -> None:
         """Extend sliding entries (in a MULTI whose keys were WATCHed and found to hold the
         versions that were hit): the later expiry goes into the field of that version, the
@@ -866,6 +888,30 @@ class RedisStore(_Layout):
             return []
         res = self._run(False, lambda p: self.queue_read(p, ids, None, (), 0.0))
         return self.parse_entries(ids, res)
+
+    def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
+        # As refresh: WATCH the entry, check its version, HSET in MULTI/EXEC (an HSET on a
+        # deleted key would recreate it as a hash without its entry or expiry).
+        key, field = self.ekey(eid), "verdicts:" + version
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        pipe.watch(key)
+                        new = self.verdict_update(version, verdict,
+                                                  pipe.hmget(key, "version", field))
+                        if new is None:
+                            pipe.unwatch()
+                            return False
+                        pipe.multi()
+                        pipe.hset(key, field, new)
+                        pipe.execute()
+                        return True
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            return self.verdict_failed(exc)
+        return self.verdict_failed(None)
 
     def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,
@@ -1290,6 +1336,31 @@ class AsyncRedisStore(_Layout):
             return []
         res = await self._run(False, lambda p: self.queue_read(p, ids, None, (), 0.0))
         return self.parse_entries(ids, res)
+
+    async def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
+        # As RedisStore.add_verdict.
+        key, field = self.ekey(eid), "verdicts:" + version
+        try:
+            if self._cluster:
+                await self.client.initialize()  # (see _run)
+            async with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_REFRESH_TRIES):
+                    try:
+                        await pipe.watch(key)
+                        new = self.verdict_update(version, verdict,
+                                                  await pipe.hmget(key, "version", field))
+                        if new is None:
+                            await pipe.unwatch()
+                            return False
+                        pipe.multi()
+                        pipe.hset(key, field, new)
+                        await pipe.execute()
+                        return True
+                    except self._watch_error:
+                        continue
+        except self._errors as exc:
+            return self.verdict_failed(exc)
+        return self.verdict_failed(None)
 
     async def write(
         self, records: Sequence[Record], ttls: Sequence[float | None], now: float,

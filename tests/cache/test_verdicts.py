@@ -1,0 +1,285 @@
+"""Verdicts on cached answers: feedback() and the thresholds entries learn from them.
+
+Vectors are built at chosen cosines from one entry (``at(c, i)``: cosine ``c`` with the
+entry ``e0``, the rest along the basis vector ``e_i``; two such prompts have cosine
+``c1 * c2``), so every similarity below is known exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.cache import same_text
+from hnswcache.store.base import MAX_VERDICTS, decode_verdicts, encode_verdicts, merge_verdicts
+from hnswcache.store.memory import MemoryStore
+
+DIM = 40
+
+
+def at(c: float, i: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[0], v[i] = c, math.sqrt(1.0 - c * c)
+    return v
+
+
+BASE = at(1.0, 1)  # the entry: "base" -> "A"
+
+
+class Table:
+    """An embedder over a table the test fills as it goes."""
+
+    def __init__(self) -> None:
+        self.vecs: dict[str, np.ndarray] = {"base": BASE}
+        self.dim = DIM
+        self.name = "table"
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.vecs[t] for t in texts])
+
+
+def shared(url: str, ns: str) -> Any:
+    """A store two caches share: the server's URL, or one MemoryStore object."""
+    return MemoryStore(ns) if url == "memory" else url
+
+
+def cache_on(store: Any, ns: str, emb: Table | None = None, **kw: Any) -> SemanticCache:
+    return SemanticCache(emb or Table(), store=store, namespace=ns, threshold=0.9,
+                         snapshot_interval=None, **kw)
+
+
+def test_a_wrong_answer_stops_its_entry_at_that_similarity(store_url, ns):
+    """feedback(hit, False): its entry answers nothing at that similarity or farther, in
+    every process sharing the store; a closer prompt still gets it."""
+    store = shared(store_url, ns)
+    a, b = cache_on(store, ns), cache_on(store, ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("q 0.93", embedding=at(0.93, 2))
+    assert hit is not None and hit.tier == "semantic" and hit.version
+    assert a.feedback(hit, False) is True
+    for c in (a, b):
+        assert c.get("again 0.93", embedding=at(0.93, 3)) is None
+        assert c.get("farther 0.91", embedding=at(0.91, 4)) is None
+        closer = c.get("closer 0.95", embedding=at(0.95, 5))
+        assert closer is not None and closer.response == "A"
+        assert c.get("base").response == "A"  # type: ignore[union-attr]
+    assert a.stats()["verdicts_wrong"] == 1 and b.stats()["verdicts_wrong"] == 0
+    assert a.feedback(closer, True) is True  # (right at 0.95: recorded, changes nothing)
+    assert a.get("again 0.93", embedding=at(0.93, 3)) is None
+    a.close()
+    b.close()
+
+
+def test_a_wrong_exact_answer_answers_nothing_until_written_again(store_url, ns):
+    store = shared(store_url, ns)
+    a = cache_on(store, ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("BASE ")
+    assert hit is not None and hit.tier == "exact"
+    assert a.feedback(hit, False) is True
+    assert a.get("base", embedding=BASE) is None
+    assert a.get("close", embedding=at(0.99, 2)) is None
+    a.set("base", "A better answer", embedding=BASE)  # a new answer: no verdicts
+    assert a.get("base").response == "A better answer"  # type: ignore[union-attr]
+    assert a.get("close", embedding=at(0.99, 2)).response == "A better answer"  # type: ignore[union-attr]
+    assert a.feedback(hit, False) is False  # judged the old answer, not this one
+    assert a.get("base") is not None
+    a.close()
+
+
+def test_feedback_on_a_deleted_entry_records_nothing(store_url, ns):
+    store = shared(store_url, ns)
+    a = cache_on(store, ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("q", embedding=at(0.95, 2))
+    assert hit is not None
+    assert a.delete(hit.key)
+    assert a.feedback(hit, False) is False
+    assert a.stats()["verdicts_wrong"] == 0
+    if store_url != "memory":  # the key is not recreated as a hash of verdicts alone
+        r = redis.Redis.from_url(store_url)
+        assert r.exists(f"hc:{{{ns}}}:e:{hit.key}") == 0
+        r.close()
+    a.close()
+
+
+LLM = {"_fn": "llm"}  # the scope of the decorated functions below (name="llm")
+
+
+def make_llm(cache: SemanticCache, answers: dict[str, str], calls: list[str],
+             judge: Any = None) -> Any:
+    @cache.cached(judge=judge, coalesce=False, name="llm")
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        return answers.get(prompt, "other")
+
+    return llm
+
+
+def learning_table() -> Table:
+    emb = Table()
+    for i, c in enumerate((0.80, 0.81, 0.815, 0.82, 0.83, 0.835, 0.84, 0.85), start=2):
+        emb.vecs[f"p {c}"] = at(c, i)  # (pairs of these: cosine c1 * c2 < 0.75)
+    return emb
+
+
+def test_an_entry_learns_a_lower_threshold_from_right_verdicts(store_url, ns):
+    """With learn_floor, two misses near the entry whose new answers are its own (the
+    default judge: up to case and whitespace) let it answer at 0.82 and closer, not below,
+    in every process with learning on; a miss whose answer differs takes it back."""
+    store = shared(store_url, ns)
+    a = cache_on(store, ns, learning_table(), learn_floor=0.75, learn_after=2)
+    calls: list[str] = []
+    llm = make_llm(a, {"base": "A", "p 0.8": "A", "p 0.82": " a ", "p 0.815": "B"}, calls)
+    for prompt in ("base", "p 0.8", "p 0.82"):
+        llm(prompt)
+    assert calls == ["base", "p 0.8", "p 0.82"]
+    assert a.stats()["verdicts_right"] == 2 and a.stats()["verdicts_wrong"] == 0
+    assert llm("p 0.83") == "A" and calls[-1] == "p 0.82"  # from the cache, at 0.83
+    assert a.stats()["hits_learned"] == 1
+    h = a.get("q", scope=LLM, embedding=at(0.82, 30))  # (another prompt at 0.82)
+    assert h is not None and h.response == "A" and h.similarity == pytest.approx(0.82)
+    assert a.get("q", scope=LLM, embedding=at(0.81, 31)) is None
+    # A call's own threshold sets aside what entries learned.
+    assert a.get("q", scope=LLM, embedding=at(0.85, 32), threshold=0.86) is None
+
+    b = cache_on(store, ns, learning_table(), learn_floor=0.75, learn_after=2)
+    b_calls: list[str] = []
+    b_llm = make_llm(b, {}, b_calls)
+    assert b_llm("p 0.835") == "A" and b_calls == []
+    plain = cache_on(store, ns, learning_table())  # no learn_floor: the threshold
+    assert plain.get("q", scope=LLM, embedding=at(0.85, 33)) is None
+
+    assert llm("p 0.815") == "B"  # a miss (below 0.82) whose answer differs: wrong
+    assert a.stats()["verdicts_wrong"] == 1
+    assert b_llm("p 0.84") == "other" and b_calls == ["p 0.84"]  # no longer learned
+    for c in (a, b, plain):
+        c.close()
+
+
+def test_learned_thresholds_through_the_store(store_url, ns):
+    """The rule itself, with verdicts written through the store's add_verdict."""
+    store = shared(store_url, ns)
+    a = cache_on(store, ns, learn_floor=0.8, learn_after=3)
+    key = a.set("base", "A", embedding=BASE)
+    version = a.get("base").version  # type: ignore[union-attr]
+    eid = int(key, 16)
+    for s in (0.70, 0.86, 0.84):
+        assert a.store.add_verdict(eid, version, (s, True))
+    # An entry answers at s when 3 right verdicts are at s or farther: from 0.86.
+    assert a.get("q", embedding=at(0.87, 2)) is not None
+    assert a.get("q", embedding=at(0.85, 3)) is None
+    assert a.store.add_verdict(eid, version, (0.83, True))  # now 0.70, 0.83, 0.84
+    assert a.get("q", embedding=at(0.845, 4)) is not None
+    assert a.get("q", embedding=at(0.835, 5)) is None
+    assert a.store.add_verdict(eid, version, (0.75, True))  # 0.70, 0.75, 0.83
+    assert a.get("q", embedding=at(0.82, 10)) is None
+    assert a.store.add_verdict(eid, version, (0.78, True))  # 0.70, 0.75, 0.78: the floor
+    assert a.get("q", embedding=at(0.80, 6)) is not None
+    assert a.get("q", embedding=at(0.799, 7)) is None
+    assert not a.store.add_verdict(eid, "another version", (0.99, False))
+    assert a.store.add_verdict(eid, version, (0.95, False))  # wrong above the threshold
+    assert a.get("q", embedding=at(0.95, 8)) is None
+    assert a.get("q", embedding=at(0.96, 9)) is not None
+    a.close()
+
+
+def test_async_feedback_and_learning_with_an_async_judge(store_url, ns):
+    store = shared(store_url, ns)
+    if store_url == "memory":
+        from hnswcache.store.memory import AsyncMemoryStore
+
+        store = AsyncMemoryStore(store)
+    judged: list[tuple[str, str]] = []
+
+    async def run() -> None:
+        a = AsyncSemanticCache(learning_table(), store=store, namespace=ns, threshold=0.9,
+                               snapshot_interval=None, learn_floor=0.75, learn_after=2)
+
+        async def judge(new: str, cached: str) -> bool:
+            judged.append((new, cached))
+            return new.startswith(cached)
+
+        answers = {"base": "A", "p 0.8": "A, yes", "p 0.82": "A indeed"}
+
+        @a.cached(judge=judge, coalesce=False, name="llm")
+        async def llm(prompt: str) -> str:
+            return answers.get(prompt, "other")
+
+        for prompt in ("base", "p 0.8", "p 0.82"):
+            await llm(prompt)
+        assert judged == [("A, yes", "A"), ("A indeed", "A")]
+        assert await llm("p 0.83") == "A"
+        hit = await a.get("q", scope=LLM, embedding=at(0.85, 20))
+        assert hit is not None and a.stats()["hits_learned"] == 2
+        assert await a.feedback(hit, False) is True
+        assert await a.get("q", scope=LLM, embedding=at(0.85, 21)) is None
+        assert await a.get("q", scope=LLM, embedding=at(0.83, 22)) is None
+        assert a.stats()["verdicts_right"] == 2 and a.stats()["verdicts_wrong"] == 1
+        await a.close()
+
+    asyncio.run(run())
+
+
+def test_verdict_arguments_are_checked(ns):
+    a = cache_on("memory", ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("base")
+    assert hit is not None
+    with pytest.raises(TypeError):
+        a.feedback("not a hit", False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        a.feedback(hit, 1)  # type: ignore[arg-type]
+    from dataclasses import replace
+
+    with pytest.raises(ValueError):
+        a.feedback(replace(hit, version=""), False)
+    with pytest.raises(ValueError):
+        a.feedback(replace(hit, key="nope"), False)
+    with pytest.raises(ValueError):
+        a.feedback(replace(hit, similarity=float("nan")), False)
+    a.close()
+    for bad in ({"learn_floor": 0.95}, {"learn_floor": float("nan")},
+                {"learn_floor": 0.8, "learn_after": 0}, {"learn_floor": 0.8, "learn_after": 2.0},
+                {"learn_after": MAX_VERDICTS}, {"learn_after": True}):
+        with pytest.raises(ValueError):
+            cache_on("memory", ns, **bad)
+
+
+def test_merged_verdicts_keep_what_decides():
+    v: tuple[tuple[float, bool], ...] = ()
+    for i in range(40):
+        v = merge_verdicts(v, (0.80 + i / 1000, True))
+    assert len(v) == MAX_VERDICTS and v[0] == (0.80, True)  # the lowest rights kept
+    v = merge_verdicts(v, (0.805, False))
+    assert v[0] == (0.805, False) and all(ok and s > 0.805 for s, ok in v[1:])
+    v = merge_verdicts(v, (0.70, False))  # a lower wrong one adds nothing
+    assert v[0] == (0.805, False)
+    assert decode_verdicts(encode_verdicts(v)) == v
+    x = 0.1 + 0.2  # (read back exactly: the threshold is just above a wrong similarity)
+    assert decode_verdicts(encode_verdicts([(x, False)])) == ((x, False),)
+    for garbage in (b"x0.5", b"rNaN", b"r2.0", b"w", b"r0.5 " * (MAX_VERDICTS + 1), "r0.5"):
+        with pytest.raises(ValueError):
+            decode_verdicts(garbage)
+    assert same_text(" The  Answer", "the answer") and not same_text("A", "B")
+
+
+@pytest.mark.server
+def test_garbage_verdicts_make_the_entry_invalid(valkey_server, ns):
+    a = cache_on(valkey_server.url, ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("base")
+    assert hit is not None
+    r = redis.Redis.from_url(valkey_server.url)
+    r.hset(f"hc:{{{ns}}}:e:{hit.key}", f"verdicts:{hit.version}", b"r0.5 evil")
+    r.close()
+    assert a.get("base") is None
+    assert a.get("near", embedding=at(0.95, 2)) is None
+    assert a.stats()["invalid_entries"] >= 1
+    a.close()
