@@ -116,6 +116,9 @@ class Lookup:
                 and self.threshold - NEAR_MISS_BAND <= s < self.threshold)
 
 
+#: An entry judged wrong at similarity s answers only above s + WRONG_MARGIN.
+WRONG_MARGIN = 1e-6
+
 #: A hit on a sliding entry is written back once it moves the expiry by this part of the TTL.
 _SLIDE_STEP = 1.0 / 16
 
@@ -643,7 +646,8 @@ class CacheCore:
         """The similarity at or above which ``rec`` answers, given the lookup's threshold
         and the verdicts on its answer (``docs/cache.md``, "Verdicts"):
 
-        - never at or below a similarity where its answer was judged wrong;
+        - never at or below a similarity where its answer was judged wrong (nor within
+          ``WRONG_MARGIN`` above it);
         - with ``learn_floor`` set and the cache's own threshold, down to the similarity
           ``s`` at or below which its answer was judged right ``learn_after`` times (with
           none wrong at or above them): each of those questions was farther from it than
@@ -653,21 +657,24 @@ class CacheCore:
         wrong = max((s for s, ok in rec.verdicts if not ok), default=-math.inf)
         t = threshold
         if self.learn_floor is not None and threshold == self.threshold:
-            rights = sorted(s for s, ok in rec.verdicts if ok and s > wrong)
+            rights = sorted(s for s, ok in rec.verdicts if ok and s > wrong + WRONG_MARGIN)
             if len(rights) >= self.learn_after:
                 t = min(t, max(self.learn_floor, rights[self.learn_after - 1]))
-        return t if wrong < t else math.nextafter(wrong, math.inf)
+        # (a margin: one prompt's similarity differs in its last float32 bits between
+        # lookup paths and hosts, and must still be refused)
+        return max(t, wrong + WRONG_MARGIN)
 
     @staticmethod
     def verdict_of(hit: Hit, correct: bool) -> tuple[int, tuple[float, bool]]:
         """The entry id and the verdict of a :meth:`SemanticCache.feedback` call."""
         if not isinstance(hit, Hit):
             raise TypeError(f"feedback judges a Hit, got {type(hit).__name__}")
-        if not isinstance(correct, bool):
+        if not isinstance(correct, (bool, np.bool_)):
             raise TypeError(f"correct must be a bool, got {type(correct).__name__}")
         eid = parse_id(hit.key)
         if eid is None or not hit.version:
             raise ValueError("feedback needs a Hit returned by a cache lookup")
+        correct = bool(correct)
         sim = float(hit.similarity)
         if not -1.0 <= sim <= 1.0:  # (NaN too)
             raise ValueError(f"the hit's similarity is not in [-1, 1]: {hit.similarity!r}")
@@ -684,7 +691,9 @@ class CacheCore:
             return None
         best: tuple[Record, float] | None = None
         for eid, _ in cands:
-            rec = self.usable(fetched.get(eid), now)
+            f = fetched.get(eid)  # (not usable(): the lookup counted invalid ones already)
+            rec = (f if isinstance(f, Record) and not f.expired(now)
+                   and f.vector.shape[0] == self.dim else None)
             if rec is None or rec.scope_id != sid:
                 continue
             sim = min(1.0, float(rec.vector @ vec))
@@ -742,6 +751,8 @@ class CacheCore:
         rec = self.usable(f, now)
         if rec is None or rec.scope_id != sid or normalize_prompt(rec.prompt) != norm:
             return None
+        if rec.verdicts and self.entry_threshold(rec, 1.0) > 1.0:
+            return None  # its answer was judged wrong for its own prompt
         return None if now - rec.created > max_age else rec
 
     def exact(self, f: Fetched, sid: str, norm: str, now: float,
@@ -753,8 +764,6 @@ class CacheCore:
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
             return None
-        if rec.verdicts and self.entry_threshold(rec, 1.0) > 1.0:
-            return None  # its answer was judged wrong for its own prompt
         if now - rec.created > max_age:
             self.stats.add("too_old")  # kept: a later read without max_age may use it
             return None
@@ -919,7 +928,8 @@ class CacheCore:
         ``max_age`` old."""
         rec = self.usable(f, now)
         if (rec is None or rec.scope_id != sid or now - rec.created > max_age
-                or not float(rec.vector @ vec) >= self.threshold):
+                or not min(1.0, float(rec.vector @ vec)) >= self.entry_threshold(
+                    rec, self.threshold)):
             return None
         return rec.response, rec.vector
 

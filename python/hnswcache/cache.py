@@ -35,6 +35,8 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -277,6 +279,10 @@ def _check_wait(wait: float) -> float | None:
 #: The caches that write periodic snapshots in a thread (see _before_fork).
 _FORK_SAFE: weakref.WeakSet[SemanticCache] = weakref.WeakSet()
 _FORK_HELD: list[SemanticCache] = []
+#: The caches that have a judge thread (see _judge_later; renewed in a forked child).
+_JUDGING: weakref.WeakSet[SemanticCache] = weakref.WeakSet()
+#: Judgments (see _judge_later) queued or running per cache, past which one is skipped.
+_MAX_JUDGING = 64
 
 
 def _before_fork() -> None:
@@ -298,6 +304,10 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    for cache in list(_JUDGING):  # (the parent's judge thread is not here)
+        cache._judge_mu = threading.Lock()
+        cache._judges = None
+        cache._judging = 0
     while _FORK_HELD:
         cache = _FORK_HELD.pop()
         cache._save_mu.release()
@@ -652,6 +662,9 @@ class SemanticCache(_Base):
         # only while it copies the replica's entry list and log position, not while it
         # writes (that held lookups applying others' changes, and writes, ~0.3 s per 100k).
         self._save_mu = threading.Lock()
+        self._judges: ThreadPoolExecutor | None = None  # @cached's judges (_judge_later)
+        self._judge_mu = threading.Lock()
+        self._judging = 0  # judgments queued or running
         if self._snapshot_every is not None and self._snapshot_dir is not None:
             _FORK_SAFE.add(self)
 
@@ -1264,11 +1277,49 @@ class SemanticCache(_Base):
             return
         rec, sim = target
         try:
-            right = judge(answer, rec.response)
+            right = _verdict(judge(answer, rec.response))
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
             return
-        self._add_verdict(rec.id, rec.version, (sim, _verdict(right)))
+        self._add_verdict(rec.id, rec.version, (sim, right))
+
+    def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
+                     judge: Callable[[str, str], Any]) -> None:
+        """Run :meth:`_learn` in the cache's judge thread (one, so judges never run in
+        parallel): the caller of ``@cached``, and the calls that wait for it, do not wait
+        for a judge (an LLM judge takes as long as the call it judges). At most
+        ``_MAX_JUDGING`` wait; past that a judgment is skipped."""
+        with self._judge_mu:
+            if self._closed or self._judging >= _MAX_JUDGING:
+                return
+            if self._judges is None:
+                self._judges = ThreadPoolExecutor(1, thread_name_prefix="hnswcache-judge")
+                _JUDGING.add(self)
+            self._judging += 1
+            self._judges.submit(self._learn_logged, k, vec, answer, judge)
+
+    def _learn_logged(self, *args: Any) -> None:
+        try:
+            self._learn(*args)
+        except Exception:  # (a background thread: nobody else would see it)
+            log.exception("hnswcache %r: recording a verdict failed", self.namespace)
+        finally:
+            with self._judge_mu:
+                self._judging -= 1
+
+    def wait_for_verdicts(self, timeout: float | None = None) -> bool:
+        """Wait until the judges ``@cached(judge=...)`` started have recorded their verdicts
+        (they run in the background, one at a time, after the call returned); True if none
+        is left, False if ``timeout`` seconds passed first."""
+        with self._judge_mu:
+            if self._judges is None or self._judging == 0:
+                return True
+            marker = self._judges.submit(lambda: None)  # (done after every earlier one)
+        try:
+            marker.result(timeout)
+        except FuturesTimeout:
+            return False
+        return True
 
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
@@ -1355,9 +1406,14 @@ class SemanticCache(_Base):
         With the cache's ``learn_floor`` set, a miss whose nearest entry lies between it and
         that entry's threshold teaches the entry: ``judge(new answer, cached answer)`` says
         whether the cached answer would have done (default :func:`same_text`), and the
-        verdict is recorded at the prompts' similarity (see :meth:`feedback`). It costs a
-        search and a store read after each such call of ``fn``, no extra call.
+        verdict is recorded at the prompts' similarity (see :meth:`feedback`). After each
+        call of ``fn`` a search and a store read find that entry, and the judge runs in the
+        background (one judge at a time per cache; :meth:`wait_for_verdicts` waits for
+        them): no extra call of ``fn``, and nobody waits for the judge.
         """
+        if judge is not None and (inspect.iscoroutinefunction(judge) or not callable(judge)):
+            raise TypeError("judge must be a function (new answer, cached answer) -> bool; "
+                            "an async judge needs AsyncSemanticCache")
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
         self._core.check_sliding(
@@ -1378,8 +1434,8 @@ class SemanticCache(_Base):
                         self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                  sliding=sliding)
                         if self._core.learn_floor is not None:
-                            self._learn(self._core.key(prompt, sc), used[0], result,
-                                        judge or same_text)
+                            self._judge_later(self._core.key(prompt, sc), used[0], result,
+                                              judge or same_text)
                     return result
 
                 if not coalesce:
@@ -1449,6 +1505,10 @@ class SemanticCache(_Base):
             th, self._snapshot_thread = self._snapshot_thread, None
         if th is not None and th is not threading.current_thread():
             th.join()  # (the snapshot below comes after it)
+        with self._judge_mu:  # (_closed is set: no judgment is queued after this)
+            judges, self._judges = self._judges, None
+        if judges is not None:  # the running judgment ends; those not started are dropped
+            judges.shutdown(wait=True, cancel_futures=True)
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:
@@ -1515,6 +1575,7 @@ class AsyncSemanticCache(_Base):
         self._alock: asyncio.Lock | None = None
         self._asave_lock: asyncio.Lock | None = None
         self._saving = False  # a snapshot's index files are being written (see _insert)
+        self._judge_tasks: set[asyncio.Task[None]] = set()  # @cached's judges
         self._owns_store = not _is_store(store)
         if store is None:
             store = self._open_embedded(data_dir)
@@ -2137,10 +2198,34 @@ class AsyncSemanticCache(_Base):
             right = judge(answer, rec.response)
             if inspect.isawaitable(right):
                 right = await right
+            right = _verdict(right)
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
             return
-        await self._add_verdict(rec.id, rec.version, (sim, _verdict(right)))
+        await self._add_verdict(rec.id, rec.version, (sim, right))
+
+    def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
+                     judge: Callable[[str, str], Any]) -> None:
+        """See :meth:`SemanticCache._judge_later` (a task on the event loop)."""
+        if self._closed or len(self._judge_tasks) >= _MAX_JUDGING:
+            return
+        task = asyncio.get_running_loop().create_task(self._learn_logged(k, vec, answer, judge))
+        self._judge_tasks.add(task)
+        task.add_done_callback(self._judge_tasks.discard)
+
+    async def _learn_logged(self, *args: Any) -> None:
+        try:
+            await self._learn(*args)
+        except Exception:  # (a background task: nobody awaits it)
+            log.exception("hnswcache %r: recording a verdict failed", self.namespace)
+
+    async def wait_for_verdicts(self, timeout: float | None = None) -> bool:
+        """See :meth:`SemanticCache.wait_for_verdicts`."""
+        tasks = set(self._judge_tasks)
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
 
     async def delete(self, key: str) -> bool:
         """See :meth:`SemanticCache.delete`."""
@@ -2192,7 +2277,9 @@ class AsyncSemanticCache(_Base):
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
         (coalescing joins the calls of other tasks on the same event loop; ``judge`` may
-        be a coroutine function)."""
+        be a coroutine function; judges run as tasks of the event loop)."""
+        if judge is not None and not callable(judge):
+            raise TypeError("judge must be a function (new answer, cached answer) -> bool")
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
         self._core.check_sliding(
@@ -2216,7 +2303,7 @@ class AsyncSemanticCache(_Base):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                        sliding=sliding)
                         if self._core.learn_floor is not None:
-                            await self._learn(self._core.key(prompt, sc), used[0], result,
+                            self._judge_later(self._core.key(prompt, sc), used[0], result,
                                               judge or same_text)
                     return result
 
@@ -2293,6 +2380,11 @@ class AsyncSemanticCache(_Base):
             # Waited for, not awaited: a task cancelled by the application's shutdown must
             # not end this close() half done (the loop may close after us: not left pending).
             await asyncio.wait({task})
+        judging = set(self._judge_tasks)  # (_closed is set: no judge starts after this)
+        for t in judging:
+            t.cancel()  # judgments not recorded yet are dropped
+        if judging:
+            await asyncio.wait(judging)
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:

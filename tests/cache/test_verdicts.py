@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,7 @@ def test_an_entry_learns_a_lower_threshold_from_right_verdicts(store_url, ns):
     llm = make_llm(a, {"base": "A", "p 0.8": "A", "p 0.82": " a ", "p 0.815": "B"}, calls)
     for prompt in ("base", "p 0.8", "p 0.82"):
         llm(prompt)
+    assert a.wait_for_verdicts(10)  # (judges run in the background)
     assert calls == ["base", "p 0.8", "p 0.82"]
     assert a.stats()["verdicts_right"] == 2 and a.stats()["verdicts_wrong"] == 0
     assert llm("p 0.83") == "A" and calls[-1] == "p 0.82"  # from the cache, at 0.83
@@ -157,6 +159,7 @@ def test_an_entry_learns_a_lower_threshold_from_right_verdicts(store_url, ns):
     assert plain.get("q", scope=LLM, embedding=at(0.85, 33)) is None
 
     assert llm("p 0.815") == "B"  # a miss (below 0.82) whose answer differs: wrong
+    assert a.wait_for_verdicts(10)
     assert a.stats()["verdicts_wrong"] == 1
     assert b_llm("p 0.84") == "other" and b_calls == ["p 0.84"]  # no longer learned
     for c in (a, b, plain):
@@ -170,7 +173,7 @@ def test_learned_thresholds_through_the_store(store_url, ns):
     key = a.set("base", "A", embedding=BASE)
     version = a.get("base").version  # type: ignore[union-attr]
     eid = int(key, 16)
-    for s in (0.70, 0.86, 0.84):
+    for s in (0.70, 0.86, 0.84, 0.84, 0.84):  # (one similarity judged twice counts once)
         assert a.store.add_verdict(eid, version, (s, True))
     # An entry answers at s when 3 right verdicts are at s or farther: from 0.86.
     assert a.get("q", embedding=at(0.87, 2)) is not None
@@ -214,6 +217,7 @@ def test_async_feedback_and_learning_with_an_async_judge(store_url, ns):
 
         for prompt in ("base", "p 0.8", "p 0.82"):
             await llm(prompt)
+            assert await a.wait_for_verdicts(10)  # (one at a time: the judged order)
         assert judged == [("A, yes", "A"), ("A indeed", "A")]
         assert await llm("p 0.83") == "A"
         hit = await a.get("q", scope=LLM, embedding=at(0.85, 20))
@@ -282,4 +286,99 @@ def test_garbage_verdicts_make_the_entry_invalid(valkey_server, ns):
     assert a.get("base") is None
     assert a.get("near", embedding=at(0.95, 2)) is None
     assert a.stats()["invalid_entries"] >= 1
+    a.close()
+
+
+def test_a_wrong_exact_answer_is_not_served_by_cached(store_url, ns):
+    """@cached (coalescing, the default) reads the answer a call leads to through its own
+    path: an entry judged wrong for its own prompt is not served there either; fn is called
+    and its answer replaces the wrong one (review, fifth session of 2026-12-05)."""
+    store = shared(store_url, ns)
+    a = cache_on(store, ns)
+    calls: list[str] = []
+
+    @a.cached(name="llm")
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        return f"answer {len(calls)}"
+
+    assert llm("base") == "answer 1"
+    hit = a.get("base", scope=LLM)
+    assert hit is not None and a.feedback(hit, False)
+    assert llm("base") == "answer 2" and calls == ["base", "base"]
+    assert llm("base") == "answer 2"
+    assert a.stats()["coalesced"] == 0
+    a.close()
+
+
+def test_a_wrong_verdict_holds_across_lookup_paths(ns):
+    """One prompt's similarity differs in its last bits between get() and get_many() (and
+    hosts): a wrong verdict from one path must hold on the other."""
+    rng = np.random.default_rng(0)
+    dim, found = 384, 0
+    vecs = {"base": rng.standard_normal(dim).astype(np.float32)}
+    unit = vecs["base"] / np.linalg.norm(vecs["base"])
+    for t in range(400):  # (not unit length, as many models' outputs)
+        vecs[f"q{t}"] = ((unit * 0.93 + rng.standard_normal(dim).astype(np.float32) * 0.02)
+                         * 3.7).astype(np.float32)
+        vecs[f"z{t}"] = rng.standard_normal(dim).astype(np.float32)
+    emb = Table()
+    emb.vecs, emb.dim = vecs, dim
+    a = SemanticCache(emb, store="memory", namespace=ns, threshold=0.8, snapshot_interval=None)
+    a.set("base", "A")
+    for t in range(400):
+        one = a.get(f"q{t}")
+        if one is None:
+            continue
+        many = a.get_many([f"q{t}", f"z{t}"])[0]
+        if many is None or many.similarity == one.similarity:
+            continue
+        found += 1
+        a.feedback(one if one.similarity < many.similarity else many, False)  # the lower
+        assert a.get(f"q{t}") is None and a.get_many([f"q{t}", f"z{t}"])[0] is None
+        a.delete(one.key)
+        a.set("base", "A")
+    assert found > 0  # (the two paths did differ for some prompts)
+    a.close()
+
+
+def test_judges_run_after_the_call_returns(ns):
+    """The caller of @cached does not wait for the judge (an LLM judge takes as long as
+    the call it judges); wait_for_verdicts() does."""
+    emb = learning_table()
+    a = cache_on("memory", ns, emb, learn_floor=0.75, learn_after=2)
+    started, go = threading.Event(), threading.Event()
+
+    def judge(new: str, cached: str) -> bool:
+        started.set()
+        assert go.wait(10)
+        return True
+
+    llm = make_llm(a, {"base": "A", "p 0.8": "A"}, [], judge=judge)
+    llm("base")
+    assert llm("p 0.8") == "A"  # returned while the judge waits
+    assert started.wait(10) and a.stats()["verdicts_right"] == 0
+    assert a.wait_for_verdicts(0.2) is False
+    go.set()
+    assert a.wait_for_verdicts(10) and a.stats()["verdicts_right"] == 1
+    a.close()
+
+
+def test_a_judge_that_fails_or_returns_no_bool_never_breaks_the_call(ns, caplog):
+    emb = learning_table()
+    a = cache_on("memory", ns, emb, learn_floor=0.75, learn_after=2)
+    llm = make_llm(a, {"base": "A", "p 0.8": "A", "p 0.82": "A"}, [],
+                   judge=lambda new, cached: "yes")  # type: ignore[arg-type,return-value]
+    llm("base")
+    assert llm("p 0.8") == "A"
+    assert a.wait_for_verdicts(10)
+    assert a.stats()["verdicts_right"] == 0
+    assert "a judge returns a bool" in caplog.text
+
+    async def async_judge(new: str, cached: str) -> bool:
+        return True
+
+    with pytest.raises(TypeError):
+        a.cached(judge=async_judge)  # type: ignore[arg-type]
+    assert a.feedback(a.get("base", scope=LLM), np.bool_(False))  # type: ignore[arg-type]
     a.close()

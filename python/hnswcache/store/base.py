@@ -261,11 +261,12 @@ Verdict = tuple[float, bool]
 
 def merge_verdicts(old: Sequence[Verdict], new: Verdict) -> tuple[Verdict, ...]:
     """``old`` with ``new`` added, pruned to what an entry's threshold depends on (see
-    ``CacheCore.entry_threshold``): the highest similarity judged wrong, and the right ones
-    above it, lowest first, ``MAX_VERDICTS`` in all."""
+    ``CacheCore.entry_threshold``): the highest similarity judged wrong, and the distinct
+    right ones above it, lowest first, ``MAX_VERDICTS`` in all."""
     both = [*old, new]
     wrong = max((s for s, ok in both if not ok), default=None)
-    rights = sorted(s for s, ok in both if ok and (wrong is None or s > wrong))
+    # (a set: one prompt judged right twice -- a retry, a repeated miss -- counts once)
+    rights = sorted({s for s, ok in both if ok and (wrong is None or s > wrong)})
     head: list[Verdict] = [] if wrong is None else [(wrong, False)]
     return (*head, *((s, True) for s in rights[:MAX_VERDICTS - len(head)]))
 
