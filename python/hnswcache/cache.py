@@ -35,15 +35,13 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _snapshot
+from . import _judges, _snapshot
 from ._cache_core import CacheCore, Hit, Lookup
 from ._flight import (
     LEADING,
@@ -54,6 +52,7 @@ from ._flight import (
     stop_waiting,
     waiting_tokens,
 )
+from ._judges import JudgeRunner
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
@@ -279,10 +278,10 @@ def _check_wait(wait: float) -> float | None:
 #: The caches that write periodic snapshots in a thread (see _before_fork).
 _FORK_SAFE: weakref.WeakSet[SemanticCache] = weakref.WeakSet()
 _FORK_HELD: list[SemanticCache] = []
-#: The caches that have a judge thread (see _judge_later; renewed in a forked child).
-_JUDGING: weakref.WeakSet[SemanticCache] = weakref.WeakSet()
 #: Judgments (see _judge_later) queued or running per cache, past which one is skipped.
 _MAX_JUDGING = 64
+#: Seconds close() waits for a judgment under way (its verdict is then written or lost).
+_JUDGE_CLOSE_WAIT = 2.0
 
 
 def _before_fork() -> None:
@@ -304,10 +303,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    for cache in list(_JUDGING):  # (the parent's judge thread is not here)
-        cache._judge_mu = threading.Lock()
-        cache._judges = None
-        cache._judging = 0
+    _judges.after_fork_in_child()  # (the parent's judge threads are not here)
     while _FORK_HELD:
         cache = _FORK_HELD.pop()
         cache._save_mu.release()
@@ -662,9 +658,7 @@ class SemanticCache(_Base):
         # only while it copies the replica's entry list and log position, not while it
         # writes (that held lookups applying others' changes, and writes, ~0.3 s per 100k).
         self._save_mu = threading.Lock()
-        self._judges: ThreadPoolExecutor | None = None  # @cached's judges (_judge_later)
-        self._judge_mu = threading.Lock()
-        self._judging = 0  # judgments queued or running
+        self._judges = JudgeRunner("hnswcache-judge", _MAX_JUDGING)  # (see _judge_later)
         if self._snapshot_every is not None and self._snapshot_dir is not None:
             _FORK_SAFE.add(self)
 
@@ -1262,8 +1256,9 @@ class SemanticCache(_Base):
         c = self._core
         if c.learn_floor is None or vec is None:
             return
-        cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
-                 if e[0] != k[0]]
+        with self._judges.native():  # (an exit waits for it to return)
+            cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
+                     if e[0] != k[0]]
         if not cands:
             return
         try:
@@ -1285,41 +1280,18 @@ class SemanticCache(_Base):
 
     def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
                      judge: Callable[[str, str], Any]) -> None:
-        """Run :meth:`_learn` in the cache's judge thread (one, so judges never run in
-        parallel): the caller of ``@cached``, and the calls that wait for it, do not wait
-        for a judge (an LLM judge takes as long as the call it judges). At most
-        ``_MAX_JUDGING`` wait; past that a judgment is skipped."""
-        with self._judge_mu:
-            if self._closed or self._judging >= _MAX_JUDGING:
-                return
-            if self._judges is None:
-                self._judges = ThreadPoolExecutor(1, thread_name_prefix="hnswcache-judge")
-                _JUDGING.add(self)
-            self._judging += 1
-            self._judges.submit(self._learn_logged, k, vec, answer, judge)
-
-    def _learn_logged(self, *args: Any) -> None:
-        try:
-            self._learn(*args)
-        except Exception:  # (a background thread: nobody else would see it)
-            log.exception("hnswcache %r: recording a verdict failed", self.namespace)
-        finally:
-            with self._judge_mu:
-                self._judging -= 1
+        """Run :meth:`_learn` in the cache's judge thread (``_judges.py``: one judgment at
+        a time, at most ``_MAX_JUDGING`` waiting, past that one is skipped): the caller of
+        ``@cached``, and the calls that wait for it, do not wait for a judge (an LLM judge
+        takes as long as the call it judges)."""
+        if not self._closed:
+            self._judges.submit(functools.partial(self._learn, k, vec, answer, judge))
 
     def wait_for_verdicts(self, timeout: float | None = None) -> bool:
         """Wait until the judges ``@cached(judge=...)`` started have recorded their verdicts
         (they run in the background, one at a time, after the call returned); True if none
-        is left, False if ``timeout`` seconds passed first."""
-        with self._judge_mu:
-            if self._judges is None or self._judging == 0:
-                return True
-            marker = self._judges.submit(lambda: None)  # (done after every earlier one)
-        try:
-            marker.result(timeout)
-        except FuturesTimeout:
-            return False
-        return True
+        is left, False if ``timeout`` seconds passed first (or when called from a judge)."""
+        return self._judges.wait(timeout)
 
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
@@ -1505,10 +1477,9 @@ class SemanticCache(_Base):
             th, self._snapshot_thread = self._snapshot_thread, None
         if th is not None and th is not threading.current_thread():
             th.join()  # (the snapshot below comes after it)
-        with self._judge_mu:  # (_closed is set: no judgment is queued after this)
-            judges, self._judges = self._judges, None
-        if judges is not None:  # the running judgment ends; those not started are dropped
-            judges.shutdown(wait=True, cancel_futures=True)
+        # (_closed is set: no judgment is queued after this) Those not started are dropped;
+        # one under way has a moment to record its verdict.
+        self._judges.stop(_JUDGE_CLOSE_WAIT)
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:
@@ -1576,6 +1547,7 @@ class AsyncSemanticCache(_Base):
         self._asave_lock: asyncio.Lock | None = None
         self._saving = False  # a snapshot's index files are being written (see _insert)
         self._judge_tasks: set[asyncio.Task[None]] = set()  # @cached's judges
+        self._judge_lock: asyncio.Lock | None = None  # (one judge at a time)
         self._owns_store = not _is_store(store)
         if store is None:
             store = self._open_embedded(data_dir)
@@ -2195,7 +2167,10 @@ class AsyncSemanticCache(_Base):
             return
         rec, sim = target
         try:
-            right = judge(answer, rec.response)
+            if judge is same_text or inspect.iscoroutinefunction(judge):
+                right = judge(answer, rec.response)
+            else:  # (a sync judge may be slow: not on the event loop's thread)
+                right = await asyncio.to_thread(judge, answer, rec.response)
             if inspect.isawaitable(right):
                 right = await right
             right = _verdict(right)
@@ -2206,7 +2181,9 @@ class AsyncSemanticCache(_Base):
 
     def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
                      judge: Callable[[str, str], Any]) -> None:
-        """See :meth:`SemanticCache._judge_later` (a task on the event loop)."""
+        """See :meth:`SemanticCache._judge_later`: a task of the event loop per judgment,
+        at most ``_MAX_JUDGING``, run one at a time (a lock), a sync judge in a worker
+        thread. The end of the event loop (``asyncio.run``) cancels those not done."""
         if self._closed or len(self._judge_tasks) >= _MAX_JUDGING:
             return
         task = asyncio.get_running_loop().create_task(self._learn_logged(k, vec, answer, judge))
@@ -2214,13 +2191,20 @@ class AsyncSemanticCache(_Base):
         task.add_done_callback(self._judge_tasks.discard)
 
     async def _learn_logged(self, *args: Any) -> None:
+        if self._judge_lock is None:
+            self._judge_lock = asyncio.Lock()
         try:
-            await self._learn(*args)
+            async with self._judge_lock:
+                if not self._closed:
+                    await self._learn(*args)
         except Exception:  # (a background task: nobody awaits it)
             log.exception("hnswcache %r: recording a verdict failed", self.namespace)
 
     async def wait_for_verdicts(self, timeout: float | None = None) -> bool:
-        """See :meth:`SemanticCache.wait_for_verdicts`."""
+        """See :meth:`SemanticCache.wait_for_verdicts` (from a judge: False at once)."""
+        me = asyncio.current_task()
+        if me in self._judge_tasks:
+            return False
         tasks = set(self._judge_tasks)
         if not tasks:
             return True
@@ -2380,9 +2364,11 @@ class AsyncSemanticCache(_Base):
             # Waited for, not awaited: a task cancelled by the application's shutdown must
             # not end this close() half done (the loop may close after us: not left pending).
             await asyncio.wait({task})
-        judging = set(self._judge_tasks)  # (_closed is set: no judge starts after this)
+        # (_closed is set: no judge starts after this) Judgments not recorded yet are
+        # dropped (not the one calling close(), if any: it would cancel this close()).
+        judging = set(self._judge_tasks) - {asyncio.current_task()}
         for t in judging:
-            t.cancel()  # judgments not recorded yet are dropped
+            t.cancel()
         if judging:
             await asyncio.wait(judging)
         refs = c.take_refreshes()  # hits whose write-back failed so far

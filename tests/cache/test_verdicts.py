@@ -382,3 +382,160 @@ def test_a_judge_that_fails_or_returns_no_bool_never_breaks_the_call(ns, caplog)
         a.cached(judge=async_judge)  # type: ignore[arg-type]
     assert a.feedback(a.get("base", scope=LLM), np.bool_(False))  # type: ignore[arg-type]
     a.close()
+
+
+# --------------------------------------------------------------------------- judges' runner
+# (review of the fifth session of 2026-12-05: each failed on the ThreadPoolExecutor before)
+
+_EXIT_SCRIPT = """
+import sys, threading, time, math
+import numpy as np
+sys.path.insert(0, {tests!r})
+from cache.test_verdicts import learning_table, make_llm, cache_on
+mode = sys.argv[1]
+a = cache_on("memory", "exit", learning_table(), learn_floor=0.75, learn_after=10)
+hang = threading.Event()
+def judge(new, cached):
+    if mode == "hang":
+        hang.wait()
+    else:
+        time.sleep(1.0)
+    return True
+llm = make_llm(a, {{}}, [], judge=judge)
+llm("base")
+for p in ("p 0.8", "p 0.81", "p 0.815", "p 0.82", "p 0.83", "p 0.835"):
+    llm(p)
+if mode == "late":  # a call from a thread still running when the main thread ends
+    def late():
+        time.sleep(0.3)
+        print("late call:", llm("p 0.84"), flush=True)
+    threading.Thread(target=late).start()
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["queued", "hang", "late"])
+def test_exit_without_close_does_not_wait_for_judges(mode, tmp_path):
+    """A process that ends without close() drops the judgments not started (it ran all
+    of them first, 1 s each here) and does not wait for one that hangs (it never ended)."""
+    import subprocess
+    import sys
+    import time as _time
+    from pathlib import Path
+
+    script = tmp_path / "exit.py"
+    tests = str(Path(__file__).resolve().parents[1])
+    script.write_text(_EXIT_SCRIPT.format(tests=tests))
+    t0 = _time.monotonic()
+    out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ,
+                                          "PYTHONPATH": str(Path(tests).parent / "python")})
+    took = _time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    assert "main done" in out.stdout
+    if mode == "late":
+        assert "late call: other" in out.stdout
+    assert took < 4.0, (took, out.stderr)  # (6 judges of 1 s each queued; or one hung)
+
+
+def test_close_does_not_wait_long_for_a_hung_judge(ns):
+    a = cache_on("memory", ns, learning_table(), learn_floor=0.75, learn_after=2)
+    started, never = threading.Event(), threading.Event()
+
+    def judge(new: str, cached: str) -> bool:
+        started.set()
+        never.wait(30)
+        return True
+
+    llm = make_llm(a, {}, [], judge=judge)
+    llm("base")
+    llm("p 0.8")
+    assert started.wait(10)
+    closer = threading.Thread(target=a.close)
+    closer.start()
+    closer.join(10)
+    never.set()
+    assert not closer.is_alive()
+
+
+def test_close_from_inside_a_judge_closes_for_good(tmp_path, ns):
+    """A judge that closes its cache (as an application's shutdown may) closes it fully:
+    the cache's own server stops."""
+    a = SemanticCache(learning_table(), namespace=ns, data_dir=tmp_path / "data",
+                      threshold=0.9, learn_floor=0.75, learn_after=2, snapshot_interval=None)
+    seen: list[Any] = []
+
+    def judge(new: str, cached: str) -> bool:
+        seen.append(a.wait_for_verdicts(5))  # (from a judge: False at once, no self-wait)
+        a.close()
+        return True
+
+    llm = make_llm(a, {}, [], judge=judge)
+    llm("base")
+    llm("p 0.8")
+    deadline = __import__("time").monotonic() + 10
+    while a._server is not None and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert seen == [False]
+    assert a._closed and a._server is None
+    assert a.wait_for_verdicts(5)
+
+
+def test_async_judges_run_one_at_a_time_and_off_the_loop(store_url, ns):
+    store = shared(store_url, ns)
+    if store_url == "memory":
+        from hnswcache.store.memory import AsyncMemoryStore
+
+        store = AsyncMemoryStore(store)
+    running, peak, threads = [0], [0], []
+
+    async def run() -> None:
+        a = AsyncSemanticCache(learning_table(), store=store, namespace=ns, threshold=0.9,
+                               snapshot_interval=None, learn_floor=0.75, learn_after=2)
+
+        async def slow_judge(new: str, cached: str) -> bool:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            await asyncio.sleep(0.05)
+            running[0] -= 1
+            return True
+
+        @a.cached(judge=slow_judge, coalesce=False, name="llm")
+        async def llm(prompt: str) -> str:
+            return "A"
+
+        await llm("base")
+        await asyncio.gather(*(llm(p) for p in ("p 0.8", "p 0.81", "p 0.815", "p 0.82")))
+        assert await a.wait_for_verdicts(10)
+        assert peak[0] == 1 and a.stats()["verdicts_right"] >= 2  # (then it learned)
+
+        def sync_judge(new: str, cached: str) -> bool:
+            threads.append(threading.current_thread())
+            return True
+
+        @a.cached(judge=sync_judge, coalesce=False, name="llm2")
+        async def llm2(prompt: str) -> str:
+            return "A"
+
+        await llm2("base")
+        await llm2("p 0.8")
+        assert await a.wait_for_verdicts(10)
+        assert threads and threads[0] is not threading.main_thread()  # (not the loop's)
+
+        async def closing_judge(new: str, cached: str) -> bool:
+            await a.close()  # (from a judge task: not cancelled by its own close)
+            return True
+
+        @a.cached(judge=closing_judge, coalesce=False, name="llm3")
+        async def llm3(prompt: str) -> str:
+            return "A"
+
+        await llm3("base")
+        await llm3("p 0.8")
+        for _ in range(200):
+            if not a._judge_tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert a._closed and not a._judge_tasks
+
+    asyncio.run(run())
