@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 from typing import Any
 
@@ -20,6 +21,8 @@ from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.cache import same_text
 from hnswcache.store.base import MAX_VERDICTS, decode_verdicts, encode_verdicts, merge_verdicts
 from hnswcache.store.memory import MemoryStore
+
+from .cache_helpers import child_env
 
 DIM = 40
 
@@ -427,9 +430,10 @@ def test_exit_without_close_does_not_wait_for_judges(mode, tmp_path):
     tests = str(Path(__file__).resolve().parents[1])
     script.write_text(_EXIT_SCRIPT.format(tests=tests))
     t0 = _time.monotonic()
+    env = child_env()  # (the hnswcache under test: installed, or the source tree)
+    env["PYTHONPATH"] += os.pathsep + tests
     out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
-                         timeout=60, env={**__import__("os").environ,
-                                          "PYTHONPATH": str(Path(tests).parent / "python")})
+                         timeout=60, env=env)
     took = _time.monotonic() - t0
     assert out.returncode == 0, out.stderr
     assert "main done" in out.stdout
