@@ -9,7 +9,9 @@ of another intent) through a ``@cached`` function, with all-MiniLM-L6-v2 embeddi
 one text, so the default judge (``same_text``) is a perfect one here; a real LLM's answers
 vary and need a judge that compares meaning. Each configuration runs the same streams on an
 in-memory cache; with ``feedback``, every false hit served is reported (a user's thumbs
-down) through ``cache.feedback(hit, False)``.
+down) through ``cache.feedback(hit, False)``; with ``audit``, ``@cached(audit=...)`` checks
+that share of the semantic hits by calling the LLM and judging its answer against the
+cached one (an audited request counts as an LLM call, not a hit).
 
 Printed per configuration (summed over the seeds): requests, hits, false hits (a hit
 whose answer is another intent's), hit rate, the false hits' share of hits, LLM calls,
@@ -36,6 +38,7 @@ class Config:
     learn_floor: float | None = None
     learn_after: int = 3
     feedback: bool = False
+    audit: float = 0.0
 
 
 CONFIGS = [
@@ -49,6 +52,9 @@ CONFIGS = [
            feedback=True),
     Config("learn: floor 0.60, after 3 + feedback", learn_floor=0.60, learn_after=3,
            feedback=True),
+    Config("static 0.85 + audit 5%", audit=0.05),
+    Config("static 0.85 + audit 20%", audit=0.20),
+    Config("static 0.80 + audit 20%", threshold=0.80, audit=0.20),
 ]
 
 
@@ -69,7 +75,7 @@ def run(cfg: Config, events: list[Any], emb: Table) -> dict[str, int]:
     answer = {ev.text: f"The answer for {ev.intent}." for ev in events}
     calls = [0]
 
-    @cache.cached(coalesce=False, name="llm")
+    @cache.cached(coalesce=False, name="llm", audit=cfg.audit)
     def llm(prompt: str) -> str:
         calls[0] += 1
         return answer[prompt]
@@ -77,6 +83,14 @@ def run(cfg: Config, events: list[Any], emb: Table) -> dict[str, int]:
     out = {"requests": 0, "hits": 0, "false_hits": 0}
     for ev in events:
         out["requests"] += 1
+        if not cfg.feedback:  # (through the decorator alone, audits included)
+            before = calls[0]
+            got = llm(ev.text)
+            cache.wait_for_verdicts()  # (a judge's verdict before the next request)
+            if calls[0] == before:
+                out["hits"] += 1
+                out["false_hits"] += got != answer[ev.text]
+            continue
         hit = cache.get(ev.text, scope={"_fn": "llm"})
         if hit is None:
             llm(ev.text)
@@ -89,6 +103,7 @@ def run(cfg: Config, events: list[Any], emb: Table) -> dict[str, int]:
     st = cache.stats()
     out["llm_calls"] = calls[0]
     out["verdicts"] = st["verdicts_right"] + st["verdicts_wrong"]
+    out["audits"] = st["audits"]
     out["hits_learned"] = st["hits_learned"]
     cache.close()
     return out
@@ -109,8 +124,8 @@ def main() -> None:
           f"{args.seeds} streams of {args.events} requests ({len(texts)} distinct texts)")
     print()
     print("| configuration | hits | false hits | hit rate | false share of hits | LLM calls "
-          "| verdicts | learned hits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| audits | verdicts | learned hits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cfg in CONFIGS:
         tot: dict[str, int] = {}
         for evs in streams:
@@ -119,7 +134,7 @@ def main() -> None:
         print(f"| {cfg.label} | {tot['hits']} | {tot['false_hits']} | "
               f"{tot['hits'] / tot['requests']:.3f} | "
               f"{tot['false_hits'] / max(1, tot['hits']):.3f} | {tot['llm_calls']} | "
-              f"{tot['verdicts']} | {tot['hits_learned']} |", flush=True)
+              f"{tot['audits']} | {tot['verdicts']} | {tot['hits_learned']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ class Stats:
             ("lookups", "hits_exact", "hits_semantic", "misses", "sets", "deletes",
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
              "sync_events", "resyncs", "coalesced", "too_old", "near_misses",
-             "snapshots_saved", "verdicts_right", "verdicts_wrong", "hits_learned"), 0)
+             "snapshots_saved", "verdicts_right", "verdicts_wrong", "hits_learned",
+             "audits"), 0)
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
@@ -704,6 +705,10 @@ class CacheCore:
         rec, sim = best
         return best if self.learn_floor <= sim < self.entry_threshold(rec, self.threshold) \
             else None
+
+    def draw(self, share: float) -> bool:
+        """True with probability ``share`` (which hits ``@cached(audit=)`` checks)."""
+        return self._rng.random() < share
 
     def lowest_threshold(self, threshold: float) -> float:
         """The lowest threshold any entry may answer at in a lookup with ``threshold``."""

@@ -226,6 +226,14 @@ def same_text(new: str, cached: str) -> bool:
     return normalize_prompt(new) == normalize_prompt(cached)
 
 
+def _check_audit(audit: float) -> float:
+    if isinstance(audit, bool) or not isinstance(audit, (int, float)) or \
+            not 0.0 <= audit <= 1.0:
+        raise ValueError(f"audit is the share of semantic hits to check, in [0, 1], "
+                         f"got {audit!r}")
+    return float(audit)
+
+
 def _verdict(value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"a judge returns a bool, got {type(value).__name__}")
@@ -1293,6 +1301,16 @@ class SemanticCache(_Base):
         is left, False if ``timeout`` seconds passed first (or when called from a judge)."""
         return self._judges.wait(timeout)
 
+    def _judge_hit(self, hit: Hit, answer: str, judge: Callable[[str, str], Any]) -> None:
+        """An audit's judgment (in the judge thread): was ``hit`` right, given ``answer``?"""
+        try:
+            right = _verdict(judge(answer, hit.response))
+        except Exception:
+            log.exception("hnswcache %r: the judge failed", self.namespace)
+            return
+        eid, verdict = self._core.verdict_of(hit, right)
+        self._add_verdict(eid, hit.version, verdict)
+
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
         existed."""
@@ -1350,7 +1368,7 @@ class SemanticCache(_Base):
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None, sliding: bool = False, name: str | None = None,
-        judge: Callable[[str, str], bool] | None = None,
+        judge: Callable[[str, str], bool] | None = None, audit: float = 0.0,
     ) -> Callable[[F], F]:
         """Decorate ``fn(prompt, ...) -> str`` so answers come from the cache when they can.
 
@@ -1382,10 +1400,18 @@ class SemanticCache(_Base):
         call of ``fn`` a search and a store read find that entry, and the judge runs in the
         background (one judge at a time per cache; :meth:`wait_for_verdicts` waits for
         them): no extra call of ``fn``, and nobody waits for the judge.
+
+        ``audit`` (0 to 1, default 0) checks that share of the semantic hits: ``fn`` is
+        called although the cache had an answer, its answer is returned and stored, and
+        ``judge(new answer, cached answer)`` records a verdict on the entry that hit (in
+        the background, as above): an entry found wrong stops answering at that similarity
+        or farther, with no user's feedback (see :meth:`feedback`). It costs that share of
+        the semantic hits in calls of ``fn``. It needs no ``learn_floor``.
         """
         if judge is not None and (inspect.iscoroutinefunction(judge) or not callable(judge)):
             raise TypeError("judge must be a function (new answer, cached answer) -> bool; "
                             "an async judge needs AsyncSemanticCache")
+        audit = _check_audit(audit)
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
         self._core.check_sliding(
@@ -1398,7 +1424,17 @@ class SemanticCache(_Base):
                 used: list[Any] = [None]
                 hit = self._get_many([prompt], sc, None, None, used, max_age)[0]
                 if hit is not None:
-                    return hit.response
+                    if not (audit and hit.tier == "semantic" and self._core.draw(audit)):
+                        return hit.response
+                    result = fn(*args, **kwargs)  # an audit: the cache's answer is checked
+                    if isinstance(result, str):
+                        self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
+                                 sliding=sliding)
+                        self._core.stats.add("audits")
+                        if not self._closed:
+                            self._judges.submit(functools.partial(
+                                self._judge_hit, hit, result, judge or same_text))
+                    return result
 
                 def call() -> Any:
                     result = fn(*args, **kwargs)
@@ -2184,21 +2220,50 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache._judge_later`: a task of the event loop per judgment,
         at most ``_MAX_JUDGING``, run one at a time (a lock), a sync judge in a worker
         thread. The end of the event loop (``asyncio.run``) cancels those not done."""
+        self._start_judge(self._learn(k, vec, answer, judge))
+
+    def _start_judge(self, judgment: Awaitable[None]) -> None:
+        """Run ``judgment`` as a task, after the ones before it (a lock); dropped (closed)
+        if the cache is closed or ``_MAX_JUDGING`` wait already."""
+        coro = self._judged(judgment)
         if self._closed or len(self._judge_tasks) >= _MAX_JUDGING:
+            coro.close()
+            if inspect.iscoroutine(judgment):
+                judgment.close()
             return
-        task = asyncio.get_running_loop().create_task(self._learn_logged(k, vec, answer, judge))
+        task = asyncio.get_running_loop().create_task(coro)
         self._judge_tasks.add(task)
         task.add_done_callback(self._judge_tasks.discard)
 
-    async def _learn_logged(self, *args: Any) -> None:
+    async def _judged(self, judgment: Awaitable[None]) -> None:
         if self._judge_lock is None:
             self._judge_lock = asyncio.Lock()
         try:
             async with self._judge_lock:
-                if not self._closed:
-                    await self._learn(*args)
+                if self._closed:
+                    if inspect.iscoroutine(judgment):
+                        judgment.close()
+                    return
+                await judgment
         except Exception:  # (a background task: nobody awaits it)
             log.exception("hnswcache %r: recording a verdict failed", self.namespace)
+
+    async def _judge_hit(self, hit: Hit, answer: str, judge: Callable[[str, str], Any]
+                         ) -> None:
+        """See :meth:`SemanticCache._judge_hit`."""
+        try:
+            if judge is same_text or inspect.iscoroutinefunction(judge):
+                right = judge(answer, hit.response)
+            else:  # (a sync judge may be slow: not on the event loop's thread)
+                right = await asyncio.to_thread(judge, answer, hit.response)
+            if inspect.isawaitable(right):
+                right = await right
+            right = _verdict(right)
+        except Exception:
+            log.exception("hnswcache %r: the judge failed", self.namespace)
+            return
+        eid, verdict = self._core.verdict_of(hit, right)
+        await self._add_verdict(eid, hit.version, verdict)
 
     async def wait_for_verdicts(self, timeout: float | None = None) -> bool:
         """See :meth:`SemanticCache.wait_for_verdicts` (from a judge: False at once)."""
@@ -2257,13 +2322,14 @@ class AsyncSemanticCache(_Base):
         self, *, scope: Mapping[str, Any] | None = None, ttl: float | None = None,
         key: Callable[..., Any] | None = None, coalesce: bool = True, wait: float = 60.0,
         max_age: float | None = None, sliding: bool = False, name: str | None = None,
-        judge: Callable[[str, str], Any] | None = None,
+        judge: Callable[[str, str], Any] | None = None, audit: float = 0.0,
     ) -> Callable[[F], F]:
         """Decorate ``async fn(prompt, ...) -> str``; see :meth:`SemanticCache.cached`
         (coalescing joins the calls of other tasks on the same event loop; ``judge`` may
         be a coroutine function; judges run as tasks of the event loop)."""
         if judge is not None and not callable(judge):
             raise TypeError("judge must be a function (new answer, cached answer) -> bool")
+        audit = _check_audit(audit)
         limit = _check_wait(wait)
         age = self._core.check_max_age(max_age)
         self._core.check_sliding(
@@ -2279,7 +2345,15 @@ class AsyncSemanticCache(_Base):
                 used: list[Any] = [None]
                 hit = (await self._get_many([prompt], sc, None, None, used, max_age))[0]
                 if hit is not None:
-                    return hit.response
+                    if not (audit and hit.tier == "semantic" and self._core.draw(audit)):
+                        return hit.response
+                    result = await fn(*args, **kwargs)  # an audit (see SemanticCache)
+                    if isinstance(result, str):
+                        await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
+                                       sliding=sliding)
+                        self._core.stats.add("audits")
+                        self._start_judge(self._judge_hit(hit, result, judge or same_text))
+                    return result
 
                 async def call() -> Any:
                     result = await fn(*args, **kwargs)

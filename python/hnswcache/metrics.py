@@ -43,6 +43,7 @@ _COUNTERS = {
     "verdicts_wrong": ("verdicts_wrong", "Verdicts recorded that a cached answer was wrong."),
     "hits_learned": ("hits_learned", "Semantic hits below the threshold, by an entry's "
                                      "learned threshold."),
+    "audits": ("audits", "Semantic hits @cached(audit=) checked by calling the function."),
 }
 
 

@@ -543,3 +543,84 @@ def test_async_judges_run_one_at_a_time_and_off_the_loop(store_url, ns):
         assert a._closed and not a._judge_tasks
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- audits
+
+
+def test_audited_hits_find_a_wrong_entry_without_feedback(store_url, ns):
+    """@cached(audit=1.0) checks every semantic hit: fn is called, its answer returned and
+    stored, and the judge's verdict recorded on the entry that hit; a wrong entry stops
+    answering at that similarity or farther. Exact hits are never audited."""
+    store = shared(store_url, ns)
+    a = cache_on(store, ns, learning_table())
+    a._core.embedder.vecs.update({"q 0.95": at(0.95, 20), "q 0.93": at(0.93, 21),  # type: ignore[union-attr]
+                                  "q 0.97": at(0.97, 22), "q 0.94": at(0.94, 23)})
+    calls: list[str] = []
+    answers = {"base": "A", "q 0.95": "B", "q 0.97": "A"}
+
+    @a.cached(coalesce=False, name="llm", audit=1.0)
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        return answers.get(prompt, "other")
+
+    assert llm("base") == "A" and llm("BASE") == "A"  # (the exact tier: no audit)
+    assert calls == ["base"]
+    assert llm("q 0.95") == "B" and calls[-1] == "q 0.95"  # audited: B is not A
+    assert a.wait_for_verdicts(10)
+    st = a.stats()
+    assert st["audits"] == 1 and st["verdicts_wrong"] == 1 and st["hits_semantic"] == 1
+    assert a.get("x", scope=LLM, embedding=at(0.93, 24)) is None  # farther: refused
+    assert llm("q 0.97") == "A" and calls[-1] == "q 0.97"  # closer: audited, right
+    assert a.wait_for_verdicts(10) and a.stats()["verdicts_right"] == 1
+    a.close()
+
+    b = cache_on(store, ns, learning_table())  # another process: the verdicts hold
+    assert b.get("x", scope=LLM, embedding=at(0.925, 25)) is None  # (0.925 * 0.97 < 0.9)
+    assert b.get("x", scope=LLM, embedding=at(0.96, 26)) is not None
+    b.close()
+
+
+def test_audit_is_checked_and_off_by_default(ns):
+    a = cache_on("memory", ns, learning_table())
+    for bad in (-0.1, 1.5, True, "0.1", float("nan")):
+        with pytest.raises(ValueError):
+            a.cached(audit=bad)  # type: ignore[arg-type]
+    calls: list[str] = []
+    a._core.embedder.vecs["q 0.95"] = at(0.95, 20)  # type: ignore[union-attr]
+    llm = make_llm(a, {"base": "A"}, calls)
+    llm("base")
+    for _ in range(20):
+        assert llm("q 0.95") == "A"
+    assert calls == ["base"] and a.stats()["audits"] == 0
+    a.close()
+
+
+def test_async_audit(store_url, ns):
+    store = shared(store_url, ns)
+    if store_url == "memory":
+        from hnswcache.store.memory import AsyncMemoryStore
+
+        store = AsyncMemoryStore(store)
+
+    async def run() -> None:
+        emb = learning_table()
+        emb.vecs["q 0.95"] = at(0.95, 20)
+        a = AsyncSemanticCache(emb, store=store, namespace=ns, threshold=0.9,
+                               snapshot_interval=None)
+
+        async def judge(new: str, cached: str) -> bool:
+            return new == cached
+
+        @a.cached(coalesce=False, name="llm", audit=1.0, judge=judge)
+        async def llm(prompt: str) -> str:
+            return "A" if prompt == "base" else "B"
+
+        assert await llm("base") == "A"
+        assert await llm("q 0.95") == "B"
+        assert await a.wait_for_verdicts(10)
+        assert a.stats()["audits"] == 1 and a.stats()["verdicts_wrong"] == 1
+        assert await a.get("x", scope=LLM, embedding=at(0.93, 24)) is None
+        await a.close()
+
+    asyncio.run(run())
