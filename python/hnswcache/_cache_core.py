@@ -586,6 +586,20 @@ class CacheCore:
         return here is not None and all((q := _position(p)) is not None and q <= here
                                         for p in positions)
 
+    def own_clear(self, sid: str | None, positions: Sequence[str]) -> None:
+        """Apply this process's own clear of scope ``sid`` (logged at ``positions``, the
+        clear event first), ahead of the log. Writes of other threads logged after the
+        clear event stay; if the replica already applied the log past the clear event (as
+        another process's, by another thread), that apply was right and nothing is done."""
+        if positions and self.applied_past(positions[:1]):
+            return
+        start = _position(positions[0]) if positions else None
+        keep = {i for pos, written in self.own_positions.items()
+                if start is not None and (q := _position(pos)) is not None and q > start
+                for i in written}
+        self.remember_own(positions)
+        self.clear_local(sid, keep)
+
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""
         if len(self.own_positions) > _OWN_POSITIONS_MAX:

@@ -4,10 +4,11 @@ thread per cache, one judgment at a time, a few waiting.
 A judge may be an LLM call, as slow as the call it judges, so neither the caller nor the
 calls coalesced with it wait for one. The thread is a daemon: a process that exits, or a
 cache that is closed, drops the judgments not started instead of running them first, and
-does not wait for a judge that hangs. The one thing an exit must wait for is a judgment
-inside the native index (a search, microseconds): a daemon thread stopped there, as the
-interpreter finalises, aborts the process. So a judgment enters native code only through
-:meth:`JudgeRunner.native`, which an exit (or :meth:`JudgeRunner.stop`) waits out.
+does not wait long for a judge that hangs. What an exit must wait for is a judgment inside
+the native index (a search, microseconds): a daemon thread stopped there, as the
+interpreter finalises, aborts the process. So the cache's judgment enters native code only
+through :meth:`JudgeRunner.native`, which an exit (or :meth:`JudgeRunner.stop`) waits out;
+a judge that calls the cache itself is given a second to end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ log = logging.getLogger("hnswcache.cache")
 _IDLE = 30.0
 #: Seconds an exit or stop() waits for a judgment to leave the native index.
 _NATIVE_WAIT = 2.0
+#: Seconds an exit without close() waits for a judgment under way to end.
+_EXIT_WAIT = 1.0
 
 _RUNNERS: weakref.WeakSet[JudgeRunner] = weakref.WeakSet()
 
@@ -84,7 +87,8 @@ class JudgeRunner:
                 job()
             except Stopped:
                 pass
-            except Exception:  # (a background thread: nobody else would see it)
+            except BaseException:  # (a background thread: nobody else would see it; and
+                # SystemExit or a stray CancelledError must not end the thread for good)
                 log.exception("hnswcache: recording a verdict failed")
             finally:
                 with self._cv:
@@ -140,9 +144,11 @@ class JudgeRunner:
 @atexit.register
 def _stop_all() -> None:
     # (atexit runs after the non-daemon threads are joined, before the interpreter
-    # finalises: the last moment a judge thread can leave the native index safely)
+    # finalises: the last moment a judge thread can leave the native index safely). A
+    # judgment under way gets a moment to end: a judge that calls the cache itself
+    # enters the native index outside native().
     for runner in list(_RUNNERS):
-        runner.stop(wait=0.0)
+        runner.stop(wait=_EXIT_WAIT)
 
 
 def after_fork_in_child() -> None:

@@ -350,6 +350,7 @@ class _Base:
         self._embedded_url = ""
         self._takeover_at = 0.0  # (monotonic) no takeover attempt before then
         self._flights = Flights()
+        self._auditing: set[int] = set()  # entry ids of @cached audits under way
         self._closed = False
         self._warm: dict[str, Any] = {}  # how the last warm start went (stats())
         self._snapshot_skipped: str | None = None
@@ -1357,8 +1358,7 @@ class SemanticCache(_Base):
         with self._lock:
             # Its own events are applied here: read back from the log later, the clear
             # would also drop what this process wrote after it.
-            c.remember_own(res.log_positions)
-            c.clear_local(sid)
+            c.own_clear(sid, res.log_positions)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -1406,7 +1406,9 @@ class SemanticCache(_Base):
         ``judge(new answer, cached answer)`` records a verdict on the entry that hit (in
         the background, as above): an entry found wrong stops answering at that similarity
         or farther, with no user's feedback (see :meth:`feedback`). It costs that share of
-        the semantic hits in calls of ``fn``. It needs no ``learn_floor``.
+        the semantic hits in calls of ``fn`` (one at a time per prompt in a process; a
+        call that fails returns the cached answer). Audited lookups count as hits in
+        :meth:`stats`. It needs no ``learn_floor``.
         """
         if judge is not None and (inspect.iscoroutinefunction(judge) or not callable(judge)):
             raise TypeError("judge must be a function (new answer, cached answer) -> bool; "
@@ -1426,7 +1428,18 @@ class SemanticCache(_Base):
                 if hit is not None:
                     if not (audit and hit.tier == "semantic" and self._core.draw(audit)):
                         return hit.response
-                    result = fn(*args, **kwargs)  # an audit: the cache's answer is checked
+                    k = self._core.key(prompt, sc)
+                    if k[0] in self._auditing:
+                        return hit.response  # (one audit of a prompt at a time: a burst
+                    self._auditing.add(k[0])  # of it costs one extra call, not one each)
+                    try:
+                        result = fn(*args, **kwargs)  # an audit: the answer is checked
+                    except Exception:
+                        log.warning("hnswcache %r: an audit's call failed; the cached "
+                                    "answer is returned", self.namespace, exc_info=True)
+                        return hit.response
+                    finally:
+                        self._auditing.discard(k[0])
                     if isinstance(result, str):
                         self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                  sliding=sliding)
@@ -2234,6 +2247,8 @@ class AsyncSemanticCache(_Base):
         task = asyncio.get_running_loop().create_task(coro)
         self._judge_tasks.add(task)
         task.add_done_callback(self._judge_tasks.discard)
+        if inspect.iscoroutine(judgment):  # (a task cancelled before it ran never awaits
+            task.add_done_callback(lambda _: judgment.close())  # it: no warning then)
 
     async def _judged(self, judgment: Awaitable[None]) -> None:
         if self._judge_lock is None:
@@ -2312,8 +2327,8 @@ class AsyncSemanticCache(_Base):
         except StoreError as exc:
             c.failed("clear", exc)
             return 0
-        c.remember_own(res.log_positions)  # (see SemanticCache.clear)
-        c.clear_local(sid)
+        async with self._lock:  # (see SemanticCache.clear)
+            c.own_clear(sid, res.log_positions)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -2347,7 +2362,18 @@ class AsyncSemanticCache(_Base):
                 if hit is not None:
                     if not (audit and hit.tier == "semantic" and self._core.draw(audit)):
                         return hit.response
-                    result = await fn(*args, **kwargs)  # an audit (see SemanticCache)
+                    k = self._core.key(prompt, sc)
+                    if k[0] in self._auditing:
+                        return hit.response  # (see SemanticCache.cached)
+                    self._auditing.add(k[0])
+                    try:
+                        result = await fn(*args, **kwargs)  # an audit (see SemanticCache)
+                    except Exception:
+                        log.warning("hnswcache %r: an audit's call failed; the cached "
+                                    "answer is returned", self.namespace, exc_info=True)
+                        return hit.response
+                    finally:
+                        self._auditing.discard(k[0])
                     if isinstance(result, str):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                        sliding=sliding)

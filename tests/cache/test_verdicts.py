@@ -624,3 +624,129 @@ def test_async_audit(store_url, ns):
         await a.close()
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- final review
+
+
+def test_an_audit_whose_call_fails_returns_the_cached_answer(ns):
+    a = cache_on("memory", ns, learning_table())
+    a._core.embedder.vecs["q 0.95"] = at(0.95, 20)  # type: ignore[union-attr]
+    fail = [False]
+
+    @a.cached(coalesce=False, name="llm", audit=1.0)
+    def llm(prompt: str) -> str:
+        if fail[0]:
+            raise RuntimeError("429 rate limited")
+        return "A"
+
+    assert llm("base") == "A"
+    fail[0] = True
+    assert llm("q 0.95") == "A"  # (the audit's call failed: the cache's answer)
+    assert a.stats()["audits"] == 0
+    a.close()
+
+
+def test_one_audit_of_a_prompt_at_a_time(ns):
+    """A burst of one prompt, every hit audited, costs one extra call, not one each."""
+    a = cache_on("memory", ns, learning_table())
+    a._core.embedder.vecs["q 0.95"] = at(0.95, 20)  # type: ignore[union-attr]
+    calls: list[str] = []
+    inside, go = threading.Event(), threading.Event()
+
+    @a.cached(coalesce=False, name="llm", audit=1.0)
+    def llm(prompt: str) -> str:
+        calls.append(prompt)
+        if prompt != "base":
+            inside.set()
+            assert go.wait(10)
+        return "A"
+
+    llm("base")
+    first = threading.Thread(target=llm, args=("q 0.95",))
+    first.start()
+    assert inside.wait(10)
+    assert [llm("q 0.95") for _ in range(7)] == ["A"] * 7  # answered from the cache
+    go.set()
+    first.join(10)
+    assert calls == ["base", "q 0.95"]
+    a.close()
+
+
+def test_async_judgments_dropped_unstarted_leave_no_warning(ns, recwarn):
+    async def run(close: bool) -> None:
+        emb = learning_table()
+        a = AsyncSemanticCache(emb, store="memory", namespace=ns, threshold=0.9,
+                               snapshot_interval=None)
+
+        async def judge(new: str, cached: str) -> bool:
+            await asyncio.sleep(5)
+            return new == cached
+
+        @a.cached(coalesce=False, name="llm", audit=1.0, judge=judge)
+        async def llm(prompt: str) -> str:
+            return "B"
+
+        await a.set("base", "A", embedding=BASE, scope=LLM)
+        for i in range(3):
+            emb.vecs[f"q{i}"] = at(0.95, 20 + i)
+            assert await llm(f"q{i}") == "B"
+        assert a.stats()["audits"] == 3
+        if close:
+            await a.close()  # (else the end of asyncio.run cancels them)
+
+    import gc
+
+    for close in (True, False):
+        asyncio.run(run(close))
+        gc.collect()
+    assert not [w for w in recwarn.list if "never awaited" in str(w.message)]
+
+
+def test_a_judge_raising_systemexit_does_not_end_judging(ns):
+    a = cache_on("memory", ns, learning_table(), learn_floor=0.75, learn_after=2)
+    seen: list[str] = []
+
+    def judge(new: str, cached: str) -> bool:
+        seen.append(new)
+        if len(seen) == 1:
+            raise SystemExit(3)
+        return True
+
+    llm = make_llm(a, {"base": "A", "p 0.8": "A", "p 0.81": "A"}, [], judge=judge)
+    for p in ("base", "p 0.8", "p 0.81"):
+        llm(p)
+        assert a.wait_for_verdicts(10)
+    assert len(seen) == 2 and a.stats()["verdicts_right"] == 1
+    a.close()
+
+
+def test_own_clear_keeps_a_write_of_another_thread_logged_after_it(ns, monkeypatch):
+    """A set() by another thread between clear()'s store call and its local apply is
+    logged after the clear: the replica keeps it (it wiped it, for good: its log event
+    was this process's own, never fetched again)."""
+    store = MemoryStore(ns)
+    a = cache_on(store, ns)
+    eye = np.eye(DIM, dtype=np.float32)
+
+    def near(i: int) -> np.ndarray:
+        v = 0.95 * eye[i] + math.sqrt(1 - 0.95 ** 2) * eye[i + 1]
+        return v.astype(np.float32)
+
+    a.set("old", "O", embedding=eye[3])
+    real_clear = store.clear
+
+    def clear(sid: Any) -> Any:
+        res = real_clear(sid)
+        t = threading.Thread(target=lambda: a.set("x", "X", embedding=eye[6]))
+        t.start()
+        t.join()
+        return res
+
+    monkeypatch.setattr(store, "clear", clear)
+    a.clear()
+    a.sync()
+    assert a._core.size() == 1
+    assert a.get("near x", embedding=near(6)).response == "X"  # type: ignore[union-attr]
+    assert a.get("near old", embedding=near(3)) is None
+    a.close()
