@@ -86,6 +86,11 @@ class Hit:
     scope: dict[str, Any] = field(default_factory=dict)
     version: str = ""
 
+    def ref(self) -> dict[str, Any]:
+        """What :meth:`SemanticCache.feedback` needs to judge this answer later, in another
+        request or process: ``{"key", "version", "similarity"}`` (JSON-ready)."""
+        return {"key": self.key, "version": self.version, "similarity": self.similarity}
+
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class Lookup:
@@ -680,20 +685,30 @@ class CacheCore:
         return max(t, wrong + WRONG_MARGIN)
 
     @staticmethod
-    def verdict_of(hit: Hit, correct: bool) -> tuple[int, tuple[float, bool]]:
-        """The entry id and the verdict of a :meth:`SemanticCache.feedback` call."""
-        if not isinstance(hit, Hit):
-            raise TypeError(f"feedback judges a Hit, got {type(hit).__name__}")
+    def verdict_of(hit: Hit | Mapping[str, Any], correct: bool
+                   ) -> tuple[int, str, tuple[float, bool]]:
+        """The entry id, version and verdict of a :meth:`SemanticCache.feedback` call on
+        a :class:`Hit` or its :meth:`Hit.ref` (read back from a request, a queue: checked
+        as untrusted input)."""
+        key: Any
+        version: Any
+        sim: Any
+        if isinstance(hit, Hit):
+            key, version, sim = hit.key, hit.version, hit.similarity
+        elif isinstance(hit, Mapping):
+            key, version, sim = hit.get("key"), hit.get("version"), hit.get("similarity")
+        else:
+            raise TypeError(f"feedback judges a Hit or its ref(), got {type(hit).__name__}")
         if not isinstance(correct, (bool, np.bool_)):
             raise TypeError(f"correct must be a bool, got {type(correct).__name__}")
-        eid = parse_id(hit.key)
-        if eid is None or not hit.version:
-            raise ValueError("feedback needs a Hit returned by a cache lookup")
-        correct = bool(correct)
-        sim = float(hit.similarity)
-        if not -1.0 <= sim <= 1.0:  # (NaN too)
-            raise ValueError(f"the hit's similarity is not in [-1, 1]: {hit.similarity!r}")
-        return eid, (sim, correct)
+        eid = parse_id(key) if isinstance(key, str) else None
+        if eid is None or not isinstance(version, str) or not 0 < len(version) <= 64:
+            raise ValueError("feedback needs a Hit returned by a cache lookup (or its ref(): "
+                             "its key, version and similarity)")
+        if isinstance(sim, bool) or not isinstance(sim, (int, float)) or \
+                not -1.0 <= float(sim) <= 1.0:  # (NaN too)
+            raise ValueError(f"the hit's similarity is not a number in [-1, 1]: {sim!r}")
+        return eid, version, (float(sim), bool(correct))
 
     def learn_target(
         self, cands: Sequence[tuple[int, float]], fetched: Mapping[int, Fetched],

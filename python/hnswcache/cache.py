@@ -1231,9 +1231,11 @@ class SemanticCache(_Base):
                 c.stats.add("evictions", len(evicted))
         return keys
 
-    def feedback(self, hit: Hit, correct: bool) -> bool:
+    def feedback(self, hit: Hit | Mapping[str, Any], correct: bool) -> bool:
         """Tell the cache whether ``hit``'s answer was right for the prompt that got it
-        (a user's thumbs down, a judge's verdict).
+        (a user's thumbs down, a judge's verdict). ``hit`` is the :class:`Hit`, or its
+        :meth:`Hit.ref` kept with the response (JSON) for a verdict that comes later, in
+        another request or process.
 
         Wrong: its entry answers no prompt at ``hit.similarity`` or farther again, in
         every process that shares the store (an exact hit judged wrong: no prompt at all,
@@ -1242,10 +1244,9 @@ class SemanticCache(_Base):
         answer that was given: a new write of the entry starts with none. True if it was
         recorded; False if the entry was deleted or written again since, or the store
         failed (counted in ``stats()["store_errors"]``; raised if strict)."""
-        c = self._core
-        eid, verdict = c.verdict_of(hit, correct)
+        eid, version, verdict = self._core.verdict_of(hit, correct)
         self._ready()
-        return self._add_verdict(eid, hit.version, verdict)
+        return self._add_verdict(eid, version, verdict)
 
     def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]) -> bool:
         c = self._core
@@ -1309,8 +1310,7 @@ class SemanticCache(_Base):
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
             return
-        eid, verdict = self._core.verdict_of(hit, right)
-        self._add_verdict(eid, hit.version, verdict)
+        self._add_verdict(*self._core.verdict_of(hit, right))
 
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
@@ -2177,11 +2177,11 @@ class AsyncSemanticCache(_Base):
                 c.stats.add("evictions", len(evicted))
         return keys
 
-    async def feedback(self, hit: Hit, correct: bool) -> bool:
+    async def feedback(self, hit: Hit | Mapping[str, Any], correct: bool) -> bool:
         """See :meth:`SemanticCache.feedback`."""
-        eid, verdict = self._core.verdict_of(hit, correct)
+        eid, version, verdict = self._core.verdict_of(hit, correct)
         await self._ready()
-        return await self._add_verdict(eid, hit.version, verdict)
+        return await self._add_verdict(eid, version, verdict)
 
     async def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]
                            ) -> bool:
@@ -2277,8 +2277,7 @@ class AsyncSemanticCache(_Base):
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
             return
-        eid, verdict = self._core.verdict_of(hit, right)
-        await self._add_verdict(eid, hit.version, verdict)
+        await self._add_verdict(*self._core.verdict_of(hit, right))
 
     async def wait_for_verdicts(self, timeout: float | None = None) -> bool:
         """See :meth:`SemanticCache.wait_for_verdicts` (from a judge: False at once)."""

@@ -97,6 +97,33 @@ def test_a_wrong_exact_answer_answers_nothing_until_written_again(store_url, ns)
     a.close()
 
 
+def test_feedback_later_through_a_hits_ref(store_url, ns):
+    """A thumbs down arrives in another request, maybe another process: the hit's ref(),
+    kept as JSON with the response, is all feedback() needs."""
+    import json
+
+    store = shared(store_url, ns)
+    a, b = cache_on(store, ns), cache_on(store, ns)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("q", embedding=at(0.93, 2))
+    assert hit is not None
+    kept = json.dumps({"answer": hit.response, "ref": hit.ref()})
+    assert b.feedback(json.loads(kept)["ref"], False) is True  # (another cache object)
+    assert a.get("q", embedding=at(0.93, 3)) is None
+    assert a.get("q", embedding=at(0.95, 4)) is not None
+    ref = hit.ref()
+    for bad in ({**ref, "key": "zz"}, {**ref, "key": 5}, {**ref, "version": ""},
+                {**ref, "version": "v" * 65}, {k: v for k, v in ref.items() if k != "version"},
+                {**ref, "similarity": "0.9"}, {**ref, "similarity": True},
+                {**ref, "similarity": 1.5}, {**ref, "similarity": float("nan")}):
+        with pytest.raises(ValueError):
+            b.feedback(bad, False)
+    with pytest.raises(TypeError):
+        b.feedback([ref], False)  # type: ignore[arg-type]
+    a.close()
+    b.close()
+
+
 def test_feedback_on_a_deleted_entry_records_nothing(store_url, ns):
     store = shared(store_url, ns)
     a = cache_on(store, ns)
