@@ -56,6 +56,7 @@ from ._judges import JudgeRunner
 from .embed import default_embedder, embedder_name
 from .store.base import (
     AsyncStore,
+    Cleared,
     Fetched,
     LogBatch,
     Store,
@@ -1321,12 +1322,17 @@ class SemanticCache(_Base):
             raise ValueError(f"not a cache key: {key!r}")
         self._ready()
         try:
-            n = self.store.delete([eid])
+            logged = getattr(self.store, "delete_logged", None)
+            res = logged([eid]) if logged is not None else Cleared(self.store.delete([eid]))
         except StoreError as exc:
             c.failed("delete", exc)
             return False
         with self._lock:
-            c.remove([eid])
+            # (as a write: if another thread read the log past this deletion, it applied
+            # it, and maybe another process's new write of the entry after it)
+            if not c.applied_past(res.log_positions):
+                c.remove([eid])
+        n = res.deleted
         c.stats.add("deletes", n)
         if n:
             self._maybe_snapshot()
@@ -2298,11 +2304,16 @@ class AsyncSemanticCache(_Base):
             raise ValueError(f"not a cache key: {key!r}")
         await self._ready()
         try:
-            n = await self.store.delete([eid])
+            logged = getattr(self.store, "delete_logged", None)
+            res = (await logged([eid]) if logged is not None
+                   else Cleared(await self.store.delete([eid])))
         except StoreError as exc:
             c.failed("delete", exc)
             return False
-        c.remove([eid])
+        async with self._lock:  # (see SemanticCache.delete)
+            if not c.applied_past(res.log_positions):
+                c.remove([eid])
+        n = res.deleted
         c.stats.add("deletes", n)
         if n:
             self._maybe_snapshot()

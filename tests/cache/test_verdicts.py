@@ -777,3 +777,66 @@ def test_own_clear_keeps_a_write_of_another_thread_logged_after_it(ns, monkeypat
     assert a.get("near x", embedding=near(6)).response == "X"  # type: ignore[union-attr]
     assert a.get("near old", embedding=near(3)) is None
     a.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_own_delete_read_back_first_keeps_a_later_write(store_url, ns, monkeypatch, is_async):
+    """Another thread reads this process's delete from the log, as another process's, and
+    another process's new write of the entry after it, before the delete's local apply:
+    that apply must not drop the new entry from the replica (it did, until the entry was
+    written again)."""
+    store = shared(store_url, ns)
+    eye = np.eye(DIM, dtype=np.float32)
+    near = (0.95 * eye[6] + math.sqrt(1 - 0.95 ** 2) * eye[7]).astype(np.float32)
+    a = cache_on(store, ns)
+    key = a.set("x", "old", embedding=eye[6])
+    writer = cache_on(store, ns)
+    target = a.store if not is_async else None
+
+    def wrap(real: Any) -> Any:
+        def delete_logged(ids: Any) -> Any:
+            res = real(ids)
+            writer.set("x", "new", embedding=eye[6])  # (another process)
+            t = threading.Thread(target=a.sync)  # (another thread of this one reads both)
+            t.start()
+            t.join()
+            return res
+        return delete_logged
+
+    if not is_async:
+        monkeypatch.setattr(target, "delete_logged", wrap(a.store.delete_logged))
+        assert a.delete(key)
+        a.sync()
+        hit = a.get("near x", embedding=near)
+        assert hit is not None and hit.response == "new"
+    else:
+        if store_url == "memory":
+            from hnswcache.store.memory import AsyncMemoryStore
+
+            astore: Any = AsyncMemoryStore(store)
+        else:
+            astore = store_url
+
+        async def run() -> None:
+            b = AsyncSemanticCache(learning_table(), store=astore, namespace=ns,
+                                   threshold=0.9, snapshot_interval=None)
+            bkey = await b.set("y", "old", embedding=eye[8])
+            ynear = (0.95 * eye[8] + math.sqrt(1 - 0.95 ** 2) * eye[9]).astype(np.float32)
+            real = b.store.delete_logged
+
+            async def delete_logged(ids: Any) -> Any:
+                res = await real(ids)
+                writer.set("y", "new", embedding=eye[8])
+                await b.sync()  # (another task reads both before the local apply)
+                return res
+
+            monkeypatch.setattr(b.store, "delete_logged", delete_logged)
+            assert await b.delete(bkey)
+            await b.sync()
+            hit = await b.get("near y", embedding=ynear)
+            assert hit is not None and hit.response == "new"
+            await b.close()
+
+        asyncio.run(run())
+    writer.close()
+    a.close()

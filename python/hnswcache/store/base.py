@@ -523,7 +523,10 @@ class Store(Protocol):
         ...
 
     def delete(self, ids: Sequence[int]) -> int:
-        """Delete entries (and log it); how many existed."""
+        """Delete entries (and log it); how many existed. A store may also have
+        ``delete_logged(ids) -> Cleared`` (how many, and the log positions of the
+        deletion): the cache then skips its local apply of a deletion the replica has
+        already read from the log (a later write by another process stays)."""
         ...
 
     def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:

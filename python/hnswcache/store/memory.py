@@ -155,13 +155,15 @@ class MemoryStore:
         return removed
 
     def delete(self, ids: Sequence[int]) -> int:
+        return self.delete_logged(ids).deleted
+
+    def delete_logged(self, ids: Sequence[int]) -> Cleared:
         with self._lock:
             n = 0
             for i in ids:
                 if self._entries.pop(i, None) is not None:
                     n += 1
-            self._append([LogEvent("del", i) for i in ids])
-            return n
+            return Cleared(n, self._append([LogEvent("del", i) for i in ids]))
 
     def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
         with self._lock:
@@ -250,6 +252,9 @@ class AsyncMemoryStore:
 
     async def delete(self, ids: Sequence[int]) -> int:
         return self.sync.delete(ids)
+
+    async def delete_logged(self, ids: Sequence[int]) -> Cleared:
+        return self.sync.delete_logged(ids)
 
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
         return self.sync.evict(max_entries, now)

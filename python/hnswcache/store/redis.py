@@ -626,6 +626,13 @@ class _Layout:
                 raise StoreError(f"delete refused by the server: {r}")
         return [bool(r) for r in results[:n]]
 
+    def parse_delete_logged(self, n: int, results: Sequence[Any]) -> Cleared:
+        """What a queue_delete of ``n`` ids did: how many existed, and its log positions
+        (the last XADDs of the transaction)."""
+        gone = sum(self.parse_delete(n, results))
+        n_events = -(-n // _IDS_PER_EVENT)
+        return Cleared(gone, tuple(_id_text(x) for x in results[-n_events:]))
+
     def parse_ids(self, members: Sequence[Any]) -> list[int]:
         out = []
         for m in members:
@@ -923,10 +930,13 @@ class RedisStore(_Layout):
         return self.parse_write(res, len(records))
 
     def delete(self, ids: Sequence[int]) -> int:
+        return self.delete_logged(ids).deleted
+
+    def delete_logged(self, ids: Sequence[int]) -> Cleared:
         if not ids:
-            return 0
+            return Cleared(0)
         res = self._run(True, lambda p: self.queue_delete(p, ids))
-        return sum(self.parse_delete(len(ids), res))
+        return self.parse_delete_logged(len(ids), res)
 
     def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
         gone = 0
@@ -1372,10 +1382,13 @@ class AsyncRedisStore(_Layout):
         return self.parse_write(res, len(records))
 
     async def delete(self, ids: Sequence[int]) -> int:
+        return (await self.delete_logged(ids)).deleted
+
+    async def delete_logged(self, ids: Sequence[int]) -> Cleared:
         if not ids:
-            return 0
+            return Cleared(0)
         res = await self._run(True, lambda p: self.queue_delete(p, ids))
-        return sum(self.parse_delete(len(ids), res))
+        return self.parse_delete_logged(len(ids), res)
 
     async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
         gone = 0
