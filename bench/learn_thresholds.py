@@ -15,7 +15,8 @@ cached one (an audited request counts as an LLM call, not a hit).
 
 Printed per configuration (summed over the seeds): requests, hits, false hits (a hit
 whose answer is another intent's), hit rate, the false hits' share of hits, LLM calls,
-verdicts recorded and hits answered by a learned threshold.
+verdicts recorded, hits answered by a learned threshold, and entries at the end (those
+whose verdicts lowered their own threshold in brackets).
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def run(cfg: Config, events: list[Any], emb: Table) -> dict[str, int]:
     out["llm_calls"] = calls[0]
     out["verdicts"] = st["verdicts_right"] + st["verdicts_wrong"]
     out["audits"] = st["audits"]
+    records = [r for batch in cache.store.scan() for r in batch if r is not None]
+    out["entries"] = len(records)
+    out["lowered"] = sum(cache._core.entry_threshold(r, cfg.threshold) < cfg.threshold
+                         for r in records)
     out["hits_learned"] = st["hits_learned"]
     cache.close()
     return out
@@ -124,8 +129,8 @@ def main() -> None:
           f"{args.seeds} streams of {args.events} requests ({len(texts)} distinct texts)")
     print()
     print("| configuration | hits | false hits | hit rate | false share of hits | LLM calls "
-          "| audits | verdicts | learned hits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| audits | verdicts | learned hits | entries (lowered) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cfg in CONFIGS:
         tot: dict[str, int] = {}
         for evs in streams:
@@ -134,7 +139,8 @@ def main() -> None:
         print(f"| {cfg.label} | {tot['hits']} | {tot['false_hits']} | "
               f"{tot['hits'] / tot['requests']:.3f} | "
               f"{tot['false_hits'] / max(1, tot['hits']):.3f} | {tot['llm_calls']} | "
-              f"{tot['audits']} | {tot['verdicts']} | {tot['hits_learned']} |", flush=True)
+              f"{tot['audits']} | {tot['verdicts']} | {tot['hits_learned']} | "
+              f"{tot['entries']} ({tot['lowered']}) |", flush=True)
 
 
 if __name__ == "__main__":

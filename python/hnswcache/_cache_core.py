@@ -710,18 +710,22 @@ class CacheCore:
             raise ValueError(f"the hit's similarity is not a number in [-1, 1]: {sim!r}")
         return eid, version, (float(sim), bool(correct))
 
+    def learn_ids(self, k: tuple[int, str, str, str], vec: Any) -> list[int]:
+        """The entries of ``k``'s scope near enough to a missed prompt embedded as ``vec``
+        to learn from it (see :meth:`learn_target`), ``k``'s own entry apart."""
+        found = self.candidates(np.asarray(vec)[None], k[1], self.threshold)[0]
+        return [eid for eid, _ in found if eid != k[0]]
+
     def learn_target(
-        self, cands: Sequence[tuple[int, float]], fetched: Mapping[int, Fetched],
-        vec: npt.NDArray[np.float32], sid: str, now: float,
+        self, fetched: Sequence[Fetched], vec: npt.NDArray[np.float32], sid: str, now: float,
     ) -> tuple[Record, float] | None:
-        """Of the entries a missed prompt was searched near (``cands``, their records in
-        ``fetched``), the nearest one if it lies in the band where verdicts teach: at or
-        above ``learn_floor`` and below its own threshold. ``(record, similarity)``."""
+        """Of the entries a missed prompt was searched near (their records ``fetched``), the
+        nearest one if it lies in the band where verdicts teach: at or above ``learn_floor``
+        and below its own threshold. ``(record, similarity)``."""
         if self.learn_floor is None:
             return None
         best: tuple[Record, float] | None = None
-        for eid, _ in cands:
-            f = fetched.get(eid)  # (not usable(): the lookup counted invalid ones already)
+        for f in fetched:  # (not usable(): the lookup counted invalid ones already)
             rec = (f if isinstance(f, Record) and not f.expired(now)
                    and f.vector.shape[0] == self.dim else None)
             if rec is None or rec.scope_id != sid:

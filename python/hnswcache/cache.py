@@ -1268,26 +1268,30 @@ class SemanticCache(_Base):
         if c.learn_floor is None or vec is None:
             return
         with self._judges.native():  # (an exit waits for it to return)
-            cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
-                     if e[0] != k[0]]
-        if not cands:
+            ids = c.learn_ids(k, vec)
+        if not ids:
             return
         try:
-            fetched = self.store.fetch([e for e, _ in cands])
+            fetched = self.store.fetch(ids)
         except StoreError as exc:
             c.failed("fetch", exc)
             return
-        target = c.learn_target(cands, dict(zip([e for e, _ in cands], fetched)),
-                                vec, k[1], c.now())
+        target = c.learn_target(fetched, vec, k[1], c.now())
         if target is None:
             return
         rec, sim = target
+        right = self._ask_judge(judge, answer, rec.response)
+        if right is not None:
+            self._add_verdict(rec.id, rec.version, (sim, right))
+
+    def _ask_judge(self, judge: Callable[[str, str], Any], new: str, cached: str
+                   ) -> bool | None:
+        """``judge(new, cached)`` as a verdict; ``None`` (logged) if it failed."""
         try:
-            right = _verdict(judge(answer, rec.response))
+            return _verdict(judge(new, cached))
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
-            return
-        self._add_verdict(rec.id, rec.version, (sim, right))
+            return None
 
     def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
                      judge: Callable[[str, str], Any]) -> None:
@@ -1306,12 +1310,9 @@ class SemanticCache(_Base):
 
     def _judge_hit(self, hit: Hit, answer: str, judge: Callable[[str, str], Any]) -> None:
         """An audit's judgment (in the judge thread): was ``hit`` right, given ``answer``?"""
-        try:
-            right = _verdict(judge(answer, hit.response))
-        except Exception:
-            log.exception("hnswcache %r: the judge failed", self.namespace)
-            return
-        self._add_verdict(*self._core.verdict_of(hit, right))
+        right = self._ask_judge(judge, answer, hit.response)
+        if right is not None:
+            self._add_verdict(*self._core.verdict_of(hit, right))
 
     def delete(self, key: str) -> bool:
         """Delete the entry with this key (from :class:`Hit` or :meth:`set`); True if it
@@ -2207,32 +2208,37 @@ class AsyncSemanticCache(_Base):
         c = self._core
         if c.learn_floor is None or vec is None:
             return
-        cands = [e for e in c.candidates(np.asarray(vec)[None], k[1], c.threshold)[0]
-                 if e[0] != k[0]]
-        if not cands:
+        ids = c.learn_ids(k, vec)
+        if not ids:
             return
         try:
-            fetched = await self.store.fetch([e for e, _ in cands])
+            fetched = await self.store.fetch(ids)
         except StoreError as exc:
             c.failed("fetch", exc)
             return
-        target = c.learn_target(cands, dict(zip([e for e, _ in cands], fetched)),
-                                vec, k[1], c.now())
+        target = c.learn_target(fetched, vec, k[1], c.now())
         if target is None:
             return
         rec, sim = target
+        right = await self._ask_judge(judge, answer, rec.response)
+        if right is not None:
+            await self._add_verdict(rec.id, rec.version, (sim, right))
+
+    async def _ask_judge(self, judge: Callable[[str, str], Any], new: str, cached: str
+                         ) -> bool | None:
+        """See :meth:`SemanticCache._ask_judge` (an async judge awaited, a sync one in a
+        worker thread: it may be slow, and not on the event loop's thread)."""
         try:
             if judge is same_text or inspect.iscoroutinefunction(judge):
-                right = judge(answer, rec.response)
-            else:  # (a sync judge may be slow: not on the event loop's thread)
-                right = await asyncio.to_thread(judge, answer, rec.response)
+                right = judge(new, cached)
+            else:
+                right = await asyncio.to_thread(judge, new, cached)
             if inspect.isawaitable(right):
                 right = await right
-            right = _verdict(right)
+            return _verdict(right)
         except Exception:
             log.exception("hnswcache %r: the judge failed", self.namespace)
-            return
-        await self._add_verdict(rec.id, rec.version, (sim, right))
+            return None
 
     def _judge_later(self, k: tuple[int, str, str, str], vec: Any, answer: str,
                      judge: Callable[[str, str], Any]) -> None:
@@ -2272,18 +2278,9 @@ class AsyncSemanticCache(_Base):
     async def _judge_hit(self, hit: Hit, answer: str, judge: Callable[[str, str], Any]
                          ) -> None:
         """See :meth:`SemanticCache._judge_hit`."""
-        try:
-            if judge is same_text or inspect.iscoroutinefunction(judge):
-                right = judge(answer, hit.response)
-            else:  # (a sync judge may be slow: not on the event loop's thread)
-                right = await asyncio.to_thread(judge, answer, hit.response)
-            if inspect.isawaitable(right):
-                right = await right
-            right = _verdict(right)
-        except Exception:
-            log.exception("hnswcache %r: the judge failed", self.namespace)
-            return
-        await self._add_verdict(*self._core.verdict_of(hit, right))
+        right = await self._ask_judge(judge, answer, hit.response)
+        if right is not None:
+            await self._add_verdict(*self._core.verdict_of(hit, right))
 
     async def wait_for_verdicts(self, timeout: float | None = None) -> bool:
         """See :meth:`SemanticCache.wait_for_verdicts` (from a judge: False at once)."""
