@@ -409,6 +409,32 @@ def test_a_forked_child_can_use_threads_on_an_inherited_index():
     assert out.returncode == 0, out.stderr
 
 
+def test_an_exit_while_daemon_threads_are_inside_the_index_does_not_abort():
+    """A daemon thread (a web server's worker, a background judge) may be in a native call
+    when the interpreter exits. Python 3.11-3.13 ends such a thread as it asks for the GIL
+    back; that used to abort the process ('terminate called without an active exception',
+    status 134) on every such exit."""
+    code = (
+        "import threading, time, numpy as np, hnswcache\n"
+        "x = np.random.default_rng(0).standard_normal((20000, 32)).astype(np.float32)\n"
+        "i = hnswcache.Index(32); i.add(x[:10000])\n"
+        "def search():\n"
+        "    while True: i.search(x[:256], k=10)\n"
+        "def write():\n"
+        "    n = 10000\n"
+        "    while True:\n"
+        "        i.add(x[n:n + 100], labels=np.arange(n, n + 100))\n"
+        "        i.delete(np.arange(n, n + 50))\n"
+        "        n = 10000 + (n + 100 - 10000) % 9900\n"
+        "for f in (search, search, write):\n"
+        "    threading.Thread(target=f, daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+    )
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr.decode(errors="replace")
+
+
 def test_float16_storage_keeps_recall_and_halves_the_vectors(sgd, tmp_path):
     if sgd is None:
         x, q = clustered(20_000, 384, seed=30), clustered(200, 384, seed=31)

@@ -4,9 +4,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 #include <optional>
 #include <memory>
+#include <thread>
 
 #include "hnswcache/index.hpp"
 #include "hnswcache/kernels.hpp"
@@ -18,6 +20,29 @@ namespace {
 
 using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i64_array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+// The GIL released around a call into the core. Python 3.11-3.13 ends a daemon thread
+// that asks for the GIL back while the interpreter finalises with pthread_exit, a forced
+// unwind: out of pybind11's gil_scoped_release, whose destructor is noexcept, that is
+// std::terminate (every exit with a daemon thread searching aborted), and unwinding further
+// would drop Python references without the GIL. So the thread stays here instead, holding
+// nothing, until the process ends (what Python 3.14 itself does with such threads).
+class nogil {
+public:
+    nogil() : state_(PyEval_SaveThread()) {}
+    nogil(const nogil&) = delete;
+    nogil& operator=(const nogil&) = delete;
+    ~nogil() {
+        try {
+            PyEval_RestoreThread(state_);
+        } catch (...) {  // (only the forced unwind: the C API throws nothing else)
+            for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+        }
+    }
+
+private:
+    PyThreadState* state_;
+};
 
 // Rows of a 2-D array, or one row of a 1-D array; returns the row count.
 std::size_t rows_of(const f32_array& a, std::size_t dim, const char* what) {
@@ -190,7 +215,7 @@ PYBIND11_MODULE(_core, m) {
                 const float* rows = x.data();
                 const std::int64_t* lab = vec_of(labels, n, "labels");
                 const std::int64_t* exp = vec_of(expiry, n, "expiry");
-                py::gil_scoped_release release;
+                nogil release;
                 self.add(rows, n, lab, exp, now, threads);
             },
             py::arg("vectors"), py::arg("labels"), py::arg("expiry"), py::arg("now"),
@@ -213,7 +238,7 @@ PYBIND11_MODULE(_core, m) {
                 std::int64_t* lp = labels.mutable_data();
                 float* dp = dists.mutable_data();
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     self.search(rows, n, k, ef, now, threads, lp, dp, al, n_al);
                 }
                 return py::make_tuple(labels, dists);
@@ -224,7 +249,7 @@ PYBIND11_MODULE(_core, m) {
             "delete",
             [](index_t& self, const i64_array& labels) {
                 const std::int64_t* lab = vec_of(labels, labels.size(), "labels");
-                py::gil_scoped_release release;
+                nogil release;
                 return self.remove(lab, labels.size());
             },
             py::arg("labels"))
@@ -234,7 +259,7 @@ PYBIND11_MODULE(_core, m) {
                 const std::size_t n = labels.size();
                 const std::int64_t* lab = vec_of(labels, n, "labels");
                 const std::int64_t* exp = vec_of(expiry, n, "expiry");
-                py::gil_scoped_release release;
+                nogil release;
                 return self.touch(lab, exp, n, now);
             },
             py::arg("labels"), py::arg("expiry"), py::arg("now"))
@@ -246,7 +271,7 @@ PYBIND11_MODULE(_core, m) {
                 py::array_t<float> out({n, self.dim()});
                 float* op = out.mutable_data();
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     self.get(lab, n, now, op);
                 }
                 return out;
@@ -260,7 +285,7 @@ PYBIND11_MODULE(_core, m) {
                 py::array_t<std::int64_t> out(n);
                 std::int64_t* op = out.mutable_data();
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     self.expiry_of(lab, n, now, op);
                 }
                 return out;
@@ -271,7 +296,7 @@ PYBIND11_MODULE(_core, m) {
             [](const index_t& self, std::int64_t now) {
                 std::vector<std::int64_t> v;
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     v = self.live_labels(now);
                 }
                 py::array_t<std::int64_t> out(v.size());
@@ -280,8 +305,8 @@ PYBIND11_MODULE(_core, m) {
             },
             py::arg("now"))
         .def("contains", &index_t::contains, py::arg("label"), py::arg("now"),
-             py::call_guard<py::gil_scoped_release>())
-        .def("size", &index_t::size, py::arg("now"), py::call_guard<py::gil_scoped_release>())
+             py::call_guard<nogil>())
+        .def("size", &index_t::size, py::arg("now"), py::call_guard<nogil>())
         .def(
             "next_labels",
             [](index_t& self, std::size_t n) {
@@ -296,7 +321,7 @@ PYBIND11_MODULE(_core, m) {
             [](index_t& self, std::int64_t now, std::size_t threads) {
                 hnswcache::consolidate_report_t r;
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     r = self.consolidate(now, threads);
                 }
                 return consolidate_dict(r);
@@ -307,7 +332,7 @@ PYBIND11_MODULE(_core, m) {
             [](const index_t& self, std::int64_t now) {
                 hnswcache::integrity_report_t r;
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     r = self.check_integrity(now);
                 }
                 py::dict d;
@@ -328,7 +353,7 @@ PYBIND11_MODULE(_core, m) {
             [](const index_t& self, std::int64_t now) {
                 hnswcache::index_stats_t s;
                 {
-                    py::gil_scoped_release release;
+                    nogil release;
                     s = self.stats(now);
                 }
                 py::dict d;
@@ -351,14 +376,14 @@ PYBIND11_MODULE(_core, m) {
                 return d;
             },
             py::arg("now"))
-        .def("save", &index_t::save, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def("save", &index_t::save, py::arg("path"), py::call_guard<nogil>())
         .def_static("load", &index_t::load, py::arg("path"),
-                    py::call_guard<py::gil_scoped_release>())
+                    py::call_guard<nogil>())
         .def("to_bytes",
              [](const index_t& self) {
                  std::string s;
                  {
-                     py::gil_scoped_release release;
+                     nogil release;
                      s = self.serialize();
                  }
                  return py::bytes(s);
@@ -369,7 +394,7 @@ PYBIND11_MODULE(_core, m) {
                 char* buf = nullptr;
                 Py_ssize_t len = 0;
                 if (PyBytes_AsStringAndSize(data.ptr(), &buf, &len) != 0) throw py::error_already_set();
-                py::gil_scoped_release release;
+                nogil release;
                 return index_t::deserialize(buf, static_cast<std::size_t>(len));
             },
             py::arg("data"))

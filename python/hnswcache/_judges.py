@@ -4,11 +4,12 @@ thread per cache, one judgment at a time, a few waiting.
 A judge may be an LLM call, as slow as the call it judges, so neither the caller nor the
 calls coalesced with it wait for one. The thread is a daemon: a process that exits, or a
 cache that is closed, drops the judgments not started instead of running them first, and
-does not wait long for a judge that hangs. What an exit must wait for is a judgment inside
-the native index (a search, microseconds): a daemon thread stopped there, as the
-interpreter finalises, aborts the process. So the cache's judgment enters native code only
-through :meth:`JudgeRunner.native`, which an exit (or :meth:`JudgeRunner.stop`) waits out;
-a judge that calls the cache itself is given a second to end.
+does not wait long for a judge that hangs. The cache's judgment enters the native index
+only through :meth:`JudgeRunner.native`, which a stopped runner refuses and an exit (or
+:meth:`JudgeRunner.stop`) waits out, so nothing is written after ``close()``; a judge that
+calls the cache itself is given a second to end. (A daemon thread still inside the index
+as the interpreter finalises is parked by the native module, not aborted: see
+``nogil`` in ``cpp/src/bindings.cpp``.)
 """
 
 from __future__ import annotations

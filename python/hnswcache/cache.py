@@ -803,8 +803,7 @@ class SemanticCache(_Base):
             if not self._snapshot_due():
                 return
             # Not a daemon: the interpreter waits for a save under way at exit (~0.3 s per
-            # 100k entries) instead of ending the thread inside the native save, which
-            # aborts the process.
+            # 100k entries), so the snapshot is finished rather than cut off.
             th = threading.Thread(target=self._periodic_snapshot, name="hnswcache-snapshot")
             try:
                 th.start()
