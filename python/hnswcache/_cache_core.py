@@ -425,7 +425,8 @@ class CacheCore:
                 self.dim = None
             raise ValueError(
                 f"this cache namespace holds {dim}-d vectors (embedder {name!r}) but the "
-                f"embedder gives {self.dim}-d: use another namespace, or clear() it"
+                f"embedder gives {self.dim}-d: use another namespace (clear() deletes its "
+                f"entries, not its dimension)"
             )
         mine = embedder_name(self.embedder) if self.embedder is not None else name
         if name != mine:
@@ -487,10 +488,15 @@ class CacheCore:
                 self.where[r.id] = (sid, r.version)
 
     def remove(self, ids: Iterable[int]) -> None:
+        by_scope: dict[str, list[int]] = {}  # (one native call per scope: a clear's batches)
         for eid in ids:
             w = self.where.pop(eid, None)
-            if w is not None and w[0] in self.indexes:
-                self.indexes[w[0]].delete([eid])
+            if w is not None:
+                by_scope.setdefault(w[0], []).append(eid)
+        for sid, eids in by_scope.items():
+            idx = self.indexes.get(sid)
+            if idx is not None:
+                idx.delete(eids)
 
     def clear_local(self, sid: str | None, keep: Iterable[int] = ()) -> None:
         """Forget every entry of scope ``sid`` (``None`` or ``"*"``: all) but ``keep``."""
@@ -604,6 +610,20 @@ class CacheCore:
                 for i in written}
         self.remember_own(positions)
         self.clear_local(sid, keep)
+
+    def own_deletes(self, batches: Sequence[tuple[str, Sequence[int]]]) -> None:
+        """Apply this process's own deletions, each batch of ids deleted with its ``del``
+        event at a log position, ahead of the log (as :meth:`own_clear`): skipped where the
+        replica already read past it, and an entry this process wrote again after it (its
+        write logged later, not read yet) stays."""
+        for pos, ids in batches:
+            if self.applied_past([pos]):
+                continue
+            start = _position(pos)
+            keep = {i for p, written in self.own_positions.items()
+                    if start is not None and (q := _position(p)) is not None and q > start
+                    for i in written}
+            self.remove([i for i in ids if i not in keep])
 
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""

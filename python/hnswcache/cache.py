@@ -1362,9 +1362,12 @@ class SemanticCache(_Base):
             c.failed("clear", exc)
             return 0
         with self._lock:
-            # Its own events are applied here: read back from the log later, the clear
+            # Its own events are applied here: read back from the log later, a clear event
             # would also drop what this process wrote after it.
-            c.own_clear(sid, res.log_positions)
+            if res.batches is None:
+                c.own_clear(sid, res.log_positions)
+            else:
+                c.own_deletes(res.batches)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -2334,7 +2337,10 @@ class AsyncSemanticCache(_Base):
             c.failed("clear", exc)
             return 0
         async with self._lock:  # (see SemanticCache.clear)
-            c.own_clear(sid, res.log_positions)
+            if res.batches is None:
+                c.own_clear(sid, res.log_positions)
+            else:
+                c.own_deletes(res.batches)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted

@@ -7,6 +7,8 @@ writes timed into a race window are real writes by a second cache, never mocks.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,11 +17,11 @@ import redis
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
-from hnswcache.store.base import MAX_TTL
+from hnswcache.store.base import MAX_TTL, Refresh, format_id
 from hnswcache.store.redis import RedisStore, _refuses_pexpire_gt, keys_for
 from hnswcache.store.server import EmbeddedServer
 
-from .cache_helpers import FakeClock
+from .cache_helpers import FakeClock, child_env
 
 
 def _entry(r: redis.Redis, ns: str, key: str) -> dict[bytes, bytes]:
@@ -516,3 +518,120 @@ def test_a_reader_far_behind_fetches_the_log_in_bounded_pieces(
     assert len(reader) == 30_000
     assert reader_store.sizes and max(reader_store.sizes) <= 10_500
     assert sum(reader_store.sizes) >= 30_000
+
+
+_CLEARER = """
+import sys
+from hnswcache import SemanticCache
+from hnswcache.embed import HashEmbedder
+c = SemanticCache(HashEmbedder(32), store=sys.argv[1], namespace=sys.argv[2])
+print("clearing", flush=True)
+c.clear()
+"""
+
+
+def test_a_clear_cut_short_leaves_every_replica_as_the_store_is(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    """A clear is a pass over the store, batch by batch: killed halfway, it must leave the
+    other processes' replicas holding what the store still holds. (It logged one clear
+    event first, and every replica dropped the whole scope while the store kept most of
+    it, for good: the semantic tier never found those entries again.)"""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    k = keys_for(ns)
+    n = 30_000
+    prompts = [f"question number {i} about topic {i % 97}" for i in range(n)]
+    writer = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    writer.set_many([(p, f"answer {i}") for i, p in enumerate(prompts)])
+    reader = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    reader.sync()  # (its warm start)
+    assert len(reader) == n
+    head = r.xrevrange(k["log"], count=1)[0][0]  # type: ignore[index]
+    child = subprocess.Popen([sys.executable, "-c", _CLEARER, url, ns], env=child_env(),
+                             stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"clearing\n"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill it at its first logged deletion
+        last = r.xrevrange(k["log"], count=1)
+        if last and last[0][0] != head:  # type: ignore[index]
+            child.kill()
+            break
+    child.wait(30)
+    left = sum(1 for _ in r.scan_iter(match=k["entry"] + "*", count=1000))
+    assert left > 0  # (the pass was cut short)
+    for c in (reader, writer):
+        c.sync()
+        assert len(c) == left
+    fresh = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    fresh.sync()
+    assert len(fresh) == left
+    survivor = next(p for p in prompts
+                    if r.exists(k["entry"] + format_id(writer._core.key(p, None)[0])))
+    hit = reader.get("please " + survivor, threshold=0.8)  # (the semantic tier)
+    assert hit is not None and hit.tier == "semantic" and hit.prompt == survivor
+
+
+def test_clear_within_skips_entry_keys_of_another_type(valkey_server: EmbeddedServer,
+                                                        ns: str) -> None:
+    """A foreign type under the entry prefix answers HGET with an error: clear(within=True)
+    raised TypeError to a non-strict caller."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    c = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    c.set("hello world", "hi", scope={"tenant": "a", "m": 1})
+    c.set("hello there", "yo", scope={"tenant": "b"})
+    r.set(keys_for(ns)["entry"] + "0123456789abcdef", b"stray string")
+    assert c.clear({"tenant": "a"}, within=True) == 1
+    assert c.get("hello there", scope={"tenant": "b"}) is not None
+    assert r.get(keys_for(ns)["entry"] + "0123456789abcdef") == b"stray string"
+
+    async def run() -> int:
+        a = AsyncSemanticCache(HashEmbedder(32), store=url, namespace=ns)
+        try:
+            return await a.clear({"tenant": "b"}, within=True)
+        finally:
+            await a.close()
+
+    assert asyncio.run(run()) == 1
+
+
+def test_a_forged_log_event_of_a_million_ids_is_skipped(valkey_server: EmbeddedServer,
+                                                         ns: str) -> None:
+    """No writer puts more than 500 ids in one event: one naming a million made every
+    replica's next lookup fetch a million keys in one pipeline (16 s here)."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    a = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    a.set("what is the capital of france", "Paris")
+    r.xadd(keys_for(ns)["log"], {"op": "set", "ids": ",".join(f"{i:016x}" for i in
+                                                             range(1, 1_000_001))})
+    a.set("how tall is everest", "8849 m")  # (a real event after it still applies)
+    b = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    b.sync()
+    hit = a.get("what is the capital of france ?!")
+    assert hit is not None and hit.response == "Paris"
+    assert a.stats()["sync_events"] < 10  # (it applied the million, fetching them: 16 s)
+    assert a.stats()["store_errors"] == 0
+    c = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    c.sync()
+    r.xadd(keys_for(ns)["log"], {"op": "set", "ids": ",".join(f"{i:016x}" for i in
+                                                             range(1, 1_000_001))})
+    b.set("a third question", "three")
+    c.sync()
+    assert len(c) == 3
+
+
+def test_a_refresh_of_an_entry_key_of_another_type_is_dropped(
+    valkey_server: EmbeddedServer, ns: str
+) -> None:
+    """WRONGTYPE is no outage: kept for the next round trip, the refresh failed on every
+    lookup for good (a store error each; raised by every get when strict)."""
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    with pytest.raises(TypeError, match="redis-py client"):
+        RedisStore(url, namespace=ns)
+    store = RedisStore(r, namespace=ns)
+    r.set(keys_for(ns)["entry"] + "0123456789abcdef", b"junk")
+    assert store.refresh([Refresh(0x0123456789ABCDEF, "v1", time.time() + 60)],
+                         time.time()) == 0

@@ -85,10 +85,12 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def scope_holds(scope_json: str | bytes | None, fields: Mapping[str, Any]) -> bool:
+def scope_holds(scope_json: Any, fields: Mapping[str, Any]) -> bool:
     """Whether a stored scope (canonical JSON) holds every one of ``fields``."""
+    if not isinstance(scope_json, (str, bytes)):  # (a foreign key type: HGET's error)
+        return False
     try:
-        scope = json.loads(scope_json) if scope_json is not None else None
+        scope = json.loads(scope_json)
     except (ValueError, RecursionError):
         return False
     return isinstance(scope, dict) and all(k in scope and scope[k] == v
@@ -480,10 +482,15 @@ class WriteResult:
 @dataclass(frozen=True)
 class Cleared:
     """What a clear did: entries deleted, and the positions of the log events it appended
-    (the cache that cleared skips them when it reads the log: it applied them already)."""
+    (the cache that cleared skips them when it reads the log: it applied them already).
+
+    ``batches``: a clear that deleted batch by batch (a scan of a server) gives each
+    ``del`` event's position with the ids it deleted, which is all it logged; ``None``:
+    ``log_positions[0]`` is one ``clear`` event (a store that clears atomically)."""
 
     deleted: int
     log_positions: tuple[str, ...] = ()
+    batches: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
 
 @runtime_checkable
@@ -535,8 +542,10 @@ class Store(Protocol):
         ...
 
     def clear(self, scope_id: str | None) -> Cleared:
-        """Delete every entry (of one scope): log a clear event first, then the deletions
-        (an entry written meanwhile is either deleted with a ``del`` event or kept)."""
+        """Delete every entry (of one scope). Atomically, with one ``clear`` event; or batch
+        by batch, each with its ``del`` event and nothing else logged (an entry written
+        meanwhile is either deleted with a ``del`` event or kept), so that a pass cut short
+        leaves every replica as the store is."""
         ...
 
     def clear_within(self, fields: Mapping[str, Any]) -> int:

@@ -137,6 +137,9 @@ def _refuses_pexpire_gt(exc: BaseException) -> bool:
 
 
 def _check_client(client: Any) -> None:
+    if isinstance(client, (str, bytes)) or not hasattr(client, "pipeline"):
+        raise TypeError(f"the store needs a redis-py client, got {type(client).__name__} "
+                        "(a URL goes to the cache: SemanticCache(store='redis://...'))")
     kwargs: dict[str, Any] = {}
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
@@ -462,6 +465,12 @@ class _Layout:
             log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs "
                         "Redis >= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
             return 0
+        if isinstance(exc, self._response_error) and str(exc).startswith("WRONGTYPE"):
+            # Not an outage: an entry key that holds another type has no entry to refresh,
+            # and kept for the next round trip the refresh failed on every lookup, for good.
+            log.warning("a sliding-TTL refresh was dropped: an entry key holds another type "
+                        "(%s)", exc)
+            return 0
         # Anything else (OOM, READONLY in a failover, NOPERM...) is an outage: kept, retried.
         raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -552,6 +561,11 @@ class _Layout:
         if op in (b"set", b"del"):
             raw = fields.get(b"ids", b"")
             parts = raw.split(b",") if isinstance(raw, bytes) else []
+            if len(parts) > _IDS_PER_EVENT:  # (more than any writer puts in one: a forged
+                # event of 1M ids made every replica's next lookup fetch them all)
+                log.warning("ignoring a change-log event of %d ids (at most %d)", len(parts),
+                            _IDS_PER_EVENT)
+                return []
             ids = [parse_id(x) for x in parts]
             if not parts or any(i is None for i in ids):
                 log.warning("ignoring a change-log event with a bad id: %r", fields)
@@ -660,10 +674,6 @@ class _Layout:
         want = (scope_id or "").encode()
         return (None if scope_id is None else "scope"), (lambda v: v == want)
 
-    def queue_clear_event(self, pipe: Any, scope_id: str | None) -> None:
-        pipe.xadd(self.k_log, {"op": "clear", "scope": scope_id or "*"},
-                  maxlen=self.log_maxlen, approximate=True)
-
     def queue_drop(self, pipe: Any, keys: Sequence[Any]) -> None:
         """Delete entry keys found by a clear's SCAN (results: deleted, 2 ZREMs, then the
         positions of the del events; key names that are no id are deleted unannounced)."""
@@ -672,6 +682,14 @@ class _Layout:
         pipe.zrem(self.k_lru, *hids)
         pipe.zrem(self.k_exp, *hids)
         self.queue_log(pipe, "del", [h for h in hids if parse_id(h) is not None])
+
+    def dropped(self, keys: Sequence[Any], results: Sequence[Any]
+                ) -> list[tuple[str, tuple[int, ...]]]:
+        """Each del event of a :meth:`queue_drop` of ``keys``: its position and its ids."""
+        ids = [i for i in (parse_id(_id_text(k)[len(self.k_entry):]) for k in keys)
+               if i is not None]
+        return [(_id_text(pos), tuple(ids[s * _IDS_PER_EVENT:(s + 1) * _IDS_PER_EVENT]))
+                for s, pos in enumerate(results[3:])]
 
     # ------------------------------------------------------------- expired bookkeeping
     # An expired entry leaves its id in ``exp`` and ``lru`` (the server drops the key). They
@@ -1034,14 +1052,13 @@ class RedisStore(_Layout):
             yield bad + self.fetch(good)
 
     def clear(self, scope_id: str | None) -> Cleared:
-        # The clear event goes first: an entry written during the pass logs its `set` after
-        # it (so no replica drops it for the clear), and if the pass then deletes it, the
-        # `del` event in the same MULTI says so. (Logged after the pass, the clear made
-        # every replica that had applied such a `set` drop an entry the store kept.)
-        first = _id_text(self._run(False, lambda p: self.queue_clear_event(p, scope_id),
-                                   raise_on_error=True)[0])
-        n, positions = self._drop_scanned(*self.scope_filter(scope_id))
-        return Cleared(n, (first, *positions))
+        # Only the del event of each deleted batch is logged, not one clear event: a pass
+        # is not atomic, and one cut short (a stall, a timeout, its process killed) left
+        # the store holding entries that every replica had dropped for the clear event, for
+        # good (until 2026-12-05). Replicas apply del events exactly; an entry written
+        # during the pass is deleted with its del event or kept.
+        n, batches = self._drop_scanned(*self.scope_filter(scope_id))
+        return Cleared(n, tuple(pos for pos, _ in batches), tuple(batches))
 
     def clear_within(self, fields: Mapping[str, Any]) -> int:
         # No clear event: each deleted batch logs its ids, which every replica (this
@@ -1049,10 +1066,10 @@ class RedisStore(_Layout):
         return self._drop_scanned("scope_json", lambda js: scope_holds(js, fields))[0]
 
     def _drop_scanned(self, field: str | None, wanted: Callable[[Any], bool],
-                      ) -> tuple[int, list[str]]:
+                      ) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
         """Delete the entries whose ``field`` is ``wanted`` (all with ``field=None``), a SCAN
-        batch at a time; ``(deleted, positions of their del events)``."""
-        n, positions = 0, []
+        batch at a time; ``(deleted, [(del event position, its ids)])``."""
+        n, batches = 0, []
         for keys in self._scan_keys():
             if field is not None:
                 values = self._run(False, lambda p, ks=keys: [p.hget(k, field) for k in ks])
@@ -1061,8 +1078,8 @@ class RedisStore(_Layout):
                 res = self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
                                 raise_on_error=True)
                 n += int(res[0])
-                positions += [_id_text(x) for x in res[3:]]
-        return n, positions
+                batches += self.dropped(keys, res)
+        return n, batches
 
     def log_head(self) -> str:
         res = self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
@@ -1484,20 +1501,18 @@ class AsyncRedisStore(_Layout):
             yield bad + await self.fetch(good)
 
     async def clear(self, scope_id: str | None) -> Cleared:
-        # As RedisStore.clear: the clear event first, then each batch with its del event.
-        first = _id_text((await self._run(
-            False, lambda p: self.queue_clear_event(p, scope_id), raise_on_error=True))[0])
-        n, positions = await self._drop_scanned(*self.scope_filter(scope_id))
-        return Cleared(n, (first, *positions))
+        # As RedisStore.clear: each deleted batch with its del event, nothing else logged.
+        n, batches = await self._drop_scanned(*self.scope_filter(scope_id))
+        return Cleared(n, tuple(pos for pos, _ in batches), tuple(batches))
 
     async def clear_within(self, fields: Mapping[str, Any]) -> int:
         # As RedisStore.clear_within.
         return (await self._drop_scanned("scope_json", lambda js: scope_holds(js, fields)))[0]
 
     async def _drop_scanned(self, field: str | None, wanted: Callable[[Any], bool],
-                            ) -> tuple[int, list[str]]:
+                            ) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
         """See :meth:`RedisStore._drop_scanned`."""
-        n, positions = 0, []
+        n, batches = 0, []
         async for keys in self._scan_keys():
             if field is not None:
                 values = await self._run(
@@ -1507,8 +1522,8 @@ class AsyncRedisStore(_Layout):
                 res = await self._run(True, lambda p, ks=keys: self.queue_drop(p, ks),
                                       raise_on_error=True)
                 n += int(res[0])
-                positions += [_id_text(x) for x in res[3:]]
-        return n, positions
+                batches += self.dropped(keys, res)
+        return n, batches
 
     async def log_head(self) -> str:
         res = await self._run(False, lambda p: p.xrevrange(self.k_log, "+", "-", count=1),
