@@ -736,3 +736,234 @@ def test_the_face_builds_with_hnswlibs_heuristic() -> None:
     idx.add_items(clustered(50, 8))
     assert idx._idx().alpha == 1.0
     assert hnswcache.Index(8).alpha == 1.2
+
+
+# ------------------------------------------------------------ found by a review, 2026-12-05 (2)
+NAN_ROW = np.full((1, 4), np.nan, dtype=np.float32)
+
+
+def state_of(p: Any) -> tuple[int, list[int], list[int], np.ndarray]:
+    """What a caller can see: the count, the ids, those marked deleted, the others' vectors."""
+    ids = sorted(p.get_ids_list())
+    hidden = []
+    for i in ids:
+        try:
+            p.get_items([i])
+        except RuntimeError:
+            hidden.append(i)
+    vectors = np.asarray(p.get_items([i for i in ids if i not in hidden]))
+    return p.element_count, ids, hidden, vectors
+
+
+def test_a_refused_batch_leaves_deletions_and_vacancies_ours() -> None:
+    x = clustered(10, 4)
+    p = ours.Index("l2", 4)
+    p.init_index(20)
+    p.add_items(x)
+    p.mark_deleted(3)
+    before = state_of(p)
+    with pytest.raises(ours.InvalidVectorsError):
+        p.add_items(NAN_ROW, [3])  # would have revived the deleted label
+    after = state_of(p)
+    assert after[:3] == before[:3] and after[2] == [3]
+    np.testing.assert_array_equal(after[3], before[3])
+    with pytest.raises(RuntimeError, match="already deleted"):
+        p.mark_deleted(3)
+    p.unmark_deleted(3)  # its vector was kept
+    np.testing.assert_array_equal(p.get_items([3]), x[3:4])
+
+    r = ours.Index("l2", 4)
+    r.init_index(10, allow_replace_deleted=True)
+    r.add_items(x)
+    r.mark_deleted(5)
+    before = state_of(r)
+    refused = [
+        (NAN_ROW, [42]),  # a new label would take the deleted place
+        (np.vstack([x[1:2], NAN_ROW]), [1, 2]),  # an update would move into it (a ghost)
+    ]
+    for rows, labels in refused:
+        with pytest.raises(ours.InvalidVectorsError):
+            r.add_items(rows, labels, replace_deleted=True)
+        after = state_of(r)
+        assert after[:3] == before[:3] and after[2] == [5]
+        np.testing.assert_array_equal(after[3], before[3])
+    r.add_items(x[:1] + 1, [43], replace_deleted=True)  # the vacancy is still there
+    assert r.element_count == 10
+    assert sorted(r.get_ids_list()) == sorted(set(range(10)) - {5} | {43})
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_a_refused_query_row_is_a_runtime_error_naming_the_row_ours(space: str) -> None:
+    x = clustered(50, 4)
+    p = ours.Index(space, 4)
+    p.init_index(50)
+    p.add_items(x)
+    asked: list[int] = []
+
+    def admit_all(label: int) -> bool:
+        asked.append(label)
+        return True
+
+    nan_q = x[:3].copy()
+    nan_q[1, 2] = np.nan
+    bad = [(nan_q, "row 1 contains NaN or infinity")]
+    if space != "cosine":  # (cosine queries are normalised first)
+        huge_q = x[:3].copy()
+        huge_q[2, 0] = 1e19
+        bad.append((huge_q, "row 2 has a squared norm above 8.5e37"))
+    for q, message in bad:
+        for kw in ({}, {"filter": admit_all}):
+            with pytest.raises(RuntimeError, match=message) as info:
+                p.knn_query(q, k=2, **kw)
+            assert isinstance(info.value, ours.InvalidVectorsError)
+            assert isinstance(info.value, ValueError)
+    assert asked == []  # the batch is refused before the filter is called
+    if real_hnswlib is not None:  # the difference: hnswlib answers, with NaN distances
+        h = real_hnswlib.Index(space, 4)
+        h.init_index(50)
+        h.add_items(x)
+        assert np.isnan(h.knn_query(nan_q, k=2)[1][1]).all()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_hnswlib_file_with_a_nan_row_is_refused_and_keeps_the_index_ours(
+    writer: str, tmp_path: Path
+) -> None:
+    data = clustered(60, 4, seed=3)
+    data[17] = np.nan
+    labels = list(range(100, 160))
+    paths = {}
+    for name, deleted in (("live", set()), ("deleted", {117})):
+        path = tmp_path / f"{name}.bin"
+        if writer == "by hnswlib":
+            assert real_hnswlib is not None
+            r = real_hnswlib.Index("l2", 4)
+            r.init_index(100)
+            r.add_items(data, labels)
+            for label in deleted:
+                r.mark_deleted(label)
+            r.save_index(str(path))
+        else:
+            path.write_bytes(hnswlib_file(labels, data, deleted, max_elements=100))
+        paths[name] = str(path)
+
+    p = ours.Index("l2", 4)
+    p.init_index(10)
+    p.add_items(data[:5], [0, 1, 2, 3, 4])
+    p.mark_deleted(2)
+    p.set_ef(33)
+    before = state_of(p)
+    with pytest.raises(RuntimeError, match=r"labels \[117\]") as info:
+        p.load_index(paths["live"])
+    assert isinstance(info.value, ours.InvalidVectorsError)
+    after = state_of(p)
+    assert after[:3] == before[:3] and (p.max_elements, p.ef) == (10, 33)
+    np.testing.assert_array_equal(after[3], before[3])
+    assert p.knn_query(data[1], k=1)[0].tolist() == [[1]]
+
+    # marked deleted in the file, the NaN row is harmless: loaded, and never revived
+    p.load_index(paths["deleted"])
+    assert (p.element_count, sorted(p.get_ids_list())) == (60, labels)
+    with pytest.raises(ours.InvalidVectorsError):
+        p.unmark_deleted(117)
+    with pytest.raises(RuntimeError, match="already deleted"):
+        p.mark_deleted(117)
+    assert p.element_count == 60
+
+
+def test_a_damaged_file_of_ours_keeps_the_index_ours(tmp_path: Path) -> None:
+    p = build(ours, dim=4, n=6, max_elements=10)
+    p.mark_deleted(4)
+    p.save_index(str(tmp_path / "good.bin"))
+    data = (tmp_path / "good.bin").read_bytes()
+    assert data.count(b'"ghosts"') == 1
+    (tmp_path / "bad.bin").write_bytes(data.replace(b'"ghosts"', b'"ghostz"'))  # same length
+    q = build(ours, dim=4, n=3, max_elements=7)
+    before = state_of(q)
+    with pytest.raises(RuntimeError, match="corrupted"):
+        q.load_index(str(tmp_path / "bad.bin"))
+    after = state_of(q)
+    assert after[:3] == before[:3] and q.max_elements == 7
+    np.testing.assert_array_equal(after[3], before[3])
+    q.load_index(str(tmp_path / "good.bin"))
+    assert state_of(q)[:3] == state_of(p)[:3]
+
+
+def test_a_half_filter_asks_about_as_few_labels_as_hnswlib() -> None:
+    """A filter admitting half the labels: the filter is called on a few candidates per
+    query (as hnswlib does), not on every live label; recall stays hnswlib's."""
+    n, dim, k, nq = 20000, 16, 10, 50
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    allowed = np.arange(0, n, 2)
+    d = ((queries[:, None, :] - x[allowed][None, :, :]) ** 2).sum(-1)
+    truth = allowed[np.argsort(d, axis=1)[:, :k]]
+
+    def run(lib: ModuleType) -> tuple[int, float]:
+        p = lib.Index("l2", dim)
+        p.init_index(n, M=16, ef_construction=64)
+        p.add_items(x)
+        p.set_ef(64)
+        calls = [0]
+
+        def even(label: int) -> bool:
+            calls[0] += 1
+            return label % 2 == 0
+
+        labels, _ = p.knn_query(queries, k=k, filter=even, num_threads=1)
+        assert all(int(v) % 2 == 0 for v in labels.ravel())
+        return calls[0], recall(labels, truth)
+
+    calls, found = run(ours)
+    assert calls <= nq * n // 50  # one call per live label in a few queries is past this
+    assert found >= 0.95
+    if real_hnswlib is not None:
+        their_calls, their_found = run(real_hnswlib)
+        assert calls <= 3 * their_calls
+        assert found >= their_found - 0.02
+
+
+def test_bf_cosine_distances_are_the_hnsw_indexs_ours() -> None:
+    """Our BFIndex normalises a cosine query, as Index does (hnswlib 0.8.0's BFIndex does
+    not, and returns 1 - |q| cos: a documented difference)."""
+    base = clustered(200, 6, seed=8)
+    queries = 3 * np.random.default_rng(8).standard_normal((10, 6)).astype(np.float32)
+    b = ours.BFIndex("cosine", 6)
+    b.init_index(200)
+    b.add_items(base)
+    h = ours.Index("cosine", 6)
+    h.init_index(200)
+    h.add_items(base)
+    h.set_ef(200)
+    labels, dist = b.knn_query(queries, k=5)
+    h_labels, h_dist = h.knn_query(queries, k=5)
+    np.testing.assert_array_equal(labels, h_labels)
+    np.testing.assert_allclose(dist, h_dist, atol=1e-5)
+    if real_hnswlib is not None:
+        r = real_hnswlib.BFIndex("cosine", 6)
+        r.init_index(200)
+        r.add_items(base)
+        r_labels, r_dist = r.knn_query(queries, k=5)
+        np.testing.assert_array_equal(r_labels, labels)
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        np.testing.assert_allclose(r_dist, 1 - norms * (1 - dist), atol=1e-4)
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, lambda b: pickle.loads(pickle.dumps(b))])
+def test_a_bf_index_copy_is_independent_ours(how: Any) -> None:
+    x = clustered(20, 4, seed=2)
+    b = ours.BFIndex("l2", 4)
+    b.init_index(30)
+    b.add_items(x[:10])
+    c = how(b)
+    c.delete_vector(0)
+    b.add_items(x[:1] + 5, [0])  # an update in the original
+    c.add_items(x[10:12], [50, 51])
+    assert (b.get_current_count(), c.get_current_count()) == (10, 11)
+    labels, dist = b.knn_query(x[0] + 5, k=2)
+    assert labels[0, 0] == 0 and dist[0, 0] == 0 and labels[0, 1] != 0
+    labels, _ = c.knn_query(x[:10], k=1)
+    assert 0 not in labels and labels[1:, 0].tolist() == list(range(1, 10))
+    labels, _ = b.knn_query(x[10:12], k=1)
+    assert 50 not in labels and 51 not in labels

@@ -44,6 +44,11 @@ class BFIndex:
 
     Deleting an element frees its place (``get_current_count`` drops), unlike
     :meth:`Index.mark_deleted`.
+
+    Differences from hnswlib 0.8.0, on purpose: under ``cosine`` the query is normalised
+    too, so distances are ``1 - cos`` as :class:`Index` returns them (hnswlib's ``BFIndex``
+    normalises only the stored vectors and returns ``1 - |q| cos``: the same labels, other
+    distances); a ``BFIndex`` can be copied and pickled (hnswlib's cannot).
     """
 
     _CHUNK = 1 << 24  # distance matrix entries computed at once
@@ -154,7 +159,7 @@ class BFIndex:
         if rows == 0 or k == 0:
             return _empty_result(rows, k)
         if self._space == "cosine":
-            x = _normalized(x)
+            x = _normalized(x)  # hnswlib's BFIndex does not (see the class docstring)
         with self._lock:
             xs = self._vectors[: self._count].copy()
             labels = self._labels[: self._count].copy()
@@ -261,6 +266,7 @@ class BFIndex:
             state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
             state["_vectors"] = self._vectors[: self._count].copy()
             state["_labels"] = self._labels[: self._count].copy()
+            state["_where"] = dict(self._where)  # copy.copy() must not share it
             return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

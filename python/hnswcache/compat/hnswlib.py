@@ -29,9 +29,15 @@ working. Labels must be below ``2**63 - 1`` (hnswlib allows the full ``uint64`` 
 
 Deliberate differences: a row with NaN or infinity, or under ``l2``/``ip`` one whose
 squared norm passes 8.5e37 (its distances would overflow float32), refuses the whole batch
-with :class:`InvalidVectorsError` (both a ``ValueError`` and a ``RuntimeError``), where
-hnswlib stores it and answers with NaN distances; ``M`` is at most 2048. hnswlib cannot
-read this module's files.
+with :class:`InvalidVectorsError` (both a ``ValueError`` and a ``RuntimeError``), naming
+the row: in ``add_items`` (nothing of the batch is inserted, where hnswlib stores the row
+and answers with NaN distances) and in ``knn_query`` (no row is answered, where hnswlib
+returns meaningless distances for that row). ``load_index`` refuses a file of hnswlib's
+holding such an element (unless marked deleted) with the same error, naming its labels;
+a failed load leaves the index as it was. ``M`` is at most 2048. ``BFIndex`` under
+``cosine`` normalises the query, so its distances are ``Index``'s ``1 - cos`` (hnswlib
+0.8.0's ``BFIndex`` returns ``1 - |q| cos``: the same labels, other distances), and it can
+be copied and pickled. hnswlib cannot read this module's files.
 """
 
 from __future__ import annotations
@@ -98,6 +104,30 @@ def _add(native: _NativeIndex, x: Any, labels: Any, nt: int) -> None:
         raise InvalidVectorsError(str(exc)) from None
 
 
+def _refused_rows(x: F32) -> npt.NDArray[np.bool_]:
+    """Rows the core refuses under ``l2`` and ``ip`` (cosine runs as ``ip`` here): NaN or
+    infinity, or a squared norm above float32's largest / 4, summed in double as it does."""
+    finite = np.asarray(np.isfinite(x).all(axis=1))
+    x64 = np.where(finite[:, None], x, 0).astype(np.float64)
+    norm2 = np.einsum("ij,ij->i", x64, x64)
+    return ~finite | (norm2 > float(np.finfo(np.float32).max) / 4)
+
+
+def _search(
+    native: _NativeIndex,
+    q: F32,
+    k: int,
+    ef: int,
+    nt: int,
+    allowed: list[int] | None = None,
+) -> tuple[npt.NDArray[np.int64], F32]:
+    # k, ef and the shape are checked before: the core's ValueError is a refused query row.
+    try:
+        return native.search(q, k, ef=ef, num_threads=nt, filter=allowed)
+    except ValueError as exc:
+        raise InvalidVectorsError(str(exc)) from None
+
+
 class Index:
     """hnswlib's ``Index``: an HNSW index of ``dim``-dimensional vectors in ``space``.
 
@@ -142,15 +172,15 @@ class Index:
     def _normalize(self) -> bool:
         return self._space == "cosine"
 
-    def _new_native(self, capacity: int) -> _NativeIndex:
+    def _new_native(self, capacity: int, m: int, ef_construction: int, seed: int) -> _NativeIndex:
         # cosine runs as ip on vectors normalised here, like hnswlib: zero vectors allowed.
         return _NativeIndex(
             self._dim,
             metric="l2" if self._space == "l2" else "ip",
-            M=self._M,
-            ef_construction=self._ef_construction,
+            M=m,
+            ef_construction=ef_construction,
             capacity=capacity,
-            seed=self._seed,
+            seed=seed,
             alpha=1.0,  # hnswlib's heuristic (hnswcache.Index defaults to a pruning slack)
         )
 
@@ -188,7 +218,7 @@ class Index:
             self._max_elements = max_elements
             self._M, self._ef_construction, self._seed = m, efc, seed
             self._allow_replace_deleted = bool(allow_replace_deleted)
-            self._native = self._new_native(min(max_elements, 1 << 20))
+            self._native = self._new_native(min(max_elements, 1 << 20), m, efc, seed)
 
     def add_items(
         self,
@@ -235,25 +265,43 @@ class Index:
     def _add_rows(
         self, x: F32, labels: npt.NDArray[np.int64], nt: int, replace_deleted: bool
     ) -> None:
-        """Row by row: capacity, deleted elements and replacement, as hnswlib decides them."""
+        """Row by row: capacity, deleted elements and replacement, as hnswlib decides them.
+
+        The bookkeeping is planned first and applied only once the core has taken the rows:
+        a batch the core refuses (a NaN row) must leave deleted elements and vacancies as
+        they were."""
         native = self._idx()
         used = self._count()
+        deleted = self._deleted
+        taken: set[int] = set()  # deleted labels this batch revives or whose place it reuses
+        vacancies = iter(deleted)  # reused oldest mark first, as the dict's order has them
+        ghosts = 0
         pending: dict[int, int] = {}
         error: str | None = None
+
+        def take_vacancy() -> bool:
+            if len(taken) == len(deleted):
+                return False
+            # Labels not yet yielded include every one not taken, so this finds one.
+            for lab in vacancies:
+                if lab not in taken:
+                    taken.add(lab)
+                    return True
+            return False  # pragma: no cover - unreachable, see above
+
         for row, lab in enumerate(labels.tolist()):
-            if lab in self._deleted:
+            if lab in deleted and lab not in taken:
                 if not replace_deleted and self._allow_replace_deleted:
                     error = _E_UPDATE_DELETED
                     break
-                del self._deleted[lab]  # its own place is reused: the count is unchanged
+                taken.add(lab)  # its own place is reused: the count is unchanged
             elif lab in pending or lab in native:
-                if replace_deleted and self._deleted:
-                    # hnswlib moves the label into a deleted element's place and leaves the
-                    # old place counted but unreachable.
-                    self._deleted.pop(next(iter(self._deleted)))
-                    self._ghosts += 1
-            elif replace_deleted and self._deleted:
-                self._deleted.pop(next(iter(self._deleted)))
+                # hnswlib moves the label into a deleted element's place and leaves the
+                # old place counted but unreachable.
+                if replace_deleted and take_vacancy():
+                    ghosts += 1
+            elif replace_deleted and take_vacancy():
+                pass
             elif used >= self._max_elements:
                 error = _E_FULL
                 break
@@ -263,6 +311,9 @@ class Index:
         if pending:
             rows = np.fromiter(pending.values(), dtype=np.intp, count=len(pending))
             _add(native, x[rows], labels[rows], nt)
+        for lab in taken:
+            del deleted[lab]
+        self._ghosts += ghosts
         if error is not None:
             raise RuntimeError(error)
 
@@ -273,7 +324,10 @@ class Index:
         """The ``k`` nearest elements of each row: ``(labels uint64, distances float32)``,
         both ``(rows, k)``, nearest first. ``filter(label) -> bool`` admits labels.
 
-        Raises ``RuntimeError`` when fewer than ``k`` elements can be returned.
+        Raises ``RuntimeError`` when fewer than ``k`` elements can be returned, and
+        :class:`InvalidVectorsError` (a ``RuntimeError``) naming the first row with NaN or
+        infinity, or under ``l2``/``ip`` a squared norm above 8.5e37 (hnswlib answers such a
+        row with meaningless distances).
         """
         native = self._idx()
         k = _as_size(k, "knn_query", "k")
@@ -286,36 +340,82 @@ class Index:
             x = _normalized(x)
         ef = max(self._ef, k, 1)
         if filter is None:
-            labels, dist = native.search(x, k, ef=ef, num_threads=nt)
+            labels, dist = _search(native, x, k, ef, nt)
             if (labels < 0).any():
                 raise RuntimeError(_E_FEW)
             return labels.astype(np.uint64), dist
+        # The first pass runs on the whole batch: the core checks every row (naming the
+        # batch's row) before the filter is ever called, and it uses the threads asked for.
+        live = len(native)
+        kk = min(max(2 * k, 16), max(live, 1))
+        first_l, first_d = _search(native, x, kk, max(ef, kk), nt)
         out_l, out_d = _empty_result(rows, k)
         for r in range(rows):
-            out_l[r], out_d[r] = self._filtered(native, x[r : r + 1], k, ef, filter)
+            out_l[r], out_d[r] = self._filtered(
+                native, x[r : r + 1], first_l[r], first_d[r], k, ef, live, filter
+            )
         return out_l, out_d
 
     @staticmethod
     def _filtered(
-        native: _NativeIndex, q: F32, k: int, ef: int, filter: Filter
+        native: _NativeIndex,
+        q: F32,
+        lab: npt.NDArray[np.int64],
+        d: F32,
+        k: int,
+        ef: int,
+        live: int,
+        filter: Filter,
     ) -> tuple[U64, F32]:
-        """One search twice as wide as asked: enough when the filter admits most labels.
-        Otherwise the filter is asked once per live label and the core searches with that
-        allow-list (it walks the graph through the others and answers exactly from the
-        allowed entries when they are few)."""
-        live = len(native)
-        kk = min(max(2 * k, 16), max(live, 1))
-        labels, dist = native.search(q, kk, ef=max(ef, kk), num_threads=1)
-        lab, d = labels[0], dist[0]
-        valid = lab >= 0
-        admitted = np.array([bool(filter(int(v))) for v in lab[valid]], dtype=bool)
-        if admitted.sum() >= k:
-            take = np.flatnonzero(admitted)[:k]
-            return lab[valid][take].astype(np.uint64), d[valid][take]
-        allowed = [int(v) for v in native.labels() if filter(int(v))]
+        """The ``k`` nearest admitted elements of one query, given its first candidates
+        (``lab``, ``d``: a search for ``len(lab)`` at ``ef`` at least).
+
+        hnswlib keeps ``ef`` admitted candidates, so it explores about ``ef / rate``
+        elements, ``rate`` being the share the filter admits; with the rate seen so far,
+        the search is redone that wide, and for at least ``k / rate`` results (doubling
+        while fewer than ``k`` pass). Past an eighth of the live elements a wider search
+        would cost more than asking the filter once per live label, so the core then
+        searches with that allow-list (it walks the graph through the others and answers
+        exactly from the allowed entries when they are few). The filter is asked about
+        each label once per query."""
+        verdicts: dict[int, bool] = {}
+
+        def admits(label: int) -> bool:
+            v = verdicts.get(label)
+            if v is None:
+                v = verdicts[label] = bool(filter(label))
+            return v
+
+        cap = live // 8
+        kk = lab.shape[0]
+        wide = max(ef, kk)
+        while True:
+            valid = lab >= 0
+            lab, d = lab[valid], d[valid]
+            seen = lab.shape[0]
+            admitted = np.fromiter(map(admits, lab.tolist()), dtype=bool, count=seen)
+            passed = int(admitted.sum())
+            # rate ~ passed / seen; with none passed it is at most about 1 / seen.
+            per = max(passed, 1)
+            need_wide = -(-ef * seen // per)
+            # (fewer candidates than asked: the graph has no more to give)
+            if passed >= k and (4 * wide >= 3 * need_wide or seen < kk or wide >= cap):
+                take = np.flatnonzero(admitted)[:k]
+                return lab[take].astype(np.uint64), d[take]
+            if seen < kk or wide >= cap:
+                break
+            want = -(-5 * k * seen // (4 * per))  # k / rate, with a margin
+            kk = min(max(want, 2 * kk if passed < k else kk), live)
+            # A rate seen on a few admitted labels is rough: one try at the cap before the
+            # allow-list, whatever the estimate.
+            wide = min(max(need_wide, kk), cap)
+            kk = min(kk, wide)
+            labels, dist = _search(native, q, kk, wide, 1)
+            lab, d = labels[0], dist[0]
+        allowed = [v for v in native.labels().tolist() if admits(v)]
         if len(allowed) < k:
             raise RuntimeError(_E_FEW)
-        labels, dist = native.search(q, k, ef=ef, num_threads=1, filter=allowed)
+        labels, dist = _search(native, q, k, ef, 1, allowed)
         if (labels < 0).any():
             raise RuntimeError(_E_FEW)
         return labels[0].astype(np.uint64), dist[0]
@@ -376,7 +476,7 @@ class Index:
             vec = self._deleted.get(lab)
             if vec is None:
                 raise RuntimeError(_E_NOT_DELETED if lab in native else _E_NOT_FOUND)
-            native.add(vec[None, :], [lab], num_threads=1)
+            _add(native, vec[None, :], [lab], 1)  # refused (a NaN row from a file): stays deleted
             del self._deleted[lab]
 
     # ------------------------------------------------------------------ sizes and settings
@@ -478,7 +578,9 @@ class Index:
     def _from_bytes(
         self, data: bytes, max_elements: int | None, allow_replace_deleted: bool
     ) -> None:
-        """Load our own format; ``max_elements=None`` keeps the stored limit (unpickling)."""
+        """Load our own format; ``max_elements=None`` keeps the stored limit (unpickling).
+        Everything is read before this index changes: a file that fails leaves it as it
+        was."""
         header, (core, dl, dv) = _unpack(_MAGIC_HNSW, data, 3)
         if header.get("space") != self._space or header.get("dim") != self._dim:
             raise RuntimeError(
@@ -486,38 +588,65 @@ class Index:
                 f"{header.get('dim')}, this index is {self._space!r} of dimension {self._dim}"
             )
         try:
+            m, efc, seed, ghosts, saved_max = (
+                int(header[key])
+                for key in ("M", "ef_construction", "seed", "ghosts", "max_elements")
+            )
             native = _NativeIndex.from_bytes(core)
             labels = np.frombuffer(dl, dtype=np.int64)
             vectors = np.frombuffer(dv, dtype=np.float32).reshape(labels.shape[0], self._dim)
-        except ValueError as exc:
-            raise RuntimeError(f"{_E_CORRUPT}: {exc}") from exc
-        self._reset()
-        self._native = native
-        self._M = int(header["M"])
-        self._ef_construction = int(header["ef_construction"])
-        self._seed = int(header["seed"])
-        self._ghosts = int(header["ghosts"])
-        self._deleted = {int(lab): vectors[i].copy() for i, lab in enumerate(labels)}
-        saved_max = int(header["max_elements"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise RuntimeError(f"{_E_CORRUPT}: {exc!r}") from exc
+        deleted = {int(lab): vectors[i].copy() for i, lab in enumerate(labels)}
+        self._install(native, m, efc, seed, deleted, ghosts)
         self._finish_load(
             saved_max, saved_max if max_elements is None else max_elements, allow_replace_deleted
         )
 
     def _from_hnswlib(self, data: bytes, max_elements: int, allow_replace_deleted: bool) -> None:
+        """Rebuild an index saved by hnswlib: the new graph is complete before it replaces
+        this one, so a file that fails leaves this index as it was."""
         header, labels, vectors, deleted = _read_hnswlib_file(data, self._dim)
-        self._reset()
-        self._M = header["M"]
-        self._ef_construction = header["ef_construction"]
-        native = self._new_native(labels.shape[0])
         keep = _last_occurrence(labels) if labels.size else np.empty(0, dtype=np.intp)
         live = keep[~deleted[keep]]
+        # hnswlib stores NaN rows; the core refuses them. Name them rather than drop them:
+        # a load that silently loses elements would go unnoticed.
+        bad = live[_refused_rows(vectors[live])]
+        if bad.size:
+            shown = labels[bad[:10]].tolist()
+            more = f" and {bad.size - 10} more" if bad.size > 10 else ""
+            raise InvalidVectorsError(
+                f"the hnswlib file holds {bad.size} element(s) with NaN or infinity, or a "
+                f"squared norm above 8.5e37, which this index refuses: labels {shown}{more}; "
+                "nothing was loaded"
+            )
+        m, efc = header["M"], header["ef_construction"]
+        try:
+            native = self._new_native(labels.shape[0], m, efc, 100)
+        except ValueError as exc:  # parameters the core does not take (M above 2048)
+            raise RuntimeError(f"{_E_CORRUPT}: {exc}") from exc
         if live.size:
-            native.add(vectors[live], labels[live])
-        self._native = native
-        self._deleted = {int(labels[i]): vectors[i] for i in keep[deleted[keep]]}
-        self._ghosts = labels.shape[0] - keep.shape[0]
+            _add(native, vectors[live], labels[live], 0)
+        dead = {int(labels[i]): vectors[i] for i in keep[deleted[keep]]}
+        self._install(native, m, efc, 100, dead, labels.shape[0] - keep.shape[0])
         self._finish_load(header["max_elements"], max_elements, allow_replace_deleted)
         log.info("rebuilt an hnswlib index file: %d elements", labels.shape[0])
+
+    def _install(
+        self,
+        native: _NativeIndex,
+        m: int,
+        ef_construction: int,
+        seed: int,
+        deleted: dict[int, F32],
+        ghosts: int,
+    ) -> None:
+        """Swap in a loaded index (nothing here can fail half-way)."""
+        self._reset()
+        self._native = native
+        self._M, self._ef_construction, self._seed = m, ef_construction, seed
+        self._deleted = deleted
+        self._ghosts = ghosts
 
     def _finish_load(self, saved_max: int, max_elements: int, allow_replace_deleted: bool) -> None:
         count = self._count()
@@ -540,19 +669,22 @@ class Index:
     ) -> None:
         """Replace this index by one read from a file written by :meth:`save_index` or by
         hnswlib's own ``save_index``. ``max_elements`` below the stored count keeps the
-        stored limit."""
+        stored limit. A load that fails leaves this index as it was; a file of hnswlib's
+        holding an element with NaN or infinity (not marked deleted) is refused with
+        :class:`InvalidVectorsError` naming its labels."""
         max_elements = _as_size(max_elements, "load_index", "max_elements")
         data = _read_file(path_to_index)
         with self._lock:
-            if self._native is not None:
-                log.warning(
-                    "Calling load_index for an already inited index. "
-                    "Old index is being deallocated."
-                )
+            replaced = self._native is not None
             if data.startswith(_MAGIC_HNSW):
                 self._from_bytes(data, max_elements, allow_replace_deleted)
             else:
                 self._from_hnswlib(data, max_elements, allow_replace_deleted)
+            if replaced:  # only once loaded: a load that fails keeps the old index
+                log.warning(
+                    "Calling load_index for an already inited index. "
+                    "Old index is being deallocated."
+                )
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
