@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +76,9 @@ def child_env() -> dict[str, str]:
     pkg_parent = str(Path(hnswcache.__file__).resolve().parents[1])
     env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def past_outage(*caches: Any) -> None:
+    """Wait until the caches' stores call their server again: after a connection failure
+    they fail at once for ``outage_cooldown`` seconds (1 s) instead of waiting for it."""
+    time.sleep(max(getattr(c.store, "outage_left", 0.0) for c in caches))

@@ -12,7 +12,7 @@ from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.server import EmbeddedServer
 
-from .cache_helpers import FakeClock, Paraphrases
+from .cache_helpers import FakeClock, Paraphrases, past_outage
 
 
 @pytest.fixture(params=["memory", "valkey"])
@@ -118,6 +118,7 @@ def test_async_server_down_is_a_miss(fresh_server: EmbeddedServer, ns: str) -> N
         await cache.set("q", "dropped")
         assert cache.stats()["store_errors"] >= 2
         fresh_server.start()
+        past_outage(cache)
         assert (await cache.get("p")).response == "r"  # type: ignore[union-attr]
         await cache.close()
 

@@ -27,7 +27,7 @@ from hnswcache.store.base import Record, encode_record, entry_id, normalize_prom
 from hnswcache.store.redis import RedisStore, keys_for
 from hnswcache.store.server import EmbeddedServer, ServerStartError, shared_server
 
-from .cache_helpers import FakeClock, Paraphrases, child_env
+from .cache_helpers import FakeClock, Paraphrases, child_env, past_outage
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 
@@ -160,6 +160,7 @@ def test_server_killed_and_restarted_mid_run(fresh_server: EmbeddedServer, ns: s
     with pytest.raises(StoreError):
         strict.get("before crash 1")
     fresh_server.start()  # same port, same append-only file
+    past_outage(cache, strict)
     assert all(cache.get(f"before crash {i}") is not None for i in range(50))
     assert cache.get("written while down") is None
     cache.set("after restart", "ok")
@@ -178,7 +179,7 @@ def test_a_server_that_stops_answering_costs_a_bounded_miss(
         assert time.monotonic() - t0 < 2.0
     finally:
         fresh_server.resume()
-    time.sleep(0.05)
+    past_outage(cache)
     assert cache.get("q") is not None
 
 
@@ -876,6 +877,7 @@ def test_a_hit_whose_touch_failed_to_reach_the_server_still_counts_for_lru(
         fresh_server.kill()
         assert await call(cache.get("prompt 2")) is None  # the call carrying the mark fails
         fresh_server.start()
+        past_outage(cache)
         clock.advance(1)
         await call(cache.set("prompt 3", "r3"))  # full: evicts the least recently used, 1
         survivors = {i for i in range(4) if await call(cache.get(f"prompt {i}")) is not None}
@@ -1180,3 +1182,67 @@ def test_async_paraphrases_coalesce_across_caches(valkey_server: EmbeddedServer,
     assert calls == ["what is the boiling point of water at sea level"]
     assert first == second == "answer to what is the boiling point of water at sea level"
     assert coalesced == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_outage_costs_one_timeout_not_one_per_store_call(
+    fresh_server: EmbeddedServer, ns: str, kind: str
+) -> None:
+    """While the server is silent, the first failing call waits out its timeout and the
+    calls after it, for outage_cooldown seconds, fail at once: a @cached miss made seven
+    store calls, each waiting ~1 s (0.5 s and one retry), so ~7 s added to the LLM call."""
+    url = fresh_server.url
+    calls: list[str] = []
+
+    async def scenario(cache: Any, call: Any, llm: Any) -> tuple[float, float]:
+        assert await call(llm("asked before the outage")) == "answer"
+        cache.store.outage_cooldown = 3.0
+        fresh_server.pause()
+        try:
+            t0 = time.monotonic()
+            assert await call(llm("asked while the server is silent")) == "answer"
+            first = time.monotonic() - t0
+            t1 = time.monotonic()
+            for i in range(3):
+                assert await call(cache.get(f"question {i}")) is None
+                assert await call(llm(f"another question {i}")) == "answer"
+            rest = time.monotonic() - t1
+        finally:
+            fresh_server.resume()
+        past_outage(cache)
+        n = len(calls)
+        assert await call(llm("asked before the outage")) == "answer"  # served again
+        assert len(calls) == n
+        return first, rest
+
+    async def same(x: Any) -> Any:
+        return await x if asyncio.iscoroutine(x) else x
+
+    if kind == "sync":
+        cache: Any = SemanticCache(HashEmbedder(64), store=url, namespace=ns, timeout=0.5)
+
+        @cache.cached()
+        def llm(prompt: str) -> str:
+            calls.append(prompt)
+            return "answer"
+
+        first, rest = asyncio.run(scenario(cache, same, llm))
+        cache.close()
+    else:
+        async def run() -> tuple[float, float]:
+            acache = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns,
+                                        timeout=0.5)
+
+            @acache.cached()
+            async def allm(prompt: str) -> str:
+                calls.append(prompt)
+                return "answer"
+
+            try:
+                return await scenario(acache, same, allm)
+            finally:
+                await acache.close()
+
+        first, rest = asyncio.run(run())
+    assert first < 2.5, first  # one call's timeout and retry (seven of them took ~7 s)
+    assert rest < 1.0, rest  # six lookups and three @cached misses, none waiting
