@@ -185,7 +185,8 @@ class Stats:
 
     def miss(self, nearest: float, threshold: float) -> None:
         """A semantic miss whose nearest entry had similarity ``nearest``."""
-        b = min(_MISS_BUCKETS - 1, max(0, int(nearest / _MISS_BUCKET)))
+        # (rounded first: 0.6 / 0.05 is 11.999..., which put 0.6 below its bucket's bound)
+        b = min(_MISS_BUCKETS - 1, max(0, int(round(nearest / _MISS_BUCKET, 9))))
         self.miss_sims[b] += 1
         self.miss_sim_sum += nearest
         if threshold - NEAR_MISS_BAND <= nearest < threshold:

@@ -124,8 +124,9 @@ def chat_key(
         "params": dict(params) if params else {},
         "tools": list(tools) if tools else [],
     }
-    fp = hashlib.blake2b(_canonical(context, "the chat request").encode(), digest_size=16,
-                         person=b"hc-chat").hexdigest()
+    # (surrogatepass: a lone surrogate, half an emoji cut upstream, is still a distinct text)
+    text = _canonical(context, "the chat request").encode("utf-8", "surrogatepass")
+    fp = hashlib.blake2b(text, digest_size=16, person=b"hc-chat").hexdigest()
     out: dict[str, Any] = dict(scope or {})
     if model is not None:
         out["model"] = model

@@ -248,3 +248,23 @@ def test_a_sentence_transformer_is_never_entered_by_two_threads() -> None:
         assert cache.stats()["embed_errors"] == 0 and len(cache) == 16
 
     asyncio.run(run())
+
+
+def test_an_async_cache_serves_a_second_event_loop(valkey_server: EmbeddedServer,
+                                                     ns: str) -> None:
+    """asyncio.run twice (notebook cells, a test per loop): the store's connections belong
+    to the first loop, and every call on the second raised "Event loop is closed", even
+    with strict off."""
+    cache = AsyncSemanticCache(HashEmbedder(16), store=valkey_server.url, namespace=ns)
+
+    async def first() -> None:
+        await cache.set("what is the capital of france", "Paris")
+
+    async def second() -> Any:
+        return await cache.get("what is the capital of france")
+
+    asyncio.run(first())
+    hit = asyncio.run(second())
+    assert hit is not None and hit.response == "Paris"
+    assert cache.stats()["store_errors"] == 0
+    asyncio.run(cache.close())

@@ -91,3 +91,14 @@ def test_async_cache_and_an_unused_cache(ns: str) -> None:
     idle = (("namespace", ns + "idle"), ("quantile", "0.5"))
     assert math.isnan(got[("hnswcache_lookup_seconds", idle)])  # no lookup yet
     assert got[("hnswcache_lookup_seconds_count", (("namespace", ns + "idle"),))] == 0
+
+
+def test_a_similarity_on_a_bucket_bound_counts_in_the_bucket_it_starts() -> None:
+    """0.6 / 0.05 is 11.999... in floats: 0.6 fell in the 0.55 bucket while 0.5 fell in
+    the 0.50 one, so the histogram's bounds held values inconsistently."""
+    from hnswcache._cache_core import Stats
+
+    for sim in (0.05, 0.3, 0.5, 0.6, 0.7, 0.85, 0.9, 0.95):
+        st = Stats()
+        st.miss(sim, 0.99)
+        assert st.snapshot(0)["miss_similarity"] == {f"{sim:.2f}": 1}, sim

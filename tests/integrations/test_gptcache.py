@@ -130,6 +130,18 @@ def test_gptcache_flow_end_to_end(tmp_path: Path) -> None:
     assert get("what is the capital of france", cache_obj=cache2) == "Paris"
 
 
+def test_a_text_with_no_words_is_a_miss_not_an_error(tmp_path: Path) -> None:
+    """This embedder (as the docs' example) gives a zero vector for text with no latin
+    word; GPTCache normalises it into NaN, and get() raised out of the store."""
+    store = HnswCacheVectorStore(dimension=DIM, top_k=3)
+    cache = make_cache(tmp_path, store)
+    put("what is the capital of france", "Paris", cache_obj=cache)
+    for text in ("北京是中国的首都吗", "???"):
+        assert get(text, cache_obj=cache) is None
+    assert store.search(np.full(DIM, np.nan, dtype=np.float32)) == []
+    assert get("what is the capital of france", cache_obj=cache) == "Paris"
+
+
 def test_gptcache_eviction_deletes_from_the_index(tmp_path: Path) -> None:
     store = HnswCacheVectorStore(dimension=DIM, top_k=1)
     cache = make_cache(tmp_path, store, max_size=5, clean_size=2)

@@ -241,6 +241,49 @@ def test_constructor_arguments() -> None:
     assert isinstance(c.cache, SemanticCache)
     with pytest.raises(TypeError):
         HnswSemanticLLMCache(SemanticCache(HashEmbedder(32), store="memory"), store="memory")
+    # Checked when built, not at the first update() (after the model was paid for), and
+    # arguments a given cache would ignore are refused (they were dropped silently).
+    with pytest.raises(ValueError, match="ttl"):
+        HnswSemanticLLMCache(SemanticCache(HashEmbedder(32), store="memory"), ttl=0)
+    ac = AsyncSemanticCache(HashEmbedder(32), store="memory")
+    with pytest.raises(TypeError, match="threshold"):
+        HnswSemanticLLMCache(async_cache=ac, threshold=0.99)
+    with pytest.raises(TypeError, match="async_cache"):
+        HnswSemanticLLMCache(ac)  # type: ignore[arg-type]
+
+
+def test_a_prompt_without_a_human_message_matches_on_its_own_text() -> None:
+    """A system-only prompt was matched as its whole JSON, in one scope shared by all such
+    prompts: the boilerplate carried the similarity, and one task got another's answer
+    (0.938 with MiniLM for two translation requests whose texts score 0.478)."""
+    def system_only(text: str) -> str:
+        return dumps([SystemMessage(content=text)])
+
+    text, scope = prompt_key(system_only("Translate into French: good morning"))
+    assert text == "Translate into French: good morning"
+    # never the scope of a user turn of the same text
+    assert scope != prompt_key(dumps([HumanMessage(content=text)]))[1]
+    c = make(threshold=0.8)
+    c.update(system_only("Translate into French: good morning"), "llm",
+             [Generation(text="bonjour")])
+    assert c.lookup(system_only("Translate into French: the invoice is overdue"),
+                    "llm") is None
+    assert c.lookup(system_only("translate into french: good morning"), "llm") == [
+        Generation(text="bonjour")]
+    assert c.lookup(dumps([HumanMessage(content="Translate into French: good morning")]),
+                    "llm") is None
+
+
+def test_a_lone_surrogate_in_the_history_keeps_its_conversation_apart() -> None:
+    """Half an emoji cut upstream made chat_key raise, and the prompt fell back to the
+    shared scope, where it got another conversation's answer."""
+    def chat(history: str, question: str) -> str:
+        return dumps([HumanMessage(content=history), AIMessage(content="ok"),
+                      HumanMessage(content=question)])
+
+    text, scope = prompt_key(chat("trip to Portugal \ud83c", "When should I go?"))
+    assert text == "When should I go?" and set(scope) == {"chat"}
+    assert scope != prompt_key(chat("trip to Norway", "When should I go?"))[1]
 
 
 @pytest.fixture(autouse=True)

@@ -28,11 +28,13 @@ their messages back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from .._cache_core import CacheCore
 from ..cache import AsyncSemanticCache, SemanticCache
 from ..chat import chat_key
 
@@ -95,10 +97,21 @@ def prompt_key(prompt: str) -> tuple[str, dict[str, Any]]:
     messages = [_message(i) for i in items] if isinstance(items, list) else [None]
     if not messages or any(m is None for m in messages):
         return prompt, {}
+    msgs = cast(list[dict[str, Any]], messages)
     try:
-        return chat_key(cast(list[dict[str, Any]], messages))
+        return chat_key(msgs)
     except (TypeError, ValueError):  # no human message, or content of another shape
-        return prompt, {"chat": "whole"}
+        pass
+    # No human message (a system-only prompt): match on the last message's text, the rest
+    # fingerprinted, and the last one's role too (so it never answers a user turn). The
+    # whole JSON as the text, in one shared scope, let its boilerplate carry similarity:
+    # "Translate into French: the invoice is overdue" got "...: good morning"'s answer.
+    last = {**msgs[-1], "role": "user", "hc_role": msgs[-1]["role"]}
+    try:
+        return chat_key([*msgs[:-1], last])
+    except (TypeError, ValueError):  # content of another shape: only the same request
+        digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16)
+        return prompt, {"chat": "whole-" + digest.hexdigest()}
 
 
 def _dump(generations: Sequence[Generation]) -> str:
@@ -155,8 +168,17 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         key: Callable[[str], tuple[str, dict[str, Any]]] = prompt_key,
         **cache_kwargs: Any,
     ) -> None:
-        if cache is not None and cache_kwargs:
-            raise TypeError("give a SemanticCache or its arguments, not both")
+        if (cache is not None or async_cache is not None) and cache_kwargs:
+            raise TypeError("give a cache or its arguments, not both (unused: "
+                            f"{', '.join(sorted(cache_kwargs))})")
+        if cache is not None and not isinstance(cache, SemanticCache):
+            raise TypeError(f"cache must be a SemanticCache, got {type(cache).__name__} "
+                            "(an AsyncSemanticCache goes in async_cache=)")
+        if async_cache is not None and not isinstance(async_cache, AsyncSemanticCache):
+            raise TypeError("async_cache must be an AsyncSemanticCache, got "
+                            f"{type(async_cache).__name__}")
+        if ttl is not None:  # (checked now: at update() the model has been paid already)
+            CacheCore.check_ttl(ttl)
         if cache is None and async_cache is None:
             cache = SemanticCache(**cache_kwargs)
         self.cache = cache

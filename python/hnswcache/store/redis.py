@@ -20,12 +20,14 @@ whether ``execute`` is awaited.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import secrets
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -1292,9 +1294,38 @@ class AsyncRedisStore(_Layout):
         opts = _url_kwargs(timeout, asyncio=True)
         opts.update(kwargs)
         seed = _cluster_url(url)
-        client: Any = (redis.asyncio.cluster.RedisCluster.from_url(seed, **opts)
-                       if seed is not None else redis.asyncio.Redis.from_url(url, **opts))
-        return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
+
+        def connect() -> Any:
+            return (redis.asyncio.cluster.RedisCluster.from_url(seed, **opts)
+                    if seed is not None else redis.asyncio.Redis.from_url(url, **opts))
+
+        store = cls(connect(), namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
+        store._connect = connect
+        return store
+
+    #: Makes a new client (a store made by from_url): see :attr:`client`.
+    _connect: Callable[[], Any] | None = None
+    _loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+    @property
+    def client(self) -> Any:
+        """As the sync store's; and a client made by :meth:`from_url` is made again when
+        the running event loop is another than the one it was used on: its connections
+        belong to that loop, and a second ``asyncio.run`` (a notebook cell, a test) got
+        "Event loop is closed" out of every call, not a miss."""
+        client = _Layout.client.fget(self)  # type: ignore[attr-defined]
+        if self._connect is None:
+            return client
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return client
+        last = self._loop() if self._loop is not None else None
+        if last is not loop:
+            if self._loop is not None:  # (used on another loop, maybe gone since)
+                self._client = client = self._connect()
+            self._loop = weakref.ref(loop)
+        return client
 
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
                    ) -> list[Any]:
@@ -1707,7 +1738,12 @@ class AsyncRedisStore(_Layout):
 
     async def close(self) -> None:
         if self._owns:
+            last = self._loop() if self._loop is not None else None
+            if last is not None and last is not asyncio.get_running_loop():
+                return  # (its connections belong to another loop: they cannot be closed here)
             try:
                 await self._client.aclose()
             except self._quiet_errors:
+                pass
+            except RuntimeError:  # (a loop that has ended)
                 pass
