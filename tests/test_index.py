@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -860,3 +861,340 @@ def test_alpha_1_is_saved_in_format_1_and_huge_alphas_are_refused():
         assert np.array_equal(back.search(x[:10], k=3)[0], idx.search(x[:10], k=3)[0])
     with pytest.raises(ValueError, match="alpha"):
         Index(8, alpha=10**400)  # (an OverflowError in float() before)
+
+
+# ------------------------------------------- found by a review of the index's edges, 2026-12-05
+
+
+def _row_offset(data: bytes, slot: int) -> int:
+    """Where the stored row of ``slot`` starts in a file."""
+    import struct
+
+    header = struct.unpack_from("<12Q", data, 16)
+    dim, links, n, dtype = header[0], 2 * header[2], header[6], header[11]
+    row = {0: 4 * dim, 1: 2 * dim, 2: 4 + dim}[dtype]
+    prefix = _PREFIX - (8 if struct.unpack_from("<I", data, 8)[0] == 1 else 0)  # v1: no alpha
+    return prefix + n * (1 + 8 + 8 + 4 * (1 + links)) + slot * row
+
+
+def _crafted_row(idx: Index, raw: bytes, slot: int = 0) -> bytes:
+    """The file of ``idx`` with slot ``slot``'s row replaced by ``raw``, checksum valid."""
+    data = idx.to_bytes()
+    return _patched(data, _row_offset(data, slot), raw)
+
+
+def _f32(*values: float) -> bytes:
+    return np.array(values, np.float32).tobytes()
+
+
+def _i8(scale: float, *codes: int) -> bytes:
+    return np.float32(scale).tobytes() + np.array(codes, np.int8).tobytes()
+
+
+@pytest.mark.parametrize(
+    "metric, dtype, raw, match",
+    [
+        # ip / l2: distances of these rows overflow float32 (NaN for every query: inf - inf)
+        ("ip", "float32", _f32(3e38, -3e38, 3e38, -3e38), "overflow"),
+        ("l2", "float32", _f32(1e19, 0, 0, 0), "overflow"),  # squared norm 1e38: finite
+        ("ip", "int8", _i8(1e19 / 127, 127, 0, 0, 0), "overflow"),
+        # (refused before too, as "not finite")
+        ("l2", "float16", np.array([np.inf, 0, 0, 0], np.float16).tobytes(), "NaN or infinity"),
+        # cosine: rows are unit vectors, or distances leave [0, 2] (-2 was returned)
+        ("cosine", "float32", _f32(3, 0, 0, 0), "unit vector"),
+        ("cosine", "float32", _f32(0, 0, 0, 0), "zero vector"),
+        ("cosine", "float32", _f32(0.5, 0.5, 0.5, 0.5001), "unit vector"),
+        ("cosine", "float16", np.array([1.01, 0, 0, 0], np.float16).tobytes(), "unit vector"),
+        ("cosine", "int8", _i8(3 / 127, 127, 0, 0, 0), "8-bit code of a unit vector"),
+        ("cosine", "int8", _i8(1 / 127, 127, 127, 0, 0), "8-bit code of a unit vector"),
+        ("cosine", "int8", _i8(0.0, 127, 0, 0, 0), "zero vector"),
+    ],
+)
+def test_a_file_is_refused_for_a_row_that_add_refuses(metric, dtype, raw, match):
+    # A file with a valid checksum was only checked for finite values: its rows could make
+    # every distance NaN (ip, l2) or -2 (cosine, a row of norm 3), or store a zero row.
+    idx = Index(4, metric=metric, dtype=dtype, M=4)
+    idx.add(np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0.5]], np.float32))
+    assert len(Index.from_bytes(_crafted_row(idx, b""))) == 3  # (the file as written loads)
+    with pytest.raises(ValueError, match=f"stored vector of slot 0 .*{match}"):
+        Index.from_bytes(_crafted_row(idx, raw))
+
+
+def test_what_add_stores_a_file_gives_back():
+    # The loader's checks must never refuse what add() stored, whatever rounding did to it.
+    rng = np.random.default_rng(40)
+    dim = 4096
+    # int8 under cosine: small values just above or below half a step round to codes 1 or
+    # 0, and the stored squared norm is far from 1 (asserted below): still a valid row.
+    edge = np.full((2, dim), 1 / 254, np.float32)
+    edge[0, 1:] *= 1.01
+    edge[1, 1:] *= 0.99
+    edge[:, 0] = 1
+    cases = {
+        ("cosine", "int8"): np.concatenate([edge, rng.standard_normal((50, dim))]),
+        ("cosine", "float16"): rng.standard_normal((300, 7)),
+        ("cosine", "float32"): rng.standard_normal((300, 7)) * 1e-30,
+        ("l2", "float32"): np.array([[9e18, 0, 0, 0], [0, -9e18, 0, 0]]),  # squared norm 8.1e37
+        ("ip", "int8"): np.array([[9e18, 0, 0, 0], [4e18, 8e18, 0, 0]]),
+    }
+    for (metric, dtype), rows in cases.items():
+        idx = Index(rows.shape[1], metric=metric, dtype=dtype)
+        idx.add(rows.astype(np.float32))
+        back = Index.from_bytes(idx.to_bytes())
+        assert back.check_integrity()["live"] == len(rows)
+        every = np.arange(len(rows))
+        np.testing.assert_array_equal(back.get(every), idx.get(every))
+        if dtype == "int8" and metric == "cosine":
+            norm2 = (back.get([0, 1]).astype(np.float64) ** 2).sum(1)
+            assert norm2[0] > 1.15 and norm2[1] < 0.95, norm2  # (1.18 and 0.94)
+    # int8 rounding can also raise a squared norm past 8.5e37 under ip and l2: add() refuses
+    # such a row, which the loader would refuse.
+    row = np.full((1, dim), 9e18 / 254 * 1.01, np.float32)
+    row[0, 0] = 9e18
+    row *= np.float32(0.95)
+    assert float((row.astype(np.float64) ** 2).sum()) < 8.5e37  # 7.8e37, and 9.2e37 rounded
+    with pytest.raises(ValueError, match="once rounded to 8 bits"):
+        Index(dim, metric="l2", dtype="int8").add(row)
+    Index(dim, metric="l2").add(row)  # float32 stores it as given
+
+
+def test_a_search_during_an_upsert_of_its_results_returns_each_label_once():
+    # An upsert makes the label's new slot searchable before it tombstones the old one: a
+    # search in between returned the label twice (61 of 107k result rows in a review).
+    dim, n = 16, 2000
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    idx = Index(dim, M=8, ef_construction=32, auto_consolidate=None)
+    idx.add(x, np.arange(n))
+    stop = threading.Event()
+
+    def upsert() -> None:
+        r = np.random.default_rng(1)
+        while not stop.is_set():
+            lab = r.choice(n, 100, replace=False)
+            idx.add(x[lab] + np.float32(1e-3), lab, num_threads=1)  # near the old vectors
+            idx.consolidate()
+
+    writer = threading.Thread(target=upsert)
+    writer.start()
+    rows = twice = short = 0
+    deadline = time.monotonic() + 4.0  # a duplicate came every ~20 ms before the fix
+    try:
+        while time.monotonic() < deadline and not twice:
+            k = 100 if rows % 2 else 10  # (labels are checked in two ways, for k <= 64 and above)
+            labels, _ = idx.search(x[rng.choice(n, 31)], k, num_threads=1)
+            rows += len(labels)
+            twice += sum(len(set(r.tolist())) != len(r) for r in labels)
+            short += int((labels < 0).sum())
+    finally:
+        stop.set()
+        writer.join()
+    assert twice == 0, f"{twice} of {rows} result rows held a label twice"
+    assert short == 0, "a dropped duplicate must not leave a row short of k"
+    assert rows > 1000
+
+
+class _GatedSave:
+    """A native index whose save() waits at a barrier once its file is written: two saves
+    to one path are then both between writing and renaming at the same time."""
+
+    def __init__(self, native, barrier: threading.Barrier, fail: bool = False) -> None:
+        self._native, self._barrier, self._fail = native, barrier, fail
+
+    def save(self, path) -> None:
+        self._native.save(path)
+        self._barrier.wait(timeout=30)
+        if self._fail:
+            raise RuntimeError("the disk went away")
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+
+def test_threads_saving_to_one_path_each_write_their_own_file(tmp_path, monkeypatch):
+    # The temporary file was f"{path}.tmp{pid}", the same for every thread of a process:
+    # one rename moved the other's file, the other's rename failed (FileNotFoundError), or
+    # a half-written file was renamed into place.
+    a, b = Index(8), Index(8)
+    a.add(clustered(300, 8, seed=1))
+    b.add(clustered(500, 8, seed=2))
+    barrier = threading.Barrier(2)
+    a._native, b._native = _GatedSave(a._native, barrier), _GatedSave(b._native, barrier)
+    path = tmp_path / "i.hnsw"
+    errors: list[BaseException] = []
+
+    def save(idx: Index) -> None:
+        try:
+            idx.save(path)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(Index.load(path)) in (300, 500)
+    assert os.listdir(tmp_path) == ["i.hnsw"]
+    # A failed save leaves the old file and no temporary file behind.
+    c = Index(8)
+    c.add(clustered(10, 8))
+    c._native = _GatedSave(c._native, threading.Barrier(1), fail=True)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk"):
+        c.save(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["i.hnsw"]
+    # The data is synced before the rename makes it the file.
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda s, d: (calls.append("replace"), real_replace(s, d))[1])
+    Index(8).save(path)
+    assert calls[:2] == ["fsync", "replace"]
+    assert len(Index.load(path)) == 0
+
+
+def test_load_checks_the_header_before_reading_the_file(tmp_path):
+    # The whole file was read before its magic was looked at: a 1 GiB file that was not an
+    # index took 7.6 s and 1.9 GiB to be refused. Through a pipe whose writer stays open,
+    # reading to the end waits for the writer; checking the header first does not.
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes")
+    fifo = tmp_path / "pipe"
+    idx = Index(8)
+    idx.add(clustered(200, 8))
+    for blob, ok in ((b"PK\x03\x04" + b"\0" * 300, False), (idx.to_bytes() + b"\0", False),
+                     (idx.to_bytes(), True)):
+        os.mkfifo(fifo)
+        done = threading.Event()
+
+        def write(blob: bytes = blob, done: threading.Event = done) -> None:
+            with open(fifo, "wb") as f:
+                f.write(blob)
+                f.flush()
+                done.wait(timeout=5)  # the writer stays open until load() is done
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        t = time.monotonic()
+        try:
+            if ok:
+                done.set()  # a whole index is read to its end: the writer must close
+                assert len(Index.load(fifo)) == 200
+            else:
+                with pytest.raises(ValueError):
+                    Index.load(fifo)
+        finally:
+            elapsed = time.monotonic() - t
+            done.set()
+            writer.join()
+            os.unlink(fifo)
+        assert elapsed < 2.5, f"load() waited {elapsed:.1f} s for the end of the file"
+
+
+def test_capacity_is_a_checked_hint_that_allocates_nothing():
+    # A hint allocated every chunk it covered: capacity=10**9 took 16 s and 5.8 GB for an
+    # empty index, silently clamped to 2**28 slots.
+    hinted, plain = Index(384, capacity=10**6), Index(384)
+    assert hinted.stats()["memory_bytes"] == plain.stats()["memory_bytes"]
+    assert hinted.stats()["capacity"] == 0
+    Index(384, capacity=2**28)  # the most an index holds: allowed, and free
+    for bad in (2**28 + 1, 10**9, -1, 2**64):
+        with pytest.raises(ValueError, match="capacity"):
+            Index(4, capacity=bad)
+    idx = Index(4, capacity=10, metric="l2")  # and an index grows past its hint
+    idx.add(np.random.default_rng(0).standard_normal((5000, 4)))
+    assert len(idx) == 5000 and idx.stats()["capacity"] == 2 * 4096
+
+
+def test_paths_are_checked_before_any_file_is_touched(tmp_path, monkeypatch):
+    real = tmp_path / "real.hnsw"
+    a = Index(4)
+    a.add(np.eye(4, dtype=np.float32))
+    a.save(real)
+    before = real.read_bytes()
+    # The core takes a C string: a NUL ended the name there, so load() read real.hnsw and a
+    # save truncated it before failing.
+    b = Index(4)
+    b.add(np.ones((1, 4), np.float32))
+    for name in (f"{real}\0other", f"{real}\0".encode()):
+        with pytest.raises(ValueError, match="NUL"):
+            Index.load(name)
+        with pytest.raises(ValueError, match="NUL"):
+            b.save(name)
+    assert real.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["real.hnsw"]
+    # bytes paths name the file (a save wrote to a file literally named "b'...'").
+    monkeypatch.chdir(tmp_path)
+    b.save(os.fsencode(tmp_path / "bytes.hnsw"))
+    assert sorted(os.listdir(tmp_path)) == ["bytes.hnsw", "real.hnsw"]
+    assert len(Index.load(os.fsencode(tmp_path / "bytes.hnsw"))) == 1
+    # Errors of the file system are OSError subclasses, as open() raises them (loading a
+    # directory was a RuntimeError).
+    with pytest.raises(IsADirectoryError):
+        Index.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        Index.load(tmp_path / "missing.hnsw")
+    with pytest.raises(FileNotFoundError):
+        b.save(tmp_path / "no" / "such" / "dir.hnsw")
+    with pytest.raises(IsADirectoryError):
+        b.save(tmp_path)
+    with pytest.raises(TypeError):
+        Index.load(3)
+    assert sorted(os.listdir(tmp_path)) == ["bytes.hnsw", "real.hnsw"]
+
+
+def test_numbers_out_of_range_give_clear_errors_not_binding_type_errors():
+    # pybind11 answered these with "incompatible function arguments" (a TypeError listing C++
+    # signatures) or numpy's "negative dimensions are not allowed".
+    idx = Index(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    q = np.ones(4, np.float32)
+    for label in (2**64, 2**63, 2**63 - 1, np.uint64(2**63), np.uint64(2**64 - 1), -1):
+        assert label not in idx
+    assert (2**63 - 2) not in idx and 3 in idx and np.uint64(3) in idx
+    for now in (1e10, -1e10, float("inf"), float("nan"), 2**70):
+        with pytest.raises(ValueError, match="now must be a finite time"):
+            idx.search(q, 1, now=now)
+        with pytest.raises(ValueError, match="now must be a finite time"):
+            idx.consolidate(now=now)
+    late = Index(4, clock=lambda: 1e10)  # the year 2286: beyond int64 nanoseconds
+    with pytest.raises(ValueError, match="clock's time"):
+        late.add(q)
+    with pytest.raises(ValueError, match="clock's time"):
+        late.search(q, 1)
+    for k in (np.uint64(2**63), 2**63, 2**64, 2**28 + 1):
+        with pytest.raises(ValueError, match="k must be"):
+            idx.search(q, k)
+    with pytest.raises(ValueError, match="ef must be"):
+        idx.search(q, 1, ef=2**64)
+    with pytest.raises(ValueError, match="num_threads"):
+        idx.search(q, 1, num_threads=2**64)
+    for kwargs in ({"seed": -1}, {"seed": 2**64}, {"capacity": -1}, {"ef_search": -1},
+                   {"ef_search": 2**21}, {"M": 2**64}, {"ef_construction": -5}, {"dim": -4}):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=name):
+            Index(**{"dim": 4, **kwargs})
+    with pytest.raises(ValueError, match="ef_search"):
+        idx.ef_search = -1
+    Index(4, seed=2**64 - 1)
+    for bad in (10, "abc", None, [1, 2]):  # bytes(10) was ten zero bytes: a ValueError
+        with pytest.raises(TypeError, match="bytes"):
+            Index.from_bytes(bad)
+    assert len(Index.from_bytes(bytearray(idx.to_bytes()))) == 4
+    assert len(Index.from_bytes(memoryview(idx.to_bytes()))) == 4
+
+
+def test_a_refused_add_consumes_no_automatic_labels():
+    # The labels were taken from the counter before the rows were checked.
+    idx = Index(4)
+    with pytest.raises(ValueError, match="NaN"):
+        idx.add(np.full((1000, 4), np.nan))
+    with pytest.raises(ValueError, match="ttl"):
+        idx.add(np.ones((10, 4)), ttl=-1)
+    with pytest.raises(ValueError, match="zero vector"):
+        idx.add(np.zeros((10, 4)))
+    assert idx.add(np.ones((2, 4))).tolist() == [0, 1]
+    assert idx.add(np.ones((1, 4)), [7]).tolist() == [7]
+    assert idx.add(np.ones((1, 4))).tolist() == [8]

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -89,7 +90,19 @@ PYBIND11_MODULE(_core, m) {
         } catch (const hnswcache::key_error& e) {
             PyErr_SetString(PyExc_KeyError, e.what());
         } catch (const hnswcache::io_error& e) {
-            PyErr_SetString(PyExc_OSError, e.what());
+            // OSError(errno, strerror, filename) is the errno's subclass (FileNotFoundError,
+            // IsADirectoryError, PermissionError...), as Python's own open() raises.
+            PyObject* file = e.code != 0 ? PyUnicode_DecodeFSDefaultAndSize(
+                                               e.path.data(), static_cast<Py_ssize_t>(e.path.size()))
+                                         : nullptr;
+            if (file != nullptr) {
+                errno = e.code;
+                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, file);
+                Py_DECREF(file);
+            } else {
+                PyErr_Clear();  // (a path that does not decode: the message names it)
+                PyErr_SetString(PyExc_OSError, e.what());
+            }
         }
     });
 
@@ -196,6 +209,8 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("isa"), py::arg("x"));
 
+    m.attr("max_slots") = index_t::max_slots;
+
     py::class_<index_t>(m, "Index")
         .def(py::init([](std::size_t dim, const std::string& metric, std::size_t M,
                          std::size_t ef_construction, std::size_t capacity, std::uint64_t seed,
@@ -209,14 +224,30 @@ PYBIND11_MODULE(_core, m) {
              py::arg("alpha") = index_t::default_alpha)
         .def(
             "add",
-            [](index_t& self, const f32_array& x, const i64_array& labels, const i64_array& expiry,
-               std::int64_t now, std::size_t threads) {
+            [](index_t& self, const f32_array& x, const std::optional<i64_array>& labels,
+               const i64_array& expiry, std::int64_t now, std::size_t threads) {
+                // Without labels, the running counter's: returned, taken only if the batch
+                // is valid.
                 const std::size_t n = rows_of(x, self.dim(), "vectors");
                 const float* rows = x.data();
-                const std::int64_t* lab = vec_of(labels, n, "labels");
                 const std::int64_t* exp = vec_of(expiry, n, "expiry");
-                nogil release;
-                self.add(rows, n, lab, exp, now, threads);
+                if (labels) {
+                    const std::int64_t* lab = vec_of(*labels, n, "labels");
+                    {
+                        nogil release;
+                        self.add(rows, n, lab, exp, now, threads);
+                    }
+                    return *labels;
+                }
+                std::int64_t first;
+                {
+                    nogil release;
+                    first = self.add_auto(rows, n, exp, now, threads);
+                }
+                i64_array out(n);
+                for (std::size_t i = 0; i < n; ++i)
+                    out.mutable_data()[i] = first + static_cast<std::int64_t>(i);
+                return out;
             },
             py::arg("vectors"), py::arg("labels"), py::arg("expiry"), py::arg("now"),
             py::arg("num_threads"))
@@ -232,7 +263,8 @@ PYBIND11_MODULE(_core, m) {
                     al = vec_of(*allowed, n_al, "filter");
                 }
                 const float* rows = q.data();
-                if (k == 0) throw std::invalid_argument("k must be positive");
+                if (k == 0 || k > index_t::max_slots)
+                    throw std::invalid_argument("k must be in [1, 2**28]");
                 py::array_t<std::int64_t> labels({n, k});
                 py::array_t<float> dists({n, k});
                 std::int64_t* lp = labels.mutable_data();

@@ -1,7 +1,8 @@
-// Concurrency stress test of the core, without Python: inserting, searching, deleting,
-// touching, consolidating and saving threads run at once. Built with ThreadSanitizer (.ci/tsan) it
-// shows the index has no data race; in any build it checks that no search ever returns an
-// entry deleted before the search began, and that the graph is intact at the end.
+// Concurrency stress test of the core, without Python: inserting, upserting, searching,
+// deleting, touching, consolidating and saving threads run at once. Built with
+// ThreadSanitizer (.ci/tsan) it shows the index has no data race; in any build it checks that
+// no search ever returns an entry deleted before the search began or one label twice, and
+// that the graph is intact at the end.
 #include <atomic>
 #include <cstdio>
 #include <random>
@@ -40,6 +41,12 @@ static int run(dtype_t dtype) {
             deleted_upto.store(lab + 25, std::memory_order_release);
         }
     });
+    // Upserts of live labels: each makes a new slot searchable before the old one is
+    // tombstoned, which a search in between could return as well (the same label twice).
+    std::thread upserter([&] {
+        for (int r = 0; r < 10; ++r)
+            idx.add(data.data() + 2500 * dim, 300, labels.data() + 2500, never.data(), now, 1);
+    });
     std::thread toucher([&] {
         std::vector<std::int64_t> exp(50, never_expires);
         for (int r = 0; r < 40; ++r) idx.touch(labels.data() + 2000 + r, exp.data(), 50, now);
@@ -70,9 +77,15 @@ static int run(dtype_t dtype) {
                 idx.search(data.data() + q * dim, 4, k, 32, now, 1, out_l.data(), out_d.data());
                 for (std::int64_t l : out_l)
                     if (l >= 0 && l < dead_below) failed.store(true);
+                for (std::size_t r = 0; r < 4; ++r)
+                    for (std::size_t i = 0; i < k; ++i)
+                        for (std::size_t j = 0; j < i; ++j)
+                            if (out_l[r * k + i] >= 0 && out_l[r * k + i] == out_l[r * k + j])
+                                failed.store(true);
             }
         });
     inserter.join();
+    upserter.join();
     deleter.join();
     toucher.join();
     stop.store(true);
@@ -90,7 +103,8 @@ static int run(dtype_t dtype) {
                 dtype_name(dtype), rep.live, rep.allocated, rep.free_slots,
                 rep.unreachable_live, saves.load());
     if (failed.load()) {
-        std::puts("FAIL: a deleted entry was returned, or a save did not load back");
+        std::puts("FAIL: a deleted entry or a label twice was returned, or a save did not "
+                  "load back");
         return 1;
     }
     if (rep.live != n0 + n1 - 1500 || rep.unreachable_live != 0) {

@@ -8,6 +8,7 @@ float32 rows, int64 labels, absolute expiry times in integer nanoseconds) and ba
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +24,11 @@ __all__ = ["Index", "NEVER"]
 NEVER: float = float("inf")
 
 _NEVER_NS = np.iinfo(np.int64).max
+# The most entries an index can hold (2**28): the largest ``capacity`` and ``k``.
+_MAX_SLOTS: int = int(_core.max_slots)
+_MAX_LABEL = 2**63 - 2
+_MAX_EF = 2**20
+_SIZE_MAX = 2**64 - 1
 _METRICS = ("cosine", "ip", "l2")
 _DTYPES = ("float32", "float16", "int8")
 #: The pruning slack of a new index with ``M >= 8`` (see :class:`Index`).
@@ -45,9 +51,91 @@ _F32 = np.dtype(np.float32)
 
 
 def _threads(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _SIZE_MAX:
         raise ValueError(f"num_threads must be an integer >= 0 (0 = all cores), got {n!r}")
     return int(n)
+
+
+def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
+    """``int(value)`` if it lies in ``[lo, hi]``; else ``ValueError`` (the core's integer
+    arguments would otherwise answer with pybind11's "incompatible function arguments")."""
+    try:
+        v = int(value)
+    except OverflowError:  # int(inf)
+        v = None
+    if v is None or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return v
+
+
+def _ns(t: Any, what: str) -> int:
+    """Seconds ``t`` as integer nanoseconds, which must fit an int64 (years 1677 to 2262)."""
+    try:
+        ns = round(float(t) * 1e9)
+    except (OverflowError, ValueError):  # inf, NaN
+        ns = None
+    # INT64_MAX is "never", INT64_MIN "deleted": neither is a time.
+    if ns is None or not -_NEVER_NS <= ns < _NEVER_NS:
+        raise ValueError(
+            f"{what} must be a finite time in seconds between the years 1677 and 2262 "
+            f"(integer nanoseconds), got {t!r}")
+    return ns
+
+
+def _search_argument_problem(
+    k: int, ef: int, t: Any, from_clock: bool, num_threads: int
+) -> ValueError | None:
+    """The error an out-of-range argument of :meth:`Index.search` deserves, if any."""
+    if k > _MAX_SLOTS:
+        return ValueError(f"k must be a positive integer at most 2**28, got {k!r}")
+    if ef > _SIZE_MAX:
+        return ValueError(f"ef must be a positive integer, got {ef!r}")
+    try:
+        _threads(num_threads)
+        _ns(t, "the clock's time" if from_clock else "now")
+    except ValueError as e:
+        return e
+    return None
+
+
+def _fs_path(path: Any) -> str:
+    """A path argument (str, bytes or os.PathLike) as a str, refused with ``ValueError`` if
+    it holds a NUL: the core takes a C string, which would end at the NUL and name another
+    file (``load('real.hnsw\\0x')`` loaded real.hnsw; a save truncated it)."""
+    p = os.fsdecode(os.fspath(path))
+    if "\0" in p:
+        raise ValueError(f"path contains a NUL character: {p!r}")
+    return p
+
+
+def _create_temp(target: str) -> tuple[int, str]:
+    """A new, unique file beside ``target`` (``O_EXCL``, as ``tempfile.mkstemp`` makes
+    one, but with the permissions ``open()`` gives, not 0600): its descriptor and path."""
+    directory, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name[:64]}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:  # named after the target (the temporary name is ours)
+            raise type(e)(e.errno, e.strerror, target) from None
+    raise FileExistsError(f"no unique temporary name for {target!r}")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Makes a rename in ``directory`` durable, where the platform allows it."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _as_labels(labels: Any, what: str = "labels") -> npt.NDArray[np.int64]:
@@ -80,7 +168,9 @@ class Index:
         M: links per node on the upper layers (``2 * M`` on layer 0).
         ef_construction: candidate list size while inserting.
         ef_search: default candidate list size while searching (raised to ``k`` if smaller).
-        capacity: a hint of how many entries will be stored; the index grows past it.
+        capacity: a hint of how many entries will be stored, at most 2**28 (the most an
+            index holds); the index grows past it. Memory is allocated
+            as entries arrive, not for the hint.
         seed: seed of the random level generator (builds with one thread are reproducible).
         clock: returns the current time in seconds (default :func:`time.time`); every call
             reads it once, so a test can control time exactly.
@@ -123,13 +213,18 @@ class Index:
     ) -> None:
         if metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        dim = _int_in(dim, "dim", 1, 65536)
+        M = _int_in(M, "M", 2, 2048)  # noqa: N806 - the name of the HNSW parameter
+        ef_construction = _int_in(ef_construction, "ef_construction", 1, _MAX_EF)
+        capacity = _int_in(capacity, "capacity", 0, _MAX_SLOTS)
+        seed = _int_in(seed, "seed", 0, _SIZE_MAX)
         if auto_consolidate is not None and not 0.0 < auto_consolidate <= 1.0:
             raise ValueError("auto_consolidate must be in (0, 1] or None")
         self._clock: Clock = clock if clock is not None else time.time
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if alpha is None:
-            alpha = DEFAULT_ALPHA if int(M) >= 8 else 1.0
+            alpha = DEFAULT_ALPHA if M >= 8 else 1.0
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
             raise TypeError(f"alpha must be a number in [1, 2], got {alpha!r}")
         try:
@@ -139,16 +234,16 @@ class Index:
         if not ok:
             raise ValueError(f"alpha must be in [1, 2], got {alpha!r}")
         self._native = _core.Index(
-            int(dim), metric, int(M), int(ef_construction), int(capacity), int(seed), dtype,
-            float(alpha),
+            dim, metric, M, ef_construction, capacity, seed, dtype, float(alpha),
         )
-        self._native.ef_search = int(ef_search)
+        self.ef_search = ef_search
         self._native.auto_consolidate = float(auto_consolidate or 0.0)
 
     # ------------------------------------------------------------------ time
     def _now_ns(self, now: float | None = None) -> int:
-        t = self._clock() if now is None else now
-        return int(round(float(t) * 1e9))
+        if now is None:
+            return _ns(self._clock(), "the clock's time")
+        return _ns(now, "now")
 
     def _expiry_ns(
         self, n: int, ttl: Any, expires_at: Any, now_ns: int
@@ -213,9 +308,8 @@ class Index:
         """
         x = self._as_vectors(vectors, "vectors")
         n = x.shape[0]
-        if labels is None:
-            lab = self._native.next_labels(n)
-        else:
+        lab = None
+        if labels is not None:
             lab = _as_labels(labels)
             if lab.shape[0] != n:
                 raise ValueError(f"got {n} vectors but {lab.shape[0]} labels")
@@ -223,8 +317,9 @@ class Index:
                 raise ValueError("duplicate labels in one batch")
         now_ns = self._now_ns()
         exp = self._expiry_ns(n, ttl, expires_at, now_ns)
-        self._native.add(x, lab, exp, now_ns, _threads(num_threads))
-        return lab
+        # Without labels the core takes them from its counter once the batch is valid: a
+        # refused batch consumes none.
+        return self._native.add(x, lab, exp, now_ns, _threads(num_threads))
 
     def delete(self, labels: Any) -> int:
         """Delete entries now; returns how many existed. Unknown labels are ignored."""
@@ -292,12 +387,22 @@ class Index:
         if type(q) is not np.ndarray or q.dtype is not _F32:
             q = self._as_vectors(queries, "queries")
         t = self._clock() if now is None else now
-        # _now_ns, inlined (hot path); round() of a float is already an int.
-        ns = round(t * 1e9) if type(t) is float else int(round(float(t) * 1e9))
         if type(num_threads) is not int or num_threads < 0:
             num_threads = _threads(num_threads)
         allowed = None if filter is None else _as_labels(filter, "filter")
-        return self._native.search(q, k, ef, ns, num_threads, allowed)  # type: ignore[no-any-return]
+        try:
+            # _now_ns, inlined (hot path); round() of a float is already an int.
+            ns = round(t * 1e9) if type(t) is float else _ns(t, "now" if now is not None
+                                                                else "the clock's time")
+            return self._native.search(q, k, ef, ns, num_threads, allowed)  # type: ignore[no-any-return]
+        except (TypeError, ValueError, OverflowError):
+            # Out-of-range numbers reach here (not checked above, to keep the hot path
+            # short): pybind11 refuses an int beyond 64 bits with a TypeError, round(inf)
+            # raises OverflowError. Say which argument it was; else the error stands.
+            problem = _search_argument_problem(k, ef, t, now is None, num_threads)
+            if problem is None:
+                raise
+            raise problem from None
 
     def get(self, labels: Any) -> npt.NDArray[np.float32]:
         """Stored vectors of live entries, shaped ``(n, dim)`` (normalised under cosine).
@@ -321,9 +426,12 @@ class Index:
         return int(self._native.size(self._now_ns()))
 
     def __contains__(self, label: object) -> bool:
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             return False
-        return bool(self._native.contains(int(label), self._now_ns()))
+        lab = int(label)
+        if not 0 <= lab <= _MAX_LABEL:  # (never a label, and beyond what the core takes)
+            return False
+        return bool(self._native.contains(lab, self._now_ns()))
 
     def stats(self) -> dict[str, Any]:
         """Counts (live, dead, free, allocated), levels, memory bytes and the kernel in use."""
@@ -370,9 +478,7 @@ class Index:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        if value <= 0:
-            raise ValueError("ef_search must be positive")
-        self._native.ef_search = int(value)
+        self._native.ef_search = _int_in(value, "ef_search", 1, _MAX_EF)
 
     @property
     def search_starts(self) -> int:
@@ -394,29 +500,44 @@ class Index:
         return str(self._native.isa)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the index to ``path`` (written to a temporary file, then renamed)."""
-        target = os.fspath(path)
-        tmp = f"{target}.tmp{os.getpid()}"
+    def save(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> None:
+        """Write the index to ``path``: to a new temporary file beside it, synced to disk, then
+        renamed over it, so ``path`` holds the old index or the new one, never a part (also
+        when threads or processes save to one path at once)."""
+        target = _fs_path(path)
+        # A unique name: f"{target}.tmp{pid}" was shared by the threads of one process, and
+        # one renamed the file another was still writing.
+        fd, tmp = _create_temp(target)
         try:
-            self._native.save(tmp)
+            try:
+                self._native.save(os.fsencode(tmp))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
+        except BaseException:
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(os.path.dirname(target))
 
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike[str],
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         *,
         clock: Clock | None = None,
         auto_consolidate: float | None = 0.10,
     ) -> Index:
         """Read an index written by :meth:`save`. Expiry times are absolute, so an entry that
         expired while the index was on disk is dead after loading. Raises ``ValueError`` for a
-        truncated, corrupted or foreign file."""
-        return cls._wrap(_core.Index.load(os.fspath(path)), clock, auto_consolidate)
+        truncated, corrupted or foreign file (checked from its header before the rest is
+        read), and ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``...) for a file
+        that cannot be read."""
+        native = _core.Index.load(os.fsencode(_fs_path(path)))
+        return cls._wrap(native, clock, auto_consolidate)
 
     def to_bytes(self) -> bytes:
         """The same format as :meth:`save`, in memory."""
@@ -424,8 +545,18 @@ class Index:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, *, clock: Clock | None = None, auto_consolidate: float | None = 0.10
+        cls,
+        data: bytes | bytearray | memoryview,
+        *,
+        clock: Clock | None = None,
+        auto_consolidate: float | None = 0.10,
     ) -> Index:
+        """Read an index from what :meth:`to_bytes` (or a file written by :meth:`save`) holds;
+        ``ValueError`` as :meth:`load`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # (bytes(10) would be ten zero bytes)
+            raise TypeError(
+                f"data must be bytes, bytearray or memoryview, not {type(data).__name__}")
         return cls._wrap(_core.Index.from_bytes(bytes(data)), clock, auto_consolidate)
 
     @classmethod

@@ -85,9 +85,13 @@ struct format_error : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
 
-// A file could not be read or written (mapped to OSError).
+// A file could not be read or written (mapped to OSError; with an errno, to its subclass:
+// FileNotFoundError, IsADirectoryError, PermissionError...).
 struct io_error : std::runtime_error {
-    using std::runtime_error::runtime_error;
+    io_error(const std::string& what, int errno_code, std::string file)
+        : std::runtime_error(what), code(errno_code), path(std::move(file)) {}
+    int code;          // errno, or 0 when there is none
+    std::string path;  // the file concerned
 };
 
 struct consolidate_report_t {
@@ -119,6 +123,10 @@ class index_t {
     // alpha: the pruning slack of the neighbour selection (see diverse()), in
     // [min_alpha, max_alpha]; 1 is the HNSW paper's heuristic.
     static constexpr double default_alpha = 1.2, min_alpha = 1.0, max_alpha = 2.0;
+    // The most slots an index can hold (chunks of 4096 records, at most 2^16 of them).
+    static constexpr std::size_t max_slots = std::size_t{1} << 28;
+    // capacity_hint (at most max_slots) allocates nothing: chunks are allocated as slots are
+    // used, so a hint costs no memory.
     index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef_construction,
             std::size_t capacity_hint, std::uint64_t seed, dtype_t dtype = dtype_t::float32,
             double alpha = default_alpha);
@@ -130,6 +138,10 @@ class index_t {
     // values, non-zero rows under cosine, non-negative labels. Nothing is inserted on error.
     void add(const float* rows, std::size_t n, const std::int64_t* labels,
              const std::int64_t* expiry, std::int64_t now, std::size_t threads);
+    // The same with labels from the running counter, taken only once the batch is valid (a
+    // refused batch consumes none); returns the first (the batch has first .. first + n - 1).
+    std::int64_t add_auto(const float* rows, std::size_t n, const std::int64_t* expiry,
+                          std::int64_t now, std::size_t threads);
 
     // k nearest live entries per query; pads with -1 / +inf. With `allowed` (n_allowed labels),
     // only those labels can be returned (the filter walks the graph like expiry does).
@@ -179,6 +191,7 @@ class index_t {
     static constexpr std::size_t chunk_bits = 12;
     static constexpr std::size_t chunk_size = std::size_t{1} << chunk_bits;
     static constexpr std::size_t max_chunks = std::size_t{1} << 16;
+    static_assert(max_slots == max_chunks * chunk_size, "max_slots is what the chunks hold");
     enum : std::uint8_t { state_free = 0, state_ready = 1 };
 
     struct chunk_t;
@@ -217,6 +230,21 @@ class index_t {
     void prepare(const float* row, float* out) const;  // pad (and normalise under cosine)
     // Throws for a row with NaN or infinity, or a zero row under cosine ("<what> <r> ...").
     void check_row(const float* row, std::size_t r, const char* what) const;
+    // What makes a row of dim_ values unfit for the index, or nullptr: NaN or infinity, a zero
+    // row under cosine, under ip and l2 a squared norm above 8.5e37 (its distances would
+    // overflow float32). With `stored` (a row as kept, e.g. read from a file), under cosine
+    // also a squared norm off 1 by more than the dtype's rounding allows (rows are
+    // normalised on insert). check_row, the loader and check_integrity share it.
+    const char* row_problem(const float* row, bool stored) const;
+    // The same for an int8 row (scale, dim_ codes): also an invalid scale or a code of -128;
+    // under cosine the codes must be the quantisation of some unit vector. Sets norm2 to
+    // |scale * code|^2 (i8_norm2_of, as quantize_i8() computes it).
+    const char* i8_row_problem(float scale, const std::int8_t* code, float& norm2) const;
+    // Checks a batch for add(): rows (row_problem, float16's range, int8's quantised norm)
+    // and, when given, labels.
+    void validate(const float* rows, std::size_t n, const std::int64_t* labels) const;
+    void insert_batch(const float* rows, std::size_t n, const std::int64_t* labels,
+                      const std::int64_t* expiry, std::int64_t now, std::size_t threads);
     float query_norm2(const float* q) const;  // |q|^2 under L2 (the 8-bit copies need it)
     // The distance to an 8-bit vector (scale * code, |scale * code|^2 = norm2) from
     // dot = sum q_i code_i: 1 - scale * dot, or |q|^2 + norm2 - 2 scale dot under L2.
@@ -271,6 +299,15 @@ class index_t {
     };
     void search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
                     scratch_t& s, std::vector<neighbor_t>& out, const filter_t* filter) const;
+    // search_one's candidates (sorted, at least k when that many are live), labels unchecked.
+    void search_candidates(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
+                           scratch_t& s, std::vector<neighbor_t>& out,
+                           const filter_t* filter) const;
+    // Keeps the first k distinct labels of `out` (sorted: each at its closer slot), dropping
+    // later entries of a label already kept; returns how many were dropped. Reads the labels
+    // of the answer only (k of them when none repeats).
+    std::size_t drop_duplicate_labels(std::vector<neighbor_t>& out, std::size_t k,
+                                      scratch_t& s) const;
     std::size_t dead_count(std::int64_t now) const;
     void maybe_auto_consolidate(std::int64_t now, std::size_t incoming, std::size_t threads);
     void publish_label(std::int64_t label, slot_t id);

@@ -123,18 +123,25 @@ inline const half_t* index_t::low_halves(slot_t id) const {
 }
 // Symmetric 8-bit quantisation with one scale per vector (x ~= scale * code, |code| <= 127):
 // the level-0 rows of dtype int8 and the upper levels' copies. Returns |scale * code|^2.
+// |scale * code|^2, summed in order. One function for add() (through quantize_i8) and the
+// loader, so that a row add() accepts under ip and l2 is never refused when loaded.
+inline float i8_norm2_of(float scale, const std::int8_t* code, std::size_t n) {
+    float norm2 = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const float v = scale * static_cast<float>(code[i]);
+        norm2 += v * v;
+    }
+    return norm2;
+}
 inline float quantize_i8(const float* x, std::size_t n, std::int8_t* code, float& scale) {
     float mx = 0;
     for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
     scale = mx / 127.0f;
-    float norm2 = 0;
     for (std::size_t i = 0; i < n; ++i) {
         const long c = scale > 0 ? std::lrint(x[i] / scale) : 0;
         code[i] = static_cast<std::int8_t>(std::clamp(c, -127L, 127L));
-        const float v = scale * code[i];
-        norm2 += v * v;
     }
-    return norm2;
+    return i8_norm2_of(scale, code, n);
 }
 
 // An int8 row: f32 scale | f32 norm2 | 8 pad | i8 code[dim_padded] (16-byte aligned codes).
@@ -193,6 +200,7 @@ struct index_t::scratch_t {
     std::vector<const std::int8_t*> cptrs;  // 8-bit rows (upper copies, dtype int8)
     std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
+    std::vector<std::int64_t> answered;  // labels of one answer (drop_duplicate_labels)
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
     std::vector<float> dec_a, dec_b, dec_c;  // dec_c: exact distances
     float* qbuf = nullptr;

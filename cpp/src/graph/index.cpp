@@ -70,9 +70,13 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     stride_ = round_up(vec_offset_ + vec_bytes_, 16);
     code_words_ = upper_header_words + dim_padded_ / 4;
     kernels_ = &default_kernels();
+    // The hint is checked, not acted on: chunks are allocated as slots are used (one every
+    // 4096 inserts, under the allocation lock). Allocating them for the hint up front
+    // zero-filled 77 KB of side arrays per chunk, 5.8 GB for a hint of 10^9, and bought no
+    // measurable speed for a build of 100k rows.
+    if (capacity_hint > max_slots)
+        throw std::invalid_argument("capacity must be at most 2**28, the most slots an index holds");
     chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
-    const std::size_t want = std::min(capacity_hint, max_chunks * chunk_size);
-    for (std::size_t c = 0; c * chunk_size < want; ++c) ensure_chunk(c);
 }
 
 index_t::~index_t() {
@@ -254,24 +258,70 @@ void index_t::store_vector(slot_t id, const float* v) {
     for (std::size_t i = 0; i < dim_padded_; ++i) split_halves(v[i], high[i], low[i]);
 }
 
-void index_t::check_row(const float* row, std::size_t r, const char* what) const {
+namespace {
+// Under ip and l2 rows are stored as given: |q - x|^2 <= 4 max(|q|^2, |x|^2) must stay a finite
+// float, or distances turn into inf - inf = NaN (and NaN keys break the heaps' order).
+constexpr double max_norm2 = static_cast<double>(std::numeric_limits<float>::max()) / 4;
+const char* const overflow_problem =
+    "has a squared norm above 8.5e37: its distances would overflow float32";
+// How far from 1 a stored cosine row's squared norm may be. A float32 row is rounded once
+// from its normalisation in double: at most ~1.2e-7 off (~4e-7 for the first release, which
+// normalised with a float 1/|x|); measured at most 8.5e-8 (114k all-MiniLM-L6-v2 rows and
+// Gaussian rows of 7, 384 and 4096 dimensions). A float16 row has 11 significant bits: at
+// most ~1e-3 off, measured 1.7e-4 on the real rows, 7.6e-4 in 7 dimensions. The tolerances
+// leave margins of 25x and 4x over those bounds. (int8: see i8_row_problem.)
+constexpr double unit_tolerance_f32 = 1e-5, unit_tolerance_f16 = 4e-3;
+}  // namespace
+
+const char* index_t::row_problem(const float* row, bool stored) const {
     double norm = 0;  // as prepare() computes it
     for (std::size_t i = 0; i < dim_; ++i) {
-        if (!std::isfinite(row[i]))
-            throw std::invalid_argument(what + (" " + std::to_string(r)) +
-                                        " contains NaN or infinity");
+        if (!std::isfinite(row[i])) return "contains NaN or infinity";
         norm += static_cast<double>(row[i]) * row[i];
     }
-    if (metric_ == metric_t::cosine && norm == 0.0)
-        throw std::invalid_argument(what + (" " + std::to_string(r)) +
-                                    " is a zero vector, which has no cosine direction");
-    // Stored as given under ip and l2: |q - x|^2 <= 4 max(|q|^2, |x|^2) must stay a finite
-    // float, or distances turn into inf - inf = NaN (and NaN keys break the heaps' order).
-    if (metric_ != metric_t::cosine &&
-        norm > static_cast<double>(std::numeric_limits<float>::max()) / 4)
-        throw std::invalid_argument(what + (" " + std::to_string(r)) +
-                                    " has a squared norm above 8.5e37: its distances would "
-                                    "overflow float32");
+    if (metric_ != metric_t::cosine) return norm > max_norm2 ? overflow_problem : nullptr;
+    if (norm == 0.0) return "is a zero vector, which has no cosine direction";
+    const double tolerance = dtype_ == dtype_t::float16 ? unit_tolerance_f16 : unit_tolerance_f32;
+    if (stored && std::fabs(norm - 1.0) > tolerance)
+        return "is not a unit vector (cosine rows are normalised on insert)";
+    return nullptr;
+}
+
+const char* index_t::i8_row_problem(float scale, const std::int8_t* code, float& norm2) const {
+    if (!std::isfinite(scale) || scale < 0) return "has an invalid scale";
+    for (std::size_t i = 0; i < dim_; ++i)
+        if (code[i] == -128) return "has an invalid 8-bit code";  // (never written)
+    norm2 = i8_norm2_of(scale, code, dim_);
+    if (!std::isfinite(norm2)) return "is not finite";
+    if (metric_ != metric_t::cosine)
+        return static_cast<double>(norm2) > max_norm2 ? overflow_problem : nullptr;
+    // The codes of a unit vector x, quantised with scale = max|x_i| / 127: each x_i is within
+    // half a step of scale * code_i and none is beyond 127 steps, so |x|^2 = 1 lies between
+    // the least and the greatest squared norm these intervals allow. A fixed tolerance on
+    // norm2 would not do: it is off 1 by up to 4e-3 on the real rows above, 7e-3 in 7
+    // dimensions, and far more for valid rows built to round badly (codes 127, 1, 1, ... of a
+    // row whose small values sit just above half a step: norm2 ~2.5 in 65536 dimensions).
+    // On those real rows the bounds were at most 0.9964 and at least 1.0009.
+    double lo = 0, hi = 0;
+    for (std::size_t i = 0; i < dim_; ++i) {
+        const double a = std::abs(static_cast<int>(code[i]));
+        lo += std::max(a - 0.5, 0.0) * std::max(a - 0.5, 0.0);
+        hi += std::min(a + 0.5, 127.0) * std::min(a + 0.5, 127.0);
+    }
+    const double s2 = static_cast<double>(scale) * scale;
+    lo *= s2;
+    hi *= s2;
+    constexpr double slack = 1e-3;  // float rounding of the normalisation and the quantisation
+    if (!(lo <= 1.0 + slack && hi >= 1.0 - slack))
+        return hi == 0 ? "is a zero vector, which has no cosine direction"
+                       : "is not the 8-bit code of a unit vector (cosine rows are normalised "
+                         "on insert)";
+    return nullptr;
+}
+
+void index_t::check_row(const float* row, std::size_t r, const char* what) const {
+    if (const char* problem = row_problem(row, false))
+        throw std::invalid_argument(what + (" " + std::to_string(r)) + " " + problem);
 }
 
 float index_t::query_norm2(const float* q) const {
@@ -631,9 +681,10 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
     publish_label(lab, id);
 }
 
-void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
-                  const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
-    // Validate the whole batch before touching the graph: nothing is half-inserted on error.
+void index_t::validate(const float* rows, std::size_t n, const std::int64_t* labels) const {
+    // int8 under ip and l2: the norm that counts is the quantised one, which the 8-bit
+    // rounding can raise (up to 4x in high dimensions): the loader checks that one.
+    std::vector<std::int8_t> codes(dtype_ == dtype_t::int8 && metric_ != metric_t::cosine ? dim_ : 0);
     for (std::size_t r = 0; r < n; ++r) {
         const float* row = rows + r * dim_;
         check_row(row, r, "row");
@@ -642,9 +693,37 @@ void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
                 if (std::fabs(row[i]) > 65504.0f)
                     throw std::invalid_argument("row " + std::to_string(r) +
                                                 " has a value beyond float16's range (65504)");
-        if (labels[r] < 0 || labels[r] > max_label)
+        if (!codes.empty()) {
+            float scale;
+            if (static_cast<double>(quantize_i8(row, dim_, codes.data(), scale)) > max_norm2)
+                throw std::invalid_argument("row " + std::to_string(r) +
+                                            " has a squared norm above 8.5e37 once rounded to "
+                                            "8 bits: its distances would overflow float32");
+        }
+        if (labels != nullptr && (labels[r] < 0 || labels[r] > max_label))
             throw std::invalid_argument("labels must be in [0, 2**63 - 2]");
     }
+}
+
+void index_t::add(const float* rows, std::size_t n, const std::int64_t* labels,
+                  const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
+    // Validate the whole batch before touching the graph: nothing is half-inserted on error.
+    validate(rows, n, labels);
+    insert_batch(rows, n, labels, expiry_ns, now, threads);
+}
+
+std::int64_t index_t::add_auto(const float* rows, std::size_t n, const std::int64_t* expiry_ns,
+                               std::int64_t now, std::size_t threads) {
+    validate(rows, n, nullptr);
+    const std::int64_t first = reserve_labels(n);
+    std::vector<std::int64_t> labels(n);
+    for (std::size_t r = 0; r < n; ++r) labels[r] = first + static_cast<std::int64_t>(r);
+    insert_batch(rows, n, labels.data(), expiry_ns, now, threads);
+    return first;
+}
+
+void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t* labels,
+                           const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
     if (n == 0) return;
     maybe_auto_consolidate(now, n, threads);
     {
@@ -728,6 +807,50 @@ void index_t::brute_force(const float* q, std::size_t k, std::int64_t now,
 
 void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
                          scratch_t& s, std::vector<neighbor_t>& out, const filter_t* filter) const {
+    // An upsert makes the label's new slot searchable before it tombstones the old one, so a
+    // search in between can reach both (61 of 107k result rows under a stream of upserts):
+    // each label is answered once, at its closer slot. The labels are checked on the answer
+    // only, not in the walk. When that leaves fewer than k, the search runs again for as many
+    // more as were dropped (rare: it takes an upsert of a result while the search runs).
+    std::size_t want = k;
+    for (int attempt = 0;; ++attempt) {
+        search_candidates(q, want, ef, now, s, out, filter);
+        const std::size_t dropped = drop_duplicate_labels(out, k, s);
+        if (dropped == 0 || out.size() >= k || attempt == 2) break;
+        want += dropped;
+    }
+}
+
+std::size_t index_t::drop_duplicate_labels(std::vector<neighbor_t>& out, std::size_t k,
+                                           scratch_t& s) const {
+    auto& answered = s.answered;
+    if (k > 64) {
+        // A large k: sorted, its labels show in k log k whether any repeats (a linear scan
+        // per label would be quadratic); only then (rare) the pass below.
+        const std::size_t m = std::min(k, out.size());
+        answered.resize(m);
+        for (std::size_t i = 0; i < m; ++i) answered[i] = label(out[i].second);
+        std::sort(answered.begin(), answered.end());
+        if (std::adjacent_find(answered.begin(), answered.end()) == answered.end()) {
+            out.resize(m);
+            return 0;
+        }
+    }
+    answered.clear();
+    std::size_t kept = 0, read = 0;
+    for (; read < out.size() && kept < k; ++read) {
+        const std::int64_t lab = label(out[read].second);
+        if (std::find(answered.begin(), answered.end(), lab) != answered.end()) continue;
+        answered.push_back(lab);
+        out[kept++] = out[read];
+    }
+    out.resize(kept);
+    return read - kept;
+}
+
+void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, std::int64_t now,
+                                scratch_t& s, std::vector<neighbor_t>& out,
+                                const filter_t* filter) const {
     out.clear();
     const std::uint64_t ep = entry_.load(std::memory_order_acquire);
     if (ep == no_entry) return;
@@ -769,7 +892,6 @@ void index_t::search_one(const float* q, std::size_t k, std::size_t ef, std::int
         }
         if (candidates > out.size()) brute_force(q, k, now, out);
     }
-    if (out.size() > k) out.resize(k);
 }
 
 void index_t::search(const float* queries, std::size_t n, std::size_t k, std::size_t ef,

@@ -27,6 +27,7 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
     rep.min_degree0 = SIZE_MAX;
 
     std::vector<std::uint32_t> code;
+    std::vector<float> vec(dim_padded_);
     for (slot_t id = 0; id < n; ++id) {
         const std::string where = "slot " + std::to_string(id);
         if (state(id) != state_ready) {
@@ -42,6 +43,15 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
         else
             ++rep.dead;
         if (expiry(id) != deleted_mark) ++not_deleted;
+        // The stored vector is one add() could have stored (the loader's check, kept).
+        const char* problem;
+        if (dtype_ == dtype_t::int8) {
+            float norm2;
+            problem = i8_row_problem(i8_scale(raw(id)), i8_codes(raw(id)), norm2);
+        } else {
+            problem = row_problem(decoded(id, vec.data()), true);
+        }
+        if (problem != nullptr) fail(where + " holds a vector that " + problem);
         const int lv = level(id);
         if (lv > top) fail(where + " has level " + std::to_string(lv) + " above the top " +
                            std::to_string(top));
