@@ -255,6 +255,7 @@ class index_t {
     // --- graph (index.cpp)
     slot_t allocate_slot(int& level_out);
     void ensure_chunk(std::size_t chunk_index);
+    static void free_chunk(chunk_t* ch);
     void insert(const float* v, std::int64_t label, std::int64_t expiry, std::int64_t now,
                 scratch_t& s);
     // Greedy walk from `cur` at from_level down to to_level (exclusive) on the 8-bit copies:
@@ -334,7 +335,7 @@ class index_t {
     std::atomic<std::size_t> search_starts_{2};
 
     // --- storage
-    std::unique_ptr<std::atomic<chunk_t*>[]> chunks_;
+    std::atomic<chunk_t*>* chunks_ = nullptr;  // max_chunks entries, zeroed_pages
     std::atomic<std::size_t> n_chunks_{0};
     std::atomic<slot_t> n_slots_{0};  // slots ever handed out (the high-water mark)
     std::vector<slot_t> free_slots_;  // a min-heap: low ids are reused first

@@ -76,16 +76,21 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     // measurable speed for a build of 100k rows.
     if (capacity_hint > max_slots)
         throw std::invalid_argument("capacity must be at most 2**28, the most slots an index holds");
-    chunks_.reset(new std::atomic<chunk_t*>[max_chunks]());
+    chunks_ = static_cast<std::atomic<chunk_t*>*>(
+        zeroed_pages(max_chunks * sizeof(std::atomic<chunk_t*>)));
 }
 
 index_t::~index_t() {
     const std::size_t n = n_chunks_.load();
-    for (std::size_t c = 0; c < n; ++c) {
-        chunk_t* ch = chunks_[c].load();
-        for (std::size_t i = 0; i < chunk_size; ++i) std::free(ch->upper[i]);
-        delete ch;
-    }
+    for (std::size_t c = 0; c < n; ++c) free_chunk(chunks_[c].load());
+    free_zeroed_pages(chunks_, max_chunks * sizeof(std::atomic<chunk_t*>));
+}
+
+void index_t::free_chunk(chunk_t* ch) {
+    for (std::size_t i = 0; i < chunk_size; ++i) std::free(ch->upper[i]);
+    std::free(ch->slab);
+    std::free(ch->low);
+    free_zeroed_pages(ch, sizeof(chunk_t));
 }
 
 void index_t::set_ef_search(std::size_t ef) {
@@ -123,10 +128,16 @@ void index_t::ensure_chunk(std::size_t c) {
     while (n_chunks_.load(std::memory_order_relaxed) <= c) {
         const std::size_t next = n_chunks_.load(std::memory_order_relaxed);
         if (next >= max_chunks) throw std::length_error("index is full (2^28 slots)");
-        auto* ch = new chunk_t();
-        ch->slab = static_cast<char*>(slab_malloc(chunk_size * stride_, next > 0));
-        if (dtype_ == dtype_t::float32)
-            ch->low = static_cast<half_t*>(aligned_malloc(chunk_size * dim_padded_ * sizeof(half_t)));
+        auto* ch = static_cast<chunk_t*>(zeroed_pages(sizeof(chunk_t)));
+        try {
+            ch->slab = static_cast<char*>(slab_malloc(chunk_size * stride_, next > 0));
+            if (dtype_ == dtype_t::float32)
+                ch->low = static_cast<half_t*>(
+                    aligned_malloc(chunk_size * dim_padded_ * sizeof(half_t)));
+        } catch (...) {
+            free_chunk(ch);
+            throw;
+        }
         chunks_[next].store(ch, std::memory_order_release);
         n_chunks_.store(next + 1, std::memory_order_release);
     }
