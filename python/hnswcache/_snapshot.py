@@ -54,7 +54,10 @@ _MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 1 << 30
 _FILE_RE = re.compile(r"^scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci$")
 #: What a save leaves behind when it is killed: Index.save's and the manifest's temporaries.
+#: (Index.save's were `<file>.tmp<pid>` until the sixth session of 2026-12-05, now
+#: `.<file>.<16 hex>.tmp`: both are removed.)
 _LEFTOVER_RE = re.compile(r"^(scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci\.tmp\d+|"
+                          r"\.scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci\.[0-9a-f]{16}\.tmp|"
                           r"manifest\.json\.tmp\d+-[0-9a-f]{8})$")
 _SID_RE = re.compile(r"^[0-9a-f]{16}$")
 _POSITION_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")

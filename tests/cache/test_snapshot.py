@@ -399,6 +399,7 @@ def test_leftovers_of_a_killed_save_are_removed(valkey_server, ns, paraphrases, 
     d = manifest_path(snap, ns).parent
     old = time.time() - 3600
     leftovers = [d / "scope-0123456789abcdef-89abcdef.hci.tmp4242",
+                 d / ".scope-0123456789abcdef-89abcdef.hci.0123456789abcdef.tmp",
                  d / "manifest.json.tmp4242-0123abcd", d / "scope-0123456789abcdef-00000000.hci"]
     young = d / "scope-0123456789abcdef-11111111.hci"  # maybe another process's save
     for f in [*leftovers, young]:
