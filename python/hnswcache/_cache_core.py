@@ -612,6 +612,25 @@ class CacheCore:
         self.remember_own(positions)
         self.clear_local(sid, keep)
 
+    def snapshot_sample(self, n: int = 32) -> list[int]:
+        """Up to ``n`` entry ids of the replica, at random: to check a loaded snapshot."""
+        ids = list(self.where)
+        return ids if len(ids) <= n else self._rng.sample(ids, n)
+
+    def snapshot_disagrees(self, ids: Sequence[int], fetched: Sequence[Fetched]) -> str | None:
+        """Why a snapshot just loaded and replayed is not to be trusted, from the store's
+        records of a sample of its entries, or ``None``. An entry's id is its scope's (a
+        hash of scope and prompt, checked on every read), so a stored record of another
+        scope than the snapshot lists proves it wrong: well-formed but wrong content
+        (scopes swapped, an id listed in the wrong one) passed every format check, and lost
+        those entries from the semantic tier. (A record missing from the store proves
+        nothing: it may have expired.)"""
+        for eid, f in zip(ids, fetched):
+            w = self.where.get(eid)
+            if isinstance(f, Record) and w is not None and w[0] != f.scope_id:
+                return f"entry {eid:016x} is listed in another scope than the store's"
+        return None
+
     def own_deletes(self, batches: Sequence[tuple[str, Sequence[int]]]) -> None:
         """Apply this process's own deletions, each batch of ids deleted with its ``del``
         event at a log position, ahead of the log (as :meth:`own_clear`): skipped where the

@@ -93,10 +93,16 @@ def _read_regular(path: Path, limit: int) -> bytes:
         raise
     except OSError as exc:
         raise SnapshotError(f"cannot open {path.name}: {exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # (checked on the descriptor: fdopen of a
+            # directory raised before the `with` could close it, one descriptor per read)
             raise SnapshotError(f"{path.name} is not a regular file")
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
         if st.st_size > limit:
             raise SnapshotError(f"{path.name} has {st.st_size} bytes, more than {limit}")
         data = fh.read(limit + 1)
@@ -404,6 +410,9 @@ def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
             idx.delete(extra)
         for eid, version in listed.items():
             if eid in labels:
+                if eid in where:  # (an entry's id is its scope's: listed twice is forged, and
+                    # a lookup in one scope then deleted it from the other's graph)
+                    raise SnapshotError(f"entry {eid:016x} is listed in two scopes")
                 where[eid] = (sid, version)
         indexes[sid] = idx
     return Loaded(indexes, where, position)

@@ -436,6 +436,12 @@ class _Base:
             raise _snapshot.SnapshotError(f"the store's change log no longer holds its "
                                           f"position {position}")
 
+    @staticmethod
+    def _check_sample(problem: str | None) -> None:
+        """A loaded snapshot whose sample the store contradicts is not used."""
+        if problem is not None:
+            raise _snapshot.SnapshotError(problem)
+
     def _drop_snapshot(self, exc: BaseException) -> None:
         """Undo a warm start from a snapshot that failed with ``exc``; re-raise it unless
         the snapshot is to blame (a store error is an outage, not a bad snapshot)."""
@@ -758,6 +764,8 @@ class SemanticCache(_Base):
             self._check_replay(batch, position)
             c.position = position
             self._apply_locked(batch)
+            sample = c.snapshot_sample()
+            self._check_sample(c.snapshot_disagrees(sample, self.store.fetch(sample)))
         except BaseException as exc:  # (anything but a store error: the store decides)
             self._drop_snapshot(exc)
             return False
@@ -1746,6 +1754,8 @@ class AsyncSemanticCache(_Base):
             self._check_replay(batch, position)
             c.position = position
             await self._apply_locked(batch)
+            sample = c.snapshot_sample()
+            self._check_sample(c.snapshot_disagrees(sample, await self.store.fetch(sample)))
         except BaseException as exc:  # (anything but a store error: the store decides)
             self._drop_snapshot(exc)
             return False

@@ -1114,3 +1114,71 @@ def test_async_cancelled_lookup_waits_for_its_insert_thread(valkey_server, ns, t
         await a.close()
 
     asyncio.run(run())
+
+
+def _two_scope_snapshot(url: str, ns: str, px: Paraphrases, snap: Path) -> dict[str, Any]:
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    for u in (1, 2):
+        a.set_many([(px.q[i], f"answer {u}-{i}") for i in range(20)], embeddings=px.qv[:20],
+                   scope={"u": u})
+    a.close()
+    return json.loads(manifest_path(snap, ns).read_text())
+
+
+def test_a_snapshot_whose_scopes_the_store_contradicts_is_not_used(valkey_server, ns,
+                                                                    paraphrases, tmp_path):
+    """Well-formed but wrong content passed every format check: two scopes' files and
+    lists swapped were adopted without a warning, and every entry was lost from the
+    semantic tier (a lookup found them under the wrong scope and dropped them)."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    m = _two_scope_snapshot(url, ns, px, snap)
+    d = manifest_path(snap, ns).parent
+    a, b = m["scopes"]
+    # Each file and list now claims the other scope (files renamed to match).
+    fa, fb = a["file"], b["file"]
+    (d / fa).rename(d / "swap")
+    (d / fb).rename(d / fb.replace(b["sid"], a["sid"]))
+    (d / "swap").rename(d / fa.replace(a["sid"], b["sid"]))
+    a["file"], b["file"] = fa.replace(a["sid"], b["sid"]), fb.replace(b["sid"], a["sid"])
+    a["sid"], b["sid"] = b["sid"], a["sid"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    hits = [c.get("reworded", embedding=px.qv[i], scope={"u": u}) for u in (1, 2)
+            for i in range(20)]
+    warm = c.stats()["warm_start"]
+    assert warm["source"] == "store" and "another scope" in warm["snapshot_skipped"]
+    assert [h.response for h in hits] == [  # type: ignore[union-attr]
+        f"answer {u}-{i}" for u in (1, 2) for i in range(20)]
+    c.close()
+
+
+def test_an_entry_listed_in_two_scopes_is_not_used(valkey_server, ns, paraphrases, tmp_path):
+    """A lookup in the scope that wrongly listed it deleted it from its own scope's graph."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    m = _two_scope_snapshot(url, ns, px, snap)
+    d = manifest_path(snap, ns).parent
+    a, b = m["scopes"]
+    from hnswcache.index import Index
+
+    ib = Index.from_bytes((d / b["file"]).read_bytes())
+    ib.add(px.qv[0:1], np.array([int(a["ids"][0], 16) if isinstance(a["ids"][0], str)
+                                 else a["ids"][0]], dtype=np.int64))
+    ib.save(d / b["file"])
+    b["ids"].append(a["ids"][0])
+    b["versions"].append(a["versions"][0])
+    (d / "manifest.json").write_text(json.dumps(m))
+    c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    c.sync()
+    assert "two scopes" in c.stats()["warm_start"]["snapshot_skipped"]
+    c.close()
+
+
+def test_a_manifest_that_is_a_folder_leaks_no_descriptor(tmp_path):
+    d = tmp_path / "m"
+    (d / "manifest.json").mkdir(parents=True)
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(50):
+        with pytest.raises(snapshot.SnapshotError, match="not a regular file"):
+            snapshot._read_regular(d / "manifest.json", 1 << 20)
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) < before + 5
