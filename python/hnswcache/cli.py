@@ -505,12 +505,34 @@ TTL_BUCKETS = ((60, "< 1 min"), (3600, "< 1 h"), (86400, "< 1 day"), (7 * 86400,
                (math.inf, ">= 1 week"))
 
 
+#: No entry was written before this (2020-01-01): an earlier `created` is forged.
+_FIRST_WRITE = 1577836800.0
+
+
+def _valid_namespace(name: str) -> bool:
+    from .store.base import validate_namespace
+
+    try:
+        validate_namespace(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(text: Any) -> str:
+    """A value read from the server, as printable text: control characters escaped (a
+    stored escape sequence must not drive the user's terminal)."""
+    t = _decode(text)
+    return t if t.isprintable() else repr(t)[1:-1]
+
+
 def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
                    sample: int = 2000) -> dict[str, Any]:
     """What the hnswcache caches in a server hold (read-only: SCAN, HMGET, PTTL, XREVRANGE,
     MEMORY USAGE on a sample, INFO). Returns a JSON-able dict."""
     from .store.redis import keys_for
 
+    foreign: list[str] = []
     if namespace:
         namespaces = [namespace]
     else:
@@ -520,7 +542,10 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
             end = key.find("}:", 4)
             if key.startswith("hc:{") and end > 0:
                 found.add(key[4:end])
-        namespaces = sorted(found)
+        # (a key shaped like ours whose namespace is no valid name is not a cache's: listed
+        # apart, not an error that ended the whole report)
+        namespaces = sorted(n for n in found if _valid_namespace(n))
+        foreign = sorted(n for n in found if not _valid_namespace(n))
     info = client.info()
     server = {
         "version": info.get("valkey_version") or info.get("redis_version"),
@@ -530,7 +555,7 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
         "keys_total": sum(v.get("keys", 0) for k, v in info.items()
                           if k.startswith("db") and isinstance(v, dict)),
     }
-    out: dict[str, Any] = {"server": server, "namespaces": {}}
+    out: dict[str, Any] = {"server": server, "namespaces": {}, "foreign": foreign}
     for ns in namespaces:
         k = keys_for(ns)
         ids = [_decode(x)[len(k["entry"]):]
@@ -548,12 +573,14 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
             for i in chunk:
                 pipe.hmget(k["entry"] + i, *fields)
                 pipe.pttl(k["entry"] + i)
-            res = pipe.execute()
+            res = pipe.execute(raise_on_error=False)  # (a key of another type: unreadable)
             for j, i in enumerate(chunk):
                 vals, pttl = res[2 * j], res[2 * j + 1]
                 if not isinstance(vals, list) or vals[0] is None:
                     bad += 1
                     continue
+                if not isinstance(pttl, int):
+                    pttl = None
                 scopes[_decode(vals[0])] += 1
                 if pttl is None or pttl < 0:
                     no_ttl += 1
@@ -561,8 +588,12 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
                     secs = pttl / 1000
                     ttl_hist[next(lbl for lim, lbl in TTL_BUCKETS if secs < lim)] += 1
                 try:
-                    created.append((float(_decode(vals[1])), i, _decode(vals[3])))
+                    at = float(_decode(vals[1]))
                 except (TypeError, ValueError):
+                    at = math.nan
+                if _FIRST_WRITE <= at <= time.time() + 86400 * 365:  # (else: forged)
+                    created.append((at, i, _decode(vals[3])))
+                else:
                     bad += 1
             if len(mem_sample) < sample:
                 pipe = client.pipeline(transaction=False)
@@ -572,7 +603,11 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
                     mem_sample += [int(m) for m in pipe.execute() if m]
                 except Exception:  # MEMORY USAGE may be disabled on managed servers
                     sample = 0
-        meta = {_decode(a): _decode(b) for a, b in (client.hgetall(k["meta"]) or {}).items()}
+        try:
+            raw_meta = client.hgetall(k["meta"]) or {}
+        except Exception:  # (another type at the key: no meta to show)
+            raw_meta = {}
+        meta = {_decode(a): _decode(b) for a, b in raw_meta.items()}
         sizes = {}
         for name in ("lru", "exp"):
             try:
@@ -613,12 +648,18 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
             if s.get("maxmemory") else "")]
     if not rep["namespaces"]:
         L.append("no hnswcache cache here (no hc:{namespace}:* keys)")
+    if rep.get("foreign"):
+        L.append("keys shaped like a cache's, of no valid namespace (not read): "
+                 + ", ".join(repr(n) for n in rep["foreign"][:10])
+                 + (f" and {len(rep['foreign']) - 10} more" if len(rep["foreign"]) > 10
+                    else ""))
     now = time.time()
     for ns, r in rep["namespaces"].items():
         L.append("")
         meta = r["meta"]
         L.append(f"namespace {ns!r}: {r['entries']} entries"
-                 + (f", {meta.get('dim')}-d vectors from {meta.get('embedder')}" if meta else "")
+                 + (f", {_shown(meta.get('dim'))}-d vectors from "
+                    f"{_shown(meta.get('embedder'))}" if meta else "")
                  + (f", {r['invalid']} unreadable" if r["invalid"] else ""))
         if r["entry_bytes_mean"] is not None:
             L.append(f"  memory       ~{_human_bytes(r['entry_bytes_estimate'])} in entries "
@@ -628,7 +669,7 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
                  f"log {r['log_length']} events")
         L.append(f"  scopes       {len(r['scopes'])}")
         for sc, c in list(r["scopes"].items())[:10]:
-            L.append(f"    {c:7d}  {sc if sc not in ('{}', '') else '(default scope)'}")
+            L.append(f"    {c:7d}  {_shown(sc) if sc not in ('{}', '') else '(default scope)'}")
         if len(r["scopes"]) > 10:
             L.append(f"    ... {len(r['scopes']) - 10} more")
         ttl = ", ".join(f"{lbl}: {c}" for lbl, c in r["ttl_remaining"].items())

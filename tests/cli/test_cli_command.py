@@ -297,6 +297,39 @@ def test_inspect_url(tmp_path: Path, capsys, fake_embedder) -> None:
         assert shop["log_length"] == 4  # 3 writes and the no-op the first warm start wrote
 
 
+def test_inspect_reports_a_server_holding_garbage(tmp_path: Path, capsys,
+                                                  fake_embedder) -> None:
+    """Garbage in a namespace's keys ended the whole report with a traceback or a one-line
+    error (a created time of 1e300, an entry key or meta of another type, a key shaped
+    like a cache's of no valid namespace), and stored control characters reached the
+    terminal as they were."""
+    import redis
+
+    from hnswcache import SemanticCache
+    from hnswcache.store.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path / "srv") as srv:
+        with SemanticCache(fake_embedder, store=srv.url, namespace="good") as c:
+            c.set("what is the capital of France", "Paris")
+            c.set("hello there", "hi", scope={"t": "x"})
+        r = redis.Redis.from_url(srv.url)
+        first, second = sorted(r.scan_iter("hc:{good}:e:*"))
+        r.hset(first, "created", "1e300")
+        r.hset(second, "scope_json", "\x1b]0;owned\x07\x1b[2J")
+        r.set("hc:{good}:e:ffffffffffffffff", "garbage")
+        r.delete("hc:{good}:meta")
+        r.set("hc:{good}:meta", "not a hash")
+        r.set("hc:{not a namespace!}:x", "1")
+        assert cli.main(["inspect", srv.url]) == 0
+        out = capsys.readouterr().out
+        assert "namespace 'good': 3 entries, 2 unreadable" in out
+        assert "'not a namespace!'" in out and "\x1b" not in out
+        assert cli.main(["inspect", srv.url, "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["namespaces"]["good"]["invalid"] == 2
+        assert rep["foreign"] == ["not a namespace!"]
+
+
 def test_inspect_unreachable(capsys) -> None:
     rc = cli.main(["inspect", "redis://127.0.0.1:1/0", "--timeout", "0.5"])
     assert rc == 2 and "hnswcache inspect" in capsys.readouterr().err
