@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .index import NEVER, Index
 
+if TYPE_CHECKING:  # (typed for checkers; imported lazily at run time, below)
+    from .cache import AsyncSemanticCache, Hit, Lookup, SemanticCache, same_text
+
 __version__ = "0.1.0"
-__all__ = ["Index", "NEVER", "__version__"]
+__all__ = ["NEVER", "AsyncSemanticCache", "Hit", "Index", "Lookup", "SemanticCache",
+           "__version__", "same_text"]
 
 
 def __getattr__(name: str) -> Any:

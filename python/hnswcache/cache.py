@@ -2528,4 +2528,6 @@ class AsyncSemanticCache(_Base):
     aset_many = set_many
     adelete = delete
     aclear = clear
+    afeedback = feedback
+    aclose = close  # (the name asyncio code reaches for first: it raised AttributeError)
     async_sync = sync

@@ -317,7 +317,10 @@ def threshold_table(sims: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]
         rows.append({
             "threshold": float(t), "hit_rate": tp / len(pos) if len(pos) else math.nan,
             "false_hit_rate": fp / len(neg) if len(neg) else math.nan,
-            "precision": tp / (tp + fp) if tp + fp else 1.0, "hits": tp, "false_hits": fp,
+            # (no pair at or above t: no precision, NaN; it was 1.0, and a threshold no
+            # pair reaches got recommended, with a hit rate of 0)
+            "precision": tp / (tp + fp) if tp + fp else math.nan, "hits": tp,
+            "false_hits": fp,
         })
     return rows
 
@@ -327,6 +330,8 @@ def recommend(rows: Sequence[dict[str, float]], target: float) -> dict[str, floa
     ``target`` (the most hits at that precision); ``None`` if none does."""
     best = None
     for row in sorted(rows, key=lambda r: -r["threshold"]):
+        if math.isnan(row["precision"]):
+            continue  # (nothing that high: no evidence either way)
         if row["precision"] >= target:
             best = row
         else:
@@ -442,8 +447,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for r in shown:
         mark = "  <- recommended" if rec is not None and r["threshold"] == rec["threshold"] else ""
         fh = "-" if math.isnan(r["false_hit_rate"]) else f"{r['false_hit_rate']:.3f}"
+        pr = "-" if math.isnan(r["precision"]) else f"{r['precision']:.3f}"
         _say(f"   {r['threshold']:.2f}     {r['hit_rate']:.3f}      {fh:>7s}       "
-             f"{r['precision']:.3f}{mark}")
+             f"{pr:>5s}{mark}")
     _say()
     if n_neg == 0:
         _say("No different-meaning pairs (label 0): precision is 1 everywhere. Add negatives "
@@ -796,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_demo.__doc__)
     d.add_argument("--data", metavar="FILE.jsonl",
                    help="replay your own log: one {'text', ['intent'], ['ttl'], ['scope'], "
-                        "['t']} per line, in order")
+                        "['t'], ['response']} per line, in order")
     d.add_argument("--questions", metavar="FILE.jsonl",
                    help="another question bank ({'intent', 'text', ['ttl'], ['negative_of']})")
     d.add_argument("--events", type=int, default=300, help="questions in the stream (300)")

