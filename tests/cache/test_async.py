@@ -268,3 +268,13 @@ def test_an_async_cache_serves_a_second_event_loop(valkey_server: EmbeddedServer
     assert hit is not None and hit.response == "Paris"
     assert cache.stats()["store_errors"] == 0
     asyncio.run(cache.close())
+
+
+def test_the_documented_async_aliases_are_the_methods() -> None:
+    """docs/cache.md lists them; `aclose` (the name asyncio code reaches for) was missing."""
+    for alias, name in (("aget", "get"), ("aset", "set"), ("aget_many", "get_many"),
+                        ("aset_many", "set_many"), ("alookup", "lookup"),
+                        ("alookup_many", "lookup_many"), ("adelete", "delete"),
+                        ("aclear", "clear"), ("afeedback", "feedback"), ("aclose", "close"),
+                        ("async_sync", "sync")):
+        assert getattr(AsyncSemanticCache, alias) is getattr(AsyncSemanticCache, name), alias
