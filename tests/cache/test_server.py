@@ -23,7 +23,14 @@ from redis.retry import Retry
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
-from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
+from hnswcache.store.base import (
+    Record,
+    StoreError,
+    encode_record,
+    entry_id,
+    normalize_prompt,
+    scope_key,
+)
 from hnswcache.store.redis import RedisStore, keys_for
 from hnswcache.store.server import EmbeddedServer, ServerStartError, shared_server
 
@@ -1246,3 +1253,29 @@ def test_an_outage_costs_one_timeout_not_one_per_store_call(
         first, rest = asyncio.run(run())
     assert first < 2.5, first  # one call's timeout and retry (seven of them took ~7 s)
     assert rest < 1.0, rest  # six lookups and three @cached misses, none waiting
+
+
+def test_calls_that_answer_a_default_on_failure_open_the_breaker_too(
+    fresh_server: EmbeddedServer, ns: str
+) -> None:
+    """release, land, flights, waits_on... answer a default when the server fails: they
+    waited out their timeout without opening the breaker, so each of them, and the call
+    after, waited again (a @cached call paid three timeouts)."""
+    from hnswcache.store.redis import RedisStore
+
+    store = RedisStore.from_url(fresh_server.url, namespace=ns, timeout=0.5)
+    store.outage_cooldown = 30.0
+    assert store.flights("0123456789abcdef", 1, 4) == []
+    fresh_server.pause()
+    try:
+        store.release(1, "token")  # waits out its timeout...
+        assert store.outage_left > 20  # ...and the next calls need not
+        t0 = time.monotonic()
+        assert store.flights("0123456789abcdef", 1, 4) == []
+        assert not store.flight_alive("0123456789abcdef", 1, 4)
+        with pytest.raises(StoreError):
+            store.fetch([1])
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        fresh_server.resume()
+    store.close()

@@ -1188,7 +1188,8 @@ class RedisStore(_Layout):
                     self.client.hset(key, field, value)
         except StoreError:
             return now, []
-        except self._quiet_errors:  # (the WATCH of a fix)
+        except self._quiet_errors as exc:  # (the WATCH of a fix)
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return now, others
         return now, others
 
@@ -1196,7 +1197,8 @@ class RedisStore(_Layout):
         """The scope's live flights other than ``eid``'s (none if the server fails)."""
         try:
             raw = self.client.hgetall(self.fkey(scope_id))
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return []
         return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
@@ -1204,7 +1206,8 @@ class RedisStore(_Layout):
         """Whether the flight of entry ``eid`` is still registered and within its deadline."""
         try:
             value = self.client.hget(self.fkey(scope_id), format_id(eid))
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
@@ -1224,7 +1227,8 @@ class RedisStore(_Layout):
             # replaced between the two (by its entry's next call), and only then is it lost.
             if self.flight_owner(self.client.hget(key, field)) == token:
                 self.client.hdel(key, field)
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             pass  # readers skip it once its deadline passes
 
     def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
@@ -1257,8 +1261,8 @@ class RedisStore(_Layout):
                     return True
                 seen.add(holder)
                 todo.extend(self.marked_ids(self.client.smembers(self.wkey(holder))))
-        except self._quiet_errors:
-            pass
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
         return False
 
     def release(self, eid: int, token: str) -> None:
@@ -1268,15 +1272,16 @@ class RedisStore(_Layout):
         try:  # (a lease that changed hands or expired meanwhile is not ours to drop)
             self._if_unchanged(key, lambda p: p.get(key), lambda v: self.holds(v, token),
                                lambda p: p.delete(key))
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             pass  # it expires on its own
 
     def close(self) -> None:
         if self._owns:
             try:
                 self._client.close()
-            except self._quiet_errors:
-                pass
+            except self._quiet_errors as exc:
+                self._note_outage(exc)  # (waited a timeout: the next call need not)
 
 
 class AsyncRedisStore(_Layout):
@@ -1305,14 +1310,16 @@ class AsyncRedisStore(_Layout):
 
     #: Makes a new client (a store made by from_url): see :attr:`client`.
     _connect: Callable[[], Any] | None = None
-    _loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+    #: The client of each event loop this store was used on (a store made by from_url).
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] | None = None
 
     @property
     def client(self) -> Any:
-        """As the sync store's; and a client made by :meth:`from_url` is made again when
-        the running event loop is another than the one it was used on: its connections
-        belong to that loop, and a second ``asyncio.run`` (a notebook cell, a test) got
-        "Event loop is closed" out of every call, not a miss."""
+        """As the sync store's; and a store made by :meth:`from_url` keeps a client per
+        event loop: a client's connections belong to the loop they were made on, and a
+        second ``asyncio.run`` (a notebook cell, a test) got "Event loop is closed" out of
+        every call, not a miss. (One client per loop, not one made again at each switch:
+        two loops in turn leaked a connection per call.)"""
         client = _Layout.client.fget(self)  # type: ignore[attr-defined]
         if self._connect is None:
             return client
@@ -1320,12 +1327,14 @@ class AsyncRedisStore(_Layout):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return client
-        last = self._loop() if self._loop is not None else None
-        if last is not loop:
-            if self._loop is not None:  # (used on another loop, maybe gone since)
-                self._client = client = self._connect()
-            self._loop = weakref.ref(loop)
-        return client
+        if self._clients is None:  # (the first loop: the client from_url made is its)
+            self._clients = weakref.WeakKeyDictionary({loop: client})
+            return client
+        mine = self._clients.get(loop)
+        if mine is None:
+            mine = self._clients[loop] = self._connect()
+        self._client = mine
+        return mine
 
     async def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False
                    ) -> list[Any]:
@@ -1657,7 +1666,8 @@ class AsyncRedisStore(_Layout):
                     await self.client.hset(key, field, value)
         except StoreError:
             return now, []
-        except self._quiet_errors:  # (the WATCH of a fix)
+        except self._quiet_errors as exc:  # (the WATCH of a fix)
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return now, others
         return now, others
 
@@ -1666,7 +1676,8 @@ class AsyncRedisStore(_Layout):
         """See :meth:`RedisStore.flights`."""
         try:
             raw = await self.client.hgetall(self.fkey(scope_id))
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return []
         return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
@@ -1674,7 +1685,8 @@ class AsyncRedisStore(_Layout):
         """See :meth:`RedisStore.flight_alive`."""
         try:
             value = await self.client.hget(self.fkey(scope_id), format_id(eid))
-        except self._quiet_errors:
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
@@ -1691,8 +1703,8 @@ class AsyncRedisStore(_Layout):
                     return
             if self.flight_owner(await self.client.hget(key, field)) == token:
                 await self.client.hdel(key, field)
-        except self._quiet_errors:
-            pass
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
 
     async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                         wait_id: str) -> None:
@@ -1723,8 +1735,8 @@ class AsyncRedisStore(_Layout):
                     return True
                 seen.add(holder)
                 todo.extend(self.marked_ids(await self.client.smembers(self.wkey(holder))))
-        except self._quiet_errors:
-            pass
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
         return False
 
     async def release(self, eid: int, token: str) -> None:
@@ -1733,17 +1745,24 @@ class AsyncRedisStore(_Layout):
         try:
             await self._if_unchanged(key, lambda p: p.get(key),
                                      lambda v: self.holds(v, token), lambda p: p.delete(key))
-        except self._quiet_errors:
-            pass
+        except self._quiet_errors as exc:
+            self._note_outage(exc)  # (waited a timeout: the next call need not)
 
     async def close(self) -> None:
-        if self._owns:
-            last = self._loop() if self._loop is not None else None
-            if last is not None and last is not asyncio.get_running_loop():
-                return  # (its connections belong to another loop: they cannot be closed here)
-            try:
-                await self._client.aclose()
-            except self._quiet_errors:
-                pass
-            except RuntimeError:  # (a loop that has ended)
-                pass
+        if not self._owns:
+            return
+        here = asyncio.get_running_loop()
+        clients = list(self._clients.items()) if self._clients is not None else [
+            (here, self._client)]
+        self._clients = None
+        for loop, client in clients:
+            if loop is here:
+                try:
+                    await client.aclose()
+                except self._quiet_errors:
+                    pass
+                except RuntimeError:  # (a loop that has ended)
+                    pass
+            elif loop.is_running():  # another thread's loop: closed there
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+            # (a loop that has ended took its connections with it)
