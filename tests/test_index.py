@@ -1203,9 +1203,9 @@ def test_a_refused_add_consumes_no_automatic_labels():
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
 def test_an_index_of_one_entry_costs_kilobytes_not_most_of_a_megabyte():
     """The cache keeps an index per scope, and a chat app a scope per conversation. The
-    chunk table and the first chunk's side arrays were zero-filled on creation: 614 KB of
+    chunk table and the first chunk's side arrays were zero-filled on creation: ~613 KB of
     resident memory per one-entry index (20,000 conversations: 11.8 GB); now only the pages
-    written count (28 KB measured). Measured in a fresh process: this one's heap holds
+    written count (~30 KB measured). Measured in a fresh process: this one's heap holds
     whatever the tests before left (pages already resident, or marked for huge pages)."""
     code = (
         "import os, numpy as np, hnswcache\n"

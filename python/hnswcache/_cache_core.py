@@ -27,6 +27,7 @@ from .index import Index, check_search_starts
 from .store.base import (
     MAX_TTL,
     MAX_VERDICTS,
+    Cleared,
     Fetched,
     Invalid,
     LogBatch,
@@ -606,11 +607,29 @@ class CacheCore:
         if positions and self.applied_past(positions[:1]):
             return
         start = _position(positions[0]) if positions else None
-        keep = {i for pos, written in self.own_positions.items()
-                if start is not None and (q := _position(pos)) is not None and q > start
-                for i in written}
+        keep = [] if start is None else [i for i, q in self._own_writes().items() if q > start]
         self.remember_own(positions)
         self.clear_local(sid, keep)
+
+    def own_cleared(self, sid: str | None, res: Cleared) -> None:
+        """Apply this process's own clear of scope ``sid`` as the store did it: one clear
+        event, or batches of deletions (see :class:`Cleared`)."""
+        if res.batches is None:
+            self.own_clear(sid, res.log_positions)
+        else:
+            self.own_deletes(res.batches)
+
+    def _own_writes(self) -> dict[int, tuple[int, int]]:
+        """Each entry this process wrote, not yet read back from the log, with the log
+        position of its latest write."""
+        last: dict[int, tuple[int, int]] = {}
+        for pos, written in self.own_positions.items():
+            q = _position(pos)
+            if q is not None:
+                for i in written:
+                    if i not in last or q > last[i]:
+                        last[i] = q
+        return last
 
     def snapshot_sample(self, n: int = 32) -> list[int]:
         """Up to ``n`` entry ids of the replica, at random: to check a loaded snapshot."""
@@ -636,14 +655,14 @@ class CacheCore:
         event at a log position, ahead of the log (as :meth:`own_clear`): skipped where the
         replica already read past it, and an entry this process wrote again after it (its
         write logged later, not read yet) stays."""
+        last = self._own_writes()  # (once: a clear of 100k entries has 200 batches)
         for pos, ids in batches:
             if self.applied_past([pos]):
                 continue
             start = _position(pos)
-            keep = {i for p, written in self.own_positions.items()
-                    if start is not None and (q := _position(p)) is not None and q > start
-                    for i in written}
-            self.remove([i for i in ids if i not in keep])
+            if start is None:
+                continue
+            self.remove([i for i in ids if not (i in last and last[i] > start)])
 
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""

@@ -1372,10 +1372,7 @@ class SemanticCache(_Base):
         with self._lock:
             # Its own events are applied here: read back from the log later, a clear event
             # would also drop what this process wrote after it.
-            if res.batches is None:
-                c.own_clear(sid, res.log_positions)
-            else:
-                c.own_deletes(res.batches)
+            c.own_cleared(sid, res)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -2347,10 +2344,7 @@ class AsyncSemanticCache(_Base):
             c.failed("clear", exc)
             return 0
         async with self._lock:  # (see SemanticCache.clear)
-            if res.batches is None:
-                c.own_clear(sid, res.log_positions)
-            else:
-                c.own_deletes(res.batches)
+            c.own_cleared(sid, res)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted

@@ -196,9 +196,9 @@ class _Layout:
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
         self._types_checked = -math.inf  # monotonic time of the last own-type check
-        self._repair_errors: tuple[type[BaseException], ...] = (*self._errors, StoreError)
-        # (the calls whose failure is answered by a default: an open breaker's StoreError too)
-        self._quiet_errors = self._repair_errors
+        # The calls whose failure is answered by a default (and the repair of foreign key
+        # types): an open breaker's StoreError too.
+        self._quiet_errors: tuple[type[BaseException], ...] = (*self._errors, StoreError)
 
     @property
     def client(self) -> Any:
@@ -221,6 +221,8 @@ class _Layout:
         return StoreError(f"{type(exc).__name__}: {exc}")
 
     def _note_outage(self, exc: BaseException | None) -> None:
+        """Open the breaker for a connection failure or a timeout (``exc``): the call that
+        met it waited a timeout; the calls after it need not."""
         if exc is not None and isinstance(exc, self._outage_errors):
             self._down_until = time.monotonic() + self.outage_cooldown
             self._down_reason = f"{type(exc).__name__}: {exc}"
@@ -886,7 +888,7 @@ class RedisStore(_Layout):
             if sets:
                 for batch in self.scan():
                     self._run(False, lambda p, b=batch: self.queue_rebuild(p, b, sets))
-        except self._repair_errors as exc:
+        except self._quiet_errors as exc:
             log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
             return False
         return bool(foreign)
@@ -1189,7 +1191,7 @@ class RedisStore(_Layout):
         except StoreError:
             return now, []
         except self._quiet_errors as exc:  # (the WATCH of a fix)
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return now, others
         return now, others
 
@@ -1198,7 +1200,7 @@ class RedisStore(_Layout):
         try:
             raw = self.client.hgetall(self.fkey(scope_id))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return []
         return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
@@ -1207,7 +1209,7 @@ class RedisStore(_Layout):
         try:
             value = self.client.hget(self.fkey(scope_id), format_id(eid))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
@@ -1228,7 +1230,7 @@ class RedisStore(_Layout):
             if self.flight_owner(self.client.hget(key, field)) == token:
                 self.client.hdel(key, field)
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             pass  # readers skip it once its deadline passes
 
     def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
@@ -1262,7 +1264,7 @@ class RedisStore(_Layout):
                 seen.add(holder)
                 todo.extend(self.marked_ids(self.client.smembers(self.wkey(holder))))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
         return False
 
     def release(self, eid: int, token: str) -> None:
@@ -1273,7 +1275,7 @@ class RedisStore(_Layout):
             self._if_unchanged(key, lambda p: p.get(key), lambda v: self.holds(v, token),
                                lambda p: p.delete(key))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             pass  # it expires on its own
 
     def close(self) -> None:
@@ -1281,7 +1283,7 @@ class RedisStore(_Layout):
             try:
                 self._client.close()
             except self._quiet_errors as exc:
-                self._note_outage(exc)  # (waited a timeout: the next call need not)
+                self._note_outage(exc)
 
 
 class AsyncRedisStore(_Layout):
@@ -1373,7 +1375,7 @@ class AsyncRedisStore(_Layout):
             if sets:
                 async for batch in self.scan():
                     await self._run(False, lambda p, b=batch: self.queue_rebuild(p, b, sets))
-        except self._repair_errors as exc:
+        except self._quiet_errors as exc:
             log.warning("cache namespace %r: repairing its keys failed: %s", self.namespace, exc)
             return False
         return bool(foreign)
@@ -1667,7 +1669,7 @@ class AsyncRedisStore(_Layout):
         except StoreError:
             return now, []
         except self._quiet_errors as exc:  # (the WATCH of a fix)
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return now, others
         return now, others
 
@@ -1677,7 +1679,7 @@ class AsyncRedisStore(_Layout):
         try:
             raw = await self.client.hgetall(self.fkey(scope_id))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return []
         return self.parse_flights(raw, eid, dim, int(time.time() * 1000))[0]
 
@@ -1686,7 +1688,7 @@ class AsyncRedisStore(_Layout):
         try:
             value = await self.client.hget(self.fkey(scope_id), format_id(eid))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
             return False
         return self.parse_flight(value, dim, int(time.time() * 1000)) is not None
 
@@ -1704,7 +1706,7 @@ class AsyncRedisStore(_Layout):
             if self.flight_owner(await self.client.hget(key, field)) == token:
                 await self.client.hdel(key, field)
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
 
     async def mark_wait(self, tokens: Sequence[str], eid: int, seconds: float,
                         wait_id: str) -> None:
@@ -1736,7 +1738,7 @@ class AsyncRedisStore(_Layout):
                 seen.add(holder)
                 todo.extend(self.marked_ids(await self.client.smembers(self.wkey(holder))))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
         return False
 
     async def release(self, eid: int, token: str) -> None:
@@ -1746,7 +1748,7 @@ class AsyncRedisStore(_Layout):
             await self._if_unchanged(key, lambda p: p.get(key),
                                      lambda v: self.holds(v, token), lambda p: p.delete(key))
         except self._quiet_errors as exc:
-            self._note_outage(exc)  # (waited a timeout: the next call need not)
+            self._note_outage(exc)
 
     async def close(self) -> None:
         if not self._owns:
