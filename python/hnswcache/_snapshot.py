@@ -36,6 +36,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,13 @@ _U64_MAX = 2**64 - 1
 #: Index files no manifest names are removed once this old (seconds): younger ones may be
 #: another process's snapshot, written but not yet named by its manifest.
 _STALE_AFTER = 600.0
+#: The index files each of this process's saves wrote, per folder, latest last: a manifest
+#: names only the files of the save that wrote it, so this process's own files older than
+#: its previous save are named by no manifest and go at once (the previous save's stay for
+#: a reader that read its manifest and is still loading). Only other processes' unnamed
+#: files wait for ``_STALE_AFTER``: saves every second kept 600 copies of every index.
+_own_saves: dict[Path, list[set[str]]] = {}
+_own_saves_mu = threading.Lock()
 
 
 class SnapshotError(Exception):
@@ -210,6 +218,17 @@ def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
         os.replace(tmp, d / _MANIFEST)
     finally:
         tmp.unlink(missing_ok=True)
+    with _own_saves_mu:
+        saves = _own_saves.setdefault(d, [])
+        saves.append(files)
+        superseded = saves[:-2]
+        del saves[:-2]
+    for names in superseded:
+        for name in names:
+            try:
+                (d / name).unlink(missing_ok=True)
+            except OSError:
+                pass  # (removed by hand, or the folder's permissions changed: left as is)
     _remove_stale(d, files)
     return d
 

@@ -417,6 +417,31 @@ def test_leftovers_of_a_killed_save_are_removed(valkey_server, ns, paraphrases, 
     assert young.exists() and keep.exists()
 
 
+def test_saves_in_a_tight_loop_keep_two_generations_of_files(valkey_server, ns, paraphrases,
+                                                              tmp_path):
+    """A process's own index files that no manifest can name any more are removed at its
+    next save (the one before stays, for a reader still loading it), not kept for the
+    grace period meant for other processes' saves: 20 saves in a row left 20 copies of
+    every scope's index."""
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    a.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N])
+    a.set("other scope", "x", embedding=px.qv[N], scope={"tenant": "b"})
+    for i in range(20):
+        a.set(f"extra {i}", "y", embedding=px.qv[N + 1 + i])
+        assert a.save_snapshot()
+    d = manifest_path(snap, ns).parent
+    named = {s["file"] for s in json.loads(manifest_path(snap, ns).read_text())["scopes"]}
+    files = {f.name for f in d.glob("*.hci")}
+    assert len(named) == 2 and named <= files
+    assert len(files) == 4, sorted(files)  # this save's and the one before's
+    a.close()
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    assert b.get("extra 19", embedding=px.qv[N + 20]).response == "y"  # type: ignore[union-attr]
+    assert b.stats()["warm_start"]["source"] == "snapshot"
+    b.close()
+
+
 def test_warm_start_from_the_store_leaves_a_snapshot(valkey_server, ns, paraphrases,
                                                      tmp_path, caplog):
     """A process that rebuilt from the store saves a snapshot at once, so the next start is
