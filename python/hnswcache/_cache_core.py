@@ -143,6 +143,19 @@ def _position(value: str) -> tuple[int, int] | None:
         return None
 
 
+#: How far ahead of this process's clock an entry's writer may have been (hosts' clocks
+#: differ by seconds) for the entry to count as just written under ``max_age``.
+MAX_CLOCK_AHEAD = 300.0
+
+
+def too_old(rec: Record, now: float, max_age: float) -> bool:
+    """Whether ``rec`` is older than ``max_age`` at ``now``. An entry written further in the
+    future than :data:`MAX_CLOCK_AHEAD` has no known age: refused by any ``max_age`` (it
+    passed every one), used by reads without."""
+    age = now - rec.created
+    return age > max_age or (age < -MAX_CLOCK_AHEAD and max_age < math.inf)
+
+
 class Window:
     """The last ``_LATENCY_WINDOW`` durations (seconds) of something timed, and the count
     and sum of all of them."""
@@ -850,7 +863,7 @@ class CacheCore:
             return None
         if rec.verdicts and self.entry_threshold(rec, 1.0) > 1.0:
             return None  # its answer was judged wrong for its own prompt
-        return None if now - rec.created > max_age else rec
+        return None if too_old(rec, now, max_age) else rec
 
     def exact(self, f: Fetched, sid: str, norm: str, now: float,
               max_age: float = math.inf) -> Hit | None:
@@ -861,7 +874,7 @@ class CacheCore:
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
             return None
-        if now - rec.created > max_age:
+        if too_old(rec, now, max_age):
             self.stats.add("too_old")  # kept: a later read without max_age may use it
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
@@ -987,7 +1000,7 @@ class CacheCore:
             sim = min(1.0, float(rec.vector @ vec))  # authoritative: the stored vector
             if sim >= (threshold if not rec.verdicts else self.entry_threshold(rec, threshold)) \
                     and (best is None or sim > best[0]):
-                if now - rec.created > max_age:
+                if too_old(rec, now, max_age):
                     old = True  # a match, but too old for this read: not a hit, not stale
                     continue
                 best = (sim, rec)
@@ -1024,7 +1037,7 @@ class CacheCore:
         semantic hit needs: a forged flight cannot hand over an unrelated answer), at most
         ``max_age`` old."""
         rec = self.usable(f, now)
-        if (rec is None or rec.scope_id != sid or now - rec.created > max_age
+        if (rec is None or rec.scope_id != sid or too_old(rec, now, max_age)
                 or not min(1.0, float(rec.vector @ vec)) >= self.entry_threshold(
                     rec, self.threshold)):
             return None

@@ -135,6 +135,32 @@ def test_max_age_refuses_old_entries_for_that_read_only(
             cache.get(px.q[0], max_age=bad)  # type: ignore[arg-type]
 
 
+def test_max_age_refuses_an_entry_written_in_the_reader_s_future(
+    store_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
+) -> None:
+    """An entry whose writer's clock ran far ahead (or whose ``created`` was written by
+    hand) has no known age: ``max_age`` refuses it (it passed every max_age before); a
+    skew of seconds between hosts is still a fresh entry, and reads without max_age use
+    it."""
+    px = paraphrases
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url  # (one, shared)
+    writer = make(store, ns, embedder=px.embedder(), clock=FakeClock(clock.t + 86_400.0),
+                  threshold=0.5)
+    writer.set(px.q[0], "from the future")
+    writer2 = make(store, ns, embedder=px.embedder(), clock=FakeClock(clock.t + 5.0),
+                   threshold=0.5)
+    writer2.set(px.q[2], "five seconds ahead")
+    reader = make(store, ns, embedder=px.embedder(), clock=clock, threshold=0.5)
+    assert reader.get(px.q[0], max_age=3600) is None  # exact tier
+    assert reader.get(px.p[0], max_age=3600) is None  # semantic tier
+    hit = reader.get(px.q[2], max_age=60)
+    assert hit is not None and hit.response == "five seconds ahead" and hit.age == 0.0
+    hit = reader.get(px.q[0])
+    assert hit is not None and hit.response == "from the future" and hit.age == 0.0
+    for c in (writer, writer2, reader):
+        c.close()
+
+
 def test_cached_with_max_age_calls_again_and_replaces_the_old_answer(
     store_url: str, ns: str, clock: FakeClock
 ) -> None:
