@@ -163,12 +163,42 @@ def prepare_dataset(
             gt_p = ""
             name = f"{name}[:{limit}]"
         if not gt_p:
-            xb = load_vectors(base_p)
+            xb, xq = load_vectors(base_p), load_vectors(q_p)
+            _check_vectors(xb, xq, k)
             gt_p = os.path.join(scratch(), "gt.npy")
-            np.save(gt_p, brute_force_knn(xb, load_vectors(q_p), k))
+            np.save(gt_p, brute_force_knn(xb, xq, k))
     b = np.load(base_p, mmap_mode="r")
     q = np.load(q_p, mmap_mode="r")
+    _check_vectors(b, q, k)
+    _check_truth(np.load(gt_p, mmap_mode="r"), q.shape[0], b.shape[0], k)
     return DatasetSpec(name, base_p, q_p, gt_p, b.shape[0], b.shape[1], q.shape[0], tmp)
+
+
+def _check_vectors(base: np.ndarray, queries: np.ndarray, k: int) -> None:
+    """Base and queries must fit together (queries of another dimension gave a numpy error
+    from the brute force)."""
+    if base.ndim != 2 or queries.ndim != 2 or base.shape[0] == 0 or queries.shape[0] == 0:
+        raise ValueError(f"base and queries must be non-empty 2-d arrays, got shapes "
+                         f"{base.shape} and {queries.shape}")
+    if queries.shape[1] != base.shape[1]:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the base "
+                         f"{base.shape[1]}")
+    if k > base.shape[0]:
+        raise ValueError(f"k={k} is more than the base's {base.shape[0]} rows")
+
+
+def _check_truth(gt: np.ndarray, n_queries: int, n_base: int, k: int) -> None:
+    """The ground truth must be k row numbers of the base per query: one of other queries,
+    or of fewer neighbours, gave a recall of 0 (rows past the shorter file were not
+    compared)."""
+    if gt.ndim != 2 or gt.shape[0] != n_queries or gt.shape[1] < k:
+        raise ValueError(f"the ground truth must have a row of at least k={k} neighbours "
+                         f"per query ({n_queries}), got shape {gt.shape}")
+    if gt.dtype.kind not in "iu":
+        raise ValueError(f"the ground truth must hold row numbers (integers), got {gt.dtype}")
+    top = gt[:, :k]
+    if int(top.min()) < 0 or int(top.max()) >= n_base:
+        raise ValueError(f"the ground truth names rows outside the base's {n_base}")
 
 
 def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = 10) -> float:

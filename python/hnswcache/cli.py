@@ -64,6 +64,33 @@ def _say(msg: str = "", file: TextIO | None = None) -> None:
     print(msg, file=file or sys.stdout, flush=True)
 
 
+def _int_at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low`` (argparse then says which argument)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False) -> Any:
+    """An argparse type: a number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+    return parse
+
+
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
@@ -192,6 +219,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     efs = tuple(int(e) for e in args.efs.split(",")) if args.efs else bm.DEFAULT_EFS
+    if not efs or min(efs) < 1:
+        raise CliError(f"--efs must be positive integers, got {args.efs!r}")
     try:
         results = bm.run_comparison(
             spec, libs, efs=efs, M=args.M, ef_construction=args.ef_construction,
@@ -199,6 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             repeats=args.repeats, min_seconds=args.min_seconds, k=args.k, seed=args.seed,
             log=sys.stderr,
         )
+    except RuntimeError as exc:  # (a worker refused the settings, or died)
+        raise CliError(str(exc)) from None
     finally:
         if spec.tmpdir:
             import shutil
@@ -215,11 +246,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _say()
     _say(bm.interpolated_table(rows))
     _say()
+    failed = []
     for lib, r in results["libraries"].items():
         i = r["info"]
         _say(f"- {lib} {i.get('version', '')}: isa {i.get('isa', '')}")
         if "error" in r:
             _say(f"  FAILED during the sweep ({r['error']})")
+            failed.append(lib)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -230,6 +263,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _say(f"plot: {args.plot}")
         else:
             _say("no plot: matplotlib is not installed (pip install 'hnswcache[plot]')")
+    if failed:
+        _say(f"hnswcache bench: the sweep failed for {', '.join(failed)}", sys.stderr)
+        return 1
     return 0
 
 
@@ -622,9 +658,12 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
                 sizes[name] = 0
         try:
             log_len = int(client.xlen(k["log"]))
-            tail = client.xrevrange(k["log"], count=last)
+        except Exception:  # (another type at the key)
+            log_len = 0
+        try:
+            tail = client.xrevrange(k["log"], count=last) if last > 0 and log_len else []
         except Exception:
-            log_len, tail = 0, []
+            tail = []
         events = []
         for pos, f in tail:
             f = {_decode(a): _decode(b) for a, b in f.items()}
@@ -640,7 +679,8 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
             "entry_bytes_mean": float(np.mean(mem_sample)) if mem_sample else None,
             "entry_bytes_estimate": est, "memory_sampled": len(mem_sample),
             "lru_size": sizes["lru"], "exp_size": sizes["exp"], "log_length": log_len,
-            "last_writes": [{"created": c, "id": i, "prompt": p} for c, i, p in created[:last]],
+            "last_writes": [{"created": c, "id": i, "prompt": p}
+                            for c, i, p in created[:last] if last > 0],
             "last_log_events": events,
         }
     return out
@@ -686,11 +726,11 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
                 age = now - w["created"]
                 at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w["created"]))
                 ago = f" ({_human_seconds(age)} ago)" if age >= 0 else ""
-                L.append(f"    {at}{ago}  {w['id']}  {w['prompt'][:60]!r}")
+                L.append(f"    {at}{ago}  {_shown(w['id'])}  {w['prompt'][:60]!r}")
         if r["last_log_events"]:
             ops = Counter(e["op"] for e in r["last_log_events"])
             L.append(f"  last {len(r['last_log_events'])} log events: "
-                     + ", ".join(f"{op} {c}" for op, c in ops.items()))
+                     + ", ".join(f"{_shown(op)} {c}" for op, c in ops.items()))
         if "snapshots" in r:
             if not r["snapshots"]:
                 L.append("  snapshot     none (the next start reads the server)")
@@ -708,8 +748,8 @@ def _format_snapshot(snap: dict[str, Any], now: float) -> str:
             + (f" ({_human_seconds(now - written)} ago)" if now >= written else ""))
     raw_idx = snap.get("index")
     idx: dict[str, Any] = raw_idx if isinstance(raw_idx, dict) else {}
-    settings = ", ".join(f"{k} {idx[k]}" for k in ("M", "ef_construction", "alpha", "dtype")
-                         if k in idx)
+    settings = ", ".join(f"{k} {_shown(str(idx[k]))}"
+                         for k in ("M", "ef_construction", "alpha", "dtype") if k in idx)
     fits = ("its log position is still in the server: a cache of these settings starting "
             "now loads it" if snap.get("position_held") else
             "its log position is gone from the server: a start reads the server")
@@ -805,7 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "['t'], ['response']} per line, in order")
     d.add_argument("--questions", metavar="FILE.jsonl",
                    help="another question bank ({'intent', 'text', ['ttl'], ['negative_of']})")
-    d.add_argument("--events", type=int, default=300, help="questions in the stream (300)")
+    d.add_argument("--events", type=_int_at_least(1), default=300,
+                   help="questions in the stream (300)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--speed", type=float, default=5.0,
                    help="the stand-in LLM sleeps 1/SPEED of its modelled 0.3-1.5 s (5; "
@@ -821,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--namespace", default="demo")
     d.add_argument("--threshold", type=float, default=None,
                    help="cosine-similarity threshold (default: the cache's)")
-    d.add_argument("--probes", type=int, default=60,
+    d.add_argument("--probes", type=_int_at_least(0), default=60,
                    help="questions asked again after the restart (60)")
     d.add_argument("--keep", action="store_true",
                    help="do not clear what the namespace already holds")
@@ -837,20 +878,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--base", help="base vectors .npy (n x dim)")
     src.add_argument("--queries", help="query vectors .npy")
     src.add_argument("--gt", help="ground-truth neighbours .npy (brute force if absent)")
-    src.add_argument("--synthetic", type=int, default=0, metavar="N",
+    src.add_argument("--synthetic", type=_int_at_least(0), default=0, metavar="N",
                      help="N clustered random vectors")
-    src.add_argument("--dim", type=int, default=384, help="dimension of --synthetic")
-    src.add_argument("--n-queries", type=int, default=1000, help="queries of --synthetic")
-    src.add_argument("--limit", type=int, default=0, help="only the first N base rows")
+    src.add_argument("--dim", type=_int_at_least(1), default=384, help="dimension of --synthetic")
+    src.add_argument("--n-queries", type=_int_at_least(1), default=1000,
+                     help="queries of --synthetic")
+    src.add_argument("--limit", type=_int_at_least(0), default=0, help="only the first N base rows")
     b.add_argument("--libs", default="", help="comma-separated (default: all installed)")
     b.add_argument("--efs", default="", help="comma-separated ef sweep")
-    b.add_argument("--M", type=int, default=16)
-    b.add_argument("--ef-construction", type=int, default=200)
-    b.add_argument("--threads", type=int, default=2, help="build threads (2)")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--build-repeats", type=int, default=1)
-    b.add_argument("--min-seconds", type=float, default=0.3)
-    b.add_argument("--k", type=int, default=10)
+    b.add_argument("--M", type=_int_at_least(2), default=16)
+    b.add_argument("--ef-construction", type=_int_at_least(1), default=200)
+    b.add_argument("--threads", type=_int_at_least(1), default=2, help="build threads (2)")
+    b.add_argument("--repeats", type=_int_at_least(1), default=3)
+    b.add_argument("--build-repeats", type=_int_at_least(1), default=1)
+    b.add_argument("--min-seconds", type=_float_in(0, 3600), default=0.3)
+    b.add_argument("--k", type=_int_at_least(1), default=10)
     b.add_argument("--seed", type=int, default=100)
     b.add_argument("--json", default="hnswcache-bench.json", help="sweep JSON ('' for none)")
     b.add_argument("--plot", default="hnswcache-bench.png",
@@ -870,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shuffled-negatives", action="store_true",
                    help="add one mismatched pair per positive (easy negatives)")
     c.add_argument("--embedder", choices=("minilm", "hash"), default="minilm")
-    c.add_argument("--target-precision", type=float, default=0.95,
+    c.add_argument("--target-precision", type=_float_in(0, 1, low_open=True), default=0.95,
                    help="recommend the lowest threshold with this precision (0.95)")
     c.add_argument("--thresholds", default="", help="comma-separated (default 0.50..0.99)")
     c.add_argument("--all-rows", action="store_true", help="print every threshold")
@@ -887,8 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--snapshot-dir", help="the caches' snapshot_dir, to report on their "
                    "snapshots (default with --data-dir: its snapshots folder)")
     i.add_argument("--namespace", help="only this cache namespace (default: all found)")
-    i.add_argument("--last", type=int, default=10, help="last writes shown (10)")
-    i.add_argument("--timeout", type=float, default=5.0)
+    i.add_argument("--last", type=_int_at_least(0), default=10, help="last writes shown (10)")
+    i.add_argument("--timeout", type=_float_in(0, 3600, low_open=True), default=5.0)
     i.add_argument("--json", action="store_true", help="JSON instead of text")
     i.set_defaults(func=cmd_inspect)
     return p

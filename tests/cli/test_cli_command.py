@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -458,6 +459,11 @@ def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> 
         manifest.write_text(json.dumps(m))
         assert cli.main(["inspect", "--data-dir", str(data)]) == 0, (field, value)
         assert "unusable" in capsys.readouterr().out, (field, value)
+    m = json.loads(good)
+    m["index"]["dtype"] = "\x1b]0;owned\x07int8"  # (printed raw before)
+    manifest.write_text(json.dumps(m))
+    assert cli.main(["inspect", "--data-dir", str(data)]) == 0
+    assert "\x1b" not in capsys.readouterr().out
     manifest.write_text(good)
     # Another snapshot folder with nothing in it: said so.
     assert cli.main(["inspect", "--data-dir", str(data), "--snapshot-dir",
@@ -478,3 +484,80 @@ def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> 
             server.stop()
     assert cli.main(["inspect", "--data-dir", str(data)]) == 0
     assert "its log position is gone from the server" in capsys.readouterr().out
+
+
+# ------------------------------------------------- found by a review, 2026-12-05 (seventh session)
+
+
+def test_demo_against_a_store_that_fails_exits_2_with_the_reason(capsys) -> None:
+    """It exited 0 with a report of 100% misses "answered by the LLM and stored" (42
+    store errors, not shown): the demo's cache is strict, its first failure ends it."""
+    rc = cli.main(["demo", "--embedder", "hash", "--events", "20", "--speed", "0",
+                   "--store", "redis://127.0.0.1:1/0"])
+    cap = capsys.readouterr()
+    assert rc == 2 and "hit rate" not in cap.out
+    assert "hnswcache demo: the store failed" in cap.err and "Connection refused" in cap.err
+
+
+def test_inspect_escapes_stored_ids_and_log_ops_and_reads_the_log_for_last_0(
+        tmp_path: Path, capsys, fake_embedder) -> None:
+    """An entry key and a log event's op went to the terminal as stored (escape sequences
+    included); --last 0 reported a log of 0 events (XREVRANGE COUNT 0 is an error, which
+    also zeroed the length) and --last -3 showed all but the last 3 writes."""
+    import redis
+
+    from hnswcache import SemanticCache
+    from hnswcache.store.server import EmbeddedServer
+
+    with EmbeddedServer(tmp_path / "srv") as srv:
+        with SemanticCache(fake_embedder, store=srv.url, namespace="esc") as c:
+            for i in range(5):
+                c.set(f"question {i}", "a")
+        r = redis.Redis.from_url(srv.url)
+        r.hset("hc:{esc}:e:\x1b[31mRED", mapping={"scope_json": "{}", "prompt": "p",
+                                                  "created": str(time.time())})
+        r.xadd("hc:{esc}:log", {"op": "\x1b]0;title\x07set", "id": "1"})
+        events = r.xlen("hc:{esc}:log")
+        assert cli.main(["inspect", srv.url]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\\x1b[31mRED" in out and "\\x1b]0;title" in out
+        assert cli.main(["inspect", srv.url, "--last", "0"]) == 0
+        out = capsys.readouterr().out
+        assert f"change log {events} events" in out and "last writes" not in out
+        for bad in ("-3", "x"):
+            with pytest.raises(SystemExit) as exc:
+                cli.main(["inspect", srv.url, "--last", bad])
+            assert exc.value.code == 2 and "--last" in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_numbers_and_files_that_do_not_fit(capsys, tmp_path: Path) -> None:
+    """--k 0, --efs 0 and --n-queries 0 printed "FAILED during the sweep" and exited 0;
+    --M 1 and --dim 0 ended in a traceback. (A sweep that fails now exits 1.)"""
+    base = ["bench", "--synthetic", "300", "--dim", "8", "--n-queries", "20", "--libs",
+            "hnswcache", "--repeats", "1", "--min-seconds", "0", "--json", "", "--plot", ""]
+    for flag, value in (("--k", "0"), ("--n-queries", "0"), ("--M", "1"), ("--dim", "0"),
+                        ("--threads", "0"), ("--min-seconds", "-1")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*base, flag, value])
+        assert exc.value.code == 2 and flag in capsys.readouterr().err, flag
+    assert cli.main([*base, "--efs", "0,10"]) == 2
+    assert "--efs must be positive" in capsys.readouterr().err
+    # Files that do not fit together: a ground truth of 3 queries for 10 gave "not reached
+    # (max 0.000)" and status 0; queries of another dimension a numpy error.
+    rng = np.random.default_rng(0)
+    files = {"base": rng.standard_normal((200, 16)), "q": rng.standard_normal((10, 16)),
+             "q8": rng.standard_normal((10, 8)), "gt3": rng.integers(0, 200, (3, 10)),
+             "gt_far": rng.integers(200, 300, (10, 10)), "gt_float": rng.random((10, 10))}
+    for name, arr in files.items():
+        np.save(tmp_path / f"{name}.npy", arr.astype(np.float32) if arr.dtype.kind == "f"
+                else arr)
+    run = ["bench", "--libs", "hnswcache", "--json", "", "--plot", "", "--base",
+           str(tmp_path / "base.npy")]
+    for queries, gt, says in (("q8", None, "queries have dimension 8, the base 16"),
+                              ("q", "gt3", "a row of at least k=10 neighbours per query"),
+                              ("q", "gt_far", "rows outside the base's 200"),
+                              ("q", "gt_float", "row numbers (integers)")):
+        argv = [*run, "--queries", str(tmp_path / f"{queries}.npy")]
+        argv += ["--gt", str(tmp_path / f"{gt}.npy")] if gt else []
+        assert cli.main(argv) == 2, (queries, gt)
+        assert says in capsys.readouterr().err, (queries, gt)

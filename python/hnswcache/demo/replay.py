@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..embed import embedder_dim, embedder_name
-from ..store.base import normalize_prompt
+from ..store.base import StoreError, normalize_prompt
 
 __all__ = [
     "DemoError",
@@ -601,7 +601,9 @@ def run_demo(
         store_desc = redact_url(store)
 
     def open_cache() -> Any:
-        return SemanticCache(emb, store=mem if mem is not None else url, **kw)
+        # strict: a store that fails ends the demo with its reason (a cache that is not
+        # strict turns every store error into a miss, and the report would measure that)
+        return SemanticCache(emb, store=mem if mem is not None else url, strict=True, **kw)
 
     try:
         cache = open_cache()
@@ -668,6 +670,8 @@ def run_demo(
                     rr.expected_expired += 1
             result.restart = rr
         cache.close()
+    except StoreError as exc:
+        raise DemoError(f"the store failed: {exc}") from None
     finally:
         if server is not None:
             server.stop()
