@@ -154,6 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     _say(format_report(result))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(_demo_json(result), indent=1))
         _say(f"\nfigures: {args.json}")
     if args.data_dir:
@@ -321,24 +322,39 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[str], list[str], list
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise CliError(f"{path}:{n}: not JSON ({getattr(exc, 'msg', exc)})") from None
+            if not isinstance(row, dict):
+                raise CliError(f"{path}:{n}: expected a JSON object per line")
             keys = next((k for k in _PAIR_KEYS if k[0] in row and k[1] in row), None)
             if keys is None:
                 raise CliError(f"{path}:{n}: no pair of text fields (one of "
                                f"{', '.join('/'.join(k) for k in _PAIR_KEYS)})")
-            label = row.get("label", 1)
-            if isinstance(label, str):
-                text = label.strip().lower()
-                try:
-                    label = float(text)  # "1.0", "0.8": a number written as text
-                except ValueError:
-                    label = text in ("true", "same", "yes", "match")
             a.append(str(row[keys[0]]))
             b.append(str(row[keys[1]]))
-            y.append(1 if label and float(label) >= 0.5 else 0)
+            y.append(_pair_label(row.get("label", 1), f"{path}:{n}"))
     if not a:
         raise CliError(f"{path}: no pairs")
     return a, b, y
+
+
+def _pair_label(label: Any, where: str) -> int:
+    """1 (same meaning) or 0 from a pair's ``label``: a bool, a number (>= 0.5 is same:
+    scores in [0, 1] are accepted), or text ("1", "0.8", "true", "same", "yes", "match")."""
+    if isinstance(label, str):
+        text = label.strip().lower()
+        try:
+            label = float(text)  # "1.0", "0.8": a number written as text
+        except ValueError:
+            return int(text in ("true", "same", "yes", "match"))
+    if isinstance(label, bool):
+        return int(label)
+    if not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
+        raise CliError(f"{where}: label must be 0 or 1 (or a score in [0, 1], true, false), "
+                       f"got {str(label)[:40]}")
+    return int(label >= 0.5)
 
 
 def threshold_table(sims: npt.NDArray[np.float64], labels: npt.NDArray[np.int64],
@@ -406,6 +422,19 @@ def plot_calibration(rows: Sequence[dict[str, float]], rec: dict[str, float] | N
     return True
 
 
+def _npy_labels(path: str) -> npt.NDArray[np.int64]:
+    """Labels from a .npy: 0/1, booleans, or scores in [0, 1] (>= 0.5 is same meaning, as
+    in a jsonl; a cast to int made 0.9 a 0)."""
+    raw = np.load(path).reshape(-1)
+    if raw.dtype.kind not in "biuf":
+        raise CliError(f"{path}: labels must be numbers, got {raw.dtype}")
+    val = raw.astype(np.float64)
+    if len(val) and not (np.isfinite(val).all() and val.min() >= 0 and val.max() <= 1):
+        raise CliError(f"{path}: labels must be 0 or 1 (or scores in [0, 1]), got values "
+                       f"from {val.min()} to {val.max()}")
+    return (val >= 0.5).astype(np.int64)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Hit rate and false-hit rate per threshold on labelled pairs; the recommended one."""
     kinds: list[str] | None = None
@@ -415,7 +444,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         va, vb = _normalise(np.load(args.a)), _normalise(np.load(args.b))
         if va.shape != vb.shape:
             raise CliError(f"--a and --b shapes differ: {va.shape} vs {vb.shape}")
-        labels = (np.load(args.labels).astype(np.int64).reshape(-1) if args.labels
+        labels = (_npy_labels(args.labels) if args.labels
                   else np.ones(len(va), dtype=np.int64))
         if len(labels) != len(va):
             raise CliError(f"{len(labels)} labels for {len(va)} pairs")
@@ -463,6 +492,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError("no positive pairs (label 1): nothing to calibrate hits on")
     thresholds = ([float(t) for t in args.thresholds.split(",")] if args.thresholds
                   else list(DEFAULT_THRESHOLDS))
+    if not thresholds or not all(-1.0 <= t <= 1.0 for t in thresholds):
+        raise CliError(f"--thresholds must be cosine similarities in [-1, 1], got "
+                       f"{args.thresholds!r}")
     rows = threshold_table(sims, labels, thresholds)
     rec = recommend(rows, args.target_precision)
     _say(f"{n_pos} same-meaning pairs, {n_neg} different-meaning pairs, from {source}")
@@ -488,9 +520,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              f"{pr:>5s}{mark}")
     _say()
     if n_neg == 0:
-        _say("No different-meaning pairs (label 0): precision is 1 everywhere. Add negatives "
-             "(label 0 lines, or --shuffled-negatives) for a meaningful recommendation.")
-    if rec is None:
+        _say("No different-meaning pairs (label 0): precision is 1 wherever a pair scores. "
+             "Add negatives (label 0 lines, or --shuffled-negatives) for a meaningful "
+             "recommendation.")
+    if rec is None and not any(r["hits"] + r["false_hits"] for r in rows):
+        _say(f"No pair scores at or above any threshold tried (the highest similarity is "
+             f"{sims.max():.3f}): lower the range with --thresholds.")
+    elif rec is None:
         _say(f"No threshold in the range reaches precision {args.target_precision:.3f}: "
              f"the data has different-meaning pairs that score as high as same-meaning "
              f"ones; scopes or exact keys must separate those.")
@@ -506,6 +542,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _say("Precision depends on the mix of pairs: a mix with more look-alike questions "
              "than your traffic has makes it pessimistic, and the reverse optimistic.")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"source": source, "rows": rows,
                                                "recommended": rec}, indent=1))
         _say(f"table: {args.json}")

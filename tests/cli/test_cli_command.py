@@ -561,3 +561,60 @@ def test_bench_refuses_bad_numbers_and_files_that_do_not_fit(capsys, tmp_path: P
         argv += ["--gt", str(tmp_path / f"{gt}.npy")] if gt else []
         assert cli.main(argv) == 2, (queries, gt)
         assert says in capsys.readouterr().err, (queries, gt)
+
+
+def test_calibrate_reads_score_labels_and_says_where_a_file_is_wrong(tmp_path: Path,
+                                                                     capsys) -> None:
+    """Labels of 0.9 in a .npy were cast to 0 ("no positive pairs"; a jsonl takes >= 0.5 as
+    same); a label [1] was a TypeError traceback; a bad JSON line did not say which; with
+    no pair reaching any threshold the report also blamed look-alike negatives."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((10, 16))
+    b = a + 0.1 * rng.standard_normal((10, 16))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    np.save(tmp_path / "scores.npy", np.array([0.9, 0.2] * 5))
+    np.save(tmp_path / "bad.npy", np.array([1, 2, 0, 1, 1, 0, 0, 1, 1, 0]))
+    npy = ["calibrate", "--plot", "", "--a", str(tmp_path / "a.npy"), "--b",
+           str(tmp_path / "b.npy")]
+    assert cli.main([*npy, "--labels", str(tmp_path / "scores.npy")]) == 0
+    assert capsys.readouterr().out.startswith("5 same-meaning pairs, 5 different-meaning")
+    assert cli.main([*npy, "--labels", str(tmp_path / "bad.npy")]) == 2
+    assert "labels must be 0 or 1" in capsys.readouterr().err
+    assert cli.main([*npy, "--thresholds", "0.5,1.5"]) == 2
+    assert "--thresholds must be cosine similarities" in capsys.readouterr().err
+    # No pair reaches any threshold tried: said so, once.
+    np.save(tmp_path / "far.npy", rng.standard_normal((10, 16)))
+    assert cli.main(["calibrate", "--plot", "", "--a", str(tmp_path / "a.npy"), "--b",
+                     str(tmp_path / "far.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "No pair scores at or above any threshold tried" in out
+    assert "different-meaning pairs that score as high" not in out
+    for name, text, says in (
+            ("obj.jsonl", '{"a": "x", "b": "y", "label": [1]}\n', "obj.jsonl:1: label must"),
+            ("broken.jsonl", '{"a": "x", "b": "y"}\n\n{"a": "x", "b":\n',
+             "broken.jsonl:3: not JSON"),
+            ("list.jsonl", '["x", "y"]\n', "list.jsonl:1: expected a JSON object")):
+        (tmp_path / name).write_text(text)
+        assert cli.main(["calibrate", "--plot", "", "--embedder", "hash",
+                         str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (name, err)
+    # --json into a folder that does not exist yet: made, as bench does.
+    out_json = tmp_path / "new" / "cal.json"
+    assert cli.main([*npy, "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["rows"]
+
+
+def test_demo_says_what_is_wrong_with_a_log_scope_or_an_embedder_hook(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """A scope holding NaN (which Python's JSON reader accepts) and a hook naming a module
+    that does not exist ended in tracebacks (status 1)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"text": "hello"}\n{"text": "hi", "scope": {"a": NaN}}\n')
+    assert cli.main(["demo", "--embedder", "hash", "--speed", "0", "--store", "memory",
+                     "--no-restart", "--data", str(log)]) == 2
+    assert "log.jsonl:2: scope values must be JSON-serialisable" in capsys.readouterr().err
+    monkeypatch.setenv("HNSWCACHE_DEMO_EMBEDDER", "no_such_module_here:make")
+    assert cli.main(["demo", "--store", "memory", "--events", "3"]) == 2
+    assert "No module named 'no_such_module_here'" in capsys.readouterr().err

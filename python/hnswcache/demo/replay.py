@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..embed import embedder_dim, embedder_name
-from ..store.base import StoreError, normalize_prompt
+from ..store.base import StoreError, normalize_prompt, scope_key
 
 __all__ = [
     "DemoError",
@@ -166,6 +166,10 @@ def load_log(path: str | os.PathLike[str], *, mean_gap: float = 4.0) -> list[Eve
         scope = row.get("scope")
         if scope is not None and not isinstance(scope, dict):
             raise DemoError(f"{path}:{n}: 'scope' must be a JSON object")
+        try:
+            scope_key(scope)  # (the cache's own check: NaN, which json reads, is refused)
+        except TypeError as exc:
+            raise DemoError(f"{path}:{n}: {exc}") from None
         t = row.get("t")
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             gap = 0.0 if last_t is None else max(0.0, float(t) - last_t)
@@ -319,7 +323,11 @@ def load_embedder(kind: str = "minilm") -> Any:
         mod, _, attr = hook.partition(":")
         if not mod or not attr:
             raise DemoError(f"HNSWCACHE_DEMO_EMBEDDER must be 'module:factory', got {hook!r}")
-        return getattr(importlib.import_module(mod), attr)()
+        try:
+            factory = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as exc:
+            raise DemoError(f"HNSWCACHE_DEMO_EMBEDDER={hook!r}: {exc}") from None
+        return factory()
     if kind == "hash":
         from ..embed import HashEmbedder
 
