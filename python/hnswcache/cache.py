@@ -881,8 +881,10 @@ class SemanticCache(_Base):
                 t0 = time.perf_counter()
                 raw = embedder(texts)
                 if not inspect.isawaitable(raw):
-                    c.stats.embed_time.add(time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0
                     given = c.vectors(raw, len(texts))
+                    c.stats.embed_time.add(seconds)  # (a call whose output is refused is
+                    # an embed error, not a call)
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None
@@ -1870,8 +1872,9 @@ class AsyncSemanticCache(_Base):
                     raw = await asyncio.to_thread(emb, texts)
                     if inspect.isawaitable(raw):  # (a lambda or wrapper of an async one)
                         raw = await raw
-                c.stats.embed_time.add(time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
                 given = c.vectors(raw, len(texts))
+                c.stats.embed_time.add(seconds)  # (as SemanticCache._embed)
             except Exception as exc:
                 c.failed("embedding", exc, "embed_errors")
                 return None

@@ -87,9 +87,14 @@ class SentenceTransformerEmbedder:
         self._lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
+            raise TypeError("texts must be a list of strings, not one string")
+        texts = list(texts)
+        if not texts:  # (reshape(0, -1) of an empty output fails)
+            return np.zeros((0, self.dim or 0), dtype=np.float32)
         with self._lock:
             out = self.model.encode(
-                list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                texts, batch_size=self.batch_size, convert_to_numpy=True,
                 normalize_embeddings=True, show_progress_bar=False,
             )
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)

@@ -547,6 +547,58 @@ def test_bad_arguments() -> None:
     assert 0 < DEFAULT_THRESHOLD < 1 and not math.isnan(DEFAULT_THRESHOLD)
 
 
+def test_an_embedder_output_refused_is_an_error_not_a_call() -> None:
+    """A call whose output the cache refuses (NaN here) counted in embed_calls, whose
+    metric says "successful embedder calls", as well as in embed_errors."""
+    import asyncio
+
+    from hnswcache import AsyncSemanticCache
+
+    def nan(texts: list[str]) -> np.ndarray:
+        return np.full((len(texts), 8), np.nan, dtype=np.float32)
+
+    seed = np.ones(8, dtype=np.float32)  # (an entry, so that a lookup embeds its prompt)
+    cache = SemanticCache(nan, store="memory")
+    cache.set("seed", "x", embedding=seed)
+    assert cache.get("anything") is None
+    st = cache.stats()
+    assert (st["embed_errors"], st["embed_calls"]) == (1, 0)
+    good = SemanticCache(HashEmbedder(8), store="memory")
+    good.set("seed", "x", embedding=seed)
+    assert good.get("anything") is None
+    assert (good.stats()["embed_errors"], good.stats()["embed_calls"]) == (0, 1)
+
+    async def run() -> tuple[int, int]:
+        a = AsyncSemanticCache(nan, store="memory")
+        await a.set("seed", "x", embedding=seed)
+        assert await a.get("anything") is None
+        st = a.stats()
+        await a.close()
+        return st["embed_errors"], st["embed_calls"]
+
+    assert asyncio.run(run()) == (1, 0)
+
+
+def test_the_sentence_transformer_adapter_takes_an_empty_list_and_refuses_a_string() -> None:
+    """An empty list raised "cannot reshape array of size 0" (HashEmbedder gives (0, dim));
+    one string was embedded character by character, shape (5, d) for "hello". The model
+    is a user's object with sentence-transformers' encode()."""
+    from hnswcache.embed import SentenceTransformerEmbedder
+
+    class Model:
+        def get_sentence_embedding_dimension(self) -> int:
+            return 16
+
+        def encode(self, texts: list[str], **_: Any) -> np.ndarray:
+            return HashEmbedder(16)(texts)
+
+    emb = SentenceTransformerEmbedder(Model())
+    assert emb([]).shape == (0, 16) and emb([]).dtype == np.float32
+    assert emb(["hello", "there"]).shape == (2, 16)
+    with pytest.raises(TypeError, match="not one string"):
+        emb("hello")  # type: ignore[arg-type]
+
+
 def test_embedder_failure_is_a_miss_unless_strict(store_url: str, ns: str) -> None:
     def broken(texts: list[str]) -> np.ndarray:
         raise RuntimeError("embedding service down")
