@@ -28,7 +28,8 @@ _COUNTERS = {
     "misses": ("misses", "Lookups that found no answer."),
     "sets": ("sets", "Entries written."),
     "deletes": ("deletes", "Entries deleted by delete()."),
-    "expiries": ("expiries", "Expired entries a lookup found (each written version once)."),
+    "expiries": ("expiries", "Expired entries an exact lookup found (each written version "
+                            "once)."),
     "evictions": ("evictions", "Entries evicted by max_entries (LRU)."),
     "store_errors": ("store_errors", "Calls the store failed (a miss, or a dropped write)."),
     "embed_errors": ("embed_errors", "Embedder calls that failed."),
