@@ -740,10 +740,12 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
     for ns, r in rep["namespaces"].items():
         L.append("")
         meta = r["meta"]
-        L.append(f"namespace {ns!r}: {r['entries']} entries"
-                 + (f", {_shown(meta.get('dim'))}-d vectors from "
-                    f"{_shown(meta.get('embedder'))}" if meta else "")
-                 + (f", {r['invalid']} unreadable" if r["invalid"] else ""))
+        held = ((f", {_shown(meta['dim'])}-d vectors" if "dim" in meta else "")
+                + (f" from {_shown(meta['embedder'])}" if meta.get("embedder") else ""))
+        empty = not (r["entries"] or meta or r["log_length"] or r["lru_size"])
+        L.append(f"namespace {ns!r}: {r['entries']} entries" + held
+                 + (f", {r['invalid']} unreadable" if r["invalid"] else "")
+                 + (" (nothing is stored under this namespace)" if empty else ""))
         if r["entry_bytes_mean"] is not None:
             L.append(f"  memory       ~{_human_bytes(r['entry_bytes_estimate'])} in entries "
                      f"({_human_bytes(r['entry_bytes_mean'])} each, MEMORY USAGE of "
@@ -752,7 +754,9 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
                  f"log {r['log_length']} events")
         L.append(f"  scopes       {len(r['scopes'])}")
         for sc, c in list(r["scopes"].items())[:10]:
-            L.append(f"    {c:7d}  {_shown(sc) if sc not in ('{}', '') else '(default scope)'}")
+            text = _shown(sc) if sc not in ("{}", "") else "(default scope)"
+            L.append(f"    {c:7d}  {text[:120]}" + (f"... ({len(text)} characters)"
+                                                    if len(text) > 120 else ""))
         if len(r["scopes"]) > 10:
             L.append(f"    ... {len(r['scopes']) - 10} more")
         ttl = ", ".join(f"{lbl}: {c}" for lbl, c in r["ttl_remaining"].items())
@@ -770,7 +774,9 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
                      + ", ".join(f"{_shown(op)} {c}" for op, c in ops.items()))
         if "snapshots" in r:
             if not r["snapshots"]:
-                L.append("  snapshot     none (the next start reads the server)")
+                missing = ("" if rep.get("snapshot_dir_exists", True) else
+                           f"; no folder {_shown(rep.get('snapshot_dir'))}")
+                L.append(f"  snapshot     none (the next start reads the server{missing})")
             for snap in r["snapshots"]:
                 L.append("  snapshot     " + _format_snapshot(snap, now))
     return "\n".join(L)
@@ -845,6 +851,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             rep = inspect_server(client, namespace=args.namespace, last=args.last)
             if snapshots is not None:
+                rep["snapshot_dir"] = str(snapshots)
+                rep["snapshot_dir_exists"] = Path(snapshots).is_dir()
                 for ns, r in rep["namespaces"].items():
                     r["snapshots"] = _inspect_snapshot(client, snapshots, ns)
         except (redis.exceptions.RedisError, OSError) as exc:

@@ -468,7 +468,8 @@ def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> 
     # Another snapshot folder with nothing in it: said so.
     assert cli.main(["inspect", "--data-dir", str(data), "--snapshot-dir",
                      str(tmp_path / "empty")]) == 0
-    assert "snapshot     none" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "snapshot     none" in out and f"no folder {tmp_path / 'empty'}" in out
     # The server lost its data (and was written again): the snapshot no longer fits.
     import redis
 
@@ -528,6 +529,19 @@ def test_inspect_escapes_stored_ids_and_log_ops_and_reads_the_log_for_last_0(
             with pytest.raises(SystemExit) as exc:
                 cli.main(["inspect", srv.url, "--last", bad])
             assert exc.value.code == 2 and "--last" in capsys.readouterr().err
+        # A namespace with nothing in it is said to be empty (a typo looked like a cache
+        # of 0 entries); a meta without dim printed "None-d vectors from None"; a scope
+        # of 100 kB was printed whole.
+        assert cli.main(["inspect", srv.url, "--namespace", "nope"]) == 0
+        assert "namespace 'nope': 0 entries (nothing is stored" in capsys.readouterr().out
+        r.hset("hc:{odd}:meta", "embedder", "e")
+        r.hset("hc:{odd}:e:0000000000000001",
+               mapping={"scope_json": '{"k":"' + "x" * 100_000 + '"}', "prompt": "p",
+                        "created": str(time.time())})
+        assert cli.main(["inspect", srv.url, "--namespace", "odd"]) == 0
+        out = capsys.readouterr().out
+        assert "namespace 'odd': 1 entries from e" in out and "None" not in out
+        assert len(max(out.splitlines(), key=len)) < 300 and "characters)" in out
 
 
 def test_bench_refuses_bad_numbers_and_files_that_do_not_fit(capsys, tmp_path: Path) -> None:
