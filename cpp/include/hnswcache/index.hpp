@@ -271,10 +271,13 @@ class index_t {
                     scratch_t& s, std::vector<neighbor_t>& out) const;
     // Best-first search of one level from `starts`. With live_only, only nodes live at `now`
     // (and, given a mask, allowed by it) enter the results; the others are walked through.
-    void search_level(const float* q, const slot_t* starts, std::size_t n_starts,
+    // With `sparse_budget` > 0 the walk gives up after that many expansions made while it
+    // holds fewer than `ef` results, and returns true (see search_candidates).
+    bool search_level(const float* q, const slot_t* starts, std::size_t n_starts,
                       std::size_t ef, int level, bool live_only, std::int64_t now,
                       scratch_t& s, std::vector<neighbor_t>& out,
-                      const std::vector<std::uint8_t>* mask = nullptr) const;
+                      const std::vector<std::uint8_t>* mask = nullptr,
+                      std::size_t sparse_budget = 0) const;
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
                       std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr) const;
@@ -361,6 +364,9 @@ class index_t {
     // --- dead-slot bookkeeping for auto consolidation
     std::atomic<std::size_t> deleted_slots_{0};  // slots tombstoned by delete/upsert
     std::atomic<std::size_t> inserts_since_check_{0};
+    // Set by a search that found the graph mostly dead (its walk gave up): the next insert
+    // checks at once whether to consolidate, not after 1% more inserts.
+    mutable std::atomic<bool> sparse_seen_{false};
 
     mutable std::shared_mutex graph_mu_;
     // Held shared by add() and exclusively by consolidate() and serialize(), so that they can
