@@ -323,3 +323,43 @@ def test_a_mostly_dead_graph_is_answered_exactly_and_the_next_insert_consolidate
     found, _ = idx.search(q, k=10)
     assert recall(found, live_oracle(pool[live], live, q, 10)) >= exact
     assert idx.check_integrity()["unreachable_live"] == 0
+
+
+def test_expiry_is_the_first_instant_the_entry_is_dead_on_a_wall_clock():
+    """expiry() gave the nearest float to the stored nanoseconds, which at today's times
+    (float64 steps of 238 ns) is often below them: 1,012 of 2,000 entries were still live
+    at now == expiry(label). (Not "live at the float before": at these times several floats
+    make one nanosecond count.)"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    clock = FakeClock(1_763_800_000.123456789)
+    idx = Index(8, clock=clock, auto_consolidate=None)
+    idx.add(x, np.arange(2000), ttl=rng.uniform(1, 100, 2000))
+    idx.add(x[:1], [5000])  # no expiry
+    ends = idx.expiry(np.arange(2000))
+    assert idx.expiry([5000])[0] == np.inf
+    def live_at(lab: int, t: float) -> bool:
+        clock.t = t
+        return lab in idx
+
+    live_at_end = [lab for lab in range(2000) if live_at(lab, float(ends[lab]))]
+    dead_before = [lab for lab in range(2000) if not live_at(lab, float(ends[lab]) - 1e-6)]
+    assert live_at_end == [] and dead_before == []
+    found, _ = idx.search(x[7], k=1, now=float(ends[7]))
+    assert found[0, 0] != 7
+
+
+def test_delete_and_touch_count_the_distinct_live_entries_they_changed(clock):
+    """delete() counted an expired entry (1 before consolidation, 0 after, for the same
+    call) and touch() a label given twice as two."""
+    idx = Index(8, clock=clock, auto_consolidate=None)
+    x = clustered(10, 8)
+    idx.add(x, np.arange(10))
+    idx.touch([1, 2], ttl=1.0)
+    clock.advance(2)
+    assert idx.touch([3, 3], ttl=50) == 1
+    assert idx.delete([4, 4]) == 1
+    assert idx.delete([1]) == 0 and 1 not in idx  # expired: removed, not counted
+    idx.consolidate()
+    assert idx.delete([2]) == 0
+    assert idx.delete([5, 6, 99]) == 2 and len(idx) == 5

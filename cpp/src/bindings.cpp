@@ -279,12 +279,12 @@ PYBIND11_MODULE(_core, m) {
             py::arg("num_threads"), py::arg("allowed") = py::none())
         .def(
             "delete",
-            [](index_t& self, const i64_array& labels) {
+            [](index_t& self, const i64_array& labels, std::int64_t now) {
                 const std::int64_t* lab = vec_of(labels, labels.size(), "labels");
                 nogil release;
-                return self.remove(lab, labels.size());
+                return self.remove(lab, labels.size(), now);
             },
-            py::arg("labels"))
+            py::arg("labels"), py::arg("now"))
         .def(
             "touch",
             [](index_t& self, const i64_array& labels, const i64_array& expiry, std::int64_t now) {

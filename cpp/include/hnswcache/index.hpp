@@ -150,7 +150,9 @@ class index_t {
                 float* out_distances, const std::int64_t* allowed = nullptr,
                 std::size_t n_allowed = 0) const;
 
-    std::size_t remove(const std::int64_t* labels, std::size_t n);
+    // Both return how many distinct entries live at `now` they changed (an expired entry not
+    // yet consolidated is still unmapped by remove, but not counted).
+    std::size_t remove(const std::int64_t* labels, std::size_t n, std::int64_t now);
     std::size_t touch(const std::int64_t* labels, const std::int64_t* expiry, std::size_t n,
                       std::int64_t now);
     void get(const std::int64_t* labels, std::size_t n, std::int64_t now, float* out) const;

@@ -977,17 +977,19 @@ void index_t::search(const float* queries, std::size_t n, std::size_t k, std::si
 
 // ------------------------------------------------------------------------------ point ops
 
-std::size_t index_t::remove(const std::int64_t* labels, std::size_t n) {
+std::size_t index_t::remove(const std::int64_t* labels, std::size_t n, std::int64_t now) {
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
     std::lock_guard<std::mutex> lk(label_mu_);
     std::size_t removed = 0;
     for (std::size_t i = 0; i < n; ++i) {
         auto it = label_map_.find(labels[i]);
         if (it == label_map_.end()) continue;
+        // (an expired entry is unmapped too, but was not there to delete: counting it made
+        // the answer depend on whether consolidation had run yet)
+        if (live(it->second, now)) ++removed;
         set_expiry(it->second, deleted_mark);
         label_map_.erase(it);
         deleted_slots_.fetch_add(1, std::memory_order_relaxed);
-        ++removed;
     }
     return removed;
 }
@@ -996,15 +998,17 @@ std::size_t index_t::touch(const std::int64_t* labels, const std::int64_t* exp, 
                            std::int64_t now) {
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
     std::lock_guard<std::mutex> lk(label_mu_);
-    std::size_t changed = 0;
+    std::vector<slot_t> changed;  // distinct entries: a label given twice is one entry
     for (std::size_t i = 0; i < n; ++i) {
         auto it = label_map_.find(labels[i]);
         if (it == label_map_.end() || !live(it->second, now)) continue;
         if (expiry(it->second) <= consolidating_now_) continue;  // being freed (see there)
         set_expiry(it->second, exp[i]);
-        ++changed;
+        changed.push_back(it->second);
     }
-    return changed;
+    std::sort(changed.begin(), changed.end());
+    return static_cast<std::size_t>(std::unique(changed.begin(), changed.end()) -
+                                    changed.begin());
 }
 
 void index_t::get(const std::int64_t* labels, std::size_t n, std::int64_t now, float* out) const {
