@@ -38,8 +38,11 @@ class Flight:
     done: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future[str | None] | None = None
     result: str | None = None
-    # The flight its leader is waiting on, from inside its own call (None: not waiting).
-    waits_on: Flight | None = None
+    # The flights its leader is waiting on from inside its own call, a count per flight:
+    # the tasks a call gathers share its flights, and each may wait on another (one link
+    # per flight was overwritten by the second gathered wait, and a cycle through the
+    # first went unseen: two calls waited on each other for their whole wait).
+    waits_on: Counter[Flight] = field(default_factory=Counter)
     # The token of the store lease its leader asks for (None: not asked yet).
     token: str | None = None
     # The lease tokens of the calls waiting on it from inside calls of theirs (a count per
@@ -67,20 +70,29 @@ def _would_cycle(f: Flight, mine: frozenset[Flight]) -> bool:
     on, on a flight the current context leads (two leaders each calling the other's
     question would otherwise wait for each other until their wait limits)."""
     seen: set[int] = set()
-    cur: Flight | None = f
-    while cur is not None and id(cur) not in seen:
+    todo = [f]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
         if cur in mine:
             return True
         seen.add(id(cur))
-        cur = cur.waits_on
+        todo.extend(g for g, n in cur.waits_on.items() if n > 0)
     return False
 
 
 def stop_waiting(joined: Flight | None = None) -> None:
-    """The current context's wait on another flight (``joined``) is over."""
+    """The current context's wait on another flight (``joined``; ``None``: every wait of
+    the flights it leads) is over."""
     with _WAITS:
         for f in LEADING.get():
-            f.waits_on = None
+            if joined is None:
+                f.waits_on.clear()
+            elif f.waits_on[joined] > 1:
+                f.waits_on[joined] -= 1
+            else:
+                f.waits_on.pop(joined, None)
         if joined is not None:
             joined.inside_tokens.subtract(_tokens(LEADING.get()))
             joined.inside_tokens += Counter()  # (drops counts down to 0)
@@ -168,7 +180,7 @@ class Flights:
             if f.eid == eid or (vec is not None and f.vec is not None
                                 and float(f.vec @ vec) >= threshold):
                 for led in mine:  # (so that no one waits on this context in a cycle)
-                    led.waits_on = f
+                    led.waits_on[f] += 1
                 f.inside_tokens.update(_tokens(mine))
                 return f
         return None

@@ -1608,11 +1608,17 @@ class AsyncSemanticCache(_Base):
         self._setup(embedder, threshold, ttl, max_entries, namespace, strict, clock,
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
                     search_starts, ttl_jitter, alpha, learn_floor, learn_after)
-        self._alock: asyncio.Lock | None = None
-        self._asave_lock: asyncio.Lock | None = None
+        # One lock of each kind per event loop: an asyncio.Lock that ever waited is bound to
+        # its loop, and the next asyncio.run() of a program got "bound to a different event
+        # loop" from every call (as the store keeps one client per loop).
+        self._alocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+            weakref.WeakKeyDictionary()
+        self._asave_locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._judge_locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         self._saving = False  # a snapshot's index files are being written (see _insert)
         self._judge_tasks: set[asyncio.Task[None]] = set()  # @cached's judges
-        self._judge_lock: asyncio.Lock | None = None  # (one judge at a time)
         self._owns_store = not _is_store(store)
         if store is None:
             store = self._open_embedded(data_dir)
@@ -1663,18 +1669,23 @@ class AsyncSemanticCache(_Base):
         self.store = AsyncRedisStore.from_url(url, namespace=self.namespace,
                                               timeout=self._timeout)
 
+    @staticmethod
+    def _loop_lock(locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
+                   ) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = locks.get(loop)
+        if lock is None:
+            lock = locks[loop] = asyncio.Lock()
+        return lock
+
     @property
     def _lock(self) -> asyncio.Lock:
-        if self._alock is None:
-            self._alock = asyncio.Lock()
-        return self._alock
+        return self._loop_lock(self._alocks)
 
     @property
     def _save_lock(self) -> asyncio.Lock:
         """One snapshot save at a time (taken after _lock, never the other way)."""
-        if self._asave_lock is None:
-            self._asave_lock = asyncio.Lock()
-        return self._asave_lock
+        return self._loop_lock(self._asave_locks)
 
     async def _ready(self) -> bool:
         c = self._core
@@ -2275,10 +2286,8 @@ class AsyncSemanticCache(_Base):
             task.add_done_callback(lambda _: judgment.close())  # it: no warning then)
 
     async def _judged(self, judgment: Awaitable[None]) -> None:
-        if self._judge_lock is None:
-            self._judge_lock = asyncio.Lock()
         try:
-            async with self._judge_lock:
+            async with self._loop_lock(self._judge_locks):
                 if self._closed:
                     if inspect.iscoroutine(judgment):
                         judgment.close()

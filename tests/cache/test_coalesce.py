@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -521,6 +522,39 @@ def test_a_cycle_through_one_of_two_gathered_calls_is_seen(valkey_server: Any, n
         t.join(wait + 5)
     assert set(done) == {"A", "B", "C"}
     assert max(done.values()) < wait / 2, done
+
+
+def test_a_cycle_through_one_of_two_gathered_calls_is_seen_in_one_process() -> None:
+    """The same in one process: each flight kept one link to the flight its leader waited
+    on, shared by the tasks its call gathers; the second gathered wait overwrote the first,
+    so a cycle through the first went unseen (the whole wait, for ever with wait=inf)."""
+
+    async def main() -> tuple[float, list[str]]:
+        cache = AsyncSemanticCache(HashEmbedder(64), store="memory", threshold=0.95)
+
+        @cache.cached(key=lambda q, then=(): q, wait=math.inf, name="answer")
+        async def llm(q: str, then: tuple[str, ...] = ()) -> str:
+            if q == "alpha question" and then:  # L needs B and C, gathered
+                return "L(" + ",".join(await asyncio.gather(*(llm(t) for t in then))) + ")"
+            if q == "bravo question" and then:  # B needs L: a cycle L -> B -> L
+                await asyncio.sleep(0.2)
+                return "B(" + await llm("alpha question") + ")"
+            await asyncio.sleep(0.6 if q == "charlie question" else 0.05)
+            return q.split()[0]
+
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(llm("bravo question", then=("alpha question",))),
+                 asyncio.create_task(llm("charlie question"))]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(
+            llm("alpha question", then=("bravo question", "charlie question"))))
+        out = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        await cache.close()
+        return time.monotonic() - t0, out
+
+    seconds, out = asyncio.run(main())
+    assert out == ["B(alpha)", "charlie", "L(B(alpha),charlie)"]
+    assert seconds < 5, seconds
 
 
 def test_flight_locks_are_reentrant_for_finalizers() -> None:
