@@ -122,14 +122,18 @@ def _is_store(obj: Any) -> bool:
 def _call_key(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
     key: Callable[..., Any] | None, scope: Mapping[str, Any] | None, name: str | None = None,
+    sig: inspect.Signature | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The prompt and scope of a call of a ``@cached`` function.
 
-    The prompt is ``key(*args, **kwargs)`` or the first positional argument; any other
-    arguments become part of the scope (with the function's name), so calls with different
-    arguments -- or of different functions -- never answer each other. A ``key`` that
-    returns ``(prompt, scope)`` (as :func:`hnswcache.chat.chat_key` does) chooses the scope
-    itself; one that returns a prompt alone leaves the other arguments out of it.
+    The prompt is ``key(*args, **kwargs)`` or the function's first parameter (given by
+    position or by name); its other arguments become part of the scope (with the function's
+    name), so calls with different arguments -- or of different functions -- never answer
+    each other, while calls that bind the same arguments do (``f(p, 0.5)``, ``f(p, t=0.5)``;
+    an argument equal to its default is as if left out). A ``key`` that returns ``(prompt,
+    scope)`` (as :func:`hnswcache.chat.chat_key` does) chooses the scope itself; one that
+    returns a prompt alone leaves the other arguments out of it. ``sig``: ``fn``'s
+    signature, computed once by the decorator.
     """
     sc: dict[str, Any] = dict(scope or {})
     sc["_fn"] = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
@@ -142,16 +146,77 @@ def _call_key(
             raise TypeError("a @cached key= must return the prompt (a str) or (prompt, scope), "
                             f"got {type(got).__name__}")
         return got, sc
-    if not args or not isinstance(args[0], str):
+    if len(args) == 1 and not kwargs:  # the common call: no binding needed
+        prompt, extra = args[0], cast(dict[str, Any], {})
+    else:
+        prompt, extra = _bind(fn, args, kwargs, sig)
+    if not isinstance(prompt, str):
         raise TypeError("a @cached function takes the prompt (a str) as its first argument, "
                         "or give key=lambda *args, **kwargs: prompt")
-    if len(args) > 1 or kwargs:
+    if extra:
         try:
-            sc["_args"] = json.dumps([list(args[1:]), kwargs], sort_keys=True)
-        except TypeError:
-            raise TypeError("extra arguments of a @cached function must be JSON-serialisable, "
-                            "or give key=...") from None
-    return args[0], sc
+            sc["_args"] = json.dumps(_typed(extra), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError):
+            raise TypeError("extra arguments of a @cached function must be JSON-serialisable "
+                            "(str, numbers, bool, None, lists, tuples, dicts), or give "
+                            "key=...") from None
+    return prompt, sc
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # (some builtins have none)
+        return None
+
+
+def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+          sig: inspect.Signature | None) -> tuple[Any, dict[str, Any]]:
+    """(the first parameter's value, the other arguments by name, those equal to their
+    default left out) of a call of ``fn``."""
+    try:
+        if sig is None:
+            raise ValueError("no signature")
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):  # (no signature, or a call that does not fit it: the
+        # function itself says so when called; keep the arguments as they were given)
+        if not args:
+            return None, {}
+        return args[0], ({"*": list(args[1:]), "**": kwargs} if len(args) > 1 or kwargs
+                         else {})
+    params = list(sig.parameters.values())
+    first = params[0].name if params else None
+    extra: dict[str, Any] = {}
+    for pname, value in bound.arguments.items():
+        if pname == first:
+            continue
+        default = sig.parameters[pname].default
+        try:
+            same = type(value) is type(default) and bool(value == default)
+        except Exception:  # (numpy arrays and other values without a plain ==)
+            same = False
+        if not same:
+            extra[pname] = value
+    return bound.arguments.get(first) if first else None, extra
+
+
+def _typed(value: Any) -> Any:
+    """``value`` as JSON that keeps what JSON alone would merge: a dict with keys that are
+    not strings (``{2: "a"}`` and ``{"2": "a"}`` were one scope) and a tuple (one with the
+    list of the same items) are tagged."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_typed(v) for v in value]}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _typed(v) for k, v in value.items()}
+        items = [[json.dumps(_typed(k), sort_keys=True, allow_nan=False), _typed(v)]
+                 for k, v in value.items()]
+        return {"__dict__": sorted(items, key=lambda kv: kv[0])}
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 class _WaitMarks:
@@ -1426,7 +1491,7 @@ class SemanticCache(_Base):
         call that fails returns the cached answer). Audited lookups count as hits in
         :meth:`stats`. It needs no ``learn_floor``.
         """
-        if judge is not None and (inspect.iscoroutinefunction(judge) or not callable(judge)):
+        if judge is not None and (_is_async_callable(judge) or not callable(judge)):
             raise TypeError("judge must be a function (new answer, cached answer) -> bool; "
                             "an async judge needs AsyncSemanticCache")
         audit = _check_audit(audit)
@@ -1436,9 +1501,14 @@ class SemanticCache(_Base):
             sliding, self._core.check_ttl(ttl) if ttl is not None else self._core.ttl)
 
         def deco(fn: F) -> F:
+            if _is_async_callable(fn):  # (its coroutine is not a str: nothing was cached)
+                raise TypeError("SemanticCache.cached decorates plain functions; an async "
+                                "function needs AsyncSemanticCache")
+            sig = _signature(fn)
+
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                prompt, sc = _call_key(fn, args, kwargs, key, scope, name)
+                prompt, sc = _call_key(fn, args, kwargs, key, scope, name, sig)
                 used: list[Any] = [None]
                 hit = self._get_many([prompt], sc, None, None, used, max_age)[0]
                 if hit is not None:
@@ -2381,10 +2451,11 @@ class AsyncSemanticCache(_Base):
         def deco(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
                 raise TypeError("AsyncSemanticCache.cached decorates async functions")
+            sig = _signature(fn)
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                prompt, sc = _call_key(fn, args, kwargs, key, scope, name)
+                prompt, sc = _call_key(fn, args, kwargs, key, scope, name, sig)
                 used: list[Any] = [None]
                 hit = (await self._get_many([prompt], sc, None, None, used, max_age))[0]
                 if hit is not None:

@@ -394,6 +394,48 @@ def test_cached_decorator(store_url: str, ns: str) -> None:
     assert other("hello world") == "other", "different functions must not share answers"
 
 
+def test_cached_binds_its_arguments_and_keeps_their_types_apart() -> None:
+    """From a review: arguments that JSON writes alike shared an answer ({2: "a"} and
+    {"2": "a"}; a tuple and a list); a prompt given by keyword was refused; f(p), f(p, 0.0)
+    and f(p, temperature=0.0) were three entries; an async function (its coroutine is no
+    str: nothing cached) and an async judge object were taken by the sync cache."""
+    cache = SemanticCache(HashEmbedder(64), store="memory")
+    calls: list[Any] = []
+
+    @cache.cached()
+    def llm(prompt: str, weights: Any = None, temperature: float = 0.0) -> str:
+        calls.append((weights, temperature))
+        return f"computed with {weights!r} at {temperature}"
+
+    assert llm("rank these", {2: "a"}) == "computed with {2: 'a'} at 0.0"
+    assert llm("rank these", {"2": "a"}) == "computed with {'2': 'a'} at 0.0"
+    assert llm("rank these", (1, 2)) == "computed with (1, 2) at 0.0"
+    assert llm("rank these", [1, 2]) == "computed with [1, 2] at 0.0"
+    assert llm("rank these", {"__tuple__": [1, 2]}) == "computed with {'__tuple__': [1, 2]} at 0.0"
+    assert len(calls) == 5
+    for call in (lambda: llm("hi there"), lambda: llm(prompt="hi there"),
+                 lambda: llm("hi there", None, 0.0), lambda: llm("hi there", temperature=0.0),
+                 lambda: llm(temperature=0.0, prompt="hi there")):
+        assert call() == "computed with None at 0.0"
+    assert len(calls) == 6, "one binding of the arguments, one entry"
+    assert llm("hi there", temperature=0.5) == "computed with None at 0.5" and len(calls) == 7
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        llm("hi there", {1, 2})  # (a set has no order to key on)
+
+    async def async_fn(prompt: str) -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match="AsyncSemanticCache"):
+        cache.cached()(async_fn)
+
+    class AsyncJudge:
+        async def __call__(self, new: str, cached: str) -> bool:
+            return True
+
+    with pytest.raises(TypeError, match="async judge"):
+        cache.cached(judge=AsyncJudge())
+
+
 def test_stats(store_url: str, ns: str) -> None:
     cache = make(store_url, ns)
     cache.set("a b c", "x")
