@@ -5,8 +5,11 @@ the first miss of a scope leads: it calls the function, stores the answer and ha
 every caller that missed meanwhile with the same prompt (the same entry id) or a prompt
 whose embedding is at or above the cache's threshold from the leader's (what would have
 been a semantic hit had the answer already been stored). Such followers wait for the
-leader instead of calling. If the leader fails, returns something that is not a ``str``
-(not cached), or takes longer than the wait limit, each follower calls the function itself.
+leader instead of calling. If the leader's call raises (or is cancelled), its followers
+elect a new leader among themselves, within what is left of their wait (a failure used to
+send the whole burst to the LLM at once, what a rate limit punishes); if it returns
+something that is not a ``str`` (not cached), or takes longer than the wait limit, each
+follower calls the function itself.
 
 This registry is one process's; across processes the leaders also take a lease in the
 store (cache.py). ``LEADING`` holds the flights the current thread or task (and the tasks
@@ -38,6 +41,9 @@ class Flight:
     done: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future[str | None] | None = None
     result: str | None = None
+    # Its leader's call raised (or was cancelled): its followers elect a new leader among
+    # themselves, within what is left of their wait, instead of all calling at once.
+    failed: bool = False
     # The flights its leader is waiting on from inside its own call, a count per flight:
     # the tasks a call gathers share its flights, and each may wait on another (one link
     # per flight was overwritten by the second gathered wait, and a cycle through the

@@ -1462,7 +1462,8 @@ class SemanticCache(_Base):
         for the same prompt, or for a prompt at or above the threshold from it, waits for
         that call (at most ``wait`` seconds) and returns its answer instead of calling ``fn``
         again: a burst of paraphrases costs one LLM call (``stats()["coalesced"]`` counts
-        the calls saved). If that call fails, does not return a ``str``, or takes longer
+        the calls saved). If that call raises, one of the waiting callers calls ``fn``
+        again and the others wait for it; if it does not return a ``str``, or takes longer
         than ``wait``, the waiting callers call ``fn`` themselves. Across processes sharing a
         Redis/Valkey store, misses of the same prompt wait likewise for the process holding
         the store's lease on it, and misses of a paraphrase for the earliest call in flight
@@ -1554,12 +1555,17 @@ class SemanticCache(_Base):
                 if used[0] is None:  # (the scope had no index: nothing was embedded)
                     vecs = self._embed([prompt], None)
                     used[0] = None if vecs is None else vecs[0]
-                flight, leads = self._flights.join(k[0], k[1], used[0], c.threshold)
-                if not leads:
+                t_wait = time.monotonic()
+                while True:
+                    flight, leads = self._flights.join(k[0], k[1], used[0], c.threshold)
+                    if leads:
+                        break
                     try:
-                        got = flight.done.wait(limit)
+                        got = flight.done.wait(_rest(limit, t_wait))
                     finally:
                         stop_waiting(flight)
+                    if got and flight.failed and _rest(limit, t_wait) != 0.0:
+                        continue  # its call failed: one of the waiting leads the retry
                     if got and flight.result is not None and _answers(flight, used[0],
                                                                       c.threshold):
                         c.stats.add("coalesced")
@@ -1582,6 +1588,9 @@ class SemanticCache(_Base):
                         result = answer
                         return answer
                     result = call()
+                except BaseException:
+                    flight.failed = True
+                    raise
                 finally:
                     LEADING.reset(ctx)
                     try:
@@ -2499,15 +2508,22 @@ class AsyncSemanticCache(_Base):
                 if used[0] is None:
                     vecs = await self._embed([prompt], None)
                     used[0] = None if vecs is None else vecs[0]
-                flight, leads = self._flights.ajoin(k[0], k[1], used[0], c.threshold)
-                if not leads:
+                t_wait = time.monotonic()
+                while True:
+                    flight, leads = self._flights.ajoin(k[0], k[1], used[0], c.threshold)
+                    if leads:
+                        break
                     assert flight.future is not None
                     try:
-                        answer = await asyncio.wait_for(asyncio.shield(flight.future), limit)
+                        answer = await asyncio.wait_for(asyncio.shield(flight.future),
+                                                        _rest(limit, t_wait))
                     except TimeoutError:
                         answer = None
                     finally:
                         stop_waiting(flight)
+                    if flight.failed and _rest(limit, t_wait) != 0.0:
+                        continue  # its call failed (or was cancelled): one of the waiting
+                        # leads the retry
                     if answer is not None and _answers(flight, used[0], c.threshold):
                         c.stats.add("coalesced")
                         return answer
@@ -2531,6 +2547,9 @@ class AsyncSemanticCache(_Base):
                         result = answer
                         return answer
                     result = await call()
+                except BaseException:
+                    flight.failed = True
+                    raise
                 finally:
                     LEADING.reset(ctx)
                     try:
