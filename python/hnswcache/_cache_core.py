@@ -8,6 +8,8 @@ Similarity scale: cosine similarity, a hit when ``similarity >= threshold``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -33,6 +35,7 @@ from .store.base import (
     LogBatch,
     Record,
     Refresh,
+    StoreError,
     entry_id,
     format_id,
     normalize_prompt,
@@ -86,11 +89,19 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
     scope: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # What makes ref() hard to forge: a keyed hash of key, version and similarity (the
+    # key is the namespace's, kept in the store).
+    ref_tag: str = field(default="", repr=False)
 
     def ref(self) -> dict[str, Any]:
         """What :meth:`SemanticCache.feedback` needs to judge this answer later, in another
-        request or process: ``{"key", "version", "similarity"}`` (JSON-ready)."""
-        return {"key": self.key, "version": self.version, "similarity": self.similarity}
+        request or process: ``{"key", "version", "similarity", "tag"}`` (JSON-ready). The
+        tag, a keyed hash under a secret the namespace keeps in its store, makes a ref whose
+        similarity (or anything else) was changed fail: a ref may go through a client."""
+        out = {"key": self.key, "version": self.version, "similarity": self.similarity}
+        if self.ref_tag:
+            out["tag"] = self.ref_tag
+        return out
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
@@ -257,6 +268,9 @@ class CacheCore:
         self.ttl_jitter = float(ttl_jitter)
         self._rng = random.SystemRandom()  # (a seeded one repeats in forked workers)
         self.strict = bool(strict)
+        # The namespace's key for ref() tags, read from the store at the warm start (a store
+        # without one: this process's own, so refs check only here).
+        self.ref_secret: bytes | None = None
         self.clock: Clock = clock if clock is not None else time.time
         if sync_interval < 0:
             raise ValueError("sync_interval must be >= 0")
@@ -756,8 +770,16 @@ class CacheCore:
         # lookup paths and hosts, and must still be refused)
         return max(t, wrong + WRONG_MARGIN)
 
-    @staticmethod
-    def verdict_of(hit: Hit | Mapping[str, Any], correct: bool
+    def unchecked_ref(self, hit: Hit | Mapping[str, Any]) -> bool:
+        """Whether ``hit`` is a ref that cannot be checked, the store having failed to say
+        the namespace's key (counted as a store error, raised if strict)."""
+        if isinstance(hit, Hit) or self.ref_secret is not None:
+            return False
+        self.failed("feedback", StoreError("the store could not be asked for the key that "
+                                           "checks a ref()"))
+        return True
+
+    def verdict_of(self, hit: Hit | Mapping[str, Any], correct: bool
                    ) -> tuple[int, str, tuple[float, bool]]:
         """The entry id, version and verdict of a :meth:`SemanticCache.feedback` call on
         a :class:`Hit` or its :meth:`Hit.ref` (read back from a request, a queue: checked
@@ -765,10 +787,12 @@ class CacheCore:
         key: Any
         version: Any
         sim: Any
+        tag: Any = None
         if isinstance(hit, Hit):
             key, version, sim = hit.key, hit.version, hit.similarity
         elif isinstance(hit, Mapping):
             key, version, sim = hit.get("key"), hit.get("version"), hit.get("similarity")
+            tag = hit.get("tag")
         else:
             raise TypeError(f"feedback judges a Hit or its ref(), got {type(hit).__name__}")
         if not isinstance(correct, (bool, np.bool_)):
@@ -780,6 +804,12 @@ class CacheCore:
         if isinstance(sim, bool) or not isinstance(sim, (int, float)) or \
                 not -1.0 <= float(sim) <= 1.0:  # (NaN too)
             raise ValueError(f"the hit's similarity is not a number in [-1, 1]: {sim!r}")
+        if not isinstance(hit, Hit):  # (a ref read back from a request: maybe a client's)
+            want = self.ref_tag(key, version, float(sim))
+            if not want or not isinstance(tag, str) or not hmac.compare_digest(tag, want):
+                raise ValueError("this ref's tag does not match: it was changed, or made by "
+                                 "another namespace or store (or before refs had tags); "
+                                 "a verdict needs the ref() a lookup returned, unchanged")
         return eid, version, (float(sim), bool(correct))
 
     def learn_ids(self, k: tuple[int, str, str, str], vec: Any) -> list[int]:
@@ -839,9 +869,17 @@ class CacheCore:
             self._slide_local([rec if exp == rec.expires
                                else dataclasses.replace(rec, expires=exp)])
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
-        return Hit(rec.response, tier, sim, rec.prompt, format_id(rec.id),
+        key = format_id(rec.id)
+        return Hit(rec.response, tier, sim, rec.prompt, key,
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
-                   rec.metadata, rec.scope, rec.version)
+                   rec.metadata, rec.scope, rec.version, self.ref_tag(key, rec.version, sim))
+
+    def ref_tag(self, key: str, version: str, similarity: float) -> str:
+        """The tag of a hit's ref() ("" while the namespace's secret is unknown)."""
+        if self.ref_secret is None:
+            return ""
+        msg = f"{key}:{version}:{float(similarity)!r}".encode()
+        return hashlib.blake2b(msg, key=self.ref_secret, digest_size=16).hexdigest()
 
     def expired_seen(self, rec: Record) -> None:
         """Count an expired entry a lookup found: each written version once (lookups of it

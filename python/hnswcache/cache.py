@@ -768,7 +768,20 @@ class SemanticCache(_Base):
                 c.retry_at = time.monotonic() + 1.0
                 c.failed("warm start", exc)
                 return False
+            self._learn_ref_secret()
             return True
+
+    def _learn_ref_secret(self) -> None:
+        """The namespace's key for ref() tags (until it is known, hits have no tag and refs
+        cannot be checked: a failure here is no failure of the warm start)."""
+        c = self._core
+        if c.ref_secret is not None:
+            return
+        get = getattr(self.store, "ref_secret", None)
+        try:
+            c.ref_secret = secrets.token_bytes(32) if get is None else get()
+        except StoreError as exc:
+            c.failed("reading the key of ref() tags", exc)
 
     def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
@@ -1319,8 +1332,11 @@ class SemanticCache(_Base):
         answer that was given: a new write of the entry starts with none. True if it was
         recorded; False if the entry was deleted or written again since, or the store
         failed (counted in ``stats()["store_errors"]``; raised if strict)."""
+        if self._ready():
+            self._learn_ref_secret()  # (a ref is checked with it)
+        if self._core.unchecked_ref(hit):
+            return False
         eid, version, verdict = self._core.verdict_of(hit, correct)
-        self._ready()
         return self._add_verdict(eid, version, verdict)
 
     def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]) -> bool:
@@ -1782,7 +1798,19 @@ class AsyncSemanticCache(_Base):
                 c.retry_at = time.monotonic() + 1.0
                 c.failed("warm start", exc)
                 return False
+            await self._learn_ref_secret()
             return True
+
+    async def _learn_ref_secret(self) -> None:
+        """See :meth:`SemanticCache._learn_ref_secret`."""
+        c = self._core
+        if c.ref_secret is not None:
+            return
+        get = getattr(self.store, "ref_secret", None)
+        try:
+            c.ref_secret = secrets.token_bytes(32) if get is None else await get()
+        except StoreError as exc:
+            c.failed("reading the key of ref() tags", exc)
 
     async def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
@@ -2288,8 +2316,11 @@ class AsyncSemanticCache(_Base):
 
     async def feedback(self, hit: Hit | Mapping[str, Any], correct: bool) -> bool:
         """See :meth:`SemanticCache.feedback`."""
+        if await self._ready():
+            await self._learn_ref_secret()
+        if self._core.unchecked_ref(hit):
+            return False
         eid, version, verdict = self._core.verdict_of(hit, correct)
-        await self._ready()
         return await self._add_verdict(eid, version, verdict)
 
     async def _add_verdict(self, eid: int, version: str, verdict: tuple[float, bool]

@@ -686,7 +686,8 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
             raw_meta = client.hgetall(k["meta"]) or {}
         except Exception:  # (another type at the key: no meta to show)
             raw_meta = {}
-        meta = {_decode(a): _decode(b) for a, b in raw_meta.items()}
+        meta = {_decode(a): _decode(b) for a, b in raw_meta.items()
+                if _decode(a) != "ref_secret"}  # (the key of ref() tags: never shown)
         sizes = {}
         for name in ("lru", "exp"):
             try:

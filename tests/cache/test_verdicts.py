@@ -124,6 +124,38 @@ def test_feedback_later_through_a_hits_ref(store_url, ns):
     b.close()
 
 
+def test_a_ref_changed_on_its_way_is_refused(store_url, ns):
+    """From a review: a ref() handed to a client came back with its similarity lowered,
+    and three such "right" verdicts let the entry answer a prompt at 0.76 (another
+    question) for everyone. A ref now carries a tag keyed by a secret the namespace keeps
+    in its store: any change, a ref of another namespace or one without a tag is refused."""
+    store = shared(store_url, ns)
+    a = cache_on(store, ns, learn_floor=0.7, learn_after=3)
+    b = cache_on(store, ns, learn_floor=0.7, learn_after=3)  # (another process)
+    a.set("base", "A", embedding=BASE)
+    hit = a.get("q", embedding=at(0.95, 2))
+    assert hit is not None
+    ref = hit.ref()
+    assert set(ref) == {"key", "version", "similarity", "tag"} and "tag" not in repr(hit)
+    for sim in (0.755, 0.756, 0.757):
+        with pytest.raises(ValueError, match="tag does not match"):
+            b.feedback({**ref, "similarity": sim}, True)
+    assert b.get("q", embedding=at(0.76, 3)) is None  # no threshold was lowered
+    for bad in ({k: v for k, v in ref.items() if k != "tag"}, {**ref, "tag": "0" * 32},
+                {**ref, "tag": 5}):
+        with pytest.raises(ValueError, match="tag does not match"):
+            b.feedback(bad, True)
+    other = SemanticCache(Table(), store=shared(store_url, ns + "x"), namespace=ns + "x",
+                          snapshot_interval=None)
+    other.set("base", "A", embedding=BASE)
+    with pytest.raises(ValueError, match="tag does not match"):
+        other.feedback(ref, False)  # (a ref of another namespace)
+    assert b.feedback(ref, True) is True  # the ref as it was made: taken
+    assert b.stats()["verdicts_right"] == 1
+    for c in (a, b, other):
+        c.close()
+
+
 def test_feedback_on_a_deleted_entry_records_nothing(store_url, ns):
     store = shared(store_url, ns)
     a = cache_on(store, ns)

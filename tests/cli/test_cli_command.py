@@ -314,6 +314,7 @@ def test_inspect_url(tmp_path: Path, capsys, fake_embedder) -> None:
         assert shop["entries"] == 3 and shop["ttl_remaining"] == {"< 1 min": 1, "< 1 day": 1}
         assert shop["last_writes"][0]["prompt"] == "Track my delivery"
         assert shop["log_length"] == 4  # 3 writes and the no-op the first warm start wrote
+        assert set(shop["meta"]) == {"format", "dim", "embedder"}  # (not the ref() key)
 
 
 def test_inspect_reports_a_server_holding_garbage(tmp_path: Path, capsys,

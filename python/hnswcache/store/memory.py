@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -50,6 +51,7 @@ class MemoryStore:
         self._log_base = 0  # sequence number of self._log[0] is _log_base + 1
         self._log_maxlen = int(log_maxlen)
         self._meta: tuple[int, str] | None = None
+        self._ref_secret = secrets.token_bytes(32)
         self._head_pos = "0-0"  # position of the newest log event, as a reader holds it
 
     # ------------------------------------------------------------------ log
@@ -215,6 +217,10 @@ class MemoryStore:
                 self._meta = (int(dim), embedder)
             return self._meta
 
+    def ref_secret(self) -> bytes:
+        """The key for ref() tags: this store's own (made with it)."""
+        return self._ref_secret
+
     def close(self) -> None:
         pass
 
@@ -274,6 +280,9 @@ class AsyncMemoryStore:
 
     async def check_meta(self, dim: int | None, embedder: str) -> tuple[int | None, str]:
         return self.sync.check_meta(dim, embedder)
+
+    async def ref_secret(self) -> bytes:
+        return self.sync.ref_secret()
 
     async def close(self) -> None:
         self.sync.close()

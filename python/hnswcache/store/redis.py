@@ -21,6 +21,7 @@ whether ``execute`` is awaited.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -798,6 +799,16 @@ class _Layout:
         stored_emb = raw_emb.decode("utf-8", "replace") if raw_emb is not None else embedder
         return stored_dim, stored_emb
 
+    def queue_ref_secret(self, pipe: Any) -> None:
+        pipe.hsetnx(self.k_meta, "ref_secret", secrets.token_hex(32))
+        pipe.hget(self.k_meta, "ref_secret")
+
+    def parse_ref_secret(self, raw: Any) -> bytes:
+        if not isinstance(raw, (bytes, bytearray)) or not raw:
+            raise StoreError(f"no ref_secret in {self.k_meta}")
+        # (hashed: whatever is stored, every process derives the same 32-byte key from it)
+        return hashlib.blake2b(bytes(raw), digest_size=32, person=b"hc-ref").digest()
+
 
 def _url_kwargs(timeout: float, asyncio: bool) -> dict[str, Any]:
     if asyncio:
@@ -1144,6 +1155,12 @@ class RedisStore(_Layout):
 
         res = self._run(True, q, raise_on_error=True)
         return self.parse_meta(res[-1], dim, embedder)
+
+    def ref_secret(self) -> bytes:
+        """The namespace's key for ref() tags: made once by the first process that asks
+        (``HSETNX``), then the same for every process on the store."""
+        res = self._run(True, lambda p: self.queue_ref_secret(p), raise_on_error=True)
+        return self.parse_ref_secret(res[-1])
 
     def lease(self, eid: int, token: str, seconds: float) -> bool:
         """Take the lease of entry ``eid`` for ``seconds``; whether this process leads
@@ -1625,6 +1642,11 @@ class AsyncRedisStore(_Layout):
 
         res = await self._run(True, q, raise_on_error=True)
         return self.parse_meta(res[-1], dim, embedder)
+
+    async def ref_secret(self) -> bytes:
+        """See :meth:`RedisStore.ref_secret`."""
+        res = await self._run(True, lambda p: self.queue_ref_secret(p), raise_on_error=True)
+        return self.parse_ref_secret(res[-1])
 
     async def lease(self, eid: int, token: str, seconds: float) -> bool:
         """See :meth:`RedisStore.lease`."""
