@@ -37,7 +37,7 @@ static int run(dtype_t dtype) {
     });
     std::thread deleter([&] {
         for (std::int64_t lab = 0; lab < 1500; lab += 25) {
-            idx.remove(labels.data() + lab, 25);
+            idx.remove(labels.data() + lab, 25, now);
             deleted_upto.store(lab + 25, std::memory_order_release);
         }
     });

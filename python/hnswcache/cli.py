@@ -660,20 +660,20 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
                     continue
                 if not isinstance(pttl, int):
                     pttl = None
+                try:
+                    at = float(_decode(vals[1]))
+                except (TypeError, ValueError):
+                    at = math.nan
+                if not _FIRST_WRITE <= at <= time.time() + 86400 * 365:  # (forged: an
+                    bad += 1  # unreadable entry, counted in no scope or TTL either)
+                    continue
+                created.append((at, i, _decode(vals[3])))
                 scopes[_decode(vals[0])] += 1
                 if pttl is None or pttl < 0:
                     no_ttl += 1
                 else:
                     secs = pttl / 1000
                     ttl_hist[next(lbl for lim, lbl in TTL_BUCKETS if secs < lim)] += 1
-                try:
-                    at = float(_decode(vals[1]))
-                except (TypeError, ValueError):
-                    at = math.nan
-                if _FIRST_WRITE <= at <= time.time() + 86400 * 365:  # (else: forged)
-                    created.append((at, i, _decode(vals[3])))
-                else:
-                    bad += 1
             if len(mem_sample) < sample:
                 pipe = client.pipeline(transaction=False)
                 for i in chunk[: sample - len(mem_sample)]:

@@ -347,6 +347,9 @@ def test_inspect_reports_a_server_holding_garbage(tmp_path: Path, capsys,
         assert cli.main(["inspect", srv.url, "--json"]) == 0
         rep = json.loads(capsys.readouterr().out)
         assert rep["namespaces"]["good"]["invalid"] == 2
+        # (the unreadable ones are in no scope's count nor the TTL table: one readable left)
+        assert sum(rep["namespaces"]["good"]["scopes"].values()) == 1
+        assert rep["namespaces"]["good"]["no_ttl"] == 1
         assert rep["foreign"] == ["not a namespace!"]
 
 
