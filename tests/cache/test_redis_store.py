@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -121,6 +122,51 @@ def test_every_expired_id_leaves_the_bookkeeping_past_one_batch(
     evicted, gone = store.evict(None, clock())
     assert (evicted, gone) == ([], 10_500)
     assert r.zcard(keys_for(ns)["lru"]) == 0 and r.zcard(keys_for(ns)["exp"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_expired_bookkeeping_that_names_no_entry_is_dropped_not_looped_on(
+    valkey_server: EmbeddedServer, ns: str, clock: FakeClock, kind: str
+) -> None:
+    """From a review: one member of `exp` naming no entry (a stray ZADD), with nothing
+    else expired, left the transaction pipeline unwatched: its read answered with the
+    pipeline itself, whose iteration queued GETs for ever (a write over max_entries hung,
+    1.4 GB; the async store raised TypeError to a cache that is not strict)."""
+    url, k = valkey_server.url, keys_for(ns)
+    r = redis.Redis.from_url(url)
+
+    def run(fn: Any) -> None:
+        t = threading.Thread(target=fn, daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "the write hung"
+
+    if kind == "sync":
+        cache = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=clock,
+                              max_entries=2)
+        cache.set("one", "1")
+        cache.set("two", "2")
+        r.zadd(k["exp"], {"garbage!": 5})
+        clock.advance(1)
+        run(lambda: cache.set("three", "3"))
+        assert cache.get("three") is not None and cache.stats()["store_errors"] == 0
+        cache.close()
+    else:
+        async def main() -> None:
+            cache = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns,
+                                       clock=clock, max_entries=2)
+            await cache.set("one", "1")
+            await cache.set("two", "2")
+            r.zadd(k["exp"], {"garbage!": 5})
+            clock.advance(1)
+            await asyncio.wait_for(cache.set("three", "3"), 20)
+            assert await cache.get("three") is not None
+            assert cache.stats()["store_errors"] == 0
+            await cache.close()
+
+        run(lambda: asyncio.run(main()))
+    assert r.zscore(k["exp"], "garbage!") is None and r.zscore(k["lru"], "garbage!") is None
+    assert r.zcard(k["lru"]) == 2
 
 
 class _Timed(RedisStore):

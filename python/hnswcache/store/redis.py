@@ -751,6 +751,9 @@ class _Layout:
     @staticmethod
     def expired_to_drop(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
         """Members expired in both reads (garbage members too: they have no key)."""
+        if not isinstance(second, (list, tuple)):  # (a pipeline not in immediate mode
+            # answers with itself, whose iteration queues GETs for ever)
+            raise TypeError(f"expected the members read, got {type(second).__name__}")
         again = set(second)
         return [m for m in first if m in again]
 
@@ -1069,8 +1072,10 @@ class RedisStore(_Layout):
                 for _ in range(_REFRESH_TRIES):
                     try:
                         keys = self.expired_keys(first)
-                        if keys:
-                            pipe.watch(*keys)
+                        if not keys:  # (members that name no entry: nothing to watch)
+                            self._run(False, lambda p: self.queue_drop_expired(p, first))
+                            return len(first)
+                        pipe.watch(*keys)
                         drop = self.expired_to_drop(first, pipe.zrangebyscore(
                             self.k_exp, "-inf", now, start=0, num=_EXPIRED_BATCH))
                         pipe.multi()
@@ -1562,8 +1567,10 @@ class AsyncRedisStore(_Layout):
                 for _ in range(_REFRESH_TRIES):
                     try:
                         keys = self.expired_keys(first)
-                        if keys:
-                            await pipe.watch(*keys)
+                        if not keys:  # (as RedisStore._drop_expired)
+                            await self._run(False, lambda p: self.queue_drop_expired(p, first))
+                            return len(first)
+                        await pipe.watch(*keys)
                         drop = self.expired_to_drop(first, await pipe.zrangebyscore(
                             self.k_exp, "-inf", now, start=0, num=_EXPIRED_BATCH))
                         pipe.multi()
