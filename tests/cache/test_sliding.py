@@ -238,3 +238,35 @@ def test_a_late_refresh_never_shortens_a_later_one(valkey_server, ns: str,
     for c in (a, b, fresh):
         hit = c.get("what is the capital of france")
         assert hit is not None and hit.response == "Paris"
+
+
+def test_a_sliding_entry_dropped_from_the_bookkeeping_by_a_clock_ahead_comes_back(
+        valkey_server, ns) -> None:
+    """From a review: a process whose clock ran 5 s ahead took a live sliding entry for
+    expired and dropped it from `exp` and `lru` (its key lived on); a hit refreshed the key
+    but re-added it to neither set (ZADD XX), so it lived on outside the LRU for good: never
+    counted by max_entries, never evicted (4 entries under a cap of 3)."""
+    url = valkey_server.url
+    k = keys_for(ns)
+    r = redis.Redis.from_url(url)
+    ca, cb = FakeClock(1_000_000.0), FakeClock(1_000_005.0)  # B's clock runs 5 s ahead
+    a = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=ca, max_entries=3)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=cb, max_entries=3)
+    key = a.set("hot sliding question", "hot", ttl=60, sliding=True)
+    a.set("filler 0", "f0")
+    a.set("filler 1", "f1")
+    ca.advance(56)
+    cb.advance(56)  # A: 4 s left; B thinks it expired 1 s ago
+    b.set("b write 0", "b0")  # over the cap: B's housekeeping drops the "expired" entry
+    assert r.zscore(k["lru"], key) is None
+    hit = a.get("hot sliding question")
+    assert hit is not None and hit.response == "hot"
+    assert r.zscore(k["exp"], key) == 1_000_116.0 and r.zscore(k["lru"], key) == 1_000_056.0
+    for j in range(1, 30):
+        ca.advance(10)
+        cb.advance(10)
+        a.get("hot sliding question")
+        b.set(f"b write {j}", f"b{j}")
+    assert r.zcard(k["lru"]) == 3 and len(list(r.scan_iter(k["entry"] + "*"))) == 3
+    for c in (a, b):
+        c.close()

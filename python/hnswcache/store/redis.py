@@ -549,7 +549,12 @@ class _Layout:
             key = self.ekey(r.id)
             pipe.hset(key, "until:" + r.version, repr(float(r.until)))
             pipe.pexpire(key, max(1, int(round((r.until - now) * 1000))), gt=True)
-            pipe.zadd(self.k_exp, {format_id(r.id): r.until}, xx=True, gt=True)
+            # (not XX: the entry is there, checked under WATCH. A process whose clock runs
+            # ahead can take it for expired and drop it from both sets while its key lives;
+            # a hit then kept it alive outside the LRU for good, never counted by
+            # max_entries nor evicted.)
+            pipe.zadd(self.k_exp, {format_id(r.id): r.until}, gt=True)
+            pipe.zadd(self.k_lru, {format_id(r.id): now}, gt=True)
         self.queue_log(pipe, "set", [format_id(r.id) for r in refresh])
 
     def parse_entries(self, ids: Sequence[int], results: Sequence[Any]) -> list[Fetched]:
