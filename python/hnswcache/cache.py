@@ -1646,6 +1646,12 @@ class SemanticCache(_Base):
                 self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
+        touch = c.take_touches()  # hits not yet sent (they ride on the next store call,
+        if touch and c.position is not None:  # and a short-lived cache made none: its
+            try:  # entries' LRU places were as if never hit)
+                self.store.read([], log_after=None, touch=touch, now=c.now())
+            except StoreError as exc:
+                log.warning("hnswcache: %d LRU touches lost on close: %s", len(touch), exc)
         if self._snapshot_dir is not None and c.position is not None:
             try:
                 self.sync()
@@ -2626,6 +2632,12 @@ class AsyncSemanticCache(_Base):
                 await self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
+        touch = c.take_touches()  # (as SemanticCache.close)
+        if touch and c.position is not None:
+            try:
+                await self.store.read([], log_after=None, touch=touch, now=c.now())
+            except StoreError as exc:
+                log.warning("hnswcache: %d LRU touches lost on close: %s", len(touch), exc)
         if self._snapshot_dir is not None and c.position is not None:
             try:
                 await self.sync()

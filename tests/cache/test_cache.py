@@ -13,7 +13,7 @@ from hnswcache import SemanticCache
 from hnswcache._cache_core import NEAR_MISS_BAND, Lookup
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
-from hnswcache.store.memory import MemoryStore
+from hnswcache.store.memory import AsyncMemoryStore, MemoryStore
 from hnswcache.store.redis import keys_for
 
 from .cache_helpers import FakeClock, Paraphrases
@@ -238,6 +238,41 @@ def test_lru_eviction_removes_from_store_and_index(
     if other is not None:
         assert {i for i in range(7) if other.get(f"prompt {i}") is not None} == survivors
         assert len(other) == 5
+
+
+def test_a_hit_of_a_cache_closed_right_after_counts_for_the_lru(
+    store_url: str, ns: str, clock: FakeClock
+) -> None:
+    """From a review: a hit's LRU touch rides on the process's next store call, and close()
+    did not send it: a short-lived worker's hits were lost, and its most recently used
+    entry was evicted as the least recently used."""
+    import asyncio
+
+    from hnswcache import AsyncSemanticCache
+
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    a = make(store, ns, clock=clock, max_entries=3)
+    for i in range(3):
+        clock.advance(1)
+        a.set(f"entry {i}", f"a{i}")
+    worker = make(store, ns, clock=clock)
+    clock.advance(1)
+    assert worker.get("entry 0") is not None
+    worker.close()  # (a request's cache, closed after its one hit)
+    clock.advance(1)
+
+    async def async_worker() -> None:
+        w = AsyncSemanticCache(HashEmbedder(64), store=store if store_url != "memory"
+                               else AsyncMemoryStore(store), namespace=ns, clock=clock)
+        assert await w.get("entry 1") is not None
+        await w.close()
+
+    asyncio.run(async_worker())
+    clock.advance(1)
+    a.set("entry 3", "a3")  # over the cap: the least recently used goes, entry 2
+    assert a.get("entry 0") is not None and a.get("entry 1") is not None
+    assert a.get("entry 2") is None
+    a.close()
 
 
 def test_delete_and_clear(store_url: str, ns: str, paraphrases: Paraphrases) -> None:
