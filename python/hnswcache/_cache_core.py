@@ -881,16 +881,29 @@ class CacheCore:
         msg = f"{key}:{version}:{float(similarity)!r}".encode()
         return hashlib.blake2b(msg, key=self.ref_secret, digest_size=16).hexdigest()
 
-    def expired_seen(self, rec: Record) -> None:
-        """Count an expired entry a lookup found: each written version once (lookups of it
-        until the store drops it would count it again and again)."""
-        key = (rec.id, rec.version)
+    def expired_seen(self, rec: Record | tuple[int, str]) -> None:
+        """Count an expired entry a lookup found (its record, or its id and version): each
+        written version once (lookups of it until the store drops it would count it again
+        and again)."""
+        key = (rec.id, rec.version) if isinstance(rec, Record) else rec
         if key in self._expired:
             return
         if len(self._expired) >= _EXPIRED_SEEN_MAX:
             self._expired.clear()  # (a very old one may then count twice)
         self._expired[key] = None
         self.stats.add("expiries")
+
+    def _expired_and_gone(self, eid: int, sid: str) -> None:
+        """An exact miss whose entry the store no longer has: if the replica still holds
+        it, dead by the index's clock, it expired (a server drops an expired key by its own
+        TTL, so a lookup on a Redis store never met an expired record: ``expiries`` stayed
+        0 there with a real clock)."""
+        w = self.where.get(eid)
+        if w is None or w[0] != sid:
+            return
+        idx = self.indexes.get(sid)
+        if idx is not None and eid not in idx:
+            self.expired_seen((eid, w[1]))
 
     def exact_record(self, f: Fetched, sid: str, norm: str, now: float,
                      max_age: float = math.inf) -> Record | None:
@@ -1005,6 +1018,8 @@ class CacheCore:
             out[i] = self.exact(fetched[i], sid, norm, now, max_age)
             if out[i] is None:
                 todo.append(i)
+                if fetched[i] is None:
+                    self._expired_and_gone(fetched_ids[i], sid)
         if ahead is None or vecs is None:
             return todo
         got_ahead = dict(zip(fetched_ids, fetched))

@@ -108,6 +108,24 @@ def test_no_hit_at_or_after_expiry(
     assert cache.stats()["expiries"] == 2
 
 
+def test_an_entry_the_server_expired_by_its_own_ttl_counts_as_an_expiry(
+        valkey_server, ns: str, clock: FakeClock) -> None:
+    """From a review: a server drops an expired key by its own TTL (the same as the
+    entry's), so with a real clock an exact lookup never met an expired record and
+    `expiries` stayed 0 on Redis/Valkey (5 on the memory store for the same run)."""
+    cache = make(valkey_server.url, ns, clock=clock)
+    keys = [cache.set(f"short lived {i}", "x", ttl=1) for i in range(5)]
+    cache.set("kept", "y")
+    clock.advance(2)
+    r = redis.Redis.from_url(valkey_server.url)
+    r.delete(*[f"hc:{{{ns}}}:e:{k}" for k in keys])  # (what the server's TTL does)
+    for _ in range(2):
+        assert all(cache.get(f"short lived {i}") is None for i in range(5))
+    assert cache.get("kept") is not None
+    assert cache.stats()["expiries"] == 5  # each once
+    cache.close()
+
+
 def test_max_age_refuses_old_entries_for_that_read_only(
     store_url: str, ns: str, clock: FakeClock, paraphrases: Paraphrases
 ) -> None:
