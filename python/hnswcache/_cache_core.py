@@ -691,6 +691,17 @@ class CacheCore:
                 continue
             self.remove([i for i in ids if not (i in last and last[i] > start)])
 
+    def own_evicted(self, evicted: Sequence[int],
+                    logged: Sequence[tuple[str, Sequence[int]]]) -> None:
+        """Apply this process's own eviction: as its own deletes when the store said where
+        it logged them (an entry written again since, by this process or by another whose
+        write this replica has read, stays: removing it unconditionally dropped a newer
+        write from this replica for good), else as it was (a store that does not say)."""
+        if logged:
+            self.own_deletes(logged)
+        else:
+            self.remove(evicted)
+
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""
         if len(self.own_positions) > _OWN_POSITIONS_MAX:

@@ -1309,13 +1309,14 @@ class SemanticCache(_Base):
         c.stats.add("sets", len(recs))
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
+            logged: list[tuple[str, list[int]]] = []
             try:
-                evicted, _ = self.store.evict(c.max_entries, now)
+                evicted, _ = self.store.evict(c.max_entries, now, logged)
             except StoreError as exc:
                 c.failed("eviction", exc)
             else:
                 with self._lock:
-                    c.remove(evicted)
+                    c.own_evicted(evicted, logged)
                 c.stats.add("evictions", len(evicted))
         return keys
 
@@ -2311,12 +2312,14 @@ class AsyncSemanticCache(_Base):
         self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
+            logged: list[tuple[str, list[int]]] = []
             try:
-                evicted, _ = await self.store.evict(c.max_entries, now)
+                evicted, _ = await self.store.evict(c.max_entries, now, logged)
             except StoreError as exc:
                 c.failed("eviction", exc)
             else:
-                c.remove(evicted)
+                async with self._lock:
+                    c.own_evicted(evicted, logged)
                 c.stats.add("evictions", len(evicted))
         return keys
 

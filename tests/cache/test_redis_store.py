@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 
@@ -167,6 +168,48 @@ def test_expired_bookkeeping_that_names_no_entry_is_dropped_not_looped_on(
         run(lambda: asyncio.run(main()))
     assert r.zscore(k["exp"], "garbage!") is None and r.zscore(k["lru"], "garbage!") is None
     assert r.zcard(k["lru"]) == 2
+
+
+def test_an_eviction_keeps_a_newer_write_another_thread_read_meanwhile(
+    valkey_server: EmbeddedServer, ns: str, clock: FakeClock
+) -> None:
+    """From a review: between the store's eviction and its local apply, another thread of
+    the evicting process read the log: a newer write of the victim by another process. The
+    local apply removed it all the same, for good (its semantic tier never answered it
+    again). Evictions are now applied as own deletes, ahead of the log, skipped past it."""
+    url = valkey_server.url
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((4, 64)).astype(np.float32)
+    b = SemanticCache(HashEmbedder(64), store=url, namespace=ns, clock=clock)
+    hooked: list[Any] = []
+
+    class Meanwhile(RedisStore):
+        def evict(self, max_entries: Any, now: float, *logged: Any) -> Any:
+            out = super().evict(max_entries, now, *logged)
+            if not hooked:  # the victim written again by b; a's other thread reads the log
+                hooked.append(out)
+                clock.advance(0.1)
+                b.set("prompt 0", "v0-new", embedding=vecs[0])
+                a.sync()
+            return out
+
+    a = SemanticCache(HashEmbedder(64), store=Meanwhile(redis.Redis.from_url(url), namespace=ns),
+                      namespace=ns,
+                      clock=clock, max_entries=3)
+    for i in range(3):
+        clock.advance(1)
+        a.set(f"prompt {i}", f"v{i}", embedding=vecs[i])
+    clock.advance(1)
+    a.set("prompt 3", "v3", embedding=vecs[3])  # over the cap: prompt 0 is evicted
+    assert hooked and len(hooked[0][0]) == 1
+    for c in (a, b):
+        c.sync()
+        hit = c.get("a paraphrase", embedding=vecs[0])
+        assert hit is not None and hit.response == "v0-new"
+    stored = len(list(redis.Redis.from_url(url).scan_iter(f"hc:{{{ns}}}:e:*")))
+    assert len(a) == len(b) == stored == 4  # (b, with no max_entries, went over a's cap)
+    a.close()
+    b.close()
 
 
 class _Timed(RedisStore):

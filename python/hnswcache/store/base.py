@@ -536,9 +536,12 @@ class Store(Protocol):
         already read from the log (a later write by another process stays)."""
         ...
 
-    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+    def evict(self, max_entries: int | None, now: float,
+              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
         """Drop expired bookkeeping, then least-recently-used entries beyond
-        ``max_entries``; ``(evicted ids, expired entries removed)``."""
+        ``max_entries``; ``(evicted ids, expired entries removed)``. With ``logged``, appends
+        ``(log position, ids)`` of each ``del`` event of the eviction (the caller applies it
+        to its replica as its own deletes, ahead of the log)."""
         ...
 
     def clear(self, scope_id: str | None) -> Cleared:
@@ -593,7 +596,9 @@ class AsyncStore(Protocol):
 
     async def delete(self, ids: Sequence[int]) -> int: ...
 
-    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]: ...
+    async def evict(self, max_entries: int | None, now: float,
+                    logged: list[tuple[str, list[int]]] | None = None
+                    ) -> tuple[list[int], int]: ...
 
     async def clear(self, scope_id: str | None) -> Cleared: ...
 

@@ -167,7 +167,8 @@ class MemoryStore:
                     n += 1
             return Cleared(n, self._append([LogEvent("del", i) for i in ids]))
 
-    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+    def evict(self, max_entries: int | None, now: float,
+              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
         with self._lock:
             removed = self._drop_expired(now)
             evicted: list[int] = []
@@ -175,7 +176,9 @@ class MemoryStore:
                 while len(self._entries) > max_entries:
                     eid, _ = self._entries.popitem(last=False)
                     evicted.append(eid)
-                self._append([LogEvent("del", i) for i in evicted])
+                positions = self._append([LogEvent("del", i) for i in evicted])
+                if logged is not None:
+                    logged.extend((pos, [i]) for pos, i in zip(positions, evicted))
             return evicted, removed
 
     def clear(self, scope_id: str | None) -> Cleared:
@@ -262,8 +265,10 @@ class AsyncMemoryStore:
     async def delete_logged(self, ids: Sequence[int]) -> Cleared:
         return self.sync.delete_logged(ids)
 
-    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
-        return self.sync.evict(max_entries, now)
+    async def evict(self, max_entries: int | None, now: float,
+                    logged: list[tuple[str, list[int]]] | None = None
+                    ) -> tuple[list[int], int]:
+        return self.sync.evict(max_entries, now, logged)
 
     async def clear(self, scope_id: str | None) -> Cleared:
         return self.sync.clear(scope_id)

@@ -782,6 +782,18 @@ class _Layout:
             pipe.zrem(self.k_lru, *members)
         return ids
 
+    def parse_evict(self, ids: Sequence[int], results: Sequence[Any],
+                    logged: list[tuple[str, list[int]]] | None) -> list[int]:
+        """The ids a queue_evict deleted; appends its del events ``(position, ids)`` to
+        ``logged`` (the XADD replies, just before the last ZREM)."""
+        gone = [i for i, ok in zip(ids, self.parse_delete(len(ids), results)) if ok]
+        if logged is not None and ids:
+            n_events = -(-len(ids) // _IDS_PER_EVENT)
+            for s, pos in enumerate(results[-1 - n_events:-1]):
+                logged.append((_id_text(pos),
+                               list(ids[s * _IDS_PER_EVENT:(s + 1) * _IDS_PER_EVENT])))
+        return gone
+
     def queue_drop_expired(self, pipe: Any, members: Sequence[Any]) -> None:
         if members:
             pipe.zrem(self.k_exp, *members)
@@ -1019,7 +1031,8 @@ class RedisStore(_Layout):
         res = self._run(True, lambda p: self.queue_delete(p, ids))
         return self.parse_delete_logged(len(ids), res)
 
-    def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+    def evict(self, max_entries: int | None, now: float,
+              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
         gone = 0
         while True:
             first = self._run(False, lambda p: self.queue_expired(p, now), raise_on_error=True)[0]
@@ -1029,10 +1042,11 @@ class RedisStore(_Layout):
             gone += done
             if len(first) < _EXPIRED_BATCH or done == 0:
                 break
-        evicted = [] if max_entries is None else self._evict_lru(max_entries)
+        evicted = [] if max_entries is None else self._evict_lru(max_entries, logged)
         return evicted, gone
 
-    def _evict_lru(self, max_entries: int) -> list[int]:
+    def _evict_lru(self, max_entries: int,
+                   logged: list[tuple[str, list[int]]] | None = None) -> list[int]:
         """Delete the least recently used entries past ``max_entries``: chosen by a read,
         deleted in a MULTI/EXEC under WATCH of their keys (see ``victim_keys``). Before
         2026-12-05 a ZPOPMIN took them apart from the delete: an entry written again in
@@ -1062,7 +1076,7 @@ class RedisStore(_Layout):
                         pipe.multi()
                         ids = self.queue_evict(pipe, first)
                         res = pipe.execute(raise_on_error=False)
-                        return [i for i, ok in zip(ids, self.parse_delete(len(ids), res)) if ok]
+                        return self.parse_evict(ids, res, logged)
                     except self._watch_error:
                         continue
         except self._errors as exc:
@@ -1516,7 +1530,9 @@ class AsyncRedisStore(_Layout):
         res = await self._run(True, lambda p: self.queue_delete(p, ids))
         return self.parse_delete_logged(len(ids), res)
 
-    async def evict(self, max_entries: int | None, now: float) -> tuple[list[int], int]:
+    async def evict(self, max_entries: int | None, now: float,
+                    logged: list[tuple[str, list[int]]] | None = None
+                    ) -> tuple[list[int], int]:
         gone = 0
         while True:
             first = (await self._run(False, lambda p: self.queue_expired(p, now),
@@ -1527,10 +1543,11 @@ class AsyncRedisStore(_Layout):
             gone += done
             if len(first) < _EXPIRED_BATCH or done == 0:
                 break
-        evicted = [] if max_entries is None else await self._evict_lru(max_entries)
+        evicted = [] if max_entries is None else await self._evict_lru(max_entries, logged)
         return evicted, gone
 
-    async def _evict_lru(self, max_entries: int) -> list[int]:
+    async def _evict_lru(self, max_entries: int,
+                         logged: list[tuple[str, list[int]]] | None = None) -> list[int]:
         # As RedisStore._evict_lru.
         try:
             if self._cluster:
@@ -1556,7 +1573,7 @@ class AsyncRedisStore(_Layout):
                         pipe.multi()
                         ids = self.queue_evict(pipe, first)
                         res = await pipe.execute(raise_on_error=False)
-                        return [i for i, ok in zip(ids, self.parse_delete(len(ids), res)) if ok]
+                        return self.parse_evict(ids, res, logged)
                     except self._watch_error:
                         continue
         except self._errors as exc:
