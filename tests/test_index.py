@@ -908,6 +908,11 @@ def _i8(scale: float, *codes: int) -> bytes:
         ("cosine", "int8", _i8(3 / 127, 127, 0, 0, 0), "8-bit code of a unit vector"),
         ("cosine", "int8", _i8(1 / 127, 127, 127, 0, 0), "8-bit code of a unit vector"),
         ("cosine", "int8", _i8(0.0, 127, 0, 0, 0), "zero vector"),
+        # small codes under a large scale: inside the rounding bounds, but no row add()
+        # stores has a largest code other than 127 (this one: squared norm 4, distance -1,
+        # ahead of exact matches; found by fuzzing the loader)
+        ("cosine", "int8", _i8(1.0, 1, 1, 1, 1), "largest code is not 127"),
+        ("cosine", "int8", _i8(0.5, 1, 1, 1, 0), "largest code is not 127"),
     ],
 )
 def test_a_file_is_refused_for_a_row_that_add_refuses(metric, dtype, raw, match):

@@ -314,19 +314,27 @@ const char* index_t::i8_row_problem(float scale, const std::int8_t* code, float&
     // row whose small values sit just above half a step: norm2 ~2.5 in 65536 dimensions).
     // On those real rows the bounds were at most 0.9964 and at least 1.0009.
     double lo = 0, hi = 0;
+    int largest = 0;
     for (std::size_t i = 0; i < dim_; ++i) {
-        const double a = std::abs(static_cast<int>(code[i]));
+        const int c = std::abs(static_cast<int>(code[i]));
+        const double a = c;
+        largest = std::max(largest, c);
         lo += std::max(a - 0.5, 0.0) * std::max(a - 0.5, 0.0);
         hi += std::min(a + 0.5, 127.0) * std::min(a + 0.5, 127.0);
     }
+    if (largest == 0 || scale == 0) return "is a zero vector, which has no cosine direction";
+    // The scale is max|x_i| / 127, so the largest code is 127 in every row quantize_i8
+    // writes. Small codes under a large scale passed the bounds below (codes 1, 1, 1, 1 at
+    // scale 1: squared norm 4, a cosine distance of -1 that outranked exact matches; found by
+    // fuzzing the loader).
+    if (largest != 127)
+        return "is not the 8-bit code of a unit vector (its largest code is not 127)";
     const double s2 = static_cast<double>(scale) * scale;
     lo *= s2;
     hi *= s2;
     constexpr double slack = 1e-3;  // float rounding of the normalisation and the quantisation
     if (!(lo <= 1.0 + slack && hi >= 1.0 - slack))
-        return hi == 0 ? "is a zero vector, which has no cosine direction"
-                       : "is not the 8-bit code of a unit vector (cosine rows are normalised "
-                         "on insert)";
+        return "is not the 8-bit code of a unit vector (cosine rows are normalised on insert)";
     return nullptr;
 }
 
