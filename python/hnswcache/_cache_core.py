@@ -892,11 +892,10 @@ class CacheCore:
         msg = f"{key}:{version}:{float(similarity)!r}".encode()
         return hashlib.blake2b(msg, key=self.ref_secret, digest_size=16).hexdigest()
 
-    def expired_seen(self, rec: Record | tuple[int, str]) -> None:
-        """Count an expired entry a lookup found (its record, or its id and version): each
-        written version once (lookups of it until the store drops it would count it again
-        and again)."""
-        key = (rec.id, rec.version) if isinstance(rec, Record) else rec
+    def expired_seen(self, eid: int, version: str) -> None:
+        """Count an expired entry a lookup found: each written version once (lookups of it
+        until the store drops it would count it again and again)."""
+        key = (eid, version)
         if key in self._expired:
             return
         if len(self._expired) >= _EXPIRED_SEEN_MAX:
@@ -914,7 +913,7 @@ class CacheCore:
             return
         idx = self.indexes.get(sid)
         if idx is not None and eid not in idx:
-            self.expired_seen((eid, w[1]))
+            self.expired_seen(eid, w[1])
 
     def exact_record(self, f: Fetched, sid: str, norm: str, now: float,
                      max_age: float = math.inf) -> Record | None:
@@ -932,7 +931,7 @@ class CacheCore:
         if f is None:
             return None
         if not isinstance(f, Invalid) and f.expired(now):
-            self.expired_seen(f)
+            self.expired_seen(f.id, f.version)
         rec = self.exact_record(f, sid, norm, now)
         if rec is None:
             return None

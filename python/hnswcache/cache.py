@@ -1309,7 +1309,7 @@ class SemanticCache(_Base):
         c.stats.add("sets", len(recs))
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
-            logged: list[tuple[str, list[int]]] = []
+            logged: list[tuple[str, Sequence[int]]] = []
             try:
                 evicted, _ = self.store.evict(c.max_entries, now, logged)
             except StoreError as exc:
@@ -1647,9 +1647,11 @@ class SemanticCache(_Base):
                 self.store.refresh(refs, c.now())
             except StoreError as exc:
                 log.warning("hnswcache: sliding-TTL refreshes lost on close: %s", exc)
-        touch = c.take_touches()  # hits not yet sent (they ride on the next store call,
-        if touch and c.position is not None:  # and a short-lived cache made none: its
-            try:  # entries' LRU places were as if never hit)
+        # Hits not yet sent to the LRU: they ride on the next store call, and a short-lived
+        # cache makes none (its entries' LRU places were as if never hit).
+        touch = c.take_touches()
+        if touch and c.position is not None:
+            try:
                 self.store.read([], log_after=None, touch=touch, now=c.now())
             except StoreError as exc:
                 log.warning("hnswcache: %d LRU touches lost on close: %s", len(touch), exc)
@@ -2312,7 +2314,7 @@ class AsyncSemanticCache(_Base):
         self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
-            logged: list[tuple[str, list[int]]] = []
+            logged: list[tuple[str, Sequence[int]]] = []
             try:
                 evicted, _ = await self.store.evict(c.max_entries, now, logged)
             except StoreError as exc:

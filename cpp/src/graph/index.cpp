@@ -788,17 +788,15 @@ void index_t::maybe_auto_consolidate(std::int64_t now, std::size_t incoming,
         free_count = free_slots_.size();
     }
     if (allocated == 0) return;
-    // Counting expired slots is a scan of the expiry array; do it only every ~1% of inserts,
-    // or when this batch would need fresh slots beyond the free list.
+    // Counting expired slots is a scan of the expiry array: done every ~1% of inserts, a
+    // batch that would grow the index past its free slots counting as the rows it brings
+    // (checking before every single-row add that grew read all the expiries each time, 3x
+    // the cost of an add at 40k rows), or at once after a search found the graph mostly dead.
     const bool must_grow = incoming > free_count;
     const std::size_t since = inserts_since_check_.load(std::memory_order_relaxed);
-    // (A batch that would grow the index past its free slots counts as the inserts it
-    // brings: checking before every single-row add that grows read all the slots' expiries
-    // each time, 3x the cost of an add at 40k rows. A search that found the graph mostly
-    // dead asks for the check at once.)
+    const std::size_t every = std::max<std::size_t>(64, allocated / 100);
     const bool sparse = sparse_seen_.exchange(false, std::memory_order_relaxed);
-    if (!sparse && since + (must_grow ? incoming : 0) < std::max<std::size_t>(64, allocated / 100))
-        return;
+    if (!sparse && since + (must_grow ? incoming : 0) < every) return;
     inserts_since_check_.store(0, std::memory_order_relaxed);
     std::size_t dead;
     {

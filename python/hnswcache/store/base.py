@@ -537,7 +537,7 @@ class Store(Protocol):
         ...
 
     def evict(self, max_entries: int | None, now: float,
-              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
+              logged: list[tuple[str, Sequence[int]]] | None = None) -> tuple[list[int], int]:
         """Drop expired bookkeeping, then least-recently-used entries beyond
         ``max_entries``; ``(evicted ids, expired entries removed)``. With ``logged``, appends
         ``(log position, ids)`` of each ``del`` event of the eviction (the caller applies it
@@ -597,7 +597,7 @@ class AsyncStore(Protocol):
     async def delete(self, ids: Sequence[int]) -> int: ...
 
     async def evict(self, max_entries: int | None, now: float,
-                    logged: list[tuple[str, list[int]]] | None = None
+                    logged: list[tuple[str, Sequence[int]]] | None = None
                     ) -> tuple[list[int], int]: ...
 
     async def clear(self, scope_id: str | None) -> Cleared: ...

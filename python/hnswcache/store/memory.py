@@ -168,7 +168,7 @@ class MemoryStore:
             return Cleared(n, self._append([LogEvent("del", i) for i in ids]))
 
     def evict(self, max_entries: int | None, now: float,
-              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
+              logged: list[tuple[str, Sequence[int]]] | None = None) -> tuple[list[int], int]:
         with self._lock:
             removed = self._drop_expired(now)
             evicted: list[int] = []
@@ -178,7 +178,7 @@ class MemoryStore:
                     evicted.append(eid)
                 positions = self._append([LogEvent("del", i) for i in evicted])
                 if logged is not None:
-                    logged.extend((pos, [i]) for pos, i in zip(positions, evicted))
+                    logged.extend((pos, (i,)) for pos, i in zip(positions, evicted))
             return evicted, removed
 
     def clear(self, scope_id: str | None) -> Cleared:
@@ -266,7 +266,7 @@ class AsyncMemoryStore:
         return self.sync.delete_logged(ids)
 
     async def evict(self, max_entries: int | None, now: float,
-                    logged: list[tuple[str, list[int]]] | None = None
+                    logged: list[tuple[str, Sequence[int]]] | None = None
                     ) -> tuple[list[int], int]:
         return self.sync.evict(max_entries, now, logged)
 

@@ -122,6 +122,15 @@ def _stream_id(value: Any) -> tuple[int, int] | None:
         return None
 
 
+
+def _del_events(ids: Sequence[int], positions: Sequence[Any]
+                ) -> list[tuple[str, tuple[int, ...]]]:
+    """``(log position, ids)`` of each ``del`` event ``queue_log`` wrote for ``ids``, from the
+    replies of its XADDs (``_IDS_PER_EVENT`` ids an event, in order)."""
+    return [(_id_text(pos), tuple(ids[s * _IDS_PER_EVENT:(s + 1) * _IDS_PER_EVENT]))
+            for s, pos in enumerate(positions)]
+
+
 def _id_text(value: Any) -> str:
     # "replace": a key name is the server's data (garbage included); a non-ASCII one must
     # come out as a bad id, not as an exception.
@@ -738,8 +747,7 @@ class _Layout:
         """Each del event of a :meth:`queue_drop` of ``keys``: its position and its ids."""
         ids = [i for i in (parse_id(_id_text(k)[len(self.k_entry):]) for k in keys)
                if i is not None]
-        return [(_id_text(pos), tuple(ids[s * _IDS_PER_EVENT:(s + 1) * _IDS_PER_EVENT]))
-                for s, pos in enumerate(results[3:])]
+        return _del_events(ids, results[3:])
 
     # ------------------------------------------------------------- expired bookkeeping
     # An expired entry leaves its id in ``exp`` and ``lru`` (the server drops the key). They
@@ -783,15 +791,13 @@ class _Layout:
         return ids
 
     def parse_evict(self, ids: Sequence[int], results: Sequence[Any],
-                    logged: list[tuple[str, list[int]]] | None) -> list[int]:
+                    logged: list[tuple[str, Sequence[int]]] | None) -> list[int]:
         """The ids a queue_evict deleted; appends its del events ``(position, ids)`` to
         ``logged`` (the XADD replies, just before the last ZREM)."""
         gone = [i for i, ok in zip(ids, self.parse_delete(len(ids), results)) if ok]
         if logged is not None and ids:
             n_events = -(-len(ids) // _IDS_PER_EVENT)
-            for s, pos in enumerate(results[-1 - n_events:-1]):
-                logged.append((_id_text(pos),
-                               list(ids[s * _IDS_PER_EVENT:(s + 1) * _IDS_PER_EVENT])))
+            logged.extend(_del_events(ids, results[-1 - n_events:-1]))
         return gone
 
     def queue_drop_expired(self, pipe: Any, members: Sequence[Any]) -> None:
@@ -1032,7 +1038,7 @@ class RedisStore(_Layout):
         return self.parse_delete_logged(len(ids), res)
 
     def evict(self, max_entries: int | None, now: float,
-              logged: list[tuple[str, list[int]]] | None = None) -> tuple[list[int], int]:
+              logged: list[tuple[str, Sequence[int]]] | None = None) -> tuple[list[int], int]:
         gone = 0
         while True:
             first = self._run(False, lambda p: self.queue_expired(p, now), raise_on_error=True)[0]
@@ -1046,7 +1052,7 @@ class RedisStore(_Layout):
         return evicted, gone
 
     def _evict_lru(self, max_entries: int,
-                   logged: list[tuple[str, list[int]]] | None = None) -> list[int]:
+                   logged: list[tuple[str, Sequence[int]]] | None = None) -> list[int]:
         """Delete the least recently used entries past ``max_entries``: chosen by a read,
         deleted in a MULTI/EXEC under WATCH of their keys (see ``victim_keys``). Before
         2026-12-05 a ZPOPMIN took them apart from the delete: an entry written again in
@@ -1183,7 +1189,7 @@ class RedisStore(_Layout):
     def ref_secret(self) -> bytes:
         """The namespace's key for ref() tags: made once by the first process that asks
         (``HSETNX``), then the same for every process on the store."""
-        res = self._run(True, lambda p: self.queue_ref_secret(p), raise_on_error=True)
+        res = self._run(True, self.queue_ref_secret, raise_on_error=True)
         return self.parse_ref_secret(res[-1])
 
     def lease(self, eid: int, token: str, seconds: float) -> bool:
@@ -1531,7 +1537,7 @@ class AsyncRedisStore(_Layout):
         return self.parse_delete_logged(len(ids), res)
 
     async def evict(self, max_entries: int | None, now: float,
-                    logged: list[tuple[str, list[int]]] | None = None
+                    logged: list[tuple[str, Sequence[int]]] | None = None
                     ) -> tuple[list[int], int]:
         gone = 0
         while True:
@@ -1547,7 +1553,7 @@ class AsyncRedisStore(_Layout):
         return evicted, gone
 
     async def _evict_lru(self, max_entries: int,
-                         logged: list[tuple[str, list[int]]] | None = None) -> list[int]:
+                         logged: list[tuple[str, Sequence[int]]] | None = None) -> list[int]:
         # As RedisStore._evict_lru.
         try:
             if self._cluster:
@@ -1674,7 +1680,7 @@ class AsyncRedisStore(_Layout):
 
     async def ref_secret(self) -> bytes:
         """See :meth:`RedisStore.ref_secret`."""
-        res = await self._run(True, lambda p: self.queue_ref_secret(p), raise_on_error=True)
+        res = await self._run(True, self.queue_ref_secret, raise_on_error=True)
         return self.parse_ref_secret(res[-1])
 
     async def lease(self, eid: int, token: str, seconds: float) -> bool:
