@@ -436,6 +436,31 @@ def test_an_exit_while_daemon_threads_are_inside_the_index_does_not_abort():
         assert out.returncode == 0, out.stderr.decode(errors="replace")
 
 
+def test_an_exit_while_daemon_threads_check_labels_does_not_abort():
+    """The duplicate check of ``add``'s labels runs in NumPy with the GIL released. NumPy's
+    hash-based ``np.unique`` (>= 2.3) takes it back in a C++ frame, where Python 3.11-3.13's
+    end of a daemon thread at exit aborts the process (found in a core dump of the test
+    above, which aborted once in ~70 exits). A long finalisation (a million small objects
+    to free) gives the threads time to come back from NumPy while the interpreter exits."""
+    code = (
+        "import threading, time, numpy as np, hnswcache\n"
+        "i = hnswcache.Index(2, metric='l2')\n"
+        "x = np.zeros((20000, 2), np.float32)\n"
+        "lab = np.arange(20000); lab[-1] = 0\n"
+        "def spin():\n"
+        "    while True:\n"
+        "        try: i.add(x, labels=lab)\n"
+        "        except ValueError: pass\n"
+        "junk = [{'k': [j]} for j in range(1_000_000)]\n"
+        "for _ in range(2):\n"
+        "    threading.Thread(target=spin, daemon=True).start()\n"
+        "time.sleep(0.1)\n"
+    )
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr.decode(errors="replace")
+
+
 def test_float16_storage_keeps_recall_and_halves_the_vectors(sgd, tmp_path):
     if sgd is None:
         x, q = clustered(20_000, 384, seed=30), clustered(200, 384, seed=31)

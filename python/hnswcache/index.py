@@ -158,6 +158,20 @@ def _as_labels(labels: Any, what: str = "labels") -> npt.NDArray[np.int64]:
     return out
 
 
+def _has_duplicates(labels: npt.NDArray[np.int64]) -> bool:
+    """Whether a 1-D integer array repeats a value.
+
+    Sorted neighbours, not ``np.unique``: NumPy >= 2.3 takes the GIL back inside a C++
+    frame of its hash-based unique, and on Python <= 3.13 a daemon thread that does so
+    while the interpreter exits is ended by a forced unwind that aborts the process there
+    ("terminate called without an active exception"). Sorting takes the GIL back in C.
+    """
+    if labels.shape[0] < 2:
+        return False
+    s = np.sort(labels)
+    return bool((s[1:] == s[:-1]).any())
+
+
 class Index:
     """A layered HNSW graph whose entries can expire.
 
@@ -313,7 +327,7 @@ class Index:
             lab = _as_labels(labels)
             if lab.shape[0] != n:
                 raise ValueError(f"got {n} vectors but {lab.shape[0]} labels")
-            if n > 1 and np.unique(lab).shape[0] != n:
+            if _has_duplicates(lab):
                 raise ValueError("duplicate labels in one batch")
         now_ns = self._now_ns()
         exp = self._expiry_ns(n, ttl, expires_at, now_ns)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..index import Clock, Index
+from ..index import Clock, Index, _has_duplicates
 
 try:
     from gptcache.manager.vector_data.base import VectorBase, VectorData
@@ -118,7 +118,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
             return
         x = self._vectors([d.data for d in datas])
         ids = self._ids(d.id for d in datas)
-        if ids.shape[0] > 1 and np.unique(ids).shape[0] != ids.shape[0]:
+        if _has_duplicates(ids):
             keep = {int(i): n for n, i in enumerate(ids)}  # the last vector of an id wins
             rows = np.fromiter(keep.values(), dtype=np.intp, count=len(keep))
             x, ids = x[rows], ids[rows]
