@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -363,3 +365,95 @@ def test_delete_and_touch_count_the_distinct_live_entries_they_changed(clock):
     idx.consolidate()
     assert idx.delete([2]) == 0
     assert idx.delete([5, 6, 99]) == 2 and len(idx) == 5
+
+
+def test_inserts_go_on_while_consolidation_computes_its_repairs(sgd):
+    """A pass holds inserts back only while it counts the dead and publishes its repairs;
+    the links inserts make meanwhile survive the publication, and nothing links to a freed
+    slot (until the eighth session of 2026-12-05 inserts waited for the whole pass)."""
+    x = sgd[0][:24_000] if sgd is not None else clustered(24_000, 384, seed=40)
+    n = 20_000
+    idx = Index(x.shape[1], dtype="int8", auto_consolidate=None)
+    idx.add(x[:n], np.arange(n))
+    gone = np.random.default_rng(41).choice(n, n // 10, replace=False)
+    idx.delete(gone)
+    report: dict = {}
+    t = threading.Thread(target=lambda: report.update(idx.consolidate(num_threads=1)))
+    t.start()
+    k = n
+    while t.is_alive() and k < len(x):
+        idx.add(x[k : k + 1], [k])
+        k += 1
+    t.join()
+    during = k - n
+    # (Before: the ~20 inserts made before the pass took its lock, then none.)
+    assert during >= 200, f"only {during} inserts ran during the pass"
+    assert report["removed"] == n // 10 and report["merged"] > 0
+    assert report["inserts_blocked_seconds"] < 0.5 * report["seconds"]
+    check = idx.check_integrity()
+    assert check["unreachable_live"] == 0 and check["dead"] == 0
+    live = np.setdiff1d(np.arange(k), gone)
+    assert check["live"] == len(live) and len(idx) == len(live)
+    # Every live entry, old or inserted during the pass, is found as its own nearest.
+    q = np.concatenate([live[:: max(1, len(live) // 1500)], np.arange(n, k)])
+    found, _ = idx.search(x[q], k=1, ef=64)
+    assert (found[:, 0] == q).mean() >= 0.99
+    assert not np.isin(idx.search(x[gone[:500]], k=10)[0], gone).any()
+    # The new entries' slots came from the free list or the end: a later pass keeps them.
+    idx.delete(np.arange(n, k))
+    assert idx.consolidate()["removed"] == during
+    assert idx.check_integrity()["unreachable_live"] == 0
+
+
+def test_background_consolidation_runs_the_pass_outside_the_add(clock):
+    """With background_consolidation the add that finds the dead share past the threshold
+    hands the pass to a thread (the clock says which thread asked for the time), and the
+    slots are reclaimed once it is done."""
+    askers: set[str] = set()
+
+    def timed() -> float:
+        askers.add(threading.current_thread().name)
+        return clock()
+
+    x = clustered(6000, 16, seed=42)
+    idx = Index(16, clock=timed, auto_consolidate=0.2, background_consolidation=True)
+    assert idx.background_consolidation
+    idx.add(x[:3000], np.arange(3000), ttl=1.0)
+    clock.advance(2)  # all of them expired
+    idx.add(x[3000:6000], np.arange(3000, 6000))  # grows past the free slots: counts the dead
+    assert idx.wait_for_consolidation(timeout=60)
+    assert "hnswcache-consolidate" in askers
+    s = idx.stats()
+    assert s["live"] == 3000 and s["dead"] == 0 and s["free"] == 3000
+    assert idx.check_integrity()["unreachable_live"] == 0
+    found, _ = idx.search(x[3000:6000:10], k=1)
+    assert (found[:, 0] == np.arange(3000, 6000, 10)).mean() >= 0.99
+    off = Index(16, clock=clock, auto_consolidate=0.2)
+    assert not off.background_consolidation
+    with pytest.raises(TypeError):
+        off.background_consolidation = 1  # type: ignore[assignment]
+
+
+def test_a_fork_during_a_background_pass_leaves_the_child_an_index_it_can_write():
+    """The fork waits for a background pass under way: the child does not inherit native
+    locks held by a thread it does not have (its first insert or pass would wait for ever)."""
+    code = (
+        "import os, sys, numpy as np, hnswcache\n"
+        "t = [0.0]\n"
+        "x = np.random.default_rng(0).standard_normal((30000, 32)).astype(np.float32)\n"
+        "i = hnswcache.Index(32, clock=lambda: t[0], auto_consolidate=0.1,\n"
+        "                    background_consolidation=True)\n"
+        "i.add(x[:20000], np.arange(20000), ttl=1.0)\n"
+        "t[0] = 2.0\n"
+        "i.add(x[20000:30000], np.arange(20000, 30000))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    i.add(x[:100], np.arange(100))\n"
+        "    i.consolidate()\n"
+        "    ok = len(i) == 10100 and i.check_integrity()['unreachable_live'] == 0\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")

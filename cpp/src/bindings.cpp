@@ -72,6 +72,9 @@ py::dict consolidate_dict(const hnswcache::consolidate_report_t& r) {
     d["reconnected"] = r.reconnected;
     d["seconds"] = r.seconds;
     d["blocked_seconds"] = r.blocked_seconds;
+    d["inserts_blocked_seconds"] = r.inserts_blocked_seconds;
+    d["merged"] = r.merged;
+    d["pruned"] = r.pruned;
     return d;
 }
 
@@ -440,6 +443,9 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("alpha", &index_t::alpha)
         .def_property("ef_search", &index_t::ef_search, &index_t::set_ef_search)
         .def_property("auto_consolidate", &index_t::auto_consolidate, &index_t::set_auto_consolidate)
+        .def_property("defer_consolidation", &index_t::defer_consolidation,
+                      &index_t::set_defer_consolidation)
+        .def("take_consolidation_due", &index_t::take_consolidation_due)
         .def_property("search_starts", &index_t::search_starts, &index_t::set_search_starts)
         .def_property_readonly("isa", [](const index_t& s) { return std::string(s.isa()); });
 }

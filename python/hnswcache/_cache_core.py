@@ -476,6 +476,8 @@ class CacheCore:
                                 ef_search=p["ef_search"], dtype=self.dtype,
                                 alpha=p["alpha"])
                     idx.search_starts = self.search_starts
+                    # A lookup or a write must not wait for the removal of the dead.
+                    idx.background_consolidation = True
                     self.indexes[sid] = idx
         return idx
 

@@ -7,9 +7,12 @@ float32 rows, int64 labels, absolute expiry times in integer nanoseconds) and ba
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Index", "NEVER"]
 
@@ -190,6 +195,8 @@ class Index:
             reads it once, so a test can control time exactly.
         auto_consolidate: when the fraction of dead (expired or deleted) slots passes this
             value, ``add`` removes them first; ``None`` turns it off.
+        background_consolidation: the automatic pass runs in a thread of its own instead
+            of inside the ``add`` that finds it due (see :attr:`background_consolidation`).
         dtype: how vectors are stored. ``"float32"`` is exact: the graph walk reads the high
             16 bits of each value (bfloat16) and the final candidates are re-ranked with the
             full float32, so results, distances and ``get()`` are exact. ``"float16"`` halves
@@ -224,6 +231,7 @@ class Index:
         auto_consolidate: float | None = 0.10,
         dtype: str = "float32",
         alpha: float | None = None,
+        background_consolidation: bool = False,
     ) -> None:
         if metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -252,6 +260,8 @@ class Index:
         )
         self.ef_search = ef_search
         self._native.auto_consolidate = float(auto_consolidate or 0.0)
+        self._init_background()
+        self.background_consolidation = background_consolidation
 
     # ------------------------------------------------------------------ time
     def _now_ns(self, now: float | None = None) -> int:
@@ -333,7 +343,10 @@ class Index:
         exp = self._expiry_ns(n, ttl, expires_at, now_ns)
         # Without labels the core takes them from its counter once the batch is valid: a
         # refused batch consumes none.
-        return self._native.add(x, lab, exp, now_ns, _threads(num_threads))
+        out = self._native.add(x, lab, exp, now_ns, _threads(num_threads))
+        if self._native.take_consolidation_due():
+            self._consolidate_in_background()
+        return out
 
     def delete(self, labels: Any) -> int:
         """Delete entries now; returns how many distinct entries were live (an expired one
@@ -358,11 +371,66 @@ class Index:
         """Physically remove dead entries and repair the graph around them.
 
         Returns ``removed``, ``repaired`` (link lists rewritten), ``distances`` computed,
-        ``reconnected`` (orphans relinked), ``seconds``, and ``blocked_seconds``: the part of
-        it during which searches had to wait. Searches go on while repairs are computed;
-        inserts wait for the whole pass.
+        ``reconnected`` (orphans relinked), ``seconds``, ``blocked_seconds`` (the part of it
+        during which searches had to wait), ``inserts_blocked_seconds`` (the same for
+        inserts), ``merged`` (repaired lists that kept links an insert made meanwhile) and
+        ``pruned`` (lists of entries inserted meanwhile cleared of links to removed ones).
+        Searches and inserts go on while repairs are computed: searches wait only while
+        they are published, inserts also while the dead entries are counted. One pass runs
+        at a time; a second call waits for the first.
         """
         return dict(self._native.consolidate(self._now_ns(now), _threads(num_threads)))
+
+    # ------------------------------------------------------------------ background pass
+    def _init_background(self) -> None:
+        self._bg_lock = threading.Lock()
+        self._bg_thread: threading.Thread | None = None
+
+    @property
+    def background_consolidation(self) -> bool:
+        """Whether the automatic pass (``auto_consolidate``) runs in a daemon thread.
+
+        Off (the default), the ``add`` that finds the dead share past the threshold runs
+        the pass itself and returns after it (1.2 s for 100k int8 rows with 10% dead, two
+        cores). On, that ``add`` returns at once and a thread runs the pass with one core;
+        other adds wait only while the pass counts the dead and publishes its repairs
+        (tens of ms). Memory is then reclaimed a little later: see
+        :meth:`wait_for_consolidation`. Not saved with the index.
+        """
+        return bool(self._native.defer_consolidation)
+
+    @background_consolidation.setter
+    def background_consolidation(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"background_consolidation must be a bool, got {on!r}")
+        self._native.defer_consolidation = on
+
+    def wait_for_consolidation(self, timeout: float | None = None) -> bool:
+        """Wait for a background pass under way; True when none runs any more."""
+        with self._bg_lock:
+            t = self._bg_thread
+        if t is not None:
+            t.join(timeout)
+            return not t.is_alive()
+        return True
+
+    def _consolidate_in_background(self) -> None:
+        with self._bg_lock:
+            if self._bg_thread is not None and self._bg_thread.is_alive():
+                return  # (it counts the dead again when done: due again on a later add)
+            t = threading.Thread(target=self._background_pass, name="hnswcache-consolidate",
+                                 daemon=True)
+            self._bg_thread = t
+            _BACKGROUND.add(self)
+            t.start()
+
+    def _background_pass(self) -> None:
+        try:
+            # One core: the pass is background work, the other cores serve.
+            rep = self._native.consolidate(self._now_ns(), 1)
+            _log.debug("background consolidation: %s", rep)
+        except Exception:  # (a clock that raises, memory): the next due add tries again
+            _log.exception("background consolidation failed")
 
     # ------------------------------------------------------------------ reads
     def search(
@@ -592,11 +660,13 @@ class Index:
         self._clock = clock if clock is not None else time.time
         self._native = native
         self._native.auto_consolidate = float(auto_consolidate or 0.0)
+        self._init_background()
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         state = {"index": self.to_bytes(), "auto_consolidate": self._native.auto_consolidate,
-                 "search_starts": self._native.search_starts}
+                 "search_starts": self._native.search_starts,
+                 "background_consolidation": self.background_consolidation}
         if self._clock is not time.time:
             state["clock"] = self._clock
         return state
@@ -606,6 +676,8 @@ class Index:
         self._native = _core.Index.from_bytes(state["index"])
         self._native.auto_consolidate = float(state["auto_consolidate"])
         self._native.search_starts = int(state.get("search_starts", 2))
+        self._init_background()
+        self.background_consolidation = bool(state.get("background_consolidation", False))
 
     def __repr__(self) -> str:
         return (
@@ -613,3 +685,35 @@ class Index:
             f"ef_construction={self.ef_construction}, dtype={self.dtype!r}, live={len(self)}, "
             f"isa={self.isa!r})"
         )
+
+
+#: Indexes that started a background pass. A child forked while one runs would inherit the
+#: native locks the pass holds (and not its thread): its first insert or pass could wait for
+#: ever. The fork waits for such passes to end, and no new one starts across it.
+_BACKGROUND: weakref.WeakSet[Index] = weakref.WeakSet()
+_BACKGROUND_HELD: list[Index] = []
+
+
+def _before_fork() -> None:
+    for idx in list(_BACKGROUND):
+        idx._bg_lock.acquire()
+        _BACKGROUND_HELD.append(idx)
+        if idx._bg_thread is not None:
+            idx._bg_thread.join()
+
+
+def _after_fork() -> None:
+    while _BACKGROUND_HELD:
+        _BACKGROUND_HELD.pop()._bg_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    while _BACKGROUND_HELD:
+        idx = _BACKGROUND_HELD.pop()
+        idx._bg_thread = None
+        idx._bg_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork_in_child)

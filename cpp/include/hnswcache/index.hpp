@@ -101,6 +101,9 @@ struct consolidate_report_t {
     std::size_t reconnected = 0;  // live nodes made reachable again
     double seconds = 0;
     double blocked_seconds = 0;  // of which searches had to wait (the publish phases)
+    double inserts_blocked_seconds = 0;  // of which inserts had to wait
+    std::size_t merged = 0;  // repaired lists that kept links an insert made meanwhile
+    std::size_t pruned = 0;  // lists of nodes inserted meanwhile cleared of dead links
 };
 
 struct integrity_report_t {
@@ -187,6 +190,12 @@ class index_t {
     void set_search_starts(std::size_t n);
     double auto_consolidate() const { return auto_consolidate_.load(std::memory_order_relaxed); }
     void set_auto_consolidate(double fraction);
+    // Deferred: an add that finds the dead share past auto_consolidate does not run the
+    // pass itself but marks it due; the caller runs consolidate() elsewhere (a thread).
+    bool defer_consolidation() const { return defer_consolidation_.load(); }
+    void set_defer_consolidation(bool on) { defer_consolidation_.store(on); }
+    // Whether a pass is due (deferred mode), and clears the mark.
+    bool take_consolidation_due() { return consolidation_due_.exchange(false); }
     const char* isa() const { return kernels_->name; }
 
    private:
@@ -337,6 +346,7 @@ class index_t {
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};
+    std::atomic<bool> defer_consolidation_{false}, consolidation_due_{false};
     std::atomic<std::size_t> search_starts_{2};
 
     // --- storage
@@ -371,10 +381,15 @@ class index_t {
     mutable std::atomic<bool> sparse_seen_{false};
 
     mutable std::shared_mutex graph_mu_;
-    // Held shared by add() and exclusively by consolidate() and serialize(), so that they can
-    // compute repairs or copy the graph while searches go on (graph_mu_ shared) but no insert
-    // changes a link list.
+    // Held shared by add() and exclusively by serialize() (which copies the graph while
+    // searches go on, graph_mu_ shared, but no insert changes a link list) and by
+    // consolidate() while it takes its dead set and publishes its repairs.
     mutable std::shared_mutex writers_mu_;
+    // Insert batches begun (under writers_mu_): consolidate() sees whether any ran while
+    // it computed its repairs.
+    std::atomic<std::uint64_t> insert_batches_{0};
+    // One consolidation at a time (they no longer hold writers_mu_ throughout).
+    std::mutex consolidate_mu_;
 };
 
 }  // namespace hnswcache

@@ -9,8 +9,9 @@
 // moves to a live node of the top level, and a last pass links back any live node that
 // nothing reaches any more.
 //
-// All new lists are computed (in parallel) before any is written, so every computation reads
-// the graph as it was; the index is held exclusively throughout.
+// All new lists are computed (in parallel) before any is written. Searches and inserts go on
+// meanwhile; both wait only while the lists are published (inserts also while the dead set
+// is taken), and the publication keeps what inserts linked in the meantime.
 #include <algorithm>
 #include <chrono>
 #include <deque>
@@ -30,7 +31,8 @@ namespace {
 struct repair_t {
     slot_t node;
     int level;
-    std::vector<slot_t> links;
+    std::vector<slot_t> links;  // the new list
+    std::vector<slot_t> seen;   // the list it was computed from
 };
 }  // namespace
 
@@ -170,8 +172,16 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
 consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads) {
     const auto t0 = std::chrono::steady_clock::now();
     consolidate_report_t rep;
+    std::lock_guard<std::mutex> one_pass(consolidate_mu_);
+    // Inserts wait only while the dead set is taken (every ready slot is then fully linked)
+    // and while the new lists are published; they go on while the repairs are computed.
     std::unique_lock<std::shared_mutex> no_inserts(writers_mu_);
     std::shared_lock<std::shared_mutex> shared(graph_mu_);
+    auto inserts_blocked_from = t0;
+    const auto inserts_wait = [&] {
+        rep.inserts_blocked_seconds += std::chrono::duration<double>(
+            std::chrono::steady_clock::now() - inserts_blocked_from).count();
+    };
     const slot_t n = n_slots();
     // From here on touch() leaves alone what is dead at `now` (it could revive an entry
     // that this pass then frees: a touch reported done, and lost).
@@ -187,29 +197,37 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
         }
     } touch_guard(*this, now);
 
+    // Slots from n on are inserted after this point and are never in the dead set; a list
+    // read later may name them, hence the bound. dead: 1 dead, 2 live, 0 not in use (a slot
+    // an insert may take from the free list meanwhile).
     std::vector<std::uint8_t> dead(n, 0);
     std::vector<slot_t> dead_ids;
-    for (slot_t id = 0; id < n; ++id)
-        if (state(id) == state_ready && !live(id, now)) {
-            dead[id] = 1;
-            dead_ids.push_back(id);
-        }
+    for (slot_t id = 0; id < n; ++id) {
+        if (state(id) != state_ready) continue;
+        dead[id] = live(id, now) ? 2 : 1;
+        if (dead[id] == 1) dead_ids.push_back(id);
+    }
+    const auto is_dead = [&](slot_t v) { return v < n && dead[v] == 1; };
 
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_, std::defer_lock);
     if (!dead_ids.empty()) {
         // 1. Which (node, level) lists point at a dead node.
         std::vector<repair_t> work;
         for (slot_t u = 0; u < n; ++u) {
-            if (state(u) != state_ready || dead[u]) continue;
+            if (dead[u] != 2) continue;
             for (int l = 0; l <= level(u); ++l) {
                 const std::uint32_t* lk = links(u, l);
                 const std::uint32_t cnt = atomic_load_u32(lk);
                 for (std::uint32_t i = 0; i < cnt; ++i)
-                    if (dead[atomic_load_u32(lk + 1 + i)]) {
-                        work.push_back({u, l, {}});
+                    if (is_dead(atomic_load_u32(lk + 1 + i))) {
+                        work.push_back({u, l, {}, {}});
                         break;
                     }
             }
         }
+        const std::uint64_t batches_before = insert_batches_.load();
+        no_inserts.unlock();
+        inserts_wait();
 
         // 2. Compute every new list from the graph as it is.
         const std::uint64_t ep = entry_.load();
@@ -223,11 +241,18 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
             const std::size_t cap = max_links(r.level);
             std::size_t dcount = 0;
             std::vector<slot_t> keep, extra;
-            const std::uint32_t* lk = links(r.node, r.level);
-            const std::uint32_t cnt = atomic_load_u32(lk);
-            for (std::uint32_t i = 0; i < cnt; ++i) {
-                const slot_t v = atomic_load_u32(lk + 1 + i);
-                if (!dead[v]) {
+            {
+                // The node's own list as one snapshot: inserts may be linking to it.
+                lock_node(r.node);
+                const std::uint32_t* lk = links(r.node, r.level);
+                const std::uint32_t c = atomic_load_u32(lk);
+                r.seen.resize(c);
+                for (std::uint32_t i = 0; i < c; ++i) r.seen[i] = atomic_load_u32(lk + 1 + i);
+                unlock_node(r.node);
+            }
+            const std::size_t cnt = r.seen.size();
+            for (const slot_t v : r.seen) {
+                if (!is_dead(v)) {
                     keep.push_back(v);
                     continue;
                 }
@@ -237,7 +262,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 bool any_live = false;
                 for (std::uint32_t j = 0; j < dc; ++j) {
                     const slot_t x = atomic_load_u32(dl + 1 + j);
-                    if (!dead[x] && x != r.node) {
+                    if (!is_dead(x) && x != r.node) {
                         extra.push_back(x);
                         any_live = true;
                     }
@@ -250,7 +275,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                         const std::uint32_t xc = atomic_load_u32(xl);
                         for (std::uint32_t t = 0; t < xc; ++t) {
                             const slot_t y = atomic_load_u32(xl + 1 + t);
-                            if (!dead[y] && y != r.node) extra.push_back(y);
+                            if (!is_dead(y) && y != r.node) extra.push_back(y);
                         }
                     }
                 }
@@ -300,31 +325,90 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
         });
         rep.distances = distances.load();
 
-        // 3. Publish the new lists: now searches wait, for as long as it takes to write.
+        // 3. Publish: inserts and searches wait, for as long as it takes to write. Inserts
+        // made while the lists were computed may have linked a listed node to a new node
+        // (kept: it may be that node's only way in), and a new node may link to a dead one.
         shared.unlock();
-        std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+        no_inserts.lock();
+        inserts_blocked_from = std::chrono::steady_clock::now();
+        exclusive.lock();
         const auto blocked_from = std::chrono::steady_clock::now();
-        std::lock_guard<std::mutex> alloc_lock(alloc_mu_);
-        for (const repair_t& r : work) write_links(r.node, r.level, r.links.data(), r.links.size());
+        std::unique_lock<std::mutex> alloc_lock(alloc_mu_);
+        // Without an insert in between, the lists are as they were computed from.
+        const bool inserted = insert_batches_.load() != batches_before;
+        std::vector<slot_t> merged;
+        for (const repair_t& r : work) {
+            if (!inserted) {
+                write_links(r.node, r.level, r.links.data(), r.links.size());
+                continue;
+            }
+            const std::uint32_t* lk = links(r.node, r.level);
+            const std::uint32_t c = atomic_load_u32(lk);
+            bool same = c == r.seen.size();
+            for (std::uint32_t i = 0; i < c && same; ++i) same = atomic_load_u32(lk + 1 + i) == r.seen[i];
+            merged.clear();
+            for (std::uint32_t i = 0; i < c && !same; ++i) {
+                const slot_t v = atomic_load_u32(lk + 1 + i);
+                if (!is_dead(v) && std::find(r.seen.begin(), r.seen.end(), v) == r.seen.end())
+                    merged.push_back(v);
+            }
+            if (merged.empty()) {
+                write_links(r.node, r.level, r.links.data(), r.links.size());
+                continue;
+            }
+            ++rep.merged;
+            const std::size_t cap = max_links(r.level);
+            for (slot_t v : r.links) {
+                if (merged.size() >= cap) break;
+                if (std::find(merged.begin(), merged.end(), v) == merged.end()) merged.push_back(v);
+            }
+            write_links(r.node, r.level, merged.data(), merged.size());
+        }
         rep.repaired = work.size();
+        // Lists that name a dead node and were not repaired: those of nodes inserted
+        // meanwhile (a node live then gained only links to new nodes, none dead).
+        const slot_t n_now = n_slots();
+        for (slot_t u = 0; inserted && u < n_now; ++u) {
+            if ((u < n && dead[u] != 0) || state(u) != state_ready) continue;
+            for (int l = 0; l <= level(u); ++l) {
+                const std::uint32_t* lk = links(u, l);
+                const std::uint32_t c = atomic_load_u32(lk);
+                bool any = false;
+                for (std::uint32_t i = 0; i < c && !any; ++i) any = is_dead(atomic_load_u32(lk + 1 + i));
+                if (!any) continue;
+                merged.clear();
+                for (std::uint32_t i = 0; i < c; ++i) {
+                    const slot_t v = atomic_load_u32(lk + 1 + i);
+                    if (!is_dead(v)) merged.push_back(v);
+                }
+                write_links(u, l, merged.data(), merged.size());
+                ++rep.pruned;
+            }
+        }
 
         // 4. Free the dead slots and forget their labels.
+        std::size_t tombstones = 0;
         {
             std::lock_guard<std::mutex> lk(label_mu_);
             for (slot_t id : dead_ids) {
+                if (expiry(id) == deleted_mark) ++tombstones;
                 auto it = label_map_.find(label(id));
                 if (it != label_map_.end() && it->second == id) label_map_.erase(it);
                 free_slot(id);
             }
         }
-        deleted_slots_.store(0, std::memory_order_relaxed);
+        // (Deletes made meanwhile stay counted.)
+        std::size_t was = deleted_slots_.load(std::memory_order_relaxed);
+        while (!deleted_slots_.compare_exchange_weak(was, was - std::min(was, tombstones))) {
+        }
         rep.removed = dead_ids.size();
 
-        // 5. The entry point: a live node of the highest level.
-        if (dead[old_entry]) {
+        // 5. The entry point: a live node of the highest level (inserts may have moved it).
+        const std::uint64_t ep_now = entry_.load();
+        if (ep_now != no_entry && is_dead(static_cast<slot_t>(ep_now & 0xffffffffu))) {
             slot_t best = no_slot;
             int best_level = -1;
-            for (slot_t id = 0; id < n; ++id)
+            for (slot_t id = 0; id < n_now; ++id)
                 if (state(id) == state_ready && level(id) > best_level) {
                     best = id;
                     best_level = level(id);
@@ -333,17 +417,22 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
         }
         rep.blocked_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                              blocked_from).count();
+        alloc_lock.unlock();
+        exclusive.unlock();  // searches go on while the repair lists are freed
     }
 
     // 6. Every live node reachable again from the entry point at level 0.
     if (shared.owns_lock()) shared.unlock();
-    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    if (!exclusive.owns_lock()) exclusive.lock();
     const auto reconnect_from = std::chrono::steady_clock::now();
     std::size_t extra_distances = 0;
     rep.reconnected = reconnect_unreachable(now, extra_distances);
     rep.distances += extra_distances;
     rep.blocked_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                          reconnect_from).count();
+    exclusive.unlock();
+    no_inserts.unlock();
+    inserts_wait();
 #if defined(__GLIBC__)
     // The repair lists were many small allocations, freed now: hand the pages back so the
     // process's memory stays flat over many cycles, not only the index's own accounting.

@@ -755,6 +755,7 @@ void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t*
     maybe_auto_consolidate(now, n, threads);
     {
         std::shared_lock<std::shared_mutex> writer(writers_mu_);
+        insert_batches_.fetch_add(1);
         std::shared_lock<std::shared_mutex> lock(graph_mu_);
         // Keep the running counter ahead of explicit labels, as hnswlib does.
         std::int64_t hi = -1;
@@ -803,7 +804,11 @@ void index_t::maybe_auto_consolidate(std::int64_t now, std::size_t incoming,
         std::shared_lock<std::shared_mutex> lock(graph_mu_);
         dead = dead_count(now);
     }
-    if (static_cast<double>(dead) >= tau * static_cast<double>(allocated)) consolidate(now, threads);
+    if (static_cast<double>(dead) < tau * static_cast<double>(allocated)) return;
+    if (defer_consolidation_.load())
+        consolidation_due_.store(true);
+    else
+        consolidate(now, threads);
 }
 
 std::size_t index_t::dead_count(std::int64_t now) const {
