@@ -311,7 +311,15 @@ async def _to_thread_to_the_end(fn: Callable[..., Any], *args: Any) -> Any:
     cancelled meanwhile (the cancellation is raised then): a caller that returned at once
     would release the cache's locks while the thread still changes the replica or writes
     a snapshot."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    return await _to_the_end(asyncio.to_thread(fn, *args))
+
+
+async def _to_the_end(aw: Awaitable[Any]) -> Any:
+    """``aw`` run as a task and awaited until it ends, however often the caller is
+    cancelled meanwhile (anyio's cancel scopes cancel every await inside them, cleanup
+    included); the cancellation is raised then. For cleanup that must reach the store: a
+    lease or flight left there makes other processes wait out their ``wait``."""
+    fut = asyncio.ensure_future(aw)
     cancelled = False
     while not fut.done():
         try:
@@ -2201,12 +2209,22 @@ class AsyncSemanticCache(_Base):
                         break
                     delay = min(delay * 2, 0.1)
         finally:
-            await marks.aclear()
+            await _to_the_end(marks.aclear())
 
     async def _release(self, eid: int, token: str) -> None:
         release = getattr(self.store, "release", None)
         if release is not None:
             await release(eid, token)
+
+    async def _land_and_release(self, k: tuple[int, str, str, str], token: str,
+                                fly: bool) -> None:
+        """A call's end in the store: its flight field (also when cancelled: it may be
+        registered) and its lease."""
+        try:
+            if fly:
+                await self.store.land(k[1], k[0], bytes.fromhex(token))  # type: ignore[attr-defined]
+        finally:
+            await self._release(k[0], token)
 
     async def _follow_flight(self, k: tuple[int, str, str, str], vec: Any,
                              limit: float | None, max_age: float, flight: Flight,
@@ -2248,7 +2266,7 @@ class AsyncSemanticCache(_Base):
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 0.1)
             finally:
-                await marks.aclear()
+                await _to_the_end(marks.aclear())
             if cycle:
                 await store.fly(k[1], k[0], vec, seconds, owner)
                 return None
@@ -2597,12 +2615,7 @@ class AsyncSemanticCache(_Base):
                     try:
                         self._flights.finish(flight, result if isinstance(result, str) else None)
                     finally:
-                        try:
-                            if fly:  # (also when cancelled: the field may be registered)
-                                await self.store.land(  # type: ignore[attr-defined]
-                                    k[1], k[0], bytes.fromhex(token))
-                        finally:
-                            await self._release(k[0], token)
+                        await _to_the_end(self._land_and_release(k, token, fly))
                 return result
 
             return cast(F, wrapper)

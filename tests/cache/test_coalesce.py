@@ -594,3 +594,50 @@ def test_flight_locks_are_reentrant_for_finalizers() -> None:
     th.join(5)
     assert not th.is_alive()
     assert f.done.is_set()
+
+
+def test_async_call_cancelled_at_every_await_leaves_no_lease_or_flight(valkey_server: Any,
+                                                                       ns: str) -> None:
+    """anyio's cancel scopes (Starlette, FastAPI task groups) cancel every await inside
+    them, the call's cleanup included: its lease and flight must still leave the store, or
+    every other process asking the question (or a paraphrase) waits out its ``wait``."""
+    import redis
+
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+
+    async def run() -> None:
+        mine = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.8)
+        other = AsyncSemanticCache(HashEmbedder(64), store=url, namespace=ns, threshold=0.8)
+        started = asyncio.Event()
+
+        @mine.cached(wait=30, name="ask")
+        async def slow(prompt: str) -> str:
+            started.set()
+            await asyncio.sleep(60)
+            return "mine"
+
+        @other.cached(wait=30, name="ask")
+        async def fast(prompt: str) -> str:
+            return "other"
+
+        await fast("warm up the scope index with one entry")  # (paraphrases fly)
+        task = asyncio.create_task(slow(SAME[0]))
+        await started.wait()
+        sid = mine._core.key(SAME[0], {"_fn": "ask"})[1]
+        assert r.exists(mine.store.lkey(mine._core.key(SAME[0], {"_fn": "ask"})[0]))  # type: ignore[attr-defined]
+        assert r.hlen(mine.store.fkey(sid)) == 1  # type: ignore[attr-defined]
+        while not task.done():  # cancelled again at every await, as in a cancel scope
+            task.cancel()
+            await asyncio.sleep(0)
+        assert task.cancelled()
+        assert r.hlen(mine.store.fkey(sid)) == 0  # type: ignore[attr-defined]
+        assert not r.keys(f"*{ns}*lease*")
+        t0 = time.monotonic()
+        assert await fast(PARAPHRASE) == "other"
+        assert await fast(SAME[1]) == "other"
+        assert time.monotonic() - t0 < 5  # (was the whole wait, 30 s)
+        await mine.close()
+        await other.close()
+
+    asyncio.run(run())
