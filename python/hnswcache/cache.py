@@ -1847,11 +1847,13 @@ class AsyncSemanticCache(_Base):
         if c.dim is None:
             c.dim = (await self.store.check_meta(None, ""))[0]
         c.clear_local(None)
+        # Indexed in a worker thread: the loop goes on serving meanwhile (with the position
+        # unset, no call passes the lock and changes the replica).
         if c.dim is None:  # the entries decide the dimension: all of them, not one batch's
-            c.load([f async for b in self.store.scan() for f in b])
+            await _to_thread_to_the_end(c.load, [f async for b in self.store.scan() for f in b])
         else:
             async for batch in self.store.scan():
-                c.load(batch)
+                await _to_thread_to_the_end(c.load, batch)
         c.position = head
         if self._snapshot_dir is not None and c.where:
             await self._save_unpublished()  # (see SemanticCache._rebuild)
