@@ -735,6 +735,9 @@ class SemanticCache(_Base):
             from .store.redis import RedisStore
 
             store = RedisStore(store, namespace=self.namespace)
+        elif inspect.iscoroutinefunction(store.read):
+            raise TypeError(f"SemanticCache needs a synchronous store, got the asyncio "
+                            f"{type(store).__name__}: use AsyncSemanticCache with it")
         if store.namespace != self.namespace:
             raise ValueError(f"the store is for namespace {store.namespace!r}, "
                              f"the cache for {self.namespace!r}")

@@ -390,3 +390,42 @@ def test_the_async_warm_start_indexes_the_entries_off_the_event_loop(
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_client_or_store_of_the_wrong_kind_is_refused_at_construction(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """Each cache refuses the other kind's client or store when it is built: accepted, every
+    call raised TypeError from inside the store, even with strict=False."""
+    import redis
+    import redis.asyncio
+
+    from hnswcache.store.redis import AsyncRedisStore, RedisStore
+
+    url = valkey_server.url
+    sync_client = redis.Redis.from_url(url)
+    with pytest.raises(TypeError, match="synchronous client"):
+        AsyncSemanticCache(HashEmbedder(32), store=sync_client, namespace=ns)
+    with pytest.raises(TypeError, match="synchronous client"):
+        AsyncRedisStore(sync_client, namespace=ns)
+
+    async def run() -> None:
+        async_client = redis.asyncio.Redis.from_url(url)
+        with pytest.raises(TypeError, match="asyncio client"):
+            SemanticCache(HashEmbedder(32), store=async_client, namespace=ns)
+        with pytest.raises(TypeError, match="asyncio client"):
+            RedisStore(async_client, namespace=ns)
+        with pytest.raises(TypeError, match="AsyncSemanticCache"):
+            SemanticCache(HashEmbedder(32), store=AsyncRedisStore(async_client, namespace=ns),
+                          namespace=ns)
+        # The right kinds still work.
+        cache = AsyncSemanticCache(HashEmbedder(32), store=async_client, namespace=ns)
+        await cache.set("a question", "an answer")
+        assert (await cache.get("a question")) is not None
+        await cache.close()
+        await async_client.aclose()
+
+    asyncio.run(run())
+    cache = SemanticCache(HashEmbedder(32), store=sync_client, namespace=ns)
+    assert cache.get("a question") is not None
+    cache.close()
+    sync_client.close()

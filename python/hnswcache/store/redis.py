@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import math
 import re
@@ -148,10 +149,20 @@ def _refuses_pexpire_gt(exc: BaseException) -> bool:
         m in text for m in ("wrong number of arguments", "syntax error", "unsupported option"))
 
 
-def _check_client(client: Any) -> None:
+def _check_client(client: Any, want_async: bool) -> None:
     if isinstance(client, (str, bytes)) or not hasattr(client, "pipeline"):
         raise TypeError(f"the store needs a redis-py client, got {type(client).__name__} "
                         "(a URL goes to the cache: SemanticCache(store='redis://...'))")
+    # (else every call fails later with an obscure TypeError, even with strict=False)
+    run = getattr(client, "execute_command", None)
+    is_async = inspect.iscoroutinefunction(run)
+    if run is not None and is_async != want_async:
+        raise TypeError(
+            f"{type(client).__module__}.{type(client).__name__} is "
+            f"{'an asyncio' if is_async else 'a synchronous'} client: "
+            + ("AsyncSemanticCache (AsyncRedisStore) takes redis.asyncio clients"
+               if want_async else "SemanticCache (RedisStore) takes redis.Redis clients; "
+               "use AsyncSemanticCache with a redis.asyncio client"))
     kwargs: dict[str, Any] = {}
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
@@ -178,9 +189,11 @@ class _Layout:
     #: server was down: a ``@cached`` miss made seven of them, ~7 s.
     outage_cooldown = 1.0
 
+    _is_async = False  # (what kind of client the class takes)
+
     def __init__(self, client: Any, *, namespace: str = "default", log_maxlen: int = 100_000,
                  owns_client: bool = False) -> None:
-        _check_client(client)
+        _check_client(client, self._is_async)
         self._client = client
         self._owns = owns_client
         self._errors = _errors()
@@ -1335,6 +1348,8 @@ class RedisStore(_Layout):
 
 class AsyncRedisStore(_Layout):
     """The asyncio twin of :class:`RedisStore`, on ``redis.asyncio``."""
+
+    _is_async = True
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default", timeout: float = 0.5,
