@@ -966,6 +966,48 @@ def test_a_shared_server_is_private_to_its_user(tmp_path: Path, ns: str) -> None
         server.stop()
 
 
+def test_an_existing_data_folder_open_to_others_is_made_owner_only(tmp_path: Path) -> None:
+    """A folder made before (a deploy script, an older version) kept its mode: the server's
+    files (0644 by its umask) held the cached prompts and answers for every local user."""
+    for start in ("shared_server", "EmbeddedServer"):
+        data = tmp_path / start
+        data.mkdir(mode=0o755)
+        os.chmod(data, 0o755)
+        if start == "shared_server":
+            _, server = shared_server(data)
+        else:
+            server = EmbeddedServer(data).start()
+        assert server is not None
+        try:
+            assert (data.stat().st_mode & 0o777) == 0o700
+        finally:
+            server.stop()
+
+
+def test_a_second_server_is_never_started_on_a_live_servers_folder(tmp_path: Path) -> None:
+    """EmbeddedServer.start() on a folder whose recorded server runs (another process's,
+    or another object's) is refused: two servers on one append-only file corrupt it, and
+    the second took over the record and the socket."""
+    data = tmp_path / "kept"
+    url, first = shared_server(data)
+    assert first is not None
+    try:
+        record = (data / "server.json").read_text()
+        with pytest.raises(ServerStartError, match="kept by a running server"):
+            EmbeddedServer(data).start()
+        assert (data / "server.json").read_text() == record
+        assert redis.Redis.from_url(url).ping()
+        again, other = shared_server(data)  # the way to share it
+        assert other is None and redis.Redis.from_url(again).ping()
+    finally:
+        first.stop()
+    second = EmbeddedServer(data).start()  # (the first is gone: allowed)
+    try:
+        assert json.loads((data / "server.json").read_text())["pid"] == second.pid
+    finally:
+        second.stop()
+
+
 @pytest.mark.parametrize("name", ["team#1", "a%41b", "q?x=1"])
 def test_a_data_folder_with_url_characters_in_its_name(tmp_path: Path, ns: str,
                                                        name: str) -> None:

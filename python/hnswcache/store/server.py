@@ -206,6 +206,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def _private_folder(path: Path) -> None:
+    """Create ``path`` owner-only, or make an existing one of ours so: the server's files
+    (the cached prompts and answers) take the server's umask, 0644 by default, and a folder
+    made earlier (a deploy script, an older version) left them readable by every local
+    user."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        os.chmod(path, 0o700)
+        log.warning("%s was open to other users (mode %o): made owner-only, as it keeps "
+                    "the server's data", path, st.st_mode & 0o777)
+
+
 @contextlib.contextmanager
 def _folder_lock(data_dir: Path) -> Any:
     """Hold ``data_dir/lock`` exclusively (every process deciding about the folder's server
@@ -381,11 +394,28 @@ class EmbeddedServer:
         still loading its append-only file (a large one takes seconds) is never killed for
         it: with ``wait_loaded`` (the default) this waits for the load to end, however
         long; without, the server counts as started as it is, and its clients get errors
-        (a cache: misses) until it has loaded."""
+        (a cache: misses) until it has loaded.
+
+        Raises :class:`ServerStartError` when the folder's recorded server (started by
+        another process, or by another :class:`EmbeddedServer`) still runs: two servers on
+        one append-only file would corrupt it (:func:`shared_server` uses that one).
+        """
         if self.running:
             return self
+        _private_folder(self.data_dir)
+        with _folder_lock(self.data_dir):
+            return self._start_locked(timeout, wait_loaded)
+
+    def _start_locked(self, timeout: float, wait_loaded: bool) -> EmbeddedServer:
+        """:meth:`start`, the folder's lock held by the caller."""
+        if self.running:
+            return self
+        other = recorded_server(self.data_dir)
+        if other is not None:
+            raise ServerStartError(
+                f"{self.data_dir} is kept by a running server (pid {other}): connect to it "
+                "(shared_server) or give another folder")
         self._owner_pid = os.getpid()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             port = self.port if self.port is not None else _free_port()
             self.process = _spawn(self._args(port))
@@ -556,7 +586,7 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
     settings of a server started here.
     """
     path = Path(data_dir).resolve()
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a new folder: owner only)
+    _private_folder(path)
     with _folder_lock(path):
         port: int | None = None
         try:
@@ -587,9 +617,9 @@ def shared_server(data_dir: str | os.PathLike[str], *, timeout: float = 10.0,
         secret = secrets.token_hex(16)
         if port is not None:
             with contextlib.suppress(ServerStartError):  # (the port was taken meanwhile)
-                server = EmbeddedServer(path, port=port, config=config, password=secret).start(
-                    timeout, wait_loaded=wait_loaded)
+                server = EmbeddedServer(path, port=port, config=config,
+                                        password=secret)._start_locked(timeout, wait_loaded)
                 return server.unix_url, server
-        server = EmbeddedServer(path, config=config, password=secret).start(
-            timeout, wait_loaded=wait_loaded)
+        server = EmbeddedServer(path, config=config, password=secret)._start_locked(
+            timeout, wait_loaded)
         return server.unix_url, server
