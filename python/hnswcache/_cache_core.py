@@ -1080,15 +1080,20 @@ class CacheCore:
         return self.hit(best[1], "semantic", best[0], now)
 
     @staticmethod
-    def flight_leader(others: Sequence[tuple[int, int, Any]], start: int, eid: int,
+    def flight_leader(before: Sequence[tuple[int, int, Any]],
                       vec: npt.NDArray[np.float32], threshold: float) -> int | None:
-        """Of other processes' calls in flight in a scope (``(start, id, vector)``), the one
-        a call for ``eid`` with embedding ``vec`` that started at ``start`` waits for: the
-        earliest (by start, then id) before it whose prompt is at or above ``threshold`` from
-        this one's. Every process of a burst thus picks the same first call."""
+        """Of other processes' calls in flight in a scope that registered before this one
+        (``(start, id, vector)``, as its registration read them), the one a call with
+        embedding ``vec`` waits for: the earliest (by start, then id) whose prompt is at or
+        above ``threshold`` from this one's.
+
+        "Before" is the server's order, not the starts: they are each process's clock, read
+        before its request, and a process descheduled in between registered after a call
+        with a later start. Comparing starts, each of the two then led (one LLM call too
+        many, seen under load); of two registrations only the later one sees the other."""
         best: tuple[int, int] | None = None
-        for s, fid, v in others:
-            if (s, fid) < (start, eid) and (best is None or (s, fid) < best):
+        for s, fid, v in before:
+            if best is None or (s, fid) < best:
                 sim = float(np.dot(v, vec))
                 if sim >= threshold:
                     best = (s, fid)

@@ -1216,11 +1216,12 @@ class SemanticCache(_Base):
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
         owner = bytes.fromhex(token)
-        start, others = store.fly(k[1], k[0], vec, seconds, owner)
+        _, others = store.fly(k[1], k[0], vec, seconds, owner)
+        before = {o[1] for o in others}  # (registered before this call: see flight_leader)
         tried: set[int] = set()
         while True:
-            leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
-                                     vec, c.threshold)
+            leader = c.flight_leader(
+                [o for o in others if o[1] in before and o[1] not in tried], vec, c.threshold)
             if leader is None or time.monotonic() >= deadline:
                 if tried:  # (it withdrew to follow: it leads now, for the rest to see)
                     store.fly(k[1], k[0], vec, seconds, owner)
@@ -2240,11 +2241,12 @@ class AsyncSemanticCache(_Base):
         seconds = _LEASE_UNBOUNDED if limit is None else limit
         deadline = time.monotonic() + seconds
         owner = bytes.fromhex(token)
-        start, others = await store.fly(k[1], k[0], vec, seconds, owner)
+        _, others = await store.fly(k[1], k[0], vec, seconds, owner)
+        before = {o[1] for o in others}  # (see SemanticCache._follow_flight)
         tried: set[int] = set()
         while True:
-            leader = c.flight_leader([o for o in others if o[1] not in tried], start, k[0],
-                                     vec, c.threshold)
+            leader = c.flight_leader(
+                [o for o in others if o[1] in before and o[1] not in tried], vec, c.threshold)
             if leader is None or time.monotonic() >= deadline:
                 if tried:
                     await store.fly(k[1], k[0], vec, seconds, owner)

@@ -601,3 +601,36 @@ def test_a_join_that_stopped_waiting_is_no_longer_marked(valkey_server, ns):
 
     asyncio.run(run())
     assert sorted(calls) == [f"A: {U}", f"B: {W}"], calls
+
+
+def test_a_call_registered_earlier_is_followed_whatever_its_clock_says(valkey_server, ns):
+    """"Earlier" is the server's order of registration, not the starts: those are each
+    process's clock, read before its request. Another process's call registered first with
+    a start 2 s ahead (a clock ahead, or a process descheduled before its request) was
+    taken for a later one, and both called (the burst of three processes saw it under
+    load). Now the paraphrase waits for that call's answer."""
+    url = valkey_server.url
+    a, b = caches(url, ns, 2)
+    r = redis.Redis.from_url(url)
+    scope = {"_fn": "f"}
+    eid, sid = a._core.key(P0, scope)[:2]
+    vec = HashEmbedder(64)([P0])[0]
+    ahead = int(time.time() * 1000) + 2000
+    r.hset(b.store.fkey(sid), f"{eid:016x}",  # type: ignore[attr-defined]
+           RedisStore.flight_value(vec, ahead, 30, b"a" * 16))
+    calls: list[str] = []
+
+    @b.cached(wait=30, name="f")
+    def ask(p: str) -> str:
+        calls.append(p)
+        return "answer from b"
+
+    def answer_later() -> None:
+        time.sleep(0.5)
+        a.set(P0, "answer from a", scope=scope)
+
+    th = threading.Thread(target=answer_later)
+    th.start()
+    assert ask(P1) == "answer from a"
+    th.join()
+    assert calls == [] and b.stats()["coalesced"] == 1

@@ -1227,13 +1227,16 @@ class RedisStore(_Layout):
         """Register this process's call for entry ``eid`` (embedding ``vector``, owner
         ``token``) as in flight for ``seconds``, unless a live flight of that entry is
         there already; its start (unix ms) and the scope's other live flights ``(start ms,
-        id, vector)``. A failing server: none (the caller lands its flight anyway: the
-        registration may have been applied)."""
+        id, vector)``, read in the same transaction: those registered before this one. A
+        failing server: none (the caller lands its flight anyway: the registration may have
+        been applied)."""
         now = int(time.time() * 1000)
         value = self.flight_value(vector, now, seconds, token)
         key, field = self.fkey(scope_id), format_id(eid)
         try:
-            res = self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
+            # In one transaction: of two calls registering at once, exactly one sees the
+            # other (the cache follows only calls registered before its own).
+            res = self._run(True, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
             flights = res[2]
             others, dead, own = self.parse_flights(flights, eid, len(vector), now)
             for _ in range(3):  # (the WATCH fails when any flight of the scope changes)
@@ -1721,8 +1724,8 @@ class AsyncRedisStore(_Layout):
         value = self.flight_value(vector, now, seconds, token)
         key, field = self.fkey(scope_id), format_id(eid)
         try:
-            res = await self._run(False, lambda p: self.queue_fly(p, scope_id, eid, value,
-                                                                  seconds))
+            res = await self._run(True, lambda p: self.queue_fly(p, scope_id, eid, value,
+                                                                 seconds))
             flights = res[2]
             others, dead, own = self.parse_flights(flights, eid, len(vector), now)
             for _ in range(3):  # (see RedisStore.fly)
