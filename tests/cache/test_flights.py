@@ -615,6 +615,7 @@ def test_a_call_registered_earlier_is_followed_whatever_its_clock_says(valkey_se
     scope = {"_fn": "f"}
     eid, sid = a._core.key(P0, scope)[:2]
     vec = HashEmbedder(64)([P0])[0]
+    vec /= np.linalg.norm(vec)  # (the cache registers unit vectors)
     ahead = int(time.time() * 1000) + 2000
     r.hset(b.store.fkey(sid), f"{eid:016x}",  # type: ignore[attr-defined]
            RedisStore.flight_value(vec, ahead, 30, b"a" * 16))
