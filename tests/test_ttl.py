@@ -457,3 +457,35 @@ def test_a_fork_during_a_background_pass_leaves_the_child_an_index_it_can_write(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode(errors="replace")
+
+
+def test_a_fork_waits_for_a_pass_or_save_under_way_in_another_thread():
+    """A fork while another thread is inside an explicit consolidate() (or a save, or a
+    background pass that starts while the fork waits for another) would leave the child
+    native locks held by a thread it does not have: its next pass waited for ever."""
+    code = (
+        "import os, signal, sys, threading, time, numpy as np, hnswcache\n"
+        "t = [0.0]\n"
+        "x = np.random.default_rng(0).standard_normal((60000, 32)).astype(np.float32)\n"
+        "def make():\n"
+        "    i = hnswcache.Index(32, clock=lambda: t[0], auto_consolidate=None)\n"
+        "    i.add(x[:30000], np.arange(30000), ttl=np.where(np.arange(30000) % 5, 1e9, 1.0))\n"
+        "    return i\n"
+        "a, b = make(), make()\n"
+        "t[0] = 2.0\n"
+        "th = threading.Thread(target=a.consolidate); th.start()\n"
+        "time.sleep(0.05)  # a's pass is under way\n"
+        "saver = threading.Thread(target=lambda: (time.sleep(0.02), b.to_bytes()))\n"
+        "saver.start()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(30)  # (a hang ends the child with SIGALRM)\n"
+        "    a.add(x[30000:30100], np.arange(30000, 30100))\n"
+        "    a.consolidate(); b.consolidate(); b.to_bytes()\n"
+        "    os._exit(0 if len(a) == 24100 and len(b) == 24000 else 3)\n"
+        "th.join(); saver.join()\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr.decode(errors="replace"))

@@ -114,9 +114,81 @@ static int run(dtype_t dtype) {
     return 0;
 }
 
+// Inserts while a pass computes its repairs, next to a cluster that expired whole: a new
+// node then links only to nodes the pass frees (the heuristic's fallback when every candidate
+// is dead), and the publication must leave it links of its own, not a dead end (found in
+// review: min_degree0 0 in 6 of 12 runs). Two threads insert and upsert, a third deletes,
+// touches and searches.
+static int expired_cluster(int iterations) {
+    const std::size_t dim = 16, n0 = 3000, n1 = 3000;
+    for (int it = 0; it < iterations; ++it) {
+        std::mt19937 rng(it);
+        std::normal_distribution<float> gauss;
+        std::vector<float> data((n0 + n1) * dim);
+        for (std::size_t r = 0; r < n0 + n1; ++r)
+            for (std::size_t d = 0; d < dim; ++d)
+                data[r * dim + d] = gauss(rng) + (d == 0 && r % 3 == 0 ? 5.0f : 0.0f);
+        index_t idx(dim, metric_t::l2, 8, 48, 0, it + 1, it % 2 ? dtype_t::int8 : dtype_t::float32);
+        idx.set_auto_consolidate(0);
+        std::vector<std::int64_t> labels(n0 + n1), exp(n0 + n1);
+        for (std::size_t i = 0; i < labels.size(); ++i) {
+            labels[i] = static_cast<std::int64_t>(i);
+            exp[i] = (i % 3 == 0 || i % 7 == 0) ? 500 : never_expires;  // the cluster, and more
+        }
+        idx.add(data.data(), n0, labels.data(), exp.data(), 100, 2);
+        const std::int64_t now = 1000;
+        std::atomic<bool> go{false}, done{false};
+        std::thread pass([&] {
+            while (!go.load()) std::this_thread::yield();
+            idx.consolidate(now, 1);
+            done.store(true);
+        });
+        std::vector<std::thread> writers;
+        for (int t = 0; t < 2; ++t)
+            writers.emplace_back([&, t] {
+                std::mt19937 r2(it * 10 + t);
+                go.store(true);
+                for (std::size_t s = n0 + t; !done.load() && s + 1 < n0 + n1; s += 2) {
+                    std::int64_t e = s % 5 == 0 ? 800 : never_expires;
+                    idx.add(data.data() + s * dim, 1, labels.data() + s, &e, now, 1);
+                    std::int64_t lab = static_cast<std::int64_t>(r2() % n0), e2 = never_expires;
+                    idx.add(data.data() + (s + 1) * dim, 1, &lab, &e2, now, 1);
+                }
+            });
+        std::thread other([&] {
+            std::mt19937 r3(it + 99);
+            std::vector<std::int64_t> out_l(10);
+            std::vector<float> out_d(10);
+            while (!done.load()) {
+                std::int64_t lab = static_cast<std::int64_t>(r3() % (n0 + n1)), e = never_expires;
+                switch (r3() % 3) {
+                    case 0: idx.remove(&lab, 1, now); break;
+                    case 1: idx.touch(&lab, &e, 1, now); break;
+                    default:
+                        idx.search(data.data() + (r3() % n0) * dim, 1, 10, 32, now, 1,
+                                   out_l.data(), out_d.data());
+                }
+            }
+        });
+        pass.join();
+        for (auto& w : writers) w.join();
+        other.join();
+        const integrity_report_t rep = idx.check_integrity(now);
+        if (rep.live > 0 && rep.min_degree0 == 0) {
+            std::printf("FAIL: run %d left a live node with no level-0 link\n", it);
+            return 1;
+        }
+        idx.consolidate(2000, 1);
+        idx.check_integrity(2000);
+    }
+    std::printf("expired cluster: %d runs, no dead end\n", iterations);
+    return 0;
+}
+
 int main() {
     for (dtype_t d : {dtype_t::float32, dtype_t::int8})
         if (run(d) != 0) return 1;
+    if (expired_cluster(8) != 0) return 1;
     std::puts("stress test passed");
     return 0;
 }

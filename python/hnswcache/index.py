@@ -12,7 +12,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -343,7 +342,8 @@ class Index:
         exp = self._expiry_ns(n, ttl, expires_at, now_ns)
         # Without labels the core takes them from its counter once the batch is valid: a
         # refused batch consumes none.
-        out = self._native.add(x, lab, exp, now_ns, _threads(num_threads))
+        with _GATE:
+            out = self._native.add(x, lab, exp, now_ns, _threads(num_threads))
         if self._native.take_consolidation_due():
             self._consolidate_in_background()
         return out
@@ -379,11 +379,12 @@ class Index:
         they are published, inserts also while the dead entries are counted. One pass runs
         at a time; a second call waits for the first.
         """
-        return dict(self._native.consolidate(self._now_ns(now), _threads(num_threads)))
+        now_ns = self._now_ns(now)
+        with _GATE:
+            return dict(self._native.consolidate(now_ns, _threads(num_threads)))
 
     # ------------------------------------------------------------------ background pass
     def _init_background(self) -> None:
-        self._bg_lock = threading.Lock()
         self._bg_thread: threading.Thread | None = None
 
     @property
@@ -407,27 +408,27 @@ class Index:
 
     def wait_for_consolidation(self, timeout: float | None = None) -> bool:
         """Wait for a background pass under way; True when none runs any more."""
-        with self._bg_lock:
-            t = self._bg_thread
+        t = self._bg_thread
         if t is not None:
             t.join(timeout)
             return not t.is_alive()
         return True
 
     def _consolidate_in_background(self) -> None:
-        with self._bg_lock:
+        with _GATE.cv:  # (a lock of the module's: a fork renews it in the child)
             if self._bg_thread is not None and self._bg_thread.is_alive():
                 return  # (it counts the dead again when done: due again on a later add)
             t = threading.Thread(target=self._background_pass, name="hnswcache-consolidate",
                                  daemon=True)
             self._bg_thread = t
-            _BACKGROUND.add(self)
             t.start()
 
     def _background_pass(self) -> None:
         try:
             # One core: the pass is background work, the other cores serve.
-            rep = self._native.consolidate(self._now_ns(), 1)
+            now_ns = self._now_ns()
+            with _GATE:
+                rep = self._native.consolidate(now_ns, 1)
             _log.debug("background consolidation: %s", rep)
         except Exception:  # (a clock that raises, memory): the next due add tries again
             _log.exception("background consolidation failed")
@@ -605,7 +606,8 @@ class Index:
         fd, tmp = _create_temp(target)
         try:
             try:
-                self._native.save(os.fsencode(tmp))
+                with _GATE:
+                    self._native.save(os.fsencode(tmp))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -636,7 +638,8 @@ class Index:
 
     def to_bytes(self) -> bytes:
         """The same format as :meth:`save`, in memory."""
-        return bytes(self._native.to_bytes())
+        with _GATE:
+            return bytes(self._native.to_bytes())
 
     @classmethod
     def from_bytes(
@@ -687,33 +690,51 @@ class Index:
         )
 
 
-#: Indexes that started a background pass. A child forked while one runs would inherit the
-#: native locks the pass holds (and not its thread): its first insert or pass could wait for
-#: ever. The fork waits for such passes to end, and no new one starts across it.
-_BACKGROUND: weakref.WeakSet[Index] = weakref.WeakSet()
-_BACKGROUND_HELD: list[Index] = []
+class _ForkGate:
+    """The native calls that hold an index's locks for long (adds, which may run a
+    consolidation; consolidations; saves) pass through here, and a fork waits until none
+    is under way, none starting meanwhile. A child inherits the native locks as they were,
+    held by threads it does not have: its first insert, pass or save would wait for ever
+    (a fork during a background pass hung the child). Searches, deletes and touches are
+    short and not gated: a fork in the middle of one leaves the child's next pass or save
+    waiting, so fork before starting threads that use an index, as with any lock."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition(threading.Lock())
+        self.busy = 0
+        self.forking = False
+
+    def __enter__(self) -> None:
+        with self.cv:
+            while self.forking:
+                self.cv.wait()
+            self.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.cv:
+            self.busy -= 1
+            if self.busy == 0:
+                self.cv.notify_all()
+
+    def before_fork(self) -> None:
+        self.cv.acquire()  # (held across the fork)
+        self.forking = True
+        while self.busy:
+            self.cv.wait()
+
+    def after_fork_in_parent(self) -> None:
+        self.forking = False
+        self.cv.notify_all()
+        self.cv.release()
+
+    def after_fork_in_child(self) -> None:
+        self.cv = threading.Condition(threading.Lock())  # (the parent's, held, is not ours)
+        self.busy = 0
+        self.forking = False
 
 
-def _before_fork() -> None:
-    for idx in list(_BACKGROUND):
-        idx._bg_lock.acquire()
-        _BACKGROUND_HELD.append(idx)
-        if idx._bg_thread is not None:
-            idx._bg_thread.join()
-
-
-def _after_fork() -> None:
-    while _BACKGROUND_HELD:
-        _BACKGROUND_HELD.pop()._bg_lock.release()
-
-
-def _after_fork_in_child() -> None:
-    while _BACKGROUND_HELD:
-        idx = _BACKGROUND_HELD.pop()
-        idx._bg_thread = None
-        idx._bg_lock.release()
-
+_GATE = _ForkGate()
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
-                        after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_GATE.before_fork, after_in_parent=_GATE.after_fork_in_parent,
+                        after_in_child=_GATE.after_fork_in_child)

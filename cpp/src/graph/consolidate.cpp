@@ -176,8 +176,8 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
     // Inserts wait only while the dead set is taken (every ready slot is then fully linked)
     // and while the new lists are published; they go on while the repairs are computed.
     std::unique_lock<std::shared_mutex> no_inserts(writers_mu_);
+    auto inserts_blocked_from = std::chrono::steady_clock::now();
     std::shared_lock<std::shared_mutex> shared(graph_mu_);
-    auto inserts_blocked_from = t0;
     const auto inserts_wait = [&] {
         rep.inserts_blocked_seconds += std::chrono::duration<double>(
             std::chrono::steady_clock::now() - inserts_blocked_from).count();
@@ -376,11 +376,64 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 bool any = false;
                 for (std::uint32_t i = 0; i < c && !any; ++i) any = is_dead(atomic_load_u32(lk + 1 + i));
                 if (!any) continue;
+                // The dead links go; their live neighbours fill in (as in step 2), or a node
+                // that linked only to the dead would be left a dead end.
                 merged.clear();
+                std::vector<slot_t> extra;
                 for (std::uint32_t i = 0; i < c; ++i) {
                     const slot_t v = atomic_load_u32(lk + 1 + i);
-                    if (!is_dead(v)) merged.push_back(v);
+                    if (!is_dead(v)) {
+                        merged.push_back(v);
+                        continue;
+                    }
+                    const std::uint32_t* dl = links(v, l);
+                    const std::uint32_t dc = atomic_load_u32(dl);
+                    for (std::uint32_t j = 0; j < dc; ++j) {
+                        const slot_t x = atomic_load_u32(dl + 1 + j);
+                        if (!is_dead(x) && x != u && state(x) == state_ready && level(x) >= l)
+                            extra.push_back(x);
+                    }
                 }
+                std::sort(extra.begin(), extra.end());
+                extra.erase(std::unique(extra.begin(), extra.end()), extra.end());
+                scratch_t& s = scratch_t::local(M0_, dim_padded_);
+                const float* base = decoded(u, s.dec_a.data());
+                auto& cands = s.prune;
+                cands.clear();
+                for (slot_t x : extra)
+                    if (std::find(merged.begin(), merged.end(), x) == merged.end())
+                        cands.emplace_back(dist(base, x), x);
+                std::sort(cands.begin(), cands.end());
+                const std::size_t cap = max_links(l);
+                std::size_t dcount = cands.size();
+                for (const auto& [d, x] : cands) {
+                    if (merged.size() >= cap) break;
+                    if (diverse(x, d, merged, s.dec_b.data(), dcount)) merged.push_back(x);
+                }
+                for (const auto& [d, x] : cands) {
+                    if (merged.size() >= c || merged.size() >= cap) break;
+                    if (std::find(merged.begin(), merged.end(), x) == merged.end())
+                        merged.push_back(x);
+                }
+                const std::size_t floor_degree = std::max<std::size_t>(1, M_ / 2);
+                const std::uint64_t ep = entry_.load();
+                if (merged.size() < floor_degree && ep != no_entry &&
+                    l <= static_cast<int>(ep >> 32)) {
+                    // Its dead links led only to the dead (a whole cluster expired): look
+                    // around the node itself, as step 2 does.
+                    slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
+                    greedy_descent(base, cur, static_cast<int>(ep >> 32), l);
+                    std::vector<neighbor_t> found;
+                    search_level(base, cur, std::max<std::size_t>(cap, 32), l, true, now, s,
+                                 found);
+                    dcount += found.size() * 4;
+                    for (const auto& [d, x] : found) {
+                        if (merged.size() >= floor_degree) break;
+                        if (x != u && std::find(merged.begin(), merged.end(), x) == merged.end())
+                            merged.push_back(x);
+                    }
+                }
+                rep.distances += dcount;
                 write_links(u, l, merged.data(), merged.size());
                 ++rep.pruned;
             }
