@@ -194,7 +194,10 @@ class Index:
         return n if n > 0 else 0
 
     def _count(self) -> int:
-        return len(self._idx()) + len(self._deleted) + self._ghosts
+        # (under the lock: mark_deleted moves an element from the core to _deleted in two
+        # steps, and a reader between them counted it twice or not at all)
+        with self._lock:
+            return len(self._idx()) + len(self._deleted) + self._ghosts
 
     # ------------------------------------------------------------------ building
     def init_index(
@@ -440,18 +443,20 @@ class Index:
             labels = arr.reshape(-1)[: arr.shape[0]]
         if labels.size == 0:
             return [] if return_type == "list" else np.array([], dtype=np.float32)
-        if any(int(v) in self._deleted for v in labels):
-            raise RuntimeError(_E_NOT_FOUND)
-        try:
-            vectors = native.get(labels)
-        except KeyError as exc:
-            raise RuntimeError(_E_NOT_FOUND) from exc
+        with self._lock:  # (see _count)
+            if any(int(v) in self._deleted for v in labels):
+                raise RuntimeError(_E_NOT_FOUND)
+            try:
+                vectors = native.get(labels)
+            except KeyError as exc:
+                raise RuntimeError(_E_NOT_FOUND) from exc
         return vectors.tolist() if return_type == "list" else vectors
 
     def get_ids_list(self) -> list[int]:
         """Labels of all elements, the ones marked deleted included."""
-        native = self._idx()
-        return [int(v) for v in native.labels()] + list(self._deleted)
+        with self._lock:  # (see _count)
+            native = self._idx()
+            return [int(v) for v in native.labels()] + list(self._deleted)
 
     # ------------------------------------------------------------------ deletion
     def mark_deleted(self, label: int) -> None:
