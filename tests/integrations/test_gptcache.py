@@ -103,6 +103,10 @@ def test_ttl_entries_expire_from_search() -> None:
     clock.t += 0.2
     assert [i for _, i in store.search(np.array([1.0, 0, 0, 0]), top_k=2)] == [2]
     assert store.count() == 1 and store.get_embeddings(1) is None
+    # Expired: an update (GPTCache's health check after a hit) does not bring it back.
+    store.update_embeddings(1, unit(np.array([1.0, 0, 0, 0])))
+    assert [i for _, i in store.search(np.array([1.0, 0, 0, 0]), top_k=2)] == [2]
+    assert store.count() == 1 and store.get_embeddings(1) is None
 
 
 def test_gptcache_flow_end_to_end(tmp_path: Path) -> None:

@@ -180,18 +180,18 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
             return None
 
     def update_embeddings(self, data_id: int | str, emb: Any) -> None:
-        """Replace the vector of ``data_id``, keeping its expiry."""
+        """Replace the vector of a live ``data_id``, keeping its expiry. An unknown or
+        expired id is left alone: re-adding it with a fresh TTL brought an expired entry
+        back (GPTCache calls this after a hit, which may have expired since)."""
         label = int(data_id)
         x = self._vectors([emb])
         with self._lock:
             try:
                 expires: Any = self._index.expiry([label])
             except KeyError:
-                expires = None
-            if expires is None:
-                self._index.add(x, [label], ttl=self._ttl)
-            else:
-                self._index.add(x, [label], expires_at=expires)
+                log.debug("update_embeddings: %d is not live, left alone", label)
+                return
+            self._index.add(x, [label], expires_at=expires)
 
     # ------------------------------------------------------------------ TTL
     def set_ttl(self, ids: Iterable[Any], ttl: float | None) -> int:
