@@ -27,6 +27,8 @@ import numpy.typing as npt
 from .embed import embedder_dim, embedder_name
 from .index import Index, check_search_starts
 from .store.base import (
+    MAX_PROMPT_BYTES,
+    MAX_TEXT_BYTES,
     MAX_TTL,
     MAX_VERDICTS,
     Cleared,
@@ -1122,9 +1124,16 @@ class CacheCore:
         if len(metadata) != len(pairs):
             raise ValueError("metadata must have one item per pair")
         out = []
-        for (_, r), m in zip(pairs, metadata):
+        for (p, r), m in zip(pairs, metadata):
             if not isinstance(r, str):
                 raise TypeError(f"response must be a str, got {type(r).__name__}")
+            # (what readers refuse as garbage is not written)
+            if isinstance(p, str) and len(p) > MAX_PROMPT_BYTES // 4 and \
+                    len(p.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
+                raise ValueError(f"prompt longer than {MAX_PROMPT_BYTES} UTF-8 bytes")
+            if len(r) > MAX_TEXT_BYTES // 4 and \
+                    len(r.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+                raise ValueError(f"response longer than {MAX_TEXT_BYTES} UTF-8 bytes")
             if not m:
                 out.append("{}")
                 continue

@@ -7,6 +7,7 @@ writes timed into a race window are real writes by a second cache, never mocks.
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import threading
@@ -724,3 +725,47 @@ def test_a_refresh_of_an_entry_key_of_another_type_is_dropped(
     r.set(keys_for(ns)["entry"] + "0123456789abcdef", b"junk")
     assert store.refresh([Refresh(0x0123456789ABCDEF, "v1", time.time() + 60)],
                          time.time()) == 0
+
+
+def _stored(prompt: str, vector: np.ndarray) -> tuple[int, dict[str, bytes]]:
+    """A record's id and hash fields as a writer stores them (the vector as given)."""
+    from hnswcache.store.base import Record, encode_record, entry_id, normalize_prompt, scope_key
+
+    sid, sjson = scope_key(None)
+    eid = entry_id(sid, normalize_prompt(prompt))
+    rec = Record(id=eid, prompt=prompt, response="r", vector=vector.astype(np.float32),
+                 scope_id=sid, scope_json=sjson, metadata_json="{}", created=0.0,
+                 expires=math.inf, version="v1")
+    return eid, encode_record(rec)
+
+
+def test_garbage_vectors_and_prompts_read_back_are_refused_or_repaired() -> None:
+    """Found by fuzzing the decoder: a float32 of 3e19 overflowed the norm's float32 dot
+    (raised out of get() with numpy's errors made fatal); a vector scaled by 1.0099 passed
+    the unit check and inflated every similarity against it by 1% (a 0.845 near miss became
+    a hit); a prompt of 16 MiB was normalised by every reader (NFKC made it 18 times
+    longer: ~15 s and ~2 GB per read)."""
+    from hnswcache.store.base import MAX_PROMPT_BYTES, Invalid, Record, decode_record
+
+    unit = np.zeros(8, np.float32)
+    unit[0] = 1.0
+    eid, raw = _stored("a question", unit)
+    big = np.frombuffer(raw["vector"], "<f4").copy()
+    big[1] = 3e19
+    raw_big = {**raw, "vector": big.astype("<f4").tobytes()}
+    with np.errstate(all="raise"):
+        got = decode_record(eid, raw_big, 8)
+    assert isinstance(got, Invalid) and "unit vector" in got.reason
+    scaled = {**raw, "vector": (unit * 1.0099).astype("<f4").tobytes()}
+    got = decode_record(eid, scaled, 8)
+    assert isinstance(got, Record)
+    assert abs(float(np.linalg.norm(got.vector)) - 1.0) < 1e-6
+    long_prompt = "word " * (MAX_PROMPT_BYTES // 5 + 10)
+    eid2, raw2 = _stored(long_prompt, unit)
+    got = decode_record(eid2, raw2, 8)
+    assert isinstance(got, Invalid) and "too large" in got.reason
+    # ... and what readers refuse is not written.
+    cache = SemanticCache(HashEmbedder(8), store="memory")
+    with pytest.raises(ValueError, match="prompt longer than"):
+        cache.set(long_prompt, "an answer")
+    assert cache.set("word " * 1000, "a long but fine prompt")

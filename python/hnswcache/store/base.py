@@ -65,6 +65,11 @@ REQUIRED_FIELDS = (
 )
 #: Upper bounds on what a store may hand back (garbage protection).
 MAX_TEXT_BYTES = 16 * 1024 * 1024
+#: The longest prompt, in UTF-8 bytes (about 250k tokens of English). The exact tier's
+#: NFKC can make a text 18 times longer (U+FDFA), and every reader of an entry normalises
+#: its prompt to check the entry's id: a 16 MiB prompt of such characters cost each replica
+#: ~15 s and ~2 GB per read (found by fuzzing); this bound makes it ~1/16 of that.
+MAX_PROMPT_BYTES = 1024 * 1024
 MAX_DIM = 65536
 #: The longest TTL a cache takes (100 years): a server's millisecond expiry overflows past
 #: ~2.9e8 years, and a refused PEXPIRE must never leave an entry without its expiry.
@@ -97,10 +102,15 @@ def scope_holds(scope_json: Any, fields: Mapping[str, Any]) -> bool:
                                            for k, v in fields.items())
 
 
+_WHITESPACE = re.compile(r"\s+")
+
+
 def normalize_prompt(prompt: str) -> str:
     """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed, and
     trailing ``.``, ``?`` and ``!`` dropped ("How do I X?" == "how do i x")."""
-    return " ".join(unicodedata.normalize("NFKC", prompt).casefold().split()).rstrip(".?! ")
+    # (one regex pass, not split/join: a long prompt made millions of word objects)
+    folded = unicodedata.normalize("NFKC", prompt).casefold()
+    return _WHITESPACE.sub(" ", folded).strip().rstrip(".?! ")
 
 
 def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -304,7 +314,7 @@ def is_residue(raw: Mapping[Any, Any]) -> bool:
     return bool(raw) and all(isinstance(k, bytes) and k.startswith(UNTIL_PREFIX) for k in raw)
 
 
-def _text(raw: Mapping[Any, Any], name: str) -> str:
+def _text(raw: Mapping[Any, Any], name: str, limit: int = MAX_TEXT_BYTES) -> str:
     value = raw.get(_BKEYS[name])
     if value is None:
         value = raw.get(name)
@@ -316,7 +326,7 @@ def _text(raw: Mapping[Any, Any], name: str) -> str:
         if not isinstance(value, (bytes, bytearray)):
             raise ValueError(f"field {name!r} is not bytes")
         value = bytes(value)
-    if len(value) > MAX_TEXT_BYTES:
+    if len(value) > limit:
         raise ValueError(f"field {name!r} is too large ({len(value)} bytes)")
     try:
         return value.decode("utf-8")
@@ -369,7 +379,7 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         fmt = _text(raw, "format")
         if fmt != FORMAT:
             raise ValueError(f"unknown format {fmt[:20]!r}")
-        prompt = _text(raw, "prompt")
+        prompt = _text(raw, "prompt", MAX_PROMPT_BYTES)
         response = _text(raw, "response")
         vec_bytes = raw.get(b"vector", raw.get("vector"))
         if not isinstance(vec_bytes, (bytes, bytearray)):
@@ -379,9 +389,15 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         vector = np.frombuffer(bytes(vec_bytes), dtype="<f4").astype(np.float32)
         if dim is not None and vector.shape[0] != dim:
             raise ValueError(f"vector has dimension {vector.shape[0]}, the cache has {dim}")
-        n2 = float(np.dot(vector, vector))  # NaN or inf if any value is
+        # In float64: a float32 of 3e19 overflowed the float32 dot (a FloatingPointError
+        # out of get() under np.seterr(all="raise")); NaN or inf if any value is.
+        v64 = vector.astype(np.float64)
+        n2 = float(v64 @ v64)
         if not 0.98 < n2 < 1.02:
             raise ValueError(f"vector is not a finite unit vector (squared norm {n2:.3f})")
+        # Exactly unit, as written: a stored vector scaled by up to 1% inflated the
+        # similarity of every lookup against it (a near miss at 0.845 became a hit).
+        vector = (v64 / math.sqrt(n2)).astype(np.float32)
         scope_id = _text(raw, "scope")
         scope_json = _text(raw, "scope_json")
         _check_scope(scope_id, scope_json)

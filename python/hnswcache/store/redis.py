@@ -406,9 +406,11 @@ class _Layout:
         start, deadline, token = _FLIGHT.unpack_from(value)
         if deadline <= now_ms or not 0 <= start <= deadline:
             return None
-        vec = np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float32)
-        n2 = float(np.dot(vec, vec))
-        return (start, token, vec) if 0.98 < n2 < 1.02 else None  # (NaN fails too)
+        v64 = np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float64)
+        n2 = float(v64 @ v64)  # (in float64: a float32 of 3e19 overflowed; see decode_record)
+        if not 0.98 < n2 < 1.02:  # (NaN fails too)
+            return None
+        return start, token, (v64 / math.sqrt(n2)).astype(np.float32)
 
     def parse_flights(self, flights: Any, eid: int, dim: int, now_ms: int
                       ) -> tuple[list[tuple[int, int, Any]], list[tuple[bytes, bytes]], Any]:
