@@ -769,3 +769,28 @@ def test_garbage_vectors_and_prompts_read_back_are_refused_or_repaired() -> None
     with pytest.raises(ValueError, match="prompt longer than"):
         cache.set(long_prompt, "an answer")
     assert cache.set("word " * 1000, "a long but fine prompt")
+
+
+def test_log_lines_about_garbage_stay_short(valkey_server: EmbeddedServer, ns: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A warning about a garbage change-log event printed the whole event (up to 512 MB
+    per value) on every replica."""
+    url = valkey_server.url
+    cache = SemanticCache(HashEmbedder(8), store=url, namespace=ns)
+    cache.set("a question", "an answer")
+    store = cache.store
+    r = redis.Redis.from_url(url)
+    r.xadd(store.k_log, {"op": "x" * 1_000_000})  # type: ignore[attr-defined]
+    r.xadd(store.k_log, {"op": "del", "ids": "y" * 1_000_000})  # type: ignore[attr-defined]
+    other = SemanticCache(HashEmbedder(8), store=url, namespace=ns)
+    assert other.get("a question") is not None
+    with caplog.at_level("WARNING"):
+        r.xadd(store.k_log, {"op": "x" * 1_000_000})  # type: ignore[attr-defined]
+        r.xadd(store.k_log, {"op": "clear", "scope": "z" * 1_000_000})  # type: ignore[attr-defined]
+        other.sync()
+    lines = [rec.getMessage() for rec in caplog.records if "change-log" in rec.getMessage()
+             or "clear event" in rec.getMessage()]
+    assert lines and max(len(m) for m in lines) < 1000, [len(m) for m in lines]
+    assert other.get("a question") is not None
+    cache.close()
+    other.close()

@@ -149,6 +149,12 @@ def _refuses_pexpire_gt(exc: BaseException) -> bool:
         m in text for m in ("wrong number of arguments", "syntax error", "unsupported option"))
 
 
+def _brief(value: Any) -> str:
+    """A bounded repr for a log line: a garbage value may be 512 MB."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
+
+
 def _check_client(client: Any, want_async: bool) -> None:
     if isinstance(client, (str, bytes)) or not hasattr(client, "pipeline"):
         raise TypeError(f"the store needs a redis-py client, got {type(client).__name__} "
@@ -642,17 +648,17 @@ class _Layout:
                 return []
             ids = [parse_id(x) for x in parts]
             if not parts or any(i is None for i in ids):
-                log.warning("ignoring a change-log event with a bad id: %r", fields)
+                log.warning("ignoring a change-log event with a bad id: %s", _brief(fields))
             return [LogEvent(op.decode(), i, "", pos) for i in ids if i is not None]
         if op == b"clear":
             scope = fields.get(b"scope", b"")
             text = scope.decode("ascii", "replace") if isinstance(scope, bytes) else ""
             if text != "*" and not _SCOPE_RE.match(text):
-                log.warning("ignoring a clear event with a bad scope: %r", fields)
+                log.warning("ignoring a clear event with a bad scope: %s", _brief(fields))
                 return []
             return [LogEvent("clear", None, text, pos)]
         if op != b"noop":
-            log.warning("ignoring an unknown change-log event: %r", fields)
+            log.warning("ignoring an unknown change-log event: %s", _brief(fields))
         return []
 
     # ---------------------------------------------------------------- write
@@ -835,9 +841,11 @@ class _Layout:
         except ValueError:
             stored_dim = -1
         if stored_dim is not None and not 1 <= stored_dim <= MAX_DIM:
-            log.warning("ignoring a bad dim in %s: %r", self.k_meta, raw_dim)
+            log.warning("ignoring a bad dim in %s: %s", self.k_meta, _brief(raw_dim))
             stored_dim = dim
-        stored_emb = raw_emb.decode("utf-8", "replace") if raw_emb is not None else embedder
+        # (a name, not a text: garbage is cut, as it goes into warnings and errors)
+        stored_emb = (bytes(raw_emb[:256]).decode("utf-8", "replace") if raw_emb is not None
+                      else embedder)
         return stored_dim, stored_emb
 
     def queue_ref_secret(self, pipe: Any) -> None:
