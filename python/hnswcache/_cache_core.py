@@ -760,7 +760,9 @@ class CacheCore:
                 self.touches.update(ids)
 
     def size(self) -> int:
-        return sum(len(i) for i in self.indexes.values())
+        # (list() copies in one step: a warm start in another thread, or the async one in
+        # a worker, adds scopes meanwhile, and iterating the dict itself then raised)
+        return sum(len(i) for i in list(self.indexes.values()))
 
     # ------------------------------------------------------------------ decisions
     def entry_threshold(self, rec: Record, threshold: float) -> float:
@@ -1116,6 +1118,18 @@ class CacheCore:
         return rec.response, rec.vector
 
     @staticmethod
+    def too_long(prompt: str, response: str) -> str | None:
+        """Why a pair is too long to store (readers refuse it), or ``None``: a prompt of
+        more than 1 MiB, a response of more than 16 MiB, in UTF-8."""
+        if len(prompt) > MAX_PROMPT_BYTES // 4 and \
+                len(prompt.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
+            return f"prompt longer than {MAX_PROMPT_BYTES} UTF-8 bytes"
+        if len(response) > MAX_TEXT_BYTES // 4 and \
+                len(response.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+            return f"response longer than {MAX_TEXT_BYTES} UTF-8 bytes"
+        return None
+
+    @staticmethod
     def check_pairs(
         pairs: Sequence[tuple[str, str]], metadata: Sequence[Any]
     ) -> list[str]:
@@ -1127,13 +1141,9 @@ class CacheCore:
         for (p, r), m in zip(pairs, metadata):
             if not isinstance(r, str):
                 raise TypeError(f"response must be a str, got {type(r).__name__}")
-            # (what readers refuse as garbage is not written)
-            if isinstance(p, str) and len(p) > MAX_PROMPT_BYTES // 4 and \
-                    len(p.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
-                raise ValueError(f"prompt longer than {MAX_PROMPT_BYTES} UTF-8 bytes")
-            if len(r) > MAX_TEXT_BYTES // 4 and \
-                    len(r.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
-                raise ValueError(f"response longer than {MAX_TEXT_BYTES} UTF-8 bytes")
+            why = CacheCore.too_long(p, r) if isinstance(p, str) else None
+            if why is not None:  # (what readers refuse as garbage is not written)
+                raise ValueError(why)
             if not m:
                 out.append("{}")
                 continue

@@ -335,6 +335,15 @@ async def _to_the_end(aw: Awaitable[Any]) -> Any:
     return fut.result()
 
 
+def _storable(cache: Any, prompt: str, result: str) -> bool:
+    """Whether ``@cached`` stores a call's result: not when the pair is longer than readers
+    accept (the call is paid for; its result is returned uncached, not an error)."""
+    why = CacheCore.too_long(prompt, result)
+    if why is not None:
+        log.info("hnswcache %r: a call's result is not cached: %s", cache.namespace, why)
+    return why is None
+
+
 def _answers(flight: Flight, vec: Any, threshold: float) -> bool:
     """Whether ``flight``'s answer answers a follower whose prompt embeds to ``vec``: always
     when it is the answer to the flight's own prompt, which the follower matched; when it
@@ -1556,7 +1565,7 @@ class SemanticCache(_Base):
                         return hit.response
                     finally:
                         self._auditing.discard(k[0])
-                    if isinstance(result, str):
+                    if isinstance(result, str) and _storable(self, prompt, result):
                         self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                  sliding=sliding)
                         self._core.stats.add("audits")
@@ -1567,7 +1576,7 @@ class SemanticCache(_Base):
 
                 def call() -> Any:
                     result = fn(*args, **kwargs)
-                    if isinstance(result, str):
+                    if isinstance(result, str) and _storable(self, prompt, result):
                         self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                  sliding=sliding)
                         if self._core.learn_floor is not None:
@@ -2549,7 +2558,7 @@ class AsyncSemanticCache(_Base):
                         return hit.response
                     finally:
                         self._auditing.discard(k[0])
-                    if isinstance(result, str):
+                    if isinstance(result, str) and _storable(self, prompt, result):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                        sliding=sliding)
                         self._core.stats.add("audits")
@@ -2558,7 +2567,7 @@ class AsyncSemanticCache(_Base):
 
                 async def call() -> Any:
                     result = await fn(*args, **kwargs)
-                    if isinstance(result, str):
+                    if isinstance(result, str) and _storable(self, prompt, result):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],
                                        sliding=sliding)
                         if self._core.learn_floor is not None:

@@ -429,3 +429,42 @@ def test_a_client_or_store_of_the_wrong_kind_is_refused_at_construction(
     assert cache.get("a question") is not None
     cache.close()
     sync_client.close()
+
+
+def test_len_and_stats_during_the_async_warm_start_do_not_raise() -> None:
+    """The warm start indexes in a worker thread while the loop serves: len() and stats()
+    iterated the scopes' dict as it grew ('dictionary changed size during iteration', 165
+    of 886 polls in a review)."""
+    from hnswcache.store.memory import MemoryStore
+
+    store = MemoryStore("ns")
+    writer = SemanticCache(HashEmbedder(8), store=store, namespace="ns")
+    for s in range(3000):
+        writer.set_many([(f"q {s} {j}", "a") for j in range(3)], scope={"s": s})
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(8), store=store, namespace="ns")
+        errors: list[str] = []
+        polls = [0]
+        stop = False
+
+        async def poll() -> None:
+            while not stop:
+                try:
+                    len(cache)
+                    cache.stats()
+                except Exception as e:  # noqa: BLE001 - what the test looks for
+                    errors.append(repr(e))
+                polls[0] += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(poll())
+        hit = await cache.get("q 7 1", scope={"s": 7})
+        stop = True
+        await t
+        assert hit is not None and polls[0] > 0
+        assert errors == [], errors[:3]
+        assert len(cache) == 9000
+        await cache.close()
+
+    asyncio.run(run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from hnswcache import SemanticCache
+from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache._cache_core import NEAR_MISS_BAND, Lookup
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
@@ -973,3 +974,36 @@ def test_lookup_searches_again_when_another_thread_applied_changes_meanwhile(ns:
     reader.store.read = read  # type: ignore[method-assign]
     hit = reader.get("a paraphrase of the new one", embedding=target)
     assert hit is not None and hit.response == "new"
+
+
+def test_cached_returns_a_result_too_long_to_store_instead_of_raising() -> None:
+    """A prompt over 1 MiB (what readers accept) is not stored, but the call was paid for:
+    ``@cached`` returns its result uncached; ``set()`` itself refuses it."""
+    long_prompt = "word " * 220_000  # 1.1 MB
+    cache = SemanticCache(HashEmbedder(16), store="memory")
+    calls: list[int] = []
+
+    @cache.cached()
+    def ask(p: str) -> str:
+        calls.append(1)
+        return "an answer"
+
+    assert ask(long_prompt) == "an answer" and ask(long_prompt) == "an answer"
+    assert len(calls) == 2 and len(cache) == 0
+    with pytest.raises(ValueError, match="prompt longer than"):
+        cache.set(long_prompt, "an answer")
+
+    async def run() -> None:
+        acache = AsyncSemanticCache(HashEmbedder(16), store="memory")
+
+        @acache.cached()
+        async def aask(p: str) -> str:
+            calls.append(1)
+            return "an answer"
+
+        assert await aask(long_prompt) == "an answer"
+        assert len(acache) == 0
+        await acache.close()
+
+    asyncio.run(run())
+    assert len(calls) == 3

@@ -114,6 +114,15 @@ def prompt_key(prompt: str) -> tuple[str, dict[str, Any]]:
         return prompt, {"chat": "whole-" + digest.hexdigest()}
 
 
+def _storable(text: str, value: str) -> bool:
+    """Whether an answer is stored: not one longer than the cache's readers accept (the
+    model call is done; LangChain gets its result, uncached, not an error)."""
+    why = CacheCore.too_long(text, value)
+    if why is not None:
+        log.info("an answer is not cached: %s", why)
+    return why is None
+
+
 def _dump(generations: Sequence[Generation]) -> str:
     out: list[dict[str, Any]] = []
     for g in generations:
@@ -212,7 +221,9 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Cache ``return_val`` (a list of generations) for ``prompt`` under ``llm_string``."""
         text, scope = self._lookup_key(prompt, llm_string)
-        self._sync().set(text, _dump(return_val), ttl=self.ttl, scope=scope)
+        value = _dump(return_val)
+        if _storable(text, value):
+            self._sync().set(text, value, ttl=self.ttl, scope=scope)
 
     def clear(self, **kwargs: Any) -> None:
         """Delete every cached answer (``llm_string=...`` deletes one model's only, in
@@ -236,7 +247,9 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
             await asyncio.to_thread(self.update, prompt, llm_string, return_val)
             return
         text, scope = self._lookup_key(prompt, llm_string)
-        await self.async_cache.set(text, _dump(return_val), ttl=self.ttl, scope=scope)
+        value = _dump(return_val)
+        if _storable(text, value):
+            await self.async_cache.set(text, value, ttl=self.ttl, scope=scope)
 
     async def aclear(self, **kwargs: Any) -> None:
         if self.async_cache is None:
