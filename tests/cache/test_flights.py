@@ -635,3 +635,35 @@ def test_a_call_registered_earlier_is_followed_whatever_its_clock_says(valkey_se
     assert ask(P1) == "answer from a"
     th.join()
     assert calls == [] and b.stats()["coalesced"] == 1
+
+
+def test_a_registration_that_prunes_a_dead_flight_keeps_the_servers_order(valkey_server, ns):
+    """A call whose registration also deletes a long-dead field reads the flights again
+    after that fix; the re-read has calls registered since, which see this one: it
+    followed one of them while that one followed it (two calls, found in review). Only
+    the calls its registration's transaction saw count as before it."""
+    url = valkey_server.url
+    a = RedisStore.from_url(url, namespace=ns)
+    b = RedisStore.from_url(url, namespace=ns)
+    r = redis.Redis.from_url(url)
+    sid = "0" * 16
+    v = np.zeros(8, np.float32)
+    v[0] = 1
+    w = v.copy()
+    w[1] = 0.05
+    w /= np.linalg.norm(w)
+    dead_start = int(time.time() * 1000) - 60_000  # (a process that died a minute ago)
+    r.hset(a.fkey(sid), f"{0xdead:016x}", RedisStore.flight_value(v, dead_start, 1, b"z" * 16))
+    real = a._if_unchanged
+    seen_by_b: list[Any] = []
+
+    def b_registers_first(*args: Any, **kw: Any) -> Any:  # (the real fix, after b's call)
+        if not seen_by_b:
+            seen_by_b.append(b.fly(sid, 0xB, w, 30, b"b" * 16)[1])
+        return real(*args, **kw)
+
+    a._if_unchanged = b_registers_first  # type: ignore[method-assign]
+    a_others = a.fly(sid, 0xA, v, 30, b"a" * 16)[1]
+    assert [o[1] for o in seen_by_b[0]] == [0xA]  # b registered after a: it sees a
+    assert a_others == []  # a registered first: it sees nobody, and leads
+    assert not r.hexists(a.fkey(sid), f"{0xdead:016x}")  # (the dead field was pruned)

@@ -418,6 +418,15 @@ class _Layout:
             return None
         return start, token, (v64 / math.sqrt(n2)).astype(np.float32)
 
+    @staticmethod
+    def registered_before(setnx: Any, others: Sequence[tuple[int, int, Any]]
+                          ) -> set[int] | None:
+        """The ids of the calls registered before this one, when its registration's
+        ``HSETNX`` set its field (the transaction's read has exactly those; a later re-read
+        also has calls registered since, which may be following this one); ``None`` when
+        its field is only written by a later fix, whose read under ``WATCH`` is exact."""
+        return {o[1] for o in others} if setnx == 1 else None
+
     def parse_flights(self, flights: Any, eid: int, dim: int, now_ms: int
                       ) -> tuple[list[tuple[int, int, Any]], list[tuple[bytes, bytes]], Any]:
         """The scope's other live flights ``(start, id, vector)``, the fields long dead
@@ -1249,6 +1258,7 @@ class RedisStore(_Layout):
             res = self._run(True, lambda p: self.queue_fly(p, scope_id, eid, value, seconds))
             flights = res[2]
             others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            before = self.registered_before(res[0], others)
             for _ in range(3):  # (the WATCH fails when any flight of the scope changes)
                 fix = self.flight_fixes(key, flights, dead, own, field, value, len(vector),
                                         now)
@@ -1258,6 +1268,8 @@ class RedisStore(_Layout):
                     break
                 flights = self.client.hgetall(key)
                 others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+                if before is not None:  # (the re-read also has calls registered since)
+                    others = [o for o in others if o[1] in before]
             else:  # a busy scope: our own field only, checked and set apart; no pruning
                 if self.parse_flight(self.client.hget(key, field), len(vector), now) is None:
                     self.client.hset(key, field, value)
@@ -1738,6 +1750,7 @@ class AsyncRedisStore(_Layout):
                                                                  seconds))
             flights = res[2]
             others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+            before = self.registered_before(res[0], others)
             for _ in range(3):  # (see RedisStore.fly)
                 fix = self.flight_fixes(key, flights, dead, own, field, value, len(vector),
                                         now)
@@ -1747,6 +1760,8 @@ class AsyncRedisStore(_Layout):
                     break
                 flights = await self.client.hgetall(key)
                 others, dead, own = self.parse_flights(flights, eid, len(vector), now)
+                if before is not None:
+                    others = [o for o in others if o[1] in before]
             else:
                 if self.parse_flight(await self.client.hget(key, field), len(vector),
                                      now) is None:
