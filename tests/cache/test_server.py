@@ -982,6 +982,16 @@ def test_an_existing_data_folder_open_to_others_is_made_owner_only(tmp_path: Pat
             assert (data.stat().st_mode & 0o777) == 0o700
         finally:
             server.stop()
+    # A folder that holds other files is the user's: left as it is (with a warning).
+    mine = tmp_path / "project"
+    mine.mkdir(mode=0o755)
+    os.chmod(mine, 0o755)
+    (mine / "notes.txt").write_text("the user's")
+    server = EmbeddedServer(mine).start()
+    try:
+        assert (mine.stat().st_mode & 0o777) == 0o755
+    finally:
+        server.stop()
 
 
 def test_a_second_server_is_never_started_on_a_live_servers_folder(tmp_path: Path) -> None:

@@ -206,17 +206,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+#: What a data folder of this module holds (a folder holding anything else is the user's).
+_OUR_FILES = {"lock", "server.json", "server.log", "server.sock", "appendonlydir", "dump.rdb",
+              "snapshots"}
+
+
 def _private_folder(path: Path) -> None:
-    """Create ``path`` owner-only, or make an existing one of ours so: the server's files
+    """Create ``path`` owner-only, or make an existing data folder so: the server's files
     (the cached prompts and answers) take the server's umask, 0644 by default, and a folder
     made earlier (a deploy script, an older version) left them readable by every local
-    user."""
+    user. A folder that holds other files too (a project's, ``.``) is left as it is, with
+    a warning."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+    if not st.st_mode & 0o077 or st.st_uid != os.getuid():
+        return
+    names = {p.name for p in path.iterdir()}
+    if all(n in _OUR_FILES or n.startswith(("server.json.", "temp-")) for n in names):
         os.chmod(path, 0o700)
         log.warning("%s was open to other users (mode %o): made owner-only, as it keeps "
                     "the server's data", path, st.st_mode & 0o777)
+    else:
+        log.warning("%s is open to other users (mode %o) and holds other files: the "
+                    "server's data there (the cached prompts and answers) is readable by "
+                    "them; give the cache a folder of its own", path, st.st_mode & 0o777)
 
 
 @contextlib.contextmanager
@@ -399,6 +412,10 @@ class EmbeddedServer:
         Raises :class:`ServerStartError` when the folder's recorded server (started by
         another process, or by another :class:`EmbeddedServer`) still runs: two servers on
         one append-only file would corrupt it (:func:`shared_server` uses that one).
+
+        The folder is made owner-only (0700) when created, or when it exists, is open to
+        other users and holds only this module's files; a folder holding other files is
+        left as it is, with a warning (the server's files would be readable there).
         """
         if self.running:
             return self
