@@ -428,6 +428,17 @@ def test_background_consolidation_runs_the_pass_outside_the_add(clock):
     assert idx.check_integrity()["unreachable_live"] == 0
     found, _ = idx.search(x[3000:6000:10], k=1)
     assert (found[:, 0] == np.arange(3000, 6000, 10)).mean() >= 0.99
+    # Several indexes due at once (a cache's scopes) take turns: each pass still runs.
+    many = [Index(16, clock=clock, auto_consolidate=0.2, background_consolidation=True)
+            for _ in range(3)]
+    for i in many:
+        i.add(x[:2000], np.arange(2000), ttl=1.0)
+    clock.advance(2)
+    for i in many:
+        i.add(x[2000:4000], np.arange(2000, 4000))
+    for i in many:
+        assert i.wait_for_consolidation(timeout=60)
+        assert i.stats()["dead"] == 0 and len(i) == 2000
     off = Index(16, clock=clock, auto_consolidate=0.2)
     assert not off.background_consolidation
     with pytest.raises(TypeError):

@@ -392,11 +392,13 @@ class Index:
         """Whether the automatic pass (``auto_consolidate``) runs in a daemon thread.
 
         Off (the default), the ``add`` that finds the dead share past the threshold runs
-        the pass itself and returns after it (1.2 s for 100k int8 rows with 10% dead, two
-        cores). On, that ``add`` returns at once and a thread runs the pass with one core;
-        other adds wait only while the pass counts the dead and publishes its repairs
-        (tens of ms). Memory is then reclaimed a little later: see
-        :meth:`wait_for_consolidation`. Not saved with the index.
+        the pass itself and returns after it (1.5 s for 100k int8 rows with 12.5% expired,
+        ``bench/consolidate_stall.py``). On, that ``add`` returns at once and a thread runs
+        the pass with one core (one background pass at a time in the process, whatever
+        the number of indexes: a cache has one per scope); other adds wait only while the
+        pass counts the dead and publishes its repairs (tens of ms). Memory is then
+        reclaimed a little later: see :meth:`wait_for_consolidation`. Not saved with the
+        index.
         """
         return bool(self._native.defer_consolidation)
 
@@ -426,9 +428,10 @@ class Index:
     def _background_pass(self) -> None:
         try:
             # One core: the pass is background work, the other cores serve.
-            now_ns = self._now_ns()
-            with _GATE:
-                rep = self._native.consolidate(now_ns, 1)
+            with _ONE_BACKGROUND_PASS:  # (many scopes crossing at once: one core, not all)
+                now_ns = self._now_ns()
+                with _GATE:
+                    rep = self._native.consolidate(now_ns, 1)
             _log.debug("background consolidation: %s", rep)
         except Exception:  # (a clock that raises, memory): the next due add tries again
             _log.exception("background consolidation failed")
@@ -734,7 +737,17 @@ class _ForkGate:
 
 
 _GATE = _ForkGate()
+#: Background passes run one at a time in the process (see background_consolidation).
+_ONE_BACKGROUND_PASS = threading.Lock()
+
+
+
+def _after_fork_in_child() -> None:
+    global _ONE_BACKGROUND_PASS
+    _GATE.after_fork_in_child()
+    _ONE_BACKGROUND_PASS = threading.Lock()  # (a parent's pass may have held it)
+
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_GATE.before_fork, after_in_parent=_GATE.after_fork_in_parent,
-                        after_in_child=_GATE.after_fork_in_child)
+                        after_in_child=_after_fork_in_child)
