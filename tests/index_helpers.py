@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,11 @@ def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "co
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     k = truth.shape[1]
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """Run ``code`` in a fresh interpreter (exits, forks, aborts stay out of the test
+    process); fails the test on a non-zero exit, with the status and stderr."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
+    assert out.returncode == 0, (out.returncode, out.stderr.decode(errors="replace"))
+    return out

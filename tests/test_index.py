@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,7 @@ import pytest
 
 import hnswcache
 from hnswcache import Index
-from index_helpers import brute_force, clustered, recall
+from index_helpers import brute_force, clustered, recall, run_python
 
 _PREFIX = 8 + 8 + 12 * 8 + 8  # bytes before the slots: magic, version, header, alpha
 
@@ -406,8 +404,7 @@ def test_a_forked_child_can_use_threads_on_an_inherited_index():
         "_, st = os.waitpid(pid, 0)\n"
         "raise SystemExit(os.waitstatus_to_exitcode(st))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    run_python(code)
 
 
 def test_an_exit_while_daemon_threads_are_inside_the_index_does_not_abort():
@@ -432,8 +429,7 @@ def test_an_exit_while_daemon_threads_are_inside_the_index_does_not_abort():
         "time.sleep(0.3)\n"
     )
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-        assert out.returncode == 0, out.stderr.decode(errors="replace")
+        run_python(code)
 
 
 def test_an_exit_while_daemon_threads_check_labels_does_not_abort():
@@ -457,8 +453,7 @@ def test_an_exit_while_daemon_threads_check_labels_does_not_abort():
         "time.sleep(0.1)\n"
     )
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-        assert out.returncode == 0, out.stderr.decode(errors="replace")
+        run_python(code)
 
 
 def test_float16_storage_keeps_recall_and_halves_the_vectors(sgd, tmp_path):
@@ -1251,7 +1246,6 @@ def test_an_index_of_one_entry_costs_kilobytes_not_most_of_a_megabyte():
         "print((rss() - before) / len(keep))\n"
         "assert all(i.search(x, k=1)[0][0, 0] == 0 for i in keep[::50])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    out = run_python(code)
     per_index = float(out.stdout.decode().split()[-1])
     assert per_index < 150_000, per_index

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 from hnswcache import Index
-from index_helpers import FakeClock, brute_force, clustered, recall
+from index_helpers import FakeClock, brute_force, clustered, recall, run_python
 
 
 def live_oracle(x: np.ndarray, labels: np.ndarray, q: np.ndarray, k: int):
@@ -466,8 +464,7 @@ def test_a_fork_during_a_background_pass_leaves_the_child_an_index_it_can_write(
         "_, status = os.waitpid(pid, 0)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
-    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    run_python(code, timeout=300)
 
 
 def test_a_fork_waits_for_a_pass_or_save_under_way_in_another_thread():
@@ -498,5 +495,4 @@ def test_a_fork_waits_for_a_pass_or_save_under_way_in_another_thread():
         "_, status = os.waitpid(pid, 0)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
-    assert out.returncode == 0, (out.returncode, out.stderr.decode(errors="replace"))
+    run_python(code, timeout=300)

@@ -741,7 +741,6 @@ _GATE = _ForkGate()
 _ONE_BACKGROUND_PASS = threading.Lock()
 
 
-
 def _after_fork_in_child() -> None:
     global _ONE_BACKGROUND_PASS
     _GATE.after_fork_in_child()

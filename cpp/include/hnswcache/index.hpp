@@ -332,6 +332,13 @@ class index_t {
     // --- consolidation helpers (consolidate.cpp)
     std::size_t reconnect_unreachable(std::int64_t now, std::size_t& distances);
     std::vector<std::uint8_t> reachable_level0() const;
+    // The new list of `node` at level `lvl` from `list` (its links as read): the links not dead
+    // stay (dead: by slot, 1 = dead), the dead ones' live neighbours (or theirs) fill in by
+    // the heuristic and then up to the old degree, and below M/2 a search of the level from
+    // `entry` (packed slot and top level) adds more. Adds the distances it computed.
+    std::vector<slot_t> relink(slot_t node, int lvl, const std::vector<slot_t>& list,
+                               const std::vector<std::uint8_t>& dead, std::uint64_t entry,
+                               std::int64_t now, scratch_t& s, std::size_t& dcount) const;
 
     // --- parameters
     std::size_t dim_, dim_padded_, M_, M0_, ef_construction_;

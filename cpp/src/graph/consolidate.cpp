@@ -169,6 +169,87 @@ std::size_t index_t::reconnect_unreachable(std::int64_t now, std::size_t& distan
     return reconnected;
 }
 
+std::vector<slot_t> index_t::relink(slot_t node, int lvl, const std::vector<slot_t>& list,
+                                    const std::vector<std::uint8_t>& dead, std::uint64_t entry,
+                                    std::int64_t now, scratch_t& s,
+                                    std::size_t& dcount) const {
+    const auto is_dead = [&](slot_t v) { return v < dead.size() && dead[v] == 1; };
+    const float* base = decoded(node, s.dec_a.data());
+    const std::size_t cap = max_links(lvl);
+    std::vector<slot_t> keep, extra;
+    for (const slot_t v : list) {
+        if (!is_dead(v)) {
+            keep.push_back(v);
+            continue;
+        }
+        // Candidates through the dead node: its live neighbours, or theirs if none.
+        const std::uint32_t* dl = links(v, lvl);
+        const std::uint32_t dc = atomic_load_u32(dl);
+        bool any_live = false;
+        for (std::uint32_t j = 0; j < dc; ++j) {
+            const slot_t x = atomic_load_u32(dl + 1 + j);
+            if (!is_dead(x) && x != node) {
+                extra.push_back(x);
+                any_live = true;
+            }
+        }
+        if (!any_live) {
+            for (std::uint32_t j = 0; j < dc; ++j) {
+                const slot_t x = atomic_load_u32(dl + 1 + j);
+                if (level(x) < lvl) continue;
+                const std::uint32_t* xl = links(x, lvl);
+                const std::uint32_t xc = atomic_load_u32(xl);
+                for (std::uint32_t t = 0; t < xc; ++t) {
+                    const slot_t y = atomic_load_u32(xl + 1 + t);
+                    if (!is_dead(y) && y != node) extra.push_back(y);
+                }
+            }
+        }
+    }
+    std::sort(extra.begin(), extra.end());
+    extra.erase(std::unique(extra.begin(), extra.end()), extra.end());
+    auto& cands = s.prune;
+    cands.clear();
+    for (slot_t x : extra)
+        if (std::find(keep.begin(), keep.end(), x) == keep.end())
+            cands.emplace_back(dist(base, x), x);
+    dcount += cands.size();
+    std::sort(cands.begin(), cands.end());
+    // Fill: survivors stay, a candidate joins when no kept link is closer to it than the
+    // base node is (the heuristic of Malkov & Yashunin, Algorithm 4).
+    std::vector<slot_t> out = keep;
+    for (const auto& [d, c] : cands) {
+        if (out.size() >= cap) break;
+        if (diverse(c, d, out, s.dec_b.data(), dcount)) out.push_back(c);
+    }
+    // Keep the degree the node had: the closest remaining candidates fill the holes the
+    // heuristic left (as hnswlib's keepPrunedConnections does), so degrees do not decay
+    // over many cycles.
+    for (const auto& [d, c] : cands) {
+        if (out.size() >= list.size() || out.size() >= cap) break;
+        if (std::find(out.begin(), out.end(), c) == out.end()) out.push_back(c);
+    }
+    const std::size_t floor_degree = std::max<std::size_t>(1, M_ / 2);
+    const int top = static_cast<int>(entry >> 32);
+    if (out.size() < floor_degree && entry != no_entry && lvl <= top) {
+        // Too few (its dead links led only to the dead): look for more around the node
+        // itself, at its own level.
+        slot_t cur = static_cast<slot_t>(entry & 0xffffffffu);
+        greedy_descent(base, cur, top, lvl);
+        std::vector<neighbor_t> found;
+        search_level(base, cur, std::max<std::size_t>(cap, 32), lvl, true, now, s, found);
+        dcount += found.size() * 4;
+        for (const auto& [d, c] : found) {
+            if (out.size() >= cap) break;
+            if (c == node || std::find(out.begin(), out.end(), c) != out.end()) continue;
+            // Below the floor take the closest; above it, only diverse ones.
+            if (out.size() < floor_degree || diverse(c, d, out, s.dec_b.data(), dcount))
+                out.push_back(c);
+        }
+    }
+    return out;
+}
+
 consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads) {
     const auto t0 = std::chrono::steady_clock::now();
     consolidate_report_t rep;
@@ -231,16 +312,10 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
 
         // 2. Compute every new list from the graph as it is.
         const std::uint64_t ep = entry_.load();
-        const slot_t old_entry = static_cast<slot_t>(ep & 0xffffffffu);
-        const int old_top = static_cast<int>(ep >> 32);
         std::atomic<std::size_t> distances{0};
         parallel_for(work.size(), threads, [&](std::size_t w) {
             repair_t& r = work[w];
             scratch_t& s = scratch_t::local(M0_, dim_padded_);
-            const float* base = decoded(r.node, s.dec_a.data());
-            const std::size_t cap = max_links(r.level);
-            std::size_t dcount = 0;
-            std::vector<slot_t> keep, extra;
             {
                 // The node's own list as one snapshot: inserts may be linking to it.
                 lock_node(r.node);
@@ -250,77 +325,8 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 for (std::uint32_t i = 0; i < c; ++i) r.seen[i] = atomic_load_u32(lk + 1 + i);
                 unlock_node(r.node);
             }
-            const std::size_t cnt = r.seen.size();
-            for (const slot_t v : r.seen) {
-                if (!is_dead(v)) {
-                    keep.push_back(v);
-                    continue;
-                }
-                // Candidates through the dead node: its live neighbours, or theirs if none.
-                const std::uint32_t* dl = links(v, r.level);
-                const std::uint32_t dc = atomic_load_u32(dl);
-                bool any_live = false;
-                for (std::uint32_t j = 0; j < dc; ++j) {
-                    const slot_t x = atomic_load_u32(dl + 1 + j);
-                    if (!is_dead(x) && x != r.node) {
-                        extra.push_back(x);
-                        any_live = true;
-                    }
-                }
-                if (!any_live) {
-                    for (std::uint32_t j = 0; j < dc; ++j) {
-                        const slot_t x = atomic_load_u32(dl + 1 + j);
-                        if (level(x) < r.level) continue;
-                        const std::uint32_t* xl = links(x, r.level);
-                        const std::uint32_t xc = atomic_load_u32(xl);
-                        for (std::uint32_t t = 0; t < xc; ++t) {
-                            const slot_t y = atomic_load_u32(xl + 1 + t);
-                            if (!is_dead(y) && y != r.node) extra.push_back(y);
-                        }
-                    }
-                }
-            }
-            std::sort(extra.begin(), extra.end());
-            extra.erase(std::unique(extra.begin(), extra.end()), extra.end());
-            auto& cands = s.prune;
-            cands.clear();
-            for (slot_t x : extra)
-                if (std::find(keep.begin(), keep.end(), x) == keep.end())
-                    cands.emplace_back(dist(base, x), x);
-            dcount += cands.size();
-            std::sort(cands.begin(), cands.end());
-            // Fill: survivors stay, a candidate joins when no kept link is closer to it than
-            // the base node is (the heuristic of Malkov & Yashunin, Algorithm 4).
-            std::vector<slot_t> out = keep;
-            for (const auto& [d, c] : cands) {
-                if (out.size() >= cap) break;
-                if (diverse(c, d, out, s.dec_b.data(), dcount)) out.push_back(c);
-            }
-            // Keep the degree the node had: the closest remaining candidates fill the holes
-            // the heuristic left (as hnswlib's keepPrunedConnections does), so degrees do not
-            // decay over many cycles.
-            for (const auto& [d, c] : cands) {
-                if (out.size() >= cnt || out.size() >= cap) break;
-                if (std::find(out.begin(), out.end(), c) == out.end()) out.push_back(c);
-            }
-            const std::size_t floor_degree = std::max<std::size_t>(1, M_ / 2);
-            if (out.size() < floor_degree && r.level <= old_top) {
-                // Too few: look for more around the node itself, at its own level.
-                slot_t cur = old_entry;
-                greedy_descent(base, cur, old_top, r.level);
-                std::vector<neighbor_t> found;
-                search_level(base, cur, std::max<std::size_t>(cap, 32), r.level, true, now, s,
-                             found);
-                dcount += found.size() * 4;
-                for (const auto& [d, c] : found) {
-                    if (out.size() >= cap) break;
-                    if (c == r.node || std::find(out.begin(), out.end(), c) != out.end()) continue;
-                    // Below the floor take the closest; above it, only diverse ones.
-                    if (out.size() < floor_degree || diverse(c, d, out, s.dec_b.data(), dcount))
-                        out.push_back(c);
-                }
-            }
-            r.links = std::move(out);
+            std::size_t dcount = 0;
+            r.links = relink(r.node, r.level, r.seen, dead, ep, now, s, dcount);
             distances.fetch_add(dcount, std::memory_order_relaxed);
         });
         rep.distances = distances.load();
@@ -376,63 +382,13 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 bool any = false;
                 for (std::uint32_t i = 0; i < c && !any; ++i) any = is_dead(atomic_load_u32(lk + 1 + i));
                 if (!any) continue;
-                // The dead links go; their live neighbours fill in (as in step 2), or a node
-                // that linked only to the dead would be left a dead end.
-                merged.clear();
-                std::vector<slot_t> extra;
-                for (std::uint32_t i = 0; i < c; ++i) {
-                    const slot_t v = atomic_load_u32(lk + 1 + i);
-                    if (!is_dead(v)) {
-                        merged.push_back(v);
-                        continue;
-                    }
-                    const std::uint32_t* dl = links(v, l);
-                    const std::uint32_t dc = atomic_load_u32(dl);
-                    for (std::uint32_t j = 0; j < dc; ++j) {
-                        const slot_t x = atomic_load_u32(dl + 1 + j);
-                        if (!is_dead(x) && x != u && state(x) == state_ready && level(x) >= l)
-                            extra.push_back(x);
-                    }
-                }
-                std::sort(extra.begin(), extra.end());
-                extra.erase(std::unique(extra.begin(), extra.end()), extra.end());
-                scratch_t& s = scratch_t::local(M0_, dim_padded_);
-                const float* base = decoded(u, s.dec_a.data());
-                auto& cands = s.prune;
-                cands.clear();
-                for (slot_t x : extra)
-                    if (std::find(merged.begin(), merged.end(), x) == merged.end())
-                        cands.emplace_back(dist(base, x), x);
-                std::sort(cands.begin(), cands.end());
-                const std::size_t cap = max_links(l);
-                std::size_t dcount = cands.size();
-                for (const auto& [d, x] : cands) {
-                    if (merged.size() >= cap) break;
-                    if (diverse(x, d, merged, s.dec_b.data(), dcount)) merged.push_back(x);
-                }
-                for (const auto& [d, x] : cands) {
-                    if (merged.size() >= c || merged.size() >= cap) break;
-                    if (std::find(merged.begin(), merged.end(), x) == merged.end())
-                        merged.push_back(x);
-                }
-                const std::size_t floor_degree = std::max<std::size_t>(1, M_ / 2);
-                const std::uint64_t ep = entry_.load();
-                if (merged.size() < floor_degree && ep != no_entry &&
-                    l <= static_cast<int>(ep >> 32)) {
-                    // Its dead links led only to the dead (a whole cluster expired): look
-                    // around the node itself, as step 2 does.
-                    slot_t cur = static_cast<slot_t>(ep & 0xffffffffu);
-                    greedy_descent(base, cur, static_cast<int>(ep >> 32), l);
-                    std::vector<neighbor_t> found;
-                    search_level(base, cur, std::max<std::size_t>(cap, 32), l, true, now, s,
-                                 found);
-                    dcount += found.size() * 4;
-                    for (const auto& [d, x] : found) {
-                        if (merged.size() >= floor_degree) break;
-                        if (x != u && std::find(merged.begin(), merged.end(), x) == merged.end())
-                            merged.push_back(x);
-                    }
-                }
+                // The dead links go and are replaced as in step 2: a node that linked only to
+                // the dead would be left a dead end.
+                std::vector<slot_t> list(c);
+                for (std::uint32_t i = 0; i < c; ++i) list[i] = atomic_load_u32(lk + 1 + i);
+                std::size_t dcount = 0;
+                merged = relink(u, l, list, dead, entry_.load(), now,
+                                scratch_t::local(M0_, dim_padded_), dcount);
                 rep.distances += dcount;
                 write_links(u, l, merged.data(), merged.size());
                 ++rep.pruned;
