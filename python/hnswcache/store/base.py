@@ -366,6 +366,24 @@ def _float(raw: Mapping[Any, Any], name: str) -> float:
     return value
 
 
+def as_unit_vector(vector: npt.NDArray[np.float32]
+                   ) -> tuple[npt.NDArray[np.float32] | None, float]:
+    """A float32 vector read back from the server, made exactly unit when its squared norm
+    is within 2% of 1 (``None`` otherwise: NaN, infinity, overflow), and that squared norm.
+    Rescaled because a stored vector 1% too long inflated the similarity of every lookup
+    against it (a near miss at 0.845 became a hit); only when off by more than float32's
+    rounding, so what the cache wrote is returned as is."""
+    try:
+        n2 = float(np.dot(vector, vector))  # NaN or inf if any value is
+    except (FloatingPointError, RuntimeWarning):  # (a float32 of 3e19 overflows it, and
+        n2 = math.inf  # NumPy's errors or warnings may be made fatal)
+    if not 0.98 < n2 < 1.02:
+        return None, n2
+    if abs(n2 - 1.0) > 1e-5:
+        vector = (vector.astype(np.float64) / math.sqrt(n2)).astype(np.float32)
+    return vector, n2
+
+
 def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invalid:
     """Validate the stored fields of entry ``eid``; a :class:`Record`, or :class:`Invalid`.
 
@@ -390,16 +408,10 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         vector = np.frombuffer(bytes(vec_bytes), dtype="<f4").astype(np.float32)
         if dim is not None and vector.shape[0] != dim:
             raise ValueError(f"vector has dimension {vector.shape[0]}, the cache has {dim}")
-        try:
-            n2 = float(np.dot(vector, vector))  # NaN or inf if any value is
-        except (FloatingPointError, RuntimeWarning):  # (a float32 of 3e19 overflows it,
-            n2 = math.inf  # and NumPy's errors or warnings may be made fatal)
-        if not 0.98 < n2 < 1.02:
+        unit, n2 = as_unit_vector(vector)
+        if unit is None:
             raise ValueError(f"vector is not a finite unit vector (squared norm {n2:.3f})")
-        if abs(n2 - 1.0) > 1e-5:
-            # Exactly unit, as written: a stored vector scaled by up to 1% inflated the
-            # similarity of every lookup against it (a near miss at 0.845 became a hit).
-            vector = (vector.astype(np.float64) / math.sqrt(n2)).astype(np.float32)
+        vector = unit
         scope_id = _text(raw, "scope")
         scope_json = _text(raw, "scope_json")
         _check_scope(scope_id, scope_json)

@@ -47,6 +47,7 @@ from .base import (
     StoreError,
     Verdict,
     WriteResult,
+    as_unit_vector,
     decode_record,
     decode_verdicts,
     encode_record,
@@ -412,11 +413,9 @@ class _Layout:
         start, deadline, token = _FLIGHT.unpack_from(value)
         if deadline <= now_ms or not 0 <= start <= deadline:
             return None
-        v64 = np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float64)
-        n2 = float(v64 @ v64)  # (in float64: a float32 of 3e19 overflowed; see decode_record)
-        if not 0.98 < n2 < 1.02:  # (NaN fails too)
-            return None
-        return start, token, (v64 / math.sqrt(n2)).astype(np.float32)
+        vec, _ = as_unit_vector(
+            np.frombuffer(bytes(value[_FLIGHT.size:]), dtype="<f4").astype(np.float32))
+        return None if vec is None else (start, token, vec)
 
     @staticmethod
     def registered_before(setnx: Any, others: Sequence[tuple[int, int, Any]]
