@@ -607,11 +607,14 @@ class CacheCore:
                 continue
             self.stats.add("sync_events")
             if ev.op == "clear":
-                # This process applied its own writes when it made them, ahead of the log:
-                # those logged after this clear (not read yet) are not cleared by it.
-                keep = {i for pos, written in self.own_positions.items() if pos not in own
-                        for i in written}
-                self.clear_local(ev.scope, keep)
+                # Not dropped on the event's word: every entry of the scope held here is
+                # fetched and kept or dropped as the store says. No Redis writer logs one
+                # since 2026-12-05 (a clear logs its del batches): one read there is forged
+                # or an older version's, and dropping on it emptied every replica while the
+                # store kept the entries (the semantic tier missed them for good).
+                for eid, w in list(self.where.items()):
+                    if ev.scope in ("*", None) or w[0] == ev.scope:
+                        ids[eid] = None
             elif ev.id is not None and (ev.op != "del" or ev.id in self.where):
                 ids[ev.id] = None  # (a del of an entry not held here changes nothing)
         for pos in own:

@@ -794,3 +794,32 @@ def test_log_lines_about_garbage_stay_short(valkey_server: EmbeddedServer, ns: s
     assert other.get("a question") is not None
     cache.close()
     other.close()
+
+
+def test_a_forged_clear_event_leaves_replicas_as_the_store_is(valkey_server: EmbeddedServer,
+                                                              ns: str) -> None:
+    """A clear event of every scope written into the change log (no writer logs one) made
+    every replica drop its index while the store kept the entries: the semantic tier missed
+    them until a restart. Replicas now keep or drop each entry as the store holds it."""
+    url = valkey_server.url
+    emb = HashEmbedder(16)
+    writer = SemanticCache(emb, store=url, namespace=ns)
+    writer.set("how do I reset my password", "use the link", scope={"t": "a"})
+    writer.set("what is the refund policy", "30 days", scope={"t": "b"})
+    reader = SemanticCache(emb, store=url, namespace=ns, sync_interval=0)
+    near = "how do I reset my password please"
+    assert reader.get(near, scope={"t": "a"}, threshold=0.5) is not None
+    r = redis.Redis.from_url(url)
+    r.xadd(writer.store.k_log, {"op": "clear", "scope": "*"})  # type: ignore[attr-defined]
+    # One entry really is deleted behind the event's back (as an older version's clear
+    # would): the replica drops that one and keeps the other.
+    r.delete(keys_for(ns)["entry"] + writer.get("what is the refund policy",  # type: ignore[union-attr]
+                                                scope={"t": "b"}).key)
+    reader.sync()
+    hit = reader.get(near, scope={"t": "a"}, threshold=0.5)
+    assert hit is not None and hit.tier == "semantic" and hit.response == "use the link"
+    assert reader.get("what is the refund policy please", scope={"t": "b"},
+                      threshold=0.5) is None
+    assert len(reader) == 1
+    writer.close()
+    reader.close()
