@@ -496,3 +496,40 @@ def test_a_fork_waits_for_a_pass_or_save_under_way_in_another_thread():
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
     run_python(code, timeout=300)
+
+
+def test_a_fork_while_other_threads_search_delete_and_touch_leaves_the_child_working():
+    """Searches, deletes and touches hold the index's locks too: a fork while another
+    thread was inside one left the child's next pass or save waiting for ever (19 forks in
+    20 under a searching thread). Every call into the core now passes a gate a fork waits
+    on; the parent's threads go on after it."""
+    code = (
+        "import os, signal, sys, threading, numpy as np, hnswcache\n"
+        "x = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)\n"
+        "i = hnswcache.Index(64)\n"
+        "i.add(x, np.arange(20000))\n"
+        "stop = False\n"
+        "def searcher():\n"
+        "    while not stop:\n"
+        "        i.search(x[:64], k=10)\n"
+        "def toucher():\n"
+        "    k = 0\n"
+        "    while not stop:\n"
+        "        i.touch([k % 20000], ttl=1e6); i.delete([20000 + k % 50]); k += 1\n"
+        "ths = [threading.Thread(target=f) for f in (searcher, searcher, toucher)]\n"
+        "for th in ths: th.start()\n"
+        "for n in range(10):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        signal.alarm(20)  # (a hang ends the child with SIGALRM)\n"
+        "        i.add(x[:1] + 0.01, [100000 + n]); i.delete([7 + n])\n"
+        "        i.consolidate(); i.to_bytes()\n"
+        "        os._exit(0 if len(i) == 20000 else 3)\n"
+        "    _, status = os.waitpid(pid, 0)\n"
+        "    if os.waitstatus_to_exitcode(status) != 0:\n"
+        "        stop = True; sys.exit(f'child {n}: {os.waitstatus_to_exitcode(status)}')\n"
+        "stop = True\n"
+        "for th in ths: th.join()\n"
+        "assert len(i) == 20000 and i.search(x[5], k=1)[0][0] == 5\n"
+    )
+    run_python(code, timeout=300)

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -22,18 +23,42 @@ namespace {
 using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i64_array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
+// The fork gate. A forked child inherits the index locks as they were, held by threads it
+// does not have: a fork while another thread searched left the child's first consolidation
+// or save waiting for ever (19 forks in 20 under a searching thread). So os.fork() waits
+// until no call into the core is under way, and calls starting meanwhile wait for it to
+// end (index.py registers fork_gate_close/open with os.register_at_fork, after Python's own
+// gate has drained the long calls). Not pthread_atfork: a subprocess's fork+exec needs no
+// such wait. Atomics only: a mutex held at the fork would itself be inherited held.
+std::atomic<long> gate_busy{0};
+std::atomic<bool> gate_forking{false};
+
+void fork_gate_enter() {
+    for (;;) {
+        gate_busy.fetch_add(1);  // (seq_cst, as the loads: the fork sees it or it sees the fork)
+        if (!gate_forking.load()) return;
+        gate_busy.fetch_sub(1);
+        while (gate_forking.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+}
+
+void fork_gate_leave() { gate_busy.fetch_sub(1); }
+
 // The GIL released around a call into the core. Python 3.11-3.13 ends a daemon thread
 // that asks for the GIL back while the interpreter finalises with pthread_exit, a forced
 // unwind: out of pybind11's gil_scoped_release, whose destructor is noexcept, that is
 // std::terminate (every exit with a daemon thread searching aborted), and unwinding further
 // would drop Python references without the GIL. So the thread stays here instead, holding
 // nothing, until the process ends (what Python 3.14 itself does with such threads).
+//
+// Every such call also passes the fork gate below: a fork waits until none is under way.
 class nogil {
 public:
-    nogil() : state_(PyEval_SaveThread()) {}
+    nogil() : state_(PyEval_SaveThread()) { fork_gate_enter(); }
     nogil(const nogil&) = delete;
     nogil& operator=(const nogil&) = delete;
     ~nogil() {
+        fork_gate_leave();
         try {
             PyEval_RestoreThread(state_);
         } catch (...) {  // (only the forced unwind: the C API throws nothing else)
@@ -86,6 +111,24 @@ const hnswcache::kernels_t& kernels_named(const std::string& isa) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "Native core of hnswcache: a time-aware HNSW index with SIMD kernels.";
+    m.def(
+        "fork_gate_close",
+        [] {
+            gate_forking.store(true);
+            PyThreadState* st = PyEval_SaveThread();  // (not nogil: that enters the gate)
+            while (gate_busy.load() != 0)
+                std::this_thread::sleep_for(std::chrono::microseconds(50));
+            PyEval_RestoreThread(st);
+        },
+        "Before os.fork(): wait until no call into the core is under way; calls starting "
+        "meanwhile wait for fork_gate_open.");
+    m.def(
+        "fork_gate_open",
+        [](bool child) {
+            if (child) gate_busy.store(0);  // (a parent's thread backing off counted itself)
+            gate_forking.store(false);
+        },
+        py::arg("child"), "After os.fork(), in the parent and in the child.");
 
     py::register_exception_translator([](std::exception_ptr p) {
         try {

@@ -699,8 +699,10 @@ class _ForkGate:
     is under way, none starting meanwhile. A child inherits the native locks as they were,
     held by threads it does not have: its first insert, pass or save would wait for ever
     (a fork during a background pass hung the child). Searches, deletes and touches are
-    short and not gated: a fork in the middle of one leaves the child's next pass or save
-    waiting, so fork before starting threads that use an index, as with any lock."""
+    short: the native module's own gate (``_core.fork_gate_close``) waits for those, and for
+    every other call into the core, once this one has let the long ones end with the GIL
+    free (a fork while another thread searched left the child's next pass or save waiting
+    for ever)."""
 
     def __init__(self) -> None:
         self.cv = threading.Condition(threading.Lock())
@@ -748,5 +750,10 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
+    # Registered first, so its `before` runs last: after Python's gate is closed, no long
+    # call can be waiting at the native gate (which it would then wait for, for ever).
+    os.register_at_fork(before=_core.fork_gate_close,
+                        after_in_parent=lambda: _core.fork_gate_open(child=False),
+                        after_in_child=lambda: _core.fork_gate_open(child=True))
     os.register_at_fork(before=_GATE.before_fork, after_in_parent=_GATE.after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
