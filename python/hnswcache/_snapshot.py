@@ -50,9 +50,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hnswcache")
 
-FORMAT = "hnswcache-snapshot/1"
+#: /2 (ninth session of 2026-12-05): the manifest ends with a line of its checksum, and
+#: names each index file's size. A /1 manifest is refused: one rebuild from the store.
+FORMAT = "hnswcache-snapshot/2"
 _MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 1 << 30
+#: The largest index file a manifest may record (its own bound otherwise: _index_limit).
+_MAX_INDEX_BYTES = 1 << 40
+_DIGEST_PREFIX = "blake2b:"
+#: Bytes any index file may have beyond its per-entry bound (see _index_limit).
+_INDEX_SLACK = 64 << 20
 _FILE_RE = re.compile(r"^scope-[0-9a-f]{16}-[0-9a-f]{8}\.hci$")
 #: What a save leaves behind when it is killed: Index.save's and the manifest's temporaries.
 #: (Index.save's were `<file>.tmp<pid>` until the sixth session of 2026-12-05, now
@@ -113,7 +120,9 @@ def _read_regular(path: Path, limit: int) -> bytes:
     with fh:
         if st.st_size > limit:
             raise SnapshotError(f"{path.name} has {st.st_size} bytes, more than {limit}")
-        data = fh.read(limit + 1)
+        # (sized by the file, not the limit: read(limit + 1) reserved the limit up front, a
+        # MemoryError for a valid file where the limit passed what the host would grant)
+        data = fh.read(min(st.st_size, limit) + 1)
     if len(data) > limit:
         raise SnapshotError(f"{path.name} grew past {limit} bytes while read")
     return data
@@ -125,12 +134,30 @@ def _read_regular(path: Path, limit: int) -> bytes:
 _INDEX_PREFIX = struct.Struct("<8sII4Q")
 
 
-def _index_limit(core: CacheCore, entries: int) -> int:
+def _index_limit(core: CacheCore, entries: int, recorded: Any = None) -> int:
     """Bytes an index file of a scope with ``entries`` live entries may have: 8x as many
-    slots (dead ones wait for consolidation), each at most its links, row and metadata."""
+    slots (dead ones wait for consolidation), each at most its links, row and metadata; or
+    the size the manifest records for it. A scope that shrank keeps its slots (freed ones
+    are written as zeros): its file outgrew the first bound, and the whole snapshot was
+    refused for it."""
     M, dim = core.index_params["M"], core.dim or 0
     per_slot = 17 + 4 * (1 + 2 * M) + 4 * dim + 8 * (1 + M)
-    return (64 << 20) + 8 * (entries + 1) * per_slot
+    bound = _INDEX_SLACK + 8 * (entries + 1) * per_slot
+    if type(recorded) is int and 0 < recorded <= _MAX_INDEX_BYTES:
+        bound = max(bound, recorded)
+    return bound
+
+
+def _private_dirs(root: Path, d: Path) -> None:
+    """Create the snapshot folders under ``root`` down to ``d``, owner-only (a snapshot
+    holds every entry's embedding and id); ``root`` itself is the caller's, left as it is."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in (d.parent, d):
+        sub.mkdir(mode=0o700, exist_ok=True)
+        try:
+            os.chmod(sub, 0o700)  # (mkdir's mode passes the umask; and folders from before)
+        except OSError:
+            pass  # (another user's folder: saving there fails on its own, with its reason)
 
 
 def folder(root: str | os.PathLike[str], namespace: str) -> Path:
@@ -189,7 +216,7 @@ def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
         raise SnapshotError("nothing to save: the replica has not been loaded")
     expected = _expected(core)
     d = variant_folder(core, root, namespace, expected)
-    d.mkdir(parents=True, exist_ok=True)
+    _private_dirs(Path(root), d)
     token = secrets.token_hex(4)
     if where is None:
         where = dict(core.where)  # (a copy: other threads' lookups add and remove entries)
@@ -205,16 +232,21 @@ def save(core: CacheCore, root: str | os.PathLike[str], namespace: str,
     for sid, idx in list(core.indexes.items()):
         name = f"scope-{sid}-{token}.hci"
         idx.save(d / name)
+        os.chmod(d / name, 0o600)  # (embeddings and ids: the owner's only)
         files.add(name)
         ids, versions = by_scope.get(sid, ([], []))
-        scopes.append({"sid": sid, "file": name, "ids": ids, "versions": versions})
+        scopes.append({"sid": sid, "file": name, "bytes": (d / name).stat().st_size,
+                       "ids": ids, "versions": versions})
     manifest = {"format": FORMAT, "namespace": namespace, "dim": core.dim,
                 "index": expected, "position": position, "written": time.time(),
                 "scopes": scopes}
     tmp = d / f"{_MANIFEST}.tmp{os.getpid()}-{token}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(_json_chunks(manifest))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(manifest_text(manifest))
+            fh.flush()
+            os.fsync(fh.fileno())  # (as the index files: the rename must not come first)
         os.replace(tmp, d / _MANIFEST)
     finally:
         tmp.unlink(missing_ok=True)
@@ -260,6 +292,33 @@ def _json_chunks(manifest: dict[str, Any]) -> Iterator[str]:
     yield "]}"
 
 
+def manifest_text(manifest: dict[str, Any]) -> Iterator[str]:
+    """The manifest as written: its JSON (in pieces, see :func:`_json_chunks`), then a line
+    of its checksum. (A bit flipped in an id passed every check, and the loader then
+    dropped the entry from the graph as one the list lacks, in every later save too.)"""
+    digest = hashlib.blake2b(digest_size=16)
+    for piece in _json_chunks(manifest):
+        digest.update(piece.encode())
+        yield piece
+    yield f"\n{_DIGEST_PREFIX}{digest.hexdigest()}\n"
+
+
+def parse_manifest(raw: bytes) -> dict[str, Any]:
+    """A manifest's JSON object, once its checksum line matches (else SnapshotError)."""
+    body, sep, tail = raw.rstrip(b"\n").rpartition(b"\n")
+    want = hashlib.blake2b(body, digest_size=16).hexdigest()
+    if not sep or tail.decode("ascii", "replace") != _DIGEST_PREFIX + want:
+        raise SnapshotError("manifest checksum does not match (damaged, or written by a "
+                            "version before 2026-12-05's ninth session)")
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SnapshotError(f"manifest is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SnapshotError("manifest is not a JSON object")
+    return value
+
+
 def _remove_stale(d: Path, named: set[str]) -> None:
     """Delete index files not in ``named`` (those of the manifest just written), once old
     enough. (The manifest is not read back: parsing 100k entries' JSON held the GIL ~17 ms.
@@ -282,13 +341,7 @@ def _read_manifest(d: Path) -> dict[str, Any]:
         raise SnapshotError("no snapshot") from None
     except OSError as exc:
         raise SnapshotError(f"cannot read {path}: {exc}") from None
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SnapshotError(f"manifest is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise SnapshotError("manifest is not a JSON object")
-    return value
+    return parse_manifest(raw)
 
 
 def describe(root: str | os.PathLike[str], namespace: str) -> list[dict[str, Any]]:
@@ -396,9 +449,10 @@ def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
     indexes: dict[str, Index] = {}
     where: dict[int, tuple[str, str]] = {}
     p = core.index_params
+    sizes = {x.get("sid"): x.get("bytes") for x in m["scopes"]}
     for sid, name, ids, versions in checked:
         try:
-            data = _read_regular(d / name, _index_limit(core, len(ids)))
+            data = _read_regular(d / name, _index_limit(core, len(ids), sizes.get(sid)))
         except OSError as exc:
             raise SnapshotError(f"index file {name}: {exc}") from None
         if len(data) < _INDEX_PREFIX.size:

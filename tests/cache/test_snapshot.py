@@ -136,13 +136,13 @@ def test_flushed_server_ignores_snapshot(fresh_server, ns, paraphrases, tmp_path
 
 @pytest.mark.parametrize("damage", ["manifest-garbage", "index-bytes", "index-missing",
                                     "path-escape", "bad-id", "position-zero",
-                                    "position-overflow", "other-settings"])
+                                    "position-overflow", "other-settings", "id-flipped"])
 def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, caplog,
                                       damage):
     px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
     fill(url, ns, px, snap)
     d = manifest_path(snap, ns).parent
-    manifest = json.loads((d / "manifest.json").read_text())
+    manifest = snapshot.parse_manifest((d / "manifest.json").read_bytes())
     index_file = d / manifest["scopes"][0]["file"]
     if damage == "manifest-garbage":
         (d / "manifest.json").write_bytes(b"\x00{not json")
@@ -155,19 +155,25 @@ def test_damaged_snapshot_is_not_used(valkey_server, ns, paraphrases, tmp_path, 
         index_file.unlink()
     elif damage == "path-escape":
         manifest["scopes"][0]["file"] = "../../outside.hci"
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "manifest.json").write_text("".join(snapshot.manifest_text(manifest)))
     elif damage == "bad-id":
         manifest["scopes"][0]["ids"][0] = -5
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "manifest.json").write_text("".join(snapshot.manifest_text(manifest)))
     elif damage == "position-zero":  # a trimmed log could not be told apart from there
         manifest["position"] = "0-0"
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "manifest.json").write_text("".join(snapshot.manifest_text(manifest)))
     elif damage == "position-overflow":  # a stream id the server refuses to read from
         manifest["position"] = "99999999999999999999-0"
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "manifest.json").write_text("".join(snapshot.manifest_text(manifest)))
+    elif damage == "id-flipped":  # valid JSON, a valid id: the entry was lost for good
+        raw = (d / "manifest.json").read_bytes()
+        at = raw.index(b'"ids":[') + len(b'"ids":[')
+        end = raw.index(b",", at)
+        (d / "manifest.json").write_bytes(raw[:at] + str(int(raw[at:end]) ^ 1).encode() +
+                                          raw[end:])
     else:  # in this settings' folder, but written with others
         manifest["index"]["M"] = 99
-        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "manifest.json").write_text("".join(snapshot.manifest_text(manifest)))
     caplog.set_level(logging.INFO, logger="hnswcache")
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     assert b.get(px.q[7], embedding=px.qv[7]).response == "answer 7"  # type: ignore[union-attr]
@@ -308,7 +314,7 @@ def test_loaded_graph_finds_the_nearest_entry(valkey_server, ns, tmp_path):
 
 def _damage_index_file(snap: Path, ns: str, how: str) -> None:
     d = manifest_path(snap, ns).parent
-    manifest = json.loads((d / "manifest.json").read_text())
+    manifest = snapshot.parse_manifest((d / "manifest.json").read_bytes())
     f = d / manifest["scopes"][0]["file"]
     f.unlink()
     if how == "fifo":
@@ -431,7 +437,8 @@ def test_saves_in_a_tight_loop_keep_two_generations_of_files(valkey_server, ns, 
         a.set(f"extra {i}", "y", embedding=px.qv[N + 1 + i])
         assert a.save_snapshot()
     d = manifest_path(snap, ns).parent
-    named = {s["file"] for s in json.loads(manifest_path(snap, ns).read_text())["scopes"]}
+    named = {s["file"] for s in
+             snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())["scopes"]}
     files = {f.name for f in d.glob("*.hci")}
     assert len(named) == 2 and named <= files
     assert len(files) == 4, sorted(files)  # this save's and the one before's
@@ -521,11 +528,11 @@ def test_strict_close_with_the_store_down_still_saves(fresh_server, ns, paraphra
     a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap, strict=True, timeout=0.5)
     a.set_many([(px.q[i], f"answer {i}") for i in range(20)], embeddings=px.qv[:20])
     assert a.save_snapshot()
-    first = json.loads(manifest_path(snap, ns).read_text())["written"]
+    first = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())["written"]
     time.sleep(0.01)
     fresh_server.stop()
     a.close()  # no raise
-    assert json.loads(manifest_path(snap, ns).read_text())["written"] > first
+    assert snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())["written"] > first
 
 
 def test_a_start_that_replayed_much_leaves_a_fresh_snapshot(valkey_server, ns, tmp_path):
@@ -538,7 +545,7 @@ def test_a_start_that_replayed_much_leaves_a_fresh_snapshot(valkey_server, ns, t
     a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     a.set_many([(f"r{i}", "x") for i in range(200)], embeddings=vecs[:200])
     a.close()
-    first = json.loads(manifest_path(snap, ns).read_text())
+    first = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())
     writer = SemanticCache(store=url, namespace=ns)
     for s in range(200, 1400, 100):
         writer.set_many([(f"r{i}", "x") for i in range(s, s + 100)],
@@ -547,7 +554,7 @@ def test_a_start_that_replayed_much_leaves_a_fresh_snapshot(valkey_server, ns, t
     b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     b.sync()
     assert b.stats()["warm_start"]["source"] == "snapshot" and len(b) == 1400
-    fresh = json.loads(manifest_path(snap, ns).read_text())  # before any close()
+    fresh = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())  # before any close()
     assert fresh["position"] != first["position"]
     assert sum(len(x["ids"]) for x in fresh["scopes"]) == 1400
     b._closed = True  # (killed)
@@ -575,7 +582,7 @@ def test_periodic_snapshot_while_the_replica_changes(valkey_server, ns, tmp_path
     assert a._snapshot_thread is not None
     a._snapshot_thread.join(10)
     assert a.stats()["snapshots_saved"] == 1
-    saved = json.loads(manifest_path(snap, ns).read_text())
+    saved = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())
     assert sum(len(x["ids"]) for x in saved["scopes"]) == 100
     a.set("r100", "a100", embedding=vecs[100])  # within the interval: no other snapshot
     a.sync()  # (reads its own write back from the log, still within the interval)
@@ -616,7 +623,7 @@ def test_periodic_snapshot_follows_other_processes(valkey_server, ns, tmp_path):
     assert reader._snapshot_thread is not None
     reader._snapshot_thread.join(10)
     assert reader.stats()["snapshots_saved"] == first + 1
-    saved = json.loads(manifest_path(snap, ns).read_text())
+    saved = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())
     assert sum(len(x["ids"]) for x in saved["scopes"]) == 40
     writer.close()
     reader.close()
@@ -669,7 +676,7 @@ def test_async_periodic_snapshot(valkey_server, ns, tmp_path):
         assert a._snapshot_task is not None
         await a._snapshot_task
         assert a.stats()["snapshots_saved"] == 1
-        saved = json.loads(manifest_path(snap, ns).read_text())
+        saved = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())
         assert sum(len(x["ids"]) for x in saved["scopes"]) == 60
         await asyncio.sleep(0.25)
         await a.set("r0", "y", embedding=vecs[0])  # a second one starts...
@@ -1070,11 +1077,11 @@ def test_an_older_copy_never_replaces_a_newer_snapshot(valkey_server, ns, tmp_pa
         w.set_many([(f"r{i}", f"a{i}") for i in range(20, 40)], embeddings=vecs[20:40])
         w.close()
         assert a.save_snapshot()  # B: a newer copy, written first
-        newer = json.loads(manifest_path(snap, ns).read_text())["position"]
+        newer = snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())["position"]
     finally:
         gate.go.set()
         first.join(30)
-    assert json.loads(manifest_path(snap, ns).read_text())["position"] == newer
+    assert snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())["position"] == newer
     assert a.stats()["snapshots_saved"] == 1
     r = redis.Redis.from_url(url)  # the log trimmed up to the newer snapshot's position
     r.xtrim(f"hc:{{{ns}}}:log", minid=newer, approximate=False)
@@ -1147,7 +1154,7 @@ def _two_scope_snapshot(url: str, ns: str, px: Paraphrases, snap: Path) -> dict[
         a.set_many([(px.q[i], f"answer {u}-{i}") for i in range(20)], embeddings=px.qv[:20],
                    scope={"u": u})
     a.close()
-    return json.loads(manifest_path(snap, ns).read_text())
+    return snapshot.parse_manifest(manifest_path(snap, ns).read_bytes())
 
 
 def test_a_snapshot_whose_scopes_the_store_contradicts_is_not_used(valkey_server, ns,
@@ -1166,7 +1173,7 @@ def test_a_snapshot_whose_scopes_the_store_contradicts_is_not_used(valkey_server
     (d / "swap").rename(d / fa.replace(a["sid"], b["sid"]))
     a["file"], b["file"] = fa.replace(a["sid"], b["sid"]), fb.replace(b["sid"], a["sid"])
     a["sid"], b["sid"] = b["sid"], a["sid"]
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text("".join(snapshot.manifest_text(m)))
     c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     hits = [c.get("reworded", embedding=px.qv[i], scope={"u": u}) for u in (1, 2)
             for i in range(20)]
@@ -1190,7 +1197,7 @@ def test_an_entry_listed_in_two_scopes_is_not_used(valkey_server, ns, paraphrase
     ib.save(d / b["file"])
     b["ids"].append(a["ids"][0])
     b["versions"].append(a["versions"][0])
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text("".join(snapshot.manifest_text(m)))
     c = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
     c.sync()
     assert "two scopes" in c.stats()["warm_start"]["snapshot_skipped"]
@@ -1206,3 +1213,54 @@ def test_a_manifest_that_is_a_folder_leaks_no_descriptor(tmp_path):
             snapshot._read_regular(d / "manifest.json", 1 << 20)
     if before is not None:
         assert len(os.listdir("/proc/self/fd")) < before + 5
+
+
+def test_a_snapshot_is_read_into_a_buffer_of_its_size() -> None:
+    """The read reserved the limit, not the file's size: a valid snapshot of a large scope
+    was refused with a MemoryError where that limit passed what the host grants."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "small.hci"
+        f.write_bytes(b"x" * 1000)
+        assert snapshot._read_regular(f, 1 << 46) == b"x" * 1000  # (64 TiB: never granted)
+        with pytest.raises(snapshot.SnapshotError, match="more than 999"):
+            snapshot._read_regular(f, 999)
+
+
+def test_a_scope_that_shrank_keeps_the_snapshot(valkey_server, ns, paraphrases, tmp_path,
+                                                caplog, monkeypatch):
+    """A scope's index file keeps the slots of entries since removed (written as zeros), so
+    it outgrew a bound made from the live entries, and that one file made the whole
+    snapshot refused (every scope rebuilt from the store). The manifest now records each
+    file's size, under its checksum."""
+    monkeypatch.setattr(snapshot, "_INDEX_SLACK", 0)  # (64 MiB: too many entries to reach)
+    px, url, snap = paraphrases, valkey_server.url, tmp_path / "snap"
+    a = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    a.set_many([(px.q[i], f"answer {i}") for i in range(N)], embeddings=px.qv[:N],
+               scope={"t": "big"})
+    a.set_many([(px.p[i], f"scratch {i}") for i in range(N)], embeddings=px.pv[:N],
+               scope={"t": "scratch"})
+    a.clear({"t": "scratch"})
+    a.set(px.p[0], "scratch again", embedding=px.pv[0], scope={"t": "scratch"})
+    a.close()
+    caplog.set_level(logging.INFO, logger="hnswcache")
+    b = SemanticCache(store=url, namespace=ns, snapshot_dir=snap)
+    hit = b.get(px.q[5], embedding=px.qv[5], scope={"t": "big"})
+    assert hit is not None and hit.response == "answer 5"
+    assert loaded_from_snapshot(caplog), b.stats()["warm_start"]
+    assert len(b) == N + 1
+    b.close()
+
+
+def test_snapshot_files_are_the_owners_only(valkey_server, ns, paraphrases, tmp_path):
+    """A snapshot holds every entry's embedding and id: its folders and files were made
+    with the umask (world-readable under 022) when ``snapshot_dir`` was given."""
+    old = os.umask(0o022)
+    try:
+        fill(valkey_server.url, ns, paraphrases, tmp_path / "snap")
+    finally:
+        os.umask(old)
+    d = manifest_path(tmp_path / "snap", ns).parent
+    assert (d.stat().st_mode & 0o777, d.parent.stat().st_mode & 0o777) == (0o700, 0o700)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in d.iterdir()}
+    assert modes and set(modes.values()) == {0o600}, modes

@@ -7,11 +7,13 @@ only through the store's embedded valkey-server (the ``test`` extra ships it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -454,21 +456,28 @@ def test_inspect_reports_the_snapshot(tmp_path: Path, capsys, fake_embedder) -> 
     from hnswcache import _snapshot
 
     manifest = next(_snapshot.folder(data / "snapshots", "shop").glob("*/manifest.json"))
-    good = manifest.read_text()
+    good_text = manifest.read_text()
+    good = json.dumps(_snapshot.parse_manifest(manifest.read_bytes()))
+
+    def signed(m: Any) -> str:  # (what a save writes: the JSON, then its checksum line)
+        body = json.dumps(m)
+        digest = hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+        return f"{body}\n{_snapshot._DIGEST_PREFIX}{digest}\n"
+
     for field, value in (("position", "99999999999999999999-0"), ("position", "x"),
                          ("position", 12), ("written", float("inf")), ("written", "soon"),
                          ("scopes", {})):
         m = json.loads(good)
         m[field] = value
-        manifest.write_text(json.dumps(m))
+        manifest.write_text(signed(m))
         assert cli.main(["inspect", "--data-dir", str(data)]) == 0, (field, value)
         assert "unusable" in capsys.readouterr().out, (field, value)
     m = json.loads(good)
     m["index"]["dtype"] = "\x1b]0;owned\x07int8"  # (printed raw before)
-    manifest.write_text(json.dumps(m))
+    manifest.write_text(signed(m))
     assert cli.main(["inspect", "--data-dir", str(data)]) == 0
     assert "\x1b" not in capsys.readouterr().out
-    manifest.write_text(good)
+    manifest.write_text(good_text)
     # Another snapshot folder with nothing in it: said so.
     assert cli.main(["inspect", "--data-dir", str(data), "--snapshot-dir",
                      str(tmp_path / "empty")]) == 0
