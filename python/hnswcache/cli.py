@@ -95,7 +95,21 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
-def _normalise(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+def _load_npy(path: str) -> npt.NDArray[Any]:
+    """One array from a .npy file (an .npz archive, or anything else np.load returns,
+    is refused with a message; pickled objects are never loaded)."""
+    obj = np.load(path, allow_pickle=False)
+    if not isinstance(obj, np.ndarray):
+        if hasattr(obj, "close"):
+            obj.close()
+        raise CliError(f"{path}: not a .npy array (an .npz archive? save one array with "
+                       f"np.save)")
+    return obj
+
+
+def _normalise(x: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    if x.dtype.kind not in "biuf":
+        raise CliError(f"embeddings must be numbers, got {x.dtype}")
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2:
         raise CliError(f"expected a 2-D array of embeddings, got shape {a.shape}")
@@ -324,7 +338,7 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[str], list[str], list
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
                 raise CliError(f"{path}:{n}: not JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(row, dict):
                 raise CliError(f"{path}:{n}: expected a JSON object per line")
@@ -425,7 +439,7 @@ def plot_calibration(rows: Sequence[dict[str, float]], rec: dict[str, float] | N
 def _npy_labels(path: str) -> npt.NDArray[np.int64]:
     """Labels from a .npy: 0/1, booleans, or scores in [0, 1] (>= 0.5 is same meaning, as
     in a jsonl; a cast to int made 0.9 a 0)."""
-    raw = np.load(path).reshape(-1)
+    raw = _load_npy(path).reshape(-1)
     if raw.dtype.kind not in "biuf":
         raise CliError(f"{path}: labels must be numbers, got {raw.dtype}")
     val = raw.astype(np.float64)
@@ -441,7 +455,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.a or args.b:
         if not (args.a and args.b):
             raise CliError("--a and --b go together (two .npy files of embeddings, row i a pair)")
-        va, vb = _normalise(np.load(args.a)), _normalise(np.load(args.b))
+        va, vb = _normalise(_load_npy(args.a)), _normalise(_load_npy(args.b))
         if va.shape != vb.shape:
             raise CliError(f"--a and --b shapes differ: {va.shape} vs {vb.shape}")
         labels = (_npy_labels(args.labels) if args.labels
@@ -1000,6 +1014,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         _say(f"hnswcache {args.command}: {exc}", sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of the input. Python would report
+        # it again when flushing stdout at exit: stdout goes to /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, ValueError, ServerStartError) as exc:
         # Bad input (a missing or unreadable file, a number that is not one, no server
         # binary): a message and status 2, not a traceback.

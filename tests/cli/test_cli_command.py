@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -408,11 +410,44 @@ def test_bad_input_is_a_message_and_status_2(tmp_path: Path, capsys) -> None:
         ["inspect", "not-a-url"],
         ["inspect", "--data-dir", str(tmp_path / "typo")],
     ]
+    # From a review: an .npz where a .npy goes, text embeddings, a JSON line nested too
+    # deep raised a traceback (exit 1) or a message about something else.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.standard_normal((4, 8)))
+    np.savez(tmp_path / "l.npz", x=np.ones(4))
+    np.savez(tmp_path / "a.npz", x=rng.standard_normal((4, 8)))
+    np.save(tmp_path / "t.npy", np.array([["x"] * 8] * 4))
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    a = str(tmp_path / "a.npy")
+    cases += [
+        ["calibrate", "--a", a, "--b", a, "--labels", str(tmp_path / "l.npz")],
+        ["calibrate", "--a", str(tmp_path / "a.npz"), "--b", a],
+        ["calibrate", "--a", str(tmp_path / "t.npy"), "--b", a],
+        ["calibrate", str(tmp_path / "deep.jsonl")],
+    ]
     for argv in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"hnswcache {argv[0]}:" in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "typo").exists()  # inspect made no folder and started no server
+    for argv in cases[-4:-1]:  # (said what is wrong, not "could not convert 'x'")
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "not a .npy array" in err or "must be numbers" in err, err
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path: Path) -> None:
+    """``hnswcache calibrate ... | head -1`` ended with "[Errno 32] Broken pipe", status 2."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 16))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", a + 0.3 * rng.standard_normal((300, 16)))
+    cmd = (f"{sys.executable} -m hnswcache.cli calibrate --a {tmp_path / 'a.npy'} "
+           f"--b {tmp_path / 'b.npy'} --all-rows | head -c 1")
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and b"Broken pipe" not in out.stderr, (out.returncode,
+                                                                      out.stderr[-500:])
 
 
 @needs_server

@@ -113,8 +113,8 @@ def _read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DemoError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
+                raise DemoError(f"{path}:{n}: not JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(row, dict):
                 raise DemoError(f"{path}:{n}: expected a JSON object per line")
             rows.append(row)
