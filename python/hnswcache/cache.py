@@ -1101,6 +1101,9 @@ class SemanticCache(_Base):
         out: list[Hit | None] = [None] * len(prompts)
         # row -> nearest (similarity, id) in the index: the miss statistics, lookup()
         near: dict[int, tuple[float, int]] = {} if near_out is None else near_out
+        # Counted before it is answered: counted after, a scrape between a hit's count and
+        # its lookup's showed more hits and misses than lookups (a hit rate above 1).
+        c.stats.add("lookups", len(prompts))
         try:
             if not prompts or not self._ready():
                 return self._misses(out)
@@ -1152,7 +1155,6 @@ class SemanticCache(_Base):
             c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
-            c.stats.add("lookups", len(prompts))
             c.stats.lookup_time.add(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
@@ -2129,6 +2131,7 @@ class AsyncSemanticCache(_Base):
         out: list[Hit | None] = [None] * len(prompts)
         # row -> nearest (similarity, id) in the index: the miss statistics, lookup()
         near: dict[int, tuple[float, int]] = {} if near_out is None else near_out
+        c.stats.add("lookups", len(prompts))  # (before it is answered: see the sync twin)
         try:
             if not prompts or not await self._ready():
                 return self._misses(out)
@@ -2178,7 +2181,6 @@ class AsyncSemanticCache(_Base):
             c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
-            c.stats.add("lookups", len(prompts))
             c.stats.lookup_time.add(time.perf_counter() - t0)
 
     def _misses(self, out: list[Hit | None]) -> list[Hit | None]:

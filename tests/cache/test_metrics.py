@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,3 +104,37 @@ def test_a_similarity_on_a_bucket_bound_counts_in_the_bucket_it_starts() -> None
         st = Stats()
         st.miss(sim, 0.99)
         assert st.snapshot(0)["miss_similarity"] == {f"{sim:.2f}": 1}, sim
+
+
+def test_stats_never_show_more_answers_than_lookups_while_threads_look_up() -> None:
+    """Hits and misses were counted before their lookup was: a stats() read between the
+    two (a Prometheus scrape beside busy threads) showed hits + misses > lookups (192 reads
+    in a review's run). Lookups are now counted when they start."""
+    cache = SemanticCache(HashEmbedder(32), store="memory")
+    cache.set_many([(f"question {i}", f"answer {i}") for i in range(200)])
+    stop = threading.Event()
+
+    def work(seed: int) -> None:
+        k = seed
+        while not stop.is_set():
+            cache.get(f"question {k % 300}")  # hits and misses
+            cache.get_many([f"question {k % 250}", f"other {k}"])
+            k += 7
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    bad = []
+    deadline = time.monotonic() + 3.0
+    reads = 0
+    while time.monotonic() < deadline:
+        st = cache.stats()
+        reads += 1
+        if st["hits"] + st["misses"] > st["lookups"]:
+            bad.append((st["lookups"], st["hits"], st["misses"]))
+    stop.set()
+    for t in threads:
+        t.join()
+    st = cache.stats()
+    assert reads > 100 and not bad, (reads, bad[:5])
+    assert st["hits"] + st["misses"] == st["lookups"] > 1000
