@@ -20,6 +20,7 @@ from redis.cluster import RedisCluster
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache.embed import HashEmbedder
+from hnswcache.store.base import StoreError
 from hnswcache.store.redis import AsyncRedisStore, RedisStore, keys_for
 from hnswcache.store.server import EmbeddedServer
 
@@ -325,3 +326,76 @@ def test_a_cluster_that_goes_down_is_a_miss_for_async_caches_too(tmp_path: Path,
         asyncio.run(run())
     finally:
         node.stop()
+
+
+def test_a_warm_start_and_a_clear_while_the_slot_migrates_see_every_entry(
+    cluster: list[EmbeddedServer],
+) -> None:
+    """While the cache's slot moves to another node (SETSLOT MIGRATING/IMPORTING, MIGRATE of
+    some keys, as ``redis-cli --cluster reshard`` does), SCAN of the owner missed the keys
+    already moved (SCAN has no key: no ASK redirect). A replica warm-started then held half
+    the cache for good, and a clear left half and said it was done. Both now scan the
+    importing node too (sync and async)."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    rc = connect(cluster)
+    ns = "migrating"
+    k = keys_for(ns)
+    slot = rc.keyslot(k["log"])
+    src_port = rc.get_node_from_key(k["log"]).port
+    dst_port = next(n.port for n in cluster if n.port != src_port)
+    src, dst = redis.Redis(port=src_port), redis.Redis(port=dst_port)
+    sid = src.execute_command("CLUSTER MYID").decode()
+    did = dst.execute_command("CLUSTER MYID").decode()
+    n = 200
+    vecs = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
+    writer = SemanticCache(HashEmbedder(32), store=rc, namespace=ns, strict=True)
+    writer.set_many([(f"p{i}", f"r{i}") for i in range(n)], embeddings=vecs)
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+    try:
+        entries = [x for x in src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10_000)
+                   if x.startswith(k["entry"].encode())]
+        src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS",
+                            *entries[: len(entries) // 2])
+        fresh = SemanticCache(HashEmbedder(32), store=RedisStore(connect(cluster), namespace=ns),
+                              namespace=ns, strict=True)
+        fresh.sync()
+        assert len(fresh) == n
+        raw = src.execute_command("CLUSTER", "NODES")  # (the text; redis-py parses its own)
+        assert isinstance(raw, bytes)
+        parsed = rc.execute_command("CLUSTER NODES", target_nodes=rc.get_node_from_key(k["log"]))
+        store = fresh.store
+        assert isinstance(store, RedisStore)
+        assert (store.migration_target(raw) == store.migration_target(parsed)
+                == ("127.0.0.1", dst_port))
+        hit = fresh.get("p7 asked again", embedding=vecs[7])
+        assert hit is not None and hit.response == "r7"
+
+        async def warm() -> int:
+            store = AsyncRedisStore(AsyncRedisCluster(host="127.0.0.1", port=cluster[0].port),
+                                    namespace=ns)
+            c = AsyncSemanticCache(HashEmbedder(32), store=store, namespace=ns, strict=True)
+            await c.sync()
+            size = len(c)
+            await c.aclose()
+            return size
+
+        assert asyncio.run(warm()) == n
+        # A clear now either deletes every entry or raises: never a partial success.
+        try:
+            cleared = fresh.clear()
+        except StoreError:  # (writes to a migrating slot get ASK: strict raises)
+            cleared = None
+        left = sum(len(list(r.scan_iter(match=k["entry"] + "*", count=1000)))
+                   for r in (src, dst))
+        assert cleared is None or (cleared == n and left == 0), (cleared, left)
+    finally:  # the move ends, as reshard ends it, for the other tests
+        rest = [x for x in src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10_000)]
+        if rest:
+            src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *rest)
+        for node in cluster:
+            redis.Redis(port=node.port).execute_command("CLUSTER", "SETSLOT", slot, "NODE",
+                                                        did)
+    writer.close()
+    rc.close()

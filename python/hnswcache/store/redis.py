@@ -477,12 +477,50 @@ class _Layout:
         pipe.get(self.lkey(eid))
         pipe.pttl(self.lkey(eid))
 
-    def scan_kwargs(self) -> dict[str, Any]:
-        """SCAN's target: on a cluster client (``RedisCluster``), the node that holds the
-        cache's hash slot (every key of the cache is there); nothing on a plain client."""
-        if not self._cluster:
-            return {}
-        return {"target_nodes": self.client.get_node_from_key(self.k_log)}
+    def scan_owner(self) -> Any:
+        """On a cluster client (``RedisCluster``), the node that holds the cache's hash slot
+        (every key of the cache is there, but during a migration of that slot)."""
+        return self.client.get_node_from_key(self.k_log)
+
+    def migration_target(self, nodes: Any) -> tuple[str, int] | None:
+        """Where the cache's slot is being moved, from the owner's ``CLUSTER NODES``
+        (``(host, port)``), or ``None``. SCAN has no key, so no ASK redirect: while the
+        slot migrates, the keys already moved are on that node alone, and a warm start or
+        a clear that scanned the owner only missed them (a review found a replica holding
+        half the cache for good, and a clear reporting success with half left)."""
+        slot = str(self.client.keyslot(self.k_log))
+        info: dict[str, Any]
+        if isinstance(nodes, (bytes, str)):
+            text = nodes.decode() if isinstance(nodes, bytes) else nodes
+            lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+            info = {f[1].split("@")[0]: {"node_id": f[0], "flags": f[2], "migrations": [
+                {"slot": m[1:-1].split("->-")[0], "node_id": m[1:-1].split("->-")[1],
+                 "state": "migrating"} for m in f[8:] if "->-" in m]}
+                for f in lines if len(f) >= 8}
+        elif isinstance(nodes, dict):
+            info = nodes
+        else:
+            return None
+        me = next((v for v in info.values() if "myself" in str(v.get("flags", ""))), None)
+        if me is None:
+            return None
+        dest = next((m.get("node_id") for m in me.get("migrations", ())
+                     if m.get("state") == "migrating" and str(m.get("slot")) == slot), None)
+        if dest is None:
+            return None
+        addr = next((a for a, v in info.items() if v.get("node_id") == dest), None)
+        if addr is None or ":" not in addr:
+            raise StoreError(f"the cache's slot {slot} migrates to node {dest}, whose "
+                             f"address the owner does not list")
+        host, _, port = addr.rpartition(":")
+        return host, int(port)
+
+    def scan_node(self, target: tuple[str, int]) -> Any:
+        node = self.client.get_node(host=target[0], port=target[1])
+        if node is None:
+            raise StoreError(f"the cache's slot migrates to {target[0]}:{target[1]}, a node "
+                             f"this client does not know yet: try again after the move")
+        return node
 
     @staticmethod
     def scan_cursor(cursor: Any) -> int:
@@ -1145,19 +1183,34 @@ class RedisStore(_Layout):
         return 0  # entries kept being written: the next round tries again
 
     def _scan_keys(self) -> Iterator[list[Any]]:
-        cursor = 0
-        while True:
+        targets: list[dict[str, Any]] = [{}]
+        if self._cluster:
             try:
-                raw, keys = self.client.scan(
-                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **self.scan_kwargs()
-                )
+                owner = self.scan_owner()
+                to = self.migration_target(
+                    self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+                targets = [{"target_nodes": owner}]
+                if to is not None:  # (after the owner: a key moves only towards it)
+                    targets.append({"target_nodes": self.scan_node(to)})
             except self._errors as exc:
                 raise self._failure(exc) from exc
-            if keys:
-                yield list(keys)
-            cursor = self.scan_cursor(raw)
-            if cursor == 0:
-                break
+        seen: set[Any] = set()
+        for kw in targets:
+            cursor = 0
+            while True:
+                try:
+                    raw, keys = self.client.scan(
+                        cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **kw)
+                except self._errors as exc:
+                    raise self._failure(exc) from exc
+                if len(targets) > 1:
+                    keys = [k for k in keys if k not in seen]
+                    seen.update(keys)
+                if keys:
+                    yield list(keys)
+                cursor = self.scan_cursor(raw)
+                if cursor == 0:
+                    break
 
     def scan(self) -> Iterator[list[Fetched]]:
         for keys in self._scan_keys():
@@ -1651,19 +1704,35 @@ class AsyncRedisStore(_Layout):
         return 0
 
     async def _scan_keys(self) -> AsyncIterator[list[Any]]:
-        cursor = 0
-        while True:
+        """See :meth:`RedisStore._scan_keys`."""
+        targets: list[dict[str, Any]] = [{}]
+        if self._cluster:
             try:
-                raw, keys = await self.client.scan(
-                    cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **self.scan_kwargs()
-                )
+                owner = self.scan_owner()
+                to = self.migration_target(
+                    await self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+                targets = [{"target_nodes": owner}]
+                if to is not None:
+                    targets.append({"target_nodes": self.scan_node(to)})
             except self._errors as exc:
                 raise self._failure(exc) from exc
-            if keys:
-                yield list(keys)
-            cursor = self.scan_cursor(raw)
-            if cursor == 0:
-                break
+        seen: set[Any] = set()
+        for kw in targets:
+            cursor = 0
+            while True:
+                try:
+                    raw, keys = await self.client.scan(
+                        cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **kw)
+                except self._errors as exc:
+                    raise self._failure(exc) from exc
+                if len(targets) > 1:
+                    keys = [k for k in keys if k not in seen]
+                    seen.update(keys)
+                if keys:
+                    yield list(keys)
+                cursor = self.scan_cursor(raw)
+                if cursor == 0:
+                    break
 
     async def scan(self) -> AsyncIterator[list[Fetched]]:
         async for keys in self._scan_keys():
