@@ -639,16 +639,34 @@ def inspect_server(client: Any, *, namespace: str | None = None, last: int = 10,
         # apart, not an error that ended the whole report)
         namespaces = sorted(n for n in found if _valid_namespace(n))
         foreign = sorted(n for n in found if not _valid_namespace(n))
-    info = client.info()
+    cluster = hasattr(client, "get_node_from_key")  # (a RedisCluster: SCAN covers every
+    # primary, keyed commands go to their slot's node)
+    if cluster:
+        per = client.info(target_nodes=client.PRIMARIES)
+        infos = ([per] if "redis_version" in per or "valkey_version" in per
+                 else [v for v in per.values() if isinstance(v, dict)])
+    else:
+        infos = [client.info()]
+    info = infos[0]
     server = {
         "version": info.get("valkey_version") or info.get("redis_version"),
         "kind": "valkey" if "valkey_version" in info else "redis",
-        "used_memory": info.get("used_memory"), "maxmemory": info.get("maxmemory"),
+        "used_memory": sum(int(i.get("used_memory") or 0) for i in infos),
+        "maxmemory": info.get("maxmemory"),
         "maxmemory_policy": info.get("maxmemory_policy"),
-        "keys_total": sum(v.get("keys", 0) for k, v in info.items()
+        "keys_total": sum(v.get("keys", 0) for i in infos for k, v in i.items()
                           if k.startswith("db") and isinstance(v, dict)),
     }
-    out: dict[str, Any] = {"server": server, "namespaces": {}, "foreign": foreign}
+    warnings = []
+    if cluster:
+        server["nodes"] = len(infos)
+    elif info.get("cluster_enabled") in (1, "1"):
+        # (the other nodes' caches were left out, and one whose slot is elsewhere was
+        # reported empty: its reads got MOVED)
+        warnings.append("this server is a node of a Redis Cluster: only its own keys are "
+                        "read; give redis+cluster://host:port for the whole cluster")
+    out: dict[str, Any] = {"server": server, "namespaces": {}, "foreign": foreign,
+                           "warnings": warnings}
     for ns in namespaces:
         k = keys_for(ns)
         ids = [_decode(x)[len(k["entry"]):]
@@ -743,7 +761,9 @@ def format_inspect(rep: dict[str, Any], where: str) -> str:
     L = [f"{where}: {s['kind']} {s['version']}, {s['keys_total']} keys, used memory "
          f"{_human_bytes(s['used_memory'] or 0)}"
          + (f" (maxmemory {_human_bytes(s['maxmemory'])}, policy {s['maxmemory_policy']})"
-            if s.get("maxmemory") else "")]
+            if s.get("maxmemory") else "")
+         + (f", {s['nodes']} primaries" if s.get("nodes") else "")]
+    L += [f"warning: {w}" for w in rep.get("warnings", ())]
     if not rep["namespaces"]:
         L.append("no hnswcache cache here (no hc:{namespace}:* keys)")
     if rep.get("foreign"):
@@ -843,6 +863,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Read-only report of the caches in a Redis/Valkey server."""
     try:
         import redis
+        import redis.cluster
     except ImportError:
         raise CliError("inspect needs redis-py: pip install 'hnswcache[redis]'") from None
     server = None
@@ -862,7 +883,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     snapshots = (args.snapshot_dir if args.snapshot_dir
                  else Path(args.data_dir) / "snapshots" if args.data_dir else None)
     try:
-        client = redis.Redis.from_url(url, socket_timeout=args.timeout)
+        from .store.redis import _cluster_url
+
+        seed = _cluster_url(url)
+        client: Any = (redis.cluster.RedisCluster.from_url(seed, socket_timeout=args.timeout)
+                       if seed is not None else
+                       redis.Redis.from_url(url, socket_timeout=args.timeout))
         try:
             rep = inspect_server(client, namespace=args.namespace, last=args.last)
             if snapshots is not None:

@@ -399,3 +399,31 @@ def test_a_warm_start_and_a_clear_while_the_slot_migrates_see_every_entry(
                                                         did)
     writer.close()
     rc.close()
+
+
+def test_inspect_reads_every_node_of_a_cluster(cluster: list[EmbeddedServer],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``hnswcache inspect`` refused a ``redis+cluster://`` URL, and on a plain URL to one
+    node it listed that node's caches only and reported one whose slot is elsewhere as
+    empty (exit 0). A cluster URL now reads every primary; a plain one says it is a node."""
+    import json
+
+    from hnswcache import cli
+
+    rc = connect(cluster)
+    names = spread_namespaces(rc, NODES, "insp")
+    for i, ns in enumerate(names):
+        c = SemanticCache(HashEmbedder(16), store=rc, namespace=ns, strict=True)
+        c.set_many([(f"q{j}", f"a{j}") for j in range(5 + i)])
+        c.close()
+    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
+    assert cli.main(["inspect", url, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {ns: rep["namespaces"][ns]["entries"] for ns in names} == {
+        ns: 5 + i for i, ns in enumerate(names)}
+    assert rep["server"]["nodes"] == NODES and not rep["warnings"]
+    assert cli.main(["inspect", url, "--namespace", names[2]]) == 0
+    assert "7 entries" in capsys.readouterr().out
+    assert cli.main(["inspect", f"redis://127.0.0.1:{cluster[0].port}/0"]) == 0
+    assert "node of a Redis Cluster" in capsys.readouterr().out
+    rc.close()
