@@ -635,6 +635,15 @@ class _Base:
         raise NotImplementedError
 
 
+def _carry_settings(old: Any, new: Any) -> Any:
+    """``new``, a store reopened on a restarted server, with the settings a user gave the
+    old one (they fell back to the defaults: an ``outage_cooldown`` set was lost)."""
+    for name in ("outage_cooldown", "log_maxlen"):
+        if name in vars(old):
+            setattr(new, name, getattr(old, name))
+    return new
+
+
 class SemanticCache(_Base):
     """A semantic LLM-response cache on Redis/Valkey (or in memory).
 
@@ -766,8 +775,9 @@ class SemanticCache(_Base):
     def _reopen(self, url: str) -> None:
         from .store.redis import RedisStore
 
-        old, self.store = self.store, RedisStore.from_url(url, namespace=self.namespace,
-                                                          timeout=self._timeout)
+        old = self.store
+        self.store = _carry_settings(old, RedisStore.from_url(
+            url, namespace=self.namespace, timeout=self._timeout))
         old.close()
 
     # ------------------------------------------------------------------ plumbing
@@ -1793,8 +1803,8 @@ class AsyncSemanticCache(_Base):
         from .store.redis import AsyncRedisStore
 
         # (the old store's connections are to a dead server: nothing to close cleanly)
-        self.store = AsyncRedisStore.from_url(url, namespace=self.namespace,
-                                              timeout=self._timeout)
+        self.store = _carry_settings(self.store, AsyncRedisStore.from_url(
+            url, namespace=self.namespace, timeout=self._timeout))
 
     @staticmethod
     def _loop_lock(locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]

@@ -614,12 +614,16 @@ def test_takeover_over_tcp_moves_every_sharer_to_the_new_port(tmp_path: Path, ns
     c = SemanticCache(HashEmbedder(16), data_dir=data, namespace=ns, timeout=1.0)
     owner.set("over tcp", "yes")
     assert b.get("over tcp") is not None and c.get("over tcp") is not None
+    # A setting given to a store survives its reopening on the new port (it went back to
+    # the default).
+    c.store.outage_cooldown = 0.25  # type: ignore[union-attr]
     old = owner._embedded_url
     owner.close()
     assert _until_hit(b.get, "over tcp").response == "yes"
     assert b._server is not None and b._embedded_url != old
     assert _until_hit(c.get, "over tcp").response == "yes"
     assert c._server is None and c._embedded_url == b._embedded_url
+    assert c.store.outage_cooldown == 0.25  # type: ignore[union-attr]
     c.close()
     b.close()
 
