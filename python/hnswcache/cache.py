@@ -60,6 +60,7 @@ from .store.base import (
     Fetched,
     LogBatch,
     Store,
+    StoreContended,
     StoreError,
     format_id,
     normalize_prompt,
@@ -1091,6 +1092,9 @@ class SemanticCache(_Base):
             return
         try:
             self.store.refresh(refs, c.now())
+        except StoreContended as exc:  # (a hot entry: others refreshed it meanwhile)
+            c.put_back_refreshes(refs)
+            log.debug("hnswcache %r: %s", self.namespace, exc)
         except StoreError as exc:
             c.put_back_refreshes(refs)  # the next hit or sync() tries again
             c.failed("sliding-TTL refresh", exc)
@@ -1365,7 +1369,8 @@ class SemanticCache(_Base):
         verdicts that let an entry answer below the threshold. A verdict belongs to the
         answer that was given: a new write of the entry starts with none. True if it was
         recorded; False if the entry was deleted or written again since, or the store
-        failed (counted in ``stats()["store_errors"]``; raised if strict)."""
+        failed (counted in ``stats()["store_errors"]``; raised if strict), or other writers
+        of the entry kept winning for a second (``stats()["verdicts_lost"]``)."""
         if self._ready():
             self._learn_ref_secret()  # (a ref is checked with it)
         if self._core.unchecked_ref(hit):
@@ -1377,6 +1382,10 @@ class SemanticCache(_Base):
         c = self._core
         try:
             done = self.store.add_verdict(eid, version, verdict)
+        except StoreContended as exc:  # (not an outage, but the caller's verdict is lost)
+            c.stats.add("verdicts_lost")
+            log.warning("hnswcache %r: %s", self.namespace, exc)
+            return False
         except StoreError as exc:
             c.failed("feedback", exc)
             return False
@@ -2121,6 +2130,9 @@ class AsyncSemanticCache(_Base):
             return
         try:
             await self.store.refresh(refs, c.now())
+        except StoreContended as exc:  # (a hot entry: others refreshed it meanwhile)
+            c.put_back_refreshes(refs)
+            log.debug("hnswcache %r: %s", self.namespace, exc)
         except StoreError as exc:
             c.put_back_refreshes(refs)
             c.failed("sliding-TTL refresh", exc)
@@ -2385,6 +2397,10 @@ class AsyncSemanticCache(_Base):
         c = self._core
         try:
             done = await self.store.add_verdict(eid, version, verdict)
+        except StoreContended as exc:  # (not an outage, but the caller's verdict is lost)
+            c.stats.add("verdicts_lost")
+            log.warning("hnswcache %r: %s", self.namespace, exc)
+            return False
         except StoreError as exc:
             c.failed("feedback", exc)
             return False

@@ -42,6 +42,8 @@ _COUNTERS = {
     "snapshots_saved": ("snapshots_saved", "Snapshots of the replica written."),
     "verdicts_right": ("verdicts_right", "Verdicts recorded that a cached answer was right."),
     "verdicts_wrong": ("verdicts_wrong", "Verdicts recorded that a cached answer was wrong."),
+    "verdicts_lost": ("verdicts_lost", "Verdicts not recorded: other writers of the entry "
+                      "kept winning its WATCH for a second."),
     "hits_learned": ("hits_learned", "Semantic hits below the threshold, by an entry's "
                                      "learned threshold."),
     "audits": ("audits", "Semantic hits @cached(audit=) checked by calling the function."),

@@ -80,6 +80,11 @@ class StoreError(Exception):
     """A store operation failed (server unreachable, timed out, or refused a command)."""
 
 
+class StoreContended(StoreError):
+    """A WATCH/MULTI write lost to other writers of the same keys on every try, for about a
+    second: the server is healthy, so it is not counted as a store error."""
+
+
 def validate_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, else raise."""
     if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
