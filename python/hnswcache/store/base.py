@@ -196,6 +196,9 @@ class Record:
     slide: float = 0.0
     #: Verdicts on this version's answer: ``(similarity, right)`` (see :func:`merge_verdicts`).
     verdicts: tuple[tuple[float, bool], ...] = ()
+    #: The embedder read only the start of ``prompt``: the entry answers its own prompt
+    #: (the exact tier) and is never a semantic candidate (replicas do not index it).
+    exact_only: bool = False
 
     def expired(self, now: float) -> bool:
         return self.expires <= now
@@ -248,6 +251,7 @@ def encode_record(rec: Record) -> dict[str, bytes]:
         "expires": repr(float(rec.expires)).encode(),
         "version": rec.version.encode(),
         **({"slide": repr(float(rec.slide)).encode()} if rec.slide > 0 else {}),
+        **({"exact_only": b"1"} if rec.exact_only else {}),
     }
 
 
@@ -449,6 +453,9 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
                 if not until < math.inf:
                     raise ValueError("field 'until' is not finite")
                 expires = max(expires, until)
+        exact_raw = raw.get(b"exact_only", raw.get("exact_only"))
+        if exact_raw not in (None, b"1", "1"):
+            raise ValueError("field 'exact_only' is not 1")
         verdicts_raw = raw.get(VERDICTS_PREFIX + version.encode())
         verdicts = () if verdicts_raw is None else decode_verdicts(verdicts_raw)
         if entry_id(scope_id, normalize_prompt(prompt)) != eid:
@@ -470,6 +477,7 @@ def decode_record(eid: int, raw: Any, dim: int | None = None) -> Record | Invali
         version=version,
         slide=slide,
         verdicts=verdicts,
+        exact_only=exact_raw is not None,
     )
 
 

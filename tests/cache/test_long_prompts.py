@@ -1,0 +1,141 @@
+"""Prompts longer than the embedder reads: a transformer embeds only its first tokens
+(all-MiniLM-L6-v2: 256), so two long prompts with one context and different questions after
+it got one vector, and the second was answered with the first's answer at similarity 1.0.
+Such prompts are answered by the exact tier only, and their entries are never semantic
+candidates (found by a review of 2026-12-05, ninth session)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import redis
+
+from hnswcache import AsyncSemanticCache, SemanticCache
+from hnswcache.embed import HashEmbedder
+from hnswcache.store.memory import MemoryStore
+from hnswcache.store.redis import keys_for
+
+CONTEXT = " ".join(f"clause{i} of the supplier contract" for i in range(60))
+LONG_A = CONTEXT + " Question: what is the notice period?"
+LONG_B = CONTEXT + " Question: who pays for shipping?"
+
+
+class PrefixEmbedder(HashEmbedder):
+    """A bag-of-words embedder that, like a transformer, reads only a text's first
+    ``limit`` words, and says so through ``truncated()``."""
+
+    def __init__(self, limit: int = 40) -> None:
+        super().__init__(64, name="prefix-40")
+        self.limit = limit
+
+    def __call__(self, texts: Any) -> np.ndarray:
+        return super().__call__([" ".join(t.split()[: self.limit]) for t in texts])
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        return [len(t.split()) > self.limit for t in texts]
+
+
+def test_the_embedder_alone_gives_two_long_prompts_one_vector() -> None:
+    emb = PrefixEmbedder()
+    a, b = emb([LONG_A, LONG_B])
+    assert np.array_equal(a, b)  # (what the cache must not take for a paraphrase)
+    assert emb.truncated([LONG_A, "a short question"]) == [True, False]
+
+
+def test_a_long_prompt_is_answered_by_its_own_entry_only(store_url: str, ns: str) -> None:
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    cache = SemanticCache(PrefixEmbedder(), store=store, namespace=ns, threshold=0.9)
+    cache.set(LONG_A, "30 days")
+    assert cache.get(LONG_B) is None  # was: a semantic hit at 1.0, "30 days"
+    hit = cache.get(LONG_A)
+    assert hit is not None and hit.tier == "exact" and hit.response == "30 days"
+    assert cache.get("  " + LONG_A.upper() + " ") is not None  # (normalised, exact)
+    # Short prompts still go both ways, and a short one near the long entry's start does
+    # not reach it: the long entry is not in the index.
+    cache.set("what is the refund policy", "14 days")
+    semantic = cache.get("what is the refund policy please")
+    assert semantic is not None and semantic.tier == "semantic"
+    assert cache.get(" ".join(CONTEXT.split()[:40])) is None
+    assert len(cache) == 1  # (the replica indexes the short entry only)
+    assert cache.get(LONG_B) is None  # (the scope has an index now: not searched either)
+    # Counted: the long set, and the long exact miss that was not searched (exact hits,
+    # and a miss in a scope with no index, search nothing anyway).
+    assert cache.stats()["exact_only"] == 2
+    # Another process on the store: the same from its warm start, and from the log.
+    other = SemanticCache(PrefixEmbedder(), store=store, namespace=ns, threshold=0.9)
+    assert other.get(LONG_B) is None and other.get(LONG_A) is not None
+    cache.set(LONG_B, "the buyer")
+    other.sync()
+    assert other.get(LONG_B).response == "the buyer"  # type: ignore[union-attr]
+    assert other.get(LONG_A).response == "30 days"  # type: ignore[union-attr]
+    assert len(other) == 1
+    cache.close()
+    other.close()
+
+
+def test_the_exact_only_mark_is_stored_and_checked(valkey_server: Any, ns: str) -> None:
+    url = valkey_server.url
+    cache = SemanticCache(PrefixEmbedder(), store=url, namespace=ns)
+    key = cache.set(LONG_A, "30 days")
+    r = redis.Redis.from_url(url)
+    entry = keys_for(ns)["entry"] + key
+    assert r.hget(entry, "exact_only") == b"1"
+    # An embedder without truncated() on the same store still never indexes it.
+    plain = SemanticCache(HashEmbedder(64, name="prefix-40"), store=url, namespace=ns)
+    assert plain.get(LONG_A) is not None and len(plain) == 0
+    r.hset(entry, "exact_only", "yes")  # garbage: the entry is refused, not half-read
+    fresh = SemanticCache(PrefixEmbedder(), store=url, namespace=ns)
+    assert fresh.get(LONG_A) is None and fresh.stats()["invalid_entries"] >= 1
+    for c in (cache, plain, fresh):
+        c.close()
+
+
+def test_cached_calls_with_long_prompts_get_their_own_answers(store_url: str,
+                                                             ns: str) -> None:
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    cache = SemanticCache(PrefixEmbedder(), store=store, namespace=ns, threshold=0.9)
+    calls: list[str] = []
+
+    @cache.cached()
+    def ask(prompt: str) -> str:
+        calls.append(prompt)
+        return "answer to " + prompt[-20:]
+
+    assert ask(LONG_A) == "answer to " + LONG_A[-20:]
+    assert ask(LONG_B) == "answer to " + LONG_B[-20:]  # was: LONG_A's answer
+    assert ask(LONG_A) == "answer to " + LONG_A[-20:]  # (the exact tier)
+    assert calls == [LONG_A, LONG_B]
+    cache.close()
+
+
+def test_the_async_cache_answers_long_prompts_exactly_only(valkey_server: Any, ns: str) -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(PrefixEmbedder(), store=valkey_server.url, namespace=ns,
+                                   threshold=0.9)
+        await cache.set(LONG_A, "30 days")
+        assert await cache.get(LONG_B) is None
+        hit = await cache.get(LONG_A)
+        assert hit is not None and hit.tier == "exact"
+        assert len(cache) == 0
+        await cache.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_sentence_transformers_adapter_says_which_texts_it_cuts() -> None:
+    """The real all-MiniLM-L6-v2 (the embed extra): it reads 256 tokens, and says so."""
+    from hnswcache.embed import default_embedder
+
+    emb = default_embedder()
+    assert emb.max_tokens == 256
+    texts = ["a short question", LONG_A, "word " * 250, "word " * 260, "日本語" * 90]
+    assert emb.truncated(texts) == [False, True, False, True, True]
+    a, b = emb([LONG_A, LONG_B])
+    assert float(a @ b) > 0.999  # (the review's finding: one vector for both)
+    cache = SemanticCache(emb, store="memory", threshold=0.95)
+    cache.set(LONG_A, "30 days")
+    assert cache.get(LONG_B) is None
+    assert cache.get(LONG_A) is not None
+    cache.close()
