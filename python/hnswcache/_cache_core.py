@@ -413,11 +413,17 @@ class CacheCore:
         already of unit length (within float32 rounding) as it is, without a copy, and does
         not decide the cache's dimension when it is still unknown (a lookup runs before the
         warm start, which takes it from the store: see :meth:`check_dim`)."""
+        kind = getattr(raw, "dtype", np.dtype(np.float32)).kind
+        if kind not in "biuf":  # (complex parts were dropped with a warning; text raised late)
+            raise ValueError(f"embeddings must be real numbers, got dtype {raw.dtype}")
         arr = np.asarray(raw, dtype=np.float32)
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
         if arr.ndim != 2 or arr.shape[0] != n:
             raise ValueError(f"embeddings must have shape ({n}, dim), got {arr.shape}")
+        if arr.shape[1] < 2:  # (one number per text: every unit vector is +1 or -1, and
+            # every lookup a hit at 1.0)
+            raise ValueError(f"embeddings must have at least 2 dimensions, got {arr.shape[1]}")
         self.check_dim(arr)
         out = None
         if arr.shape[0] == 1:  # the common single-lookup case, without array temporaries

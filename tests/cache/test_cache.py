@@ -641,6 +641,18 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         cache.get("p", embedding=np.ones(9))
     assert 0 < DEFAULT_THRESHOLD < 1 and not math.isnan(DEFAULT_THRESHOLD)
+    # From a review: one number per text made a 1-d cache (every lookup a hit at 1.0);
+    # complex embeddings lost their imaginary part with only a warning.
+    fresh = SemanticCache(lambda texts: np.ones(len(texts)), store="memory", strict=True)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        fresh.set("p", "r")
+    with pytest.raises(ValueError, match="real numbers"):
+        fresh.set("p", "r", embedding=np.ones(8, dtype=np.complex64))
+    with pytest.raises(ValueError, match="real numbers"):
+        fresh.set("p", "r", embedding=np.array(["1"] * 8))
+    assert len(fresh) == 0
+    with pytest.raises(TypeError, match="one string"):
+        HashEmbedder(8)("hello")
 
 
 def test_an_embedder_output_refused_is_an_error_not_a_call() -> None:
