@@ -289,8 +289,10 @@ class _WaitMarks:
 def same_text(new: str, cached: str) -> bool:
     """The default judge of ``@cached`` (see ``learn_floor``): the new answer is the cached
     one up to case and whitespace. Strict: an answer in other words is judged wrong, which
-    never lowers an entry's threshold (pass a judge that compares meaning to learn more)."""
-    return normalize_prompt(new) == normalize_prompt(cached)
+    never lowers an entry's threshold (pass a judge that compares meaning to learn more).
+    (Not the prompts' normal form: its NFKC and its dropped final '?!.' judged 'x = 2³'
+    the same as 'x = 23', and 'Yes!' as 'yes?'.)"""
+    return " ".join(new.casefold().split()) == " ".join(cached.casefold().split())
 
 
 def _check_audit(audit: float) -> float:

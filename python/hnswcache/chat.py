@@ -38,6 +38,8 @@ def _canonical(value: Any, what: str) -> str:
                           allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise TypeError(f"{what} is nested too deeply to fingerprint") from None
 
 
 def _split_content(content: Any, i: int) -> tuple[str, list[Any]]:
@@ -84,7 +86,9 @@ def chat_key(
             aside); ``None`` (default) all of them, ``0`` none: a follow-up question then
             matches across conversations.
         include_system: whether system (and ``developer``) messages count.
-        scope: more scope of your own (tenant, ...); kept as it is.
+        scope: more scope of your own (tenant, ...); kept as it is. It may not hold
+            ``chat``, nor a ``model`` other than ``model`` (they were overwritten: two
+            conversations whose scopes differed there shared their answers).
 
     Returns:
         The text of the last user turn, and a scope holding ``model`` (if given) and
@@ -93,9 +97,23 @@ def chat_key(
         after it, the model, params and tools).
 
     Raises:
-        ValueError: no user message, or a negative ``history``.
-        TypeError: a malformed message, or values that are not JSON-serialisable.
+        ValueError: no user message, a negative ``history``, or a ``scope`` holding
+            ``chat`` or another ``model``.
+        TypeError: a malformed message, ``tools`` not a list or ``params`` not a mapping,
+            or values that are not JSON-serialisable.
     """
+    if tools is not None and (isinstance(tools, (str, bytes, Mapping))
+                              or not isinstance(tools, Sequence)):
+        # (a mapping of tools kept only its names: two different schemas, one scope)
+        raise TypeError(f"tools must be a list of tool definitions, got "
+                        f"{type(tools).__name__}")
+    if params is not None and not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping, got {type(params).__name__}")
+    if scope is not None and ("chat" in scope or
+                              ("model" in scope and model is not None
+                               and scope["model"] != model)):
+        raise ValueError("scope may not hold 'chat' (the fingerprint's), nor a 'model' other "
+                         "than model=")
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
     if history is not None and (isinstance(history, bool) or not isinstance(history, int)

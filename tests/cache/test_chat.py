@@ -100,6 +100,23 @@ def test_bad_options() -> None:
         chat_key(convo("q"), params={"x": object()})
     with pytest.raises(TypeError):
         chat_key(convo("q"), params={"x": math.nan})
+    # From a review: a mapping of tools kept only its names (two schemas, one scope); a
+    # scope's own 'chat' or 'model' was overwritten (two conversations, one scope); a deep
+    # nesting raised RecursionError.
+    with pytest.raises(TypeError, match="tools"):
+        chat_key(convo("q"), tools={"search": {"parameters": {"q": "string"}}})
+    with pytest.raises(TypeError, match="params"):
+        chat_key(convo("q"), params=[("temperature", 0)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chat"):
+        chat_key(convo("q"), scope={"chat": "conversation-1"})
+    with pytest.raises(ValueError, match="model"):
+        chat_key(convo("q"), model="m1", scope={"model": "m2"})
+    assert chat_key(convo("q"), model="m1", scope={"model": "m1"})[1]["model"] == "m1"
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nested too deeply"):
+        chat_key(convo("q"), params={"x": deep})
 
 
 def test_a_paraphrase_hits_in_the_same_context_only(

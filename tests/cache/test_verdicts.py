@@ -334,6 +334,9 @@ def test_merged_verdicts_keep_what_decides():
         with pytest.raises(ValueError):
             decode_verdicts(garbage)
     assert same_text(" The  Answer", "the answer") and not same_text("A", "B")
+    # (it judged by the prompts' normal form: NFKC, the final '?!.' dropped)
+    for a, b in (("x = 2³", "x = 23"), ("Yes!", "yes?"), ("10²", "102"), ("5 ㎏", "5 kg")):
+        assert not same_text(a, b), (a, b)
 
 
 @pytest.mark.server
