@@ -63,7 +63,6 @@ from .store.base import (
     StoreContended,
     StoreError,
     format_id,
-    normalize_prompt,
     parse_id,
     scope_key,
     validate_namespace,
