@@ -31,6 +31,7 @@ from .store.base import (
     MAX_TEXT_BYTES,
     MAX_TTL,
     MAX_VERDICTS,
+    VERDICT_MARGIN,
     Cleared,
     Fetched,
     Invalid,
@@ -38,6 +39,7 @@ from .store.base import (
     Record,
     Refresh,
     StoreError,
+    distinct_rights,
     entry_id,
     format_id,
     normalize_prompt,
@@ -136,7 +138,7 @@ class Lookup:
 
 
 #: An entry judged wrong at similarity s answers only above s + WRONG_MARGIN.
-WRONG_MARGIN = 1e-6
+WRONG_MARGIN = VERDICT_MARGIN
 
 #: A hit on a sliding entry is written back once it moves the expiry by this part of the TTL.
 _SLIDE_STEP = 1.0 / 16
@@ -793,7 +795,10 @@ class CacheCore:
         wrong = max((s for s, ok in rec.verdicts if not ok), default=-math.inf)
         t = threshold
         if self.learn_floor is not None and threshold == self.threshold:
-            rights = sorted(s for s, ok in rec.verdicts if ok and s > wrong + WRONG_MARGIN)
+            # (distinct on reading too: a field written by hand, or by an older version,
+            # may repeat one)
+            rights = distinct_rights(s for s, ok in rec.verdicts
+                                     if ok and s > wrong + WRONG_MARGIN)
             if len(rights) >= self.learn_after:
                 t = min(t, max(self.learn_floor, rights[self.learn_after - 1]))
         # (a margin: one prompt's similarity differs in its last float32 bits between

@@ -334,6 +334,10 @@ def test_merged_verdicts_keep_what_decides():
         with pytest.raises(ValueError):
             decode_verdicts(garbage)
     assert same_text(" The  Answer", "the answer") and not same_text("A", "B")
+    # One prompt judged right by get and by get_many: its similarity differs in the last
+    # float32 bits, and counted as two rights (a review: one prompt lowered a threshold).
+    one = merge_verdicts(merge_verdicts((), (0.8000001907348633, True)), (0.800000011920929, True))
+    assert one == ((0.800000011920929, True),)
     # (it judged by the prompts' normal form: NFKC, the final '?!.' dropped)
     for a, b in (("x = 2³", "x = 23"), ("Yes!", "yes?"), ("10²", "102"), ("5 ㎏", "5 kg")):
         assert not same_text(a, b), (a, b)
@@ -909,3 +913,21 @@ def test_verdicts_given_at_once_on_one_entry_are_all_recorded(valkey_server, ns)
     assert sum(c.stats()["verdicts_lost"] + c.stats()["store_errors"] for c in caches) == 0
     for c in caches:
         c.close()
+
+
+@pytest.mark.server
+def test_a_verdict_field_repeating_one_right_counts_it_once(valkey_server, ns):
+    """A stored field "r0.76 r0.76 r0.76" (by hand, or a writer that does not dedupe) was
+    read as three distinct rights: with learn_after=3 the entry answered at 0.77."""
+    c = SemanticCache(Table(), store=valkey_server.url, namespace=ns, threshold=0.9,
+                      learn_floor=0.7, learn_after=3, snapshot_interval=None)
+    c.set("base", "A", embedding=BASE)
+    hit = c.get("base")
+    assert hit is not None
+    r = redis.Redis.from_url(valkey_server.url)
+    r.hset(f"hc:{{{ns}}}:e:{hit.key}", "verdicts:" + hit.version, "r0.76 r0.76 r0.76")
+    assert c.get("q 0.77", embedding=at(0.77, 2)) is None
+    r.hset(f"hc:{{{ns}}}:e:{hit.key}", "verdicts:" + hit.version, "r0.76 r0.765 r0.77")
+    got = c.get("q 0.775", embedding=at(0.775, 3))  # (three prompts: it learns, as before)
+    assert got is not None and got.response == "A"
+    c.close()

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -281,14 +281,30 @@ MAX_VERDICTS = 32
 Verdict = tuple[float, bool]
 
 
+#: Similarities closer than this are one prompt's: its similarity differs in the last
+#: float32 bits between lookup paths (get and get_many) and hosts. An entry judged wrong at
+#: s answers only above s + VERDICT_MARGIN; right verdicts closer than it count once.
+VERDICT_MARGIN = 1e-6
+
+
+def distinct_rights(sims: Iterable[float]) -> list[float]:
+    """Right-verdict similarities, lowest first, one per prompt: values within
+    ``VERDICT_MARGIN`` of the last kept one are the same prompt judged again (a retry, a
+    repeated miss, get then get_many: each counted toward ``learn_after`` before)."""
+    out: list[float] = []
+    for s in sorted(sims):
+        if not out or s > out[-1] + VERDICT_MARGIN:
+            out.append(s)
+    return out
+
+
 def merge_verdicts(old: Sequence[Verdict], new: Verdict) -> tuple[Verdict, ...]:
     """``old`` with ``new`` added, pruned to what an entry's threshold depends on (see
     ``CacheCore.entry_threshold``): the highest similarity judged wrong, and the distinct
     right ones above it, lowest first, ``MAX_VERDICTS`` in all."""
     both = [*old, new]
     wrong = max((s for s, ok in both if not ok), default=None)
-    # (a set: one prompt judged right twice -- a retry, a repeated miss -- counts once)
-    rights = sorted({s for s, ok in both if ok and (wrong is None or s > wrong)})
+    rights = distinct_rights(s for s, ok in both if ok and (wrong is None or s > wrong))
     head: list[Verdict] = [] if wrong is None else [(wrong, False)]
     return (*head, *((s, True) for s in rights[:MAX_VERDICTS - len(head)]))
 
