@@ -434,6 +434,7 @@ class _Base:
         self._data_dir: Path | None = None  # where the embedded server keeps its data
         self._embedded_url = ""
         self._takeover_at = 0.0  # (monotonic) no takeover attempt before then
+        self._ref_retry_at = 0.0  # (monotonic) no new read of the ref() key before then
         self._flights = Flights()
         self._auditing: set[int] = set()  # entry ids of @cached audits under way
         self._closed = False
@@ -539,6 +540,16 @@ class _Base:
     def _snapshot_not_saved(self, exc: BaseException) -> None:
         log.warning("hnswcache %r: no snapshot saved in %s: %s", self.namespace,
                     self._snapshot_dir, exc)
+
+    def _ref_retry_due(self) -> bool:
+        """Whether to read the key of ref() tags again now (at most every 5 s): one failed
+        read at the warm start left every later hit of the process untagged, and its
+        refs refused by every other process, for good."""
+        now = time.monotonic()
+        if now < self._ref_retry_at:
+            return False
+        self._ref_retry_at = now + 5.0
+        return True
 
     def _follows_paraphrases(self, vec: Any, limit: float | None) -> bool:
         """Whether a leading @cached call looks for paraphrases in flight in other processes
@@ -787,6 +798,8 @@ class SemanticCache(_Base):
         """Warm start once (rebuild the replica from the store); False if the store is down."""
         c = self._core
         if c.position is not None:
+            if c.ref_secret is None and self._ref_retry_due():
+                self._learn_ref_secret()
             return True
         with self._lock:
             if c.position is not None:
@@ -1857,6 +1870,8 @@ class AsyncSemanticCache(_Base):
     async def _ready(self) -> bool:
         c = self._core
         if c.position is not None:
+            if c.ref_secret is None and self._ref_retry_due():
+                await self._learn_ref_secret()
             return True
         async with self._lock:
             if c.position is not None:

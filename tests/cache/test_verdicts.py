@@ -931,3 +931,31 @@ def test_a_verdict_field_repeating_one_right_counts_it_once(valkey_server, ns):
     got = c.get("q 0.775", embedding=at(0.775, 3))  # (three prompts: it learns, as before)
     assert got is not None and got.response == "A"
     c.close()
+
+
+@pytest.mark.server
+def test_a_failed_read_of_the_ref_key_is_retried_by_later_lookups(valkey_server, ns):
+    """One failed read of the key of ref() tags at the warm start (here an ACL refusing
+    HSETNX, lifted right after) left every later hit of the process untagged, and its refs
+    refused by every other process, for good: only feedback() read it again."""
+    import json
+
+    admin = redis.Redis.from_url(valkey_server.url)
+    user = "u" + ns
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
+    try:
+        w = cache_on(valkey_server.url, ns)
+        w.set("base", "A", embedding=BASE)
+        host_port = valkey_server.url.split("//")[1].split("/")[0]
+        x = cache_on(f"redis://{user}:pw@{host_port}/0", ns)
+        first = x.get("q1", embedding=at(0.93, 2))
+        assert first is not None and "tag" not in first.ref()
+        admin.execute_command("ACL", "SETUSER", user, "+hsetnx")  # the blip is over
+        hit = x.get("q2", embedding=at(0.94, 3))
+        assert hit is not None and "tag" in hit.ref()
+        y = cache_on(valkey_server.url, ns)
+        assert y.feedback(json.loads(json.dumps(hit.ref())), False) is True
+        for c in (w, x, y):
+            c.close()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
