@@ -146,7 +146,10 @@ def prepare_dataset(
             d = Path(data_dir) if data_dir else DEFAULT_DATA
             if d is None or not d.is_dir():
                 raise FileNotFoundError(f"no dataset folder {d}; use --synthetic N or --base")
-            base_p = str(d / "base_f16.npy")
+            # (base.npy too, as the --data help says: base_f16.npy was the only one looked
+            # for)
+            base_p = str(d / "base_f16.npy") if (d / "base_f16.npy").exists() else str(
+                d / "base.npy")
             q_p = str(d / "queries.npy")
             gt_p = gt or str(d / "gt.npy")
             name = d.name
@@ -792,7 +795,8 @@ def plot_sweep(results: dict[str, Any], path: str | os.PathLike[str]) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("data (default: ../shared/data/sgd)")
-    src.add_argument("--data", help="a folder with base_f16.npy, queries.npy, gt.npy")
+    src.add_argument("--data", help="a folder with base_f16.npy (or base.npy), queries.npy, "
+                                    "gt.npy")
     src.add_argument("--base", help="base vectors .npy")
     src.add_argument("--queries", help="query vectors .npy")
     src.add_argument("--gt", help="ground truth .npy (computed by brute force if absent)")

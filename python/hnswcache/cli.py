@@ -122,6 +122,8 @@ def _normalise(x: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """Replay a question stream (or ``--data`` log) through a SemanticCache; print the report."""
+    if args.json and Path(args.json).is_dir():  # (found after the whole run before)
+        raise CliError(f"--json {args.json} is a folder: give a file name")
     from .demo import (
         DemoError,
         format_report,
@@ -233,7 +235,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    efs = tuple(int(e) for e in args.efs.split(",")) if args.efs else bm.DEFAULT_EFS
+    try:
+        efs = tuple(int(e) for e in args.efs.split(",")) if args.efs else bm.DEFAULT_EFS
+    except ValueError:
+        efs = ()
     if not efs or min(efs) < 1:
         raise CliError(f"--efs must be positive integers, got {args.efs!r}")
     try:
@@ -250,7 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(spec.tmpdir, ignore_errors=True)
-    results["meta"]["command"] = "hnswcache bench " + " ".join(args.argv)
+    results["meta"]["command"] = "hnswcache " + " ".join(args.argv)  # (argv holds "bench")
     rows = bm.summarize(results)
     results["summary"] = rows
     meta = results["meta"]
@@ -933,8 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another question bank ({'intent', 'text', ['ttl'], ['negative_of']})")
     d.add_argument("--events", type=_int_at_least(1), default=300,
                    help="questions in the stream (300)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--speed", type=float, default=5.0,
+    d.add_argument("--seed", type=_int_at_least(0), default=0)
+    d.add_argument("--speed", type=_float_in(0, 1e6), default=5.0,
                    help="the stand-in LLM sleeps 1/SPEED of its modelled 0.3-1.5 s (5; "
                         "1 = real time, 0 = no sleep)")
     d.add_argument("--embedder", choices=("minilm", "hash"), default="minilm",

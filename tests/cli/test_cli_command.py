@@ -424,13 +424,23 @@ def test_bad_input_is_a_message_and_status_2(tmp_path: Path, capsys) -> None:
         ["calibrate", "--a", str(tmp_path / "a.npz"), "--b", a],
         ["calibrate", "--a", str(tmp_path / "t.npy"), "--b", a],
         ["calibrate", str(tmp_path / "deep.jsonl")],
+        # (ran the whole demo, then failed to write the JSON)
+        ["demo", "--json", str(tmp_path), "--events", "1"],
+        ["bench", "--synthetic", "200", "--efs", "10,abc"],
     ]
+    for argv in (["demo", "--speed", "nan"], ["demo", "--speed", "inf"],
+                 ["demo", "--seed", "-5"]):  # (taken: "slept 1/inf", numpy's own error)
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "hnswcache demo: error: argument" in err, err
     for argv in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"hnswcache {argv[0]}:" in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "typo").exists()  # inspect made no folder and started no server
-    for argv in cases[-4:-1]:  # (said what is wrong, not "could not convert 'x'")
+    for argv in cases[-6:-3]:  # (said what is wrong, not "could not convert 'x'")
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "not a .npy array" in err or "must be numbers" in err, err
