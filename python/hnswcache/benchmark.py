@@ -679,6 +679,8 @@ def summarize(results: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLD
             row[f"qps@{t:.2f}"] = hit["qps"] if hit else None
             row[f"ef@{t:.2f}"] = hit["ef"] if hit else None
             row[f"qps~{t:.2f}"] = interpolated_qps(points, t)
+            # (the lowest ef already past it: that point's QPS, a lower bound, not a crossing)
+            row[f"qps~{t:.2f}:floor"] = bool(points) and points[0]["recall"] >= t
         row["max_recall"] = max((p["recall"] for p in points), default=0.0)
         rows.append(row)
     ref = next((row for row in rows if row["library"] == reference), None)
@@ -708,15 +710,18 @@ def interpolated_qps(points: list[dict[str, Any]], target: float) -> float | Non
 
 def interpolated_table(rows: list[dict[str, Any]],
                        thresholds: tuple[float, ...] = THRESHOLDS) -> str:
-    """QPS at exactly each recall (interpolated on the curve), ratios against the reference."""
+    """QPS at exactly each recall (interpolated on the curve), ratios against the reference.
+    A library whose lowest ef is already past a recall shows that ef's QPS as ">= q": the
+    curve does not cross there, and its QPS at that recall is at least this."""
     head = ["library"] + [f"QPS @ R@10={t:.2f} (interpolated)" for t in thresholds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["library"]]
         for t in thresholds:
             q, ratio = row[f"qps~{t:.2f}"], row[f"qps~{t:.2f}/ref"]
+            mark = ">= " if row.get(f"qps~{t:.2f}:floor") else ""
             cells.append("—" if q is None else
-                         f"{q:,.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+                         f"{mark}{q:,.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
