@@ -258,6 +258,11 @@ class _Layout:
         self.k_flight = k["flight"]
         self.log_maxlen = int(log_maxlen)
         self._cluster = hasattr(client, "get_node_from_key")  # a RedisCluster client
+        if self._cluster:
+            # redis-py's cluster pipelines raise AttributeError following an ASK to a node
+            # their map lacks (a slot moving onto a new, empty node): a get() of a moved
+            # key raised it through a non-strict cache. A store error here (the move ends).
+            self._errors = (*self._errors, AttributeError)
         self._types_checked = -math.inf  # monotonic time of the last own-type check
         # The calls whose failure is answered by a default (and the repair of foreign key
         # types): an open breaker's StoreError too.
@@ -548,12 +553,12 @@ class _Layout:
         host, _, port = addr.rpartition(":")
         return host, int(port)
 
-    def scan_node(self, target: tuple[str, int]) -> Any:
-        node = self.client.get_node(host=target[0], port=target[1])
-        if node is None:
-            raise StoreError(f"the cache's slot migrates to {target[0]}:{target[1]}, a node "
-                             f"this client does not know yet: try again after the move")
-        return node
+    def node_kwargs(self) -> dict[str, Any]:
+        """Connection settings of the cluster client's nodes (auth, TLS, timeouts)."""
+        kw = dict(getattr(self.client.nodes_manager, "connection_kwargs", {}))
+        for k in ("host", "port"):
+            kw.pop(k, None)
+        return kw
 
     @staticmethod
     def scan_cursor(cursor: Any) -> int:
@@ -1215,43 +1220,85 @@ class RedisStore(_Layout):
             raise self._failure(exc) from exc
         return 0  # entries kept being written: the next round tries again
 
-    def _scan_keys(self) -> Iterator[list[Any]]:
-        targets: list[dict[str, Any]] = [{}]
-        if self._cluster:
+    def _scan_keys(self) -> Iterator[tuple[list[Any], Any]]:
+        """The cache's entry keys, batch by batch, each with the client to read them through
+        (``None``: the store's own; else a direct connection to a node the cluster client
+        does not know, read with ASKING)."""
+        if not self._cluster:
+            for keys in self._scan_with(self.client.scan, {}, None):
+                yield keys, None
+            return
+        seen: set[Any] = set()
+        try:
+            owner = self.scan_owner()
+            before = self.migration_target(
+                self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        for keys in self._scan_with(self.client.scan, {"target_nodes": owner}, seen):
+            yield keys, None
+        # The importing node after the owner (a key moves only towards it), as the owner
+        # says now: a move that began during the owner's scan counts too.
+        try:
+            after = self.migration_target(
+                self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        for to in dict.fromkeys(t for t in (before, after) if t is not None):
+            node = self.client.get_node(host=to[0], port=to[1])
+            if node is not None:
+                for keys in self._scan_with(self.client.scan, {"target_nodes": node}, seen):
+                    yield keys, None
+                continue
+            # A node that owns no slot yet (the usual scale-out: add an empty node, move
+            # slots onto it) is not in the client's map: asked directly.
+            direct = self.client.nodes_manager.create_redis_node(
+                host=to[0], port=to[1], **self.node_kwargs())
             try:
-                owner = self.scan_owner()
-                to = self.migration_target(
-                    self.client.execute_command("CLUSTER NODES", target_nodes=owner))
-                targets = [{"target_nodes": owner}]
-                if to is not None:  # (after the owner: a key moves only towards it)
-                    targets.append({"target_nodes": self.scan_node(to)})
+                for keys in self._scan_with(direct.scan, {}, seen):
+                    yield keys, direct
+            finally:
+                direct.close()
+
+    def _scan_with(self, scan: Callable[..., Any], kw: dict[str, Any],
+                   seen: set[Any] | None) -> Iterator[list[Any]]:
+        """The cache's entry keys by ``scan`` (a client's, with ``kw``), batch by batch;
+        those in ``seen`` skipped and added (a key can be met on two nodes of a move)."""
+        cursor = 0
+        while True:
+            try:
+                raw, keys = scan(cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **kw)
             except self._errors as exc:
                 raise self._failure(exc) from exc
-        seen: set[Any] = set()
-        for kw in targets:
-            cursor = 0
-            while True:
-                try:
-                    raw, keys = self.client.scan(
-                        cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **kw)
-                except self._errors as exc:
-                    raise self._failure(exc) from exc
-                if len(targets) > 1:
-                    keys = [k for k in keys if k not in seen]
-                    seen.update(keys)
-                if keys:
-                    yield list(keys)
-                cursor = self.scan_cursor(raw)
-                if cursor == 0:
-                    break
+            if seen is not None:
+                keys = [k for k in keys if k not in seen]
+                seen.update(keys)
+            if keys:
+                yield list(keys)
+            cursor = self.scan_cursor(raw)
+            if cursor == 0:
+                break
 
     def scan(self) -> Iterator[list[Fetched]]:
-        for keys in self._scan_keys():
+        for keys, via in self._scan_keys():
             ids = [self.entry_key_id(k) for k in keys]
             good = [i for i in ids if i is not None]
             bad: list[Fetched] = [Invalid(-1, f"bad key name {_id_text(k)!r}")
                                   for k, i in zip(keys, ids) if i is None]
-            yield bad + self.fetch(good)
+            yield bad + (self.fetch(good) if via is None else self._fetch_asking(via, good))
+
+    def _fetch_asking(self, direct: Any, ids: Sequence[int]) -> list[Fetched]:
+        """:meth:`fetch` of keys moved to a node the cluster client does not know (its
+        pipelines fail there): ``ASKING`` before each read, on a direct connection."""
+        try:
+            pipe = direct.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("ASKING")
+                pipe.hgetall(self.ekey(i))
+            res = list(pipe.execute(raise_on_error=False))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        return self.parse_entries(ids, res[1::2])
 
     def clear(self, scope_id: str | None) -> Cleared:
         # Only the del event of each deleted batch is logged, not one clear event: a pass
@@ -1272,7 +1319,7 @@ class RedisStore(_Layout):
         """Delete the entries whose ``field`` is ``wanted`` (all with ``field=None``), a SCAN
         batch at a time; ``(deleted, [(del event position, its ids)])``."""
         n, batches = 0, []
-        for keys in self._scan_keys():
+        for keys, _ in self._scan_keys():
             if field is not None:
                 values = self._run(False, lambda p, ks=keys: [p.hget(k, field) for k in ks])
                 keys = [k for k, v in zip(keys, values) if wanted(v)]
@@ -1736,44 +1783,88 @@ class AsyncRedisStore(_Layout):
             raise self._failure(exc) from exc
         return 0
 
-    async def _scan_keys(self) -> AsyncIterator[list[Any]]:
+    async def _scan_keys(self) -> AsyncIterator[tuple[list[Any], Any]]:
         """See :meth:`RedisStore._scan_keys`."""
-        targets: list[dict[str, Any]] = [{}]
-        if self._cluster:
+        if not self._cluster:
+            async for keys in self._scan_with(self.client.scan, {}, None):
+                yield keys, None
+            return
+        seen: set[Any] = set()
+        try:
+            owner = self.scan_owner()
+            before = self.migration_target(
+                await self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        async for keys in self._scan_with(self.client.scan, {"target_nodes": owner}, seen):
+            yield keys, None
+        try:
+            after = self.migration_target(
+                await self.client.execute_command("CLUSTER NODES", target_nodes=owner))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        for to in dict.fromkeys(t for t in (before, after) if t is not None):
+            node = self.client.get_node(host=to[0], port=to[1])
+            if node is not None:
+                async for keys in self._scan_with(self.client.scan, {"target_nodes": node},
+                                                  seen):
+                    yield keys, None
+                continue
+            import redis.asyncio
+
+            kw = self.node_kwargs()
+            kw.pop("response_callbacks", None)  # (a ClusterNode's own, not a connection's)
+            kw.pop("max_connections", None)
+            cls = kw.pop("connection_class", None)
+            pool = redis.asyncio.ConnectionPool(
+                host=to[0], port=to[1], **({"connection_class": cls} if cls else {}), **kw)
+            direct = redis.asyncio.Redis(connection_pool=pool)
             try:
-                owner = self.scan_owner()
-                to = self.migration_target(
-                    await self.client.execute_command("CLUSTER NODES", target_nodes=owner))
-                targets = [{"target_nodes": owner}]
-                if to is not None:
-                    targets.append({"target_nodes": self.scan_node(to)})
+                async for keys in self._scan_with(direct.scan, {}, seen):
+                    yield keys, direct
+            finally:
+                await direct.aclose()
+                await pool.aclose()
+
+    async def _scan_with(self, scan: Callable[..., Any], kw: dict[str, Any],
+                         seen: set[Any] | None) -> AsyncIterator[list[Any]]:
+        """See :meth:`RedisStore._scan_with`."""
+        cursor = 0
+        while True:
+            try:
+                raw, keys = await scan(cursor, match=self.k_entry + "*", count=_SCAN_COUNT,
+                                       **kw)
             except self._errors as exc:
                 raise self._failure(exc) from exc
-        seen: set[Any] = set()
-        for kw in targets:
-            cursor = 0
-            while True:
-                try:
-                    raw, keys = await self.client.scan(
-                        cursor, match=self.k_entry + "*", count=_SCAN_COUNT, **kw)
-                except self._errors as exc:
-                    raise self._failure(exc) from exc
-                if len(targets) > 1:
-                    keys = [k for k in keys if k not in seen]
-                    seen.update(keys)
-                if keys:
-                    yield list(keys)
-                cursor = self.scan_cursor(raw)
-                if cursor == 0:
-                    break
+            if seen is not None:
+                keys = [k for k in keys if k not in seen]
+                seen.update(keys)
+            if keys:
+                yield list(keys)
+            cursor = self.scan_cursor(raw)
+            if cursor == 0:
+                break
 
     async def scan(self) -> AsyncIterator[list[Fetched]]:
-        async for keys in self._scan_keys():
+        async for keys, via in self._scan_keys():
             ids = [self.entry_key_id(k) for k in keys]
             good = [i for i in ids if i is not None]
             bad: list[Fetched] = [Invalid(-1, f"bad key name {_id_text(k)!r}")
                                   for k, i in zip(keys, ids) if i is None]
-            yield bad + await self.fetch(good)
+            yield bad + (await self.fetch(good) if via is None
+                         else await self._fetch_asking(via, good))
+
+    async def _fetch_asking(self, direct: Any, ids: Sequence[int]) -> list[Fetched]:
+        """See :meth:`RedisStore._fetch_asking`."""
+        try:
+            pipe = direct.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("ASKING")
+                pipe.hgetall(self.ekey(i))
+            res = list(await pipe.execute(raise_on_error=False))
+        except self._errors as exc:
+            raise self._failure(exc) from exc
+        return self.parse_entries(ids, res[1::2])
 
     async def clear(self, scope_id: str | None) -> Cleared:
         # As RedisStore.clear: each deleted batch with its del event, nothing else logged.
@@ -1788,7 +1879,7 @@ class AsyncRedisStore(_Layout):
                             ) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
         """See :meth:`RedisStore._drop_scanned`."""
         n, batches = 0, []
-        async for keys in self._scan_keys():
+        async for keys, _ in self._scan_keys():
             if field is not None:
                 values = await self._run(
                     False, lambda p, ks=keys: [p.hget(k, field) for k in ks])
