@@ -54,6 +54,7 @@ log = logging.getLogger("hnswcache.cache")
 _LATENCY_WINDOW = 10_000
 _OWN_POSITIONS_MAX = 200_000
 _EXPIRED_SEEN_MAX = 100_000
+_CUT_SEEN_MAX = 200_000
 
 Clock = Callable[[], float]
 
@@ -302,6 +303,7 @@ class CacheCore:
         self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
         self.touches: set[int] = set()
         self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, to write back
+        self._cut_seen: dict[int, tuple[str, bool]] = {}  # cut_entry's answers by version
         self._pending = threading.Lock()
         # Log positions of this process's own writes not yet read back -> the entry ids
         # written (applied here already; see apply_log).
@@ -1078,7 +1080,7 @@ class CacheCore:
             if best is not None and index_sim < best[0] - self.slack:
                 break  # no later candidate can beat the best one
             rec = self.usable(fetched.get(eid), now)
-            if rec is None or rec.scope_id != sid or rec.exact_only:
+            if rec is None or rec.scope_id != sid or self.cut_entry(rec):
                 stale.append(eid)
                 continue
             w = self.where.get(eid)
@@ -1171,6 +1173,24 @@ class CacheCore:
                 raise TypeError(f"metadata must be a JSON-serialisable mapping: {exc}") from None
         return out
 
+    def cut_entry(self, rec: Record) -> bool:
+        """Whether ``rec`` must not answer other prompts: stored ``exact_only``, or a prompt
+        this cache's embedder cuts, written by a version before the flag or by a process
+        whose embedder did not say (asked once per entry version; a review found such a
+        long entry answering a short prompt at 0.89)."""
+        if rec.exact_only:
+            return True
+        if self.embedder is None or not hasattr(self.embedder, "truncated"):
+            return False
+        known = self._cut_seen.get(rec.id)
+        if known is not None and known[0] == rec.version:
+            return known[1]
+        cut = bool(self.exact_only_rows([rec.prompt]))
+        if len(self._cut_seen) >= _CUT_SEEN_MAX:
+            self._cut_seen.clear()  # (only costs asking again)
+        self._cut_seen[rec.id] = (rec.version, cut)
+        return cut
+
     def exact_only_rows(self, prompts: Sequence[str], count: bool = False) -> set[int]:
         """The rows of ``prompts`` longer than the embedder reads (``truncated()``, see
         ``embed.py``): their vectors stand for their start only, so they neither answer
@@ -1179,7 +1199,13 @@ class CacheCore:
         Counted in ``stats()["exact_only"]`` with ``count``."""
         if self.embedder is None or not hasattr(self.embedder, "truncated"):
             return set()
-        rows = {i for i, cut in enumerate(embedder_truncates(self.embedder, prompts)) if cut}
+        try:
+            cuts = embedder_truncates(self.embedder, prompts)
+        except Exception as exc:  # (as a failed embedding: counted, raised if strict; the
+            # prompts are then taken as cut, the safe side)
+            self.failed("the embedder's truncated()", exc, "embed_errors")
+            cuts = [True] * len(prompts)
+        rows = {i for i, cut in enumerate(cuts) if cut}
         if rows and count:
             self.stats.add("exact_only", len(rows))
         return rows

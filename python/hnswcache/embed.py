@@ -21,6 +21,7 @@ Heavy imports (torch, sentence-transformers) happen only when a model is loaded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -95,6 +96,8 @@ class SentenceTransformerEmbedder:
         # "Already borrowed" (sentence-transformers#794, tokenizers#537), and the async
         # cache embeds from worker threads. The model itself uses every core per call.
         self._lock = threading.Lock()
+        self._tok: Any = None  # truncated()'s tokenizer (see _own_tokenizer)
+        self._tok_lock: Any = None
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
         if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
@@ -114,8 +117,7 @@ class SentenceTransformerEmbedder:
         ``max_seq_length`` (sentence-transformers cuts them silently). A model without a
         tokenizer or a limit reads every text whole, as far as this adapter can tell."""
         texts = list(texts)
-        tok = getattr(self.model, "tokenizer", None)
-        if self.max_tokens is None or tok is None or not callable(tok):
+        if self.max_tokens is None:
             return [False] * len(texts)
         # A character is at most 4 tokens (byte-level BPE, UTF-8), plus the special ones:
         # the short texts (most prompts) need no tokenizing.
@@ -123,12 +125,30 @@ class SentenceTransformerEmbedder:
         out = [False] * len(texts)
         long_rows = [i for i, t in enumerate(texts) if len(t) > short]
         if long_rows:
-            with self._lock:  # (the tokenizer is the model's: see __init__)
+            tok, lock = self._own_tokenizer()
+            if tok is None:
+                return out
+            with lock:
                 ids = tok([texts[i] for i in long_rows], add_special_tokens=True,
                           truncation=False, verbose=False)["input_ids"]
             for i, row in zip(long_rows, ids):
                 out[i] = len(row) > self.max_tokens
         return out
+
+    def _own_tokenizer(self) -> tuple[Any, Any]:
+        """A copy of the model's tokenizer with a lock of its own (the model's is held for a
+        whole encode: an async cache checking a prompt's length waited on the event loop
+        for another task's embedding, 5 s in a review); the model's, with its lock, if it
+        cannot be copied; ``(None, None)`` for a model without one."""
+        if self._tok is None:
+            tok = getattr(self.model, "tokenizer", None)
+            if tok is None or not callable(tok):
+                return None, None
+            try:
+                self._tok, self._tok_lock = copy.deepcopy(tok), threading.Lock()
+            except Exception:  # (a tokenizer that cannot be copied: shared, under the model's)
+                self._tok, self._tok_lock = tok, self._lock
+        return self._tok, self._tok_lock
 
 
 def embedder_truncates(embedder: Any, texts: Sequence[str]) -> list[bool]:

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+import pytest
 import redis
 
 from hnswcache import AsyncSemanticCache, SemanticCache
@@ -139,3 +140,82 @@ def test_the_sentence_transformers_adapter_says_which_texts_it_cuts() -> None:
     assert cache.get(LONG_B) is None
     assert cache.get(LONG_A) is not None
     cache.close()
+
+
+def test_a_long_entry_written_without_the_mark_answers_no_other_prompt(
+    valkey_server: Any, ns: str
+) -> None:
+    """An entry written before the mark existed (or by a process whose embedder does not
+    say what it cuts) has no exact_only field: its prompt is asked of this cache's
+    embedder when it comes up as a candidate (a review: a short prompt got such a long
+    entry's answer at 0.89 with the real model)."""
+    url = valkey_server.url
+    writer = SemanticCache(PrefixEmbedder(), store=url, namespace=ns, threshold=0.9)
+    key = writer.set(LONG_A, "30 days")
+    r = redis.Redis.from_url(url)
+    r.hdel(keys_for(ns)["entry"] + key, "exact_only")  # (as an older version wrote it)
+    reader = SemanticCache(PrefixEmbedder(), store=url, namespace=ns, threshold=0.9)
+    head = " ".join(CONTEXT.split()[:40])  # (the long prompt's vector is this text's)
+    assert reader.get(head) is None
+    assert reader.get(LONG_A) is not None  # (its own prompt: the exact tier)
+    for c in (writer, reader):
+        c.close()
+
+
+class FlakyTruncation(PrefixEmbedder):
+    def truncated(self, texts: list[str]) -> list[bool]:
+        raise ConnectionError("tokenizer service down")
+
+
+def test_a_failing_truncated_is_an_embedder_failure_not_an_exception() -> None:
+    """It escaped get/get_many/set of a non-strict cache; now counted as an embedder error,
+    and the prompts are taken as cut (the exact tier only: the safe side)."""
+    store = MemoryStore("flaky")
+    SemanticCache(PrefixEmbedder(), store=store, namespace="flaky").set(
+        "what is the refund policy", "14 days")  # (an indexed entry: lookups search)
+    cache = SemanticCache(FlakyTruncation(), store=store, namespace="flaky", threshold=0.9)
+    assert cache.get("what is the refund policy") is not None  # (exact)
+    assert cache.get("what is the refund policy please") is None  # (not searched)
+    assert cache.get_many(["a", "b"]) == [None, None]
+    cache.set("another question", "kept for its own prompt")
+    assert cache.get("another question") is not None
+    assert cache.stats()["embed_errors"] == 3  # (two lookups that would search, one set)
+    strict = SemanticCache(FlakyTruncation(), store="memory", strict=True)
+    with pytest.raises(ConnectionError):
+        strict.set("q", "a")
+
+
+def test_the_async_cache_checks_a_long_prompt_while_another_task_embeds(ns: str) -> None:
+    """The length check used the model's lock, held by a whole encode: an async lookup of
+    a long prompt waited on the event loop for another task's embedding (5 s in a review).
+    The check has a tokenizer of its own."""
+    import time
+
+    from hnswcache.embed import default_embedder
+
+    emb = default_embedder()
+
+    async def run() -> float:
+        cache = AsyncSemanticCache(emb, store="memory", namespace=ns)
+        await cache.set("seed question", "seed")
+        many = [(f"question number {i} about the supplier contract", "a") for i in range(600)]
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        writing = asyncio.create_task(cache.set_many(many))  # (encodes in a worker thread)
+        await asyncio.sleep(0.2)
+        assert await cache.get(LONG_A) is None
+        await writing
+        tick.cancel()
+        await cache.aclose()
+        return max(gaps)
+
+    assert asyncio.run(run()) < 0.5
