@@ -799,7 +799,7 @@ class SemanticCache(_Base):
         c = self._core
         if c.position is not None:
             if c.ref_secret is None and self._ref_retry_due():
-                self._learn_ref_secret()
+                self._learn_ref_secret(quiet=True)
             return True
         with self._lock:
             if c.position is not None:
@@ -816,9 +816,11 @@ class SemanticCache(_Base):
             self._learn_ref_secret()
             return True
 
-    def _learn_ref_secret(self) -> None:
+    def _learn_ref_secret(self, quiet: bool = False) -> None:
         """The namespace's key for ref() tags (until it is known, hits have no tag and refs
-        cannot be checked: a failure here is no failure of the warm start)."""
+        cannot be checked: a failure here is no failure of the warm start). ``quiet`` (a
+        lookup's retry): a failure is logged, not counted nor raised (a strict lookup that
+        worked raised every 5 s)."""
         c = self._core
         if c.ref_secret is not None:
             return
@@ -826,7 +828,11 @@ class SemanticCache(_Base):
         try:
             c.ref_secret = secrets.token_bytes(32) if get is None else get()
         except StoreError as exc:
-            c.failed("reading the key of ref() tags", exc)
+            if quiet:
+                log.debug("hnswcache %r: the key of ref() tags is still unread: %s",
+                          self.namespace, exc)
+            else:
+                c.failed("reading the key of ref() tags", exc)
 
     def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core
@@ -1871,7 +1877,7 @@ class AsyncSemanticCache(_Base):
         c = self._core
         if c.position is not None:
             if c.ref_secret is None and self._ref_retry_due():
-                await self._learn_ref_secret()
+                await self._learn_ref_secret(quiet=True)
             return True
         async with self._lock:
             if c.position is not None:
@@ -1888,7 +1894,7 @@ class AsyncSemanticCache(_Base):
             await self._learn_ref_secret()
             return True
 
-    async def _learn_ref_secret(self) -> None:
+    async def _learn_ref_secret(self, quiet: bool = False) -> None:
         """See :meth:`SemanticCache._learn_ref_secret`."""
         c = self._core
         if c.ref_secret is not None:
@@ -1897,7 +1903,11 @@ class AsyncSemanticCache(_Base):
         try:
             c.ref_secret = secrets.token_bytes(32) if get is None else await get()
         except StoreError as exc:
-            c.failed("reading the key of ref() tags", exc)
+            if quiet:
+                log.debug("hnswcache %r: the key of ref() tags is still unread: %s",
+                          self.namespace, exc)
+            else:
+                c.failed("reading the key of ref() tags", exc)
 
     async def _rebuild(self, snapshot: bool = True) -> None:
         c = self._core

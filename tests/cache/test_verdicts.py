@@ -959,3 +959,28 @@ def test_a_failed_read_of_the_ref_key_is_retried_by_later_lookups(valkey_server,
             c.close()
     finally:
         admin.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.mark.server
+def test_a_strict_cache_does_not_raise_on_lookups_for_the_ref_key(valkey_server, ns):
+    """A lookup retries an unread ref() key quietly: a strict cache whose warm start could
+    not read it raised from every lookup 5 s apart, though the lookups themselves worked."""
+    from hnswcache.store.base import StoreError
+
+    admin = redis.Redis.from_url(valkey_server.url)
+    user = "s" + ns
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
+    try:
+        w = cache_on(valkey_server.url, ns)
+        w.set("base", "A", embedding=BASE)
+        host_port = valkey_server.url.split("//")[1].split("/")[0]
+        x = cache_on(f"redis://{user}:pw@{host_port}/0", ns, strict=True)
+        with pytest.raises(StoreError):  # (the warm start's own read: strict, raised)
+            x.get("q1", embedding=at(0.93, 2))
+        x._ref_retry_at = 0.0  # (as 5 s later)
+        hit = x.get("q2", embedding=at(0.94, 3))
+        assert hit is not None and hit.response == "A"
+        for c in (w, x):
+            c.close()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
