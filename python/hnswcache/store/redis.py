@@ -75,16 +75,18 @@ def _wrong_type(reply: Any) -> bool:
 _LOG_BATCH = 1000
 _WAIT_CHAIN = 16  # lease holders followed before a chain of waits is taken as no cycle
 _REFRESH_TRIES = 3  # WATCH/MULTI rounds before an eviction or expiry pass is given up
-#: A sliding-TTL refresh or a verdict, whose loss a caller sees, tries this long before it
-#: gives up, pausing a random 0-2^n ms after its n-th lost WATCH (3 rounds lost 15 of 24
-#: verdicts given at once on one entry, and refreshes of a hot entry raised StoreError).
+#: A verdict, whose loss its caller sees, tries this long before it gives up, pausing a
+#: random 0-2^n ms after its n-th lost WATCH (3 rounds lost 15 of 24 verdicts given at once
+#: on one entry). A sliding-TTL refresh, written inside a lookup and retried by the next
+#: hit, tries for _REFRESH_SECONDS (3 rounds made a hot entry's refreshes StoreErrors).
 _CONTENDED_SECONDS = 1.0
+_REFRESH_SECONDS = 0.1
 
 
-def _contended_tries() -> Iterator[int]:
+def _contended_tries(seconds: float = _CONTENDED_SECONDS) -> Iterator[int]:
     """Attempt numbers for a write that must get through its WATCH: a randomised,
-    growing pause between lost rounds, for at most ``_CONTENDED_SECONDS``."""
-    end = time.monotonic() + _CONTENDED_SECONDS
+    growing pause between lost rounds, for at most ``seconds``."""
+    end = time.monotonic() + seconds
     n = 0
     while True:
         yield n
@@ -95,9 +97,9 @@ def _contended_tries() -> Iterator[int]:
         time.sleep(pause)
 
 
-async def _acontended_tries() -> AsyncIterator[int]:
+async def _acontended_tries(seconds: float = _CONTENDED_SECONDS) -> AsyncIterator[int]:
     """:func:`_contended_tries` for the event loop."""
-    end = time.monotonic() + _CONTENDED_SECONDS
+    end = time.monotonic() + seconds
     n = 0
     while True:
         yield n
@@ -619,7 +621,7 @@ class _Layout:
         self._note_outage(exc)
         if exc is None:
             raise StoreContended(f"sliding-TTL refresh: other writers of the entry won its "
-                                 f"WATCH for {_CONTENDED_SECONDS:g} s")
+                                 f"WATCH for {_REFRESH_SECONDS:g} s")
         if isinstance(exc, self._response_error) and _refuses_pexpire_gt(exc):
             log.warning("a sliding-TTL refresh was refused by the server (PEXPIRE GT needs "
                         "Redis >= 7.0 or Valkey); the entry keeps its earlier expiry: %s", exc)
@@ -1080,7 +1082,7 @@ class RedisStore(_Layout):
         keys = self.refresh_keys(refresh)
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                for _ in _contended_tries():
+                for _ in _contended_tries(_REFRESH_SECONDS):
                     try:
                         pipe.watch(*keys)
                         live = self.still_held(refresh, [
@@ -1642,7 +1644,7 @@ class AsyncRedisStore(_Layout):
             if self._cluster:
                 await self.client.initialize()  # (see _run)
             async with self.client.pipeline(transaction=True) as pipe:
-                async for _ in _acontended_tries():
+                async for _ in _acontended_tries(_REFRESH_SECONDS):
                     try:
                         await pipe.watch(*keys)
                         live = self.still_held(refresh, [
