@@ -475,7 +475,8 @@ class _Base:
             self._warm["snapshot_skipped"] = self._snapshot_skipped
 
     def __len__(self) -> int:
-        """Live entries in this process's index replica."""
+        """Live entries in this process's index replica (entries kept to the exact tier,
+        ``exact_only``, are in the store, not in the replica)."""
         return self._core.size()
 
     def _snapshot_folder(self, snapshot_dir: str | os.PathLike[str] | None,
