@@ -545,6 +545,10 @@ class CacheCore:
             if idx is not None:
                 idx.delete(eids)
 
+    def held_in(self, sid: str | None) -> list[int]:
+        """The ids the replica holds in scope ``sid`` (``None``: every scope)."""
+        return [e for e, w in list(self.where.items()) if sid is None or w[0] == sid]
+
     def clear_local(self, sid: str | None, keep: Iterable[int] = ()) -> None:
         """Forget every entry of scope ``sid`` (``None`` or ``"*"``: all) but ``keep``."""
         kept = set(keep)

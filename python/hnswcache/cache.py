@@ -1538,6 +1538,18 @@ class SemanticCache(_Base):
             # Its own events are applied here: read back from the log later, a clear event
             # would also drop what this process wrote after it.
             c.own_cleared(sid, res)
+        left = c.held_in(sid) if res.batches is not None else []
+        if left:
+            # What the pass did not delete, the store no longer held (another process's
+            # delete, a TTL), or was written meanwhile: as the store holds it now (len()
+            # right after a clear counted entries the server had dropped).
+            try:
+                fetched = self.store.fetch(left)
+            except StoreError:
+                pass  # (the next log read settles them)
+            else:
+                with self._lock:
+                    c.reconcile(left, fetched)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -2605,6 +2617,15 @@ class AsyncSemanticCache(_Base):
             return 0
         async with self._lock:  # (see SemanticCache.clear)
             c.own_cleared(sid, res)
+        left = c.held_in(sid) if res.batches is not None else []
+        if left:
+            try:
+                fetched = await self.store.fetch(left)
+            except StoreError:
+                pass
+            else:
+                async with self._lock:
+                    await self._insert(c.reconcile, left, fetched)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted

@@ -1019,3 +1019,44 @@ def test_cached_returns_a_result_too_long_to_store_instead_of_raising() -> None:
 
     asyncio.run(run())
     assert len(calls) == 3
+
+
+def test_an_entry_hit_before_a_set_is_older_than_the_entry_set(store_url: str, ns: str) -> None:
+    """From a differential review of the stores: a hit's LRU touch rides the next write and
+    was scored with its time, tying with the entry written; the server broke the tie by
+    id, and set() could evict the entry it had just written (max_entries=1) instead of the
+    one used before it. The memory store kept the right one."""
+    clock = FakeClock()
+    for i in range(6):  # (ids decide the tie: several prompt pairs, both orders)
+        store: Any = MemoryStore(f"{ns}{i}") if store_url == "memory" else store_url
+        cache = SemanticCache(HashEmbedder(32), store=store, namespace=f"{ns}{i}",
+                              max_entries=1, clock=clock)
+        old, new = f"old question {i}", f"new question {i}"
+        cache.set(old, "x")
+        clock.advance(1)
+        assert cache.get(old) is not None  # (its touch waits for the next round trip)
+        clock.advance(1)
+        cache.set(new, "z")
+        assert cache.get(new) is not None, i  # the entry just written stays
+        assert cache.get(old) is None, i
+        cache.close()
+
+
+def test_len_right_after_clear_counts_nothing_the_store_no_longer_holds(
+    store_url: str, ns: str
+) -> None:
+    """From the same review: after another process deleted an entry this replica held,
+    clear() on a server (which deletes batch by batch, logging what it deleted) left that
+    entry in this replica until its next log read: len() after clear() said 1."""
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    a = SemanticCache(HashEmbedder(32), store=store, namespace=ns)
+    b = SemanticCache(HashEmbedder(32), store=store, namespace=ns)
+    key = a.set("why is the sky blue", "x")
+    a.set("kept in another scope", "y", scope={"t": "other"})
+    assert b.get("unrelated warm start") is None  # (b's replica loads both)
+    assert b.delete(key)
+    assert a.clear({}) == 0
+    assert len(a) == 1  # (only the other scope's entry)
+    assert a.clear() == 1 and len(a) == 0
+    a.close()
+    b.close()

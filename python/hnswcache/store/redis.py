@@ -753,7 +753,11 @@ class _Layout:
         touch: Sequence[int],
     ) -> None:
         if touch:
-            pipe.zadd(self.k_lru, {format_id(t): now for t in touch}, xx=True)
+            # (just before this write's entries: the hits came first. Scored at `now`, a
+            # hit entry tied with the one written and eviction broke the tie by id: set()
+            # could evict the entry it had just written instead of the older one)
+            before = math.nextafter(now, -math.inf)
+            pipe.zadd(self.k_lru, {format_id(t): before for t in touch}, xx=True)
         exp: dict[str, float] = {}
         no_exp: list[str] = []
         for rec, ttl in zip(records, ttls):
