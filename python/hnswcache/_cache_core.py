@@ -546,22 +546,22 @@ class CacheCore:
                 idx.delete(eids)
 
     def held_in(self, sid: str | None) -> list[int]:
-        """The ids the replica holds in scope ``sid`` (``None``: every scope)."""
-        return [e for e, w in list(self.where.items()) if sid is None or w[0] == sid]
+        """The ids the replica holds in scope ``sid`` (``None`` or ``"*"``: every scope; a
+        copy, as lookups in other threads add and remove entries meanwhile)."""
+        every = sid is None or sid == "*"
+        return [e for e, w in list(self.where.items()) if every or w[0] == sid]
 
     def clear_local(self, sid: str | None, keep: Iterable[int] = ()) -> None:
         """Forget every entry of scope ``sid`` (``None`` or ``"*"``: all) but ``keep``."""
         kept = set(keep)
         if kept:
-            self.remove([e for e, w in list(self.where.items())
-                         if (sid is None or sid == "*" or w[0] == sid) and e not in kept])
+            self.remove([e for e in self.held_in(sid) if e not in kept])
         elif sid is None or sid == "*":
             self.indexes.clear()
             self.where.clear()
         else:
             self.indexes.pop(sid, None)
-            # (a copy, and pop: lookups in other threads add and remove entries meanwhile)
-            for eid in [e for e, w in list(self.where.items()) if w[0] == sid]:
+            for eid in self.held_in(sid):  # (pop: other threads' lookups change `where`)
                 self.where.pop(eid, None)
 
     def reconcile(self, ids: Sequence[int], fetched: Sequence[Fetched]) -> None:
@@ -630,9 +630,7 @@ class CacheCore:
                 # since 2026-12-05 (a clear logs its del batches): one read there is forged
                 # or an older version's, and dropping on it emptied every replica while the
                 # store kept the entries (the semantic tier missed them for good).
-                for eid, w in list(self.where.items()):
-                    if ev.scope in ("*", None) or w[0] == ev.scope:
-                        ids[eid] = None
+                ids.update(dict.fromkeys(self.held_in(ev.scope)))
             elif ev.id is not None and (ev.op != "del" or ev.id in self.where):
                 ids[ev.id] = None  # (a del of an entry not held here changes nothing)
         for pos in own:

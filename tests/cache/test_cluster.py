@@ -84,6 +84,19 @@ def connect(nodes: list[EmbeddedServer]) -> RedisCluster:
     return RedisCluster(host="127.0.0.1", port=nodes[0].port, socket_timeout=5.0)
 
 
+async def async_warm_start(nodes: list[EmbeddedServer], ns: str) -> int:
+    """Entries a new async replica of ``ns`` loads through an async cluster client."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    store = AsyncRedisStore(AsyncRedisCluster(host="127.0.0.1", port=nodes[0].port),
+                            namespace=ns)
+    c = AsyncSemanticCache(HashEmbedder(32), store=store, namespace=ns, strict=True)
+    await c.sync()
+    size = len(c)
+    await c.aclose()
+    return size
+
+
 def spread_namespaces(rc: RedisCluster, count: int, prefix: str) -> list[str]:
     """Namespaces whose slots are on different nodes (so routing is really exercised)."""
     by_node: dict[str, str] = {}
@@ -336,8 +349,6 @@ def test_a_warm_start_and_a_clear_while_the_slot_migrates_see_every_entry(
     already moved (SCAN has no key: no ASK redirect). A replica warm-started then held half
     the cache for good, and a clear left half and said it was done. Both now scan the
     importing node too (sync and async)."""
-    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-
     rc = connect(cluster)
     ns = "migrating"
     k = keys_for(ns)
@@ -371,17 +382,7 @@ def test_a_warm_start_and_a_clear_while_the_slot_migrates_see_every_entry(
                 == ("127.0.0.1", dst_port))
         hit = fresh.get("p7 asked again", embedding=vecs[7])
         assert hit is not None and hit.response == "r7"
-
-        async def warm() -> int:
-            store = AsyncRedisStore(AsyncRedisCluster(host="127.0.0.1", port=cluster[0].port),
-                                    namespace=ns)
-            c = AsyncSemanticCache(HashEmbedder(32), store=store, namespace=ns, strict=True)
-            await c.sync()
-            size = len(c)
-            await c.aclose()
-            return size
-
-        assert asyncio.run(warm()) == n
+        assert asyncio.run(async_warm_start(cluster, ns)) == n
         # A clear now either deletes every entry or raises: never a partial success.
         try:
             cleared = fresh.clear()
@@ -437,8 +438,6 @@ def test_a_move_onto_a_new_empty_node_keeps_warm_starts_and_clears_whole(
     the importing node failed: for the whole move every warm start and clear raised (a
     review: StoreError "a node this client does not know yet"). It is asked directly now,
     sync and async. (Last in this module: the cluster has a fourth node after it.)"""
-    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-
     new = EmbeddedServer(tmp_path / "node4", port=_cluster_port(), config={
         "cluster-enabled": "yes", "cluster-config-file": str(tmp_path / "node4.conf"),
         "cluster-node-timeout": "5000"}).start()
@@ -474,17 +473,7 @@ def test_a_move_onto_a_new_empty_node_keeps_warm_starts_and_clears_whole(
                               namespace=ns, strict=True)
         fresh.sync()
         assert len(fresh) == n
-
-        async def warm() -> int:
-            store = AsyncRedisStore(AsyncRedisCluster(host="127.0.0.1", port=cluster[0].port),
-                                    namespace=ns)
-            c = AsyncSemanticCache(HashEmbedder(32), store=store, namespace=ns, strict=True)
-            await c.sync()
-            size = len(c)
-            await c.aclose()
-            return size
-
-        assert asyncio.run(warm()) == n
+        assert asyncio.run(async_warm_start(cluster, ns)) == n
         # Lookups of moved keys during the move: a miss at worst, never an exception (the
         # cluster client's pipelines raised AttributeError on an ASK to the unknown node).
         lax = SemanticCache(HashEmbedder(32), store=RedisStore(connect(cluster), namespace=ns),

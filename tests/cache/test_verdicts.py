@@ -8,9 +8,11 @@ entry ``e0``, the rest along the basis vector ``e_i``; two such prompts have cos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,19 @@ class Table:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return np.stack([self.vecs[t] for t in texts])
+
+
+@contextlib.contextmanager
+def user_without_hsetnx(url: str, user: str) -> Iterator[tuple[redis.Redis, str, str]]:
+    """An ACL user of the server at ``url`` refused HSETNX (what the first read of the
+    ref() key sends): ``(admin client, user name, the user's URL)``; deleted after."""
+    admin = redis.Redis.from_url(url)
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
+    try:
+        host_port = url.split("//")[1].split("/")[0]
+        yield admin, user, f"redis://{user}:pw@{host_port}/0"
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
 
 
 def shared(url: str, ns: str) -> Any:
@@ -940,14 +955,10 @@ def test_a_failed_read_of_the_ref_key_is_retried_by_later_lookups(valkey_server,
     refused by every other process, for good: only feedback() read it again."""
     import json
 
-    admin = redis.Redis.from_url(valkey_server.url)
-    user = "u" + ns
-    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
-    try:
+    with user_without_hsetnx(valkey_server.url, "u" + ns) as (admin, user, url):
         w = cache_on(valkey_server.url, ns)
         w.set("base", "A", embedding=BASE)
-        host_port = valkey_server.url.split("//")[1].split("/")[0]
-        x = cache_on(f"redis://{user}:pw@{host_port}/0", ns)
+        x = cache_on(url, ns)
         first = x.get("q1", embedding=at(0.93, 2))
         assert first is not None and "tag" not in first.ref()
         admin.execute_command("ACL", "SETUSER", user, "+hsetnx")  # the blip is over
@@ -957,8 +968,6 @@ def test_a_failed_read_of_the_ref_key_is_retried_by_later_lookups(valkey_server,
         assert y.feedback(json.loads(json.dumps(hit.ref())), False) is True
         for c in (w, x, y):
             c.close()
-    finally:
-        admin.execute_command("ACL", "DELUSER", user)
 
 
 @pytest.mark.server
@@ -967,14 +976,10 @@ def test_a_strict_cache_does_not_raise_on_lookups_for_the_ref_key(valkey_server,
     not read it raised from every lookup 5 s apart, though the lookups themselves worked."""
     from hnswcache.store.base import StoreError
 
-    admin = redis.Redis.from_url(valkey_server.url)
-    user = "s" + ns
-    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hsetnx")
-    try:
+    with user_without_hsetnx(valkey_server.url, "s" + ns) as (_, _, url):
         w = cache_on(valkey_server.url, ns)
         w.set("base", "A", embedding=BASE)
-        host_port = valkey_server.url.split("//")[1].split("/")[0]
-        x = cache_on(f"redis://{user}:pw@{host_port}/0", ns, strict=True)
+        x = cache_on(url, ns, strict=True)
         with pytest.raises(StoreError):  # (the warm start's own read: strict, raised)
             x.get("q1", embedding=at(0.93, 2))
         x._ref_retry_at = 0.0  # (as 5 s later)
@@ -982,5 +987,3 @@ def test_a_strict_cache_does_not_raise_on_lookups_for_the_ref_key(valkey_server,
         assert hit is not None and hit.response == "A"
         for c in (w, x):
             c.close()
-    finally:
-        admin.execute_command("ACL", "DELUSER", user)

@@ -83,31 +83,34 @@ _CONTENDED_SECONDS = 1.0
 _REFRESH_SECONDS = 0.1
 
 
-def _contended_tries(seconds: float = _CONTENDED_SECONDS) -> Iterator[int]:
-    """Attempt numbers for a write that must get through its WATCH: a randomised,
-    growing pause between lost rounds, for at most ``seconds``."""
+def _contention_pauses(seconds: float) -> Iterator[float]:
+    """The pause before each retry of a write that lost its WATCH: random, growing with
+    each lost round, until ``seconds`` would be spent (read lazily, after each try)."""
     end = time.monotonic() + seconds
     n = 0
     while True:
-        yield n
         n += 1
         pause = random.uniform(0, min(0.002 * 2 ** n, 0.05))
         if time.monotonic() + pause > end:
             return
+        yield pause
+
+
+def _contended_tries(seconds: float = _CONTENDED_SECONDS) -> Iterator[int]:
+    """Attempt numbers for a write that must get through its WATCH (see
+    :func:`_contention_pauses`)."""
+    yield 0
+    for n, pause in enumerate(_contention_pauses(seconds), 1):
         time.sleep(pause)
+        yield n
 
 
 async def _acontended_tries(seconds: float = _CONTENDED_SECONDS) -> AsyncIterator[int]:
     """:func:`_contended_tries` for the event loop."""
-    end = time.monotonic() + seconds
-    n = 0
-    while True:
-        yield n
-        n += 1
-        pause = random.uniform(0, min(0.002 * 2 ** n, 0.05))
-        if time.monotonic() + pause > end:
-            return
+    yield 0
+    for n, pause in enumerate(_contention_pauses(seconds), 1):
         await asyncio.sleep(pause)
+        yield n
 _IDS_PER_EVENT = 500
 _SCOPE_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCAN_COUNT = 1000
@@ -554,6 +557,13 @@ class _Layout:
                              f"address the owner does not list")
         host, _, port = addr.rpartition(":")
         return host, int(port)
+
+    def queue_asking(self, pipe: Any, ids: Sequence[int]) -> None:
+        """The reads of ``ids`` on the importing node of a slot move: each after ASKING
+        (read back with ``parse_entries(ids, replies[1::2])``)."""
+        for i in ids:
+            pipe.execute_command("ASKING")
+            pipe.hgetall(self.ekey(i))
 
     def node_kwargs(self) -> dict[str, Any]:
         """Connection settings of the cluster client's nodes (auth, TLS, timeouts)."""
@@ -1298,9 +1308,7 @@ class RedisStore(_Layout):
         pipelines fail there): ``ASKING`` before each read, on a direct connection."""
         try:
             pipe = direct.pipeline(transaction=False)
-            for i in ids:
-                pipe.execute_command("ASKING")
-                pipe.hgetall(self.ekey(i))
+            self.queue_asking(pipe, ids)
             res = list(pipe.execute(raise_on_error=False))
         except self._errors as exc:
             raise self._failure(exc) from exc
@@ -1864,9 +1872,7 @@ class AsyncRedisStore(_Layout):
         """See :meth:`RedisStore._fetch_asking`."""
         try:
             pipe = direct.pipeline(transaction=False)
-            for i in ids:
-                pipe.execute_command("ASKING")
-                pipe.hgetall(self.ekey(i))
+            self.queue_asking(pipe, ids)
             res = list(await pipe.execute(raise_on_error=False))
         except self._errors as exc:
             raise self._failure(exc) from exc
