@@ -7,6 +7,7 @@ Similarity scale: cosine similarity, a hit when ``similarity >= threshold``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import hmac
@@ -148,6 +149,9 @@ _SLIDE_STEP = 1.0 / 16
 NEAR_MISS_BAND = 0.05
 _MISS_BUCKET = 0.05
 _MISS_BUCKETS = 20
+#: The upper bounds of the Prometheus histogram's finite buckets, as its text writes them
+#: (``le="0.05"`` ... ``le="0.95"``): a value counts in the first bound it does not exceed.
+MISS_LE_BOUNDS = tuple(float(f"{(b + 1) * _MISS_BUCKET:.2f}") for b in range(_MISS_BUCKETS - 1))
 
 
 def _position(value: str) -> tuple[int, int] | None:
@@ -206,6 +210,9 @@ class Stats:
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)
+        # The same misses in Prometheus' buckets (``le``: at most the bound), which differ
+        # from those above for a value exactly on a bound (0.5 is in "0.50" and in le 0.5).
+        self.miss_le = np.zeros(_MISS_BUCKETS, dtype=np.int64)
         self.miss_sim_sum = 0.0
         self.lookup_time = Window()  # one get/get_many call each
         self.embed_time = Window()  # one embedder call each (successful ones)
@@ -218,6 +225,7 @@ class Stats:
         # (rounded first: 0.6 / 0.05 is 11.999..., which put 0.6 below its bucket's bound)
         b = min(_MISS_BUCKETS - 1, max(0, int(round(nearest / _MISS_BUCKET, 9))))
         self.miss_sims[b] += 1
+        self.miss_le[bisect.bisect_left(MISS_LE_BOUNDS, nearest)] += 1
         self.miss_sim_sum += nearest
         if threshold - NEAR_MISS_BAND <= nearest < threshold:
             self.counts["near_misses"] += 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._cache_core import _MISS_BUCKET, _MISS_BUCKETS, Stats, Window
+from ._cache_core import _MISS_BUCKETS, MISS_LE_BOUNDS, Stats, Window
 
 #: Media type of the text this module writes (the Prometheus text format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,11 +119,11 @@ def _write(w: _Writer, ns: str, stats: Stats, entries: int) -> None:
              "10,000 calls).", ns, stats.embed_time)
     name = _PREFIX + "miss_similarity"
     w.family(name, "histogram", "Nearest entry's cosine similarity of each semantic miss "
-                                "(buckets of 0.05; a value on a bound counts in the next).")
+                                "(buckets of 0.05).")
     total = 0
     for b in range(_MISS_BUCKETS):
-        total += int(stats.miss_sims[b])
-        le = "+Inf" if b == _MISS_BUCKETS - 1 else f"{(b + 1) * _MISS_BUCKET:.2f}"
+        total += int(stats.miss_le[b])
+        le = "+Inf" if b == _MISS_BUCKETS - 1 else f"{MISS_LE_BOUNDS[b]:.2f}"
         w.sample(name + "_bucket", {"namespace": ns, "le": le}, total)
     w.sample(name + "_sum", {"namespace": ns}, stats.miss_sim_sum)
     w.sample(name + "_count", {"namespace": ns}, total)

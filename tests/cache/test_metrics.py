@@ -8,6 +8,7 @@ import math
 import threading
 import time
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -138,3 +139,18 @@ def test_stats_never_show_more_answers_than_lookups_while_threads_look_up() -> N
     st = cache.stats()
     assert reads > 100 and not bad, (reads, bad[:5])
     assert st["hits"] + st["misses"] == st["lookups"] > 1000
+
+
+def test_the_histogram_counts_a_similarity_on_a_bound_at_that_bound(ns: str) -> None:
+    """Prometheus' ``le`` is "at most": a miss at exactly 0.5 belongs in ``le="0.50"``. The
+    text reused stats()'s buckets (each holds its lower bound), which put it in 0.55."""
+    cache = SemanticCache(HashEmbedder(8), store="memory", namespace=ns)
+    sims = [0.5, 0.25, 0.75, 1.0, 0.6, 0.05, -0.2, 0.500001, float(np.float32(0.85))]
+    for s in sims:  # (the misses' nearest similarities, as the lookups record them)
+        cache._core.stats.miss(s, 0.99)
+    got = samples(prometheus_text(cache))
+    buckets = [(float(dict(k[1])["le"]), v) for k, v in got.items()
+               if k[0] == "hnswcache_miss_similarity_bucket"]
+    assert len(buckets) == 20
+    for le, n in buckets:
+        assert n == sum(s <= le for s in sims), (le, n)
