@@ -66,6 +66,17 @@ def embedder_dim(embedder: Any) -> int | None:
     return int(dim) if isinstance(dim, (int, np.integer)) and dim > 0 else None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _model_texts(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a Hugging Face tokenizer takes them: a lone surrogate (half an emoji
+    cut upstream; a Python str holds no other kind) becomes U+FFFD, which the model reads
+    as the unknown character it is. The tokenizer refused the whole batch with a TypeError,
+    so such a prompt was never embedded."""
+    return [_SURROGATE.sub("\ufffd", t) if _SURROGATE.search(t) else t for t in texts]
+
+
 class SentenceTransformerEmbedder:
     """Adapter for a ``sentence_transformers.SentenceTransformer`` (object or model name).
 
@@ -102,7 +113,7 @@ class SentenceTransformerEmbedder:
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
         if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
             raise TypeError("texts must be a list of strings, not one string")
-        texts = list(texts)
+        texts = _model_texts(texts)
         if not texts:  # (reshape(0, -1) of an empty output fails)
             return np.zeros((0, self.dim or 0), dtype=np.float32)
         with self._lock:
@@ -129,7 +140,7 @@ class SentenceTransformerEmbedder:
             if tok is None:
                 return out
             with lock:
-                ids = tok([texts[i] for i in long_rows], add_special_tokens=True,
+                ids = tok(_model_texts([texts[i] for i in long_rows]), add_special_tokens=True,
                           truncation=False, verbose=False)["input_ids"]
             for i, row in zip(long_rows, ids):
                 out[i] = len(row) > self.max_tokens
@@ -221,7 +232,7 @@ class HashEmbedder:
         words = _TOKEN.findall(text.lower())
         feats = words + [a + " " + b for a, b in zip(words, words[1:])]
         for f in feats or [""]:
-            h = hashlib.blake2b(f.encode(), digest_size=8).digest()
+            h = hashlib.blake2b(f.encode("utf-8", "surrogatepass"), digest_size=8).digest()
             idx = int.from_bytes(h[:4], "little") % self.dim
             v[idx] += 1.0 if h[4] & 1 else -1.0
         if not v.any():

@@ -1060,3 +1060,44 @@ def test_len_right_after_clear_counts_nothing_the_store_no_longer_holds(
     assert a.clear() == 1 and len(a) == 0
     a.close()
     b.close()
+
+
+def test_a_prompt_or_answer_with_half_an_emoji_is_cached_like_any_other(
+        store_url: str, ns: str) -> None:
+    """A lone surrogate (an emoji cut in half upstream) made get() and set() of the prompt
+    raise UnicodeEncodeError (the entry id hashed strict UTF-8), and a response with one
+    was kept by the memory store and refused by a server's. Each is a distinct text."""
+    cache = make(store_url, ns)
+    cut, whole = "tell me about \ud83c", "tell me about \ud83c\udf0d"
+    assert cache.get(cut) is None
+    k1 = cache.set(cut, "the cut one \udf0d")
+    k2 = cache.set(whole, "the whole one")
+    k3 = cache.set("tell me about", "neither")
+    assert len({k1, k2, k3}) == 3
+    for prompt, answer in ((cut, "the cut one \udf0d"), (whole, "the whole one"),
+                           ("tell me about", "neither")):
+        hit = cache.get(prompt)
+        assert hit is not None and hit.tier == "exact" and hit.response == answer
+    cache.close()
+
+
+def test_half_an_emoji_is_read_back_from_the_server_and_embedded(
+        valkey_server: Any, ns: str) -> None:
+    """The server's bytes of such a text decode to the same text in a new cache's warm
+    start; the real model (its tokenizer refused a batch holding one: TypeError, so such
+    a prompt was never embedded) reads it as U+FFFD, so a paraphrase still matches."""
+    from hnswcache.embed import default_embedder
+
+    cut = "How do I reset my password? \ud83d"
+    first = SemanticCache(default_embedder(), store=valkey_server.url, namespace=ns)
+    first.set(cut, "Settings, then Security \ude00")
+    assert first.stats()["embed_errors"] == 0
+    first.close()
+    again = SemanticCache(default_embedder(), store=valkey_server.url, namespace=ns)
+    hit = again.get(cut)
+    assert hit is not None and hit.tier == "exact"
+    assert (hit.prompt, hit.response) == (cut, "Settings, then Security \ude00")
+    hit = again.get("how can I reset my password \ud83d")
+    assert hit is not None and hit.tier == "semantic" and hit.prompt == cut
+    assert again.stats()["embed_errors"] == 0
+    again.close()

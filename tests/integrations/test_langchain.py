@@ -314,3 +314,14 @@ def test_streamed_generations_come_back_as_the_chunks_they_were() -> None:
     assert type(plain) is GenerationChunk and (plain + GenerationChunk(text="!")).text == (
         "text part!")
     assert type(whole) is ChatGeneration and type(whole.message) is AIMessage
+
+
+def test_half_an_emoji_in_the_question_is_cached_and_never_breaks_the_call() -> None:
+    """A lone surrogate in the prompt an LLM or chat model is asked (text cut mid-emoji
+    upstream) made lookup() raise UnicodeEncodeError: the model was never called."""
+    llm = FakeListLLM(responses=["a", "b"], cache=make())
+    assert llm.invoke("tell me about \ud83c") == "a"
+    assert llm.invoke("tell me about \ud83c") == "a"  # (cached)
+    chat = FakeListChatModel(responses=["c", "d"], cache=make())
+    assert chat.invoke([HumanMessage("tell me about \ud83c")]).content == "c"
+    assert chat.invoke([HumanMessage("tell me about \ud83c")]).content == "c"

@@ -146,10 +146,18 @@ _DEFAULT_SCOPE = (
 )
 
 
+#: How prompts and responses become bytes (keys, the server's fields) and back: a lone
+#: surrogate (half an emoji cut upstream) is kept as the distinct text it is. Strict UTF-8
+#: made every get() and set() of such a prompt raise UnicodeEncodeError, and a response
+#: with one was stored by the memory store and refused by a server's.
+_TEXT_ERRORS = "surrogatepass"
+
+
 def entry_id(scope_id: str, normalized_prompt: str) -> int:
     """The 63-bit id (and index label) of the entry for a scope and a normalised prompt."""
     h = hashlib.blake2b(
-        scope_id.encode() + b"\0" + normalized_prompt.encode(), digest_size=8, person=b"hc-entry"
+        scope_id.encode() + b"\0" + normalized_prompt.encode("utf-8", _TEXT_ERRORS),
+        digest_size=8, person=b"hc-entry",
     ).digest()
     return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -241,8 +249,8 @@ def encode_record(rec: Record) -> dict[str, bytes]:
     """The hash fields of a record (all values bytes; the vector as float32 little-endian)."""
     return {
         "format": FORMAT.encode(),
-        "prompt": rec.prompt.encode("utf-8"),
-        "response": rec.response.encode("utf-8"),
+        "prompt": rec.prompt.encode("utf-8", _TEXT_ERRORS),
+        "response": rec.response.encode("utf-8", _TEXT_ERRORS),
         "vector": np.ascontiguousarray(rec.vector, dtype="<f4").tobytes(),
         "scope": rec.scope_id.encode(),
         "scope_json": rec.scope_json.encode("utf-8"),
@@ -347,7 +355,7 @@ def _text(raw: Mapping[Any, Any], name: str, limit: int = MAX_TEXT_BYTES) -> str
         if value is None:
             raise ValueError(f"missing field {name!r}")
         if isinstance(value, str):
-            value = value.encode("utf-8")
+            value = value.encode("utf-8", _TEXT_ERRORS)
     if type(value) is not bytes:
         if not isinstance(value, (bytes, bytearray)):
             raise ValueError(f"field {name!r} is not bytes")
@@ -355,7 +363,7 @@ def _text(raw: Mapping[Any, Any], name: str, limit: int = MAX_TEXT_BYTES) -> str
     if len(value) > limit:
         raise ValueError(f"field {name!r} is too large ({len(value)} bytes)")
     try:
-        return value.decode("utf-8")
+        return value.decode("utf-8", _TEXT_ERRORS)
     except UnicodeDecodeError:
         raise ValueError(f"field {name!r} is not UTF-8") from None
 
