@@ -123,12 +123,19 @@ class Lookup:
             live entry (on ``int8``/``float16`` rows within 0.02/0.005 of the exact one);
             ``None`` when no search ran (an empty scope, the store or the embedder down).
         nearest_key: that entry's key, or ``None``.
+        embedding: the vector the prompt was searched with (the embedder's, or the one
+            given), or ``None`` when it was not embedded (an exact hit, an outage). Give it
+            to ``set(..., embedding=...)`` to store a miss's answer without embedding the
+            prompt a second time.
     """
 
     hit: Hit | None
     threshold: float
     nearest_similarity: float | None
     nearest_key: str | None
+    # (not compared: == of two arrays is an array; not in repr: 384 numbers)
+    embedding: npt.NDArray[np.float32] | None = field(default=None, compare=False,
+                                                       repr=False)
 
     @property
     def near_miss(self) -> bool:
@@ -1002,18 +1009,21 @@ class CacheCore:
 
     @staticmethod
     def lookups(out: Sequence[Hit | None], near: Mapping[int, tuple[float, int]],
-                threshold: float) -> list[Lookup]:
-        """:class:`Lookup` of each row of one lookup: its hit, or its nearest entry."""
+                threshold: float, used: Sequence[Any]) -> list[Lookup]:
+        """:class:`Lookup` of each row of one lookup: its hit, or its nearest entry, and
+        the vector it was searched with (``used``)."""
         res = []
         for i, h in enumerate(out):
+            vec = used[i]
             if h is not None:
-                res.append(Lookup(h, threshold, h.similarity, h.key))
+                res.append(Lookup(h, threshold, h.similarity, h.key, vec))
                 continue
             sim, eid = near.get(i, (math.nan, -1))
             if sim != sim or eid < 0:
-                res.append(Lookup(None, threshold, None, None))
+                res.append(Lookup(None, threshold, None, None, vec))
             else:
-                res.append(Lookup(None, threshold, max(-1.0, min(1.0, sim)), format_id(eid)))
+                res.append(Lookup(None, threshold, max(-1.0, min(1.0, sim)), format_id(eid),
+                                  vec))
         return res
 
     def record_misses(self, out: Sequence[Hit | None], nearest: Mapping[int, tuple[float, int]],

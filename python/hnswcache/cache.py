@@ -446,6 +446,12 @@ class _Base:
         """The cosine-similarity threshold of the semantic tier."""
         return self._core.threshold
 
+    @property
+    def strict(self) -> bool:
+        """Whether store and embedder failures raise (``strict=True``) instead of
+        degrading to misses and dropped writes."""
+        return self._core.strict
+
     def _embedder(self) -> Any:
         if self._core.embedder is None:
             self._core.embedder = default_embedder()
@@ -1101,9 +1107,10 @@ class SemanticCache(_Base):
     ) -> list[Lookup]:
         """:meth:`lookup` for several prompts of one scope (as :meth:`get_many`)."""
         near: dict[int, tuple[float, int]] = {}
-        out = self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
+        used: list[Any] = [None] * len(prompts)
+        out = self._get_many(prompts, scope, threshold, embeddings, used, max_age, near)
         c = self._core
-        return c.lookups(out, near, c.threshold_for(threshold))
+        return c.lookups(out, near, c.threshold_for(threshold), used)
 
     def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
@@ -2177,9 +2184,11 @@ class AsyncSemanticCache(_Base):
     ) -> list[Lookup]:
         """See :meth:`SemanticCache.lookup_many`."""
         near: dict[int, tuple[float, int]] = {}
-        out = await self._get_many(prompts, scope, threshold, embeddings, None, max_age, near)
+        used: list[Any] = [None] * len(prompts)
+        out = await self._get_many(prompts, scope, threshold, embeddings, used, max_age,
+                                   near)
         c = self._core
-        return c.lookups(out, near, c.threshold_for(threshold))
+        return c.lookups(out, near, c.threshold_for(threshold), used)
 
     async def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,

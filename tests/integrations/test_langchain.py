@@ -4,6 +4,7 @@ set_llm_cache, native async, TTL, damaged entries."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +27,7 @@ from langchain_tests.integration_tests import (  # noqa: E402
 from hnswcache import AsyncSemanticCache, SemanticCache  # noqa: E402
 from hnswcache.embed import HashEmbedder  # noqa: E402
 from hnswcache.integrations.langchain import HnswSemanticLLMCache, prompt_key  # noqa: E402
+from hnswcache.store.memory import MemoryStore  # noqa: E402
 
 
 class Clock:
@@ -325,3 +327,70 @@ def test_half_an_emoji_in_the_question_is_cached_and_never_breaks_the_call() -> 
     chat = FakeListChatModel(responses=["c", "d"], cache=make())
     assert chat.invoke([HumanMessage("tell me about \ud83c")]).content == "c"
     assert chat.invoke([HumanMessage("tell me about \ud83c")]).content == "c"
+
+
+def test_a_miss_embeds_its_prompt_once() -> None:
+    """update() embedded the prompt again although lookup() had just embedded it: a paid
+    embedding API was charged twice for every miss (1, 3, 5 calls for three misses)."""
+    emb = HashEmbedder(128)
+    c = HnswSemanticLLMCache(SemanticCache(emb, store="memory", threshold=0.99))
+    llm = FakeListLLM(responses=[f"answer {i}" for i in range(6)], cache=c)
+    llm.invoke("the first question")  # (an empty cache: the lookup needs no vector)
+    calls = emb.calls
+    for i, q in enumerate(["what is the capital of France", "how do I sort a list",
+                           "tell me a joke about cats"]):
+        assert llm.invoke(q) == f"answer {i + 1}"
+        assert emb.calls == calls + i + 1, "one embedding per miss"
+    assert llm.invoke("how do I sort a list") == "answer 2"  # (exact: no embedding)
+    assert emb.calls == calls + 3
+
+
+@pytest.mark.asyncio
+async def test_a_miss_embeds_its_prompt_once_async() -> None:
+    emb = HashEmbedder(128)
+    c = HnswSemanticLLMCache(async_cache=AsyncSemanticCache(emb, store="memory",
+                                                            threshold=0.99))
+    await c.aupdate("seed question", "llm", [Generation(text="seed")])
+    calls = emb.calls
+    assert await c.alookup("another question entirely", "llm") is None
+    await c.aupdate("another question entirely", "llm", [Generation(text="x")])
+    assert emb.calls == calls + 1
+    assert await c.alookup("another question entirely", "llm") == [Generation(text="x")]
+    # the vector kept is the one the prompt was searched with: a paraphrase finds it
+    found = await c.async_cache.lookup("another question entirely!!", scope={"llm_string": "llm"})
+    assert found.hit is not None and found.hit.tier == "exact"
+    sem = await c.async_cache.lookup("another question entirely now",
+                                     scope={"llm_string": "llm"}, threshold=0.5)
+    assert sem.hit is not None and sem.hit.prompt == "another question entirely"
+    assert sem.embedding is not None and sem.embedding.shape == (128,)
+
+
+def test_clear_refuses_a_keyword_it_does_not_know() -> None:
+    """clear(llm="a") (a misspelt llm_string) emptied every model's answers."""
+    c = make()
+    c.update("plain prompt", "a", [Generation(text="a")])
+    c.update("plain prompt", "b", [Generation(text="b")])
+    with pytest.raises(TypeError, match="llm_string"):
+        c.clear(llm="a")
+    with pytest.raises(TypeError, match="llm_string"):
+        asyncio.run(c.aclear(llmstring="a"))
+    assert c.lookup("plain prompt", "a") == [Generation(text="a")]
+    c.clear(llm_string="a")
+    assert c.lookup("plain prompt", "a") is None
+    assert c.lookup("plain prompt", "b") == [Generation(text="b")]
+
+
+def test_a_write_the_cache_refuses_after_the_model_answered_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Entries of another embedder's dimension: lookup() misses (logged), and update()
+    raised ValueError after the model was paid, so every call failed."""
+    store = MemoryStore()
+    SemanticCache(HashEmbedder(64), store=store).set("an old question", "old")
+    c = HnswSemanticLLMCache(SemanticCache(HashEmbedder(128), store=store))
+    llm = FakeListLLM(responses=["new"], cache=c)
+    with caplog.at_level("ERROR", logger="hnswcache.integrations.langchain"):
+        assert llm.invoke("a new question") == "new"
+    assert "not cached" in caplog.text and "dim" in caplog.text
+    strict = HnswSemanticLLMCache(SemanticCache(HashEmbedder(128), store=store, strict=True))
+    with pytest.raises(ValueError, match="dim"):
+        strict.update("a new question", "llm", [Generation(text="new")])

@@ -31,16 +31,18 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from .._cache_core import CacheCore
+from .._cache_core import CacheCore, Lookup
 from ..cache import AsyncSemanticCache, SemanticCache
 from ..chat import chat_key
 
 try:
     from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
-    from langchain_core.messages import message_to_dict, messages_from_dict
+    from langchain_core.messages import BaseMessageChunk, message_to_dict, messages_from_dict
     from langchain_core.outputs import (
         ChatGeneration,
         ChatGenerationChunk,
@@ -56,6 +58,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["HnswSemanticLLMCache", "prompt_key"]
 
 log = logging.getLogger("hnswcache.integrations.langchain")
+
+# Misses whose vectors wait for their update() (see HnswSemanticLLMCache._vectors).
+_MEMO_SIZE = 256
 
 # LangChain message types -> chat roles.
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool",
@@ -123,9 +128,28 @@ def _storable(text: str, value: str) -> bool:
     return why is None
 
 
+def _refused(cache: SemanticCache | AsyncSemanticCache, exc: ValueError) -> None:
+    """A write the cache refused after the model answered: logged, or raised if strict."""
+    if cache.strict:
+        raise exc
+    log.error("an answer is not cached: %s", exc)
+
+
+def _clear_scope(kwargs: dict[str, Any]) -> str | None:
+    """``clear(**kwargs)``'s ``llm_string`` (``None``: every answer)."""
+    unknown = sorted(set(kwargs) - {"llm_string"})
+    if unknown:
+        raise TypeError(f"clear() takes only llm_string=, got {', '.join(unknown)}")
+    llm_string = kwargs.get("llm_string")
+    if llm_string is not None and not isinstance(llm_string, str):
+        raise TypeError(f"llm_string must be a str, got {type(llm_string).__name__}")
+    return llm_string
+
+
 def _dump(generations: Sequence[Generation]) -> str:
     out: list[dict[str, Any]] = []
     for g in generations:
+        item: dict[str, Any]
         if isinstance(g, ChatGeneration):
             item = {"chat": message_to_dict(g.message), "info": g.generation_info}
         else:
@@ -143,8 +167,11 @@ def _load(payload: str) -> list[Generation] | None:
             chunk = item.get("chunk") is True
             if "chat" in item:
                 message = messages_from_dict([item["chat"]])[0]
-                chat = ChatGenerationChunk if chunk else ChatGeneration
-                out.append(chat(message=message, generation_info=item["info"]))
+                if chunk:  # (stored from a chunk: its message is the chunk class too)
+                    out.append(ChatGenerationChunk(message=cast(BaseMessageChunk, message),
+                                                   generation_info=item["info"]))
+                else:
+                    out.append(ChatGeneration(message=message, generation_info=item["info"]))
             else:
                 plain = GenerationChunk if chunk else Generation
                 out.append(plain(text=item["text"], generation_info=item["info"]))
@@ -194,6 +221,34 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         self.async_cache = async_cache
         self.ttl = ttl
         self._key = key
+        # A miss's vector, kept from lookup() for the update() that follows it (LangChain
+        # calls the model in between): the prompt is embedded once, not twice (a paid
+        # embedding API charged every miss twice). A few hundred at most, oldest dropped.
+        self._vectors: OrderedDict[bytes, Any] = OrderedDict()
+        self._vectors_lock = threading.Lock()
+
+    @staticmethod
+    def _memo_key(prompt: str, llm_string: str) -> bytes:
+        h = hashlib.blake2b(digest_size=16, person=b"hc-lc-miss")
+        h.update(llm_string.encode("utf-8", "surrogatepass") + b"\0")
+        h.update(prompt.encode("utf-8", "surrogatepass"))
+        return h.digest()
+
+    def _remember(self, prompt: str, llm_string: str, found: Lookup) -> RETURN_VAL_TYPE | None:
+        """A lookup's answer; a miss's vector kept for its update()."""
+        if found.hit is not None:
+            return _load(found.hit.response)
+        if found.embedding is not None:
+            with self._vectors_lock:
+                self._vectors[self._memo_key(prompt, llm_string)] = found.embedding
+                while len(self._vectors) > _MEMO_SIZE:
+                    self._vectors.popitem(last=False)
+        return None
+
+    def _recall(self, prompt: str, llm_string: str) -> Any:
+        """The vector a lookup of this prompt embedded, if one was kept (taken)."""
+        with self._vectors_lock:
+            return self._vectors.pop(self._memo_key(prompt, llm_string), None)
 
     def _lookup_key(self, prompt: str, llm_string: str) -> tuple[str, dict[str, Any]]:
         text, scope = self._key(prompt)
@@ -215,20 +270,30 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         """Cached generations for ``prompt`` under ``llm_string``, or ``None``."""
         text, scope = self._lookup_key(prompt, llm_string)
-        hit = self._sync().get(text, scope=scope)
-        return None if hit is None else _load(hit.response)
+        return self._remember(prompt, llm_string, self._sync().lookup(text, scope=scope))
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
-        """Cache ``return_val`` (a list of generations) for ``prompt`` under ``llm_string``."""
+        """Cache ``return_val`` (a list of generations) for ``prompt`` under ``llm_string``.
+
+        Called after the model: a write the cache refuses (an embedder of another
+        dimension than the stored entries', say) is logged, and LangChain gets its answer;
+        with ``strict=True`` it raises."""
         text, scope = self._lookup_key(prompt, llm_string)
         value = _dump(return_val)
-        if _storable(text, value):
-            self._sync().set(text, value, ttl=self.ttl, scope=scope)
+        if not _storable(text, value):
+            return
+        cache = self._sync()
+        vec = self._recall(prompt, llm_string)
+        try:
+            cache.set(text, value, ttl=self.ttl, scope=scope, embedding=vec)
+        except ValueError as exc:
+            _refused(cache, exc)
 
     def clear(self, **kwargs: Any) -> None:
         """Delete every cached answer (``llm_string=...`` deletes one model's only, in
-        every conversation)."""
-        llm_string = kwargs.get("llm_string")
+        every conversation). Another keyword is refused (a misspelt ``llm_string`` emptied
+        every model's answers)."""
+        llm_string = _clear_scope(kwargs)
         if llm_string is None:
             self._sync().clear()
         else:
@@ -239,8 +304,8 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
         if self.async_cache is None:
             return await asyncio.to_thread(self.lookup, prompt, llm_string)
         text, scope = self._lookup_key(prompt, llm_string)
-        hit = await self.async_cache.get(text, scope=scope)
-        return None if hit is None else _load(hit.response)
+        return self._remember(prompt, llm_string,
+                              await self.async_cache.lookup(text, scope=scope))
 
     async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         if self.async_cache is None:
@@ -248,14 +313,19 @@ class HnswSemanticLLMCache(BaseCache):  # type: ignore[misc]
             return
         text, scope = self._lookup_key(prompt, llm_string)
         value = _dump(return_val)
-        if _storable(text, value):
-            await self.async_cache.set(text, value, ttl=self.ttl, scope=scope)
+        if not _storable(text, value):
+            return
+        vec = self._recall(prompt, llm_string)
+        try:
+            await self.async_cache.set(text, value, ttl=self.ttl, scope=scope, embedding=vec)
+        except ValueError as exc:
+            _refused(self.async_cache, exc)
 
     async def aclear(self, **kwargs: Any) -> None:
         if self.async_cache is None:
             await asyncio.to_thread(self.clear, **kwargs)
             return
-        llm_string = kwargs.get("llm_string")
+        llm_string = _clear_scope(kwargs)
         if llm_string is None:
             await self.async_cache.clear()
         else:
