@@ -186,3 +186,42 @@ def test_the_store_takes_the_graphs_pruning_slack() -> None:
     assert HnswCacheVectorStore(DIM, alpha=1.0)._index.alpha == 1.0
     with pytest.raises(ValueError, match="alpha"):
         HnswCacheVectorStore(DIM, alpha=3.0)
+
+
+def test_one_vector_gptcache_made_nan_does_not_lose_a_whole_import(tmp_path: Path) -> None:
+    """import_data of 100 questions and one with no latin word (a zero vector, NaN once
+    GPTCache normalised it): mul_add raised, and none of the 100 reached the index."""
+    store = HnswCacheVectorStore(dimension=DIM, top_k=3)
+    cache = make_cache(tmp_path, store)
+    questions = [f"question number {i} about topic{i}" for i in range(100)] + ["???"]
+    cache.import_data(questions, [f"answer {i}" for i in range(101)])
+    assert store.count() == 100
+    assert get("question number 3 about topic3", cache_obj=cache) == "answer 3"
+    assert get("???", cache_obj=cache) is None
+
+
+def test_ids_are_integers_not_truncated_floats() -> None:
+    store = HnswCacheVectorStore(dimension=4)
+    store.mul_add([VectorData(id=1, data=np.ones(4)), VectorData(id=np.int64(2), data=-np.ones(4)),
+                   VectorData(id="3", data=np.arange(4.0))])
+    assert sorted(store.index.labels().tolist()) == [1, 2, 3]
+    with pytest.raises(TypeError):
+        store.mul_add([VectorData(id=1.5, data=np.zeros(4) + 2)])  # (replaced id 1)
+    assert store.get_embeddings(1) is not None and store.count() == 3
+    np.testing.assert_allclose(store.get_embeddings(1), np.ones(4))
+
+
+def test_a_loaded_index_says_which_given_graph_parameters_it_ignores(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """M, ef_construction and alpha given for an existing index file were dropped without
+    a word (alpha=1.0 came back as 1.2)."""
+    path = tmp_path / "i.bin"
+    first = HnswCacheVectorStore(dimension=4, index_path=path, M=12)
+    first.mul_add([VectorData(id=1, data=np.ones(4))])
+    first.close()
+    with caplog.at_level("WARNING", logger="hnswcache.integrations.gptcache"):
+        HnswCacheVectorStore(dimension=4, index_path=path, M=12)  # the same: nothing said
+        assert "ignored" not in caplog.text
+        again = HnswCacheVectorStore(dimension=4, index_path=path, M=32, alpha=1.0)
+    assert again.index.M == 12 and again.index.alpha == 1.2
+    assert "M=32" in caplog.text and "alpha=1.0" in caplog.text and "ignored" in caplog.text

@@ -22,6 +22,7 @@ back when the store is created again.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -53,9 +54,12 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         index_path: file the index is saved to by ``flush``/``close`` and loaded from at
             creation when it exists; ``None`` keeps it in memory only.
         ttl: seconds each added entry lives (``None``: no expiry).
-        M, ef_construction, ef_search: HNSW parameters (see :class:`hnswcache.Index`).
+        M, ef_construction, ef_search: HNSW parameters (see :class:`hnswcache.Index`;
+            defaults 16, 200, 64). An index loaded from ``index_path`` keeps the ``M`` and
+            ``ef_construction`` it was built with (a different value given is logged).
         clock: the index clock (seconds), for tests.
-        alpha: the graph's pruning slack (``Index(alpha=)``; default 1.2, 1 for ``M < 8``).
+        alpha: the graph's pruning slack (``Index(alpha=)``; default 1.2, 1 for ``M < 8``);
+            like ``M``, a loaded index keeps its own.
     """
 
     def __init__(
@@ -65,8 +69,8 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         top_k: int = 1,
         index_path: str | os.PathLike[str] | None = None,
         ttl: float | None = None,
-        M: int = 16,  # noqa: N803 - the name of the HNSW parameter
-        ef_construction: int = 200,
+        M: int | None = None,  # noqa: N803 - the name of the HNSW parameter
+        ef_construction: int | None = None,
         ef_search: int = 64,
         clock: Clock | None = None,
         alpha: float | None = None,
@@ -89,12 +93,21 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
                     f"{self._path} holds a {self._index.metric} index of dimension "
                     f"{self._index.dim}, expected l2 of dimension {self._dimension}"
                 )
-            # The file keeps its graph (M, ef_construction); the search effort is ours.
+            # The file keeps its graph (M, ef_construction, alpha); the search effort is
+            # ours. Given values that differ are said, not silently dropped.
             self._index.ef_search = ef_search
+            given = {"M": M, "ef_construction": ef_construction, "alpha": alpha}
+            ignored = {name: value for name, value in given.items()
+                       if value is not None and value != getattr(self._index, name)}
+            if ignored:
+                log.warning("%s keeps the graph it was built with: %s ignored (%s)",
+                            self._path, ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+                            ", ".join(f"{k}={getattr(self._index, k)!r}" for k in ignored))
             log.info("loaded %d vectors from %s", len(self._index), self._path)
         else:
             self._index = Index(
-                self._dimension, metric="l2", M=M, ef_construction=ef_construction,
+                self._dimension, metric="l2", M=16 if M is None else M,
+                ef_construction=200 if ef_construction is None else ef_construction,
                 ef_search=ef_search, clock=clock, alpha=alpha,
             )
 
@@ -109,15 +122,28 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
 
     @staticmethod
     def _ids(ids: Iterable[Any]) -> npt.NDArray[np.int64]:
-        return np.array([int(i) for i in ids], dtype=np.int64)
+        # (an integer, or its decimal text; a float id was truncated: 1.5 replaced id 1)
+        return np.array([int(i) if isinstance(i, str) else operator.index(i) for i in ids],
+                        dtype=np.int64)
 
     # ------------------------------------------------------------------ VectorBase
     def mul_add(self, datas: list[VectorData]) -> None:
-        """Insert (or replace) vectors under their GPTCache ids, with the store's TTL."""
+        """Insert (or replace) vectors under their GPTCache ids, with the store's TTL.
+
+        A row that is not finite (GPTCache normalises a zero embedding into NaN) is left
+        out and logged; the others are added (one such row lost a whole import_data)."""
         if not datas:
             return
         x = self._vectors([d.data for d in datas])
         ids = self._ids(d.id for d in datas)
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            log.warning("mul_add: %d of %d vectors are not finite and are not added "
+                        "(ids %s)", int((~finite).sum()), len(finite),
+                        ids[~finite][:10].tolist())
+            x, ids = x[finite], ids[finite]
+            if not len(ids):
+                return
         if _has_duplicates(ids):
             keep = {int(i): n for n, i in enumerate(ids)}  # the last vector of an id wins
             rows = np.fromiter(keep.values(), dtype=np.intp, count=len(keep))
