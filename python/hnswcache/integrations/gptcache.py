@@ -139,7 +139,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             log.warning("mul_add: %d of %d vectors are not finite and are not added "
-                        "(ids %s)", int((~finite).sum()), len(finite),
+                        "(ids %s)", int((~finite).sum()), len(ids),
                         ids[~finite][:10].tolist())
             x, ids = x[finite], ids[finite]
             if not len(ids):
