@@ -122,6 +122,23 @@ def test_ef_and_num_threads_settings(hl: ModuleType) -> None:
     assert labels.tolist() == [[0, 1, 2]]
 
 
+def test_out_of_range_sizes_fail_where_hnswlibs_binding_does(hl: ModuleType) -> None:
+    """From a differential review: ef = 2**64 was accepted and every later query failed
+    with InvalidVectorsError ("refused vector row"); k = 2**31 was one too; a huge ef
+    that hnswlib takes made every query fail."""
+    p = build(hl, n=10)
+    with pytest.raises(TypeError):
+        p.ef = 2**64
+    with pytest.raises(TypeError):
+        p.set_num_threads(2**40)
+    with pytest.raises(TypeError):
+        p.knn_query(np.zeros(4), k=1, num_threads=2**40)
+    with pytest.raises(RuntimeError, match="contiguous 2D array"):
+        p.knn_query(np.zeros(4), k=2**31)
+    p.ef = 2**40  # (searches as any ef past the count does)
+    assert p.knn_query(np.zeros(4), k=3)[0].tolist() == [[0, 1, 2]]
+
+
 # ---------------------------------------------------------------------- distances
 @pytest.mark.parametrize("space", SPACES)
 def test_distances_dtypes_and_shapes(hl: ModuleType, space: str) -> None:

@@ -105,16 +105,23 @@ def _as_label(label: Any, method: str) -> int:
 
 
 def _as_size(value: Any, method: str, name: str) -> int:
+    """A ``size_t`` argument as hnswlib's binding takes it (a TypeError otherwise, as
+    pybind11's cast; 2**64 was accepted here and failed later, at a query)."""
     if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{method}(): incompatible function arguments: {name} must be an int")
-    if int(value) < 0:
-        raise TypeError(f"{method}(): incompatible function arguments: {name} must be >= 0")
+    if not 0 <= int(value) < 2**64:
+        raise TypeError(f"{method}(): incompatible function arguments: {name} must be in "
+                        "[0, 2**64)")
     return int(value)
 
 
 def _as_threads(value: Any, method: str) -> int:
+    """An ``int`` argument as hnswlib's binding takes it (C int)."""
     if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{method}(): incompatible function arguments: num_threads must be int")
+    if not -2**31 <= int(value) < 2**31:
+        raise TypeError(f"{method}(): incompatible function arguments: num_threads must "
+                        "fit a C int")
     return int(value)
 
 

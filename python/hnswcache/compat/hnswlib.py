@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..index import _MAX_EF
 from ..index import Index as _NativeIndex
 from ._hnswlib_bf import BFIndex
 from ._hnswlib_common import (
@@ -339,9 +340,15 @@ class Index:
         rows = x.shape[0]
         if rows == 0 or k == 0:
             return _empty_result(rows, k)
+        if k > len(native):
+            # (fewer live elements than k: hnswlib's error, before the core's own bound
+            # on k, which named the query's vectors)
+            raise RuntimeError(_E_FEW)
         if self._normalize:
             x = _normalized(x)
-        ef = max(self._ef, k, 1)
+        # (an ef above the core's bound searches as the bound does: past the count, a
+        # larger ef changes nothing)
+        ef = max(min(self._ef, _MAX_EF), k, 1)
         if filter is None:
             labels, dist = _search(native, x, k, ef, nt)
             if (labels < 0).any():
