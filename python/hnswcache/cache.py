@@ -412,6 +412,16 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_after_fork_in_child)
 
 
+def _lend_clock(store: Any, clock: Clock) -> None:
+    """A memory store without a clock of its own expires entries by its first cache's (a
+    server expires keys by its own)."""
+    from .store.memory import MemoryStore
+
+    target = getattr(store, "sync", store)
+    if isinstance(target, MemoryStore) and target.clock is None:
+        target.clock = clock
+
+
 class _Base:
     """Constructor arguments shared by both shells."""
 
@@ -779,6 +789,7 @@ class SemanticCache(_Base):
         if store.namespace != self.namespace:
             raise ValueError(f"the store is for namespace {store.namespace!r}, "
                              f"the cache for {self.namespace!r}")
+        _lend_clock(store, self._core.clock)
         self.store: Store = cast(Store, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
         self._snapshot_folder(snapshot_dir, store, snapshot_interval)
@@ -1850,6 +1861,7 @@ class AsyncSemanticCache(_Base):
         if store.namespace != self.namespace:
             raise ValueError(f"the store is for namespace {store.namespace!r}, "
                              f"the cache for {self.namespace!r}")
+        _lend_clock(store, self._core.clock)
         self.store: AsyncStore = cast(AsyncStore, store)
         self._timeout = timeout or DEFAULT_TIMEOUT
         self._snapshot_folder(snapshot_dir, store, snapshot_interval)

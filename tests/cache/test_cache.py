@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -1101,3 +1102,33 @@ def test_half_an_emoji_is_read_back_from_the_server_and_embedded(
     assert hit is not None and hit.tier == "semantic" and hit.prompt == cut
     assert again.stats()["embed_errors"] == 0
     again.close()
+
+
+def test_an_expired_entry_is_not_deleted_cleared_or_judged_on_any_store(
+        store_url: str, ns: str) -> None:
+    """A server drops a key at its TTL; the memory store kept an expired entry until its
+    next write, so delete() said True, clear() counted it and feedback() was recorded
+    on it there (found by a differential review of the two stores). Real clock: the
+    server's TTL and the cache's run on the same time."""
+    cache = make(store_url, ns)
+    keys = [cache.set(f"short lived {i}", "x", ttl=0.3) for i in range(3)]
+    cache.set("long lived", "y")
+    hits = [cache.get(f"short lived {i}") for i in range(3)]
+    assert all(h is not None for h in hits)
+    time.sleep(0.5)
+    assert cache.delete(keys[0]) is False
+    assert cache.feedback(hits[1], False) is False
+    assert cache.clear() == 1  # the long-lived entry only
+    cache.close()
+
+
+def test_the_memory_store_expires_by_the_clock_of_its_cache(ns: str) -> None:
+    clock = FakeClock()
+    cache = SemanticCache(HashEmbedder(32), store="memory", namespace=ns, clock=clock)
+    key = cache.set("short lived", "x", ttl=10)
+    other = cache.set("short lived too", "x", ttl=10)
+    clock.advance(9.5)
+    assert cache.delete(other) is True
+    clock.advance(1)
+    assert cache.delete(key) is False
+    assert cache.stats()["deletes"] == 1

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -40,10 +41,16 @@ class MemoryStore:
     Args:
         namespace: a label (the memory store holds one cache).
         log_maxlen: how many change-log events are kept; a reader further behind rebuilds.
+        clock: the time entries expire by (seconds), as a server's own clock expires its
+            keys: an expired entry is not counted by ``delete``/``clear`` nor given a
+            verdict. ``None``: the clock of the first cache that uses the store.
     """
 
-    def __init__(self, namespace: str = "default", *, log_maxlen: int = 100_000) -> None:
+    def __init__(self, namespace: str = "default", *, log_maxlen: int = 100_000,
+                 clock: Callable[[], float] | None = None) -> None:
         self.namespace = validate_namespace(namespace)
+        self.clock = clock
+        self._seen = -math.inf  # the latest `now` a cache passed (without a clock)
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, Record] = OrderedDict()  # LRU order: oldest first
         self._expiry: list[tuple[float, int, str]] = []  # heap of (expires, id, version)
@@ -86,11 +93,27 @@ class MemoryStore:
         new_pos = pos + len(events)
         return LogBatch(list(events), f"{new_pos}-0", more=new_pos < head, after=after)
 
+    def _now(self, now: float | None = None) -> float:
+        """The store's time: its clock's, else the latest ``now`` it was given."""
+        if now is not None and now > self._seen:
+            self._seen = now
+        return float(self.clock()) if self.clock is not None else self._seen
+
+    def _purge(self) -> None:
+        """Drop what has expired by the store's time (a server's keys are gone at their
+        TTL: not deleted again, not counted, not given a verdict). Under the lock. (Writes
+        and evictions drop by the ``now`` their cache passes, as before.)"""
+        if self._expiry:
+            now = self._now()
+            if self._expiry[0][0] <= now:
+                self._drop_expired(now)
+
     # ------------------------------------------------------------------ protocol
     def read(
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
     ) -> tuple[list[Fetched], LogBatch | None]:
         with self._lock:
+            self._now(now)
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
@@ -102,6 +125,7 @@ class MemoryStore:
     def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
         done = []
         with self._lock:
+            self._now(now)
             for r in refresh:
                 cur = self._entries.get(r.id)
                 # (an expired entry not purged yet is gone: no revival)
@@ -120,6 +144,7 @@ class MemoryStore:
 
     def add_verdict(self, eid: int, version: str, verdict: Verdict) -> bool:
         with self._lock:
+            self._purge()
             cur = self._entries.get(eid)
             if cur is None or cur.version != version:
                 return False
@@ -133,6 +158,7 @@ class MemoryStore:
         touch: Sequence[int] = (),
     ) -> WriteResult:
         with self._lock:
+            self._now(now)
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
@@ -161,6 +187,7 @@ class MemoryStore:
 
     def delete_logged(self, ids: Sequence[int]) -> Cleared:
         with self._lock:
+            self._purge()
             n = 0
             for i in ids:
                 if self._entries.pop(i, None) is not None:
@@ -170,6 +197,7 @@ class MemoryStore:
     def evict(self, max_entries: int | None, now: float,
               logged: list[tuple[str, Sequence[int]]] | None = None) -> tuple[list[int], int]:
         with self._lock:
+            self._now(now)
             removed = self._drop_expired(now)
             evicted: list[int] = []
             if max_entries is not None:
@@ -183,6 +211,7 @@ class MemoryStore:
 
     def clear(self, scope_id: str | None) -> Cleared:
         with self._lock:
+            self._purge()
             if scope_id is None:
                 n = len(self._entries)
                 self._entries.clear()
@@ -196,6 +225,7 @@ class MemoryStore:
 
     def clear_within(self, fields: Mapping[str, Any]) -> int:
         with self._lock:
+            self._purge()
             doomed = [i for i, r in self._entries.items() if scope_holds(r.scope_json, fields)]
             for i in doomed:
                 del self._entries[i]
