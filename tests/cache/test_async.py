@@ -468,3 +468,45 @@ def test_len_and_stats_during_the_async_warm_start_do_not_raise() -> None:
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_more_concurrent_calls_than_pooled_connections_wait_for_one(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """redis-py 8's pool has 100 connections and raised MaxConnectionsError at the 101st,
+    which the store took for an outage: 150 concurrent gets of a stored prompt gave 50
+    store errors and then a second of misses (and @cached calls left their leases). Calls
+    beyond the pool now wait for a connection, and pool exhaustion is not an outage."""
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        await cache.set("what is the capital of france", "Paris")
+        hits = await asyncio.gather(
+            *(cache.get("what is the capital of france") for _ in range(400)))
+        assert all(h is not None and h.response == "Paris" for h in hits)
+        keys = await asyncio.gather(*(cache.set(f"question {i} here", "a") for i in range(400)))
+        assert len(set(keys)) == 400
+        assert cache.stats()["store_errors"] == 0 and cache.store.outage_left == 0
+        await cache.sync()
+        assert len(cache) == 401
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_pool_exhaustion_is_not_an_outage(valkey_server: EmbeddedServer, ns: str) -> None:
+    """Also for a caller's own client with a small pool: its MaxConnectionsError (or a
+    blocking pool's wait running out) is a failed call, not a down server."""
+    import redis.asyncio
+
+    async def run() -> None:
+        client = redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool.from_url(
+            valkey_server.url, max_connections=2))
+        cache = AsyncSemanticCache(HashEmbedder(64), store=client, namespace=ns)
+        await cache.set("what is the capital of france", "Paris")
+        await asyncio.gather(*(cache.get("what is the capital of france") for _ in range(50)))
+        assert cache.stats()["store_errors"] > 0  # (this client's own pool ran out)
+        assert cache.store.outage_left == 0  # ... but the server is up
+        assert (await cache.get("what is the capital of france")) is not None
+        await cache.close()
+        await client.aclose()
+
+    asyncio.run(run())

@@ -296,7 +296,8 @@ class _Layout:
     def _note_outage(self, exc: BaseException | None) -> None:
         """Open the breaker for a connection failure or a timeout (``exc``): the call that
         met it waited a timeout; the calls after it need not."""
-        if exc is not None and isinstance(exc, self._outage_errors):
+        if (exc is not None and isinstance(exc, self._outage_errors)
+                and not _pool_exhausted(exc)):
             self._down_until = time.monotonic() + self.outage_cooldown
             self._down_reason = f"{type(exc).__name__}: {exc}"
 
@@ -959,6 +960,34 @@ class _Layout:
         return hashlib.blake2b(bytes(raw), digest_size=32, person=b"hc-ref").digest()
 
 
+#: Connections a store made by ``from_url`` opens at most (``max_connections=`` changes
+#: it). More concurrent calls wait for one, up to the store's timeout: redis-py 8's pool
+#: raised MaxConnectionsError at the 101st, which opened the outage breaker on a healthy
+#: server (150 concurrent gets: 50 errors, then misses for a second; leases left behind).
+POOL_SIZE = 100
+
+
+def _pooled(client_cls: Any, pool_cls: Any, url: str, timeout: float,
+            opts: dict[str, Any]) -> Any:
+    """``client_cls.from_url(url, **opts)`` over a pool that makes callers wait for a free
+    connection (up to ``timeout``) instead of failing."""
+    kw = {"max_connections": POOL_SIZE, "timeout": timeout, **opts}
+    client = client_cls(connection_pool=pool_cls.from_url(url, **kw))
+    client.auto_close_connection_pool = True  # (as from_url's: closed with the client)
+    return client
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """Whether ``exc`` is the client's own pool out of connections (a local queue, not
+    the server: no outage). redis-py 8: MaxConnectionsError; a blocking pool's wait
+    ending: "No connection available."; redis-py 5: "Too many connections"."""
+    import redis
+
+    kind = getattr(redis.exceptions, "MaxConnectionsError", None)
+    return ((kind is not None and isinstance(exc, kind))
+            or str(exc) in ("No connection available.", "Too many connections"))
+
+
 def _url_kwargs(timeout: float, asyncio: bool) -> dict[str, Any]:
     if asyncio:
         from redis.asyncio.retry import Retry as ARetry
@@ -1013,7 +1042,8 @@ class RedisStore(_Layout):
         opts.update(kwargs)
         seed = _cluster_url(url)
         client: Any = (redis.cluster.RedisCluster.from_url(seed, **opts) if seed is not None
-                       else redis.Redis.from_url(url, **opts))
+                       else _pooled(redis.Redis, redis.BlockingConnectionPool, url, timeout,
+                                    opts))
         return cls(client, namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
 
     def _run(self, transaction: bool, queue: Any, raise_on_error: bool = False) -> list[Any]:
@@ -1537,7 +1567,9 @@ class AsyncRedisStore(_Layout):
 
         def connect() -> Any:
             return (redis.asyncio.cluster.RedisCluster.from_url(seed, **opts)
-                    if seed is not None else redis.asyncio.Redis.from_url(url, **opts))
+                    if seed is not None
+                    else _pooled(redis.asyncio.Redis, redis.asyncio.BlockingConnectionPool,
+                                 url, timeout, opts))
 
         store = cls(connect(), namespace=namespace, log_maxlen=log_maxlen, owns_client=True)
         store._connect = connect
