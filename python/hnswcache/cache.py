@@ -308,6 +308,37 @@ def _verdict(value: Any) -> bool:
     return bool(value)
 
 
+def _cancel_mark() -> int:
+    """How many cancellations the current task has been asked for (see
+    :func:`_raise_if_cancelled`)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _raise_if_cancelled(mark: int) -> None:
+    """Raise the cancellation a callee swallowed since ``mark``. Python 3.11's
+    ``asyncio.wait_for``, which redis-py wraps around every send when a socket timeout is
+    set, returns the inner result and drops a cancel that arrives as the inner await ends
+    (fixed in 3.12): the cancelled task went on, and a ``@cached`` call under
+    ``asyncio.timeout`` ran its whole LLM call, 6 of 30 times in a review."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > mark:
+        raise asyncio.CancelledError
+
+
+def _honours_cancel(fn: F) -> F:
+    """``fn`` (a coroutine method) raising a cancellation that arrived during it and was
+    swallowed below it (:func:`_raise_if_cancelled`)."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mark = _cancel_mark()
+        out = await fn(*args, **kwargs)
+        _raise_if_cancelled(mark)
+        return out
+
+    return cast(F, wrapper)
+
+
 async def _to_thread_to_the_end(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a worker thread, awaited until it ends even if the caller is
     cancelled meanwhile (the cancellation is raised then): a caller that returned at once
@@ -2009,6 +2040,7 @@ class AsyncSemanticCache(_Base):
             return False
         return True
 
+    @_honours_cancel
     async def save_snapshot(self) -> bool:
         """See :meth:`SemanticCache.save_snapshot` (written in a worker thread)."""
         if self._snapshot_dir is None:
@@ -2146,6 +2178,7 @@ class AsyncSemanticCache(_Base):
             return None
         return cast(npt.NDArray[np.float32], given)
 
+    @_honours_cancel
     async def sync(self) -> None:
         """Apply every change other processes made (normally done before each operation)."""
         c = self._core
@@ -2161,6 +2194,7 @@ class AsyncSemanticCache(_Base):
             c.failed("sync", exc)
         await self._write_refreshes()
 
+    @_honours_cancel
     async def get(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
@@ -2171,6 +2205,7 @@ class AsyncSemanticCache(_Base):
         return (await self.get_many([prompt], scope=scope, threshold=threshold,
                                     embeddings=emb, max_age=max_age))[0]
 
+    @_honours_cancel
     async def get_many(
         self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
@@ -2179,6 +2214,7 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache.get_many`."""
         return await self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
+    @_honours_cancel
     async def lookup(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
@@ -2189,6 +2225,7 @@ class AsyncSemanticCache(_Base):
         return (await self.lookup_many([prompt], scope=scope, threshold=threshold,
                                        embeddings=emb, max_age=max_age))[0]
 
+    @_honours_cancel
     async def lookup_many(
         self, prompts: Sequence[str], *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embeddings: npt.ArrayLike | None = None,
@@ -2417,6 +2454,7 @@ class AsyncSemanticCache(_Base):
             return None
         return self._core.entry_answer(f, sid, vec, self._core.now(), max_age)
 
+    @_honours_cancel
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
@@ -2428,6 +2466,7 @@ class AsyncSemanticCache(_Base):
                                     metadata=[metadata], embeddings=emb,
                                     sliding=sliding))[0]
 
+    @_honours_cancel
     async def set_many(
         self, items: Iterable[tuple[str, str]], *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None,
@@ -2481,6 +2520,7 @@ class AsyncSemanticCache(_Base):
                 c.stats.add("evictions", len(evicted))
         return keys
 
+    @_honours_cancel
     async def feedback(self, hit: Hit | Mapping[str, Any], correct: bool) -> bool:
         """See :meth:`SemanticCache.feedback`."""
         if await self._ready():
@@ -2595,6 +2635,7 @@ class AsyncSemanticCache(_Base):
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending
 
+    @_honours_cancel
     async def delete(self, key: str) -> bool:
         """See :meth:`SemanticCache.delete`."""
         c = self._core
@@ -2618,6 +2659,7 @@ class AsyncSemanticCache(_Base):
             self._maybe_snapshot()
         return n > 0
 
+    @_honours_cancel
     async def clear(self, scope: Mapping[str, Any] | None = None, *,
                     within: bool = False) -> int:
         """See :meth:`SemanticCache.clear`."""
@@ -2674,10 +2716,13 @@ class AsyncSemanticCache(_Base):
             sig = _signature(fn)
 
             @functools.wraps(fn)
+            @_honours_cancel
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                mark = _cancel_mark()
                 prompt, sc = _call_key(fn, args, kwargs, key, scope, name, sig)
                 used: list[Any] = [None]
                 hit = (await self._get_many([prompt], sc, None, None, used, max_age))[0]
+                _raise_if_cancelled(mark)
                 if hit is not None:
                     if not (audit and hit.tier == "semantic" and self._core.draw(audit)):
                         return hit.response
@@ -2701,6 +2746,7 @@ class AsyncSemanticCache(_Base):
                     return result
 
                 async def call() -> Any:
+                    _raise_if_cancelled(mark)  # (before the model is paid)
                     result = await fn(*args, **kwargs)
                     if isinstance(result, str) and _storable(self, prompt, result):
                         await self.set(prompt, result, ttl=ttl, scope=sc, embedding=used[0],

@@ -510,3 +510,48 @@ def test_pool_exhaustion_is_not_an_outage(valkey_server: EmbeddedServer, ns: str
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_cancelled_call_ends_cancelled_even_when_redis_py_swallowed_it(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """Python 3.11's asyncio.wait_for (redis-py wraps each send in one when a socket
+    timeout is set, as the store does) drops a cancel that arrives as the send ends: a
+    cancelled get() returned its hit for most cancel points, and a @cached call under
+    asyncio.timeout() ran its whole LLM call (a review: 6 of 30)."""
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        await cache.set("a stored question", "yes")
+        returned = []
+        for k in range(16):
+            task = asyncio.create_task(cache.get("a stored question"))
+            for _ in range(k):
+                await asyncio.sleep(0)
+            if task.done() or not task.cancel():
+                continue
+            try:
+                await task
+                returned.append(k)
+            except asyncio.CancelledError:
+                pass
+        assert returned == [], f"cancelled at these steps, the get returned: {returned}"
+        llm_calls_ended = 0
+
+        @cache.cached(name="ask")
+        async def ask(prompt: str) -> str:
+            nonlocal llm_calls_ended
+            await asyncio.sleep(0.5)  # the model
+            llm_calls_ended += 1
+            return "answer"
+
+        await ask("warm up")
+        overran = 0
+        for i in range(30):
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.0002 + 0.0001 * i):
+                    await ask(f"question number {i}")
+            overran += time.monotonic() - t0 > 0.25
+        assert overran == 0 and llm_calls_ended == 1
+        await cache.close()
+
+    asyncio.run(run())
