@@ -1865,6 +1865,10 @@ class AsyncSemanticCache(_Base):
             asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         self._judge_locks: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._closing: asyncio.Task[None] | None = None  # (see close)
+        # The warm start under way on each loop (see _ready).
+        self._warmups: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Task[bool]] = weakref.WeakKeyDictionary()
         self._saving = False  # a snapshot's index files are being written (see _insert)
         self._judge_tasks: set[asyncio.Task[None]] = set()  # @cached's judges
         self._owns_store = not _is_store(store)
@@ -1937,17 +1941,32 @@ class AsyncSemanticCache(_Base):
         return self._loop_lock(self._asave_locks)
 
     async def _ready(self) -> bool:
+        """Whether the replica is loaded; the warm start if not. The warm start is a task
+        of its own that the callers wait for: one whose caller is cancelled (a request's
+        timeout) goes on, and the next caller waits for the same one. It ran in the caller,
+        and a cancelled one was thrown away: with per-request timeouts shorter than a warm
+        start (3.8 s for 30,000 entries), a cache never loaded (a review: 15 requests)."""
         c = self._core
         if c.position is not None:
             if c.ref_secret is None and self._ref_retry_due():
                 await self._learn_ref_secret(quiet=True)
             return True
-        async with self._lock:
-            if c.position is not None:
-                return True
+        loop = asyncio.get_running_loop()
+        task = self._warmups.get(loop)
+        if task is None or task.done():
             if time.monotonic() < c.retry_at and not c.strict:
                 c.stats.add("store_errors")  # (a call the outage degraded, as failed() counts)
                 return False
+            task = self._warmups[loop] = loop.create_task(self._warm_start())
+            # (an error nobody waits for any more is logged by failed(), not by asyncio)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _warm_start(self) -> bool:
+        c = self._core
+        async with self._lock:
+            if c.position is not None:
+                return True
             try:
                 await self._rebuild()
             except StoreError as exc:
@@ -2025,8 +2044,8 @@ class AsyncSemanticCache(_Base):
             c.dim = (await self.store.check_meta(None, ""))[0]
         c.clear_local(None)
         try:
-            # (read in a thread that does not touch the replica: a cancelled warm start
-            # leaves nothing behind)
+            # (read in a thread that does not touch the replica: a warm start cancelled
+            # part-way, by close(), leaves nothing behind)
             position = self._adopt(await asyncio.to_thread(
                 _snapshot.load, c, self._snapshot_dir, self.namespace))
             _, batch = await self.store.read([], log_after=position, touch=(), now=c.now())
@@ -2821,10 +2840,18 @@ class AsyncSemanticCache(_Base):
         return deco
 
     async def close(self) -> None:
-        """See :meth:`SemanticCache.close`."""
-        if self._closed:
-            return
-        self._closed = True
+        """See :meth:`SemanticCache.close`. The closing runs as a task of its own: a caller
+        cancelled meanwhile (a shutdown timeout) leaves it going, and a second ``close()``
+        waits for the same one (it returned at once, with the embedded server still
+        running, the connections open and no snapshot saved)."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        elif self._closing.done() and self._closing.cancelled():
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         c = self._core
         c.on_store_error = None  # (closing: no restart of the embedded server now)
         if self._takeover is not None:
@@ -2842,6 +2869,10 @@ class AsyncSemanticCache(_Base):
             t.cancel()
         if judging:
             await asyncio.wait(judging)
+        warming = self._warmups.get(asyncio.get_running_loop())
+        if warming is not None and not warming.done():  # (a warm start nobody waits for)
+            warming.cancel()
+            await asyncio.wait({warming})
         refs = c.take_refreshes()  # hits whose write-back failed so far
         if refs:
             try:

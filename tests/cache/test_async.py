@@ -555,3 +555,52 @@ def test_a_cancelled_call_ends_cancelled_even_when_redis_py_swallowed_it(
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_warm_start_outlives_the_requests_that_time_out_waiting_for_it(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """The warm start ran in the caller's task and a cancelled one was thrown away: with
+    every request under a timeout shorter than the warm start, the cache never loaded
+    (a review: 15 requests, 0 hits). It is now a task the requests wait for."""
+    async def run() -> None:
+        writer = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        for s in range(0, 8000, 2000):
+            await writer.set_many([(f"stored question {i} text", f"a{i}")
+                                   for i in range(s, s + 2000)])
+        await writer.close()
+        probe = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        t0 = time.monotonic()
+        await probe.sync()
+        full = time.monotonic() - t0
+        await probe.close()
+        cache = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        timed_out, answered = 0, 0
+        for i in range(12):
+            try:
+                async with asyncio.timeout(full / 3):
+                    hit = await cache.get(f"stored question {i} text")
+                    answered += hit is not None and hit.response == f"a{i}"
+            except TimeoutError:
+                timed_out += 1
+        assert timed_out >= 1 and answered >= 12 - 6, (timed_out, answered, full)
+        assert len(cache) == 8000
+        await cache.close()
+
+    asyncio.run(run())
+
+
+def test_a_close_cut_short_is_finished_by_the_next(tmp_path: Any, ns: str) -> None:
+    """close() under a shutdown timeout: the second close() returned at once (the first
+    had set the flag), leaving the embedded server running and no snapshot saved."""
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(64), data_dir=tmp_path, namespace=ns)
+        await cache.set_many([(f"question number {i} here", "a") for i in range(3000)])
+        server = cache._server
+        assert server is not None and server.running
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(cache.close(), 0.001)
+        await cache.close()
+        assert not server.running
+        assert cache.stats()["snapshots_saved"] == 1
+
+    asyncio.run(run())
