@@ -2284,6 +2284,11 @@ class AsyncSemanticCache(_Base):
         except StoreError as exc:
             c.put_back_refreshes(refs)
             c.failed("sliding-TTL refresh", exc)
+        except asyncio.CancelledError:
+            # (maybe another task's hits among them: the next call writes them; one
+            # written already is written again, which changes nothing)
+            c.put_back_refreshes(refs)
+            raise
 
     async def _lookup(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,

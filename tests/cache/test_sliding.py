@@ -312,3 +312,43 @@ def test_a_hot_sliding_entry_hit_at_once_by_many_processes_raises_nothing(
     assert r.pttl(keys_for(ns)["entry"] + caches[0].get("hot question").key) > 0  # type: ignore[union-attr]
     for c in caches:
         c.close()
+
+
+def test_a_hit_whose_lookup_is_cancelled_still_slides_its_entry(valkey_server, ns: str,
+                                                                 clock: FakeClock) -> None:
+    """A lookup cancelled while it wrote the pending refreshes dropped them (its own hit's,
+    and other tasks'): the entry expired on its old schedule (a review of the async cache
+    under cancellation). Now they are put back for the next call."""
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(32), store=valkey_server.url, namespace=ns,
+                                   clock=clock)
+        later = FakeClock(clock())
+        reader = AsyncSemanticCache(HashEmbedder(32), store=valkey_server.url, namespace=ns,
+                                    clock=later)
+        hit_and_cancelled, lost = 0, []
+        for k in range(40):
+            prompt = f"sliding question {k}"
+            await cache.set(prompt, "r", ttl=100, sliding=True)
+            clock.advance(50)
+            hits = cache.stats()["hits_exact"]
+            task = asyncio.create_task(cache.get(prompt))
+            for _ in range(k):
+                await asyncio.sleep(0)
+            if task.done() or not task.cancel():
+                continue
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            if cache.stats()["hits_exact"] == hits:
+                continue  # (cancelled before the hit)
+            hit_and_cancelled += 1
+            await cache.sync()  # (the next call: writes what is pending)
+            later.t = clock() + 70  # (past the entry's first expiry, before the slid one)
+            await reader.sync()
+            if await reader.get(prompt) is None:
+                lost.append(k)
+        assert hit_and_cancelled
+        assert lost == [], f"hit, then cancelled at these steps, and not extended: {lost}"
+        await reader.close()
+        await cache.close()
+
+    asyncio.run(run())
