@@ -8,6 +8,7 @@ Similarity scale: cosine similarity, a hit when ``similarity >= threshold``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -54,6 +55,8 @@ log = logging.getLogger("hnswcache.cache")
 
 _LATENCY_WINDOW = 10_000
 _OWN_POSITIONS_MAX = 200_000
+#: Ids whose last change the replica notes for repairs (see CacheCore.gen).
+_CHANGED_MAX = 200_000
 _EXPIRED_SEEN_MAX = 100_000
 _CUT_SEEN_MAX = 200_000
 
@@ -313,6 +316,17 @@ class CacheCore:
         self.meta_checked = False
         self.indexes: dict[str, Index] = {}
         self.where: dict[int, tuple[str, str]] = {}  # id -> (scope id, version)
+        # Lookups repair the replica from the records they fetched (an entry written
+        # elsewhere, not yet in the log; a candidate the store no longer holds). A repair
+        # must not undo a change applied after its fetch was sent: a delete or eviction read
+        # from the log meanwhile came back for good, a rewrite was dropped. So every change
+        # applied here bumps `gen` and notes it per id (`_changed`; past `_CHANGED_MAX` ids
+        # the notes are dropped and `_floor` refuses every repair begun before), and a
+        # repair runs under `replica_lock` only for ids unchanged since its lookup's `gen`.
+        self.gen = 0
+        self._changed: dict[int, int] = {}
+        self._floor = 0
+        self.replica_lock: Any = contextlib.nullcontext()  # (the sync cache's own lock)
         self.position: str | None = None  # change-log position; None until warmed
         self.next_sync = 0.0
         self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
@@ -528,7 +542,47 @@ class CacheCore:
             return None
         return f
 
+    def _note(self, ids: Iterable[int]) -> None:
+        """A change of ``ids`` applied to the replica (see ``gen``)."""
+        self.gen += 1
+        gen, changed = self.gen, self._changed
+        for eid in ids:
+            changed[eid] = gen
+        if len(changed) > _CHANGED_MAX:
+            changed.clear()
+            self._floor = gen
+
+    def _note_all(self) -> None:
+        """A change of every id (a scope or the whole replica dropped, a rebuild)."""
+        self.gen += 1
+        self._changed.clear()
+        self._floor = self.gen
+
+    def repairable(self, ids: Iterable[int], gen: int | None) -> bool:
+        """Whether a lookup that began at ``gen`` may repair ``ids`` from what it fetched:
+        none of them changed here since. Under ``replica_lock``."""
+        if gen is None or gen < self._floor:
+            return False
+        changed = self._changed
+        return all(changed.get(eid, -1) < gen for eid in ids)
+
+    def repair_add(self, rec: Record, gen: int | None) -> None:
+        """A lookup's fetched ``rec``, newer than the replica's, into it (unless changed
+        since the lookup began, see ``gen``)."""
+        with self.replica_lock:
+            if self.repairable((rec.id,), gen):
+                self.add_records([rec])
+
+    def repair_remove(self, ids: Sequence[int], gen: int | None) -> None:
+        """Ids a lookup found gone from the store (or unusable), out of the replica (each
+        unless changed since the lookup began)."""
+        with self.replica_lock:
+            if gen is not None and gen >= self._floor:
+                changed = self._changed
+                self.remove([e for e in ids if changed.get(e, -1) < gen])
+
     def add_records(self, records: Sequence[Record]) -> None:
+        self._note(r.id for r in records)
         exact = [r.id for r in records if r.exact_only]
         if exact:  # (answered by the exact tier only: never indexed, an older write unindexed)
             self.remove(exact)
@@ -550,6 +604,8 @@ class CacheCore:
                 self.where[r.id] = (sid, r.version)
 
     def remove(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        self._note(ids)
         by_scope: dict[str, list[int]] = {}  # (one native call per scope: a clear's batches)
         for eid in ids:
             w = self.where.pop(eid, None)
@@ -569,6 +625,7 @@ class CacheCore:
     def clear_local(self, sid: str | None, keep: Iterable[int] = ()) -> None:
         """Forget every entry of scope ``sid`` (``None`` or ``"*"``: all) but ``keep``."""
         kept = set(keep)
+        self._note_all()
         if kept:
             self.remove([e for e in self.held_in(sid) if e not in kept])
         elif sid is None or sid == "*":
@@ -619,6 +676,22 @@ class CacheCore:
         thread applied a read from there first. Applying it again would redo its events
         (refetching every entry they name) and take its own writes for others'."""
         return batch.after is not None and batch.after != self.position
+
+    def unapplied(self, batch: LogBatch) -> LogBatch | None:
+        """Of a stale ``batch`` (read from a position the replica has since left), the
+        events past the replica's position, as a batch from there; ``None`` if it brings
+        nothing new. Dropped whole, as it was, an event acknowledged before this read but
+        after the other thread's was left for the next read: a paraphrase asked right after
+        another process's write missed (3-5 of 400 with 16 threads looking up)."""
+        here = _position(self.position or "")
+        start = _position(batch.after or "")
+        end = _position(batch.position)
+        if batch.reset or here is None or start is None or end is None \
+                or not start < here < end:
+            return None
+        events = [e for e in batch.events
+                  if (q := _position(e.pos or "")) is not None and q > here]
+        return LogBatch(events, batch.position, more=batch.more, after=self.position)
 
     def sync_due(self) -> str | None:
         """The log position to read from if a log read is due now, else ``None``."""
@@ -905,7 +978,10 @@ class CacheCore:
             return self.learn_floor
         return threshold
 
-    def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float) -> Hit:
+    def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float,
+            gen: int | None = None) -> Hit:
+        """The :class:`Hit` of ``rec`` for a lookup that began at ``gen`` (see
+        ``CacheCore.gen``): counted, touched, a sliding entry's later expiry noted."""
         self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
         with self._pending:
             self.touches.add(rec.id)
@@ -919,9 +995,12 @@ class CacheCore:
                     self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
                 exp = until
             # The local index takes the stored expiry (refreshed elsewhere, maybe not yet
-            # seen in the log) or this hit's.
-            self._slide_local([rec if exp == rec.expires
-                               else dataclasses.replace(rec, expires=exp)])
+            # seen in the log) or this hit's: a repair, as a lookup's (a deleted entry put
+            # back by it stayed for good).
+            with self.replica_lock:
+                if self.repairable((rec.id,), gen):
+                    self._slide_local([rec if exp == rec.expires
+                                       else dataclasses.replace(rec, expires=exp)])
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
         key = format_id(rec.id)
         return Hit(rec.response, tier, sim, rec.prompt, key,
@@ -970,7 +1049,7 @@ class CacheCore:
         return None if too_old(rec, now, max_age) else rec
 
     def exact(self, f: Fetched, sid: str, norm: str, now: float,
-              max_age: float = math.inf) -> Hit | None:
+              max_age: float = math.inf, gen: int | None = None) -> Hit | None:
         if f is None:
             return None
         if not isinstance(f, Invalid) and f.expired(now):
@@ -982,8 +1061,8 @@ class CacheCore:
             self.stats.add("too_old")  # kept: a later read without max_age may use it
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
-            self.add_records([rec])  # written elsewhere, not yet seen in the log
-        return self.hit(rec, "exact", 1.0, now)
+            self.repair_add(rec, gen)  # written elsewhere, not yet seen in the log
+        return self.hit(rec, "exact", 1.0, now, gen)
 
     def candidates(
         self, vecs: npt.NDArray[np.float32], sid: str, threshold: float,
@@ -1063,15 +1142,16 @@ class CacheCore:
         self, fetched: Sequence[Fetched], norms: Sequence[str], fetched_ids: Sequence[int],
         ahead: dict[int, list[tuple[int, float]]] | None,
         vecs: npt.NDArray[np.float32] | None, sid: str, threshold: float,
-        out: list[Hit | None], max_age: float = math.inf,
+        out: list[Hit | None], max_age: float = math.inf, gen: int | None = None,
     ) -> list[int]:
         """Fill ``out`` from one store read: exact hits first, then the semantic hits whose
         candidates were searched ahead; returns the rows still unanswered. The sync and async
-        caches share this between their I/O."""
+        caches share this between their I/O. ``gen``: the replica's ``gen`` before the read
+        was sent (what the lookup may repair)."""
         now = self.now()
         todo = []
         for i, norm in enumerate(norms):
-            out[i] = self.exact(fetched[i], sid, norm, now, max_age)
+            out[i] = self.exact(fetched[i], sid, norm, now, max_age, gen)
             if out[i] is None:
                 todo.append(i)
                 if fetched[i] is None:
@@ -1085,14 +1165,17 @@ class CacheCore:
                 rest.append(i)  # predicted an exact hit, but it missed
             elif ahead[i]:
                 out[i] = self.semantic(vecs[i], ahead[i], got_ahead, sid, threshold, now,
-                                       max_age)
+                                       max_age, gen)
         return rest
 
     def semantic(
         self, vec: npt.NDArray[np.float32], cands: Sequence[tuple[int, float]],
         fetched: Mapping[int, Fetched], sid: str, threshold: float, now: float,
-        max_age: float = math.inf,
+        max_age: float = math.inf, gen: int | None = None,
     ) -> Hit | None:
+        """The best of ``cands`` (index similarities) re-scored on their fetched records, if
+        one is a hit; the replica repaired from what was fetched, where nothing changed it
+        since ``gen`` (the replica's ``gen`` before the fetch was sent)."""
         best: tuple[float, Record] | None = None
         stale: list[int] = []
         old = False
@@ -1105,7 +1188,7 @@ class CacheCore:
                 continue
             w = self.where.get(eid)
             if w is None or w[1] != rec.version or w[0] != sid:
-                self.add_records([rec])
+                self.repair_add(rec, gen)
             sim = min(1.0, float(rec.vector @ vec))  # authoritative: the stored vector
             if sim >= (threshold if not rec.verdicts else self.entry_threshold(rec, threshold)) \
                     and (best is None or sim > best[0]):
@@ -1114,14 +1197,14 @@ class CacheCore:
                     continue
                 best = (sim, rec)
         if stale:
-            self.remove(stale)
+            self.repair_remove(stale, gen)
         if best is None:
             if old:
                 self.stats.add("too_old")
             return None
         if best[0] < threshold:
             self.stats.add("hits_learned")
-        return self.hit(best[1], "semantic", best[0], now)
+        return self.hit(best[1], "semantic", best[0], now, gen)
 
     @staticmethod
     def flight_leader(before: Sequence[tuple[int, int, Any]],

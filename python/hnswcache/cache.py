@@ -798,6 +798,7 @@ class SemanticCache(_Base):
                     sync_interval, candidates, M, ef_construction, ef_search, dtype,
                     search_starts, ttl_jitter, alpha, learn_floor, learn_after)
         self._lock = threading.RLock()
+        self._core.replica_lock = self._lock  # (lookups' repairs of the replica: under it)
         self._owns_store = not _is_store(store)
         if store is None:
             store = self._open_embedded(data_dir)
@@ -1024,7 +1025,9 @@ class SemanticCache(_Base):
         c = self._core
         while batch is not None:
             if c.stale(batch):
-                return  # (what it holds beyond the other read comes with the next one)
+                batch = c.unapplied(batch)  # (what it holds beyond the other read)
+                if batch is None:
+                    return
             if batch.reset:
                 c.stats.add("resyncs")
                 log.warning("hnswcache %r: change log lost our position; rebuilding",
@@ -1215,6 +1218,7 @@ class SemanticCache(_Base):
             long = c.exact_only_rows(prompts) if given_all is not None else None
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
             touch = c.take_touches()
+            gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:
                 fetched, batch = self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
@@ -1226,7 +1230,7 @@ class SemanticCache(_Base):
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
-                                 given_all, sid, thr, out, age)
+                                 given_all, sid, thr, out, age, gen)
             if todo and sid in c.indexes:
                 todo = self._semantic_rows(prompts, todo, long)
             if not todo or sid not in c.indexes:
@@ -1244,6 +1248,7 @@ class SemanticCache(_Base):
             near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
+                gen = c.gen
                 try:
                     got = dict(zip(want, self.store.fetch(want)))
                 except StoreError as exc:
@@ -1252,7 +1257,7 @@ class SemanticCache(_Base):
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
-                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
+                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
@@ -2136,7 +2141,9 @@ class AsyncSemanticCache(_Base):
         c = self._core
         while batch is not None:
             if c.stale(batch):
-                return  # (what it holds beyond the other read comes with the next one)
+                batch = c.unapplied(batch)  # (what it holds beyond the other read)
+                if batch is None:
+                    return
             if batch.reset:
                 c.stats.add("resyncs")
                 log.warning("hnswcache %r: change log lost our position; rebuilding",
@@ -2320,6 +2327,7 @@ class AsyncSemanticCache(_Base):
             long = c.exact_only_rows(prompts) if given_all is not None else None
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
             touch = c.take_touches()
+            gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:
                 fetched, batch = await self.store.read(
                     ids + want_ahead, log_after=c.sync_due(), touch=touch, now=c.now())
@@ -2331,7 +2339,7 @@ class AsyncSemanticCache(_Base):
                 c.failed("get", exc)
                 return self._misses(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
-                                 given_all, sid, thr, out, age)
+                                 given_all, sid, thr, out, age, gen)
             if todo and sid in c.indexes:
                 todo = await self._semantic_rows(prompts, todo, long)
             if not todo or sid not in c.indexes:
@@ -2349,6 +2357,7 @@ class AsyncSemanticCache(_Base):
             near.update(zip(todo, nearest))
             want = list(dict.fromkeys(e for row in cands for e, _ in row))
             if want:
+                gen = c.gen
                 try:
                     got = dict(zip(want, await self.store.fetch(want)))
                 except StoreError as exc:
@@ -2357,7 +2366,7 @@ class AsyncSemanticCache(_Base):
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
-                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age)
+                        out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
             return self._misses(out)
         finally:
