@@ -327,6 +327,10 @@ class CacheCore:
         self._changed: dict[int, int] = {}
         self._floor = 0
         self.replica_lock: Any = contextlib.nullcontext()  # (the sync cache's own lock)
+        # Inserts the async cache runs in a worker thread (while a snapshot is written): no
+        # repair meanwhile (its check and change on the loop's thread could fall between
+        # the worker's note and change).
+        self.offloaded = 0
         self.position: str | None = None  # change-log position; None until warmed
         self.next_sync = 0.0
         self.retry_at = 0.0  # after a failed warm start, when to try again (monotonic)
@@ -561,7 +565,7 @@ class CacheCore:
     def repairable(self, ids: Iterable[int], gen: int | None) -> bool:
         """Whether a lookup that began at ``gen`` may repair ``ids`` from what it fetched:
         none of them changed here since. Under ``replica_lock``."""
-        if gen is None or gen < self._floor:
+        if gen is None or gen < self._floor or self.offloaded:
             return False
         changed = self._changed
         return all(changed.get(eid, -1) < gen for eid in ids)
@@ -577,9 +581,18 @@ class CacheCore:
         """Ids a lookup found gone from the store (or unusable), out of the replica (each
         unless changed since the lookup began)."""
         with self.replica_lock:
-            if gen is not None and gen >= self._floor:
+            if gen is not None and gen >= self._floor and not self.offloaded:
                 changed = self._changed
                 self.remove([e for e in ids if changed.get(e, -1) < gen])
+
+    def reconcile_repair(self, ids: Sequence[int], fetched: Sequence[Fetched],
+                         gen: int | None) -> None:
+        """:meth:`reconcile` of what a fetch sent at ``gen`` read, for the ids unchanged
+        here since (a delete applied by another thread meanwhile stays applied)."""
+        with self.replica_lock:
+            keep = [(i, f) for i, f in zip(ids, fetched) if self.repairable((i,), gen)]
+            if keep:
+                self.reconcile([i for i, _ in keep], [f for _, f in keep])
 
     def add_records(self, records: Sequence[Record]) -> None:
         self._note(r.id for r in records)
@@ -1085,6 +1098,20 @@ class CacheCore:
         top = 1.0 - self.lowest_threshold(threshold) + self.slack
         return [[(lab, 1.0 - d) for lab, d in zip(lab_row, dist_row) if d <= top]
                 for lab_row, dist_row in zip(lab_rows, dist_rows)]
+
+    def given_rows(self, used: list[Any], embeddings: Any, out: Sequence[Hit | None]
+                   ) -> list[Any]:
+        """``used`` (the vectors rows were embedded with), with the given ``embeddings``'
+        rows (normalised, as searched) for the rows not embedded here but searched (a
+        semantic hit or miss found by the search ahead), not for exact hits."""
+        if embeddings is None or all(u is not None for u in used):
+            return used
+        try:
+            given = self.vectors(embeddings, len(used), copy=False)
+        except (TypeError, ValueError):
+            return used
+        return [u if u is not None or (h is not None and h.tier == "exact") else given[i]
+                for i, (u, h) in enumerate(zip(used, out))]
 
     @staticmethod
     def lookups(out: Sequence[Hit | None], near: Mapping[int, tuple[float, int]],

@@ -1155,7 +1155,8 @@ class SemanticCache(_Base):
         used: list[Any] = [None] * len(prompts)
         out = self._get_many(prompts, scope, threshold, embeddings, used, max_age, near)
         c = self._core
-        return c.lookups(out, near, c.threshold_for(threshold), used)
+        return c.lookups(out, near, c.threshold_for(threshold),
+                         c.given_rows(used, embeddings, out))
 
     def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
@@ -1597,13 +1598,13 @@ class SemanticCache(_Base):
             # What the pass did not delete, the store no longer held (another process's
             # delete, a TTL), or was written meanwhile: as the store holds it now (len()
             # right after a clear counted entries the server had dropped).
+            gen = c.gen
             try:
                 fetched = self.store.fetch(left)
             except StoreError:
                 pass  # (the next log read settles them)
             else:
-                with self._lock:
-                    c.reconcile(left, fetched)
+                c.reconcile_repair(left, fetched, gen)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -1963,9 +1964,21 @@ class AsyncSemanticCache(_Base):
                 c.stats.add("store_errors")  # (a call the outage degraded, as failed() counts)
                 return False
             task = self._warmups[loop] = loop.create_task(self._warm_start())
-            # (an error nobody waits for any more is logged by failed(), not by asyncio)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
+            task.add_done_callback(self._warm_start_ended)
+        mark = _cancel_mark()
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and _cancel_mark() == mark:
+                return False  # (close() cancelled the warm start, not this caller: a miss)
+            raise
+
+    def _warm_start_ended(self, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled():
+            task.exception()  # (one nobody waits for any more is logged by failed())
+        loop = task.get_loop()
+        if self._warmups.get(loop) is task:  # (a task holds its loop: not kept for ever)
+            del self._warmups[loop]
 
     async def _warm_start(self) -> bool:
         c = self._core
@@ -2106,7 +2119,11 @@ class AsyncSemanticCache(_Base):
         a snapshot is written, since an insert then waits while the save copies the graph
         (~20 ms per 100k rows), which on the event loop's thread would stall every task."""
         if self._saving:
-            await _to_thread_to_the_end(fn, *args)
+            self._core.offloaded += 1  # (no lookup repairs meanwhile: see CacheCore.gen)
+            try:
+                await _to_thread_to_the_end(fn, *args)
+            finally:
+                self._core.offloaded -= 1
         else:
             fn(*args)
 
@@ -2263,7 +2280,8 @@ class AsyncSemanticCache(_Base):
         out = await self._get_many(prompts, scope, threshold, embeddings, used, max_age,
                                    near)
         c = self._core
-        return c.lookups(out, near, c.threshold_for(threshold), used)
+        return c.lookups(out, near, c.threshold_for(threshold),
+                         c.given_rows(used, embeddings, out))
 
     async def _get_many(
         self, prompts: Sequence[str], scope: Mapping[str, Any] | None, threshold: float | None,
@@ -2715,13 +2733,14 @@ class AsyncSemanticCache(_Base):
             c.own_cleared(sid, res)
         left = c.held_in(sid) if res.batches is not None else []
         if left:
+            gen = c.gen
             try:
                 fetched = await self.store.fetch(left)
             except StoreError:
                 pass
             else:
                 async with self._lock:
-                    await self._insert(c.reconcile, left, fetched)
+                    await self._insert(c.reconcile_repair, left, fetched, gen)
         if res.deleted:
             self._maybe_snapshot()
         return res.deleted
@@ -2877,8 +2896,8 @@ class AsyncSemanticCache(_Base):
             # not end this close() half done (the loop may close after us: not left pending).
             await asyncio.wait({task})
         # (_closed is set: no judge starts after this) Judgments not recorded yet are
-        # dropped (not the one calling close(), if any: it would cancel this close()).
-        judging = set(self._judge_tasks) - {asyncio.current_task()}
+        # dropped (a judge that called close() too: this closing is a task of its own).
+        judging = set(self._judge_tasks)
         for t in judging:
             t.cancel()
         if judging:

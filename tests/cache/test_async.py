@@ -604,3 +604,42 @@ def test_a_close_cut_short_is_finished_by_the_next(tmp_path: Any, ns: str) -> No
         assert cache.stats()["snapshots_saved"] == 1
 
     asyncio.run(run())
+
+
+def test_lookups_waiting_for_a_warm_start_that_close_cancels_get_misses(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """close() cancels a warm start nobody else will finish; the lookups waiting for it
+    were not cancelled themselves and get a miss (a CancelledError there reads, to a
+    TaskGroup or a request handler, as their own cancellation)."""
+    async def run() -> None:
+        writer = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        for s in range(0, 8000, 2000):
+            await writer.set_many([(f"stored question {i}", "a") for i in range(s, s + 2000)])
+        await writer.close()
+        cache = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        waiting = [asyncio.create_task(cache.get(f"stored question {i}")) for i in range(3)]
+        await asyncio.sleep(0.02)
+        assert not any(t.done() for t in waiting)
+        await cache.close()
+        assert await asyncio.gather(*waiting) == [None, None, None]
+        done = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        assert (await done.get("stored question 5")) is not None
+        assert not done._warmups  # (an ended warm start holds no event loop)
+        await done.close()
+
+    asyncio.run(run())
+
+
+def test_lookup_says_the_given_embedding_it_searched_with(ns: str) -> None:
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(16), store="memory", namespace=ns)
+        await cache.set("a stored question", "a")
+        v = np.ones(16, dtype=np.float32)
+        miss = await cache.lookup("another question", embedding=v)
+        assert miss.hit is None and miss.embedding is not None
+        np.testing.assert_allclose(miss.embedding, v / 4.0, rtol=1e-6)
+        exact = await cache.lookup("a stored question", embedding=v)
+        assert exact.hit is not None and exact.hit.tier == "exact" and exact.embedding is None
+        await cache.close()
+
+    asyncio.run(run())

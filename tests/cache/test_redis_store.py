@@ -823,3 +823,24 @@ def test_a_forged_clear_event_leaves_replicas_as_the_store_is(valkey_server: Emb
     assert len(reader) == 1
     writer.close()
     reader.close()
+
+
+def test_from_url_takes_the_clients_own_options(valkey_server: Any) -> None:
+    """The stores made from a URL build their pool themselves: a client option (not a
+    connection's) must still reach the client, as redis-py's from_url lets it."""
+    from hnswcache.store.redis import POOL_SIZE, AsyncRedisStore, RedisStore
+
+    store = RedisStore.from_url(valkey_server.url, single_connection_client=True)
+    assert store.client.ping() and store.client.connection is not None
+    assert store.client.connection_pool.max_connections == POOL_SIZE
+    store.close()
+    bigger = RedisStore.from_url(valkey_server.url, max_connections=7)
+    assert bigger.client.connection_pool.max_connections == 7
+    bigger.close()
+
+    async def run() -> None:
+        a = AsyncRedisStore.from_url(valkey_server.url, single_connection_client=True)
+        assert await a.client.ping()
+        await a.close()
+
+    asyncio.run(run())

@@ -225,3 +225,13 @@ def test_a_loaded_index_says_which_given_graph_parameters_it_ignores(
         again = HnswCacheVectorStore(dimension=4, index_path=path, M=32, alpha=1.0)
     assert again.index.M == 12 and again.index.alpha == 1.2
     assert "M=32" in caplog.text and "alpha=1.0" in caplog.text and "ignored" in caplog.text
+
+
+def test_ids_of_get_and_update_embeddings_are_integers_too() -> None:
+    store = HnswCacheVectorStore(dimension=4)
+    store.mul_add([VectorData(id=1, data=np.ones(4))])
+    with pytest.raises(TypeError):
+        store.update_embeddings(1.5, np.zeros(4) + 2)  # (replaced id 1's vector)
+    with pytest.raises(TypeError):
+        store.get_embeddings(1.5)
+    np.testing.assert_allclose(store.get_embeddings("1"), np.ones(4))

@@ -201,7 +201,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
     def get_embeddings(self, data_id: int | str) -> npt.NDArray[np.float32] | None:
         """The stored vector of ``data_id``, or ``None`` when it is unknown or expired."""
         try:
-            return self._index.get([int(data_id)])[0]
+            return self._index.get(self._ids([data_id]))[0]
         except KeyError:
             return None
 
@@ -209,7 +209,7 @@ class HnswCacheVectorStore(VectorBase):  # type: ignore[misc]
         """Replace the vector of a live ``data_id``, keeping its expiry. An unknown or
         expired id is left alone: re-adding it with a fresh TTL brought an expired entry
         back (GPTCache calls this after a hit, which may have expired since)."""
-        label = int(data_id)
+        label = int(self._ids([data_id])[0])
         x = self._vectors([emb])
         with self._lock:
             try:

@@ -972,7 +972,11 @@ def _pooled(client_cls: Any, pool_cls: Any, url: str, timeout: float,
     """``client_cls.from_url(url, **opts)`` over a pool that makes callers wait for a free
     connection (up to ``timeout``) instead of failing."""
     kw = {"max_connections": POOL_SIZE, "timeout": timeout, **opts}
-    client = client_cls(connection_pool=pool_cls.from_url(url, **kw))
+    # (options of the client, not of its connections: from_url takes them off too)
+    single = kw.pop("single_connection_client", False)
+    kw.pop("auto_close_connection_pool", None)
+    client = client_cls(connection_pool=pool_cls.from_url(url, **kw),
+                        single_connection_client=single)
     client.auto_close_connection_pool = True  # (as from_url's: closed with the client)
     return client
 
