@@ -991,10 +991,10 @@ class CacheCore:
             return self.learn_floor
         return threshold
 
-    def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float,
-            gen: int | None = None) -> Hit:
-        """The :class:`Hit` of ``rec`` for a lookup that began at ``gen`` (see
-        ``CacheCore.gen``): counted, touched, a sliding entry's later expiry noted."""
+    def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float
+            ) -> Hit:
+        """The :class:`Hit` of ``rec``: counted, touched, a sliding entry's later expiry
+        noted."""
         self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
         with self._pending:
             self.touches.add(rec.id)
@@ -1008,10 +1008,12 @@ class CacheCore:
                     self.refreshes[rec.id] = Refresh(rec.id, rec.version, until)
                 exp = until
             # The local index takes the stored expiry (refreshed elsewhere, maybe not yet
-            # seen in the log) or this hit's: a repair, as a lookup's (a deleted entry put
-            # back by it stayed for good).
+            # seen in the log) or this hit's, if it holds this very write (under the lock:
+            # a deleted entry put back here stayed for good). (Not `repairable`: the
+            # lookup's own log read may have added this write meanwhile, and the hit must
+            # still slide it.)
             with self.replica_lock:
-                if self.repairable((rec.id,), gen):
+                if self.where.get(rec.id) == (rec.scope_id, rec.version):
                     self._slide_local([rec if exp == rec.expires
                                        else dataclasses.replace(rec, expires=exp)])
         # positional: response, tier, similarity, prompt, key, age, expires_at, metadata, scope
@@ -1075,7 +1077,7 @@ class CacheCore:
             return None
         if self.where.get(rec.id) != (rec.scope_id, rec.version):
             self.repair_add(rec, gen)  # written elsewhere, not yet seen in the log
-        return self.hit(rec, "exact", 1.0, now, gen)
+        return self.hit(rec, "exact", 1.0, now)
 
     def candidates(
         self, vecs: npt.NDArray[np.float32], sid: str, threshold: float,
@@ -1231,7 +1233,7 @@ class CacheCore:
             return None
         if best[0] < threshold:
             self.stats.add("hits_learned")
-        return self.hit(best[1], "semantic", best[0], now, gen)
+        return self.hit(best[1], "semantic", best[0], now)
 
     @staticmethod
     def flight_leader(before: Sequence[tuple[int, int, Any]],

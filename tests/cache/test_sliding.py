@@ -352,3 +352,25 @@ def test_a_hit_whose_lookup_is_cancelled_still_slides_its_entry(valkey_server, n
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_a_hit_that_brings_an_entry_into_the_replica_also_slides_it_there(
+        valkey_server, ns: str, clock: FakeClock, paraphrases: Paraphrases) -> None:
+    """A sliding entry written by another process and not yet read from the log: the
+    exact hit that adds it to this replica must also give it the hit's later expiry, or
+    a paraphrase asked after the first expiry misses here until the log is read."""
+    px = paraphrases
+    writer = SemanticCache(px.embedder(), store=valkey_server.url, namespace=ns, clock=clock,
+                           threshold=0.5)
+    reader = SemanticCache(px.embedder(), store=valkey_server.url, namespace=ns, clock=clock,
+                           threshold=0.5, sync_interval=3600)  # (no log read after the first)
+    reader.sync()
+    writer.set(px.q[0], "r", ttl=100, sliding=True)
+    clock.advance(60)
+    hit = reader.get(px.q[0])  # exact: fetched, added here, and slid to now + 100
+    assert hit is not None and hit.expires_at == pytest.approx(clock() + 100)
+    clock.advance(60)  # past the first expiry, before the slid one
+    hit = reader.get(px.p[0])
+    assert hit is not None and hit.tier == "semantic" and hit.prompt == px.q[0]
+    writer.close()
+    reader.close()
