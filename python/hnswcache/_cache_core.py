@@ -581,9 +581,7 @@ class CacheCore:
         """Ids a lookup found gone from the store (or unusable), out of the replica (each
         unless changed since the lookup began)."""
         with self.replica_lock:
-            if gen is not None and gen >= self._floor and not self.offloaded:
-                changed = self._changed
-                self.remove([e for e in ids if changed.get(e, -1) < gen])
+            self.remove([e for e in ids if self.repairable((e,), gen)])
 
     def reconcile_repair(self, ids: Sequence[int], fetched: Sequence[Fetched],
                          gen: int | None) -> None:

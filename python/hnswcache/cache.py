@@ -2237,7 +2237,6 @@ class AsyncSemanticCache(_Base):
             c.failed("sync", exc)
         await self._write_refreshes()
 
-    @_honours_cancel
     async def get(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
@@ -2257,7 +2256,6 @@ class AsyncSemanticCache(_Base):
         """See :meth:`SemanticCache.get_many`."""
         return await self._get_many(prompts, scope, threshold, embeddings, None, max_age)
 
-    @_honours_cancel
     async def lookup(
         self, prompt: str, *, scope: Mapping[str, Any] | None = None,
         threshold: float | None = None, embedding: npt.ArrayLike | None = None,
@@ -2505,7 +2503,6 @@ class AsyncSemanticCache(_Base):
             return None
         return self._core.entry_answer(f, sid, vec, self._core.now(), max_age)
 
-    @_honours_cancel
     async def set(
         self, prompt: str, response: str, *, ttl: float | None = None,
         scope: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import secrets
 import threading
 from collections import OrderedDict
@@ -43,14 +42,14 @@ class MemoryStore:
         log_maxlen: how many change-log events are kept; a reader further behind rebuilds.
         clock: the time entries expire by (seconds), as a server's own clock expires its
             keys: an expired entry is not counted by ``delete``/``clear`` nor given a
-            verdict. ``None``: the clock of the first cache that uses the store.
+            verdict. ``None``: the clock of the first cache that uses the store (with
+            none, entries go at the writes and evictions, by the ``now`` they pass).
     """
 
     def __init__(self, namespace: str = "default", *, log_maxlen: int = 100_000,
                  clock: Callable[[], float] | None = None) -> None:
         self.namespace = validate_namespace(namespace)
         self.clock = clock
-        self._seen = -math.inf  # the latest `now` a cache passed (without a clock)
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, Record] = OrderedDict()  # LRU order: oldest first
         self._expiry: list[tuple[float, int, str]] = []  # heap of (expires, id, version)
@@ -93,18 +92,12 @@ class MemoryStore:
         new_pos = pos + len(events)
         return LogBatch(list(events), f"{new_pos}-0", more=new_pos < head, after=after)
 
-    def _now(self, now: float | None = None) -> float:
-        """The store's time: its clock's, else the latest ``now`` it was given."""
-        if now is not None and now > self._seen:
-            self._seen = now
-        return float(self.clock()) if self.clock is not None else self._seen
-
     def _purge(self) -> None:
-        """Drop what has expired by the store's time (a server's keys are gone at their
+        """Drop what has expired by the store's clock (a server's keys are gone at their
         TTL: not deleted again, not counted, not given a verdict). Under the lock. (Writes
         and evictions drop by the ``now`` their cache passes, as before.)"""
-        if self._expiry:
-            now = self._now()
+        if self._expiry and self.clock is not None:
+            now = float(self.clock())
             if self._expiry[0][0] <= now:
                 self._drop_expired(now)
 
@@ -113,7 +106,6 @@ class MemoryStore:
         self, ids: Sequence[int], *, log_after: str | None, touch: Sequence[int], now: float,
     ) -> tuple[list[Fetched], LogBatch | None]:
         with self._lock:
-            self._now(now)
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
@@ -125,7 +117,6 @@ class MemoryStore:
     def refresh(self, refresh: Sequence[Refresh], now: float) -> int:
         done = []
         with self._lock:
-            self._now(now)
             for r in refresh:
                 cur = self._entries.get(r.id)
                 # (an expired entry not purged yet is gone: no revival)
@@ -158,7 +149,6 @@ class MemoryStore:
         touch: Sequence[int] = (),
     ) -> WriteResult:
         with self._lock:
-            self._now(now)
             for t in touch:
                 if t in self._entries:
                     self._entries.move_to_end(t)
@@ -197,7 +187,6 @@ class MemoryStore:
     def evict(self, max_entries: int | None, now: float,
               logged: list[tuple[str, Sequence[int]]] | None = None) -> tuple[list[int], int]:
         with self._lock:
-            self._now(now)
             removed = self._drop_expired(now)
             evicted: list[int] = []
             if max_entries is not None:
