@@ -613,12 +613,23 @@ def test_lookups_waiting_for_a_warm_start_that_close_cancels_get_misses(
     TaskGroup or a request handler, as their own cancellation)."""
     async def run() -> None:
         writer = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
-        for s in range(0, 8000, 2000):
-            await writer.set_many([(f"stored question {i}", "a") for i in range(s, s + 2000)])
+        await writer.set_many([(f"stored question {i}", "a") for i in range(10)])
         await writer.close()
         cache = AsyncSemanticCache(HashEmbedder(64), store=valkey_server.url, namespace=ns)
+        # The warm start is held in its first read until close() cancels it. (It used to be
+        # 8,000 entries still loading 20 ms later: 1 run in 6 had loaded them by then.)
+        entered = asyncio.Event()
+        log_head = cache.store.log_head
+
+        async def held() -> str:
+            entered.set()
+            await asyncio.Event().wait()
+            return await log_head()
+
+        cache.store.log_head = held  # type: ignore[method-assign]
         waiting = [asyncio.create_task(cache.get(f"stored question {i}")) for i in range(3)]
-        await asyncio.sleep(0.02)
+        await entered.wait()
+        await asyncio.sleep(0.01)
         assert not any(t.done() for t in waiting)
         await cache.close()
         assert await asyncio.gather(*waiting) == [None, None, None]
