@@ -490,5 +490,8 @@ PYBIND11_MODULE(_core, m) {
                       &index_t::set_defer_consolidation)
         .def("take_consolidation_due", &index_t::take_consolidation_due)
         .def_property("search_starts", &index_t::search_starts, &index_t::set_search_starts)
+        .def_property("rescue_beam", &index_t::rescue_beam, &index_t::set_rescue_beam)
+        .def_property("rescue_distance", &index_t::rescue_distance,
+                      &index_t::set_rescue_distance)
         .def_property_readonly("isa", [](const index_t& s) { return std::string(s.isa()); });
 }

@@ -90,5 +90,7 @@ class Index:
     defer_consolidation: bool
     def take_consolidation_due(self) -> bool: ...
     search_starts: int
+    rescue_beam: int
+    rescue_distance: float
     @property
     def isa(self) -> str: ...

@@ -471,8 +471,7 @@ def _load(core: CacheCore, root: Path, namespace: str) -> Loaded:
         if got != want or idx.dim != core.dim:
             raise SnapshotError(f"index file {name} has other settings: {got!r}")
         idx.ef_search = p["ef_search"]
-        idx.search_starts = core.search_starts
-        idx.background_consolidation = True  # (as the replica's own indexes)
+        core.tune(idx)  # (as the replica's own indexes)
         # The entry list and the graph must agree: an entry only in the graph (written
         # while the save ran) would stay there for ever, as a later delete of an entry the
         # replica does not list is ignored; one only in the list would never be searched.

@@ -107,8 +107,13 @@ def test_expired_while_down_never_answers(valkey_server, ns, paraphrases, tmp_pa
         assert b.get(px.p[i], embedding=px.pv[i]) is None
         assert b.get(px.q[i], embedding=px.qv[i]) is None
     assert b.get(px.q[12], embedding=px.qv[12]).response == "long 12"  # type: ignore[union-attr]
-    labels = b._core.indexes[next(iter(b._core.indexes))].labels()
-    assert len(labels) == 10  # the expired ones are not live in the graph
+    loaded = b._core.indexes[next(iter(b._core.indexes))]
+    assert len(loaded.labels()) == 10  # the expired ones are not live in the graph
+    # A loaded graph searches as a new one does (runtime settings are not in the file).
+    assert b.stats()["warm_start"]["source"] == "snapshot"
+    for idx in (loaded, *a._core.indexes.values()):
+        assert (idx.search_starts, idx.rescue_beam, idx.background_consolidation) == (4, 128, True)
+        assert idx.rescue_distance == pytest.approx(0.6)
     b.close()
 
 

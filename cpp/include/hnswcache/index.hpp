@@ -188,6 +188,15 @@ class index_t {
     static constexpr std::size_t max_search_starts = 64;
     std::size_t search_starts() const { return search_starts_.load(std::memory_order_relaxed); }
     void set_search_starts(std::size_t n);
+    // A search whose nearest result lies farther than rescue_distance (e.g. the walk never
+    // entered a small cluster of another domain, so it stopped among unrelated rows) walks
+    // level 0 again from the best nodes of a level-1 beam rescue_beam wide, and answers the
+    // better of both. 0 (the default) turns it off.
+    static constexpr std::size_t max_rescue_beam = 4096;
+    std::size_t rescue_beam() const { return rescue_beam_.load(std::memory_order_relaxed); }
+    void set_rescue_beam(std::size_t width);
+    float rescue_distance() const { return rescue_distance_.load(std::memory_order_relaxed); }
+    void set_rescue_distance(float d);
     double auto_consolidate() const { return auto_consolidate_.load(std::memory_order_relaxed); }
     void set_auto_consolidate(double fraction);
     // Deferred: an add that finds the dead share past auto_consolidate does not run the
@@ -355,6 +364,8 @@ class index_t {
     std::atomic<double> auto_consolidate_{0.10};
     std::atomic<bool> defer_consolidation_{false}, consolidation_due_{false};
     std::atomic<std::size_t> search_starts_{2};
+    std::atomic<std::size_t> rescue_beam_{0};
+    std::atomic<float> rescue_distance_{0.0f};
 
     // --- storage
     std::atomic<chunk_t*>* chunks_ = nullptr;  // max_chunks entries, zeroed_pages
