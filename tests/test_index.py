@@ -1277,7 +1277,10 @@ def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
     exact = asked @ x.T
     findable = (exact.max(axis=1) >= 0.85) & (exact.argmax(axis=1) == own)
     assert idx.rescue_beam == 0  # off unless asked for
+    assert idx.rescue_distance == float("inf")
     plain_labels, plain_dist = idx.search(asked, k=4, num_threads=1)
+    idx.rescue_beam = 128  # (a beam set alone rescues nothing)
+    assert np.array_equal(idx.search(asked, k=4, num_threads=1)[0], plain_labels)
     idx.rescue_beam, idx.rescue_distance = 128, 0.6
     assert (idx.rescue_beam, idx.rescue_distance) == (128, pytest.approx(0.6))
     labels, dist = idx.search(asked, k=4, num_threads=1)
@@ -1294,10 +1297,13 @@ def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
     # A runtime setting: kept by pickle, not by the file format.
     again = pickle.loads(pickle.dumps(idx))
     assert (again.rescue_beam, again.rescue_distance) == (128, pytest.approx(0.6))
-    assert Index.from_bytes(idx.to_bytes()).rescue_beam == 0
+    loaded = Index.from_bytes(idx.to_bytes())
+    assert (loaded.rescue_beam, loaded.rescue_distance) == (0, float("inf"))
+    idx.rescue_distance = np.float32(0.5)
+    assert idx.rescue_distance == 0.5
     for bad in (-1, 4097, 2.5, True, "8"):
         with pytest.raises(ValueError, match="rescue_beam"):
             idx.rescue_beam = bad
-    for bad_d in (float("nan"), "x", None, True):
+    for bad_d in (float("nan"), "x", "0.5", b"0.5", None, True, np.bool_(True)):
         with pytest.raises(ValueError, match="rescue_distance"):
             idx.rescue_distance = bad_d

@@ -70,9 +70,10 @@ Clock = Callable[[], float]
 SLACK = {"float32": 1e-4, "float16": 1e-3, "int8": 0.02}
 #: A search whose nearest entry is below this similarity searches again from a level-1
 #: beam RESCUE_BEAM wide (``Index.rescue_beam``): the walk may have missed a small cluster
-#: of another domain. Among 100k sgd rows, 14 of 502 paraphrases of 499 stored questions
-#: were missed at ef 24 and 1 with the rescue; far lookups (8 % of those paraphrases, every
-#: random vector, no sgd request) take ~2-3x as long (``bench/rescue.py``).
+#: of another domain. Among 100k sgd rows holding 499 questions, 14-15 paraphrases whose own
+#: question brute force finds were missed at ef 24 and 1 with the rescue; far lookups (8 %
+#: of the paraphrases, every random vector, no sgd request) take ~3x as long
+#: (``bench/rescue.py``).
 RESCUE_BELOW = 0.4
 RESCUE_BEAM = 128
 

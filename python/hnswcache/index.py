@@ -598,14 +598,15 @@ class Index:
     def rescue_beam(self) -> int:
         """Width of the level-1 beam a far search starts again from (0..4096; 0, the
         default, turns the rescue off; it only acts when wider than ``search_starts``).
+        Set :attr:`rescue_distance` with it (its default, infinity, rescues nothing).
 
         A search whose nearest result lies farther than :attr:`rescue_distance` walked into
         the wrong part of the graph or has nothing near it. It walks level 0 again from the
-        best ``search_starts`` nodes of a level-1 beam this wide and answers the better of
-        the two walks. On 100k sgd rows holding 500 questions of another domain, a beam of
-        128 found 13 of the 14 paraphrases the plain walk missed at ``ef`` 24
-        (``bench/rescue.py``); only the far lookups pay for it (~1.5-2x a search).
-        A runtime setting: not saved with the index.
+        best ``search_starts`` nodes of a level-1 beam this wide and answers the merge of
+        both walks (never worse than the first). On 100k sgd rows holding 499 questions of
+        another domain, a beam of 128 found 13-14 of the 14-15 paraphrases whose own
+        question the plain walk missed at ``ef`` 24 (``bench/rescue.py``); only the far
+        lookups pay for it, ~3x a search. A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)
 
@@ -620,18 +621,16 @@ class Index:
     def rescue_distance(self) -> float:
         """The distance past which a search's nearest result starts a rescue (see
         :attr:`rescue_beam`), in the metric's units: ``1 - cos`` under cosine, so 0.6 means
-        "nothing found at similarity 0.4 or more". Default 0.0."""
+        "nothing found at similarity 0.4 or more". Default infinity (never)."""
         return float(self._native.rescue_distance)
 
     @rescue_distance.setter
     def rescue_distance(self, value: float) -> None:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            v = math.nan
-        if math.isnan(v) or isinstance(value, bool):
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_))
+        if not ok or math.isnan(value):
             raise ValueError(f"rescue_distance must be a number, got {value!r}")
-        self._native.rescue_distance = v
+        self._native.rescue_distance = float(value)
 
     @property
     def isa(self) -> str:
@@ -725,7 +724,7 @@ class Index:
         self._native.auto_consolidate = float(state["auto_consolidate"])
         self._native.search_starts = int(state.get("search_starts", 2))
         self._native.rescue_beam = int(state.get("rescue_beam", 0))
-        self._native.rescue_distance = float(state.get("rescue_distance", 0.0))
+        self._native.rescue_distance = float(state.get("rescue_distance", math.inf))
         self._init_background()
         self.background_consolidation = bool(state.get("background_consolidation", False))
 

@@ -191,7 +191,7 @@ class index_t {
     // A search whose nearest result lies farther than rescue_distance (e.g. the walk never
     // entered a small cluster of another domain, so it stopped among unrelated rows) walks
     // level 0 again from the best nodes of a level-1 beam rescue_beam wide, and answers the
-    // better of both. 0 (the default) turns it off.
+    // merge of both. A beam of 0 (the default) turns it off; the distance defaults to never.
     static constexpr std::size_t max_rescue_beam = 4096;
     std::size_t rescue_beam() const { return rescue_beam_.load(std::memory_order_relaxed); }
     void set_rescue_beam(std::size_t width);
@@ -365,7 +365,7 @@ class index_t {
     std::atomic<bool> defer_consolidation_{false}, consolidation_due_{false};
     std::atomic<std::size_t> search_starts_{2};
     std::atomic<std::size_t> rescue_beam_{0};
-    std::atomic<float> rescue_distance_{0.0f};
+    std::atomic<float> rescue_distance_{std::numeric_limits<float>::infinity()};
 
     // --- storage
     std::atomic<chunk_t*>* chunks_ = nullptr;  // max_chunks entries, zeroed_pages

@@ -944,13 +944,13 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
     const std::size_t beam = rescue_beam();
     if (beam > want_starts && top >= 1 && !out.empty() &&
         out.front().first > rescue_distance()) {
-        // The walk stopped far from the query. On 100k sgd rows holding 500 questions of
-        // another domain, 14 of 502 paraphrases whose question is stored ended among rows at
-        // similarity 0.2-0.35 (brute force: 0.85-0.98); starting again from the best of a
-        // 128-wide level-1 beam (on the 8-bit copies) finds all but one. Only such far
-        // lookups pay for it (bench/rescue.py).
+        // The walk stopped far from the query. On 100k sgd rows holding 499 questions of
+        // another domain, 14-15 paraphrases whose own question brute force finds at
+        // similarity 0.85-0.98 ended among rows at 0.17-0.35; starting again from the best
+        // of a 128-wide level-1 beam (on the 8-bit copies) finds all but one. Only such far
+        // lookups pay for it, ~3x a search (bench/rescue.py).
         // (Tried: walking again only when the wide beam meets a node nearer than the answer
-        // saved a third of a random vector's cost and lost 2 of the 13; a beam at level 2
+        // saved a third of a random vector's cost and lost 2 of those found; a beam at level 2
         // instead, then 4-16 wide at level 1, cost a third less and lost 6 of them.)
         upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
         s.first.assign(out.begin(), out.end());
