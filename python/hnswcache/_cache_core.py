@@ -276,6 +276,7 @@ class CacheCore:
         M: int, ef_construction: int, ef_search: int, dtype: str = "float32",
         search_starts: int = 2, ttl_jitter: float = 0.0, alpha: float | None = None,
         learn_floor: float | None = None, learn_after: int = 3,
+        rescue_below: float | None = None,
     ) -> None:
         self.embedder = embedder
         self.threshold = self.check_threshold(threshold)
@@ -318,6 +319,13 @@ class CacheCore:
         if dtype not in SLACK:
             raise ValueError(f"dtype must be one of {tuple(SLACK)}, got {dtype!r}")
         self.search_starts = check_search_starts(search_starts)
+        if rescue_below is not None and (
+                isinstance(rescue_below, bool)
+                or not isinstance(rescue_below, (int, float, np.integer, np.floating))
+                or not -1.0 <= rescue_below <= 1.0):
+            raise ValueError(f"rescue_below is a cosine similarity in [-1, 1] or None, got "
+                             f"{rescue_below!r}")
+        self.rescue_below = None if rescue_below is None else float(rescue_below)
         self.dtype = dtype
         self.slack = SLACK[dtype]
         self.dim: int | None = embedder_dim(embedder) if embedder is not None else None
@@ -519,7 +527,8 @@ class CacheCore:
     def tune(self, idx: Index) -> None:
         """The runtime settings of a scope's index (new or loaded from a snapshot)."""
         idx.search_starts = self.search_starts
-        idx.rescue_beam, idx.rescue_distance = RESCUE_BEAM, 1.0 - RESCUE_BELOW
+        if self.rescue_below is not None:
+            idx.rescue_beam, idx.rescue_distance = RESCUE_BEAM, 1.0 - self.rescue_below
         # A lookup or a write must not wait for the removal of the dead.
         idx.background_consolidation = True
 
