@@ -93,7 +93,9 @@ def index_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
                               ("ef_search", args.ef_search), ("dtype", args.dtype),
                               ("search_starts", args.search_starts), ("alpha", args.alpha))
-            if v is not None}
+            if v is not None} | ({} if args.rescue_below is None else
+                                 {"rescue_below": None if args.rescue_below == "off"
+                                  else float(args.rescue_below)})
 
 
 def host_pauses(seconds: float = 2.0, at_least: float = 20e-6) -> tuple[float, list[float]]:
@@ -318,6 +320,8 @@ def main() -> None:
                     help="the replica index's storage (default: the cache's)")
     ap.add_argument("--search-starts", type=int, help="(default: the cache's)")
     ap.add_argument("--alpha", type=float, help="pruning slack of the graph (default: the cache's)")
+    ap.add_argument("--rescue-below", help="the cache's rescue_below, or 'off' (default: the "
+                    "cache's)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
