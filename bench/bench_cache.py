@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -95,7 +96,20 @@ def index_params(args: argparse.Namespace) -> dict[str, Any]:
                               ("search_starts", args.search_starts), ("alpha", args.alpha))
             if v is not None} | ({} if args.rescue_below is None else
                                  {"rescue_below": None if args.rescue_below == "off"
-                                  else float(args.rescue_below)})
+                                  else args.rescue_below})
+
+
+def rescue_below(text: str) -> float | str:
+    """``--rescue-below``: a similarity in [-1, 1], or ``"off"``."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a similarity in [-1, 1] or 'off', got {text!r}")
+    return value
 
 
 def host_pauses(seconds: float = 2.0, at_least: float = 20e-6) -> tuple[float, list[float]]:
@@ -320,8 +334,9 @@ def main() -> None:
                     help="the replica index's storage (default: the cache's)")
     ap.add_argument("--search-starts", type=int, help="(default: the cache's)")
     ap.add_argument("--alpha", type=float, help="pruning slack of the graph (default: the cache's)")
-    ap.add_argument("--rescue-below", help="the cache's rescue_below, or 'off' (default: the "
-                    "cache's)")
+    ap.add_argument("--rescue-below", type=rescue_below,
+                    help="the cache's rescue_below, or 'off' (default: the cache's; not "
+                         "for gptcache)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")

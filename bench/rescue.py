@@ -1,8 +1,7 @@
 """Does a far search's rescue (``Index.rescue_beam``) find what the plain walk misses, and
 what does it cost? One index, the rescue off and on, in one process.
 
-    python bench/rescue.py [--n 100000] [--beams 64,128,256] [--below 0.4]
-                           [--level1-below 0.25] [--passes 3]
+    python bench/rescue.py [--n 100000] [--beams 64,128,256] [--below 0.4] [--passes 3]
 
 The index is built as :class:`~hnswcache.SemanticCache` builds one (cosine, int8 rows,
 M=16, ef_construction=100, alpha 1.2, 4 starts, ef 24, in batches of 1,000) over the first
@@ -19,9 +18,6 @@ is at or above the threshold but whose search returns none at it; for ``para`` a
 ``para_hit`` (a stored question's paraphrase answered by that question) and ``other_hit``
 (a paraphrase of a question not stored answered at all); ``rescued`` = the share of
 lookups whose nearest result was below ``--below`` (similarity) and so searched again.
-Each beam is run twice: the rescue after the walk alone (``128``), and with it decided
-before the walk when the level-1 beam's nearest node is below ``--level1-below``
-(``128+early``, what the cache does: ``Index.rescue_level1_distance``).
 Latencies (µs, one query at a time) are each query's fastest of ``--passes`` passes, the
 settings alternating pass by pass, and over every call.
 """
@@ -67,8 +63,6 @@ def main() -> None:
     ap.add_argument("--beams", default="64,128,256")
     ap.add_argument("--below", type=float, default=0.4,
                     help="rescue a search whose nearest result has a lower similarity")
-    ap.add_argument("--level1-below", type=float, default=0.25,
-                    help="widen before the walk when level 1's nearest node is below this")
     ap.add_argument("--passes", type=int, default=3)
     args = ap.parse_args()
     t = DEFAULT_THRESHOLD
@@ -95,28 +89,23 @@ def main() -> None:
     rng = np.random.default_rng(1)
     sets = {"sgd": unit(np.load(DATA / "sgd" / "queries.npy")), "para": pp,
             "random": unit(rng.standard_normal((1000, vecs.shape[1])))}
-    beams = [int(b) for b in args.beams.split(",")]
-    configs = [(0, False)] + [(b, False) for b in beams] + [(b, True) for b in beams]
-    print(f"{'set':>6} {'beam':>10} {'lost':>5} {'para_hit':>8} {'other_hit':>9} "
+    configs = [0] + [int(b) for b in args.beams.split(",")]
+    print(f"{'set':>6} {'beam':>5} {'lost':>5} {'para_hit':>8} {'other_hit':>9} "
           f"{'rescued':>7} {'p50':>7} {'p99':>7} {'p99 fastest':>11}")
     for name, q in sets.items():
         true_sim = (q @ vecs.T).max(axis=1)
-        results: dict[tuple[int, bool], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
-            c: [] for c in configs}
+        results: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+            b: [] for b in configs}
         for _ in range(args.passes):
-            for c in configs:  # alternating, so a noisy minute hits every setting alike
-                b, early = c
+            for b in configs:  # alternating, so a noisy minute hits every setting alike
                 idx.rescue_beam = b
                 idx.rescue_distance = 1.0 - args.below
-                idx.rescue_level1_distance = 1.0 - args.level1_below if early else np.inf
-                results[c].append(run(idx, q))
-        plain_sim = 1.0 - results[(0, False)][0][1]
-        for c in configs:
-            b = c[0]
-            tag = f"{b}+early" if c[1] else str(b)
-            best, dist, _ = results[c][0]
-            lat_all = np.concatenate([r[2] for r in results[c]])
-            fastest = np.min(np.stack([r[2] for r in results[c]]), axis=0)
+                results[b].append(run(idx, q))
+        plain_sim = 1.0 - results[0][0][1]
+        for b in configs:
+            best, dist, _ = results[b][0]
+            lat_all = np.concatenate([r[2] for r in results[b]])
+            fastest = np.min(np.stack([r[2] for r in results[b]]), axis=0)
             # exact similarity of the best candidate (the index's are on 8-bit rows)
             sim = np.array([float(vecs[row_of[int(lab)]] @ q[i]) if lab >= 0 else -1.0
                             for i, lab in enumerate(best)])
@@ -128,10 +117,8 @@ def main() -> None:
                 own = offset + np.arange(len(q))
                 extra = (f"{(hit & stored & (best == own)).sum() / half:.4f}",
                          f"{(hit & ~stored).sum() / (len(q) - half):.4f}")
-            # (early rows: how many were widened at level 1 is not visible from here)
-            rescued = (f"{float((plain_sim < args.below).mean()):.3f}" if b and not c[1]
-                       else "-" if b else "0.000")
-            print(f"{name:>6} {tag:>10} {lost:>5} {extra[0]:>8} {extra[1]:>9} {rescued:>7} "
+            rescued = float((plain_sim < args.below).mean()) if b else 0.0
+            print(f"{name:>6} {b:>5} {lost:>5} {extra[0]:>8} {extra[1]:>9} {rescued:>7.3f} "
                   f"{np.percentile(lat_all, 50):>7.1f} {np.percentile(lat_all, 99):>7.1f} "
                   f"{np.percentile(fastest, 99):>11.1f}")
         print(f"{name:>6} brute: {int((true_sim >= t).sum())} lookups at or above the "

@@ -493,7 +493,5 @@ PYBIND11_MODULE(_core, m) {
         .def_property("rescue_beam", &index_t::rescue_beam, &index_t::set_rescue_beam)
         .def_property("rescue_distance", &index_t::rescue_distance,
                       &index_t::set_rescue_distance)
-        .def_property("rescue_level1_distance", &index_t::rescue_level1_distance,
-                      &index_t::set_rescue_level1_distance)
         .def_property_readonly("isa", [](const index_t& s) { return std::string(s.isa()); });
 }

@@ -72,15 +72,10 @@ SLACK = {"float32": 1e-4, "float16": 1e-3, "int8": 0.02}
 #: beam RESCUE_BEAM wide (``Index.rescue_beam``): the walk may have missed a small cluster
 #: of another domain. Among 100k sgd rows holding 499 questions, 14-15 paraphrases whose own
 #: question brute force finds were missed at ef 24 and 1 with the rescue; far lookups (8 %
-#: of the paraphrases, every random vector, no sgd request) take ~2.4x as long
+#: of the paraphrases, every random vector, no sgd request) take ~3x as long
 #: (``bench/rescue.py``).
 RESCUE_BELOW = 0.4
 RESCUE_BEAM = 128
-#: ... and decided before the level-0 walk (one walk, not two) when the level-1 beam's
-#: nearest node is this much farther below (``Index.rescue_level1_distance``): at 0.15
-#: (0.25 for the default) no sgd request was widened, the same paraphrases were found and a
-#: random vector's search took 133 µs instead of 176.
-RESCUE_LEVEL1_MARGIN = 0.15
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
@@ -534,7 +529,6 @@ class CacheCore:
         idx.search_starts = self.search_starts
         if self.rescue_below is not None:
             idx.rescue_beam, idx.rescue_distance = RESCUE_BEAM, 1.0 - self.rescue_below
-            idx.rescue_level1_distance = 1.0 - (self.rescue_below - RESCUE_LEVEL1_MARGIN)
         # A lookup or a write must not wait for the removal of the dead.
         idx.background_consolidation = True
 

@@ -92,6 +92,5 @@ class Index:
     search_starts: int
     rescue_beam: int
     rescue_distance: float
-    rescue_level1_distance: float
     @property
     def isa(self) -> str: ...

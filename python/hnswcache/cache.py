@@ -772,7 +772,7 @@ class SemanticCache(_Base):
             a few entries of a rare topic among many of another. Default 0.4: rare-topic
             paraphrases among 100k rows are answered in 85.0% of cases instead of 82.4%
             (brute force 85.2%), no in-domain lookup is slowed, and a lookup with nothing
-            near it (a miss) takes ~2.4x as long in the index, ~90 µs more at 100k entries
+            near it (a miss) takes ~3x as long in the index, ~125 µs more at 100k entries
             (``bench/rescue.py``). ``None`` turns it off.
     """
 

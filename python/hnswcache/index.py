@@ -55,15 +55,6 @@ def check_search_starts(value: Any) -> int:
 _F32 = np.dtype(np.float32)
 
 
-def _distance(value: Any, name: str) -> float:
-    """``value`` as a distance setting: a real number, not NaN (infinity: never)."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_))
-    if not ok or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
 def _threads(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _SIZE_MAX:
         raise ValueError(f"num_threads must be an integer >= 0 (0 = all cores), got {n!r}")
@@ -615,8 +606,7 @@ class Index:
         both walks (never worse than the first). On 100k sgd rows holding 499 questions of
         another domain, a beam of 128 found 13-14 of the 14-15 paraphrases whose own
         question the plain walk missed at ``ef`` 24 (``bench/rescue.py``); only the far
-        lookups pay for it, ~3x a search (~2.4x with :attr:`rescue_level1_distance`).
-        A runtime setting: not saved with the index.
+        lookups pay for it, ~3x a search. A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)
 
@@ -636,22 +626,15 @@ class Index:
 
     @rescue_distance.setter
     def rescue_distance(self, value: float) -> None:
-        self._native.rescue_distance = _distance(value, "rescue_distance")
-
-    @property
-    def rescue_level1_distance(self) -> float:
-        """The rescue decided before the level-0 walk (see :attr:`rescue_beam`): when the
-        level-1 beam's nearest node lies farther than this, the beam is widened at once and
-        level 0 walked once, from its best nodes, with no rescue after it. Level-1 nodes
-        are a sample (1 in ``M``), so this bound sits farther out than
-        :attr:`rescue_distance`: the cache uses 0.75 beside 0.6, which widened no sgd
-        request, found the same paraphrases and cut a random vector's search from 176 to
-        133 µs (``bench/rescue.py``). Default infinity (never)."""
-        return float(self._native.rescue_level1_distance)
-
-    @rescue_level1_distance.setter
-    def rescue_level1_distance(self, value: float) -> None:
-        self._native.rescue_level1_distance = _distance(value, "rescue_level1_distance")
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_))
+        try:
+            v = float(value) if ok else math.nan
+        except OverflowError:  # (an int past float's range: 10**400)
+            v = math.nan
+        if math.isnan(v):
+            raise ValueError(f"rescue_distance must be a number, got {value!r}")
+        self._native.rescue_distance = v
 
     @property
     def isa(self) -> str:
@@ -734,7 +717,6 @@ class Index:
                  "search_starts": self._native.search_starts,
                  "rescue_beam": self._native.rescue_beam,
                  "rescue_distance": self._native.rescue_distance,
-                 "rescue_level1_distance": self._native.rescue_level1_distance,
                  "background_consolidation": self.background_consolidation}
         if self._clock is not time.time:
             state["clock"] = self._clock
@@ -747,8 +729,6 @@ class Index:
         self._native.search_starts = int(state.get("search_starts", 2))
         self._native.rescue_beam = int(state.get("rescue_beam", 0))
         self._native.rescue_distance = float(state.get("rescue_distance", math.inf))
-        self._native.rescue_level1_distance = float(
-            state.get("rescue_level1_distance", math.inf))
         self._init_background()
         self.background_consolidation = bool(state.get("background_consolidation", False))
 

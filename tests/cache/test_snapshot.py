@@ -114,7 +114,6 @@ def test_expired_while_down_never_answers(valkey_server, ns, paraphrases, tmp_pa
     for idx in (loaded, *a._core.indexes.values()):
         assert (idx.search_starts, idx.rescue_beam, idx.background_consolidation) == (4, 128, True)
         assert idx.rescue_distance == pytest.approx(0.6)
-        assert idx.rescue_level1_distance == pytest.approx(0.75)
     b.close()
 
 

@@ -197,13 +197,6 @@ class index_t {
     void set_rescue_beam(std::size_t width);
     float rescue_distance() const { return rescue_distance_.load(std::memory_order_relaxed); }
     void set_rescue_distance(float d);
-    // The same rescue decided before the level-0 walk: when the level-1 beam's nearest node
-    // lies farther than this, the beam is widened at once and level 0 walked only once from
-    // its best nodes (a far query then pays one walk, not two). Infinity (default): never.
-    float rescue_level1_distance() const {
-        return rescue_level1_distance_.load(std::memory_order_relaxed);
-    }
-    void set_rescue_level1_distance(float d);
     double auto_consolidate() const { return auto_consolidate_.load(std::memory_order_relaxed); }
     void set_auto_consolidate(double fraction);
     // Deferred: an add that finds the dead share past auto_consolidate does not run the
@@ -373,7 +366,6 @@ class index_t {
     std::atomic<std::size_t> search_starts_{2};
     std::atomic<std::size_t> rescue_beam_{0};
     std::atomic<float> rescue_distance_{std::numeric_limits<float>::infinity()};
-    std::atomic<float> rescue_level1_distance_{std::numeric_limits<float>::infinity()};
 
     // --- storage
     std::atomic<chunk_t*>* chunks_ = nullptr;  // max_chunks entries, zeroed_pages

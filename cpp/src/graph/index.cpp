@@ -118,11 +118,6 @@ void index_t::set_rescue_distance(float d) {
     rescue_distance_.store(d);
 }
 
-void index_t::set_rescue_level1_distance(float d) {
-    if (std::isnan(d)) throw std::invalid_argument("rescue_level1_distance must not be NaN");
-    rescue_level1_distance_.store(d);
-}
-
 void index_t::set_auto_consolidate(double fraction) {
     if (!(fraction >= 0.0 && fraction <= 1.0))
         throw std::invalid_argument("auto_consolidate must be in [0, 1] (0 = off)");
@@ -923,21 +918,10 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
     slot_t starts[max_search_starts] = {cur};
     std::size_t n_starts = 1;
     float qnorm2 = 0.0f;
-    const std::size_t beam = rescue_beam();
-    bool widened = false;
     if (top >= 1) {
         greedy_descent(q, cur, top, 1);
         qnorm2 = query_norm2(q);
         upper_beam(q, qnorm2, cur, want_starts, 1, s, s.prune);
-        if (beam > want_starts && !s.prune.empty() &&
-            s.prune.front().first > rescue_level1_distance()) {
-            // Far already at level 1 (see the rescue below): widen now and walk once. On
-            // 100k sgd rows with the cache's bounds a random vector's search took 133 µs
-            // instead of 176 with the rescue after the walk alone, as many paraphrases
-            // found, no sgd request widened (bench/rescue.py).
-            upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
-            widened = true;
-        }
         n_starts = 0;
         for (const auto& nb : s.prune)
             if (n_starts < want_starts) starts[n_starts++] = nb.second;
@@ -957,7 +941,8 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         return;
     }
     rerank(q, out, k);
-    if (!widened && beam > want_starts && top >= 1 && !out.empty() &&
+    const std::size_t beam = rescue_beam();
+    if (beam > want_starts && top >= 1 && !out.empty() &&
         out.front().first > rescue_distance()) {
         // The walk stopped far from the query. On 100k sgd rows holding 499 questions of
         // another domain, 14-15 paraphrases whose own question brute force finds at
