@@ -654,3 +654,34 @@ def test_lookup_says_the_given_embedding_it_searched_with(ns: str) -> None:
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_no_lookup_repairs_the_replica_while_an_insert_runs_in_a_worker_thread(ns: str) -> None:
+    """While a snapshot is written the async cache inserts into its replica in a worker
+    thread; a lookup on the loop's thread must not repair the replica meanwhile (its
+    changes are not yet counted: ``CacheCore.gen``). The guard, held open in that thread."""
+    import threading
+
+    async def run() -> None:
+        cache = AsyncSemanticCache(HashEmbedder(16), store="memory", namespace=ns)
+        await cache.set("a question", "an answer")
+        core = cache._core
+        gen = core.gen
+        assert core.repairable((12345,), gen)  # nothing changed since: a repair may go on
+        started, release = threading.Event(), threading.Event()
+
+        def slow_insert() -> None:
+            started.set()
+            release.wait(10)
+
+        cache._saving = True  # (as while a snapshot is written)
+        task = asyncio.create_task(cache._insert(slow_insert))
+        assert await asyncio.to_thread(started.wait, 10)
+        assert core.offloaded == 1 and not core.repairable((12345,), gen)
+        release.set()
+        await task
+        cache._saving = False
+        assert core.offloaded == 0 and core.repairable((12345,), gen)
+        await cache.close()
+
+    asyncio.run(run())
