@@ -439,6 +439,60 @@ def test_an_eviction_finished_by_another_process_meanwhile_is_not_done_twice(
     assert len(list(r.scan_iter(k["entry"] + "*"))) == 4 and r.zcard(k["lru"]) == 4
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_eviction_goes_through_while_other_writers_keep_adding(
+    valkey_server: EmbeddedServer, ns: str, kind: str
+) -> None:
+    # Under WATCH an eviction required the entry count to be the one it had read, so with
+    # writers adding all the time it lost its three rounds and left the store above
+    # max_entries until the writes stopped (a peak of 162-176 for 100 with 72-96 writing
+    # threads). New entries are the newest: they do not change which are the oldest.
+    from hnswcache.store.redis import AsyncRedisStore
+
+    url = valkey_server.url
+    r = redis.Redis.from_url(url)
+    k = keys_for(ns)
+    cache = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    keys = []
+    for i in range(6):
+        keys.append(cache.set(f"question number {i}", f"a{i}"))
+        time.sleep(0.005)
+    writer = SemanticCache(HashEmbedder(32), store=url, namespace=ns)
+    added = []
+
+    def write() -> None:  # another process's write, between each round's choice and WATCH
+        time.sleep(0.005)
+        added.append(writer.set(f"a newer question {len(added)}", "n"))
+
+    class Busy(RedisStore):
+        def victim_keys(self, members: Any) -> list[str]:
+            write()
+            return super().victim_keys(members)
+
+    class AsyncBusy(AsyncRedisStore):
+        def victim_keys(self, members: Any) -> list[str]:
+            write()
+            return super().victim_keys(members)
+
+    if kind == "sync":
+        evicted, _ = Busy(redis.Redis.from_url(url), namespace=ns).evict(4, time.time())
+    else:
+        import redis.asyncio as aredis
+
+        async def run() -> list[int]:
+            client = aredis.Redis.from_url(url)
+            try:
+                return (await AsyncBusy(client, namespace=ns).evict(4, time.time()))[0]
+            finally:
+                await client.aclose()
+
+        evicted = asyncio.run(run())
+    assert len(added) >= 1
+    assert sorted(f"{i:016x}" for i in evicted) == sorted(keys[:2])  # the two oldest
+    left = {key.decode()[len(k["entry"]):] for key in r.scan_iter(k["entry"] + "*")}
+    assert left == set(keys[2:]) | set(added)
+
+
 def test_a_refresh_the_server_refuses_for_a_while_is_counted_and_kept(
     valkey_server: EmbeddedServer, ns: str, clock: FakeClock
 ) -> None:
