@@ -445,8 +445,9 @@ def test_an_eviction_goes_through_while_other_writers_keep_adding(
 ) -> None:
     # Under WATCH an eviction required the entry count to be the one it had read, so with
     # writers adding all the time it lost its three rounds and left the store above
-    # max_entries until the writes stopped (a peak of 162-176 for 100 with 72-96 writing
-    # threads). New entries are the newest: they do not change which are the oldest.
+    # max_entries until the writes stopped (a peak of 316-477 for 100 with 3 processes x 24
+    # writing threads, bench/evict_peak.py). New entries are the newest: they do not change
+    # which are the oldest.
     from hnswcache.store.redis import AsyncRedisStore
 
     url = valkey_server.url

@@ -1232,8 +1232,9 @@ class RedisStore(_Layout):
                         # Both again under WATCH: another eviction may have finished between
                         # the reads above (its victims are gone, ours would be extra). More
                         # entries than read is fine: new writes are the newest, not victims
-                        # (requiring the same count lost every round to busy writers: 162-176
-                        # entries held for max_entries=100 with 72-96 writing threads).
+                        # (requiring the same count lost every round to busy writers: 316-477
+                        # entries held for max_entries=100 by 3 processes x 24 writing threads,
+                        # bench/evict_peak.py; 121-140 since).
                         again = pipe.zrange(self.k_lru, 0, over - 1)
                         if (int(pipe.zcard(self.k_lru)) - max_entries < over
                                 or not self.still_oldest(first, again)):
