@@ -685,3 +685,45 @@ def test_no_lookup_repairs_the_replica_while_an_insert_runs_in_a_worker_thread(n
         await cache.close()
 
     asyncio.run(run())
+
+
+def test_clear_s_re_read_does_not_bring_back_an_entry_deleted_meanwhile(
+        valkey_server: EmbeddedServer, ns: str) -> None:
+    """clear() reads again what its pass left in the replica (entries written meanwhile);
+    an entry deleted while that read was under way stays out of the replica (the read
+    is a repair, guarded as lookups' are: ``CacheCore.gen``). Unguarded, it came back."""
+    async def run() -> None:
+        scope = {"t": "a"}
+        cache = AsyncSemanticCache(HashEmbedder(32), store=valkey_server.url, namespace=ns)
+        await cache.set("question a", "a", scope=scope)
+        real_clear, real_fetch = cache.store.clear, cache.store.fetch
+        entered, release, keys = asyncio.Event(), asyncio.Event(), []
+
+        async def held_fetch(ids: Any) -> Any:  # the re-read, held once it has read
+            cache.store.fetch = real_fetch  # type: ignore[method-assign]
+            out = await real_fetch(ids)
+            entered.set()
+            await release.wait()
+            return out
+
+        async def clear_then_write(sid: Any) -> Any:  # a write right after the pass
+            res = await real_clear(sid)
+            keys.append(await cache.set("question y", "y", scope=scope))
+            cache.store.fetch = held_fetch  # type: ignore[method-assign]
+            return res
+
+        cache.store.clear = clear_then_write  # type: ignore[method-assign]
+        task = asyncio.create_task(cache.clear(scope))
+        await asyncio.wait_for(entered.wait(), 10)
+        eid = int(keys[0], 16)
+        assert eid in cache._core.where
+        assert await cache.delete(keys[0])
+        assert eid not in cache._core.where
+        release.set()
+        await task
+        assert eid not in cache._core.where
+        assert cache._core.held_in(None) == []
+        assert await cache.get("question y", scope=scope) is None
+        await cache.close()
+
+    asyncio.run(run())
