@@ -91,12 +91,13 @@ def pct(lat: list[float]) -> tuple[float, float, float]:
 
 def index_params(args: argparse.Namespace) -> dict[str, Any]:
     """The HNSW parameters given on the command line (the cache's defaults otherwise)."""
-    return {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
-                              ("ef_search", args.ef_search), ("dtype", args.dtype),
-                              ("search_starts", args.search_starts), ("alpha", args.alpha))
-            if v is not None} | ({} if args.rescue_below is None else
-                                 {"rescue_below": None if args.rescue_below == "off"
-                                  else args.rescue_below})
+    params = {k: v for k, v in (("M", args.M), ("ef_construction", args.ef_construction),
+                                ("ef_search", args.ef_search), ("dtype", args.dtype),
+                                ("search_starts", args.search_starts), ("alpha", args.alpha))
+              if v is not None}
+    if args.rescue_below is not None:  # ("off": None, the rescue turned off)
+        params["rescue_below"] = None if args.rescue_below == "off" else args.rescue_below
+    return params
 
 
 def rescue_below(text: str) -> float | str:

@@ -38,11 +38,23 @@ from hnswcache.index import Index
 log = logging.getLogger("cache_ef")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 K = 4  # SemanticCache(candidates=4)
+OFFSET = 10 ** 9  # the label of paraphrase question i is OFFSET + i
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def among(base: np.ndarray, questions: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``base`` plus the first half of ``questions`` (question i labelled ``OFFSET + i``;
+    base rows keep their row number), and an insertion order that spreads the questions
+    through the build: ``(vectors, labels, order, half)``."""
+    half = len(questions) // 2
+    vecs = np.concatenate([base, questions[:half]])
+    labels = np.concatenate([np.arange(len(base)), OFFSET + np.arange(half)]).astype(np.int64)
+    return vecs, labels, np.random.default_rng(0).permutation(len(vecs)), half
 
 
 def build(vectors: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> Index:
@@ -136,13 +148,9 @@ def main() -> None:
 
     pq = unit(np.load(DATA / "paraphrases" / "q.npy"))
     pp = unit(np.load(DATA / "paraphrases" / "paraphrase.npy"))
-    half = len(pq) // 2
-    offset = 10 ** 9  # question i is label offset + i; sgd rows keep their row number
-    vecs = np.concatenate([base, pq[:half]])
-    labels = np.concatenate([np.arange(len(base)), offset + np.arange(half)]).astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(vecs))  # questions spread through the build
+    vecs, labels, perm, half = among(base, pq)
     stored = np.arange(len(pp)) < half
-    own = offset + np.arange(len(pp))
+    own = OFFSET + np.arange(len(pp))
 
     def row(name: str, best: np.ndarray, sim: np.ndarray) -> None:
         hit = sim >= t

@@ -26,20 +26,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
+from cache_ef import DATA, OFFSET, K, among, unit  # (bench/ is this script's folder)
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.index import Index
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-K = 4  # SemanticCache(candidates=4)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def run(idx: Index, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,11 +62,7 @@ def main() -> None:
     base = unit(np.load(DATA / "sgd" / "base_f16.npy", mmap_mode="r")[: args.n])
     pq = unit(np.load(DATA / "paraphrases" / "q.npy"))
     pp = unit(np.load(DATA / "paraphrases" / "paraphrase.npy"))
-    half = len(pq) // 2
-    offset = 10 ** 9  # question i is label offset + i; sgd rows keep their row number
-    vecs = np.concatenate([base, pq[:half]])
-    labels = np.concatenate([np.arange(len(base)), offset + np.arange(half)]).astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(vecs))
+    vecs, labels, perm, half = among(base, pq)
     idx = Index(vecs.shape[1], metric="cosine", M=16, ef_construction=100, ef_search=24,
                 dtype="int8", alpha=1.2)
     idx.search_starts = 4
@@ -114,7 +102,7 @@ def main() -> None:
             extra = ("", "")
             if name == "para":
                 stored = np.arange(len(q)) < half
-                own = offset + np.arange(len(q))
+                own = OFFSET + np.arange(len(q))
                 extra = (f"{(hit & stored & (best == own)).sum() / half:.4f}",
                          f"{(hit & ~stored).sum() / (len(q) - half):.4f}")
             rescued = float((plain_sim < args.below).mean()) if b else 0.0

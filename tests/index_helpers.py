@@ -39,6 +39,26 @@ def clustered(n: int, dim: int, *, clusters: int = 50, seed: int = 0) -> np.ndar
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def rare_topic(n: int, half: int = 499):
+    """A rare topic among many rows (real all-MiniLM-L6-v2 vectors, unit length): the
+    first ``n`` sgd requests, then the first ``half`` paraphrase questions (rows ``n`` to
+    ``n + half - 1``). Returns ``(rows, order, asked, findable)``: an insertion order that
+    spreads the questions through the build, each question's paraphrase, and where brute
+    force answers that paraphrase with its own question at the cache's threshold (0.85)."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base = unit(np.load(SHARED / "sgd" / "base_f16.npy", mmap_mode="r")[:n])
+    questions = unit(np.load(SHARED / "paraphrases" / "q.npy")[:half])
+    asked = unit(np.load(SHARED / "paraphrases" / "paraphrase.npy")[:half])
+    rows = np.concatenate([base, questions])
+    order = np.random.default_rng(0).permutation(len(rows))
+    exact = asked @ rows.T
+    findable = (exact.max(axis=1) >= 0.85) & (exact.argmax(axis=1) == n + np.arange(half))
+    return rows, order, asked, findable
+
+
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine"):
     """Exact k nearest rows of base (indices, distances) under the index's distance."""
     if metric == "l2":

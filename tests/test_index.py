@@ -12,7 +12,7 @@ import pytest
 
 import hnswcache
 from hnswcache import Index
-from index_helpers import brute_force, clustered, recall, run_python
+from index_helpers import brute_force, clustered, rare_topic, recall, run_python
 
 _PREFIX = 8 + 8 + 12 * 8 + 8  # bytes before the slots: magic, version, header, alpha
 
@@ -1257,25 +1257,13 @@ def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
     # walk at ef 24 ends among unrelated rows for about 20 of them; the rescue (a search
     # whose nearest result is below similarity 0.4 starts again from a 128-wide level-1
     # beam) finds most of those.
-    from index_helpers import SHARED
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
     n, half = 30_000, 499
-    base = unit(np.load(SHARED / "sgd" / "base_f16.npy", mmap_mode="r")[:n])
-    questions = unit(np.load(SHARED / "paraphrases" / "q.npy")[:half])
-    asked = unit(np.load(SHARED / "paraphrases" / "paraphrase.npy")[:half])
-    x = np.concatenate([base, questions])
-    order = np.random.default_rng(0).permutation(len(x))
+    x, order, asked, findable = rare_topic(n, half)
     idx = Index(384, M=16, ef_construction=100, ef_search=24, dtype="int8", alpha=1.2, seed=1)
     idx.search_starts = 4
     for s in range(0, len(x), 1000):
         idx.add(x[order[s:s + 1000]], order[s:s + 1000], num_threads=1)
     own = n + np.arange(half)
-    exact = asked @ x.T
-    findable = (exact.max(axis=1) >= 0.85) & (exact.argmax(axis=1) == own)
     assert idx.rescue_beam == 0  # off unless asked for
     assert idx.rescue_distance == float("inf")
     plain_labels, plain_dist = idx.search(asked, k=4, num_threads=1)

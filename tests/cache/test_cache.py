@@ -909,25 +909,13 @@ def test_a_rare_topic_among_many_rows_is_found_by_the_rescue() -> None:
     """499 questions stored among 30k sgd requests (real all-MiniLM-L6-v2 rows): asked
     their paraphrases, the cache answers as many with its own question as brute force
     finds, where its plain walk missed 6-7 (the walk ended among unrelated rows)."""
-    from .cache_helpers import ROOT
-
-    data = ROOT.parent / "shared" / "data"
-
-    def unit(x: Any) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    from index_helpers import rare_topic
 
     n, half = 30_000, 499
-    base = unit(np.load(data / "sgd" / "base_f16.npy", mmap_mode="r")[:n])
-    questions = unit(np.load(data / "paraphrases" / "q.npy")[:half])
-    asked = unit(np.load(data / "paraphrases" / "paraphrase.npy")[:half])
+    x, order, asked, found_by_brute_force = rare_topic(n, half)
+    findable = int(found_by_brute_force.sum())
     rows = [(f"sgd row {i}", f"sgd {i}") for i in range(n)]
     rows += [(f"question {i}", f"answer {i}") for i in range(half)]
-    x = np.concatenate([base, questions])
-    order = np.random.default_rng(0).permutation(len(x))
-    exact = asked @ x.T
-    findable = int(((exact.max(axis=1) >= DEFAULT_THRESHOLD)
-                    & (exact.argmax(axis=1) == n + np.arange(half))).sum())
     answered = {}
     for rescue in (None, 0.4):
         cache = SemanticCache(HashEmbedder(384), store="memory", rescue_below=rescue)
