@@ -224,7 +224,7 @@ class Stats:
              "expiries", "evictions", "store_errors", "embed_errors", "invalid_entries",
              "sync_events", "resyncs", "coalesced", "too_old", "near_misses",
              "snapshots_saved", "verdicts_right", "verdicts_wrong", "verdicts_lost",
-             "hits_learned", "audits", "exact_only"), 0)
+             "hits_learned", "audits", "exact_only", "unanswered"), 0)
         # Nearest similarity of semantic misses, in buckets of _MISS_BUCKET from 0 (below 0
         # counts in the first).
         self.miss_sims = np.zeros(_MISS_BUCKETS, dtype=np.int64)

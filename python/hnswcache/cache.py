@@ -502,9 +502,10 @@ class _Base:
     def stats(self) -> dict[str, Any]:
         """Counters (hits per tier, misses, hit rate, sets, expiries, evictions, store and
         embedder errors, invalid entries seen, ``@cached`` calls saved by coalescing, matches
-        refused by a read's ``max_age``) and lookup latency percentiles (µs, over the last
-        10,000 lookups). ``warm_start`` says how the replica was last loaded: ``source``
-        (``"snapshot"`` or ``"store"``), ``seconds``, ``entries``, and
+        refused by a read's ``max_age``; ``lookups`` = hits + misses + ``unanswered``, the
+        prompts of calls that raised or were cancelled) and lookup latency percentiles (µs,
+        over the last 10,000 lookups). ``warm_start`` says how the replica was last loaded:
+        ``source`` (``"snapshot"`` or ``"store"``), ``seconds``, ``entries``, and
         ``snapshot_skipped`` (why a snapshot in ``snapshot_dir`` was not used)."""
         out = self._core.stats.snapshot(self._core.size())
         out["warm_start"] = dict(self._warm)
@@ -1272,6 +1273,11 @@ class SemanticCache(_Base):
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
             return self._misses(out)
+        except BaseException:
+            # (a strict failure, a wrong dimension, a cancellation: its unanswered prompts
+            # keep lookups == hits + misses + unanswered)
+            c.stats.add("unanswered", out.count(None))
+            raise
         finally:
             c.stats.lookup_time.add(time.perf_counter() - t0)
 
@@ -2398,6 +2404,11 @@ class AsyncSemanticCache(_Base):
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
             return self._misses(out)
+        except BaseException:
+            # (a strict failure, a wrong dimension, a cancellation: its unanswered prompts
+            # keep lookups == hits + misses + unanswered)
+            c.stats.add("unanswered", out.count(None))
+            raise
         finally:
             c.stats.lookup_time.add(time.perf_counter() - t0)
 

@@ -26,6 +26,8 @@ _PREFIX = "hnswcache_"
 _COUNTERS = {
     "lookups": ("lookups", "Prompts looked up (get, get_many, lookup, @cached)."),
     "misses": ("misses", "Lookups that found no answer."),
+    "unanswered": ("unanswered", "Lookups whose call raised or was cancelled before "
+                   "answering them (not hits, not misses)."),
     "sets": ("sets", "Entries written."),
     "deletes": ("deletes", "Entries deleted by delete()."),
     "expiries": ("expiries", "Expired entries an exact lookup found (each written version "

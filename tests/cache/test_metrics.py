@@ -7,6 +7,7 @@ import asyncio
 import math
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,3 +155,58 @@ def test_the_histogram_counts_a_similarity_on_a_bound_at_that_bound(ns: str) -> 
     assert len(buckets) == 20
     for le, n in buckets:
         assert n == sum(s <= le for s in sims), (le, n)
+
+
+def _balance(st: dict[str, Any]) -> tuple[int, int]:
+    return st["lookups"], st["hits"] + st["misses"] + st["unanswered"]
+
+
+def test_lookups_that_raise_count_as_unanswered() -> None:
+    """A lookup that raised (here a strict embedder failure) answered nothing; it was
+    counted in ``lookups`` and in neither ``hits`` nor ``misses``, so dashboards could not
+    reconcile the three. It counts in ``unanswered``. A call refused for its arguments (a
+    wrong dimension) is no lookup at all."""
+    def broken(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("embedding service down")
+
+    cache = SemanticCache(broken, store="memory", strict=True)
+    cache.set("a question", "an answer", embedding=HashEmbedder(32)(["a question"])[0])
+    assert cache.get("a question") is not None  # exact: no embedding needed
+    with pytest.raises(RuntimeError, match="service down"):
+        cache.get_many(["a question", "another question", "a third"])
+    with pytest.raises(ValueError, match="dimension"):
+        cache.get("something else", embedding=np.ones(7, dtype=np.float32))
+    st = cache.stats()
+    assert st["hits_exact"] == 2 and st["misses"] == 0
+    assert st["unanswered"] == 2 and _balance(st) == (4, 4)
+    text = prometheus_text(cache)
+    assert samples(text)[("hnswcache_unanswered_total", (("namespace", "default"),))] == 2
+
+
+def test_a_cancelled_async_lookup_counts_its_unanswered_prompts() -> None:
+    """A get_many cancelled while it embeds counted its exact hit and never its other
+    prompt: lookups exceeded hits + misses for good. That prompt is now unanswered."""
+    started, release = threading.Event(), threading.Event()
+    emb = HashEmbedder(32)
+
+    def slow(texts: list[str]) -> np.ndarray:
+        started.set()
+        release.wait(10)
+        return emb(texts)
+
+    async def run() -> dict[str, Any]:
+        cache = AsyncSemanticCache(slow, store="memory")
+        await cache.set("a question", "an answer", embedding=emb(["a question"])[0])
+        task = asyncio.create_task(cache.get_many(["a question", "a new question"]))
+        assert await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        st = cache.stats()
+        await cache.close()
+        return st
+
+    st = asyncio.run(run())
+    assert st["hits_exact"] == 1 and st["misses"] == 0 and st["unanswered"] == 1
+    assert _balance(st) == (2, 2)
