@@ -740,7 +740,7 @@ class SemanticCache(_Base):
             exact search at 100k entries (as ef 32 did with ``alpha=1``, at the same cost)
             and, with the rescue below, 85.0% of rare-topic paraphrases (brute force:
             85.2%; 82.4% without it, and ef 32 83.6%: ``bench/cache_ef.py``,
-            ``bench/rescue.py``, ``docs/cache.md``).
+            ``bench/rescue.py``, ``docs/cache-history.md``).
         search_starts: level-0 starting points of each search (``Index.search_starts``;
             default 4: with ``alpha=1.2`` 8 find no more hits and cost ~8% more search
             time, 2 lose 3 more of the 697 sgd hits).
