@@ -1449,12 +1449,12 @@ class SemanticCache(_Base):
             c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
+        c.stats.add("sets", len(recs))  # (stored: counted even if the local apply is cut)
         with self._lock:
             if not c.applied_past(res.log_positions):
                 c.remember_own(res.log_positions, [r.id for r in recs])
                 c.add_records(recs)
         self._maybe_snapshot()
-        c.stats.add("sets", len(recs))
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:
             logged: list[tuple[str, Sequence[int]]] = []
@@ -2573,11 +2573,13 @@ class AsyncSemanticCache(_Base):
             c.put_back_touches(touch)
             c.failed("set", exc)
             return keys
+        # Stored: counted now, as a set cancelled while it waits for the lock below is in
+        # the store all the same (its own log event brings it into the replica later).
+        c.stats.add("sets", len(recs))
         async with self._lock:  # (as the sync cache: not amid a log batch's apply)
             if not c.applied_past(res.log_positions):
                 c.remember_own(res.log_positions, [r.id for r in recs])
                 await self._insert(c.add_records, recs)
-        c.stats.add("sets", len(recs))
         self._maybe_snapshot()
         if (c.max_entries is not None and res.count > c.max_entries) or \
                 res.expired_pending >= _HOUSEKEEP_EXPIRED:

@@ -210,3 +210,37 @@ def test_a_cancelled_async_lookup_counts_its_unanswered_prompts() -> None:
     st = asyncio.run(run())
     assert st["hits_exact"] == 1 and st["misses"] == 0 and st["unanswered"] == 1
     assert _balance(st) == (2, 2)
+
+
+def test_a_set_cancelled_after_its_store_write_is_counted() -> None:
+    """A set cancelled between the store's write and its local apply (waiting for the
+    cache's lock) was in the store, and read back by every process, but not in
+    ``sets``. It is counted once written; the replica gets it from the change log."""
+    async def run() -> tuple[dict[str, Any], int, Any]:
+        cache = AsyncSemanticCache(HashEmbedder(32), store="memory")
+        await cache.set("warm", "up")
+        written = asyncio.Event()
+        real_write = cache.store.write
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            res = await real_write(*args, **kwargs)
+            written.set()
+            return res
+
+        cache.store.write = write  # type: ignore[method-assign]
+        async with cache._lock:  # (a log apply holding it)
+            task = asyncio.create_task(cache.set("a question", "an answer"))
+            await asyncio.wait_for(written.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        st = cache.stats()
+        await cache.sync()
+        size = len(cache)
+        hit = await cache.get("a question")
+        await cache.close()
+        return st, size, hit
+
+    st, size, hit = asyncio.run(run())
+    assert st["sets"] == 2
+    assert size == 2 and hit is not None and hit.response == "an answer"
