@@ -1013,9 +1013,8 @@ class CacheCore:
 
     def hit(self, rec: Record, tier: Literal["exact", "semantic"], sim: float, now: float
             ) -> Hit:
-        """The :class:`Hit` of ``rec``: counted, touched, a sliding entry's later expiry
-        noted."""
-        self.stats.counts["hits_exact" if tier == "exact" else "hits_semantic"] += 1
+        """The :class:`Hit` of ``rec``: touched, a sliding entry's later expiry noted
+        (counted by :meth:`answered` when its lookup returns it)."""
         with self._pending:
             self.touches.add(rec.id)
         exp = rec.expires
@@ -1041,6 +1040,16 @@ class CacheCore:
         return Hit(rec.response, tier, sim, rec.prompt, key,
                    max(0.0, now - rec.created), None if exp == math.inf else exp,
                    rec.metadata, rec.scope, rec.version, self.ref_tag(key, rec.version, sim))
+
+    def answered(self, out: Sequence[Hit | None]) -> None:
+        """Count what one lookup call returns: its hits per tier and its misses (all at
+        once, as it returns: a call that raises counts its prompts in ``unanswered``)."""
+        exact = sum(1 for h in out if h is not None and h.tier == "exact")
+        semantic = sum(1 for h in out if h is not None and h.tier == "semantic")
+        counts = self.stats.counts
+        counts["hits_exact"] += exact
+        counts["hits_semantic"] += semantic
+        counts["misses"] += len(out) - exact - semantic
 
     def ref_tag(self, key: str, version: str, similarity: float) -> str:
         """The tag of a hit's ref() ("" while the namespace's secret is unknown)."""
@@ -1332,33 +1341,49 @@ class CacheCore:
         long entry answering a short prompt at 0.89)."""
         if rec.exact_only:
             return True
-        if self._length_checker() is None:
+        if self._length_checker(int(rec.vector.shape[0])) is None:
             return False
         known = self._cut_seen.get(rec.id)
         if known is not None and known[0] == rec.version:
             return known[1]
-        cut = bool(self.exact_only_rows([rec.prompt]))
+        cut = bool(self.exact_only_rows([rec.prompt], dim=int(rec.vector.shape[0])))
         if len(self._cut_seen) >= _CUT_SEEN_MAX:
             self._cut_seen.clear()  # (only costs asking again)
         self._cut_seen[rec.id] = (rec.version, cut)
         return cut
 
-    def _length_checker(self) -> Any:
+    def _length_checker(self, dim: int | None = None) -> Any:
         """What says which prompts the embedder cuts: the embedder, if it has
         ``truncated()``; with the default embedder not loaded yet (embeddings given), the
-        default model's tokenizer alone, unless the vectors are not the default model's
-        size; else ``None`` (every prompt taken as read whole)."""
+        default model's tokenizer alone, unless the vectors (``dim``, before the replica
+        knows its dimension) are not the default model's size; else ``None`` (every prompt
+        taken as read whole)."""
         if self.embedder is not None:
             return self.embedder if hasattr(self.embedder, "truncated") else None
-        return default_lengths if self.dim in (None, MINILM_DIM) else None
+        size = self.dim if self.dim is not None else dim
+        return default_lengths if size in (None, MINILM_DIM) else None
 
-    def exact_only_rows(self, prompts: Sequence[str], count: bool = False) -> set[int]:
+    def cut_rows(self, prompts: Sequence[str], rows: Sequence[int], known: dict[int, bool],
+                 dim: int | None = None) -> set[int]:
+        """The rows of ``rows`` whose prompt the embedder cuts (see
+        :meth:`exact_only_rows`), asking only about those ``known`` does not hold yet,
+        which this fills (a lookup asks once per prompt, and only about the prompts it may
+        search)."""
+        ask = [i for i in rows if i not in known]
+        if ask:
+            cut = self.exact_only_rows([prompts[i] for i in ask], dim=dim)
+            for j, i in enumerate(ask):
+                known[i] = j in cut
+        return {i for i in rows if known[i]}
+
+    def exact_only_rows(self, prompts: Sequence[str], count: bool = False,
+                        dim: int | None = None) -> set[int]:
         """The rows of ``prompts`` longer than the embedder reads (``truncated()``, see
         ``embed.py``): their vectors stand for their start only, so they neither answer
         other prompts nor are answered by them (two long prompts with one context and two
         questions after it got one vector: a hit at similarity 1.0 with the other's answer).
         Counted in ``stats()["exact_only"]`` with ``count``."""
-        checker = self._length_checker()
+        checker = self._length_checker(dim)
         if checker is None:
             return set()
         try:

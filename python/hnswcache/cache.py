@@ -1061,16 +1061,18 @@ class SemanticCache(_Base):
             c.check_meta(self.store.check_meta(c.dim, embedder_name(self._embedder())
                                                 if c.embedder is not None else "unknown"))
 
-    def _semantic_rows(self, prompts: Sequence[str], rows: list[int], long: set[int] | None,
-                       count: bool = True) -> list[int]:
-        """``rows`` but those whose prompt is longer than the embedder reads (``long``, or
-        asked of the embedder, loaded here: these rows are embedded next); counted."""
-        if long is None:
+    def _semantic_rows(self, prompts: Sequence[str], rows: list[int],
+                       known: dict[int, bool] | None, count: bool = True) -> list[int]:
+        """``rows`` but those whose prompt is longer than the embedder reads (asked of the
+        embedder for the rows ``known`` does not answer; with ``known`` None, embeddings
+        were not given: the embedder is loaded here, these rows are embedded next);
+        counted."""
+        if known is None:
             self._embedder()
-            cut = self._core.exact_only_rows([prompts[i] for i in rows], count=count)
-            long = {rows[j] for j in cut}
-        elif count and long:
-            self._core.stats.add("exact_only", len(long & set(rows)))
+            known = {}
+        long = self._core.cut_rows(prompts, rows, known)
+        if count and long:
+            self._core.stats.add("exact_only", len(long))
         return [i for i in rows if i not in long] if long else rows
 
     def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
@@ -1218,7 +1220,7 @@ class SemanticCache(_Base):
         c.stats.add("lookups", len(prompts))
         try:
             if not prompts or not self._ready():
-                return self._misses(out)
+                return self._answered(out)
             c.check_dim(given_all)  # (the warm start may just have learnt the dimension)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
@@ -1227,9 +1229,15 @@ class SemanticCache(_Base):
             # this read or by another thread's (then redo).
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
             # (embeddings given: the cache's own embedder, if it has one, says which prompts
-            # it would read whole; the others are exact-only, see exact_only_rows)
-            long = c.exact_only_rows(prompts) if given_all is not None else None
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
+            # it would read whole; the others are exact-only, see exact_only_rows. Not asked
+            # of a prompt the replica holds under its exact key, unless that read misses.)
+            known: dict[int, bool] | None = None
+            long: set[int] = set()
+            if given_all is not None:
+                known = {}
+                long = c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
+                                  known, dim=given_all.shape[1])
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:
@@ -1241,18 +1249,18 @@ class SemanticCache(_Base):
             except StoreError as exc:
                 c.put_back_touches(touch)
                 c.failed("get", exc)
-                return self._misses(out)
+                return self._answered(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age, gen)
             if todo and sid in c.indexes:
-                todo = self._semantic_rows(prompts, todo, long)
+                todo = self._semantic_rows(prompts, todo, known)
             if not todo or sid not in c.indexes:
                 c.record_misses(out, near, thr)
-                return self._misses(out)
+                return self._answered(out)
             given = None if given_all is None else given_all[todo]
             vecs = self._embed([prompts[i] for i in todo], given)
             if vecs is None:
-                return self._misses(out)
+                return self._answered(out)
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
@@ -1266,23 +1274,23 @@ class SemanticCache(_Base):
                     got = dict(zip(want, self.store.fetch(want)))
                 except StoreError as exc:
                     c.failed("get", exc)
-                    return self._misses(out)
+                    return self._answered(out)
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
-            return self._misses(out)
+            return self._answered(out)
         except BaseException:
-            # (a strict failure, a wrong dimension, a cancellation: its unanswered prompts
-            # keep lookups == hits + misses + unanswered)
-            c.stats.add("unanswered", out.count(None))
+            # (a strict failure, a cancellation, an interrupt: hits and misses are counted
+            # as the call returns, so lookups == hits + misses + unanswered)
+            c.stats.add("unanswered", len(prompts))
             raise
         finally:
             c.stats.lookup_time.add(time.perf_counter() - t0)
 
-    def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
-        self._core.stats.add("misses", out.count(None))
+    def _answered(self, out: list[Hit | None]) -> list[Hit | None]:
+        self._core.answered(out)
         return out
 
     def _answer_of(self, k: tuple[int, str, str, str], max_age: float = math.inf
@@ -2202,15 +2210,15 @@ class AsyncSemanticCache(_Base):
             c.check_meta(await self.store.check_meta(c.dim, name))
 
     async def _semantic_rows(self, prompts: Sequence[str], rows: list[int],
-                             long: set[int] | None, count: bool = True) -> list[int]:
+                             known: dict[int, bool] | None, count: bool = True) -> list[int]:
         """See :meth:`SemanticCache._semantic_rows` (the model is loaded in a thread)."""
-        if long is None:
+        if known is None:
             if self._core.embedder is None:
                 await asyncio.to_thread(self._embedder)
-            cut = self._core.exact_only_rows([prompts[i] for i in rows], count=count)
-            long = {rows[j] for j in cut}
-        elif count and long:
-            self._core.stats.add("exact_only", len(long & set(rows)))
+            known = {}
+        long = self._core.cut_rows(prompts, rows, known)
+        if count and long:
+            self._core.stats.add("exact_only", len(long))
         return [i for i in rows if i not in long] if long else rows
 
     async def _embed(self, texts: list[str], given: Any) -> npt.NDArray[np.float32] | None:
@@ -2351,16 +2359,22 @@ class AsyncSemanticCache(_Base):
         c.stats.add("lookups", len(prompts))  # (before it is answered: see the sync twin)
         try:
             if not prompts or not await self._ready():
-                return self._misses(out)
+                return self._answered(out)
             c.check_dim(given_all)  # (as in SemanticCache._lookup)
             sid = keys[0][1]
             ids = [k[0] for k in keys]
             # (as in SemanticCache._lookup; other tasks may apply changes while it waits)
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
             # (embeddings given: the cache's own embedder, if it has one, says which prompts
-            # it would read whole; the others are exact-only, see exact_only_rows)
-            long = c.exact_only_rows(prompts) if given_all is not None else None
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long or set())
+            # it would read whole; the others are exact-only, see exact_only_rows. Not asked
+            # of a prompt the replica holds under its exact key, unless that read misses.)
+            known: dict[int, bool] | None = None
+            long: set[int] = set()
+            if given_all is not None:
+                known = {}
+                long = c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
+                                  known, dim=given_all.shape[1])
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:
@@ -2372,18 +2386,18 @@ class AsyncSemanticCache(_Base):
             except StoreError as exc:
                 c.put_back_touches(touch)
                 c.failed("get", exc)
-                return self._misses(out)
+                return self._answered(out)
             todo = c.answer_read(fetched, [k[3] for k in keys], ids + want_ahead, ahead,
                                  given_all, sid, thr, out, age, gen)
             if todo and sid in c.indexes:
-                todo = await self._semantic_rows(prompts, todo, long)
+                todo = await self._semantic_rows(prompts, todo, known)
             if not todo or sid not in c.indexes:
                 c.record_misses(out, near, thr)
-                return self._misses(out)
+                return self._answered(out)
             given = None if given_all is None else given_all[todo]
             vecs = await self._embed([prompts[i] for i in todo], given)
             if vecs is None:
-                return self._misses(out)
+                return self._answered(out)
             if used is not None:
                 for j, i in enumerate(todo):
                     used[i] = vecs[j]
@@ -2397,23 +2411,23 @@ class AsyncSemanticCache(_Base):
                     got = dict(zip(want, await self.store.fetch(want)))
                 except StoreError as exc:
                     c.failed("get", exc)
-                    return self._misses(out)
+                    return self._answered(out)
                 now = c.now()
                 for j, i in enumerate(todo):
                     if cands[j]:
                         out[i] = c.semantic(vecs[j], cands[j], got, sid, thr, now, age, gen)
             c.record_misses(out, near, thr)
-            return self._misses(out)
+            return self._answered(out)
         except BaseException:
-            # (a strict failure, a wrong dimension, a cancellation: its unanswered prompts
-            # keep lookups == hits + misses + unanswered)
-            c.stats.add("unanswered", out.count(None))
+            # (a strict failure, a cancellation, an interrupt: hits and misses are counted
+            # as the call returns, so lookups == hits + misses + unanswered)
+            c.stats.add("unanswered", len(prompts))
             raise
         finally:
             c.stats.lookup_time.add(time.perf_counter() - t0)
 
-    def _misses(self, out: list[Hit | None]) -> list[Hit | None]:
-        self._core.stats.add("misses", out.count(None))
+    def _answered(self, out: list[Hit | None]) -> list[Hit | None]:
+        self._core.answered(out)
         return out
 
     async def _answer_of(self, k: tuple[int, str, str, str], max_age: float = math.inf

@@ -226,6 +226,37 @@ def test_the_wordpiece_bound_never_says_a_text_fits_when_it_does_not() -> None:
     assert wordpiece_fits("x" * 254, 256) and not wordpiece_fits("x" * 255, 256)
 
 
+def test_a_very_long_prompt_is_judged_on_its_start() -> None:
+    """A 1 MiB prompt was tokenized whole to learn it is cut (~0.9 s, on an async cache's
+    event loop: a review). Its first 8 KiB, cut at whitespace, already have too many
+    tokens; the whole text is tokenized only when they do not. The answers equal the
+    whole text's token count, from the tokenizer itself, on long texts of each kind."""
+    from hnswcache.embed import _RecentCuts, default_lengths, wordpiece_cuts
+
+    assert default_lengths.truncated([LONG_A]) == [True]
+    tok = default_lengths._tok
+
+    def count(batch: list[str]) -> list[int]:
+        sizes.extend(len(t) for t in batch)
+        return [len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=True)]
+
+    texts = [
+        "word " * 200_000,  # 1 MiB: judged on its start
+        ("x" * 5000 + " ") * 3,  # 15k characters, 3 words of [UNK]: fits
+        "y" * 9000,  # one word, no whitespace to cut at: counted whole
+        "日本語の文章です。" * 1000,  # no whitespace either
+        "ab\n" * 4000 + "end",  # cut at a newline
+        ("z" * 8000 + " ") + "word " * 300,  # its start fits, the rest does not
+    ]
+    sizes: list[int] = []
+    got = wordpiece_cuts(texts, 256, count)
+    assert sizes[0] <= 8192 and len(texts[0]) not in sizes  # (never the 1 MiB whole)
+    truth = [len(tok.encode(t, add_special_tokens=True).ids) > 256 for t in texts]
+    assert got == truth == [True, False, False, True, True, True]
+    default_lengths._recent = _RecentCuts()
+    assert default_lengths.truncated(texts) == truth
+
+
 def test_the_default_embedder_checks_long_prompts_given_embeddings_without_loading(
         store_url: str, ns: str) -> None:
     """A cache with the default embedder, given the vectors (computed elsewhere), took every
@@ -246,6 +277,59 @@ def test_the_default_embedder_checks_long_prompts_given_embeddings_without_loadi
     assert cache.stats()["exact_only"] == 2  # the set and the lookup of LONG_B
     assert cache._core.embedder is None  # (the model was not loaded for it)
     cache.close()
+
+
+def test_an_exact_hit_given_its_embedding_is_not_tokenized() -> None:
+    """A lookup given embeddings asked whether each prompt was cut before its store read,
+    exact hits included (~120 µs for a first-seen 500-character prompt, more than the
+    lookup: a review). A prompt the replica holds under its exact key is asked only if
+    that read misses."""
+    from hnswcache.embed import _RecentCuts, default_lengths, wordpiece_fits
+
+    v = np.random.default_rng(8).standard_normal(384).astype(np.float32)
+    # ~120 tokens: read whole, but too long for the bound to tell without tokenizing
+    prompt = " ".join(f"term{i} of the vendor contract" for i in range(20)) + "?"
+    assert not wordpiece_fits(prompt, 256) and default_lengths.truncated([prompt]) == [False]
+    store = MemoryStore("exact")
+    cache = SemanticCache(store=store, namespace="exact", threshold=0.9)
+    other = SemanticCache(store=store, namespace="exact", threshold=0.9)
+    cache.set(prompt, "each May", embedding=v)
+    real, asked = default_lengths._tok, []
+
+    class Counting:
+        def encode_batch(self, texts: Any, **kwargs: Any) -> Any:
+            asked.append(len(texts))
+            return real.encode_batch(texts, **kwargs)
+
+    default_lengths._tok, default_lengths._recent = Counting(), _RecentCuts()
+    try:
+        hit = cache.get(prompt, embedding=v)  # (as another process would: nothing known)
+        assert hit is not None and hit.tier == "exact" and asked == []  # was [1]
+        assert other.delete(hit.key)  # (this replica still holds it: predicted a hit...)
+        assert cache.get(prompt, embedding=v) is None  # (...its exact read missed: asked)
+        assert asked == [1]
+    finally:
+        default_lengths._tok = real
+    cache.close()
+    other.close()
+
+
+def test_a_first_lookup_of_other_sized_vectors_is_not_checked_with_the_default_model(
+        ) -> None:
+    """Before the replica knew its dimension, a lookup given 768-d vectors was checked
+    against MiniLM's limit (the rule for 384-d ones) until a read taught it the size:
+    the same prompt missed, then hit (a review). The vectors' own size decides."""
+    store = MemoryStore("dims")
+    reader = SemanticCache(store=store, namespace="dims", threshold=0.9)
+    assert reader.get("warm up", embedding=np.ones(768, np.float32)) is None  # (empty)
+    writer = SemanticCache(store=store, namespace="dims", threshold=0.9)
+    v = np.random.default_rng(9).standard_normal(768).astype(np.float32)
+    writer.set(LONG_A, "30 days", embedding=v)
+    first = reader.get(LONG_B, embedding=v)  # (its read brings the writer's entry)
+    assert first is not None and first.tier == "semantic"
+    assert reader.stats()["exact_only"] == 0
+    writer.close()
+    reader.close()
 
 
 def test_vectors_of_another_size_are_not_checked_with_the_default_model() -> None:

@@ -822,11 +822,11 @@ def test_a_server_loading_a_large_file_is_waited_for_not_killed(tmp_path: Path) 
     finally:
         srv.stop()
     # Without wait_loaded, a loading server counts as started at once, and is not killed.
-    # A file 2.5 times larger (~5 s to load here) leaves a wide margin: the start itself (spawn,
-    # then PING and INFO, each answered between two 1,024-command steps of ~50 ms) once
-    # took 0.42 s on a busy host.
+    # A file ~4x larger (2.25 s to load at the nominal 50 µs a command, ~7 s measured here)
+    # leaves a wide margin: the start itself (spawn, then PING and INFO, each answered
+    # between two 1,024-command steps of ~50 ms) took 0.35 s, once 0.42 s on a busy host.
     data = tmp_path / "bigger"
-    _fill_and_stop(data, 30000)
+    _fill_and_stop(data, 45000)
     srv = EmbeddedServer(data, config={"key-load-delay": "50"})
     t0 = time.monotonic()
     srv.start(timeout=0.2, wait_loaded=False)
@@ -839,7 +839,7 @@ def test_a_server_loading_a_large_file_is_waited_for_not_killed(tmp_path: Path) 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                assert raw.dbsize() == 30000
+                assert raw.dbsize() == 45000
                 break
             except redis.exceptions.BusyLoadingError:
                 time.sleep(0.05)
