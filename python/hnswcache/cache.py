@@ -1232,12 +1232,15 @@ class SemanticCache(_Base):
             # it would read whole; the others are exact-only, see exact_only_rows. Not asked
             # of a prompt the replica holds under its exact key, unless that read misses.)
             known: dict[int, bool] | None = None
-            long: set[int] = set()
+            not_ahead: set[int] = set()
             if given_all is not None:
                 known = {}
-                long = c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
-                                  known, dim=given_all.shape[1])
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long)
+                c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
+                           known, dim=given_all.shape[1])
+                # Searched ahead: only rows asked about and read whole (another thread may
+                # change the replica's exact keys meanwhile; the rest wait for the read).
+                not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:
@@ -2369,12 +2372,15 @@ class AsyncSemanticCache(_Base):
             # it would read whole; the others are exact-only, see exact_only_rows. Not asked
             # of a prompt the replica holds under its exact key, unless that read misses.)
             known: dict[int, bool] | None = None
-            long: set[int] = set()
+            not_ahead: set[int] = set()
             if given_all is not None:
                 known = {}
-                long = c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
-                                  known, dim=given_all.shape[1])
-            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, long)
+                c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
+                           known, dim=given_all.shape[1])
+                # Searched ahead: only rows asked about and read whole (another thread may
+                # change the replica's exact keys meanwhile; the rest wait for the read).
+                not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+            ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
             try:

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -132,7 +133,7 @@ class SentenceTransformerEmbedder:
         self._lock = threading.Lock()
         self._tok: Any = None  # truncated()'s tokenizer (see _own_tokenizer)
         self._tok_lock: Any = None
-        self._recent = _RecentCuts()  # (filled and read under the tokenizer's lock)
+        self._recent = _RecentCuts()  # (no lock: a race loses an answer, never mixes two)
 
     def __call__(self, texts: list[str]) -> npt.NDArray[np.float32]:
         if isinstance(texts, (str, bytes)):  # (a str is a sequence: each character embedded)
@@ -253,6 +254,31 @@ def wordpiece_fits(text: str, limit: int) -> bool:
 #: How much of a long text :func:`wordpiece_cuts` tokenizes first (~3 ms).
 _HEAD_CHARS = 8192
 
+#: Where BERT's pre-tokenizer always splits, besides punctuation: Unicode's White_Space
+#: (what its tokenizer takes for whitespace; not Python's isspace(), which also takes
+#: U+001C-U+001F, control characters BERT drops, joining the words around them).
+_SPLIT_SPACES = frozenset(" \t\n\r\x0b\x0c\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                          + "".join(chr(c) for c in range(0x2000, 0x200B)))
+#: CJK ideographs, each a word of its own to BERT (its _is_chinese_char ranges).
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _word_start(text: str, end: int, span: int = 2048) -> int:
+    """The last position before ``end`` (and within ``span`` of it) where BERT's
+    pre-tokenizer starts a new word whatever comes before: a White_Space character, or,
+    from U+2000 up, punctuation (Unicode's P categories) or a CJK ideograph; 0 for none.
+    (Not ASCII punctuation: a cut inside a literal "[MASK]", one token, would make two.)"""
+    for at in range(min(end, len(text)) - 1, max(0, end - span), -1):
+        c = text[at]
+        if c in _SPLIT_SPACES:
+            return at
+        o = ord(c)
+        if o >= 0x2000 and (unicodedata.category(c).startswith("P")
+                            or any(lo <= o <= hi for lo, hi in _CJK)):
+            return at
+    return 0
+
 
 def wordpiece_cuts(texts: list[str], limit: int, count: Callable[[list[str]], list[int]]
                    ) -> list[bool]:
@@ -266,7 +292,7 @@ def wordpiece_cuts(texts: list[str], limit: int, count: Callable[[list[str]], li
     heads: dict[int, str] = {}
     for i, t in enumerate(texts):
         if len(t) > _HEAD_CHARS:
-            at = max(t.rfind(c, 0, _HEAD_CHARS) for c in " \n\t\r")
+            at = _word_start(t, _HEAD_CHARS)
             if at > 0:
                 heads[i] = t[:at]
     if heads:

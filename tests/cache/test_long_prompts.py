@@ -247,12 +247,17 @@ def test_a_very_long_prompt_is_judged_on_its_start() -> None:
         "日本語の文章です。" * 1000,  # no whitespace either
         "ab\n" * 4000 + "end",  # cut at a newline
         ("z" * 8000 + " ") + "word " * 300,  # its start fits, the rest does not
+        "mot\xa0" * 100_000,  # no-break spaces
+        "語" * 300_000,  # CJK without spaces: each ideograph a word
+        "a\u3000b\u2028" * 100_000,  # ideographic space, line separator
+        "x\x1cy " * 2000,  # (U+001C: a space to Python, dropped by BERT)
     ]
     sizes: list[int] = []
     got = wordpiece_cuts(texts, 256, count)
-    assert sizes[0] <= 8192 and len(texts[0]) not in sizes  # (never the 1 MiB whole)
+    big = [t for t in texts if len(t) > 100_000]
+    assert len(big) == 4 and not any(len(t) in sizes for t in big)  # (never whole)
     truth = [len(tok.encode(t, add_special_tokens=True).ids) > 256 for t in texts]
-    assert got == truth == [True, False, False, True, True, True]
+    assert got == truth == [True, False, False, True, True, True, True, True, True, True]
     default_lengths._recent = _RecentCuts()
     assert default_lengths.truncated(texts) == truth
 
