@@ -426,3 +426,48 @@ def test_the_async_cache_checks_a_long_prompt_while_another_task_embeds(ns: str)
         return max(gaps)
 
     assert asyncio.run(run()) < 0.5
+
+
+def test_a_row_checked_as_an_exact_hit_is_not_searched_ahead_if_another_thread_drops_it(
+        ) -> None:
+    """A lookup given embeddings asks about the length of the prompts the replica does not
+    hold under their exact key, then searches those ahead of its store read. A prompt held
+    there (not asked about), whose entry another thread's repair dropped meanwhile, was
+    searched ahead unchecked: LONG_A, written unmarked by an older writer, then answered
+    with SHORT's answer at 1.0 (a review's reproduction). Rows not asked about wait for the
+    read."""
+    class Hooked(PrefixEmbedder):
+        report, hook = True, None
+
+        def truncated(self, texts: list[str]) -> list[bool]:
+            if self.hook is not None:
+                hook, self.hook = self.hook, None
+                hook()
+            return [self.report and cut for cut in super().truncated(texts)]
+
+    store, emb = MemoryStore("race"), Hooked()
+    other = SemanticCache(emb, store=store, namespace="race")
+    cache = SemanticCache(emb, store=store, namespace="race", threshold=0.9, sync_interval=60)
+    short = " ".join(LONG_A.split()[:40])  # read whole; the vector of LONG_A's start
+    emb.report = False
+    key_a = other.set(LONG_A, "LONG_A's own answer")  # (unmarked: an older writer)
+    emb.report = True
+    other.set(short, "the short prompt's answer")
+    cache.sync()
+    core = cache._core
+    cid = core.key(LONG_A, None)[0]
+    assert cid in core.where
+    cache.get("warm up")  # (its log read done: the next lookup's read is not due for 60 s)
+    cache.set("an unrelated prompt", "r")
+    other.delete(key_a)
+
+    def another_thread_repairs() -> None:  # (a lookup that found LONG_A gone)
+        core.repair_remove([cid], core.gen)
+
+    emb.hook = another_thread_repairs
+    hits = cache.get_many([LONG_A, LONG_B], embeddings=emb([LONG_A, LONG_B]))
+    assert emb.hook is None and cid not in core.where  # (the repair ran mid-lookup)
+    assert hits == [None, None]  # was: LONG_A answered with the short prompt's answer
+    other.close()
+    cache.close()
+
