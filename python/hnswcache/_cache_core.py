@@ -1044,8 +1044,13 @@ class CacheCore:
     def answered(self, out: Sequence[Hit | None]) -> None:
         """Count what one lookup call returns: its hits per tier and its misses (all at
         once, as it returns: a call that raises counts its prompts in ``unanswered``)."""
-        exact = sum(1 for h in out if h is not None and h.tier == "exact")
-        semantic = sum(1 for h in out if h is not None and h.tier == "semantic")
+        exact = semantic = 0
+        for h in out:
+            if h is not None:
+                if h.tier == "exact":
+                    exact += 1
+                else:
+                    semantic += 1
         counts = self.stats.counts
         counts["hits_exact"] += exact
         counts["hits_semantic"] += semantic
@@ -1341,12 +1346,12 @@ class CacheCore:
         long entry answering a short prompt at 0.89)."""
         if rec.exact_only:
             return True
-        if self._length_checker(int(rec.vector.shape[0])) is None:
+        if self._length_checker() is None:  # (the replica knows its dimension here)
             return False
         known = self._cut_seen.get(rec.id)
         if known is not None and known[0] == rec.version:
             return known[1]
-        cut = bool(self.exact_only_rows([rec.prompt], dim=int(rec.vector.shape[0])))
+        cut = bool(self.exact_only_rows([rec.prompt]))
         if len(self._cut_seen) >= _CUT_SEEN_MAX:
             self._cut_seen.clear()  # (only costs asking again)
         self._cut_seen[rec.id] = (rec.version, cut)
@@ -1362,6 +1367,10 @@ class CacheCore:
             return self.embedder if hasattr(self.embedder, "truncated") else None
         size = self.dim if self.dim is not None else dim
         return default_lengths if size in (None, MINILM_DIM) else None
+
+    def checks_lengths(self, dim: int | None = None) -> bool:
+        """Whether anything says which prompts the embedder cuts (see _length_checker)."""
+        return self._length_checker(dim) is not None
 
     def cut_rows(self, prompts: Sequence[str], rows: Sequence[int], known: dict[int, bool],
                  dim: int | None = None) -> set[int]:

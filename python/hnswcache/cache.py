@@ -1231,15 +1231,17 @@ class SemanticCache(_Base):
             # (embeddings given: the cache's own embedder, if it has one, says which prompts
             # it would read whole; the others are exact-only, see exact_only_rows. Not asked
             # of a prompt the replica holds under its exact key, unless that read misses.)
-            known: dict[int, bool] | None = None
+            known: dict[int, bool] | None = None if given_all is None else {}
             not_ahead: set[int] = set()
-            if given_all is not None:
-                known = {}
-                c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
-                           known, dim=given_all.shape[1])
+            dim = None if given_all is None else given_all.shape[1]
+            if known is not None and c.checks_lengths(dim):
+                rows = [i for i, e in enumerate(ids) if e not in c.where]
+                if rows:
+                    c.cut_rows(prompts, rows, known, dim=dim)
                 # Searched ahead: only rows asked about and read whole (another thread may
                 # change the replica's exact keys meanwhile; the rest wait for the read).
-                not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+                if len(rows) < len(ids) or any(known.values()):
+                    not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
@@ -2371,15 +2373,17 @@ class AsyncSemanticCache(_Base):
             # (embeddings given: the cache's own embedder, if it has one, says which prompts
             # it would read whole; the others are exact-only, see exact_only_rows. Not asked
             # of a prompt the replica holds under its exact key, unless that read misses.)
-            known: dict[int, bool] | None = None
+            known: dict[int, bool] | None = None if given_all is None else {}
             not_ahead: set[int] = set()
-            if given_all is not None:
-                known = {}
-                c.cut_rows(prompts, [i for i, e in enumerate(ids) if e not in c.where],
-                           known, dim=given_all.shape[1])
+            dim = None if given_all is None else given_all.shape[1]
+            if known is not None and c.checks_lengths(dim):
+                rows = [i for i, e in enumerate(ids) if e not in c.where]
+                if rows:
+                    c.cut_rows(prompts, rows, known, dim=dim)
                 # Searched ahead: only rows asked about and read whole (another thread may
                 # change the replica's exact keys meanwhile; the rest wait for the read).
-                not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+                if len(rows) < len(ids) or any(known.values()):
+                    not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
