@@ -1368,9 +1368,27 @@ class CacheCore:
         size = self.dim if self.dim is not None else dim
         return default_lengths if size in (None, MINILM_DIM) else None
 
-    def checks_lengths(self, dim: int | None = None) -> bool:
-        """Whether anything says which prompts the embedder cuts (see _length_checker)."""
-        return self._length_checker(dim) is not None
+    def lengths_ahead(self, prompts: Sequence[str], ids: Sequence[int],
+                      vecs: npt.NDArray[np.float32] | None
+                      ) -> tuple[dict[int, bool] | None, set[int]]:
+        """For a lookup given embeddings (``vecs``): which prompts the embedder cuts, asked
+        of those the replica does not hold under their exact key (the others are asked only
+        if that read misses, by :meth:`cut_rows` with the ``known`` returned), and the rows
+        not to search ahead of the read: all but those asked about and read whole (another
+        thread may change the replica's exact keys meanwhile). ``(None, set())`` without
+        embeddings."""
+        if vecs is None:
+            return None, set()
+        known: dict[int, bool] = {}
+        dim = int(vecs.shape[1])
+        if self._length_checker(dim) is None:  # (nothing to ask: every prompt read whole)
+            return known, set()
+        rows = [i for i, e in enumerate(ids) if e not in self.where]
+        if rows:
+            self.cut_rows(prompts, rows, known, dim=dim)
+        if len(rows) == len(ids) and not any(known.values()):
+            return known, set()
+        return known, {i for i in range(len(ids)) if known.get(i, True)}
 
     def cut_rows(self, prompts: Sequence[str], rows: Sequence[int], known: dict[int, bool],
                  dim: int | None = None) -> set[int]:

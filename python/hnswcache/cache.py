@@ -1228,20 +1228,8 @@ class SemanticCache(_Base):
             # trip as the exact tier; valid unless changes were applied since the search, by
             # this read or by another thread's (then redo).
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
-            # (embeddings given: the cache's own embedder, if it has one, says which prompts
-            # it would read whole; the others are exact-only, see exact_only_rows. Not asked
-            # of a prompt the replica holds under its exact key, unless that read misses.)
-            known: dict[int, bool] | None = None if given_all is None else {}
-            not_ahead: set[int] = set()
-            dim = None if given_all is None else given_all.shape[1]
-            if known is not None and c.checks_lengths(dim):
-                rows = [i for i, e in enumerate(ids) if e not in c.where]
-                if rows:
-                    c.cut_rows(prompts, rows, known, dim=dim)
-                # Searched ahead: only rows asked about and read whole (another thread may
-                # change the replica's exact keys meanwhile; the rest wait for the read).
-                if len(rows) < len(ids) or any(known.values()):
-                    not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+            # (embeddings given: which prompts the embedder would cut, see lengths_ahead)
+            known, not_ahead = c.lengths_ahead(prompts, ids, given_all)
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)
@@ -2370,20 +2358,8 @@ class AsyncSemanticCache(_Base):
             ids = [k[0] for k in keys]
             # (as in SemanticCache._lookup; other tasks may apply changes while it waits)
             before = c.stats.counts["sync_events"] + c.stats.counts["resyncs"]
-            # (embeddings given: the cache's own embedder, if it has one, says which prompts
-            # it would read whole; the others are exact-only, see exact_only_rows. Not asked
-            # of a prompt the replica holds under its exact key, unless that read misses.)
-            known: dict[int, bool] | None = None if given_all is None else {}
-            not_ahead: set[int] = set()
-            dim = None if given_all is None else given_all.shape[1]
-            if known is not None and c.checks_lengths(dim):
-                rows = [i for i, e in enumerate(ids) if e not in c.where]
-                if rows:
-                    c.cut_rows(prompts, rows, known, dim=dim)
-                # Searched ahead: only rows asked about and read whole (another thread may
-                # change the replica's exact keys meanwhile; the rest wait for the read).
-                if len(rows) < len(ids) or any(known.values()):
-                    not_ahead = {i for i in range(len(ids)) if known.get(i, True)}
+            # (embeddings given: which prompts the embedder would cut, see lengths_ahead)
+            known, not_ahead = c.lengths_ahead(prompts, ids, given_all)
             ahead, want_ahead = c.search_ahead(ids, given_all, sid, thr, near, not_ahead)
             touch = c.take_touches()
             gen = c.gen  # (what this lookup may repair: see CacheCore.gen)

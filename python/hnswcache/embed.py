@@ -80,8 +80,8 @@ def _model_texts(texts: Sequence[str]) -> list[str]:
 
 class _RecentCuts:
     """The answers of ``truncated()`` for the texts asked last: a ``@cached`` miss asks
-    about its prompt up to three times (its lookup, whether to coalesce, its write), and a long
-    prompt costs ~0.4-1 ms of tokenizing each time. Holds texts of up to ~1M characters
+    about its prompt up to three times (its lookup, whether to coalesce, its write), and a
+    long prompt costs ~0.4-1 ms of tokenizing each time. Holds texts of up to ~1M characters
     in all, then forgets them all at once."""
 
     _BUDGET = 1 << 20
@@ -99,6 +99,13 @@ class _RecentCuts:
         if len(text) <= self._BUDGET and text not in self.known:
             self.known[text] = cut
             self.chars += len(text)
+
+    def fill(self, texts: Sequence[str], rows: Sequence[int], cuts: Sequence[bool],
+             out: list[bool]) -> None:
+        """Write the answers ``cuts`` of ``rows`` into ``out``, and remember them."""
+        for i, cut in zip(rows, cuts):
+            out[i] = cut
+            self.put(texts[i], cut)
 
 
 class SentenceTransformerEmbedder:
@@ -170,10 +177,8 @@ class SentenceTransformerEmbedder:
                               verbose=False)["input_ids"]
                 return [len(row) for row in ids]
 
-            for i, cut in zip(long_rows, self._cuts([texts[i] for i in long_rows], limit,
-                                                    count)):
-                out[i] = cut
-                self._recent.put(texts[i], cut)
+            self._recent.fill(texts, long_rows, self._cuts(
+                [texts[i] for i in long_rows], limit, count), out)
         return out
 
     @staticmethod
@@ -242,7 +247,7 @@ def wordpiece_fits(text: str, limit: int) -> bool:
     canonical decomposition has at most 4 code points; a Hangul syllable 3): so at most
     one token per non-space ASCII character and 4 per other one, plus [CLS] and [SEP]. A
     300-character English prompt then needs no tokenizing (~110 µs here). Checked against
-    the tokenizer on 40k real and random texts (``tests/cache/test_long_prompts.py``)."""
+    the tokenizer on 7k real and random texts (``tests/cache/test_long_prompts.py``)."""
     if len(text) <= (limit - 2) // 4:
         return True
     solid = "".join(text.split())
@@ -284,9 +289,9 @@ def wordpiece_cuts(texts: list[str], limit: int, count: Callable[[list[str]], li
                    ) -> list[bool]:
     """Whether each text has more than ``limit`` tokens of all-MiniLM-L6-v2's tokenizer,
     ``count`` giving the tokens of texts. A text longer than ``_HEAD_CHARS`` is counted on
-    its start first, cut at whitespace: BERT's tokenizer splits words at whitespace and
-    normalises and tokenizes each alone, so that start's tokens begin the whole text's, and
-    when they are already too many the rest is never tokenized (a 1 MiB prompt took ~0.9 s,
+    its start first, cut where a word starts (:func:`_word_start`): BERT's tokenizer
+    normalises and tokenizes each word alone, so that start's tokens begin the whole text's,
+    and when they are already too many the rest is never tokenized (a 1 MiB prompt took ~0.9 s,
     on the event loop of an async cache: a review). Otherwise the whole text is counted."""
     out = [False] * len(texts)
     heads: dict[int, str] = {}
@@ -352,7 +357,7 @@ class _DefaultLengths:
     read whole."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # (a shared fast tokenizer is not thread-safe)
+        self._lock = threading.Lock()  # (loading; the raw tokenizer's encode is thread-safe)
         self._tok: Any = None
         self._folder: Any = None
         self._recent = _RecentCuts()
@@ -416,9 +421,8 @@ class _DefaultLengths:
                 return [len(e.ids) for e in tok.encode_batch(_model_texts(batch),
                                                              add_special_tokens=True)]
 
-            for i, cut in zip(rows, wordpiece_cuts([texts[i] for i in rows], limit, count)):
-                out[i] = cut
-                self._recent.put(texts[i], cut)
+            self._recent.fill(texts, rows, wordpiece_cuts([texts[i] for i in rows], limit,
+                                                          count), out)
         return out
 
 
