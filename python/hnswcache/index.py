@@ -523,6 +523,9 @@ class Index:
         return self._native.live_labels(self._now_ns())
 
     def __len__(self) -> int:
+        """The number of live entries. Constant time while no entry can have expired since
+        the last count; otherwise one pass over the entries (until consolidation frees the
+        expired ones), so a hot path should not ask for it on every call."""
         return int(self._native.size(self._now_ns()))
 
     def __contains__(self, label: object) -> bool:

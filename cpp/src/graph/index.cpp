@@ -376,6 +376,7 @@ void index_t::prepare(const float* row, float* out) const {
 
 void index_t::publish_label(std::int64_t lab, slot_t id) {
     std::lock_guard<std::mutex> lock(label_mu_);
+    expiry_floor_ = std::min(expiry_floor_, expiry(id));
     auto [it, inserted] = label_map_.emplace(lab, id);
     if (!inserted) {
         // Upsert: the older slot becomes a tombstone that consolidation removes.
@@ -1059,6 +1060,7 @@ std::size_t index_t::touch(const std::int64_t* labels, const std::int64_t* exp, 
         if (it == label_map_.end() || !live(it->second, now)) continue;
         if (expiry(it->second) <= consolidating_now_) continue;  // being freed (see there)
         set_expiry(it->second, exp[i]);
+        expiry_floor_ = std::min(expiry_floor_, exp[i]);
         changed.push_back(it->second);
     }
     std::sort(changed.begin(), changed.end());
@@ -1097,9 +1099,15 @@ bool index_t::contains(std::int64_t lab, std::int64_t now) const {
 std::size_t index_t::size(std::int64_t now) const {
     std::shared_lock<std::shared_mutex> lock(graph_mu_);
     std::lock_guard<std::mutex> lk(label_mu_);
+    if (now < expiry_floor_) return label_map_.size();  // (no mapped slot has expired)
     std::size_t n = 0;
-    for (const auto& [lab, id] : label_map_)
-        if (live(id, now)) ++n;
+    std::int64_t floor = std::numeric_limits<std::int64_t>::max();
+    for (const auto& [lab, id] : label_map_) {
+        const std::int64_t e = expiry(id);
+        if (e > now) ++n;
+        floor = std::min(floor, e);
+    }
+    expiry_floor_ = floor;
     return n;
 }
 

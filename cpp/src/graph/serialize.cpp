@@ -403,6 +403,7 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
         if (labels[id] < 0 || labels[id] == max_label + 1 || !seen.insert(labels[id]).second)
             throw format_error("a label is out of range or appears twice");
         idx->label_map_.emplace(labels[id], id);
+        idx->expiry_floor_ = std::min(idx->expiry_floor_, expiries[id]);
         top_label = std::max(top_label, labels[id]);
     }
     std::make_heap(idx->free_slots_.begin(), idx->free_slots_.end(), std::greater<slot_t>());
