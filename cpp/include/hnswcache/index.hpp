@@ -297,7 +297,8 @@ class index_t {
                       std::size_t ef, int level, bool live_only, std::int64_t now,
                       scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr,
-                      std::size_t sparse_budget = 0) const;
+                      std::size_t sparse_budget = 0,
+                      const std::vector<neighbor_t>* resume = nullptr) const;
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
                       std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr) const;

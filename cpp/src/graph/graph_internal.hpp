@@ -204,6 +204,7 @@ inline std::uint8_t index_t::state(slot_t id) const {
 // Per-thread scratch space reused across calls, so a search allocates nothing.
 struct index_t::scratch_t {
     visited_t visited;
+    visited_t upper_visited;  // upper_beam's own: a rescue keeps the level-0 walk's marks
     std::vector<neighbor_t> candidates, results, found, prune, first;  // first: a rescued walk's
     std::vector<slot_t> selected, batch;
     std::vector<const float*> ptrs;

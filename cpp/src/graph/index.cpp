@@ -463,14 +463,15 @@ void index_t::search_level(const float* q, slot_t start, std::size_t ef, int lvl
 
 void index_t::upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int lvl,
                          scratch_t& s, std::vector<neighbor_t>& out) const {
-    s.visited.reset(n_slots());
+    auto& visited = s.upper_visited;
+    visited.reset(n_slots());
     auto& cand = s.candidates;
     auto& res = s.results;
     cand.clear();
     res.clear();
     float d0;
     approx_batch(q, qnorm2, &start, 1, s, &d0);
-    s.visited.mark(start);
+    visited.mark(start);
     cand.emplace_back(d0, start);
     res.emplace_back(d0, start);
     slot_t ids[2048];
@@ -485,7 +486,7 @@ void index_t::upper_beam(const float* q, float qnorm2, slot_t start, std::size_t
         std::uint32_t m = 0;
         for (std::uint32_t i = 0; i < n; ++i) {
             const slot_t v = atomic_load_u32(l + 1 + i);
-            if (!s.visited.test_and_mark(v)) ids[m++] = v;
+            if (!visited.test_and_mark(v)) ids[m++] = v;
         }
         approx_batch(q, qnorm2, ids, m, s, dists);
         for (std::uint32_t i = 0; i < m; ++i) {
@@ -509,21 +510,32 @@ bool index_t::search_level(const float* q, const slot_t* starts, std::size_t n_s
                            std::size_t ef, int lvl, bool live_only, std::int64_t now,
                            scratch_t& s, std::vector<neighbor_t>& out,
                            const std::vector<std::uint8_t>* mask,
-                           std::size_t sparse_budget) const {
+                           std::size_t sparse_budget,
+                           const std::vector<neighbor_t>* resume) const {
     auto admit = [&](slot_t v) {
         return !live_only ||
                (live(v, now) && (mask == nullptr || (v < mask->size() && (*mask)[v])));
     };
-    s.visited.reset(n_slots());
     auto& cand = s.candidates;  // min-heap by distance (std heap with greater)
     auto& res = s.results;      // max-heap by distance
     cand.clear();
     res.clear();
-    for (std::size_t i = 0; i < n_starts; ++i) s.visited.mark(starts[i]);
-    dist_batch(q, starts, n_starts, s, s.dists.data());
-    for (std::size_t i = 0; i < n_starts; ++i) {
-        cand.emplace_back(s.dists[i], starts[i]);
-        if (admit(starts[i])) res.emplace_back(s.dists[i], starts[i]);
+    // resume: the answer of a walk just made (same query, same now, same admission), whose
+    // visited marks are kept: this walk starts elsewhere but only expands what beats that
+    // answer, and never computes a node of it again.
+    if (resume == nullptr) {
+        s.visited.reset(n_slots());
+    } else {
+        res.assign(resume->begin(), resume->end());
+    }
+    std::size_t fresh = 0;
+    for (std::size_t i = 0; i < n_starts; ++i)
+        if (!s.visited.test_and_mark(starts[i])) s.batch[fresh++] = starts[i];
+    dist_batch(q, s.batch.data(), fresh, s, s.dists.data());
+    for (std::size_t i = 0; i < fresh; ++i) {
+        const slot_t v = s.batch[i];
+        cand.emplace_back(s.dists[i], v);
+        if (admit(v)) res.emplace_back(s.dists[i], v);
     }
     std::make_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
     std::make_heap(res.begin(), res.end());
@@ -941,10 +953,11 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         brute_force(q, k, now, out, filter ? &filter->slots : nullptr);
         return;
     }
-    rerank(q, out, k);
     const std::size_t beam = rescue_beam();
-    if (beam > want_starts && top >= 1 && !out.empty() &&
-        out.front().first > rescue_distance()) {
+    const bool may_rescue = beam > want_starts && top >= 1;
+    if (may_rescue) s.first.assign(out.begin(), out.end());  // (the walk's own distances)
+    rerank(q, out, k);
+    if (may_rescue && !out.empty() && out.front().first > rescue_distance()) {
         // The walk stopped far from the query. On 100k sgd rows holding 499 questions of
         // another domain, 14-15 paraphrases whose own question brute force finds at
         // similarity 0.85-0.98 ended among rows at 0.17-0.35; starting again from the best
@@ -953,25 +966,16 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         // (Tried: walking again only when the wide beam meets a node nearer than the answer
         // saved a third of a random vector's cost and lost 2 of those found; a beam at level 2
         // instead, then 4-16 wide at level 1, cost a third less and lost 6 of them.)
+        // The second walk resumes the first: it keeps the first's answer and visited marks,
+        // so it expands only what beats that answer and computes no node twice.
         upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
-        s.first.assign(out.begin(), out.end());
         n_starts = 0;
         for (const auto& nb : s.prune)
             if (n_starts < want_starts) starts[n_starts++] = nb.second;
         if (search_level(q, starts, n_starts, width, 0, true, now, s, out,
-                         filter ? &filter->mask : nullptr, budget)) {
+                         filter ? &filter->mask : nullptr, budget, &s.first))
             out.assign(s.first.begin(), s.first.end());  // (the first walk did not go sparse)
-        } else {
-            rerank(q, out, k);
-            out.insert(out.end(), s.first.begin(), s.first.end());
-            std::sort(out.begin(), out.end());
-            // A slot found by both walks has the same distance in both: adjacent now.
-            out.erase(std::unique(out.begin(), out.end(),
-                                  [](const neighbor_t& a, const neighbor_t& b) {
-                                      return a.second == b.second;
-                                  }),
-                      out.end());
-        }
+        rerank(q, out, k);
     }
     if (out.size() < k && filter != nullptr) {
         brute_force(q, k, now, out, &filter->slots);
