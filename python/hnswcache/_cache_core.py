@@ -357,6 +357,13 @@ class CacheCore:
         # Log positions of this process's own writes not yet read back -> the entry ids
         # written (applied here already; see apply_log).
         self.own_positions: dict[str, tuple[int, ...]] = {}
+        # Each entry this process wrote -> the log position of its latest write, kept as
+        # the writes are made. (Recomputed from own_positions on every eviction, it cost
+        # positions x batch size: one event per entry, each mapped to its whole batch, so
+        # after a bulk load of 50k entries with no lookup each evicting set() took ~6 s.)
+        # An entry already read back may linger: its position is at or before the
+        # replica's, and every own clear or delete it is compared with is after it.
+        self.own_last: dict[int, tuple[int, int]] = {}
         self._expired: dict[tuple[int, str], None] = {}  # versions counted in expiries
         self.stats = Stats()
         self._create = threading.Lock()
@@ -778,7 +785,7 @@ class CacheCore:
         if positions and self.applied_past(positions[:1]):
             return
         start = _position(positions[0]) if positions else None
-        keep = [] if start is None else [i for i, q in self._own_writes().items() if q > start]
+        keep = [] if start is None else [i for i, q in self.own_last.items() if q > start]
         self.remember_own(positions)
         self.clear_local(sid, keep)
 
@@ -789,18 +796,6 @@ class CacheCore:
             self.own_clear(sid, res.log_positions)
         else:
             self.own_deletes(res.batches)
-
-    def _own_writes(self) -> dict[int, tuple[int, int]]:
-        """Each entry this process wrote, not yet read back from the log, with the log
-        position of its latest write."""
-        last: dict[int, tuple[int, int]] = {}
-        for pos, written in self.own_positions.items():
-            q = _position(pos)
-            if q is not None:
-                for i in written:
-                    if i not in last or q > last[i]:
-                        last[i] = q
-        return last
 
     def snapshot_sample(self, n: int = 32) -> list[int]:
         """Up to ``n`` entry ids of the replica, at random: to check a loaded snapshot."""
@@ -826,7 +821,7 @@ class CacheCore:
         event at a log position, ahead of the log (as :meth:`own_clear`): skipped where the
         replica already read past it, and an entry this process wrote again after it (its
         write logged later, not read yet) stays."""
-        last = self._own_writes()  # (once: a clear of 100k entries has 200 batches)
+        last = self.own_last
         for pos, ids in batches:
             if self.applied_past([pos]):
                 continue
@@ -851,8 +846,24 @@ class CacheCore:
         if len(self.own_positions) > _OWN_POSITIONS_MAX:
             self.own_positions.clear()  # only costs re-fetching our own writes
         written = tuple(ids)
+        latest: tuple[int, int] | None = None
         for pos in positions:
             self.own_positions[pos] = written
+            q = _position(pos)
+            if q is not None and (latest is None or q > latest):
+                latest = q
+        if latest is None or not written:
+            return
+        last = self.own_last
+        if len(last) > _OWN_POSITIONS_MAX:
+            # (entries read back are of no more use: see own_last; if all are still
+            # unread, forgetting them costs what clearing own_positions does)
+            here = None if self.position is None else _position(self.position)
+            kept = {} if here is None else {i: q for i, q in last.items() if q > here}
+            self.own_last = last = kept if len(kept) <= _OWN_POSITIONS_MAX // 2 else {}
+        for i in written:
+            if i not in last or latest > last[i]:
+                last[i] = latest
 
     def take_refreshes(self) -> list[Refresh]:
         if not self.refreshes:

@@ -39,7 +39,8 @@ class MemoryStore:
 
     Args:
         namespace: a label (the memory store holds one cache).
-        log_maxlen: how many change-log events are kept; a reader further behind rebuilds.
+        log_maxlen: how many change-log events are kept at least (up to an eighth more
+            before the oldest are dropped); a reader further behind rebuilds.
         clock: the time entries expire by (seconds), as a server's own clock expires its
             keys: an expired entry is not counted by ``delete``/``clear`` nor given a
             verdict. ``None``: the clock of the first cache that uses the store (with
@@ -68,7 +69,9 @@ class MemoryStore:
         ]
         self._log.extend(events)
         over = len(self._log) - self._log_maxlen
-        if over > 0:
+        # Trimmed in steps of an eighth: deleting from a list's front moves all it keeps,
+        # which once the log was full cost every write ~20 µs at the default 100k events.
+        if over > self._log_maxlen // 8:
             del self._log[:over]
             self._log_base += over
         self._head_pos = f"{self._head()}-0"
