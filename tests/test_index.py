@@ -359,7 +359,7 @@ def test_threaded_small_batches_build_the_same_quality_graph_as_one_thread():
     assert orphans[2] <= orphans[1]
 
 
-@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.5])
+@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.1, 0.5])
 def test_filter_restricts_results_to_the_allowed_labels(fraction):
     x = clustered(5000, 32, seed=21)
     q = clustered(50, 32, seed=22)
@@ -372,7 +372,8 @@ def test_filter_restricts_results_to_the_allowed_labels(fraction):
     labels, _ = idx.search(q, k=10, ef=64, filter=allowed.tolist())
     assert np.isin(labels[labels >= 0], live_allowed).all()
     truth, _ = brute_force(x[live_allowed], q, min(10, len(live_allowed)))
-    assert recall(labels, live_allowed[truth]) >= 0.95
+    # (up to 0.1 of 5,000 rows at ef 64 the allowed rows are scanned: exact; 0.5 is walked)
+    assert recall(labels, live_allowed[truth]) >= (1.0 if fraction <= 0.1 else 0.95)
     if len(live_allowed) < 10:
         assert (labels[:, len(live_allowed) :] == -1).all()
 
