@@ -4,6 +4,7 @@
 // no search ever returns an entry deleted before the search began or one label twice, and
 // that the graph is intact at the end.
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -26,6 +27,10 @@ static int run(dtype_t dtype) {
     std::vector<std::int64_t> labels(n0 + n1), never(n0 + n1, never_expires);
     for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>(i);
     idx.add(data.data(), n0, labels.data(), never.data(), now, 2);
+    // Every search is a far search here, so the rescue (a second walk resuming the first)
+    // runs beside the writers too.
+    idx.set_rescue_beam(32);
+    idx.set_rescue_distance(-1.0f);
 
     // deleted_upto: every label below it was deleted before the value was published.
     std::atomic<std::int64_t> deleted_upto{0};
@@ -65,6 +70,29 @@ static int run(dtype_t dtype) {
             saves.fetch_add(1);
         }
     });
+    // len(): the map's size while nothing mapped can have expired, else a scan (the floor
+    // on the mapped entries' expiries is moved by inserts, upserts and touches meanwhile).
+    std::thread counter([&] {
+        while (!stop.load()) {
+            if (idx.size(now) > n0 + n1) failed.store(true);
+            std::this_thread::sleep_for(std::chrono::microseconds(200));  // (not a lock storm)
+        }
+    });
+    // A filter of 600 labels is scanned, not walked (600^2 <= 4 * 32 * 6000).
+    std::thread filtered([&] {
+        std::vector<std::int64_t> allowed(labels.begin() + 2200, labels.begin() + 2800);
+        std::vector<std::int64_t> out_l(k);
+        std::vector<float> out_d(k);
+        std::size_t q = 5;
+        while (!stop.load()) {
+            q = (q + 17) % n0;
+            idx.search(data.data() + q * dim, 1, k, 32, now, 1, out_l.data(), out_d.data(),
+                       allowed.data(), allowed.size());
+            for (std::int64_t l : out_l)
+                if (l >= 0 && (l < 2200 || l >= 2800)) failed.store(true);
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+    });
     std::vector<std::thread> searchers;
     for (int t = 0; t < 2; ++t)
         searchers.emplace_back([&, t] {
@@ -91,6 +119,8 @@ static int run(dtype_t dtype) {
     stop.store(true);
     consolidator.join();
     saver.join();
+    counter.join();
+    filtered.join();
     for (auto& s : searchers) s.join();
     if (saves.load() == 0) {
         std::puts("FAIL: no save ran during the stress");
@@ -107,7 +137,7 @@ static int run(dtype_t dtype) {
                   "load back");
         return 1;
     }
-    if (rep.live != n0 + n1 - 1500 || rep.unreachable_live != 0) {
+    if (rep.live != n0 + n1 - 1500 || rep.unreachable_live != 0 || idx.size(now) != rep.live) {
         std::puts("FAIL: wrong live count or unreachable nodes");
         return 1;
     }
