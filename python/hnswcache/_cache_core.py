@@ -843,6 +843,18 @@ class CacheCore:
 
     def remember_own(self, positions: Iterable[str], ids: Sequence[int] = ()) -> None:
         """Log positions of this process's own write of ``ids`` (or clear: no ids)."""
+        if len(self.own_last) > _OWN_POSITIONS_MAX:
+            # Entries read back are of no more use (see own_last). Unread ones are forgotten
+            # only with their positions: an own delete logged before such a write and
+            # applied after this would drop the entry here, and the log read that follows
+            # would skip the write as ours: lost from the replica for good. Without their
+            # positions they are read back as others' writes and fetched.
+            here = None if self.position is None else _position(self.position)
+            kept = {} if here is None else {i: q for i, q in self.own_last.items() if q > here}
+            if here is None or len(kept) > _OWN_POSITIONS_MAX // 2:
+                kept = {}
+                self.own_positions.clear()
+            self.own_last = kept
         if len(self.own_positions) > _OWN_POSITIONS_MAX:
             self.own_positions.clear()  # only costs re-fetching our own writes
         written = tuple(ids)
@@ -855,12 +867,6 @@ class CacheCore:
         if latest is None or not written:
             return
         last = self.own_last
-        if len(last) > _OWN_POSITIONS_MAX:
-            # (entries read back are of no more use: see own_last; if all are still
-            # unread, forgetting them costs what clearing own_positions does)
-            here = None if self.position is None else _position(self.position)
-            kept = {} if here is None else {i: q for i, q in last.items() if q > here}
-            self.own_last = last = kept if len(kept) <= _OWN_POSITIONS_MAX // 2 else {}
         for i in written:
             if i not in last or latest > last[i]:
                 last[i] = latest

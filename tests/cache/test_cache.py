@@ -1163,3 +1163,33 @@ def test_the_memory_store_expires_by_the_clock_of_its_cache(ns: str) -> None:
     clock.advance(1)
     assert cache.delete(key) is False
     assert cache.stats()["deletes"] == 1
+
+
+def test_an_own_write_survives_an_earlier_own_delete_applied_after_its_bookkeeping_is_pruned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's eviction of entry i, logged before this thread's rewrite of i and
+    applied after it, must not drop i from the replica, even when the record of this
+    process's unread writes was pruned in between (as a process that only writes does past
+    _OWN_POSITIONS_MAX entries): pruned with its log positions, the rewrite is read back
+    and fetched; pruned without them, i was lost from the semantic tier for good."""
+    from hnswcache import _cache_core
+    from hnswcache.store.base import parse_id
+
+    cache = SemanticCache(HashEmbedder(16), store="memory")
+    c = cache._core
+    for j in range(3):  # (log positions 1-3: the eviction below is logged at 2)
+        cache.set(f"filler {j}", "x")
+    eid = parse_id(cache.set("the rewritten question", "its answer"))  # logged at 4
+    assert eid is not None and eid in c.where
+    monkeypatch.setattr(_cache_core, "_OWN_POSITIONS_MAX", 6)
+    # More unread own writes than the (lowered) bound, in few log entries (a Redis store
+    # logs a batch as one): the record of them is pruned, their positions stay under it.
+    c.remember_own(["100-0"], [(1 << 40) + j for j in range(6)])
+    c.remember_own(["101-0"], [1 << 41])
+    c.own_deletes([("2-0", [eid])])  # the eviction logged at 2, applied only now
+    cache.sync()  # reads the log: the rewrite at 4 must not be skipped as already applied
+    assert eid in c.where
+    vec = HashEmbedder(16)(["the rewritten question"])
+    hit = cache.get("other words", embedding=vec[0])  # (semantic: the replica's index)
+    assert hit is not None and hit.tier == "semantic" and hit.response == "its answer"
+    cache.close()
