@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
+from cache_ef import DATA, unit  # (bench/ is this script's folder)
 from hnswcache import Index
 
-SGD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sgd"
+SGD = DATA / "sgd"
 
 
 def main() -> None:
@@ -33,8 +33,7 @@ def main() -> None:
     q = np.load(SGD / "queries.npy").astype(np.float32)[:args.queries]
     idx = Index(x.shape[1], metric="cosine", M=16, ef_construction=100)
     idx.add(x, np.arange(len(x)))
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    xn, qn = unit(x), unit(q)
     rng = np.random.default_rng(0)
     print(f"{len(x)} sgd rows, {len(q)} queries, k=10, ef 64, isa {idx.isa}\n")
     print("| labels allowed | share | p50 µs | p99 µs | recall@10 |\n|---:|---:|---:|---:|---:|")

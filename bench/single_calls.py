@@ -5,7 +5,7 @@ GPTCache's own hnswlib store. Same rows (sgd, all-MiniLM-L6-v2, 384-d), M=16,
 ef_construction=100, ef 64, k=4; the libraries alternate query by query so that all see
 the same host.
 
-    python bench/single_calls.py [--n 100000] [--queries 2000]
+    python bench/single_calls.py [--n 100000] [--queries 1000]
 
 ``docs/results/single_calls_*.txt`` come from it. Libraries not installed are skipped.
 """
@@ -16,17 +16,13 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SGD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sgd"
+from cache_ef import DATA, unit  # (bench/ is this script's folder)
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+SGD = DATA / "sgd"
 
 
 def timed(calls: dict[str, Callable[[int], Any]], n: int) -> dict[str, np.ndarray]:
@@ -51,7 +47,7 @@ def report(title: str, got: dict[str, np.ndarray], ref: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--queries", type=int, default=1000)  # (sgd has 1,000)
     args = ap.parse_args()
     base = unit(np.load(SGD / "base_f16.npy", mmap_mode="r")[:args.n])
     queries = unit(np.load(SGD / "queries.npy"))
@@ -94,7 +90,7 @@ def main() -> None:
         stores: dict[str, Any] = {
             "hnswcache (HnswCacheVectorStore)": HnswCacheVectorStore(
                 base.shape[1], top_k=4, M=16, ef_construction=100, ef_search=64),
-            "GPTCache's hnswlib store": Hnswlib(str(Path(tmp) / "g.bin"), base.shape[1], 4,
+            "GPTCache's hnswlib store": Hnswlib(f"{tmp}/g.bin", base.shape[1], 4,
                                                n + nq),
         }
         stores["GPTCache's hnswlib store"]._index.set_ef(64)  # (its default: 2 * top_k)

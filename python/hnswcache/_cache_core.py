@@ -354,13 +354,13 @@ class CacheCore:
         self.refreshes: dict[int, Refresh] = {}  # sliding entries hit, to write back
         self._cut_seen: dict[int, tuple[str, bool]] = {}  # cut_entry's answers by version
         self._pending = threading.Lock()
-        # Log positions of this process's own writes not yet read back -> the entry ids
-        # written (applied here already; see apply_log).
-        self.own_positions: dict[str, tuple[int, ...]] = {}
+        # Log positions of this process's own writes not yet read back (applied here
+        # already: apply_log skips them).
+        self.own_positions: set[str] = set()
         # Each entry this process wrote -> the log position of its latest write, kept as
-        # the writes are made. (Recomputed from own_positions on every eviction, it cost
-        # positions x batch size: one event per entry, each mapped to its whole batch, so
-        # after a bulk load of 50k entries with no lookup each evicting set() took ~6 s.)
+        # the writes are made. (Recomputed from every unread position on every eviction, it
+        # cost positions x batch size: one event per entry, each mapped to its whole batch,
+        # so after a bulk load of 50k entries with no lookup each evicting set() took ~6 s.)
         # An entry already read back may linger: its position is at or before the
         # replica's, and every own clear or delete it is compared with is after it.
         self.own_last: dict[int, tuple[int, int]] = {}
@@ -762,7 +762,7 @@ class CacheCore:
             elif ev.id is not None and (ev.op != "del" or ev.id in self.where):
                 ids[ev.id] = None  # (a del of an entry not held here changes nothing)
         for pos in own:
-            self.own_positions.pop(pos, None)
+            self.own_positions.discard(pos)
         return list(ids)
 
     def applied_past(self, positions: Sequence[str]) -> bool:
@@ -857,17 +857,16 @@ class CacheCore:
             self.own_last = kept
         if len(self.own_positions) > _OWN_POSITIONS_MAX:
             self.own_positions.clear()  # only costs re-fetching our own writes
-        written = tuple(ids)
         latest: tuple[int, int] | None = None
         for pos in positions:
-            self.own_positions[pos] = written
+            self.own_positions.add(pos)
             q = _position(pos)
             if q is not None and (latest is None or q > latest):
                 latest = q
-        if latest is None or not written:
+        if latest is None or not ids:
             return
         last = self.own_last
-        for i in written:
+        for i in ids:
             if i not in last or latest > last[i]:
                 last[i] = latest
 
