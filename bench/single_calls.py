@@ -1,11 +1,12 @@
 """One call at a time on a 100k-row index, as applications call the drop-in faces: a single
 ``knn_query`` and a single ``add_items`` through the hnswlib face against hnswlib itself,
-and a single GPTCache vector-store ``search`` through ``HnswCacheVectorStore`` against
-GPTCache's own hnswlib store. Same rows (sgd, all-MiniLM-L6-v2, 384-d), M=16,
-ef_construction=100, ef 64, k=4; the libraries alternate query by query so that all see
-the same host.
+a single GPTCache vector-store ``search`` through ``HnswCacheVectorStore`` against
+GPTCache's own hnswlib store, and the exact ``BFIndex`` of both hnswlib faces (one query a
+call, and a batch, on the first ``--bf-n`` rows). Same rows (sgd, all-MiniLM-L6-v2, 384-d),
+M=16, ef_construction=100, ef 64, k=4; the libraries alternate query by query so that all
+see the same host.
 
-    python bench/single_calls.py [--n 100000] [--queries 1000]
+    python bench/single_calls.py [--n 100000] [--queries 1000] [--bf-n 50000]
 
 ``docs/results/single_calls_*.txt`` come from it. Libraries not installed are skipped.
 """
@@ -48,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)  # (sgd has 1,000)
+    ap.add_argument("--bf-n", type=int, default=50_000, help="rows of the BFIndex runs")
+    ap.add_argument("--bf-queries", type=int, default=200)
     args = ap.parse_args()
     base = unit(np.load(SGD / "base_f16.npy", mmap_mode="r")[:args.n])
     queries = unit(np.load(SGD / "queries.npy"))
@@ -76,6 +79,27 @@ def main() -> None:
     report("knn_query, one query a call (k=4, ef 64)", timed(queries_, nq), "hnswlib")
     adds = {name: (lambda i, p=p: p.add_items(extra[i], [n + i])) for name, p in built.items()}
     report("add_items, one row a call", timed(adds, nq), "hnswlib")
+    del built
+
+    bf_rows = base[:args.bf_n]
+    bfs = {}
+    for name, mod in faces.items():
+        b = mod.BFIndex(space="cosine", dim=base.shape[1])
+        b.init_index(len(bf_rows))
+        b.add_items(bf_rows, np.arange(len(bf_rows)))
+        bfs[name] = b
+    nb = min(args.bf_queries, nq)
+    report(f"BFIndex knn_query at {len(bf_rows)} rows, one query a call (k=4)",
+           timed({name: (lambda i, b=b: b.knn_query(queries[i], k=4)) for name, b in bfs.items()},
+                 nb), "hnswlib")
+    report(f"BFIndex knn_query at {len(bf_rows)} rows, {nb} queries a call (k=10)",
+           timed({name: (lambda i, b=b: b.knn_query(queries[:nb], k=10))
+                  for name, b in bfs.items()}, 5), "hnswlib")
+    if "hnswlib" in bfs:
+        ours, theirs = (b.knn_query(queries[:nb], k=10)[0] for b in bfs.values())
+        print(f"\nBFIndex labels equal to hnswlib's: {np.mean(ours == theirs):.4f} of "
+              f"{ours.size}")
+    del bfs
 
     if not importlib.util.find_spec("gptcache"):
         return

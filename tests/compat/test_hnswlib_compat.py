@@ -580,6 +580,104 @@ def test_bf_index_updates_deletes_and_limits(hl: ModuleType, tmp_path: Path) -> 
     np.testing.assert_array_equal(c.knn_query([[0, 0]], k=2)[0], b.knn_query([[0, 0]], k=2)[0])
 
 
+def test_bf_index_l2_is_exact_where_float32_sums_cancel(hl: ModuleType) -> None:
+    """Rows far from the origin and close to each other: |x|^2 + |q|^2 - 2 x.q in float32
+    loses every digit that tells them apart (hnswlib sums the squared differences). The
+    answer must be float64 brute force's, labels and distances."""
+    rng = np.random.default_rng(11)
+    dim = 64
+    offset = rng.uniform(500, 1000, dim).astype(np.float32)
+    base = offset + rng.uniform(-0.05, 0.05, (400, dim)).astype(np.float32)
+    queries = offset + rng.uniform(-0.05, 0.05, (20, dim)).astype(np.float32)
+    b = hl.BFIndex("l2", dim)
+    b.init_index(400)
+    b.add_items(base)
+    labels, dist = b.knn_query(queries, k=5)
+    diff = queries.astype(np.float64)[:, None, :] - base.astype(np.float64)[None, :, :]
+    d64 = (diff ** 2).sum(-1)
+    truth = np.argsort(d64, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(labels, truth)
+    np.testing.assert_allclose(dist, np.take_along_axis(d64, truth, axis=1), rtol=1e-4)
+
+
+def test_bf_index_answers_from_rows_as_they_are_under_concurrent_writes_ours() -> None:
+    """Queries read the rows in place while other threads add, overwrite and delete: every
+    answer is a label with its own vector's distance (a row moved by a delete while a query
+    scanned it would pair one label with another's vector)."""
+    rng = np.random.default_rng(12)
+    dim = 32
+    vecs = rng.standard_normal((600, dim)).astype(np.float32)  # label i's vector: vecs[i]
+    b = ours.BFIndex("l2", dim)
+    b.init_index(600)
+    b.add_items(vecs[:300], np.arange(300))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            lab = int(r.integers(0, 600))
+            if r.random() < 0.5:
+                b.add_items(vecs[lab], [lab])
+            else:
+                b.delete_vector(lab)
+
+    def reader(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            q = r.standard_normal((int(r.integers(1, 4)), dim)).astype(np.float32)
+            try:
+                labels, dist = b.knn_query(q, k=3)
+            except RuntimeError:  # (fewer than 3 rows at that moment)
+                continue
+            want = ((q[:, None, :].astype(np.float64) - vecs[labels.astype(np.int64)]) ** 2).sum(-1)
+            if not np.allclose(dist, want, rtol=1e-5, atol=1e-5):
+                errors.append(f"{labels.tolist()} {dist.tolist()} {want.tolist()}")
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
+    threads += [threading.Thread(target=reader, args=(s,)) for s in (3, 4)]
+    for t in threads:
+        t.start()
+    stop.wait(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    labels = np.arange(600)[[lab in b._where for lab in range(600)]]
+    got, _ = b.knn_query(vecs[labels], k=1)
+    assert got[:, 0].tolist() == labels.tolist()
+
+
+def test_bf_index_filter_may_query_and_change_the_index_ours() -> None:
+    """The filter runs outside the index's lock: it may query the index (no deadlock), and
+    a row it deletes meanwhile is not answered (the rows are matched by label)."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    b = ours.BFIndex("l2", 8)
+    b.init_index(50)
+    b.add_items(x)
+    q = x[7] + 0.01
+    nearest = exact(x, q[None], 50, "l2")[0].tolist()
+    # The nearest admitted row after the query's own: deleted while the filter runs.
+    doomed = next(lab for lab in nearest[1:] if lab % 5 != 3)
+
+    def keep(label: int) -> bool:
+        if label == 0:
+            assert b.knn_query(x[0], k=1)[0][0, 0] == 0  # a query from inside the filter
+            b.delete_vector(doomed)  # another row takes the deleted one's place
+        return label % 5 != 3
+
+    done: list[Any] = []
+    t = threading.Thread(target=lambda: done.append(b.knn_query(q, k=4, filter=keep)))
+    t.start()
+    t.join(10)
+    assert done, "knn_query with a filter that queries the index did not return"
+    labels, dist = done[0]
+    want = [lab for lab in nearest if lab != doomed and lab % 5 != 3][:4]
+    assert labels[0].tolist() == want
+    np.testing.assert_allclose(dist[0], ((x[want] - q) ** 2).sum(1), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------- ours only
 def test_calls_before_init_raise_instead_of_crashing_ours() -> None:
     p = ours.Index("l2", 4)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._hnswlib_common import (
     _E_CORRUPT,
@@ -38,6 +41,57 @@ from ._hnswlib_common import (
 
 __all__ = ["BFIndex"]
 
+#: Twice float32's unit roundoff. A float32 dot product of two d-vectors is within
+#: d * 2**-24 * |a| |b| of the exact one, whatever the order of the sum (Higham, "Accuracy and
+#: Stability of Numerical Algorithms", 3.1): the scan ranks in float32 (what BLAS is fast at)
+#: and this bounds how far a float32 distance may be from the float64 one.
+_ROUNDING = 2.0 ** -23
+
+
+class _ReadWriteLock:
+    """Many readers or one writer. A waiting writer holds back new readers, so that a
+    stream of overlapping queries cannot starve an insert."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            except BaseException:  # (interrupted while waiting: let the readers in)
+                self._waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
 
 class BFIndex:
     """hnswlib's ``BFIndex``: exact (brute-force) search, in NumPy.
@@ -45,25 +99,34 @@ class BFIndex:
     Deleting an element frees its place (``get_current_count`` drops), unlike
     :meth:`Index.mark_deleted`.
 
+    ``knn_query`` is exact to float64: one float32 pass over the rows ranks them, and the
+    rows float32 rounding could have misplaced around the k-th are computed again in
+    float64. It reads the rows in place: writers wait for running queries and queries for
+    a running writer; a ``filter`` is called outside that lock.
+
     Differences from hnswlib 0.8.0, on purpose: under ``cosine`` the query is normalised
     too, so distances are ``1 - cos`` as :class:`Index` returns them (hnswlib's ``BFIndex``
     normalises only the stored vectors and returns ``1 - |q| cos``: the same labels, other
     distances); a ``BFIndex`` can be copied and pickled (hnswlib's cannot).
     """
 
-    _CHUNK = 1 << 24  # distance matrix entries computed at once
+    _CHUNK = 1 << 22  # distance matrix entries computed at once
 
     def __init__(self, space: str, dim: int) -> None:
         self._space = _check_space(space)
         self._dim = _as_size(dim, "__init__", "dim")
         self._num_threads = _default_threads()
-        self._lock = threading.RLock()
+        # Queries read the rows in place (copied, a single query at 50k rows took 20x
+        # hnswlib's): writers wait for them, and they for writers.
+        self._lock = _ReadWriteLock()
         self._inited = False
         self._max_elements = 0
         self._cur_l = 0
         self._vectors = np.empty((0, self._dim), dtype=np.float32)
         self._labels = np.empty(0, dtype=np.int64)
+        self._sq = np.empty(0, dtype=np.float64)  # each row's squared norm (float64)
         self._count = 0
+        self._version = 0  # bumped by every change of which label is at which row
         self._where: dict[int, int] = {}
 
     def _check(self) -> None:
@@ -72,7 +135,7 @@ class BFIndex:
 
     def init_index(self, max_elements: int) -> None:
         """Create an empty index holding at most ``max_elements`` elements."""
-        with self._lock:
+        with self._lock.write():
             if self._inited:
                 raise RuntimeError(_E_INITED)
             self._max_elements = _as_size(max_elements, "init_index", "max_elements")
@@ -84,14 +147,16 @@ class BFIndex:
         cap = min(max(n, 2 * self._vectors.shape[0], 64), max(self._max_elements, n))
         vectors = np.empty((cap, self._dim), dtype=np.float32)
         labels = np.empty(cap, dtype=np.int64)
+        sq = np.empty(cap, dtype=np.float64)
         vectors[: self._count] = self._vectors[: self._count]
         labels[: self._count] = self._labels[: self._count]
-        self._vectors, self._labels = vectors, labels
+        sq[: self._count] = self._sq[: self._count]
+        self._vectors, self._labels, self._sq = vectors, labels, sq
 
     def add_items(self, data: Any, ids: Any = None) -> None:
         """Insert vectors, or overwrite those whose label exists; rows past
         ``max_elements`` raise ``RuntimeError`` after the ones before were inserted."""
-        with self._lock:
+        with self._lock.write():
             self._check()
             x = _as_data(data, self._dim)
             rows = x.shape[0]
@@ -104,6 +169,8 @@ class BFIndex:
             if self._space == "cosine" and rows:
                 x = _normalized(x)
             self._reserve(min(self._count + rows, self._max_elements))
+            sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if rows else x[:0, 0]
+            self._version += 1
             for row, lab in enumerate(labels.tolist()):
                 slot = self._where.get(lab)
                 if slot is None:
@@ -114,31 +181,73 @@ class BFIndex:
                     self._where[lab] = slot
                     self._labels[slot] = lab
                 self._vectors[slot] = x[row]
+                self._sq[slot] = sq[row]
             self._cur_l += rows
 
     def delete_vector(self, label: int) -> None:
         """Remove ``label`` (the last element takes its place); unknown labels are ignored."""
-        with self._lock:
+        with self._lock.write():
             self._check()
             lab = _as_label(label, "delete_vector")
             slot = self._where.pop(lab, None)
             if slot is None:
                 return
+            self._version += 1
             last = self._count - 1
             if slot != last:
                 moved = int(self._labels[last])
                 self._vectors[slot] = self._vectors[last]
+                self._sq[slot] = self._sq[last]
                 self._labels[slot] = moved
                 self._where[moved] = slot
             self._count = last
 
-    def _distances(self, q: F32, xs: F32) -> F32:
+    def _exact(self, q: F32, xs: F32) -> npt.NDArray[np.float64]:
+        """Distances from one query to rows ``xs`` in float64 (what the answer reports)."""
         if self._space == "l2":
-            qq = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
-            xx = np.einsum("ij,ij->i", xs, xs, dtype=np.float64)[None, :]
-            d = qq + xx - 2.0 * (q.astype(np.float64) @ xs.astype(np.float64).T)
-            return np.maximum(d, 0.0).astype(np.float32)
-        return (1.0 - q.astype(np.float64) @ xs.astype(np.float64).T).astype(np.float32)
+            diff = xs.astype(np.float64) - q.astype(np.float64)
+            return np.einsum("ij,ij->i", diff, diff)
+        return 1.0 - xs.astype(np.float64) @ q.astype(np.float64)
+
+    def _nearest(self, x: F32, xs: F32, sq: npt.NDArray[np.float64],
+                 refused: npt.NDArray[np.bool_] | None, k: int
+                 ) -> tuple[npt.NDArray[np.intp], F32]:
+        """Rows of ``xs`` (positions) nearest each query of ``x``, nearest first, and their
+        distances, exact to float64 (as computed on every row in float64 before: the same
+        answer, ties apart). Ranked in float32; a row is then recomputed in float64 only if
+        its float32 distance is within twice the rounding bound of the k-th best's."""
+        s = x @ xs.T  # float32: a single query is one pass over the rows
+        qq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        top_sq = float(sq.max()) if sq.shape[0] else 0.0
+        if self._space == "l2":
+            approx = s
+            approx *= np.float32(-2.0)
+            approx += sq.astype(np.float32)[None, :]
+            approx += qq.astype(np.float32)[:, None]
+            # |x - q|^2 = |x|^2 + |q|^2 - 2 x.q: each term's rounding is bounded by the
+            # norms, (|x| + |q|)^2 at most in all.
+            bound = (self._dim + 4) * _ROUNDING * (np.sqrt(qq) + math.sqrt(top_sq)) ** 2
+        else:
+            approx = s
+            np.subtract(np.float32(1.0), s, out=approx)
+            bound = (self._dim + 2) * _ROUNDING * (np.sqrt(qq) * math.sqrt(top_sq) + 1.0)
+        if refused is not None:
+            approx[:, refused] = np.inf
+        n = approx.shape[1]
+        kth = np.partition(approx, k - 1, axis=1)[:, k - 1] if k < n else approx.max(axis=1)
+        rows = np.empty((x.shape[0], k), dtype=np.intp)
+        dists = np.empty((x.shape[0], k), dtype=np.float32)
+        for i in range(x.shape[0]):
+            cand = np.flatnonzero(approx[i] <= kth[i] + 2.0 * bound[i])
+            if cand.shape[0] < k:  # (NaN in the query or the rows: every row, as before)
+                cand = np.arange(n) if refused is None else np.flatnonzero(~refused)
+            d = self._exact(x[i], xs[cand])
+            order = np.argsort(d, kind="stable")[:k]
+            rows[i] = cand[order]
+            dists[i] = d[order]
+        if self._space == "l2":
+            np.maximum(dists, 0.0, out=dists)
+        return rows, dists
 
     def _chunks(self, rows: int) -> Iterator[slice]:
         step = max(1, self._CHUNK // max(self._count, 1))
@@ -160,25 +269,28 @@ class BFIndex:
             return _empty_result(rows, k)
         if self._space == "cosine":
             x = _normalized(x)  # hnswlib's BFIndex does not (see the class docstring)
-        with self._lock:
-            xs = self._vectors[: self._count].copy()
-            labels = self._labels[: self._count].copy()
+        admitted: npt.NDArray[np.int64] | None = None
         if filter is not None:
-            admitted = np.array([bool(filter(int(v))) for v in labels], dtype=bool)
-            xs, labels = xs[admitted], labels[admitted]
-        if labels.shape[0] < k:
-            raise RuntimeError(_E_FEW)
-        out_l, out_d = _empty_result(rows, k)
-        for part in self._chunks(rows):
-            d = self._distances(x[part], xs)
-            top = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else None
-            if top is None:
-                top = np.broadcast_to(np.arange(d.shape[1]), d.shape).copy()
-            td = np.take_along_axis(d, top, axis=1)
-            order = np.argsort(td, axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
-            out_l[part] = labels[top].astype(np.uint64)
-            out_d[part] = np.take_along_axis(td, order, axis=1)
+            # The filter runs outside the lock (it may query this index itself), on the
+            # labels as they were; rows that changed since are matched by label.
+            with self._lock.read():
+                seen = self._labels[: self._count].copy()
+                version = self._version
+            ok = np.fromiter((bool(filter(v)) for v in seen.tolist()), dtype=bool,
+                             count=seen.shape[0])
+            admitted = seen[ok]
+        with self._lock.read():
+            n = self._count
+            xs, labels, sq = self._vectors[:n], self._labels[:n], self._sq[:n]
+            refused = None
+            if admitted is not None:
+                refused = ~ok if version == self._version else ~np.isin(labels, admitted)
+            if n - (0 if refused is None else int(refused.sum())) < k:
+                raise RuntimeError(_E_FEW)
+            out_l, out_d = _empty_result(rows, k)
+            for part in self._chunks(rows):
+                top, out_d[part] = self._nearest(x[part], xs, sq, refused, k)
+                out_l[part] = labels[top].astype(np.uint64)
         return out_l, out_d
 
     def set_num_threads(self, num_threads: int) -> None:
@@ -211,7 +323,7 @@ class BFIndex:
 
     def save_index(self, path_to_index: str | os.PathLike[str]) -> None:
         """Write the index to a file."""
-        with self._lock:
+        with self._lock.read():
             self._check()
             header = {
                 "space": self._space,
@@ -247,23 +359,25 @@ class BFIndex:
                 raise RuntimeError(_E_CORRUPT) from exc
         else:
             saved_max, labels, vectors = _read_hnswlib_bf_file(data, self._dim)
-        with self._lock:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+        sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+        with self._lock.write():
             if self._inited:
                 log.warning(
                     "Calling load_index for an already inited index. "
                     "Old index is being deallocated."
                 )
             self._max_elements = saved_max
-            self._vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
-            self._labels = labels
+            self._vectors, self._labels, self._sq = vectors, labels, sq
+            self._version += 1
             self._count = labels.shape[0]
             self._where = {int(v): i for i, v in enumerate(labels.tolist())}
             self._cur_l = self._count
             self._inited = True
 
     def __getstate__(self) -> dict[str, Any]:
-        with self._lock:
-            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        with self._lock.read():
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sq")}
             state["_vectors"] = self._vectors[: self._count].copy()
             state["_labels"] = self._labels[: self._count].copy()
             state["_where"] = dict(self._where)  # copy.copy() must not share it
@@ -271,7 +385,10 @@ class BFIndex:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        self._lock = _ReadWriteLock()
+        self._version = int(state.get("_version", 0))
+        # (derived, so not pickled: recomputed, also for a pickle made before it existed)
+        self._sq = np.einsum("ij,ij->i", self._vectors, self._vectors, dtype=np.float64)
 
     def __repr__(self) -> str:
         return f"<hnswlib.BFIndex(space='{self._space}', dim={self._dim})>"
