@@ -213,6 +213,46 @@ void dot_batch_i8_avx2(const float* q, const std::int8_t* const* xs, std::size_t
     }
 }
 
+// Per-byte popcount by a table of nibbles (vpshufb), 4 codes a register: see the AVX-512
+// version. Tail lanes are masked loads (vpmaskmovq), so they are never read.
+inline __m256i popcount_bytes(__m256i x, __m256i table, __m256i nibble) {
+    return _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(x, nibble)),
+                           _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble)));
+}
+
+void hamming8_avx2(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
+                   std::size_t words, std::uint32_t* out) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+    for (std::size_t first = 0; first < count; first += 8, codes += words * 8) {
+        const long long lanes = static_cast<long long>(count - first < 8 ? count - first : 8);
+        // A lane is loaded when its index is below `lanes` (the mask's sign bits).
+        const __m256i m_lo = _mm256_cmpgt_epi64(_mm256_set1_epi64x(lanes), lane);
+        const __m256i m_hi = _mm256_cmpgt_epi64(_mm256_set1_epi64x(lanes - 4), lane);
+        __m256i sum_lo = _mm256_setzero_si256(), sum_hi = _mm256_setzero_si256();
+        for (std::size_t w0 = 0; w0 < words; w0 += 31) {
+            const std::size_t w1 = words - w0 < 31 ? words : w0 + 31;
+            __m256i b_lo = _mm256_setzero_si256(), b_hi = _mm256_setzero_si256();
+            for (std::size_t w = w0; w < w1; ++w) {
+                const __m256i qw = _mm256_set1_epi64x(static_cast<long long>(q[w]));
+                const auto* p = reinterpret_cast<const long long*>(codes + w * 8);
+                b_lo = _mm256_add_epi8(b_lo, popcount_bytes(
+                    _mm256_xor_si256(_mm256_maskload_epi64(p, m_lo), qw), table, nibble));
+                b_hi = _mm256_add_epi8(b_hi, popcount_bytes(
+                    _mm256_xor_si256(_mm256_maskload_epi64(p + 4, m_hi), qw), table, nibble));
+            }
+            sum_lo = _mm256_add_epi64(sum_lo, _mm256_sad_epu8(b_lo, _mm256_setzero_si256()));
+            sum_hi = _mm256_add_epi64(sum_hi, _mm256_sad_epu8(b_hi, _mm256_setzero_si256()));
+        }
+        alignas(32) std::uint64_t h[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(h), sum_lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(h + 4), sum_hi);
+        for (long long j = 0; j < lanes; ++j) out[first + static_cast<std::size_t>(j)] = static_cast<std::uint32_t>(h[j]);
+    }
+}
+
 const kernels_t table{isa_t::avx2,
                       "avx2",
                       dot_avx2,
@@ -226,7 +266,8 @@ const kernels_t table{isa_t::avx2,
                       dot_batch_i8_avx2,
                       dot_batch16_avx2<bf16_fmt>,
                       l2sq_batch16_avx2<bf16_fmt>,
-                      join_b_avx2};
+                      join_b_avx2,
+                      hamming8_avx2};
 
 }  // namespace
 

@@ -239,6 +239,36 @@ void dot_batch_i8_avx512(const float* q, const std::int8_t* const* xs, std::size
     }
 }
 
+// Per-byte popcount by a 16-entry table of nibbles (vpshufb: AVX-512BW, unlike VPOPCNTQ,
+// is on every AVX-512 CPU this file runs on). Bytes add up to 8 per word: 31 words at most
+// before the sums go wide (vpsadbw), so any dimension is safe.
+void hamming8_avx512(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
+                     std::size_t words, std::uint32_t* out) {
+    // Bytes 0..15 = popcount(0..15), in each 128-bit lane. (Not _mm512_broadcast_i32x4 or
+    // _mm512_cvtepi64_epi32: GCC 12's headers trip -Wuninitialized in them.)
+    const __m512i table = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    for (std::size_t first = 0; first < count; first += 8, codes += words * 8) {
+        const std::size_t lanes = count - first < 8 ? count - first : 8;
+        const __mmask8 m = static_cast<__mmask8>((1u << lanes) - 1u);
+        __m512i sums = _mm512_setzero_si512();  // 8 x u64
+        for (std::size_t w0 = 0; w0 < words; w0 += 31) {
+            const std::size_t w1 = words - w0 < 31 ? words : w0 + 31;
+            __m512i bytes = _mm512_setzero_si512();
+            for (std::size_t w = w0; w < w1; ++w) {
+                const __m512i x = _mm512_xor_si512(_mm512_maskz_loadu_epi64(m, codes + w * 8),
+                                                   _mm512_set1_epi64(static_cast<long long>(q[w])));
+                bytes = _mm512_add_epi8(bytes, _mm512_shuffle_epi8(table, _mm512_and_si512(x, nibble)));
+                bytes = _mm512_add_epi8(
+                    bytes, _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble)));
+            }
+            sums = _mm512_add_epi64(sums, _mm512_sad_epu8(bytes, _mm512_setzero_si512()));
+        }
+        // (masked-off lanes were loaded as zero and xored with q: their sums are dropped)
+        _mm512_mask_cvtepi64_storeu_epi32(out + first, m, sums);
+    }
+}
+
 const kernels_t table{isa_t::avx512,
                       "avx512",
                       dot_avx512,
@@ -252,7 +282,8 @@ const kernels_t table{isa_t::avx512,
                       dot_batch_i8_avx512,
                       dot_batch16_avx512<bf16_fmt>,
                       l2sq_batch16_avx512<bf16_fmt>,
-                      join_b_avx512};
+                      join_b_avx512,
+                      hamming8_avx512};
 
 }  // namespace
 

@@ -118,9 +118,21 @@ const kernels_t table{isa_t::scalar,
                       dot_batch_i8_scalar,
                       dot_batch16_scalar<bf16_to_float>,
                       l2sq_batch16_scalar<bf16_to_float>,
-                      join_b_scalar};
+                      join_b_scalar,
+                      hamming8_portable};
 
 }  // namespace
+
+void hamming8_portable(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
+                       std::size_t words, std::uint32_t* out) {
+    for (std::size_t i = 0; i < count; ++i) {
+        const std::uint64_t* c = codes + (i / 8) * words * 8 + i % 8;
+        std::uint32_t h = 0;
+        for (std::size_t w = 0; w < words; ++w)
+            h += static_cast<std::uint32_t>(__builtin_popcountll(c[w * 8] ^ q[w]));
+        out[i] = h;
+    }
+}
 
 half_t float_to_half(float x) {
     std::uint32_t f;
