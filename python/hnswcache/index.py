@@ -599,17 +599,21 @@ class Index:
 
     @property
     def rescue_beam(self) -> int:
-        """Width of the level-1 beam a far search starts again from (0..4096; 0, the
+        """How many level-1 nodes a far search ranks to start again from (0..4096; 0, the
         default, turns the rescue off; it only acts when wider than ``search_starts``).
         Set :attr:`rescue_distance` with it (its default, infinity, rescues nothing).
 
         A search whose nearest result lies farther than :attr:`rescue_distance` walked into
         the wrong part of the graph or has nothing near it. It walks level 0 again from the
-        best ``search_starts`` nodes of a level-1 beam this wide and answers the merge of
-        both walks (never worse than the first). On 100k sgd rows holding 499 questions of
-        another domain, a beam of 128 found 13-14 of the 14-15 paraphrases whose own
-        question the plain walk missed at ``ef`` 24 (``bench/rescue.py``); only the far
-        lookups pay for it, ~3x a search. A runtime setting: not saved with the index.
+        best ``search_starts`` of that many level-1 nodes and answers the merge of both
+        walks (never worse than the first). Under cosine they are the nearest by sign bits
+        of a scan of every node of level >= 1 (one bit a dimension), ranked again on their
+        8-bit copies, while the scan is the cheaper (up to ``16 * M * rescue_beam`` such
+        nodes, ~520k rows at M 16 and 128); otherwise the best of a level-1 beam this wide.
+        On 100k sgd rows holding 499 questions of another domain, 128 found 13-14 of the
+        14-15 paraphrases whose own question the plain walk missed at ``ef`` 24, and a
+        random vector's search took ~2x a plain one (the beam: ~4x; ``bench/rescue.py``).
+        A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)
 

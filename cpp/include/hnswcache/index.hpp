@@ -26,6 +26,9 @@
 //   I5. The label map is a bijection between labels and non-deleted slots.
 //   I6. A node of level >= 1 has an upper block whose 8-bit copy encodes its stored vector;
 //       it is written before the node is published, like its vector.
+//   I7. Under cosine, the sketch of its chunk holds the sign bits of that 8-bit copy, once,
+//       from when the node is linked at every level until consolidate() frees it; nothing
+//       else is in a sketch (the rescue's scan of the upper level reads them).
 //
 // Concurrency. add/search/delete/touch/get hold `graph_mu_` shared. consolidate() computes
 // its repairs holding it shared too (searches go on; inserts wait on `writers_mu_`), then
@@ -190,8 +193,10 @@ class index_t {
     void set_search_starts(std::size_t n);
     // A search whose nearest result lies farther than rescue_distance (e.g. the walk never
     // entered a small cluster of another domain, so it stopped among unrelated rows) walks
-    // level 0 again from the best nodes of a level-1 beam rescue_beam wide, and answers the
-    // merge of both. A beam of 0 (the default) turns it off; the distance defaults to never.
+    // level 0 again from the best of rescue_beam level-1 nodes, and answers the merge of
+    // both: under cosine the nearest by a scan of the sign bits of every node of level >= 1
+    // (sketch_starts), else a level-1 beam that wide. 0 (the default) turns it off; the
+    // distance defaults to never.
     static constexpr std::size_t max_rescue_beam = 4096;
     std::size_t rescue_beam() const { return rescue_beam_.load(std::memory_order_relaxed); }
     void set_rescue_beam(std::size_t width);
@@ -286,6 +291,17 @@ class index_t {
     void encode_upper(slot_t id, std::uint32_t* block) const;
     void approx_batch(const float* q, float qnorm2, const slot_t* ids, std::size_t n,
                       scratch_t& s, float* out) const;
+    // --- sketches: the sign bits of the nodes of level >= 1 (cosine), for a rescue
+    // Appends slot id's code (from its 8-bit copy) to its chunk's sketch. Under graph_mu_.
+    void sketch_add(slot_t id);
+    // Drops the codes of slots freed or no longer of level >= 1. Under graph_mu_ exclusive.
+    void sketch_compact();
+    // Whether a rescue `width` wide scans the sketches instead of walking a level-1 beam.
+    bool sketch_scan_pays(std::size_t width) const;
+    // The rescue's starting points: of the `width` level-1 nodes nearest q by sign bits,
+    // the n_starts nearest by their 8-bit copies (sorted, in out).
+    void sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
+                       std::vector<neighbor_t>& out) const;
     // Best-first search of an upper level on the 8-bit copies; out sorted, approx distances.
     void upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int level,
                     scratch_t& s, std::vector<neighbor_t>& out) const;
@@ -360,6 +376,7 @@ class index_t {
     double level_mult_;
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links
+    std::size_t sketch_words_;  // u64 words of a sign-bit code: dim_padded_ / 64, rounded up
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};
@@ -415,6 +432,9 @@ class index_t {
     std::atomic<std::uint64_t> insert_batches_{0};
     // One consolidation at a time (they no longer hold writers_mu_ throughout).
     std::mutex consolidate_mu_;
+    // Sketch appends (inserts run in parallel); the codes held, all chunks together.
+    std::mutex sketch_mu_;
+    std::atomic<std::size_t> sketch_total_{0};
 };
 
 }  // namespace hnswcache

@@ -406,6 +406,7 @@ consolidate_report_t index_t::consolidate(std::int64_t now, std::size_t threads)
                 free_slot(id);
             }
         }
+        sketch_compact();  // (no search or insert runs: graph_mu_ is held exclusively)
         // (Deletes made meanwhile stay counted.)
         std::size_t was = deleted_slots_.load(std::memory_order_relaxed);
         while (!deleted_slots_.compare_exchange_weak(was, was - std::min(was, tombstones))) {

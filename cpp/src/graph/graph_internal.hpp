@@ -84,6 +84,16 @@ struct index_t::chunk_t {
     std::uint8_t level[chunk_size];
     std::atomic<std::uint8_t> state[chunk_size];
     std::atomic<std::uint8_t> lock[chunk_size];
+    // The sign bits of this chunk's nodes of level >= 1 (cosine only), which a rescue scans
+    // (index_t::sketch_starts): sketch_n codes, 8 to a block as hamming8 reads them, and the
+    // slot offset of each in sketch_slot. One zeroed mapping of sketch_bytes made at the
+    // chunk's first such node: only the pages written cost memory. Appended under
+    // sketch_mu_ (a code is complete before sketch_n counts it); compacted only under
+    // graph_mu_ held exclusively.
+    std::uint64_t* sketch;
+    std::uint16_t* sketch_slot;
+    std::size_t sketch_bytes;
+    std::atomic<std::uint32_t> sketch_n;
 };
 
 // Visited marks by epoch: a new search bumps the epoch instead of clearing the array.
@@ -213,6 +223,11 @@ struct index_t::scratch_t {
     std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
     std::vector<std::int64_t> answered;  // labels of one answer (drop_duplicate_labels)
+    // A rescue's scan of the sketches: the query's sign bits, each code's distance and slot,
+    // and a histogram of the distances.
+    std::vector<std::uint64_t> qbits;
+    std::vector<std::uint32_t> ham, ham_hist;
+    std::vector<slot_t> ham_slots;
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
     std::vector<float> dec_a, dec_b, dec_c;  // dec_c: exact distances
     float* qbuf = nullptr;

@@ -69,6 +69,7 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     vec_bytes_ = dtype == dtype_t::int8 ? i8_row_header + dim_padded_ : sizeof(half_t) * dim_padded_;
     stride_ = round_up(vec_offset_ + vec_bytes_, 16);
     code_words_ = upper_header_words + dim_padded_ / 4;
+    sketch_words_ = (dim_padded_ + 63) / 64;
     kernels_ = &default_kernels();
     // The hint is checked, not acted on: chunks are allocated as slots are used (one every
     // 4096 inserts, under the allocation lock). Allocating them for the hint up front
@@ -90,6 +91,7 @@ void index_t::free_chunk(chunk_t* ch) {
     for (std::size_t i = 0; i < chunk_size; ++i) std::free(ch->upper[i]);
     std::free(ch->slab);
     std::free(ch->low);
+    free_zeroed_pages(ch->sketch, ch->sketch_bytes);
     free_zeroed_pages(ch, sizeof(chunk_t));
 }
 
@@ -264,6 +266,121 @@ void index_t::alloc_upper(slot_t id, int lvl) {
     if (block == nullptr) throw std::bad_alloc();
     encode_upper(id, block);
     chunk(id).upper[id & (chunk_size - 1)] = block;
+}
+
+void index_t::sketch_add(slot_t id) {
+    if (metric_ != metric_t::cosine) return;
+    chunk_t& ch = chunk(id);
+    const std::size_t off = id & (chunk_size - 1);
+    const auto* code = reinterpret_cast<const std::int8_t*>(ch.upper[off] + upper_header_words);
+    std::lock_guard<std::mutex> lock(sketch_mu_);
+    if (ch.sketch == nullptr) {
+        const std::size_t code_bytes = chunk_size * sketch_words_ * sizeof(std::uint64_t);
+        const std::size_t bytes = code_bytes + chunk_size * sizeof(std::uint16_t);
+        char* p = static_cast<char*>(zeroed_pages(bytes));
+        ch.sketch = reinterpret_cast<std::uint64_t*>(p);
+        ch.sketch_slot = reinterpret_cast<std::uint16_t*>(p + code_bytes);
+        ch.sketch_bytes = bytes;
+    }
+    const std::uint32_t n = ch.sketch_n.load(std::memory_order_relaxed);
+    if (n >= chunk_size) return;  // (each slot of the chunk once at most: cannot happen)
+    // The sign of the 8-bit copy is the sign of the vector (symmetric quantisation); a value
+    // that rounds to 0 counts as negative, as padding does, on both sides.
+    std::uint64_t* words = ch.sketch + (n / 8) * sketch_words_ * 8 + n % 8;
+    for (std::size_t w = 0; w < sketch_words_; ++w) {
+        std::uint64_t bits = 0;
+        const std::size_t end = std::min<std::size_t>(64, dim_padded_ - 64 * w);
+        for (std::size_t b = 0; b < end; ++b)
+            bits |= static_cast<std::uint64_t>(code[64 * w + b] > 0) << b;
+        words[w * 8] = bits;
+    }
+    ch.sketch_slot[n] = static_cast<std::uint16_t>(off);
+    ch.sketch_n.store(n + 1, std::memory_order_release);
+    sketch_total_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void index_t::sketch_compact() {
+    if (metric_ != metric_t::cosine) return;
+    const std::size_t chunks = n_chunks_.load();
+    std::size_t total = 0;
+    for (std::size_t c = 0; c < chunks; ++c) {
+        chunk_t* ch = chunks_[c].load();
+        if (ch == nullptr || ch->sketch == nullptr) continue;
+        const std::uint32_t n = ch->sketch_n.load();
+        std::uint32_t kept = 0;
+        for (std::uint32_t i = 0; i < n; ++i) {
+            const slot_t id = static_cast<slot_t>(c << chunk_bits) | ch->sketch_slot[i];
+            if (state(id) != state_ready || level(id) == 0) continue;
+            if (kept != i) {
+                const std::uint64_t* from = ch->sketch + (i / 8) * sketch_words_ * 8 + i % 8;
+                std::uint64_t* to = ch->sketch + (kept / 8) * sketch_words_ * 8 + kept % 8;
+                for (std::size_t w = 0; w < sketch_words_; ++w) to[w * 8] = from[w * 8];
+                ch->sketch_slot[kept] = ch->sketch_slot[i];
+            }
+            ++kept;
+        }
+        ch->sketch_n.store(kept, std::memory_order_release);
+        total += kept;
+    }
+    sketch_total_.store(total);
+}
+
+bool index_t::sketch_scan_pays(std::size_t width) const {
+    // The scan reads every code (~1.1 ns each with AVX-512 at 384 dims), the beam ~width * M
+    // 8-bit copies (~30 ns each): at 100k sgd rows (6.2k codes) a scan and its 128 8-bit
+    // distances cost ~15 µs against the beam's ~60. Past 16 * M * width codes (~520k rows at
+    // M 16, width 128) the beam is cheaper. The portable kernel (no popcount instruction
+    // on a baseline x86-64 build) is several times slower: beam.
+    const std::size_t codes = sketch_total_.load(std::memory_order_relaxed);
+    return metric_ == metric_t::cosine && kernels_->isa != isa_t::scalar && codes >= width &&
+           codes <= 16 * M_ * width;
+}
+
+void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
+                            std::vector<neighbor_t>& out) const {
+    const std::size_t words = sketch_words_;
+    s.qbits.assign(words, 0);
+    for (std::size_t i = 0; i < dim_padded_; ++i)
+        if (q[i] > 0) s.qbits[i / 64] |= std::uint64_t{1} << (i % 64);
+    const std::size_t chunks = n_chunks_.load(std::memory_order_acquire);
+    std::size_t m = 0;
+    for (std::size_t c = 0; c < chunks; ++c) {
+        const chunk_t* ch = chunks_[c].load(std::memory_order_acquire);
+        if (ch == nullptr) continue;
+        const std::uint32_t n = ch->sketch_n.load(std::memory_order_acquire);
+        if (n == 0) continue;
+        if (s.ham.size() < m + n) {
+            s.ham.resize(m + n + 1024);
+            s.ham_slots.resize(m + n + 1024);
+        }
+        kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, s.ham.data() + m);
+        const slot_t base = static_cast<slot_t>(c << chunk_bits);
+        for (std::uint32_t i = 0; i < n; ++i) s.ham_slots[m + i] = base | ch->sketch_slot[i];
+        m += n;
+    }
+    // The `width` nearest by Hamming distance: a histogram of the distances finds the cut.
+    const std::size_t bins = 64 * words + 1;
+    s.ham_hist.assign(bins, 0);
+    for (std::size_t i = 0; i < m; ++i) ++s.ham_hist[s.ham[i]];
+    std::size_t cut = 0, below = 0;
+    while (cut < bins && below + s.ham_hist[cut] < width) below += s.ham_hist[cut++];
+    std::size_t at_cut = width - below;  // (taken of those exactly at the cut)
+    auto& ids = s.selected;
+    ids.clear();
+    for (std::size_t i = 0; i < m; ++i) {
+        if (s.ham[i] < cut) {
+            ids.push_back(s.ham_slots[i]);
+        } else if (s.ham[i] == cut && at_cut > 0) {
+            ids.push_back(s.ham_slots[i]);
+            --at_cut;
+        }
+    }
+    // Ranked again on their 8-bit copies, as the beam ranks what it meets.
+    if (s.batch.size() < ids.size()) s.grow(ids.size());
+    approx_batch(q, qnorm2, ids.data(), ids.size(), s, s.dists.data());
+    out.clear();
+    for (std::size_t i = 0; i < ids.size(); ++i) out.emplace_back(s.dists[i], ids[i]);
+    std::sort(out.begin(), out.end());
 }
 
 void index_t::store_vector(slot_t id, const float* v) {
@@ -680,6 +797,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
         ep = entry_.load(std::memory_order_acquire);
         if (ep == no_entry) {
             entry_.store(pack_entry(id, lvl), std::memory_order_release);
+            if (lvl > 0) sketch_add(id);
             publish_label(lab, id);
             return;
         }
@@ -730,6 +848,8 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
         if (now_ep == no_entry || static_cast<int>(now_ep >> 32) < lvl)
             entry_.store(pack_entry(id, lvl), std::memory_order_release);
     }
+    // Linked at every level now: a rescue may start from it.
+    if (lvl > 0) sketch_add(id);
     publish_label(lab, id);
 }
 
@@ -971,13 +1091,19 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         // another domain, 14-15 paraphrases whose own question brute force finds at
         // similarity 0.85-0.98 ended among rows at 0.17-0.35; starting again from the best
         // of a 128-wide level-1 beam (on the 8-bit copies) finds all but one. Only such far
-        // lookups pay for it, ~3x a search (bench/rescue.py).
+        // lookups pay for it: ~4x a search with the beam, ~2x with the scan of the sign bits
+        // of the upper nodes that replaces it under cosine (1 paraphrase lost either way,
+        // as with a beam of 4096; the 128 nearest by sign bits held the nearest upper node
+        // for 99.7 % of the paraphrases in a NumPy check; bench/rescue.py).
         // (Tried: walking again only when the wide beam meets a node nearer than the answer
         // saved a third of a random vector's cost and lost 2 of those found; a beam at level 2
         // instead, then 4-16 wide at level 1, cost a third less and lost 6 of them.)
         // The second walk resumes the first: it keeps the first's answer and visited marks,
         // so it expands only what beats that answer and computes no node twice.
-        upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
+        if (sketch_scan_pays(beam))
+            sketch_starts(q, qnorm2, beam, s, s.prune);
+        else
+            upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
         n_starts = 0;
         for (const auto& nb : s.prune)
             if (n_starts < want_starts) starts[n_starts++] = nb.second;
