@@ -1252,6 +1252,46 @@ def test_an_index_of_one_entry_costs_kilobytes_not_most_of_a_megabyte():
     assert per_index < 150_000, per_index
 
 
+def test_the_rescue_scans_the_upper_nodes_as_they_are_through_churn_and_reload():
+    """Under cosine the rescue starts from a scan of the sign bits of the nodes of level
+    >= 1 (one sketch per chunk): nodes join it once linked, leave it when consolidation
+    frees them, come back when their slots are reused, and a loaded index rebuilds it.
+    check_integrity verifies it holds each upper node once, with the signs of its 8-bit
+    copy, and nothing else; the rescue keeps finding the rare topic throughout."""
+    n, half = 12_000, 499
+    x, order, asked, findable = rare_topic(n, half)
+    idx = Index(384, M=16, ef_construction=100, ef_search=24, dtype="int8", alpha=1.2, seed=3)
+    idx.search_starts = 4
+    idx.rescue_beam, idx.rescue_distance = 64, 0.6
+    for s in range(0, len(x), 1000):
+        idx.add(x[order[s:s + 1000]], order[s:s + 1000], num_threads=2)
+    own = n + np.arange(half)
+
+    def found() -> int:
+        labels, _ = idx.search(asked, k=4, num_threads=1)
+        return int(((labels[:, 0] == own) & findable).sum())
+
+    idx.check_integrity()
+    before = found()
+    assert before >= findable.sum() - 12, (before, findable.sum())
+    # Half the sgd rows go; consolidation frees their slots (and their codes).
+    gone = np.arange(0, n, 2)
+    idx.delete(gone)
+    report = idx.consolidate()
+    assert report["removed"] == len(gone)
+    idx.check_integrity()
+    # They come back into the freed slots, some of them at upper levels again.
+    idx.add(x[gone], gone, num_threads=2)
+    idx.check_integrity()
+    assert found() >= before - 3
+    loaded = Index.from_bytes(idx.to_bytes())
+    loaded.check_integrity()
+    loaded.search_starts = 4
+    loaded.rescue_beam, loaded.rescue_distance = 64, 0.6
+    np.testing.assert_array_equal(loaded.search(asked, k=4, num_threads=1)[0],
+                                  idx.search(asked, k=4, num_threads=1)[0])
+
+
 def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
     # 499 questions (paraphrases data) among 30k sgd requests, real all-MiniLM-L6-v2 rows,
     # built as the cache builds a scope: asked each stored question's paraphrase, the plain
