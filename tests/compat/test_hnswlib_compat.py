@@ -603,7 +603,9 @@ def test_bf_index_l2_is_exact_where_float32_sums_cancel(hl: ModuleType) -> None:
 def test_bf_index_answers_from_rows_as_they_are_under_concurrent_writes_ours() -> None:
     """Queries read the rows in place while other threads add, overwrite and delete: every
     answer is a label with its own vector's distance (a row moved by a delete while a query
-    scanned it would pair one label with another's vector)."""
+    scanned it would pair one label with another's vector), and neither side starves: the
+    lock lets the waiting queries in between writes (with writers preferred outright, 8
+    writing threads left 2 queries answered in 2 s)."""
     rng = np.random.default_rng(12)
     dim = 32
     vecs = rng.standard_normal((600, dim)).astype(np.float32)  # label i's vector: vecs[i]
@@ -612,40 +614,96 @@ def test_bf_index_answers_from_rows_as_they_are_under_concurrent_writes_ours() -
     b.add_items(vecs[:300], np.arange(300))
     stop = threading.Event()
     errors: list[str] = []
+    answered = [0, 0]
+    writes = [0] * 6
 
-    def writer(seed: int) -> None:
-        r = np.random.default_rng(seed)
-        while not stop.is_set():
-            lab = int(r.integers(0, 600))
-            if r.random() < 0.5:
-                b.add_items(vecs[lab], [lab])
-            else:
-                b.delete_vector(lab)
+    def writer(w: int) -> None:
+        r = np.random.default_rng(w)
+        try:
+            while not stop.is_set():
+                lab = int(r.integers(0, 600))
+                if r.random() < 0.5:
+                    b.add_items(vecs[lab], [lab])
+                else:
+                    b.delete_vector(lab)
+                writes[w] += 1
+        except BaseException as exc:  # noqa: BLE001 (reported below, not lost in a thread)
+            errors.append(f"writer: {exc!r}")
 
-    def reader(seed: int) -> None:
-        r = np.random.default_rng(seed)
-        while not stop.is_set():
-            q = r.standard_normal((int(r.integers(1, 4)), dim)).astype(np.float32)
-            try:
-                labels, dist = b.knn_query(q, k=3)
-            except RuntimeError:  # (fewer than 3 rows at that moment)
-                continue
-            want = ((q[:, None, :].astype(np.float64) - vecs[labels.astype(np.int64)]) ** 2).sum(-1)
-            if not np.allclose(dist, want, rtol=1e-5, atol=1e-5):
-                errors.append(f"{labels.tolist()} {dist.tolist()} {want.tolist()}")
+    def reader(i: int) -> None:
+        r = np.random.default_rng(10 + i)
+        try:
+            while not stop.is_set():
+                q = r.standard_normal((int(r.integers(1, 4)), dim)).astype(np.float32)
+                try:
+                    labels, dist = b.knn_query(q, k=3)
+                except RuntimeError:  # (fewer than 3 rows at that moment)
+                    continue
+                want = ((q[:, None, :].astype(np.float64)
+                         - vecs[labels.astype(np.int64)]) ** 2).sum(-1)
+                if not np.allclose(dist, want, rtol=1e-5, atol=1e-5):
+                    errors.append(f"{labels.tolist()} {dist.tolist()} {want.tolist()}")
+                answered[i] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(f"reader: {exc!r}")
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
-    threads += [threading.Thread(target=reader, args=(s,)) for s in (3, 4)]
+    threads = [threading.Thread(target=writer, args=(w,), daemon=True) for w in range(6)]
+    threads += [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
     stop.wait(2.0)
     stop.set()
     for t in threads:
-        t.join()
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
     assert not errors, errors[:3]
+    assert min(answered) >= 50 and min(writes) >= 50, (answered, writes)
     labels = np.arange(600)[[lab in b._where for lab in range(600)]]
     got, _ = b.knn_query(vecs[labels], k=1)
     assert got[:, 0].tolist() == labels.tolist()
+
+
+def test_bf_index_input_conversion_may_query_the_index_ours() -> None:
+    """add_items converts its arguments before it takes the lock: an array-like whose
+    conversion queries the same index (or a logging handler) cannot deadlock it."""
+    b = ours.BFIndex("l2", 2)
+    b.init_index(10)
+    b.add_items([[0.0, 0.0]])
+
+    class Asks:
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            assert b.knn_query([[0.0, 0.0]], k=1)[0][0, 0] == 0
+            return np.array([[3.0, 4.0]], dtype=dtype or np.float32)
+
+    done: list[bool] = []
+    t = threading.Thread(target=lambda: done.append(b.add_items(Asks()) is None), daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [True], "add_items with an array-like that queries the index hung"
+    labels, dist = b.knn_query([[3.0, 4.0]], k=1)
+    assert labels[0, 0] == 1 and dist[0, 0] == 0
+
+
+@pytest.mark.parametrize("space", ["l2", "ip"])
+def test_bf_index_rows_that_overflow_float32_are_still_ranked_and_filtered(
+        hl: ModuleType, space: str) -> None:
+    """A row whose float32 distance overflows (or holds inf) is ranked by its float64
+    distance, and a row the filter refuses is never answered, however its float32
+    distance came out (found by review: an inf row made the float32 bound infinite and
+    let refused rows back in)."""
+    huge = np.array([[1e20, 1e20], [0.0, 0.0], [1e19, 0.0]], dtype=np.float32)
+    b = hl.BFIndex(space, 2)
+    b.init_index(3)
+    b.add_items(huge)
+    labels, _ = b.knn_query(np.array([[1e20, 1e20]], dtype=np.float32), k=1)
+    assert labels.tolist() == [[0]]  # l2: distance 0; ip: 1 - 2e40, the least
+    rows = np.array([[-np.inf, 0], [1, 0], [2, 0], [0.9, 0]], dtype=np.float32)
+    c = hl.BFIndex(space, 2)
+    c.init_index(4)
+    c.add_items(rows)
+    q = np.array([[1, 0]] if space == "ip" else [[2, 0]], dtype=np.float32)
+    labels, _ = c.knn_query(q, k=1, filter=lambda label: label != 2)
+    assert labels.tolist() == [[1]]
 
 
 def test_bf_index_filter_may_query_and_change_the_index_ours() -> None:
@@ -668,7 +726,8 @@ def test_bf_index_filter_may_query_and_change_the_index_ours() -> None:
         return label % 5 != 3
 
     done: list[Any] = []
-    t = threading.Thread(target=lambda: done.append(b.knn_query(q, k=4, filter=keep)))
+    t = threading.Thread(target=lambda: done.append(b.knn_query(q, k=4, filter=keep)),
+                         daemon=True)
     t.start()
     t.join(10)
     assert done, "knn_query with a filter that queries the index did not return"

@@ -46,23 +46,40 @@ __all__ = ["BFIndex"]
 #: Stability of Numerical Algorithms", 3.1): the scan ranks in float32 (what BLAS is fast at)
 #: and this bounds how far a float32 distance may be from the float64 one.
 _ROUNDING = 2.0 ** -23
+#: The same bound's absolute part, per term: products that underflow (or that a BLAS built
+#: to flush subnormals to zero drops) are off by up to float32's least normal, 2**-126.
+_UNDERFLOW = 2.0 ** -122
 
 
 class _ReadWriteLock:
-    """Many readers or one writer. A waiting writer holds back new readers, so that a
-    stream of overlapping queries cannot starve an insert."""
+    """Many readers or one writer, phase-fair: a waiting writer holds back readers that
+    come after it (a stream of overlapping queries cannot starve an insert), and a writer
+    that finishes lets in the readers already waiting before the next writer goes (a
+    stream of inserts cannot starve the queries either)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        self._readers = 0  # holding it
         self._writing = False
-        self._waiting = 0
+        self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._admit = 0  # waiting readers let in ahead of the waiting writers
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writing or self._waiting:
-                self._cond.wait()
+            self._readers_waiting += 1
+            try:
+                while self._writing or (self._writers_waiting and not self._admit):
+                    self._cond.wait()
+            except BaseException:  # (interrupted while waiting: give back its turn)
+                self._readers_waiting -= 1
+                self._admit = min(self._admit, self._readers_waiting)
+                self._cond.notify_all()
+                raise
+            self._readers_waiting -= 1
+            if self._admit:
+                self._admit -= 1
             self._readers += 1
         try:
             yield
@@ -75,21 +92,22 @@ class _ReadWriteLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            self._waiting += 1
+            self._writers_waiting += 1
             try:
-                while self._writing or self._readers:
+                while self._writing or self._readers or self._admit:
                     self._cond.wait()
             except BaseException:  # (interrupted while waiting: let the readers in)
-                self._waiting -= 1
+                self._writers_waiting -= 1
                 self._cond.notify_all()
                 raise
-            self._waiting -= 1
+            self._writers_waiting -= 1
             self._writing = True
         try:
             yield
         finally:
             with self._cond:
                 self._writing = False
+                self._admit = self._readers_waiting
                 self._cond.notify_all()
 
 
@@ -99,10 +117,14 @@ class BFIndex:
     Deleting an element frees its place (``get_current_count`` drops), unlike
     :meth:`Index.mark_deleted`.
 
-    ``knn_query`` is exact to float64: one float32 pass over the rows ranks them, and the
-    rows float32 rounding could have misplaced around the k-th are computed again in
-    float64. It reads the rows in place: writers wait for running queries and queries for
-    a running writer; a ``filter`` is called outside that lock.
+    ``knn_query`` answers as computing every distance in float64 would: one float32 pass
+    over the rows ranks them, and the rows float32 rounding could have misplaced around
+    the k-th (and any whose float32 distance is not finite) are computed again in float64;
+    where that would be most rows (data far from the origin) every distance is computed in
+    float64. Ties go to the lower label, as in hnswlib. It reads the rows in place:
+    writers wait for running queries, queries for a running writer, and a finished
+    writer lets the waiting queries in before the next writer; arguments are converted
+    and a ``filter`` is called outside that lock.
 
     Differences from hnswlib 0.8.0, on purpose: under ``cosine`` the query is normalised
     too, so distances are ``1 - cos`` as :class:`Index` returns them (hnswlib's ``BFIndex``
@@ -127,6 +149,8 @@ class BFIndex:
         self._sq = np.empty(0, dtype=np.float64)  # each row's squared norm (float64)
         self._count = 0
         self._version = 0  # bumped by every change of which label is at which row
+        # The version at which the float32 ranking recomputed most rows (-1: none).
+        self._rank32_failed = -1
         self._where: dict[int, int] = {}
 
     def _check(self) -> None:
@@ -156,20 +180,22 @@ class BFIndex:
     def add_items(self, data: Any, ids: Any = None) -> None:
         """Insert vectors, or overwrite those whose label exists; rows past
         ``max_elements`` raise ``RuntimeError`` after the ones before were inserted."""
+        self._check()
+        # Converted before the lock: an array-like's own code may query this index.
+        x = _as_data(data, self._dim)
+        rows = x.shape[0]
+        given = _as_ids(ids, rows)
+        if self._space == "cosine" and rows:
+            x = _normalized(x)
+        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if rows else x[:0, 0]
         with self._lock.write():
             self._check()
-            x = _as_data(data, self._dim)
-            rows = x.shape[0]
-            given = _as_ids(ids, rows)
             labels = (
                 given
                 if given is not None
                 else np.arange(self._cur_l, self._cur_l + rows, dtype=np.int64)
             )
-            if self._space == "cosine" and rows:
-                x = _normalized(x)
             self._reserve(min(self._count + rows, self._max_elements))
-            sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if rows else x[:0, 0]
             self._version += 1
             for row, lab in enumerate(labels.tolist()):
                 slot = self._where.get(lab)
@@ -202,52 +228,105 @@ class BFIndex:
                 self._where[moved] = slot
             self._count = last
 
-    def _exact(self, q: F32, xs: F32) -> npt.NDArray[np.float64]:
-        """Distances from one query to rows ``xs`` in float64 (what the answer reports)."""
-        if self._space == "l2":
-            diff = xs.astype(np.float64) - q.astype(np.float64)
-            return np.einsum("ij,ij->i", diff, diff)
-        return 1.0 - xs.astype(np.float64) @ q.astype(np.float64)
+    def _all_exact(self, x: F32, xs: F32) -> npt.NDArray[np.float64]:
+        """Every distance of a chunk of queries, in float64 (how every query was answered
+        before the float32 pass, and still where that pass would recompute most rows)."""
+        q64, x64 = x.astype(np.float64), xs.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # (rows of inf or NaN: as they come)
+            if self._space == "l2":
+                qq = np.einsum("ij,ij->i", q64, q64)[:, None]
+                xx = np.einsum("ij,ij->i", x64, x64)[None, :]
+                return np.maximum(qq + xx - 2.0 * (q64 @ x64.T), 0.0)
+            return 1.0 - q64 @ x64.T
 
-    def _nearest(self, x: F32, xs: F32, sq: npt.NDArray[np.float64],
-                 refused: npt.NDArray[np.bool_] | None, k: int
-                 ) -> tuple[npt.NDArray[np.intp], F32]:
-        """Rows of ``xs`` (positions) nearest each query of ``x``, nearest first, and their
-        distances, exact to float64 (as computed on every row in float64 before: the same
-        answer, ties apart). Ranked in float32; a row is then recomputed in float64 only if
-        its float32 distance is within twice the rounding bound of the k-th best's."""
-        s = x @ xs.T  # float32: a single query is one pass over the rows
-        qq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-        top_sq = float(sq.max()) if sq.shape[0] else 0.0
-        if self._space == "l2":
-            approx = s
-            approx *= np.float32(-2.0)
-            approx += sq.astype(np.float32)[None, :]
-            approx += qq.astype(np.float32)[:, None]
-            # |x - q|^2 = |x|^2 + |q|^2 - 2 x.q: each term's rounding is bounded by the
-            # norms, (|x| + |q|)^2 at most in all.
-            bound = (self._dim + 4) * _ROUNDING * (np.sqrt(qq) + math.sqrt(top_sq)) ** 2
+    def _nearest(self, x: F32, xs: F32, labels: npt.NDArray[np.int64],
+                 sq: npt.NDArray[np.float64], refused: npt.NDArray[np.bool_] | None, k: int,
+                 rank32: bool) -> tuple[npt.NDArray[np.intp], F32, bool]:
+        """Rows of ``xs`` (positions) nearest each query of ``x``, nearest first (ties by
+        label, as hnswlib's heap of (distance, label) breaks them), their distances in
+        float64, and whether the float32 ranking paid. With ``rank32`` one float32 pass
+        ranks every row and only the rows it cannot place for sure (within twice its
+        rounding bound of the k-th best, or not finite) are computed again in float64;
+        where that would be most rows (data far from the origin: a wide bound), and
+        without ``rank32``, every distance is computed in float64."""
+        r, n = x.shape[0], xs.shape[0]
+        admitted = n - (0 if refused is None else int(refused.sum()))
+        cand = None
+        if rank32:
+            cand = self._ranked32(x, xs, sq, refused, k)
+            if int(cand.sum()) > max(4 * k * r, r * admitted // 8):
+                cand = None
+                rank32 = False
+        if cand is None:
+            d = self._all_exact(x, xs)
+            if refused is not None:
+                d[:, refused] = np.inf
+            key = np.where(np.isnan(d), np.inf, d)
+            # Every row up to the k-th distance (ties with it included), admitted.
+            edge = np.partition(key, k - 1, axis=1)[:, k - 1] if k < n else key.max(axis=1)
+            keep = key <= edge[:, None]
+            if refused is not None:
+                keep[:, refused] = False
+            rows_of, cols = np.nonzero(keep)
+            dist = d[rows_of, cols]
         else:
-            approx = s
-            np.subtract(np.float32(1.0), s, out=approx)
-            bound = (self._dim + 2) * _ROUNDING * (np.sqrt(qq) * math.sqrt(top_sq) + 1.0)
+            rows_of, cols = np.nonzero(cand)
+            q64 = x.astype(np.float64)[rows_of]
+            x64 = xs[cols].astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if self._space == "l2":
+                    diff = x64 - q64
+                    dist = np.einsum("ij,ij->i", diff, diff)
+                else:
+                    dist = 1.0 - np.einsum("ij,ij->i", x64, q64)
+        # Sorted by query, then distance (NaN last), then label; each query's first k.
+        order = np.lexsort((labels[cols], np.where(np.isnan(dist), np.inf, dist), rows_of))
+        starts = np.concatenate(([0], np.cumsum(np.bincount(rows_of, minlength=r))[:-1]))
+        pick = order[starts[:, None] + np.arange(k)[None, :]]
+        with np.errstate(over="ignore"):  # (a float64 distance past float32's range: inf)
+            return cols[pick], dist[pick].astype(np.float32), rank32
+
+    def _ranked32(self, x: F32, xs: F32, sq: npt.NDArray[np.float64],
+                  refused: npt.NDArray[np.bool_] | None, k: int) -> npt.NDArray[np.bool_]:
+        """Which rows each query must compute in float64, from one float32 pass: those
+        within twice the float32 rounding bound of the k-th best, and those whose float32
+        distance is not finite; never a refused row; every admitted row of a query with
+        fewer than k finite distances."""
+        n = xs.shape[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = x @ xs.T  # float32: a single query is one pass over the rows
+        qq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        top = math.sqrt(float(np.max(sq, initial=0.0, where=np.isfinite(sq))))
+        terms = self._dim + 4
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self._space == "l2":
+                approx = s
+                approx *= np.float32(-2.0)
+                approx += sq.astype(np.float32)[None, :]
+                approx += qq.astype(np.float32)[:, None]
+                # |x - q|^2 = |x|^2 + |q|^2 - 2 x.q: each term's rounding is bounded by the
+                # norms, (|x| + |q|)^2 at most in all.
+                bound = terms * (_ROUNDING * (np.sqrt(qq) + top) ** 2 + _UNDERFLOW)
+            else:
+                approx = s
+                np.subtract(np.float32(1.0), s, out=approx)
+                bound = terms * (_ROUNDING * (np.sqrt(qq) * top + 1.0) + _UNDERFLOW)
+        # A row whose float32 distance is not finite (it overflowed, or holds NaN or inf)
+        # could be anywhere: it is always recomputed.
+        unsure = ~np.isfinite(approx)
+        approx[unsure] = np.inf
         if refused is not None:
             approx[:, refused] = np.inf
-        n = approx.shape[1]
+            unsure[:, refused] = False
         kth = np.partition(approx, k - 1, axis=1)[:, k - 1] if k < n else approx.max(axis=1)
-        rows = np.empty((x.shape[0], k), dtype=np.intp)
-        dists = np.empty((x.shape[0], k), dtype=np.float32)
-        for i in range(x.shape[0]):
-            cand = np.flatnonzero(approx[i] <= kth[i] + 2.0 * bound[i])
-            if cand.shape[0] < k:  # (NaN in the query or the rows: every row, as before)
-                cand = np.arange(n) if refused is None else np.flatnonzero(~refused)
-            d = self._exact(x[i], xs[cand])
-            order = np.argsort(d, kind="stable")[:k]
-            rows[i] = cand[order]
-            dists[i] = d[order]
-        if self._space == "l2":
-            np.maximum(dists, 0.0, out=dists)
-        return rows, dists
+        with np.errstate(invalid="ignore"):
+            cand = (approx <= (kth + 2.0 * bound)[:, None]) | unsure
+        if refused is not None:
+            cand[:, refused] = False
+        short = cand.sum(axis=1) < k  # (the k-th is not finite)
+        if short.any():
+            cand[short] = True if refused is None else ~refused
+        return cand
 
     def _chunks(self, rows: int) -> Iterator[slice]:
         step = max(1, self._CHUNK // max(self._count, 1))
@@ -288,9 +367,15 @@ class BFIndex:
             if n - (0 if refused is None else int(refused.sum())) < k:
                 raise RuntimeError(_E_FEW)
             out_l, out_d = _empty_result(rows, k)
+            # The float32 pass pays on large rows, unless it did not on these rows already.
+            rank32 = n * self._dim > 1 << 16 and self._rank32_failed != self._version
             for part in self._chunks(rows):
-                top, out_d[part] = self._nearest(x[part], xs, sq, refused, k)
+                top, out_d[part], paid = self._nearest(x[part], xs, labels, sq, refused, k,
+                                                       rank32)
                 out_l[part] = labels[top].astype(np.uint64)
+                if rank32 and not paid:
+                    rank32 = False
+                    self._rank32_failed = self._version  # (a plain store: no lock needed)
         return out_l, out_d
 
     def set_num_threads(self, num_threads: int) -> None:
@@ -362,11 +447,7 @@ class BFIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
         sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
         with self._lock.write():
-            if self._inited:
-                log.warning(
-                    "Calling load_index for an already inited index. "
-                    "Old index is being deallocated."
-                )
+            replaced = self._inited
             self._max_elements = saved_max
             self._vectors, self._labels, self._sq = vectors, labels, sq
             self._version += 1
@@ -374,6 +455,11 @@ class BFIndex:
             self._where = {int(v): i for i, v in enumerate(labels.tolist())}
             self._cur_l = self._count
             self._inited = True
+        if replaced:  # (after the lock: a logging handler is the application's code)
+            log.warning(
+                "Calling load_index for an already inited index. "
+                "Old index is being deallocated."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock.read():
@@ -387,6 +473,7 @@ class BFIndex:
         self.__dict__.update(state)
         self._lock = _ReadWriteLock()
         self._version = int(state.get("_version", 0))
+        self._rank32_failed = -1
         # (derived, so not pickled: recomputed, also for a pickle made before it existed)
         self._sq = np.einsum("ij,ij->i", self._vectors, self._vectors, dtype=np.float64)
 
