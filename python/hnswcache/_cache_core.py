@@ -68,12 +68,12 @@ Clock = Callable[[], float]
 #: rows (scale = max|x| / 127): |error| <= max|x| / 254 * sum|q|, at most 0.020 on
 #: all-MiniLM-L6-v2 vectors (the largest error seen over 20M sgd pairs was 0.003).
 SLACK = {"float32": 1e-4, "float16": 1e-3, "int8": 0.02}
-#: A search whose nearest entry is below this similarity searches again from a level-1
-#: beam RESCUE_BEAM wide (``Index.rescue_beam``): the walk may have missed a small cluster
-#: of another domain. Among 100k sgd rows holding 499 questions, 14-15 paraphrases whose own
-#: question brute force finds were missed at ef 24 and 1 with the rescue; far lookups (8 %
-#: of the paraphrases, every random vector, no sgd request) take ~3x as long
-#: (``bench/rescue.py``).
+#: A search whose nearest entry is below this similarity searches again from the
+#: RESCUE_BEAM upper-level nodes nearest the query (``Index.rescue_beam``): the walk may have
+#: missed a small cluster of another domain. Among 100k sgd rows holding 499 questions, 14-15
+#: paraphrases whose own question brute force finds were missed at ef 24 and 1 with the
+#: rescue; far lookups (8 % of the paraphrases, every random vector, no sgd request) take
+#: ~2x as long (``bench/rescue.py``).
 RESCUE_BELOW = 0.4
 RESCUE_BEAM = 128
 

@@ -769,12 +769,12 @@ class SemanticCache(_Base):
             from :meth:`feedback`. Verdicts that an answer was wrong apply without it.
         learn_after: right verdicts an entry needs to answer below ``threshold``.
         rescue_below: a search whose nearest entry is below this similarity searches again
-            from a wide level-1 beam (``Index.rescue_beam``, 128): the walk may have missed
-            a few entries of a rare topic among many of another. Default 0.4: rare-topic
-            paraphrases among 100k rows are answered in 85.0% of cases instead of 82.4%
-            (brute force 85.2%), no in-domain lookup is slowed, and a lookup with nothing
-            near it (a miss) takes ~3x as long in the index, ~125 µs more at 100k entries
-            (``bench/rescue.py``). ``None`` turns it off.
+            from the 128 upper-level nodes nearest the query (``Index.rescue_beam``): the
+            walk may have missed a few entries of a rare topic among many of another.
+            Default 0.4: rare-topic paraphrases among 100k rows are answered in 85.0% of
+            cases instead of 82.4% (brute force 85.2%), no in-domain lookup is slowed, and
+            a lookup with nothing near it (a miss) takes ~2x as long in the index, ~35 µs
+            more at 100k entries (``bench/rescue.py``). ``None`` turns it off.
     """
 
     def __init__(
