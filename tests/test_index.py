@@ -1254,17 +1254,21 @@ def test_an_index_of_one_entry_costs_kilobytes_not_most_of_a_megabyte():
 
 def test_the_rescue_scans_the_upper_nodes_as_they_are_through_churn_and_reload():
     """Under cosine the rescue starts from a scan of the sign bits of the nodes of level
-    >= 1 (one sketch per chunk): nodes join it once linked, leave it when consolidation
-    frees them, come back when their slots are reused, and a loaded index rebuilds it.
-    check_integrity verifies it holds each upper node once, with the signs of its 8-bit
-    copy, and nothing else; the rescue keeps finding the rare topic throughout."""
+    >= 1 (one sketch per chunk), kept from the first rescue_beam set on: the nodes already
+    there are coded then, later ones once linked; they leave when consolidation frees them,
+    come back when their slots are reused, and a loaded index codes them when its rescue
+    is set. check_integrity verifies the sketches hold each upper node once, with the signs
+    of its 8-bit copy, and nothing else (nothing at all before a rescue); the rescue keeps
+    finding the rare topic throughout."""
     n, half = 12_000, 499
     x, order, asked, findable = rare_topic(n, half)
     idx = Index(384, M=16, ef_construction=100, ef_search=24, dtype="int8", alpha=1.2, seed=3)
     idx.search_starts = 4
-    idx.rescue_beam, idx.rescue_distance = 64, 0.6
     for s in range(0, len(x), 1000):
         idx.add(x[order[s:s + 1000]], order[s:s + 1000], num_threads=2)
+        if s == 5000:  # half the rows coded at once, the rest as they are linked
+            idx.check_integrity()
+            idx.rescue_beam, idx.rescue_distance = 64, 0.6
     own = n + np.arange(half)
 
     def found() -> int:
@@ -1288,6 +1292,7 @@ def test_the_rescue_scans_the_upper_nodes_as_they_are_through_churn_and_reload()
     loaded.check_integrity()
     loaded.search_starts = 4
     loaded.rescue_beam, loaded.rescue_distance = 64, 0.6
+    loaded.check_integrity()
     np.testing.assert_array_equal(loaded.search(asked, k=4, num_threads=1)[0],
                                   idx.search(asked, k=4, num_threads=1)[0])
 

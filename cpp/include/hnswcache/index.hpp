@@ -26,9 +26,10 @@
 //   I5. The label map is a bijection between labels and non-deleted slots.
 //   I6. A node of level >= 1 has an upper block whose 8-bit copy encodes its stored vector;
 //       it is written before the node is published, like its vector.
-//   I7. Under cosine, the sketch of its chunk holds the sign bits of that 8-bit copy, once,
-//       from when the node is linked at every level until consolidate() frees it; nothing
-//       else is in a sketch (the rescue's scan of the upper level reads them).
+//   I7. Under cosine, once sketches are kept (sketching_), the sketch of its chunk holds the
+//       sign bits of that 8-bit copy, once, from when the node is linked at every level
+//       until consolidate() frees it; nothing else is in a sketch, and no sketch holds
+//       anything before (the rescue's scan of the upper level reads them).
 //
 // Concurrency. add/search/delete/touch/get hold `graph_mu_` shared. consolidate() computes
 // its repairs holding it shared too (searches go on; inserts wait on `writers_mu_`), then
@@ -292,10 +293,18 @@ class index_t {
     void approx_batch(const float* q, float qnorm2, const slot_t* ids, std::size_t n,
                       scratch_t& s, float* out) const;
     // --- sketches: the sign bits of the nodes of level >= 1 (cosine), for a rescue
-    // Appends slot id's code (from its 8-bit copy) to its chunk's sketch. Under graph_mu_.
+    // Starts keeping sketches (codes every upper node, under graph_mu_ exclusive) once a
+    // rescue is set under cosine and the index has M * rescue_beam slots. Holds no lock.
+    void maybe_start_sketching();
+    // Maps the sketch of id's chunk if it has none yet (throws bad_alloc), under sketch_mu_.
+    void sketch_map(slot_t id);
+    // Appends slot id's code (from its 8-bit copy) to its chunk's mapped sketch: no throw.
+    // Under graph_mu_ (or before the index is shared).
     void sketch_add(slot_t id);
     // Drops the codes of slots freed or no longer of level >= 1. Under graph_mu_ exclusive.
     void sketch_compact();
+    std::uint64_t* sketch_block(const chunk_t& ch, std::uint32_t i) const;
+    std::uint16_t* sketch_slots(std::uint64_t* block) const;
     // Whether a rescue `width` wide scans the sketches instead of walking a level-1 beam.
     bool sketch_scan_pays(std::size_t width) const;
     // The rescue's starting points: of the `width` level-1 nodes nearest q by sign bits,
@@ -377,6 +386,7 @@ class index_t {
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links
     std::size_t sketch_words_;  // u64 words of a sign-bit code: dim_padded_ / 64, rounded up
+    std::size_t sketch_stride_;  // u64 words of a block of 8 codes and their slots
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};
@@ -435,6 +445,12 @@ class index_t {
     // Sketch appends (inserts run in parallel); the codes held, all chunks together.
     std::mutex sketch_mu_;
     std::atomic<std::size_t> sketch_total_{0};
+    // Whether sketches are kept: under cosine, from when a rescue is set and the index has
+    // M * rescue_beam slots (an index without a rescue, or too small for the scan to be
+    // used, pays neither their memory nor their upkeep). Set under graph_mu_ held
+    // exclusively, with every upper node's code built, so an insert (graph_mu_ shared) sees
+    // one value throughout.
+    std::atomic<bool> sketching_{false};
 };
 
 }  // namespace hnswcache

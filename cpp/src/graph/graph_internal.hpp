@@ -79,21 +79,22 @@ inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 struct index_t::chunk_t {
     char* slab;  // chunk_size records of stride_ bytes
     half_t* low;  // float32 storage: low halves, chunk_size x dim_padded
+    // The sign bits of this chunk's nodes of level >= 1, which a rescue scans (cosine, once
+    // a rescue is set: index_t::sketching_): sketch_n codes in blocks of 8, each block
+    // sketch_stride_ u64 = the 8 codes word-major (as hamming8 reads them), then their 8
+    // slot offsets (u16). One zeroed mapping of sketch_bytes, made when the chunk's first
+    // such node is allocated (before it is published): only the pages written cost memory
+    // (one 4 KiB page for a scope of a few entries). Appended under sketch_mu_ (a code is
+    // complete before sketch_n counts it); compacted only under graph_mu_ held exclusively.
+    // (Here, on the chunk's first page, which every index writes anyway.)
+    std::uint64_t* sketch;
+    std::size_t sketch_bytes;
+    std::atomic<std::uint32_t> sketch_n;
     std::int64_t label[chunk_size];
     std::uint32_t* upper[chunk_size];
     std::uint8_t level[chunk_size];
     std::atomic<std::uint8_t> state[chunk_size];
     std::atomic<std::uint8_t> lock[chunk_size];
-    // The sign bits of this chunk's nodes of level >= 1 (cosine only), which a rescue scans
-    // (index_t::sketch_starts): sketch_n codes, 8 to a block as hamming8 reads them, and the
-    // slot offset of each in sketch_slot. One zeroed mapping of sketch_bytes made at the
-    // chunk's first such node: only the pages written cost memory. Appended under
-    // sketch_mu_ (a code is complete before sketch_n counts it); compacted only under
-    // graph_mu_ held exclusively.
-    std::uint64_t* sketch;
-    std::uint16_t* sketch_slot;
-    std::size_t sketch_bytes;
-    std::atomic<std::uint32_t> sketch_n;
 };
 
 // Visited marks by epoch: a new search bumps the epoch instead of clearing the array.

@@ -70,6 +70,7 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     stride_ = round_up(vec_offset_ + vec_bytes_, 16);
     code_words_ = upper_header_words + dim_padded_ / 4;
     sketch_words_ = (dim_padded_ + 63) / 64;
+    sketch_stride_ = sketch_words_ * 8 + 2;  // (8 codes, then 8 u16 slots in 2 words)
     kernels_ = &default_kernels();
     // The hint is checked, not acted on: chunks are allocated as slots are used (one every
     // 4096 inserts, under the allocation lock). Allocating them for the hint up front
@@ -113,6 +114,35 @@ void index_t::set_rescue_beam(std::size_t width) {
         throw std::invalid_argument("rescue_beam must be in [0, " +
                                     std::to_string(max_rescue_beam) + "]");
     rescue_beam_.store(width);
+    maybe_start_sketching();
+}
+
+void index_t::maybe_start_sketching() {
+    // Only once the scan could be used (sketch_scan_pays: at least `width` upper nodes, ~M
+    // times as many rows): a cache keeps an index per scope, most of a few entries, and
+    // their sketches would cost a page each for nothing.
+    const std::size_t width = rescue_beam_.load(std::memory_order_relaxed);
+    if (metric_ != metric_t::cosine || width == 0 || sketching_.load() ||
+        n_slots() < M_ * width)
+        return;
+    // The codes of the upper nodes there are, built with no insert or search running.
+    std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
+    if (sketching_.load()) return;
+    const slot_t n = n_slots();
+    try {
+        for (slot_t id = 0; id < n; ++id)
+            if (state(id) == state_ready && level(id) > 0) {
+                sketch_map(id);
+                sketch_add(id);
+            }
+    } catch (...) {  // (out of memory: no sketch at all, as before)
+        const std::size_t chunks = n_chunks_.load();
+        for (std::size_t c = 0; c < chunks; ++c)
+            if (chunk_t* ch = chunks_[c].load()) ch->sketch_n.store(0);
+        sketch_total_.store(0);
+        throw;
+    }
+    sketching_.store(true, std::memory_order_release);
 }
 
 void index_t::set_rescue_distance(float d) {
@@ -261,6 +291,9 @@ void index_t::encode_upper(slot_t id, std::uint32_t* block) const {
 }
 
 void index_t::alloc_upper(slot_t id, int lvl) {
+    // Before the node is published: a sketch that cannot be mapped fails the insert here,
+    // not after the node is searchable (sketch_add cannot fail).
+    if (sketching_.load(std::memory_order_acquire)) sketch_map(id);
     const std::size_t words = code_words_ + static_cast<std::size_t>(lvl) * (1 + M_);
     auto* block = static_cast<std::uint32_t*>(std::calloc(words, sizeof(std::uint32_t)));
     if (block == nullptr) throw std::bad_alloc();
@@ -268,39 +301,48 @@ void index_t::alloc_upper(slot_t id, int lvl) {
     chunk(id).upper[id & (chunk_size - 1)] = block;
 }
 
+std::uint64_t* index_t::sketch_block(const chunk_t& ch, std::uint32_t i) const {
+    return ch.sketch + (i / 8) * sketch_stride_;
+}
+std::uint16_t* index_t::sketch_slots(std::uint64_t* block) const {
+    return reinterpret_cast<std::uint16_t*>(block + sketch_words_ * 8);
+}
+
+void index_t::sketch_map(slot_t id) {
+    chunk_t& ch = chunk(id);
+    std::lock_guard<std::mutex> lock(sketch_mu_);
+    if (ch.sketch != nullptr) return;
+    const std::size_t bytes = chunk_size / 8 * sketch_stride_ * sizeof(std::uint64_t);
+    ch.sketch = static_cast<std::uint64_t*>(zeroed_pages(bytes));
+    ch.sketch_bytes = bytes;
+}
+
 void index_t::sketch_add(slot_t id) {
-    if (metric_ != metric_t::cosine) return;
     chunk_t& ch = chunk(id);
     const std::size_t off = id & (chunk_size - 1);
     const auto* code = reinterpret_cast<const std::int8_t*>(ch.upper[off] + upper_header_words);
     std::lock_guard<std::mutex> lock(sketch_mu_);
-    if (ch.sketch == nullptr) {
-        const std::size_t code_bytes = chunk_size * sketch_words_ * sizeof(std::uint64_t);
-        const std::size_t bytes = code_bytes + chunk_size * sizeof(std::uint16_t);
-        char* p = static_cast<char*>(zeroed_pages(bytes));
-        ch.sketch = reinterpret_cast<std::uint64_t*>(p);
-        ch.sketch_slot = reinterpret_cast<std::uint16_t*>(p + code_bytes);
-        ch.sketch_bytes = bytes;
-    }
+    // (Mapped by sketch_map before the node was published. A chunk holds each of its slots
+    // once at most, so n < chunk_size: check_integrity would report otherwise.)
     const std::uint32_t n = ch.sketch_n.load(std::memory_order_relaxed);
-    if (n >= chunk_size) return;  // (each slot of the chunk once at most: cannot happen)
+    if (ch.sketch == nullptr || n >= chunk_size) return;
     // The sign of the 8-bit copy is the sign of the vector (symmetric quantisation); a value
     // that rounds to 0 counts as negative, as padding does, on both sides.
-    std::uint64_t* words = ch.sketch + (n / 8) * sketch_words_ * 8 + n % 8;
+    std::uint64_t* block = sketch_block(ch, n);
     for (std::size_t w = 0; w < sketch_words_; ++w) {
         std::uint64_t bits = 0;
         const std::size_t end = std::min<std::size_t>(64, dim_padded_ - 64 * w);
         for (std::size_t b = 0; b < end; ++b)
             bits |= static_cast<std::uint64_t>(code[64 * w + b] > 0) << b;
-        words[w * 8] = bits;
+        block[w * 8 + n % 8] = bits;
     }
-    ch.sketch_slot[n] = static_cast<std::uint16_t>(off);
+    sketch_slots(block)[n % 8] = static_cast<std::uint16_t>(off);
     ch.sketch_n.store(n + 1, std::memory_order_release);
     sketch_total_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void index_t::sketch_compact() {
-    if (metric_ != metric_t::cosine) return;
+    if (!sketching_.load()) return;
     const std::size_t chunks = n_chunks_.load();
     std::size_t total = 0;
     for (std::size_t c = 0; c < chunks; ++c) {
@@ -309,13 +351,14 @@ void index_t::sketch_compact() {
         const std::uint32_t n = ch->sketch_n.load();
         std::uint32_t kept = 0;
         for (std::uint32_t i = 0; i < n; ++i) {
-            const slot_t id = static_cast<slot_t>(c << chunk_bits) | ch->sketch_slot[i];
+            std::uint64_t* from = sketch_block(*ch, i);
+            const std::uint16_t off = sketch_slots(from)[i % 8];
+            const slot_t id = static_cast<slot_t>(c << chunk_bits) | off;
             if (state(id) != state_ready || level(id) == 0) continue;
             if (kept != i) {
-                const std::uint64_t* from = ch->sketch + (i / 8) * sketch_words_ * 8 + i % 8;
-                std::uint64_t* to = ch->sketch + (kept / 8) * sketch_words_ * 8 + kept % 8;
-                for (std::size_t w = 0; w < sketch_words_; ++w) to[w * 8] = from[w * 8];
-                ch->sketch_slot[kept] = ch->sketch_slot[i];
+                std::uint64_t* to = sketch_block(*ch, kept);
+                for (std::size_t w = 0; w < sketch_words_; ++w) to[w * 8 + kept % 8] = from[w * 8 + i % 8];
+                sketch_slots(to)[kept % 8] = off;
             }
             ++kept;
         }
@@ -332,8 +375,8 @@ bool index_t::sketch_scan_pays(std::size_t width) const {
     // M 16, width 128) the beam is cheaper. The portable kernel (no popcount instruction
     // on a baseline x86-64 build) is several times slower: beam.
     const std::size_t codes = sketch_total_.load(std::memory_order_relaxed);
-    return metric_ == metric_t::cosine && kernels_->isa != isa_t::scalar && codes >= width &&
-           codes <= 16 * M_ * width;
+    return sketching_.load(std::memory_order_relaxed) && kernels_->isa != isa_t::scalar &&
+           codes >= width && codes <= 16 * M_ * width;
 }
 
 void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
@@ -353,9 +396,10 @@ void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scr
             s.ham.resize(m + n + 1024);
             s.ham_slots.resize(m + n + 1024);
         }
-        kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, s.ham.data() + m);
+        kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, sketch_stride_, s.ham.data() + m);
         const slot_t base = static_cast<slot_t>(c << chunk_bits);
-        for (std::uint32_t i = 0; i < n; ++i) s.ham_slots[m + i] = base | ch->sketch_slot[i];
+        for (std::uint32_t i = 0; i < n; ++i)
+            s.ham_slots[m + i] = base | sketch_slots(sketch_block(*ch, i))[i % 8];
         m += n;
     }
     // The `width` nearest by Hamming distance: a histogram of the distances finds the cut.
@@ -797,7 +841,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
         ep = entry_.load(std::memory_order_acquire);
         if (ep == no_entry) {
             entry_.store(pack_entry(id, lvl), std::memory_order_release);
-            if (lvl > 0) sketch_add(id);
+            if (lvl > 0 && sketching_.load(std::memory_order_acquire)) sketch_add(id);
             publish_label(lab, id);
             return;
         }
@@ -849,7 +893,7 @@ void index_t::insert(const float* v, std::int64_t lab, std::int64_t exp, std::in
             entry_.store(pack_entry(id, lvl), std::memory_order_release);
     }
     // Linked at every level now: a rescue may start from it.
-    if (lvl > 0) sketch_add(id);
+    if (lvl > 0 && sketching_.load(std::memory_order_acquire)) sketch_add(id);
     publish_label(lab, id);
 }
 
@@ -897,6 +941,7 @@ std::int64_t index_t::add_auto(const float* rows, std::size_t n, const std::int6
 void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t* labels,
                            const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
     if (n == 0) return;
+    maybe_start_sketching();
     maybe_auto_consolidate(now, n, threads);
     {
         std::shared_lock<std::shared_mutex> writer(writers_mu_);
@@ -1295,8 +1340,12 @@ index_stats_t index_t::stats(std::int64_t now) const {
     }
     // Slab pages are committed by the OS only when touched, so count the used part of it.
     const std::size_t low_bytes = dtype_ == dtype_t::float32 ? dim_padded_ * sizeof(half_t) : 0;
+    // The sketches' pages in use (codes are appended in order: ~a block of 8 a page's worth).
+    const std::size_t sketch_bytes =
+        (sketch_total_.load() + 8 * chunks) / 8 * sketch_stride_ * sizeof(std::uint64_t) *
+        (sketching_.load() ? 1 : 0);
     st.memory_bytes = static_cast<std::size_t>(n) * (stride_ + low_bytes) + chunks * sizeof(chunk_t) +
-                      upper_bytes + labels_bytes + max_chunks * sizeof(void*);
+                      upper_bytes + labels_bytes + max_chunks * sizeof(void*) + sketch_bytes;
     return st;
 }
 

@@ -105,9 +105,9 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
         if (id >= n || state(id) != state_free) fail("free list holds a used slot");
     if (fl.size() != rep.free_slots) fail("a free slot is missing from the free list");
 
-    // Under cosine the sketches hold every node of level >= 1 once, with the signs of its
-    // 8-bit copy, and nothing else (I7).
-    if (metric_ == metric_t::cosine) {
+    // The sketches hold every node of level >= 1 once, with the signs of its 8-bit copy
+    // (pad bits 0), and nothing else, once they are kept; nothing before (I7).
+    {
         std::vector<std::uint8_t> coded(n, 0);
         std::size_t held = 0, upper_nodes = 0;
         for (slot_t id = 0; id < n; ++id)
@@ -117,23 +117,26 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
             const chunk_t* ch = chunks_[c].load();
             const std::uint32_t cnt = ch == nullptr ? 0 : ch->sketch_n.load();
             if (cnt == 0) continue;
+            if (!sketching_.load()) fail("a sketch holds codes, but none are kept");
             if (ch->sketch == nullptr || cnt > chunk_size) fail("a sketch count has no codes");
             for (std::uint32_t i = 0; i < cnt; ++i) {
-                const slot_t id = static_cast<slot_t>(c << chunk_bits) | ch->sketch_slot[i];
+                std::uint64_t* block = sketch_block(*ch, i);
+                const slot_t id = static_cast<slot_t>(c << chunk_bits) | sketch_slots(block)[i % 8];
                 const std::string where = "the sketch of slot " + std::to_string(id);
                 if (id >= n || state(id) != state_ready || level(id) == 0)
                     fail(where + " is not of a node of level >= 1");
                 if (coded[id]++) fail(where + " is held twice");
                 const auto* code = reinterpret_cast<const std::int8_t*>(
                     chunk(id).upper[id & (chunk_size - 1)] + upper_header_words);
-                const std::uint64_t* words = ch->sketch + (i / 8) * sketch_words_ * 8 + i % 8;
-                for (std::size_t d = 0; d < dim_padded_; ++d)
-                    if (((words[(d / 64) * 8] >> (d % 64)) & 1u) != (code[d] > 0 ? 1u : 0u))
+                for (std::size_t d = 0; d < 64 * sketch_words_; ++d) {
+                    const std::uint64_t bit = (block[(d / 64) * 8 + i % 8] >> (d % 64)) & 1u;
+                    if (bit != (d < dim_padded_ && code[d] > 0 ? 1u : 0u))
                         fail(where + " does not hold the signs of its 8-bit copy");
+                }
                 ++held;
             }
         }
-        if (held != upper_nodes)
+        if (sketching_.load() && held != upper_nodes)
             fail("the sketches hold " + std::to_string(held) + " of " +
                  std::to_string(upper_nodes) + " nodes of level >= 1");
         if (sketch_total_.load() != held) fail("the sketches' total is off");

@@ -396,7 +396,6 @@ std::unique_ptr<index_t> index_t::deserialize(const char* data, std::size_t size
             for (int l = 1; l <= levels[id]; ++l) check_links(id, l, idx->links(id, l), h.M);
         }
         ch.state[off].store(state_ready);
-        if (levels[id] > 0) idx->sketch_add(id);  // (derived from the 8-bit copy: not stored)
         if (expiries[id] == deleted_mark) {
             idx->deleted_slots_.fetch_add(1);
             continue;
