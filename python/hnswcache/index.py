@@ -608,8 +608,9 @@ class Index:
         best ``search_starts`` of that many level-1 nodes and answers the merge of both
         walks (never worse than the first). Under cosine they are the nearest by sign bits
         of a scan of every node of level >= 1 (one bit a dimension), ranked again on their
-        8-bit copies, while the scan is the cheaper (up to ``16 * M * rescue_beam`` such
-        nodes, ~520k rows at M 16 and 128); otherwise the best of a level-1 beam this wide.
+        8-bit copies, while the scan is the cheaper (from ``M * rescue_beam`` rows, when the
+        sign bits start being kept, up to ``16 * M * rescue_beam`` upper nodes, ~520k rows
+        at M 16 and 128); otherwise the best of a level-1 beam this wide.
         On 100k sgd rows holding 499 questions of another domain, 128 found 13-14 of the
         14-15 paraphrases whose own question the plain walk missed at ``ef`` 24, and a
         random vector's search took ~2x a plain one (the beam: ~4x; ``bench/rescue.py``).
