@@ -1297,6 +1297,27 @@ def test_the_rescue_scans_the_upper_nodes_as_they_are_through_churn_and_reload()
                                   idx.search(asked, k=4, num_threads=1)[0])
 
 
+def test_sign_bits_are_kept_from_the_add_that_makes_the_index_large_enough():
+    """A cache sets the rescue on an empty scope and may fill it in one add: the sign bits
+    must be kept from the end of that add on (they were only considered before an add, so
+    a single bulk add left every far search on the beam until the next write). They cost
+    memory only with a rescue set, under cosine, and from M * rescue_beam rows."""
+    x = clustered(4000, 64, seed=5)
+
+    def built(rescue: int, metric: str = "cosine", n: int = 4000) -> Index:
+        idx = Index(64, metric=metric, M=16, ef_construction=64, seed=2)
+        idx.rescue_beam = rescue
+        idx.add(x[:n], num_threads=1)
+        idx.check_integrity()
+        return idx
+
+    plain = built(0).stats()["memory_bytes"]
+    assert built(128).stats()["memory_bytes"] > plain  # 4,000 >= 16 * 128 rows
+    assert built(128, n=2000).stats()["memory_bytes"] == built(0, n=2000).stats()["memory_bytes"]
+    assert built(128, metric="l2").stats()["memory_bytes"] == built(0, metric="l2").stats()[
+        "memory_bytes"]
+
+
 def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
     # 499 questions (paraphrases data) among 30k sgd requests, real all-MiniLM-L6-v2 rows,
     # built as the cache builds a scope: asked each stored question's paraphrase, the plain

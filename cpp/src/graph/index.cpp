@@ -122,8 +122,8 @@ void index_t::maybe_start_sketching() {
     // times as many rows): a cache keeps an index per scope, most of a few entries, and
     // their sketches would cost a page each for nothing.
     const std::size_t width = rescue_beam_.load(std::memory_order_relaxed);
-    if (metric_ != metric_t::cosine || width == 0 || sketching_.load() ||
-        n_slots() < M_ * width)
+    if (metric_ != metric_t::cosine || kernels_->isa == isa_t::scalar || width == 0 ||
+        sketching_.load() || n_slots() < M_ * width)
         return;
     // The codes of the upper nodes there are, built with no insert or search running.
     std::unique_lock<std::shared_mutex> exclusive(graph_mu_);
@@ -369,11 +369,12 @@ void index_t::sketch_compact() {
 }
 
 bool index_t::sketch_scan_pays(std::size_t width) const {
-    // The scan reads every code (~1.1 ns each with AVX-512 at 384 dims), the beam ~width * M
-    // 8-bit copies (~30 ns each): at 100k sgd rows (6.2k codes) a scan and its 128 8-bit
-    // distances cost ~15 µs against the beam's ~60. Past 16 * M * width codes (~520k rows at
-    // M 16, width 128) the beam is cheaper. The portable kernel (no popcount instruction
-    // on a baseline x86-64 build) is several times slower: beam.
+    // The scan reads every code (~1.1 ns each with AVX-512 at 384 dims, a microbenchmark),
+    // the beam ~width * M 8-bit copies (~30 ns each): at 100k sgd rows (6.2k codes) the
+    // rescue's cost over a plain search fell from ~92 to ~33 µs at p50 (bench/rescue.py).
+    // By those unit costs the beam is cheaper past ~25 * M * width codes; 16 is a
+    // conservative cut (~520k rows at M 16, width 128). The portable kernel (no popcount
+    // instruction on a baseline x86-64 build) is several times slower: beam, and no codes.
     const std::size_t codes = sketch_total_.load(std::memory_order_relaxed);
     return sketching_.load(std::memory_order_relaxed) && kernels_->isa != isa_t::scalar &&
            codes >= width && codes <= 16 * M_ * width;
@@ -966,6 +967,7 @@ void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t*
         parallel_for(n - serial, threads, [&](std::size_t i) { work(i + serial); });
     }
     inserts_since_check_.fetch_add(n, std::memory_order_relaxed);
+    maybe_start_sketching();  // (a batch may have made the index large enough)
 }
 
 void index_t::maybe_auto_consolidate(std::int64_t now, std::size_t incoming,
@@ -1139,7 +1141,7 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         // lookups pay for it: ~4x a search with the beam, ~2x with the scan of the sign bits
         // of the upper nodes that replaces it under cosine (1 paraphrase lost either way,
         // as with a beam of 4096; the 128 nearest by sign bits held the nearest upper node
-        // for 99.7 % of the paraphrases in a NumPy check; bench/rescue.py).
+        // for 99.7 % of the paraphrases: bench/rescue.py, bench/sign_bits.py).
         // (Tried: walking again only when the wide beam meets a node nearer than the answer
         // saved a third of a random vector's cost and lost 2 of those found; a beam at level 2
         // instead, then 4-16 wide at level 1, cost a third less and lost 6 of them.)
