@@ -54,8 +54,8 @@ _UNDERFLOW = 2.0 ** -122
 class _ReadWriteLock:
     """Many readers or one writer, phase-fair: a waiting writer holds back readers that
     come after it (a stream of overlapping queries cannot starve an insert), and a writer
-    that finishes lets in the readers already waiting before the next writer goes (a
-    stream of inserts cannot starve the queries either)."""
+    that finishes lets in about as many readers as were waiting before the next writer
+    goes (a stream of inserts cannot starve the queries either)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -120,11 +120,12 @@ class BFIndex:
     ``knn_query`` answers as computing every distance in float64 would: one float32 pass
     over the rows ranks them, and the rows float32 rounding could have misplaced around
     the k-th (and any whose float32 distance is not finite) are computed again in float64;
-    where that would be most rows (data far from the origin) every distance is computed in
-    float64. Ties go to the lower label, as in hnswlib. It reads the rows in place:
-    writers wait for running queries, queries for a running writer, and a finished
-    writer lets the waiting queries in before the next writer; arguments are converted
-    and a ``filter`` is called outside that lock.
+    where that would be more than an eighth of the rows (data far from the origin), and
+    on small indexes (rows x dim <= 65,536), every distance is computed in float64. Ties
+    go to the lower label, as in hnswlib. It reads the rows in place: writers wait for
+    running queries, queries for a running writer, and a finished writer lets about as
+    many queries in as were waiting before the next writer; arguments are converted and
+    a ``filter`` is called outside that lock.
 
     Differences from hnswlib 0.8.0, on purpose: under ``cosine`` the query is normalised
     too, so distances are ``1 - cos`` as :class:`Index` returns them (hnswlib's ``BFIndex``
@@ -138,7 +139,7 @@ class BFIndex:
         self._space = _check_space(space)
         self._dim = _as_size(dim, "__init__", "dim")
         self._num_threads = _default_threads()
-        # Queries read the rows in place (copied, a single query at 50k rows took 20x
+        # Queries read the rows in place (copied, a single query at 50k rows took ~10x
         # hnswlib's): writers wait for them, and they for writers.
         self._lock = _ReadWriteLock()
         self._inited = False
@@ -243,12 +244,13 @@ class BFIndex:
                  sq: npt.NDArray[np.float64], refused: npt.NDArray[np.bool_] | None, k: int,
                  rank32: bool) -> tuple[npt.NDArray[np.intp], F32, bool]:
         """Rows of ``xs`` (positions) nearest each query of ``x``, nearest first (ties by
-        label, as hnswlib's heap of (distance, label) breaks them), their distances in
-        float64, and whether the float32 ranking paid. With ``rank32`` one float32 pass
-        ranks every row and only the rows it cannot place for sure (within twice its
-        rounding bound of the k-th best, or not finite) are computed again in float64;
-        where that would be most rows (data far from the origin: a wide bound), and
-        without ``rank32``, every distance is computed in float64."""
+        label, as hnswlib's heap of (distance, label) breaks them), their distances
+        (computed in float64, returned as float32), and whether the float32 ranking paid.
+        With ``rank32`` one float32 pass ranks every row and only the rows it cannot place
+        for sure (within twice its rounding bound of the k-th best, or not finite) are
+        computed again in float64; where that would be more than an eighth of the rows
+        (data far from the origin: a wide bound), and without ``rank32``, every distance
+        is computed in float64."""
         r, n = x.shape[0], xs.shape[0]
         admitted = n - (0 if refused is None else int(refused.sum()))
         cand = None
