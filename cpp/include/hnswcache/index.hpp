@@ -304,7 +304,7 @@ class index_t {
     // Drops the codes of slots freed or no longer of level >= 1. Under graph_mu_ exclusive.
     void sketch_compact();
     std::uint64_t* sketch_block(const chunk_t& ch, std::uint32_t i) const;
-    std::uint16_t* sketch_slots(std::uint64_t* block) const;
+    std::uint16_t& sketch_slot(const chunk_t& ch, std::uint32_t i) const;
     // Whether a rescue `width` wide scans the sketches instead of walking a level-1 beam.
     bool sketch_scan_pays(std::size_t width) const;
     // The rescue's starting points: of the `width` level-1 nodes nearest q by sign bits,
@@ -386,7 +386,7 @@ class index_t {
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links
     std::size_t sketch_words_;  // u64 words of a sign-bit code: dim_padded_ / 64, rounded up
-    std::size_t sketch_stride_;  // u64 words of a block of 8 codes and their slots
+    std::size_t sketch_stride_;  // u64 words of a block of 8 codes
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};

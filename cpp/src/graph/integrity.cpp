@@ -121,7 +121,7 @@ integrity_report_t index_t::check_integrity(std::int64_t now) const {
             if (ch->sketch == nullptr || cnt > chunk_size) fail("a sketch count has no codes");
             for (std::uint32_t i = 0; i < cnt; ++i) {
                 std::uint64_t* block = sketch_block(*ch, i);
-                const slot_t id = static_cast<slot_t>(c << chunk_bits) | sketch_slots(block)[i % 8];
+                const slot_t id = static_cast<slot_t>(c << chunk_bits) | sketch_slot(*ch, i);
                 const std::string where = "the sketch of slot " + std::to_string(id);
                 if (id >= n || state(id) != state_ready || level(id) == 0)
                     fail(where + " is not of a node of level >= 1");
