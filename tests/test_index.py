@@ -1318,12 +1318,13 @@ def test_sign_bits_are_kept_from_the_add_that_makes_the_index_large_enough():
         "memory_bytes"]
 
 
-def test_a_far_search_is_rescued_from_a_wide_level_1_beam():
+def test_a_far_search_is_rescued_from_the_upper_level():
     # 499 questions (paraphrases data) among 30k sgd requests, real all-MiniLM-L6-v2 rows,
     # built as the cache builds a scope: asked each stored question's paraphrase, the plain
     # walk at ef 24 ends among unrelated rows for about 20 of them; the rescue (a search
-    # whose nearest result is below similarity 0.4 starts again from a 128-wide level-1
-    # beam) finds most of those.
+    # whose nearest result is below similarity 0.4 starts again from the 128 upper nodes
+    # nearest the query: a scan of their sign bits here, 30k >= 16 * 128 rows) finds most
+    # of those.
     n, half = 30_000, 499
     x, order, asked, findable = rare_topic(n, half)
     idx = Index(384, M=16, ef_construction=100, ef_search=24, dtype="int8", alpha=1.2, seed=1)

@@ -109,17 +109,16 @@ int main() {
             std::vector<std::uint64_t> q(words);
             for (auto& w : q) w = bits();
             for (std::size_t count = 0; count <= 40; ++count) {
-                // Blocks padded by 2 words, as the index keeps its slots there.
-                const std::size_t blocks = (count + 7) / 8, stride = words * 8 + 2;
-                std::vector<std::uint64_t> codes(blocks * stride);
+                const std::size_t blocks = (count + 7) / 8;
+                std::vector<std::uint64_t> codes(blocks * words * 8);
                 for (auto& w : codes) w = bits();
                 std::vector<std::uint32_t> got(count + 8, 0xdeadbeefu);
-                k.hamming8(q.data(), codes.data(), count, words, stride, got.data());
+                k.hamming8(q.data(), codes.data(), count, words, got.data());
                 bool ham_ok = got[count] == 0xdeadbeefu;
                 for (std::size_t i = 0; i < count; ++i) {
                     std::uint32_t want = 0;
                     for (std::size_t w = 0; w < words; ++w) {
-                        std::uint64_t x = codes[(i / 8) * stride + w * 8 + i % 8] ^ q[w];
+                        std::uint64_t x = codes[((i / 8) * words + w) * 8 + i % 8] ^ q[w];
                         for (; x; x &= x - 1) ++want;
                     }
                     ham_ok = ham_ok && got[i] == want;

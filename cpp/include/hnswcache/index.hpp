@@ -386,7 +386,6 @@ class index_t {
     std::size_t vec_offset_, vec_bytes_, stride_;  // vec_bytes_: the stored vector's region
     std::size_t code_words_;  // u32 words of an upper block before its links
     std::size_t sketch_words_;  // u64 words of a sign-bit code: dim_padded_ / 64, rounded up
-    std::size_t sketch_stride_;  // u64 words of a block of 8 codes
     const kernels_t* kernels_;
     std::atomic<std::size_t> ef_search_{64};
     std::atomic<double> auto_consolidate_{0.10};

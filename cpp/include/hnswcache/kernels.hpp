@@ -28,14 +28,12 @@ using i8_batch_fn = void (*)(const float* q, const std::int8_t* const* xs, std::
                              std::size_t dim, float* out);
 
 // 1-bit codes (the sign of each value, 64 to a word): out[i] = popcount(q ^ code_i), the
-// Hamming distance, for i < count. Codes are stored in blocks of 8, word-major, a block
-// every `stride` >= 8 * words u64: word w of code j of block b is
-// codes[b * stride + w * 8 + j], so that one 512-bit load holds a word of 8 codes (the
-// index keeps the 8 codes' slots in the rest of the block). Lanes of the last block past
-// `count` are never read (another thread may be writing them).
+// Hamming distance, for i < count. Codes are stored in blocks of 8, word-major: word w of
+// code j of block b is codes[(b * words + w) * 8 + j], so that one 512-bit load holds a
+// word of 8 codes. Lanes of the last block past `count` are never read (another thread may
+// be writing them).
 using hamming8_fn = void (*)(const std::uint64_t* q, const std::uint64_t* codes,
-                             std::size_t count, std::size_t words, std::size_t stride,
-                             std::uint32_t* out);
+                             std::size_t count, std::size_t words, std::uint32_t* out);
 
 struct kernels_t {
     isa_t isa;
@@ -58,7 +56,7 @@ struct kernels_t {
 
 // The portable Hamming kernel: the reference, and the whole scalar and NEON one.
 void hamming8_portable(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
-                       std::size_t words, std::size_t stride, std::uint32_t* out);
+                       std::size_t words, std::uint32_t* out);
 
 // Portable conversions, the reference for every kernel.
 half_t float_to_half(float f);

@@ -81,7 +81,7 @@ struct index_t::chunk_t {
     half_t* low;  // float32 storage: low halves, chunk_size x dim_padded
     // The sign bits of this chunk's nodes of level >= 1, which a rescue scans (cosine, once
     // a rescue is set: index_t::sketching_): sketch_n codes in blocks of 8, each block
-    // sketch_stride_ u64 = the 8 codes word-major (as hamming8 reads them), then after the
+    // 8 * sketch_words_ u64 = the 8 codes word-major (as hamming8 reads them), then after the
     // chunk's codes the slot offset (u16) of each. One zeroed mapping of sketch_bytes, made
     // when the chunk's first such node is allocated (before it is published): only the
     // pages written cost memory. Appended under sketch_mu_ (a code is complete before

@@ -70,7 +70,6 @@ index_t::index_t(std::size_t dim, metric_t metric, std::size_t M, std::size_t ef
     stride_ = round_up(vec_offset_ + vec_bytes_, 16);
     code_words_ = upper_header_words + dim_padded_ / 4;
     sketch_words_ = (dim_padded_ + 63) / 64;
-    sketch_stride_ = sketch_words_ * 8;  // (a block of 8 codes, word-major)
     kernels_ = &default_kernels();
     // The hint is checked, not acted on: chunks are allocated as slots are used (one every
     // 4096 inserts, under the allocation lock). Allocating them for the hint up front
@@ -302,19 +301,19 @@ void index_t::alloc_upper(slot_t id, int lvl) {
 }
 
 std::uint64_t* index_t::sketch_block(const chunk_t& ch, std::uint32_t i) const {
-    return ch.sketch + (i / 8) * sketch_stride_;
+    return ch.sketch + (i / 8) * sketch_words_ * 8;
 }
 std::uint16_t& index_t::sketch_slot(const chunk_t& ch, std::uint32_t i) const {
     // The slots follow the codes of the whole chunk: the scan reads them as one array (kept
     // in each block of codes, they made a random vector's rescue ~25 % slower).
-    return reinterpret_cast<std::uint16_t*>(ch.sketch + chunk_size / 8 * sketch_stride_)[i];
+    return reinterpret_cast<std::uint16_t*>(ch.sketch + chunk_size * sketch_words_)[i];
 }
 
 void index_t::sketch_map(slot_t id) {
     chunk_t& ch = chunk(id);
     std::lock_guard<std::mutex> lock(sketch_mu_);
     if (ch.sketch != nullptr) return;
-    const std::size_t bytes = chunk_size / 8 * sketch_stride_ * sizeof(std::uint64_t) +
+    const std::size_t bytes = chunk_size * sketch_words_ * sizeof(std::uint64_t) +
                               chunk_size * sizeof(std::uint16_t);
     ch.sketch = static_cast<std::uint64_t*>(zeroed_pages(bytes));
     ch.sketch_bytes = bytes;
@@ -372,15 +371,15 @@ void index_t::sketch_compact() {
 }
 
 bool index_t::sketch_scan_pays(std::size_t width) const {
-    // The scan reads every code (~1.1 ns each with AVX-512 at 384 dims, a microbenchmark),
-    // the beam ~width * M 8-bit copies (~30 ns each): at 100k sgd rows (6.2k codes) the
-    // rescue's cost over a plain search fell from ~92 to ~33 µs at p50 (bench/rescue.py).
-    // By those unit costs the beam is cheaper past ~25 * M * width codes; 16 is a
-    // conservative cut (~520k rows at M 16, width 128). The portable kernel (no popcount
-    // instruction on a baseline x86-64 build) is several times slower: beam, and no codes.
+    // The scan reads every code, the beam ~width * M 8-bit copies: at 100k sgd rows (6.2k
+    // codes) the rescue's cost over a plain search fell from ~92 to ~33 µs at p50
+    // (bench/rescue.py). By unit costs from an uncommitted session microbenchmark (~1.1 ns
+    // a code with AVX-512 at 384 dims, ~30 ns an 8-bit copy) the beam is cheaper past ~25 *
+    // M * width codes; 16 is a conservative cut (~520k rows at M 16, width 128). (No codes
+    // are kept with the portable kernel: maybe_start_sketching.)
     const std::size_t codes = sketch_total_.load(std::memory_order_relaxed);
-    return sketching_.load(std::memory_order_relaxed) && kernels_->isa != isa_t::scalar &&
-           codes >= width && codes <= 16 * M_ * width;
+    return sketching_.load(std::memory_order_relaxed) && codes >= width &&
+           codes <= 16 * M_ * width;
 }
 
 void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
@@ -400,7 +399,7 @@ void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scr
             s.ham.resize(m + n + 1024);
             s.ham_slots.resize(m + n + 1024);
         }
-        kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, sketch_stride_, s.ham.data() + m);
+        kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, s.ham.data() + m);
         const slot_t base = static_cast<slot_t>(c << chunk_bits);
         const std::uint16_t* slots = &sketch_slot(*ch, 0);
         for (std::uint32_t i = 0; i < n; ++i) s.ham_slots[m + i] = base | slots[i];
@@ -945,7 +944,6 @@ std::int64_t index_t::add_auto(const float* rows, std::size_t n, const std::int6
 void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t* labels,
                            const std::int64_t* expiry_ns, std::int64_t now, std::size_t threads) {
     if (n == 0) return;
-    maybe_start_sketching();
     maybe_auto_consolidate(now, n, threads);
     {
         std::shared_lock<std::shared_mutex> writer(writers_mu_);
@@ -970,7 +968,7 @@ void index_t::insert_batch(const float* rows, std::size_t n, const std::int64_t*
         parallel_for(n - serial, threads, [&](std::size_t i) { work(i + serial); });
     }
     inserts_since_check_.fetch_add(n, std::memory_order_relaxed);
-    maybe_start_sketching();  // (a batch may have made the index large enough)
+    maybe_start_sketching();  // (the batch may have made the index large enough)
 }
 
 void index_t::maybe_auto_consolidate(std::int64_t now, std::size_t incoming,
@@ -1347,7 +1345,7 @@ index_stats_t index_t::stats(std::int64_t now) const {
     const std::size_t low_bytes = dtype_ == dtype_t::float32 ? dim_padded_ * sizeof(half_t) : 0;
     // The sketches' pages in use (codes are appended in order: ~a block of 8 a page's worth).
     const std::size_t sketch_bytes =
-        ((sketch_total_.load() + 8 * chunks) / 8 * sketch_stride_ * sizeof(std::uint64_t) +
+        ((sketch_total_.load() + 8 * chunks) / 8 * sketch_words_ * 8 * sizeof(std::uint64_t) +
          sketch_total_.load() * sizeof(std::uint16_t)) * (sketching_.load() ? 1 : 0);
     st.memory_bytes = static_cast<std::size_t>(n) * (stride_ + low_bytes) + chunks * sizeof(chunk_t) +
                       upper_bytes + labels_bytes + max_chunks * sizeof(void*) + sketch_bytes;

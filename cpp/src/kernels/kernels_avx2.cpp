@@ -221,12 +221,12 @@ inline __m256i popcount_bytes(__m256i x, __m256i table, __m256i nibble) {
 }
 
 void hamming8_avx2(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
-                   std::size_t words, std::size_t stride, std::uint32_t* out) {
+                   std::size_t words, std::uint32_t* out) {
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i nibble = _mm256_set1_epi8(0x0f);
     const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
-    for (std::size_t first = 0; first < count; first += 8, codes += stride) {
+    for (std::size_t first = 0; first < count; first += 8, codes += words * 8) {
         const long long lanes = static_cast<long long>(count - first < 8 ? count - first : 8);
         // A lane is loaded when its index is below `lanes` (the mask's sign bits).
         const __m256i m_lo = _mm256_cmpgt_epi64(_mm256_set1_epi64x(lanes), lane);

@@ -243,12 +243,12 @@ void dot_batch_i8_avx512(const float* q, const std::int8_t* const* xs, std::size
 // is on every AVX-512 CPU this file runs on). Bytes add up to 8 per word: 31 words at most
 // before the sums go wide (vpsadbw), so any dimension is safe.
 void hamming8_avx512(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
-                     std::size_t words, std::size_t stride, std::uint32_t* out) {
+                     std::size_t words, std::uint32_t* out) {
     // Bytes 0..15 = popcount(0..15), in each 128-bit lane. (Not _mm512_broadcast_i32x4 or
     // _mm512_cvtepi64_epi32: GCC 12's headers trip -Wuninitialized in them.)
     const __m512i table = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
     const __m512i nibble = _mm512_set1_epi8(0x0f);
-    for (std::size_t first = 0; first < count; first += 8, codes += stride) {
+    for (std::size_t first = 0; first < count; first += 8, codes += words * 8) {
         const std::size_t lanes = count - first < 8 ? count - first : 8;
         const __mmask8 m = static_cast<__mmask8>((1u << lanes) - 1u);
         __m512i sums = _mm512_setzero_si512();  // 8 x u64

@@ -124,9 +124,9 @@ const kernels_t table{isa_t::scalar,
 }  // namespace
 
 void hamming8_portable(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
-                       std::size_t words, std::size_t stride, std::uint32_t* out) {
+                       std::size_t words, std::uint32_t* out) {
     for (std::size_t i = 0; i < count; ++i) {
-        const std::uint64_t* c = codes + (i / 8) * stride + i % 8;
+        const std::uint64_t* c = codes + (i / 8) * words * 8 + i % 8;
         std::uint32_t h = 0;
         for (std::size_t w = 0; w < words; ++w)
             h += static_cast<std::uint32_t>(__builtin_popcountll(c[w * 8] ^ q[w]));

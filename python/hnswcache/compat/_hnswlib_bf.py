@@ -241,8 +241,9 @@ class BFIndex:
             return 1.0 - q64 @ x64.T
 
     def _nearest(self, x: F32, xs: F32, labels: npt.NDArray[np.int64],
-                 sq: npt.NDArray[np.float64], refused: npt.NDArray[np.bool_] | None, k: int,
-                 rank32: bool) -> tuple[npt.NDArray[np.intp], F32, bool]:
+                 sq: npt.NDArray[np.float64], refused: npt.NDArray[np.bool_] | None,
+                 admitted: int, k: int, rank32: bool
+                 ) -> tuple[npt.NDArray[np.intp], F32, bool]:
         """Rows of ``xs`` (positions) nearest each query of ``x``, nearest first (ties by
         label, as hnswlib's heap of (distance, label) breaks them), their distances
         (computed in float64, returned as float32), and whether the float32 ranking paid.
@@ -250,9 +251,8 @@ class BFIndex:
         for sure (within twice its rounding bound of the k-th best, or not finite) are
         computed again in float64; where that would be more than an eighth of the rows
         (data far from the origin: a wide bound), and without ``rank32``, every distance
-        is computed in float64."""
+        is computed in float64. ``admitted``: how many rows ``refused`` leaves."""
         r, n = x.shape[0], xs.shape[0]
-        admitted = n - (0 if refused is None else int(refused.sum()))
         cand = None
         if rank32:
             cand = self._ranked32(x, xs, sq, refused, k)
@@ -366,14 +366,15 @@ class BFIndex:
             refused = None
             if admitted is not None:
                 refused = ~ok if version == self._version else ~np.isin(labels, admitted)
-            if n - (0 if refused is None else int(refused.sum())) < k:
+            admitted_rows = n - (0 if refused is None else int(refused.sum()))
+            if admitted_rows < k:
                 raise RuntimeError(_E_FEW)
             out_l, out_d = _empty_result(rows, k)
             # The float32 pass pays on large rows, unless it did not on these rows already.
             rank32 = n * self._dim > 1 << 16 and self._rank32_failed != self._version
             for part in self._chunks(rows):
-                top, out_d[part], paid = self._nearest(x[part], xs, labels, sq, refused, k,
-                                                       rank32)
+                top, out_d[part], paid = self._nearest(x[part], xs, labels, sq, refused,
+                                                       admitted_rows, k, rank32)
                 out_l[part] = labels[top].astype(np.uint64)
                 if rank32 and not paid:
                     rank32 = False
