@@ -308,9 +308,9 @@ class index_t {
     // Whether a rescue `width` wide scans the sketches instead of walking a level-1 beam.
     bool sketch_scan_pays(std::size_t width) const;
     // The rescue's starting points: of the `width` level-1 nodes nearest q by sign bits,
-    // the n_starts nearest by their 8-bit copies (sorted, in out).
-    void sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
-                       std::vector<neighbor_t>& out) const;
+    // the `keep` nearest by their 8-bit copies (sorted, in out).
+    void sketch_starts(const float* q, float qnorm2, std::size_t width, std::size_t keep,
+                       scratch_t& s, std::vector<neighbor_t>& out) const;
     // Best-first search of an upper level on the 8-bit copies; out sorted, approx distances.
     void upper_beam(const float* q, float qnorm2, slot_t start, std::size_t ef, int level,
                     scratch_t& s, std::vector<neighbor_t>& out) const;

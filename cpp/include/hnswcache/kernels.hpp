@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hnswcache {
@@ -99,6 +100,9 @@ isa_t parse_isa(const std::string& name);
 const kernels_t* scalar_kernels();
 const kernels_t* avx2_kernels();
 const kernels_t* avx512_kernels();
+// The AVX-512 Hamming kernels this CPU runs, by name (the kernel test checks each: a CPU with
+// VPOPCNTQ is handed only that one).
+std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants();
 const kernels_t* neon_kernels();
 
 }  // namespace hnswcache

@@ -224,11 +224,17 @@ struct index_t::scratch_t {
     std::vector<const std::uint32_t*> blocks;
     std::vector<float> dists;
     std::vector<std::int64_t> answered;  // labels of one answer (drop_duplicate_labels)
-    // A rescue's scan of the sketches: the query's sign bits, each code's distance and slot,
-    // and a histogram of the distances.
+    // A rescue's scan of the sketches: the query's sign bits, each code's distance, each
+    // chunk's span of them, and histograms of the distances.
     std::vector<std::uint64_t> qbits;
     std::vector<std::uint32_t> ham, ham_hist;
-    std::vector<slot_t> ham_slots;
+    struct ham_span_t {
+        const chunk_t* chunk;
+        slot_t base;        // the chunk's first slot
+        std::size_t first;  // where its codes' distances start in ham
+        std::uint32_t count;
+    };
+    std::vector<ham_span_t> ham_spans;
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
     std::vector<float> dec_a, dec_b, dec_c;  // dec_c: exact distances
     float* qbuf = nullptr;

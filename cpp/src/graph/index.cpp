@@ -382,52 +382,72 @@ bool index_t::sketch_scan_pays(std::size_t width) const {
            codes <= 16 * M_ * width;
 }
 
-void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, scratch_t& s,
-                            std::vector<neighbor_t>& out) const {
+void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, std::size_t keep,
+                            scratch_t& s, std::vector<neighbor_t>& out) const {
     const std::size_t words = sketch_words_;
     s.qbits.assign(words, 0);
+    // (branch-free: each sign is a coin toss, which a branch would mispredict half the time)
     for (std::size_t i = 0; i < dim_padded_; ++i)
-        if (q[i] > 0) s.qbits[i / 64] |= std::uint64_t{1} << (i % 64);
+        s.qbits[i / 64] |= static_cast<std::uint64_t>(q[i] > 0) << (i % 64);
     const std::size_t chunks = n_chunks_.load(std::memory_order_acquire);
+    auto& spans = s.ham_spans;  // (chunk, its first distance, its codes)
+    spans.clear();
     std::size_t m = 0;
     for (std::size_t c = 0; c < chunks; ++c) {
         const chunk_t* ch = chunks_[c].load(std::memory_order_acquire);
         if (ch == nullptr) continue;
         const std::uint32_t n = ch->sketch_n.load(std::memory_order_acquire);
         if (n == 0) continue;
-        if (s.ham.size() < m + n) {
-            s.ham.resize(m + n + 1024);
-            s.ham_slots.resize(m + n + 1024);
-        }
+        if (s.ham.size() < m + n) s.ham.resize(m + n + 1024);
         kernels_->hamming8(s.qbits.data(), ch->sketch, n, words, s.ham.data() + m);
-        const slot_t base = static_cast<slot_t>(c << chunk_bits);
-        const std::uint16_t* slots = &sketch_slot(*ch, 0);
-        for (std::uint32_t i = 0; i < n; ++i) s.ham_slots[m + i] = base | slots[i];
+        spans.push_back({ch, static_cast<slot_t>(c << chunk_bits), m, n});
         m += n;
     }
     // The `width` nearest by Hamming distance: a histogram of the distances finds the cut.
+    // Four interleaved histograms: a far query's distances bunch around 32 * words, and one
+    // histogram's increments of a bin would wait on each other.
     const std::size_t bins = 64 * words + 1;
-    s.ham_hist.assign(bins, 0);
-    for (std::size_t i = 0; i < m; ++i) ++s.ham_hist[s.ham[i]];
+    s.ham_hist.assign(4 * bins, 0);
+    std::uint32_t* hist = s.ham_hist.data();
+    const std::uint32_t* ham = s.ham.data();
+    std::size_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        ++hist[ham[i]];
+        ++hist[bins + ham[i + 1]];
+        ++hist[2 * bins + ham[i + 2]];
+        ++hist[3 * bins + ham[i + 3]];
+    }
+    for (; i < m; ++i) ++hist[ham[i]];
     std::size_t cut = 0, below = 0;
-    while (cut < bins && below + s.ham_hist[cut] < width) below += s.ham_hist[cut++];
+    for (; cut < bins; ++cut) {
+        const std::size_t here = hist[cut] + hist[bins + cut] + hist[2 * bins + cut] + hist[3 * bins + cut];
+        if (below + here >= width) break;
+        below += here;
+    }
     std::size_t at_cut = width - below;  // (taken of those exactly at the cut)
+    // Exactly min(width, m) codes pass: all below the cut, the first at_cut at it.
     auto& ids = s.selected;
-    ids.clear();
-    for (std::size_t i = 0; i < m; ++i) {
-        if (s.ham[i] < cut) {
-            ids.push_back(s.ham_slots[i]);
-        } else if (s.ham[i] == cut && at_cut > 0) {
-            ids.push_back(s.ham_slots[i]);
-            --at_cut;
+    ids.resize(std::min(width, m));
+    std::size_t taken = 0;
+    for (const auto& sp : spans) {
+        const std::uint16_t* slots = &sketch_slot(*sp.chunk, 0);
+        const slot_t base = sp.base;
+        const std::uint32_t* d = ham + sp.first;
+        for (std::uint32_t j = 0; j < sp.count; ++j) {
+            if (d[j] > cut || (d[j] == cut && at_cut == 0)) continue;
+            if (d[j] == cut) --at_cut;
+            ids[taken++] = base | slots[j];
         }
     }
-    // Ranked again on their 8-bit copies, as the beam ranks what it meets.
+    // Ranked again on their 8-bit copies, as the beam ranks what it meets; only the `keep`
+    // best are wanted (the walk's starts).
     if (s.batch.size() < ids.size()) s.grow(ids.size());
     approx_batch(q, qnorm2, ids.data(), ids.size(), s, s.dists.data());
     out.clear();
-    for (std::size_t i = 0; i < ids.size(); ++i) out.emplace_back(s.dists[i], ids[i]);
-    std::sort(out.begin(), out.end());
+    for (std::size_t j = 0; j < ids.size(); ++j) out.emplace_back(s.dists[j], ids[j]);
+    keep = std::min(keep, out.size());
+    std::partial_sort(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(keep), out.end());
+    out.resize(keep);
 }
 
 void index_t::store_vector(slot_t id, const float* v) {
@@ -1149,7 +1169,7 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         // The second walk resumes the first: it keeps the first's answer and visited marks,
         // so it expands only what beats that answer and computes no node twice.
         if (sketch_scan_pays(beam))
-            sketch_starts(q, qnorm2, beam, s, s.prune);
+            sketch_starts(q, qnorm2, beam, want_starts, s, s.prune);
         else
             upper_beam(q, qnorm2, cur, beam, 1, s, s.prune);
         n_starts = 0;

