@@ -769,7 +769,7 @@ class SemanticCache(_Base):
             from :meth:`feedback`. Verdicts that an answer was wrong apply without it.
         learn_after: right verdicts an entry needs to answer below ``threshold``.
         rescue_below: a search whose nearest entry is below this similarity searches again
-            from the 128 upper-level nodes nearest the query (``Index.rescue_beam``): the
+            from the 64 upper-level nodes nearest the query (``Index.rescue_beam``): the
             walk may have missed a few entries of a rare topic among many of another.
             Default 0.4: rare-topic paraphrases among 100k rows are answered in 85.0% of
             cases instead of 82.4% (brute force 85.2%), no in-domain lookup is slowed, and

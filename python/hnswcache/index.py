@@ -609,11 +609,13 @@ class Index:
         walks (never worse than the first). Under cosine they are the nearest by sign bits
         of a scan of every node of level >= 1 (one bit a dimension), ranked again on their
         8-bit copies, while the scan is the cheaper (from ``M * rescue_beam`` rows, when the
-        sign bits start being kept, up to ``16 * M * rescue_beam`` upper nodes, ~520k rows
-        at M 16 and 128); otherwise the best of a level-1 beam this wide.
+        sign bits start being kept, up to ``32 * M * rescue_beam`` upper nodes, ~520k rows
+        at M 16 and 64); otherwise the best of a level-1 beam this wide.
         On 100k sgd rows holding 499 questions of another domain, 128 found 13-14 of the
         14-15 paraphrases whose own question the plain walk missed at ``ef`` 24, and a
         random vector's search took ~2x a plain one (the beam: ~4x; ``bench/rescue.py``).
+        :class:`~hnswcache.SemanticCache` sets 64: as few lost as 128 over 6 graphs, ~4 µs
+        faster (``bench/rescue_width.py``).
         A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from hnswcache import AsyncSemanticCache, SemanticCache
-from hnswcache._cache_core import NEAR_MISS_BAND, Lookup
+from hnswcache._cache_core import NEAR_MISS_BAND, RESCUE_BEAM, Lookup
 from hnswcache.cache import DEFAULT_THRESHOLD
 from hnswcache.embed import HashEmbedder
 from hnswcache.store.memory import AsyncMemoryStore, MemoryStore
@@ -926,7 +926,7 @@ def test_a_rare_topic_among_many_rows_is_found_by_the_rescue() -> None:
         answered[rescue] = sum(h is not None and h.response == f"answer {i}"
                                for i, h in enumerate(got))
         idx = next(iter(cache._core.indexes.values()))
-        assert idx.rescue_beam == (0 if rescue is None else 128)
+        assert idx.rescue_beam == (0 if rescue is None else RESCUE_BEAM)
     # measured: 418-419 without, 424 with, of 425 brute force finds
     assert answered[0.4] >= findable - 2, (answered, findable)
     assert answered[0.4] > answered[None]

@@ -21,6 +21,7 @@ import redis
 
 from hnswcache import AsyncSemanticCache, SemanticCache
 from hnswcache import _snapshot as snapshot
+from hnswcache._cache_core import RESCUE_BEAM
 from hnswcache.embed import default_lengths
 
 from .cache_helpers import FakeClock, Paraphrases
@@ -117,7 +118,8 @@ def test_expired_while_down_never_answers(valkey_server, ns, paraphrases, tmp_pa
     # A loaded graph searches as a new one does (runtime settings are not in the file).
     assert b.stats()["warm_start"]["source"] == "snapshot"
     for idx in (loaded, *a._core.indexes.values()):
-        assert (idx.search_starts, idx.rescue_beam, idx.background_consolidation) == (4, 128, True)
+        assert (idx.search_starts, idx.rescue_beam, idx.background_consolidation) == (
+            4, RESCUE_BEAM, True)
         assert idx.rescue_distance == pytest.approx(0.6)
     b.close()
 

@@ -374,12 +374,16 @@ bool index_t::sketch_scan_pays(std::size_t width) const {
     // The scan reads every code, the beam ~width * M 8-bit copies: at 100k sgd rows (6.2k
     // codes) the rescue's cost over a plain search fell from ~92 to ~33 µs at p50
     // (bench/rescue.py). By unit costs from an uncommitted session microbenchmark (~1.1 ns
-    // a code with AVX-512 at 384 dims, ~30 ns an 8-bit copy) the beam is cheaper past ~25 *
-    // M * width codes; 16 is a conservative cut (~520k rows at M 16, width 128). (No codes
-    // are kept with the portable kernel: maybe_start_sketching.)
+    // a code with AVX-512's table kernel at 384 dims, ~0.6 with VPOPCNTQ, ~30 ns an 8-bit
+    // copy) the beam is cheaper past ~25 * M * width codes (~50 with VPOPCNTQ); the cut at
+    // 32 keeps the reach the cache's rescue had at width 128 with the cut at 16 (~520k rows
+    // at M 16, width 64). A narrower scan also ranks better than a beam that wide
+    // (bench/rescue.py, 100k sgd rows: of 14 paraphrases the plain walk lost, a 16-wide
+    // beam still lost 13, the 16 nearest by sign bits 1).
+    // (No codes are kept with the portable kernel: maybe_start_sketching.)
     const std::size_t codes = sketch_total_.load(std::memory_order_relaxed);
     return sketching_.load(std::memory_order_relaxed) && codes >= width &&
-           codes <= 16 * M_ * width;
+           codes <= 32 * M_ * width;
 }
 
 void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, std::size_t keep,
@@ -1162,7 +1166,9 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         // lookups pay for it: ~4x a search with the beam, ~2x with the scan of the sign bits
         // of the upper nodes that replaces it under cosine (1 paraphrase lost either way,
         // as with a beam of 4096; the 128 nearest by sign bits held the nearest upper node
-        // for 99.7 % of the paraphrases: bench/rescue.py, bench/sign_bits.py).
+        // for 99.7 % of the paraphrases: bench/rescue.py, bench/sign_bits.py). The cache ranks
+        // the 64 nearest by sign bits again: over 6 graphs it lost as few paraphrases as 128
+        // (23 of 3,096; 32: 25) for ~4 µs less (bench/rescue_width.py).
         // (Tried: walking again only when the wide beam meets a node nearer than the answer
         // saved a third of a random vector's cost and lost 2 of those found; a beam at level 2
         // instead, then 4-16 wide at level 1, cost a third less and lost 6 of them.)
