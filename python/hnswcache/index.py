@@ -616,6 +616,11 @@ class Index:
         random vector's search took ~2x a plain one (the beam: ~4x; ``bench/rescue.py``).
         :class:`~hnswcache.SemanticCache` sets 64: as few lost as 128 over 6 graphs, ~4 µs
         faster (``bench/rescue_width.py``).
+        With a rescue set, a walk still farther than :attr:`rescue_distance` after 8
+        expansions keeps only its ``k`` (at least 4) nearest from there, is rescued
+        wherever it ends, and the rescue walks 16 (at least ``k``) wide: a far search's
+        results beyond its nearest may be coarser; a random vector's search p99 fell from
+        ~99 to ~74 µs, with no paraphrase lost and no sgd request's answer changed.
         A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)

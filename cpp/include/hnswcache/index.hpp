@@ -318,12 +318,21 @@ class index_t {
     // (and, given a mask, allowed by it) enter the results; the others are walked through.
     // With `sparse_budget` > 0 the walk gives up after that many expansions made while it
     // holds fewer than `ef` results, and returns true (see search_candidates).
+    // A walk that may narrow: once it has expanded `after` nodes with its results full, if
+    // the nearest is farther than `distance`, it keeps only the `ef` nearest from there on
+    // (and says so in `narrowed`).
+    struct narrow_t {
+        float distance;
+        std::size_t after, ef;
+        bool narrowed = false;
+    };
     bool search_level(const float* q, const slot_t* starts, std::size_t n_starts,
                       std::size_t ef, int level, bool live_only, std::int64_t now,
                       scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr,
                       std::size_t sparse_budget = 0,
-                      const std::vector<neighbor_t>* resume = nullptr) const;
+                      const std::vector<neighbor_t>* resume = nullptr,
+                      narrow_t* narrow = nullptr) const;
     void search_level(const float* q, slot_t start, std::size_t ef, int level, bool live_only,
                       std::int64_t now, scratch_t& s, std::vector<neighbor_t>& out,
                       const std::vector<std::uint8_t>* mask = nullptr) const;

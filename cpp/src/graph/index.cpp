@@ -699,7 +699,7 @@ bool index_t::search_level(const float* q, const slot_t* starts, std::size_t n_s
                            scratch_t& s, std::vector<neighbor_t>& out,
                            const std::vector<std::uint8_t>* mask,
                            std::size_t sparse_budget,
-                           const std::vector<neighbor_t>* resume) const {
+                           const std::vector<neighbor_t>* resume, narrow_t* narrow) const {
     auto admit = [&](slot_t v) {
         return !live_only ||
                (live(v, now) && (mask == nullptr || (v < mask->size() && (*mask)[v])));
@@ -734,7 +734,7 @@ bool index_t::search_level(const float* q, const slot_t* starts, std::size_t n_s
     float worst = res.empty() ? std::numeric_limits<float>::infinity() : res.front().first;
 
     const slot_t* batch = s.batch.data();
-    std::size_t sparse_expansions = 0;
+    std::size_t sparse_expansions = 0, expansions = 0;
     bool gave_up = false;
     while (!cand.empty()) {
         std::pop_heap(cand.begin(), cand.end(), std::greater<neighbor_t>());
@@ -746,6 +746,20 @@ bool index_t::search_level(const float* q, const slot_t* starts, std::size_t n_s
             break;
         }
         if (!cand.empty()) prefetch(links(cand.front().second, lvl));  // the next expansion
+        if (narrow != nullptr && ++expansions == narrow->after && narrow->ef < ef &&
+            res.size() >= ef) {
+            float nearest = std::numeric_limits<float>::infinity();
+            for (const auto& r : res) nearest = std::min(nearest, r.first);
+            if (nearest > narrow->distance) {
+                ef = narrow->ef;
+                while (res.size() > ef) {
+                    std::pop_heap(res.begin(), res.end());
+                    res.pop_back();
+                }
+                worst = res.front().first;
+                narrow->narrowed = true;
+            }
+        }
 
         const std::uint32_t* l = links(c.second, lvl);
         const std::uint32_t n = atomic_load_u32(l);
@@ -1148,17 +1162,31 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
     // at once whether to consolidate.
     const std::size_t width = std::max(ef, k);
     const std::size_t budget = std::max<std::size_t>(4 * width, n_slots() / 256);
+    const std::size_t beam = rescue_beam();
+    const bool may_rescue = beam > want_starts && top >= 1;
+    // A walk that may be rescued and is still far after 8 expansions (the nearest it met
+    // beyond rescue_distance) has nothing near it or is lost among another topic's rows:
+    // its answer will come from the rescue, or is far. It keeps only the k (at least 4)
+    // nearest from there, which ends it sooner, is rescued wherever it ends, and the
+    // rescue's walk runs 16 (at least k) wide instead of ef. Over 6 graphs of 100k sgd rows
+    // at ef 24 (k 4, rescue 64), alternating with the code before: paraphrases lost 21-22
+    // of 3,096 (before: 23), a random vector's search p50 65-67 -> 57 µs, p99 99 -> 74; the
+    // 1,000 sgd requests' answers unchanged (bench/rescue_width.py, bench/rescue.py;
+    // docs/results/rescue_narrow_20261206_s15.txt). Narrowing after 4 expansions lost 29;
+    // the rescue's walk 12 wide 25; 24 wide saved nothing at p50.
+    narrow_t narrow{rescue_distance(), 8, std::min(width, std::max<std::size_t>(k, 4))};
     if (search_level(q, starts, n_starts, width, 0, true, now, s, out,
-                     filter ? &filter->mask : nullptr, budget)) {
+                     filter ? &filter->mask : nullptr, budget, nullptr,
+                     may_rescue ? &narrow : nullptr)) {
         if (filter == nullptr) sparse_seen_.store(true, std::memory_order_relaxed);
         brute_force(q, k, now, out, filter ? &filter->slots : nullptr);
         return;
     }
-    const std::size_t beam = rescue_beam();
-    const bool may_rescue = beam > want_starts && top >= 1;
     if (may_rescue) s.first.assign(out.begin(), out.end());  // (the walk's own distances)
     rerank(q, out, k);
-    if (may_rescue && !out.empty() && out.front().first > rescue_distance()) {
+    // (A narrowed walk is rescued even when it then came near: narrow, it may have stopped
+    // short of nearer rows; an sgd request did, at 0.49 for 0.80.)
+    if (may_rescue && !out.empty() && (narrow.narrowed || out.front().first > rescue_distance())) {
         // The walk stopped far from the query. On 100k sgd rows holding 499 questions of
         // another domain, 14-15 paraphrases whose own question brute force finds at
         // similarity 0.85-0.98 ended among rows at 0.17-0.35; starting again from the best
@@ -1181,7 +1209,9 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         n_starts = 0;
         for (const auto& nb : s.prune)
             if (n_starts < want_starts) starts[n_starts++] = nb.second;
-        if (search_level(q, starts, n_starts, width, 0, true, now, s, out,
+        const std::size_t rescue_width =
+            narrow.narrowed ? std::min(width, std::max<std::size_t>(k, 16)) : width;
+        if (search_level(q, starts, n_starts, rescue_width, 0, true, now, s, out,
                          filter ? &filter->mask : nullptr, budget, &s.first))
             out.assign(s.first.begin(), s.first.end());  // (the first walk did not go sparse)
         rerank(q, out, k);
