@@ -45,6 +45,31 @@ int check_hamming(const std::string& name, hamming8_fn fn) {
     return failures;
 }
 
+// The scan's filter: positions of distances below a bar, for 0..70 distances and bars from
+// 0 to past every distance (and the largest), against a plain loop. Returns the failures.
+int check_below(const std::string& name, below_fn fn) {
+    int failures = 0;
+    std::mt19937 rng(13);
+    for (std::size_t n = 0; n <= 70; ++n) {
+        std::vector<std::uint32_t> d(n);
+        for (auto& x : d) x = rng() % 400;
+        for (std::uint32_t bar : {0u, 1u, 150u, 190u, 200u, 260u, 400u, 401u, 0xffffffffu}) {
+            std::vector<std::uint32_t> got(n + 1, 0xdeadbeefu), want;
+            for (std::size_t i = 0; i < n; ++i)
+                if (d[i] < bar) want.push_back(static_cast<std::uint32_t>(i));
+            const std::size_t k = fn(d.data(), n, bar, got.data());
+            bool ok = k == want.size() && got[n] == 0xdeadbeefu;
+            for (std::size_t i = 0; ok && i < k; ++i) ok = got[i] == want[i];
+            if (!ok) {
+                std::printf("FAIL %s below n %zu bar %u\n", name.c_str(), n, bar);
+                ++failures;
+            }
+        }
+    }
+    std::printf("%s: distances below a bar checked\n", name.c_str());
+    return failures;
+}
+
 int main() {
     std::mt19937 rng(7);
     std::normal_distribution<float> gauss;
@@ -136,6 +161,7 @@ int main() {
         }
         std::printf("%s: dims 1..1025 checked (float32, float16, bfloat16, int8)\n", name.c_str());
         failures += check_hamming(name, k.hamming8);
+        failures += check_below(name, k.below);
         if (name == "avx512")  // (the table holds one of them: check every one this CPU runs)
             for (const auto& [variant, fn] : avx512_hamming8_variants()) failures += check_hamming(variant, fn);
     }

@@ -36,6 +36,11 @@ using i8_batch_fn = void (*)(const float* q, const std::int8_t* const* xs, std::
 using hamming8_fn = void (*)(const std::uint64_t* q, const std::uint64_t* codes,
                              std::size_t count, std::size_t words, std::uint32_t* out);
 
+// The positions i < n with d[i] < bar, ascending, written to out (room for n); returns how
+// many. What a scan keeps of its distances: ~1 % of them, so the pass is the cost.
+using below_fn = std::size_t (*)(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
+                                 std::uint32_t* out);
+
 struct kernels_t {
     isa_t isa;
     const char* name;
@@ -53,11 +58,15 @@ struct kernels_t {
     // out[i] = the float32 whose high and low 16 bits are high[i] and low[i] (exact).
     void (*join_b)(const half_t* high, const half_t* low, float* out, std::size_t n);
     hamming8_fn hamming8;
+    below_fn below;
 };
 
 // The portable Hamming kernel: the reference, and the whole scalar and NEON one.
 void hamming8_portable(const std::uint64_t* q, const std::uint64_t* codes, std::size_t count,
                        std::size_t words, std::uint32_t* out);
+// The portable filter: the reference, and the scalar and NEON one.
+std::size_t below_portable(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
+                           std::uint32_t* out);
 
 // Portable conversions, the reference for every kernel.
 half_t float_to_half(float f);

@@ -225,7 +225,7 @@ struct index_t::scratch_t {
     std::vector<float> dists;
     std::vector<std::int64_t> answered;  // labels of one answer (drop_duplicate_labels)
     // A rescue's scan of the sketches: the query's sign bits, each code's distance, each
-    // chunk's span of them, and histograms of the distances.
+    // chunk's span of them, a histogram of the distances, the nearest codes.
     std::vector<std::uint64_t> qbits;
     std::vector<std::uint32_t> ham, ham_hist;
     struct ham_span_t {
@@ -235,6 +235,13 @@ struct index_t::scratch_t {
         std::uint32_t count;
     };
     std::vector<ham_span_t> ham_spans;
+    struct ham_entry_t {
+        std::uint64_t key;  // distance << 32 | scan position: ordered as the scan ranks
+        slot_t slot;
+        bool operator<(const ham_entry_t& o) const { return key < o.key; }
+    };
+    std::vector<ham_entry_t> ham_pool;
+    std::vector<std::uint32_t> ham_kept;  // positions of the distances the filter kept
     // Decoded stored vectors: `a` for the base/query side, `b` for heuristic candidates.
     std::vector<float> dec_a, dec_b, dec_c;  // dec_c: exact distances
     float* qbuf = nullptr;

@@ -407,42 +407,46 @@ void index_t::sketch_starts(const float* q, float qnorm2, std::size_t width, std
         spans.push_back({ch, static_cast<slot_t>(c << chunk_bits), m, n});
         m += n;
     }
-    // The `width` nearest by Hamming distance: a histogram of the distances finds the cut.
-    // Four interleaved histograms: a far query's distances bunch around 32 * words, and one
-    // histogram's increments of a bin would wait on each other.
-    const std::size_t bins = 64 * words + 1;
-    s.ham_hist.assign(4 * bins, 0);
-    std::uint32_t* hist = s.ham_hist.data();
+    // The `width` nearest by Hamming distance, ties to the earlier in scan order. A bar that
+    // ~2 * width codes beat, from a histogram of every 8th distance, lets the SIMD filter
+    // keep those few and the nearest be ranked among them alone. (It replaced a histogram
+    // of every distance and a scalar pass to select by its cut: ~2.8 + ~4.8 µs at 6.2k
+    // codes.) When fewer than `width` beat it, the bar is the exact cut of a full histogram.
     const std::uint32_t* ham = s.ham.data();
-    std::size_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-        ++hist[ham[i]];
-        ++hist[bins + ham[i + 1]];
-        ++hist[2 * bins + ham[i + 2]];
-        ++hist[3 * bins + ham[i + 3]];
+    const std::size_t bins = 64 * words + 1;
+    auto& hist = s.ham_hist;
+    auto cut_of = [&](std::size_t stride, std::size_t want) {  // count(d < bar) >= want
+        hist.assign(bins, 0);
+        for (std::size_t i = 0; i < m; i += stride) ++hist[ham[i]];
+        std::size_t bar = 0, below = 0;
+        while (bar < bins && below < want) below += hist[bar++];
+        return static_cast<std::uint32_t>(bar);
+    };
+    const std::size_t want = std::min(width, m);
+    auto& kept = s.ham_kept;  // positions
+    if (kept.size() < m) kept.resize(m);
+    std::size_t n_kept = 0;
+    if (m >= 16 * width) {
+        const std::uint32_t bar = cut_of(8, (2 * width + 7) / 8);
+        n_kept = kernels_->below(ham, m, bar, kept.data());
     }
-    for (; i < m; ++i) ++hist[ham[i]];
-    std::size_t cut = 0, below = 0;
-    for (; cut < bins; ++cut) {
-        const std::size_t here = hist[cut] + hist[bins + cut] + hist[2 * bins + cut] + hist[3 * bins + cut];
-        if (below + here >= width) break;
-        below += here;
+    if (n_kept < want) n_kept = kernels_->below(ham, m, cut_of(1, want), kept.data());
+    auto& pool = s.ham_pool;  // (distance << 32 | position, slot), positions ascending
+    pool.clear();
+    auto sp = s.ham_spans.begin();
+    for (std::size_t j = 0; j < n_kept; ++j) {
+        const std::uint32_t p = kept[j];
+        while (p >= sp->first + sp->count) ++sp;
+        const slot_t slot = sp->base | sketch_slot(*sp->chunk, static_cast<std::uint32_t>(p - sp->first));
+        pool.push_back({(static_cast<std::uint64_t>(ham[p]) << 32) | p, slot});
     }
-    std::size_t at_cut = width - below;  // (taken of those exactly at the cut)
-    // Exactly min(width, m) codes pass: all below the cut, the first at_cut at it.
+    if (pool.size() > want) {
+        std::nth_element(pool.begin(), pool.begin() + static_cast<std::ptrdiff_t>(want - 1), pool.end());
+        pool.resize(want);
+    }
     auto& ids = s.selected;
-    ids.resize(std::min(width, m));
-    std::size_t taken = 0;
-    for (const auto& sp : spans) {
-        const std::uint16_t* slots = &sketch_slot(*sp.chunk, 0);
-        const slot_t base = sp.base;
-        const std::uint32_t* d = ham + sp.first;
-        for (std::uint32_t j = 0; j < sp.count; ++j) {
-            if (d[j] > cut || (d[j] == cut && at_cut == 0)) continue;
-            if (d[j] == cut) --at_cut;
-            ids[taken++] = base | slots[j];
-        }
-    }
+    ids.resize(pool.size());
+    for (std::size_t j = 0; j < pool.size(); ++j) ids[j] = pool[j].slot;
     // Ranked again on their 8-bit copies, as the beam ranks what it meets; only the `keep`
     // best are wanted (the walk's starts).
     if (s.batch.size() < ids.size()) s.grow(ids.size());

@@ -253,6 +253,22 @@ void hamming8_avx2(const std::uint64_t* q, const std::uint64_t* codes, std::size
     }
 }
 
+// 8 distances a compare; each set bit of its mask is a kept position.
+std::size_t below_avx2(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
+                       std::uint32_t* out) {
+    // (signed compares: distances are below 2^31, and a bar above is as good as 2^31 - 1)
+    const __m256i b = _mm256_set1_epi32(static_cast<int>(bar > 0x7fffffffu ? 0x7fffffffu : bar));
+    std::size_t k = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i));
+        auto m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, x))));
+        for (; m != 0; m &= m - 1) out[k++] = static_cast<std::uint32_t>(i + static_cast<unsigned>(__builtin_ctz(m)));
+    }
+    for (; i < n; ++i)
+        if (d[i] < bar) out[k++] = static_cast<std::uint32_t>(i);
+    return k;
+}
+
 const kernels_t table{isa_t::avx2,
                       "avx2",
                       dot_avx2,
@@ -267,7 +283,8 @@ const kernels_t table{isa_t::avx2,
                       dot_batch16_avx2<bf16_fmt>,
                       l2sq_batch16_avx2<bf16_fmt>,
                       join_b_avx2,
-                      hamming8_avx2};
+                      hamming8_avx2,
+                      below_avx2};
 
 }  // namespace
 

@@ -309,6 +309,22 @@ __attribute__((target("avx512vpopcntdq"))) void hamming8_avx512_vpopcnt(
     }
 }
 
+// 16 distances a compare; the kept positions are compressed into out in one store.
+std::size_t below_avx512(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
+                         std::uint32_t* out) {
+    const __m512i b = _mm512_set1_epi32(static_cast<int>(bar));
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < n; i += 16, pos = _mm512_add_epi32(pos, step)) {
+        const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+        const __mmask16 m = _mm512_mask_cmplt_epu32_mask(live, _mm512_maskz_loadu_epi32(live, d + i), b);
+        _mm512_mask_compressstoreu_epi32(out + k, m, pos);
+        k += static_cast<std::size_t>(__builtin_popcount(m));
+    }
+    return k;
+}
+
 bool cpu_has_vpopcntdq() {
     unsigned a, b, c, d;
     return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 14));
@@ -328,7 +344,8 @@ const kernels_t table{isa_t::avx512,
                       dot_batch16_avx512<bf16_fmt>,
                       l2sq_batch16_avx512<bf16_fmt>,
                       join_b_avx512,
-                      hamming8_avx512};
+                      hamming8_avx512,
+                      below_avx512};
 
 // The same kernels but the Hamming one (all of VPOPCNTQ's use).
 kernels_t with_vpopcnt() {

@@ -155,7 +155,8 @@ const kernels_t table{isa_t::neon,
                       dot_batch16_neon<bf16_fmt>,
                       l2sq_batch16_neon<bf16_fmt>,
                       join_b_neon,
-                      hamming8_portable};  // (arm64's popcount is one instruction: cnt)
+                      hamming8_portable,  // (arm64's popcount is one instruction: cnt)
+                      below_portable};
 
 }  // namespace
 

@@ -119,7 +119,8 @@ const kernels_t table{isa_t::scalar,
                       dot_batch16_scalar<bf16_to_float>,
                       l2sq_batch16_scalar<bf16_to_float>,
                       join_b_scalar,
-                      hamming8_portable};
+                      hamming8_portable,
+                      below_portable};
 
 }  // namespace
 
@@ -132,6 +133,16 @@ void hamming8_portable(const std::uint64_t* q, const std::uint64_t* codes, std::
             h += static_cast<std::uint32_t>(__builtin_popcountll(c[w * 8] ^ q[w]));
         out[i] = h;
     }
+}
+
+std::size_t below_portable(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
+                           std::uint32_t* out) {
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < n; ++i) {  // (branch-free: writes every position, keeps some)
+        out[k] = static_cast<std::uint32_t>(i);
+        k += d[i] < bar;
+    }
+    return k;
 }
 
 half_t float_to_half(float x) {
