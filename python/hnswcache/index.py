@@ -613,7 +613,8 @@ class Index:
         at M 16 and 64); otherwise the best of a level-1 beam this wide.
         On 100k sgd rows holding 499 questions of another domain, 128 found 13-14 of the
         14-15 paraphrases whose own question the plain walk missed at ``ef`` 24, and a
-        random vector's search took ~2x a plain one (the beam: ~4x; ``bench/rescue.py``).
+        random vector's search took ~2x a plain one (the beam: ~4x), ~1.5x since 2026-12-06's
+        fifteenth session (``bench/rescue.py``).
         :class:`~hnswcache.SemanticCache` sets 64: as few lost as 128 over 6 graphs, ~4 µs
         faster (``bench/rescue_width.py``).
         With a rescue set, a walk still farther than :attr:`rescue_distance` after 8
