@@ -1213,8 +1213,17 @@ void index_t::search_candidates(const float* q, std::size_t k, std::size_t ef, s
         n_starts = 0;
         for (const auto& nb : s.prune)
             if (n_starts < want_starts) starts[n_starts++] = nb.second;
+        // A narrowed walk whose nearest start is still below similarity 0.25 (under cosine)
+        // has most likely nothing near it: the rescue walks 8 wide. Of the 477 rescued
+        // paraphrases that ended at 0.83 or nearer over 4 graphs, 11 started that far; over
+        // 6 graphs, alternating twice: 22 of 3,096 lost as at 16, a random vector's search
+        // p50 40-41 -> 37 µs, p99 53-54 -> 49 (4 wide below 0.2: 23 lost, p50 29-32;
+        // bench/rescue_width.py, docs/results/rescue_gate_20261206_s15.txt).
+        const bool far_starts = metric_ == metric_t::cosine && !s.prune.empty() &&
+                                s.prune.front().first > 0.75f;
         const std::size_t rescue_width =
-            narrow.narrowed ? std::min(width, std::max<std::size_t>(k, 16)) : width;
+            narrow.narrowed ? std::min(width, std::max<std::size_t>(k, far_starts ? 8 : 16))
+                            : width;
         if (search_level(q, starts, n_starts, rescue_width, 0, true, now, s, out,
                          filter ? &filter->mask : nullptr, budget, &s.first))
             out.assign(s.first.begin(), s.first.end());  // (the first walk did not go sparse)
