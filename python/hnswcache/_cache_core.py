@@ -73,7 +73,7 @@ SLACK = {"float32": 1e-4, "float16": 1e-3, "int8": 0.02}
 #: missed a small cluster of another domain. Among 100k sgd rows holding 499 questions, 14-15
 #: paraphrases whose own question brute force finds were missed at ef 24 and 1 with the
 #: rescue; far lookups (8 % of the paraphrases, every random vector, no sgd request) take
-#: ~1.5x as long (``bench/rescue.py``). 64 nodes, not 128: over 6 graphs both lost 23 of
+#: ~1.1x as long (``bench/rescue.py``). 64 nodes, not 128: over 6 graphs both lost 23 of
 #: 3,096 paraphrases with an entry at the threshold, 64 ~4 µs faster (32: 25 lost;
 #: ``bench/rescue_width.py``).
 RESCUE_BELOW = 0.4

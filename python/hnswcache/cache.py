@@ -773,7 +773,7 @@ class SemanticCache(_Base):
             walk may have missed a few entries of a rare topic among many of another.
             Default 0.4: rare-topic paraphrases among 100k rows are answered in 85.0% of
             cases instead of 82.4% (brute force 85.2%), no in-domain lookup is slowed, and
-            a lookup with nothing near it (a miss) takes ~1.5x as long in the index, ~15-20
+            a lookup with nothing near it (a miss) takes ~1.1x as long in the index, ~2-3
             µs more at 100k entries (``bench/rescue.py``). ``None`` turns it off.
     """
 

@@ -613,15 +613,16 @@ class Index:
         at M 16 and 64); otherwise the best of a level-1 beam this wide.
         On 100k sgd rows holding 499 questions of another domain, 128 found 13-14 of the
         14-15 paraphrases whose own question the plain walk missed at ``ef`` 24, and a
-        random vector's search took ~2x a plain one (the beam: ~4x), ~1.5x since 2026-12-06's
+        random vector's search took ~2x a plain one (the beam: ~4x), ~1.1x since 2026-12-06's
         fifteenth session (``bench/rescue.py``).
         :class:`~hnswcache.SemanticCache` sets 64: as few lost as 128 over 6 graphs, ~4 µs
         faster (``bench/rescue_width.py``).
         With a rescue set, a walk still farther than :attr:`rescue_distance` after 8
         expansions keeps only its ``k`` (at least 4) nearest from there, is rescued
-        wherever it ends, and the rescue walks 16 (at least ``k``) wide: a far search's
-        results beyond its nearest may be coarser; a random vector's search p99 fell from
-        ~99 to ~74 µs, with no paraphrase lost and no sgd request's answer changed.
+        wherever it ends, and the rescue walks 16 (at least ``k``) wide, 8 when even its
+        nearest start is below similarity 0.25 (cosine): a far search's results beyond its
+        nearest may be coarser; a random vector's search p50 fell from ~65 to ~34 µs (a
+        plain walk ~31), with no paraphrase lost and no sgd request's answer changed.
         A runtime setting: not saved with the index.
         """
         return int(self._native.rescue_beam)
