@@ -318,9 +318,9 @@ class index_t {
     // (and, given a mask, allowed by it) enter the results; the others are walked through.
     // With `sparse_budget` > 0 the walk gives up after that many expansions made while it
     // holds fewer than `ef` results, and returns true (see search_candidates).
-    // A walk that may narrow: once it has expanded `after` nodes with its results full, if
-    // the nearest is farther than `distance`, it keeps only the `ef` nearest from there on
-    // (and says so in `narrowed`).
+    // A walk that may narrow: about to expand its `after`-th node, if its results are full
+    // and their nearest is farther than `distance`, it keeps only the `ef` nearest from there
+    // on (and says so in `narrowed`); checked that once.
     struct narrow_t {
         float distance;
         std::size_t after, ef;

@@ -37,7 +37,8 @@ using hamming8_fn = void (*)(const std::uint64_t* q, const std::uint64_t* codes,
                              std::size_t count, std::size_t words, std::uint32_t* out);
 
 // The positions i < n with d[i] < bar, ascending, written to out (room for n); returns how
-// many. What a scan keeps of its distances: ~1 % of them, so the pass is the cost.
+// many. Distances are below 2^31 (Hamming distances are). What a scan keeps of its
+// distances: ~1 % of them, so the pass is the cost.
 using below_fn = std::size_t (*)(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
                                  std::uint32_t* out);
 
@@ -108,10 +109,13 @@ isa_t parse_isa(const std::string& name);
 // Per-ISA tables, defined in kernels_<isa>.cpp (those absent from the build return nullptr).
 const kernels_t* scalar_kernels();
 const kernels_t* avx2_kernels();
-const kernels_t* avx512_kernels();
-// The AVX-512 Hamming kernels this CPU runs, by name (the kernel test checks each: a CPU with
-// VPOPCNTQ is handed only that one).
-std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants();
+// vpopcnt: the table whose Hamming kernel uses VPOPCNTQ (the caller has checked the CPU).
+const kernels_t* avx512_kernels(bool vpopcnt);
+// The AVX-512 Hamming kernels, by name (the kernel test checks each this CPU runs: a CPU
+// with VPOPCNTQ is handed only that one). Only to be called where AVX-512 runs.
+std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants(bool vpopcnt);
+// Whether this CPU has AVX-512 VPOPCNTDQ (cpuid leaf 7, ECX bit 14); false off x86.
+bool cpu_has_vpopcntdq();
 const kernels_t* neon_kernels();
 
 }  // namespace hnswcache

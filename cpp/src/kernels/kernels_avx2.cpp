@@ -257,7 +257,8 @@ void hamming8_avx2(const std::uint64_t* q, const std::uint64_t* codes, std::size
 std::size_t below_avx2(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
                        std::uint32_t* out) {
     // (signed compares: distances are below 2^31, and a bar above is as good as 2^31 - 1)
-    const __m256i b = _mm256_set1_epi32(static_cast<int>(bar > 0x7fffffffu ? 0x7fffffffu : bar));
+    const std::uint32_t b31 = bar > 0x7fffffffu ? 0x7fffffffu : bar;
+    const __m256i b = _mm256_set1_epi32(static_cast<int>(b31));
     std::size_t k = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i));
@@ -265,7 +266,7 @@ std::size_t below_avx2(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
         for (; m != 0; m &= m - 1) out[k++] = static_cast<std::uint32_t>(i + static_cast<unsigned>(__builtin_ctz(m)));
     }
     for (; i < n; ++i)
-        if (d[i] < bar) out[k++] = static_cast<std::uint32_t>(i);
+        if (d[i] < b31) out[k++] = static_cast<std::uint32_t>(i);
     return k;
 }
 

@@ -1,7 +1,6 @@
 // AVX-512F kernels (this file alone is compiled with -mavx512f/dq/bw/vl -mfma). Tails use masked
 // loads, so any dimension runs without a scalar loop. Kept in an anonymous namespace so none of
 // this code can leak into paths that run on CPUs without AVX-512.
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include "hnswcache/kernels.hpp"
@@ -309,7 +308,8 @@ __attribute__((target("avx512vpopcntdq"))) void hamming8_avx512_vpopcnt(
     }
 }
 
-// 16 distances a compare; the kept positions are compressed into out in one store.
+// 16 distances a compare; the kept positions are compressed in a register and written with
+// a contiguous mask (vpcompressd straight to memory is microcoded and slow on Zen 4).
 std::size_t below_avx512(const std::uint32_t* d, std::size_t n, std::uint32_t bar,
                          std::uint32_t* out) {
     const __m512i b = _mm512_set1_epi32(static_cast<int>(bar));
@@ -319,15 +319,12 @@ std::size_t below_avx512(const std::uint32_t* d, std::size_t n, std::uint32_t ba
     for (std::size_t i = 0; i < n; i += 16, pos = _mm512_add_epi32(pos, step)) {
         const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
         const __mmask16 m = _mm512_mask_cmplt_epu32_mask(live, _mm512_maskz_loadu_epi32(live, d + i), b);
-        _mm512_mask_compressstoreu_epi32(out + k, m, pos);
-        k += static_cast<std::size_t>(__builtin_popcount(m));
+        const unsigned kept = static_cast<unsigned>(__builtin_popcount(m));
+        _mm512_mask_storeu_epi32(out + k, static_cast<__mmask16>((1u << kept) - 1u),
+                                 _mm512_maskz_compress_epi32(m, pos));
+        k += kept;
     }
     return k;
-}
-
-bool cpu_has_vpopcntdq() {
-    unsigned a, b, c, d;
-    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 14));
 }
 
 const kernels_t table{isa_t::avx512,
@@ -347,26 +344,34 @@ const kernels_t table{isa_t::avx512,
                       hamming8_avx512,
                       below_avx512};
 
-// The same kernels but the Hamming one (all of VPOPCNTQ's use).
-kernels_t with_vpopcnt() {
-    kernels_t k = table;
-    k.hamming8 = hamming8_avx512_vpopcnt;
-    return k;
-}
+// The same kernels but the Hamming one (all of VPOPCNTQ's use). Both tables are constants:
+// handing one out runs no instruction of this file (dispatch calls these functions on any
+// x86 CPU and chooses by cpuid; building a table at run time here ran AVX-512 code first and
+// killed the process on CPUs without it).
+const kernels_t table_vpopcnt{isa_t::avx512,
+                              "avx512",
+                              dot_avx512,
+                              l2sq_avx512,
+                              dot_batch_avx512,
+                              l2sq_batch_avx512,
+                              dot_batch16_avx512<half_fmt>,
+                              l2sq_batch16_avx512<half_fmt>,
+                              encode_h_avx512,
+                              decode_h_avx512,
+                              dot_batch_i8_avx512,
+                              dot_batch16_avx512<bf16_fmt>,
+                              l2sq_batch16_avx512<bf16_fmt>,
+                              join_b_avx512,
+                              hamming8_avx512_vpopcnt,
+                              below_avx512};
 
 }  // namespace
 
-const kernels_t* avx512_kernels() {
-    // (Only handed out once dispatch has found AVX-512 with its register state saved by the
-    // OS; VPOPCNTQ needs nothing more.)
-    static const kernels_t vpopcnt = with_vpopcnt();
-    static const bool has = cpu_has_vpopcntdq();
-    return has ? &vpopcnt : &table;
-}
+const kernels_t* avx512_kernels(bool vpopcnt) { return vpopcnt ? &table_vpopcnt : &table; }
 
-std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants() {
+std::vector<std::pair<std::string, hamming8_fn>> avx512_hamming8_variants(bool vpopcnt) {
     std::vector<std::pair<std::string, hamming8_fn>> out{{"avx512 (nibble table)", hamming8_avx512}};
-    if (cpu_has_vpopcntdq()) out.emplace_back("avx512 (vpopcntq)", hamming8_avx512_vpopcnt);
+    if (vpopcnt) out.emplace_back("avx512 (vpopcntq)", hamming8_avx512_vpopcnt);
     return out;
 }
 
