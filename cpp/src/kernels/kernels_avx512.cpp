@@ -327,43 +327,33 @@ std::size_t below_avx512(const std::uint32_t* d, std::size_t n, std::uint32_t ba
     return k;
 }
 
-const kernels_t table{isa_t::avx512,
-                      "avx512",
-                      dot_avx512,
-                      l2sq_avx512,
-                      dot_batch_avx512,
-                      l2sq_batch_avx512,
-                      dot_batch16_avx512<half_fmt>,
-                      l2sq_batch16_avx512<half_fmt>,
-                      encode_h_avx512,
-                      decode_h_avx512,
-                      dot_batch_i8_avx512,
-                      dot_batch16_avx512<bf16_fmt>,
-                      l2sq_batch16_avx512<bf16_fmt>,
-                      join_b_avx512,
-                      hamming8_avx512,
-                      below_avx512};
+constexpr kernels_t table{isa_t::avx512,
+                          "avx512",
+                          dot_avx512,
+                          l2sq_avx512,
+                          dot_batch_avx512,
+                          l2sq_batch_avx512,
+                          dot_batch16_avx512<half_fmt>,
+                          l2sq_batch16_avx512<half_fmt>,
+                          encode_h_avx512,
+                          decode_h_avx512,
+                          dot_batch_i8_avx512,
+                          dot_batch16_avx512<bf16_fmt>,
+                          l2sq_batch16_avx512<bf16_fmt>,
+                          join_b_avx512,
+                          hamming8_avx512,
+                          below_avx512};
 
-// The same kernels but the Hamming one (all of VPOPCNTQ's use). Both tables are constants:
-// handing one out runs no instruction of this file (dispatch calls these functions on any
-// x86 CPU and chooses by cpuid; building a table at run time here ran AVX-512 code first and
-// killed the process on CPUs without it).
-const kernels_t table_vpopcnt{isa_t::avx512,
-                              "avx512",
-                              dot_avx512,
-                              l2sq_avx512,
-                              dot_batch_avx512,
-                              l2sq_batch_avx512,
-                              dot_batch16_avx512<half_fmt>,
-                              l2sq_batch16_avx512<half_fmt>,
-                              encode_h_avx512,
-                              decode_h_avx512,
-                              dot_batch_i8_avx512,
-                              dot_batch16_avx512<bf16_fmt>,
-                              l2sq_batch16_avx512<bf16_fmt>,
-                              join_b_avx512,
-                              hamming8_avx512_vpopcnt,
-                              below_avx512};
+constexpr kernels_t with_hamming(kernels_t k, hamming8_fn hamming) {
+    k.hamming8 = hamming;
+    return k;
+}
+
+// The same kernels but the Hamming one (all of VPOPCNTQ's use). Both tables are compile-time
+// constants: handing one out runs no instruction of this file (dispatch calls these
+// functions on any x86 CPU and chooses by cpuid; building a table at run time here ran
+// AVX-512 code first and killed the process on CPUs without it).
+constexpr kernels_t table_vpopcnt = with_hamming(table, hamming8_avx512_vpopcnt);
 
 }  // namespace
 
